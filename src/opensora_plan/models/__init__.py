@@ -1,0 +1,16 @@
+"""Models: CausalVAE 4x8x8 (``causalvae/``) and the LatteT2V denoiser (``latte.py``)."""
+
+import importlib
+
+_EXPORTS = {
+    "CausalVAEModel": "opensora_plan.models.causalvae",
+    "LatteT2V": "opensora_plan.models.latte",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):  # lazy: importing one model does not import the others
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'opensora_plan.models' has no attribute {name!r}")
