@@ -1,0 +1,130 @@
+"""Strict loading of diffusers-layout model folders (``config.json`` + ``diffusion_pytorch_model.*``).
+
+Shared by CausalVAEModel and LatteT2V. Differences from diffusers' own ``from_pretrained``:
+missing/unexpected/mis-shaped keys are errors that name the keys (never silently dropped), only
+local folders are read (nothing is downloaded), and parameters are created on the meta device and
+then assigned from the file, so a 1B-parameter model loads without a random initialisation pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from accelerate import init_empty_weights
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def resolve_model_folder(path: str | os.PathLike, subfolder: str | None = None) -> Path:
+    """The folder holding ``config.json`` and weights, with one clear error when it is not there."""
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Model folder {folder} does not exist; expected a folder with {CONFIG_NAME} and "
+            f"{WEIGHT_NAMES[0]} (e.g. a version folder of LanguageBind/Open-Sora-Plan-v1.0.0)."
+        )
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG_NAME} is missing; a model folder needs its {CONFIG_NAME}.")
+    return folder
+
+
+def find_weights(folder: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    present = sorted(p.name for p in folder.iterdir())
+    raise FileNotFoundError(
+        f"No weights in {folder}: expected {WEIGHT_NAMES[0]} (or {WEIGHT_NAMES[1]}); found {present}."
+    )
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a torch pickle (``.bin``/``.pt``, weights only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weight file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return state
+
+
+def _describe(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one ValueError naming every missing, unexpected and mis-shaped key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    mis_shaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in sorted(expected.keys() & state.keys())
+        if tuple(state[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_describe(unexpected)}")
+    if mis_shaped:
+        problems.append(f"shape mismatches {_describe(mis_shaped)}")
+    if problems:
+        raise ValueError(
+            f"{source} does not match {type(model).__name__} built from its config: " + "; ".join(problems) + "."
+        )
+
+
+def load_pretrained(
+    cls,
+    path: str | os.PathLike,
+    subfolder: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    skip_prefixes: tuple[str, ...] = (),
+    skip_reason: str = "",
+    **config_overrides,
+):
+    """Build ``cls`` from ``<path>/<subfolder>/config.json`` and load its weights with strict keys.
+
+    ``skip_prefixes`` drops tensors the class does not hold on purpose (e.g. the VAE's ``loss.*``
+    training tensors), with one log line saying how many and why.
+    """
+    folder = resolve_model_folder(path, subfolder)
+    weights = find_weights(folder)
+    config = cls.load_config(str(folder))
+    config.update(config_overrides)
+    # Parameters on meta, buffers real: non-persistent buffers (position embeddings) are computed
+    # in __init__ and persistent ones are overwritten from the file below.
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config)
+    state = read_state_dict(weights)
+    if skip_prefixes:
+        skipped = [k for k in state if k.startswith(skip_prefixes)]
+        if skipped:
+            for k in skipped:
+                del state[k]
+            logger.info("Skipped %d tensors under %s in %s%s", len(skipped), "/".join(skip_prefixes), weights.name,
+                        f" ({skip_reason})" if skip_reason else "")
+    check_state_dict(model, state, str(weights))
+    # Checkpoints may be stored in half precision; like diffusers, load into float32 unless asked.
+    dtype = torch_dtype or torch.float32
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(dtype)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
