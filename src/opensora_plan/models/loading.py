@@ -123,8 +123,7 @@ def load_pretrained(
     dtype = torch_dtype or torch.float32
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    model.to(dtype)
-    if device is not None:
-        model.to(device)
+    # nn.Module.to, not ModelMixin.to: the latter logs a spurious "keep in float32" line on every cast.
+    torch.nn.Module.to(model, device=device, dtype=dtype)
     model.eval()
     return model
