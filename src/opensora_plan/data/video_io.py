@@ -1,0 +1,344 @@
+"""Reading and writing videos: exact frames by index (decord or PyAV), H.264 mp4 and GIF output.
+
+Everything here speaks uint8 RGB frames laid out ``(T, H, W, 3)``.
+
+* :class:`VideoReader` opens a file once and returns any list of frame indices (any order, repeats
+  allowed) as a ``torch.uint8`` tensor. It uses decord when it is installed (``pip install
+  opensora-plan[video]``, faster random access) and PyAV otherwise; both give the same frames. With
+  the default ``backend="auto"`` a file decord cannot handle is read with PyAV instead.
+* A missing, unreadable or corrupt file raises :class:`VideoReadError` (a ``ValueError`` and an
+  ``OSError``) naming the path and the cause, so datasets can skip the file and count it.
+* :func:`write_video` writes H.264 (yuv420p) mp4, :func:`write_gif` an animated GIF, both through PyAV
+  (no system ffmpeg needed) and atomically (a crash never leaves a half-written file).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+import av
+import numpy as np
+import torch
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+BACKENDS = ("auto", "pyav", "decord")
+
+
+class VideoReadError(ValueError, OSError):
+    """A video file is missing, unreadable or corrupt (the message names the path and the cause)."""
+
+
+def decord_available() -> bool:
+    """True when the optional decord reader can be imported."""
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if backend == "auto":
+        return "decord" if decord_available() else "pyav"
+    if backend == "decord" and not decord_available():
+        raise ValueError(
+            "backend='decord' was asked for but decord is not installed; "
+            "run `pip install decord==0.6.0` or use backend='pyav'."
+        )
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+class VideoReader:
+    """Random access to the frames of one video file.
+
+    >>> with VideoReader("clip.mp4") as reader:
+    ...     frames = reader.get_frames([0, 2, 4])  # (3, H, W, 3) uint8
+    """
+
+    def __init__(self, path: str | os.PathLike, backend: str = "auto"):
+        self.path = Path(path)
+        self.backend = _resolve_backend(backend)
+        # With backend="auto", any decord failure falls back to PyAV: decord 0.6.0 fails on some
+        # valid files (e.g. frame widths of 48 px: "DECORDArrayCopyFromTo: The size must exactly match").
+        self._fallback_to_pyav = backend == "auto" and self.backend == "decord"
+        if not self.path.is_file():
+            raise VideoReadError(f"Cannot read video {self.path}: no such file.")
+        self._container = None
+        self._decord = None
+        try:
+            if self.backend == "decord":
+                try:
+                    self._open_decord()
+                except Exception:
+                    if not self._fallback_to_pyav:
+                        raise
+                    self._switch_to_pyav()
+            else:
+                self._open_pyav()
+        except VideoReadError:
+            self.close()
+            raise
+        except Exception as err:  # decord/FFmpeg raise many unrelated types for broken files
+            self.close()
+            raise VideoReadError(f"Cannot read video {self.path}: {type(err).__name__}: {err}") from err
+        if self.num_frames == 0:
+            self.close()
+            raise VideoReadError(f"Cannot read video {self.path}: it contains no frames.")
+
+    def _switch_to_pyav(self) -> None:
+        self._decord = None
+        self.backend = "pyav"
+        self._fallback_to_pyav = False
+        self._open_pyav()
+
+    # -- decord ------------------------------------------------------------------------------
+
+    def _open_decord(self) -> None:
+        import decord
+
+        self._decord = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=2)
+        self.num_frames = len(self._decord)
+        self.fps = float(self._decord.get_avg_fps())
+        self.height, self.width = self._decord[0].shape[:2] if self.num_frames else (0, 0)
+
+    # -- PyAV --------------------------------------------------------------------------------
+
+    def _open_pyav(self) -> None:
+        self._container = av.open(str(self.path), mode="r")
+        if not self._container.streams.video:
+            raise VideoReadError(f"Cannot read video {self.path}: the file has no video stream.")
+        stream = self._container.streams.video[0]
+        self._stream = stream
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        self.fps = float(rate) if rate else 0.0
+        self.height = stream.codec_context.height
+        self.width = stream.codec_context.width
+
+        # One demux pass (no decoding) gives every frame's timestamp and the key frames. It counts
+        # the frames even when the container does not store a count (`stream.frames == 0`), and
+        # frame index i is the i-th smallest presentation timestamp, so access by index is exact.
+        pts, key_pts = [], []
+        for packet in self._container.demux(stream):
+            if packet.size == 0:  # the flush packet at the end of the stream
+                continue
+            if packet.pts is None:
+                raise VideoReadError(
+                    f"Cannot read video {self.path}: its packets carry no timestamps, so frames cannot be "
+                    "addressed by index; re-mux it into mp4 (e.g. `ffmpeg -i in -c copy out.mp4`)."
+                )
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                key_pts.append(packet.pts)
+        pts.sort()
+        self._pts = pts
+        self._index_of_pts = {p: i for i, p in enumerate(pts)}
+        # For every frame, the index of the last key frame at or before it: where a seek would land.
+        key_indices = sorted(self._index_of_pts[p] for p in key_pts) or [0]
+        self._key_index = [key_indices[max(bisect.bisect_right(key_indices, i) - 1, 0)] for i in range(len(pts))]
+        self.num_frames = len(pts)
+
+    def _get_frames_pyav(self, wanted: list[int]) -> dict[int, np.ndarray]:
+        """Decode the sorted, unique frame indices ``wanted``; seek only when it saves decoding."""
+        container, stream = self._container, self._stream
+        out: dict[int, np.ndarray] = {}
+        decoder = None
+        last_decoded = -1
+        for index in wanted:
+            target = self._pts[index]
+            if decoder is None or last_decoded < self._key_index[index]:
+                # Seeking lands on the key frame before `target`; when we already decoded past that
+                # key frame it is cheaper to keep decoding forwards.
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+                decoder = container.decode(stream)
+            for frame in decoder:
+                frame_index = self._index_of_pts.get(frame.pts, -1)
+                if frame_index == -1 or frame_index < index:
+                    continue
+                last_decoded = frame_index
+                if frame_index > index:
+                    raise VideoReadError(
+                        f"Cannot read video {self.path}: frame {index} could not be decoded (the decoder "
+                        f"went from an earlier frame straight to frame {frame_index})."
+                    )
+                out[index] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                break
+            else:
+                raise VideoReadError(
+                    f"Cannot read video {self.path}: the stream ended before frame {index} of "
+                    f"{self.num_frames}; the file is probably truncated."
+                )
+        return out
+
+    # -- public --------------------------------------------------------------------------------
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Frames at ``indices`` (any order, repeats allowed) as a uint8 tensor ``(T, H, W, 3)``."""
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < self.num_frames]
+        if bad:
+            raise IndexError(
+                f"Frame indices {bad[:5]} are out of range for {self.path}, which has {self.num_frames} frames "
+                f"(valid: 0..{self.num_frames - 1})."
+            )
+        if not indices:
+            return torch.empty(0, self.height, self.width, 3, dtype=torch.uint8)
+        if self._container is None and self._decord is None:
+            raise ValueError(f"VideoReader for {self.path} is closed; open a new one.")
+        try:
+            if self.backend == "decord":
+                try:
+                    frames = self._decord.get_batch(indices).asnumpy()  # (T, H, W, 3)
+                except Exception:
+                    if not self._fallback_to_pyav:
+                        raise
+                    self._switch_to_pyav()
+                    return self.get_frames(indices)
+            else:
+                decoded = self._get_frames_pyav(sorted(set(indices)))
+                frames = np.stack([decoded[i] for i in indices])  # (T, H, W, 3)
+        except VideoReadError:
+            raise
+        except Exception as err:
+            raise VideoReadError(f"Cannot decode video {self.path}: {type(err).__name__}: {err}") from err
+        return torch.from_numpy(np.ascontiguousarray(frames))
+
+    def close(self) -> None:
+        """Release the file; further ``get_frames`` calls fail."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+        self._decord = None
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def __repr__(self) -> str:
+        return (
+            f"VideoReader({str(self.path)!r}, backend={self.backend!r}, num_frames={self.num_frames}, "
+            f"fps={self.fps:.3f}, size={self.width}x{self.height})"
+        )
+
+
+def read_video(
+    path: str | os.PathLike, indices: Sequence[int] | None = None, backend: str = "auto"
+) -> tuple[torch.Tensor, float]:
+    """Read ``indices`` (default: every frame) of a video -> (uint8 frames ``(T, H, W, 3)``, fps)."""
+    with VideoReader(path, backend=backend) as reader:
+        frames = reader.get_frames(range(reader.num_frames) if indices is None else indices)
+        return frames, reader.fps
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _as_uint8_frames(frames) -> np.ndarray:
+    """numpy or torch uint8 ``(T, H, W, 3)`` -> contiguous numpy array, with a clear error otherwise."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError(
+            f"Video frames must be uint8, got {frames.dtype}; convert with "
+            "`((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)` or similar first."
+        )
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"Video frames must have shape (T, H, W, 3) with T >= 1, got {tuple(frames.shape)}.")
+    return np.ascontiguousarray(frames)
+
+
+def _fps_fraction(fps: float) -> Fraction:
+    if not fps or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}.")
+    return Fraction(fps).limit_denominator(10000)
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path):
+    """Yield a temporary path beside ``path`` (same suffix); renamed to ``path`` on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_video(
+    path: str | os.PathLike, frames, fps: float, crf: int = 18, preset: str = "veryfast"
+) -> Path:
+    """Write uint8 frames ``(T, H, W, 3)`` (numpy or torch) as an H.264 yuv420p mp4; returns the path.
+
+    ``crf`` is x264's quality (0 = lossless, 18 = visually lossless, 23 = x264's default).
+    H and W must be even (yuv420p halves the chroma planes).
+    """
+    frames = _as_uint8_frames(frames)
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(
+            f"H.264 (yuv420p) needs an even frame size, got {width}x{height}; crop or pad the frames to even "
+            "width and height first (or use write_gif)."
+        )
+    path = Path(path)
+    with _atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=_fps_fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": preset}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder
+            container.mux(packet)
+    return path
+
+
+def write_gif(path: str | os.PathLike, frames, fps: float) -> Path:
+    """Write uint8 frames ``(T, H, W, 3)`` (numpy or torch) as an animated GIF (looping); returns the path.
+
+    PyAV's GIF encoder (256-colour ``rgb8`` palette) is ~30x faster than Pillow but makes larger files.
+    """
+    frames = _as_uint8_frames(frames)
+    _, height, width, _ = frames.shape
+    path = Path(path)
+    with _atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="gif") as container:
+        stream = container.add_stream("gif", rate=_fps_fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb8"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def list_videos(folder: str | os.PathLike) -> list[Path]:
+    """Video files (by extension, case-insensitive) directly inside ``folder``, sorted by name."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
