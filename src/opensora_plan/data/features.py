@@ -1,0 +1,370 @@
+"""Offline feature cache: T5 caption embeddings and/or CausalVAE latent posteriors in safetensors shards.
+
+``extract_features`` (``opensora-plan extract``) runs the frozen text encoder and VAE once over a
+dataset JSON so that training does not have to; :class:`CachedFeatureDataset` reads the cache.
+
+Layout of the output folder::
+
+    meta.json                  settings, dataset fingerprint, number of shards, latent scaling factor
+    null_text.safetensors      the empty-string embedding (the classifier-free-guidance input)
+    shard-00000.safetensors    entries [0, shard_size), ...
+
+Each shard holds, for every usable entry ``i`` of its range:
+
+* ``{i}.latent_mean`` / ``{i}.latent_logvar`` (float32, (C, t + n, h, w)): the VAE posterior of the
+  clip (and of its n joint-training images, each encoded as a one-frame video, as the reference does).
+  Mean and log-variance rather than one sample, so training draws a fresh posterior sample every
+  time, as the reference does when it encodes on the fly (spec 3.1).
+* ``{i}.text.{j}`` ((n_j, D), the text encoder's dtype): embedding of caption j cut to its n_j valid
+  tokens. Padding positions are dropped because the transformer masks them with a -10000 bias, so
+  they have exactly zero attention weight; the dataset pads with zeros and rebuilds the mask.
+
+plus JSON metadata: which entries it holds, their captions, and the videos that could not be read
+(listed and skipped, never silently). Every shard is written atomically, so ``extract`` can be
+stopped at any time and re-run: shards already complete are kept.
+
+What a cache cannot do: the clip is a fixed window (the middle one of the reference's random range),
+centre-cropped and never flipped, so the temporal-crop and flip augmentations of the on-the-fly
+dataset are lost (captions are still drawn at random and posterior samples are fresh).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..utils import atomic_write_bytes, parse_dtype, resolve_device
+from .datasets import VideoCaptionDataset, load_video_entries
+from .transforms import image_slot_indices, last_window_start, video_train_transform, window_indices
+from .video_io import VideoReader, VideoReadError
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+META_FILE = "meta.json"
+NULL_TEXT_FILE = "null_text.safetensors"
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.safetensors"
+
+
+def dataset_fingerprint(entries, settings: dict) -> str:
+    """sha256 of the resolved entries and the settings that change the cached tensors."""
+    payload = json.dumps(
+        {"settings": settings, "entries": [[str(e.path), list(e.captions)] for e in entries]}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def read_shard_metadata(path: Path) -> dict | None:
+    """The shard's JSON metadata, or None when the file is unreadable (e.g. a foreign or broken file)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["opensora_plan"])
+    except Exception:  # any failure means "not a complete shard of ours": it gets recomputed
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------
+
+
+def cached_clip(path: Path, num_frames: int, sample_rate: int, max_image_size: int, use_image_num: int):
+    """The deterministic clip a cache stores: middle window, centre crop, no flip -> (3, T + n, S, S)."""
+    with VideoReader(path) as reader:
+        start = last_window_start(reader.num_frames, num_frames, sample_rate) // 2
+        frames = reader.get_frames(window_indices(reader.num_frames, num_frames, sample_rate, start))
+    video = video_train_transform(frames, max_image_size, flip=False)  # (3, T, S, S)
+    if use_image_num:
+        video = torch.cat([video, video[:, image_slot_indices(num_frames, use_image_num)]], dim=1)
+    return video
+
+
+@torch.no_grad()
+def encode_latent_posterior(vae, video: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, T + n, S, S) -> posterior (mean, logvar), each (C, t + n, h, w) float32.
+
+    The clip is encoded as one video, the n trailing images one frame at a time (spec 3.1).
+    """
+    device, dtype = vae.device, vae.dtype
+    clip = video[:, :num_frames].unsqueeze(0).to(device, dtype)  # (1, 3, T, S, S)
+    posterior = vae.encode(clip).latent_dist
+    means, logvars = [posterior.mean[0]], [posterior.logvar[0]]  # (C, t, h, w)
+    images = video[:, num_frames:]  # (3, n, S, S)
+    if images.shape[1]:
+        frames = images.permute(1, 0, 2, 3).unsqueeze(2).to(device, dtype)  # (n, 3, 1, S, S)
+        image_posterior = vae.encode(frames).latent_dist
+        means.append(image_posterior.mean[:, :, 0].permute(1, 0, 2, 3))  # (C, n, h, w)
+        logvars.append(image_posterior.logvar[:, :, 0].permute(1, 0, 2, 3))
+    return torch.cat(means, dim=1).float().cpu(), torch.cat(logvars, dim=1).float().cpu()
+
+
+@torch.no_grad()
+def encode_captions_trimmed(tokenizer, text_encoder, captions: list[str], max_length: int) -> list[torch.Tensor]:
+    """Each caption's embedding cut to its valid tokens: a list of (n_j, D) tensors on the CPU."""
+    from ..models.text_encoder import encode_texts
+
+    embeds, mask = encode_texts(tokenizer, text_encoder, captions, max_length)  # (K, L, D), (K, L)
+    lengths = mask.sum(dim=1).tolist()
+    # T5 pads on the right, so the valid tokens are a prefix; cutting there loses nothing.
+    return [embeds[j, : int(n)].cpu().contiguous() for j, n in enumerate(lengths)]
+
+
+def extract_features(
+    data_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    video_folder: str | os.PathLike | None = None,
+    text_encoder_name: str | os.PathLike | None = None,
+    ae_path: str | os.PathLike | None = None,
+    num_frames: int = 17,
+    sample_rate: int = 1,
+    max_image_size: int = 256,
+    use_image_num: int = 0,
+    model_max_length: int = 300,
+    shard_size: int = 64,
+    device: str | None = None,
+    text_dtype: str = "bf16",
+    enable_tiling: bool = False,
+    clean_captions: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Cache T5 embeddings (``text_encoder_name``) and/or VAE posteriors (``ae_path``) of a dataset.
+
+    Resumable: shards already written with the same settings are kept. Returns a summary dict
+    (shards written / reused, entries cached, skipped videos with reasons).
+    """
+    if text_encoder_name is None and ae_path is None:
+        raise ValueError("Nothing to extract: pass --text_encoder_name (T5 folder), --ae_path (VAE folder) or both.")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}.")
+    entries = load_video_entries(data_path, video_folder)
+    out_dir = Path(out_dir)
+    settings = {
+        "format": CACHE_FORMAT,
+        "text_encoder": str(text_encoder_name) if text_encoder_name else None,
+        "ae": str(ae_path) if ae_path else None,
+        "num_frames": num_frames,
+        "sample_rate": sample_rate,
+        "max_image_size": max_image_size,
+        "use_image_num": use_image_num,
+        "model_max_length": model_max_length,
+        "shard_size": shard_size,
+        "text_dtype": text_dtype if text_encoder_name else None,
+        "clean_captions": clean_captions,
+    }
+    fingerprint = dataset_fingerprint(entries, settings)
+    num_shards = (len(entries) + shard_size - 1) // shard_size
+
+    meta_path = out_dir / META_FILE
+    if meta_path.is_file():
+        previous = json.loads(meta_path.read_text())
+        if previous.get("fingerprint") != fingerprint:
+            changed = [k for k in settings if previous.get("settings", {}).get(k) != settings[k]]
+            what = f"settings {', '.join(changed)} differ" if changed else "the dataset entries differ"
+            raise ValueError(
+                f"{out_dir} already holds a feature cache made differently ({what}); "
+                f"use a new --out folder or delete that one."
+            )
+
+    def shard_done(k: int) -> bool:
+        return (read_shard_metadata(out_dir / shard_name(k)) or {}).get("fingerprint") == fingerprint
+
+    todo = [k for k in range(num_shards) if not shard_done(k)]
+    logger.info("extract: %d entries in %d shards, %d to compute, %d already done", len(entries), num_shards,
+                len(todo), num_shards - len(todo))
+
+    if not todo and meta_path.is_file() and (text_encoder_name is None or (out_dir / NULL_TEXT_FILE).is_file()):
+        return extraction_summary(out_dir, len(entries), num_shards, written=0)
+
+    device = resolve_device(device)
+    tokenizer = text_encoder = vae = None
+    scaling_factor = None
+    if text_encoder_name is not None:
+        from ..models.text_encoder import load_t5, preprocess_texts
+
+        tokenizer, text_encoder = load_t5(text_encoder_name, torch_dtype=parse_dtype(text_dtype), device=device)
+    if ae_path is not None:
+        from ..models.causalvae import CausalVAEModel
+
+        # The VAE stays in float32, as in the reference trainer.
+        vae = CausalVAEModel.from_pretrained(ae_path, device=device).eval().requires_grad_(False)
+        vae.enable_tiling(enable_tiling)
+        scaling_factor = float(vae.config.scaling_factor)
+
+    meta = {"settings": settings, "fingerprint": fingerprint, "num_entries": len(entries), "num_shards": num_shards,
+            "data_path": str(Path(data_path).resolve()),
+            "video_folder": str(video_folder) if video_folder is not None else None,
+            "scaling_factor": scaling_factor}
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
+    if text_encoder is not None and not (out_dir / NULL_TEXT_FILE).is_file():
+        (null,) = encode_captions_trimmed(tokenizer, text_encoder, [""], model_max_length)
+        atomic_write_bytes(out_dir / NULL_TEXT_FILE, safetensors_save({"text": null}))
+
+    written = 0
+    bar = tqdm(total=sum(min(shard_size, len(entries) - k * shard_size) for k in todo), desc="extract",
+               unit="video", disable=not progress)
+    for shard in todo:
+        tensors, present, captions, skipped = {}, [], {}, []
+        for index in range(shard * shard_size, min((shard + 1) * shard_size, len(entries))):
+            entry = entries[index]
+            if vae is not None:
+                try:
+                    video = cached_clip(entry.path, num_frames, sample_rate, max_image_size, use_image_num)
+                except VideoReadError as err:
+                    logger.warning("extract: skipping entry %d: %s", index, err)
+                    skipped.append({"index": index, "path": str(entry.path), "reason": str(err)})
+                    bar.update()
+                    continue
+                mean, logvar = encode_latent_posterior(vae, video, num_frames)
+                tensors[f"{index}.latent_mean"], tensors[f"{index}.latent_logvar"] = mean, logvar
+            if text_encoder is not None:
+                texts = preprocess_texts(list(entry.captions), clean=clean_captions)
+                for j, emb in enumerate(encode_captions_trimmed(tokenizer, text_encoder, texts, model_max_length)):
+                    tensors[f"{index}.text.{j}"] = emb
+            present.append(index)
+            captions[str(index)] = list(entry.captions)
+            bar.update()
+        shard_meta = {"fingerprint": fingerprint, "entries": present, "captions": captions, "skipped": skipped}
+        data = safetensors_save(tensors, metadata={"opensora_plan": json.dumps(shard_meta)})
+        atomic_write_bytes(out_dir / shard_name(shard), data)
+        written += 1
+    bar.close()
+    return extraction_summary(out_dir, len(entries), num_shards, written)
+
+
+def extraction_summary(out_dir: Path, num_entries: int, num_shards: int, written: int) -> dict:
+    """What the cache holds: counts, and every video skipped at extraction (from all shards)."""
+    skipped, cached = [], 0
+    for shard in range(num_shards):
+        shard_meta = read_shard_metadata(out_dir / shard_name(shard))
+        skipped += shard_meta["skipped"]
+        cached += len(shard_meta["entries"])
+    return {"out": str(out_dir), "entries": num_entries, "cached": cached, "shards": num_shards,
+            "shards_written": written, "shards_reused": num_shards - written, "skipped": skipped}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the cache
+# --------------------------------------------------------------------------------------------
+
+
+class CachedFeatureDataset(Dataset):
+    """Training samples from an ``extract`` cache instead of running T5 and/or the VAE.
+
+    Each sample holds (``n = use_image_num`` of the cache, ``L = model_max_length``):
+
+    * ``latents`` (C, t + n, h, w): a fresh posterior sample x scaling factor (when latents are
+      cached; ``sample_posterior=False`` gives the mean instead), else ``video`` (3, T + n, S, S) read
+      and augmented on the fly by a :class:`VideoCaptionDataset` with the cache's settings;
+    * ``text_emb`` (1 + n, L, D) and ``text_mask`` (1 + n, L) (when text is cached), else
+      ``captions`` (1 + n raw strings), for a caption drawn at random each time; with ``cfg_dropout`` p
+      the empty-string embedding (or "") is used instead;
+    * ``caption_index`` (-1 when dropped), ``index`` (the JSON entry) and ``skipped`` (as
+      :class:`VideoCaptionDataset`; videos that failed during extraction are excluded and listed in
+      ``self.skipped_at_extraction``).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, cfg_dropout: float = 0.0, sample_posterior: bool = True):
+        self.cache_dir = Path(cache_dir)
+        meta_path = self.cache_dir / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{self.cache_dir} is not a feature cache (no {META_FILE}); run `opensora-plan extract`."
+            )
+        if not 0.0 <= cfg_dropout <= 1.0:
+            raise ValueError(f"cfg_dropout is a probability in [0, 1], got {cfg_dropout}.")
+        self.meta = json.loads(meta_path.read_text())
+        self.settings = self.meta["settings"]
+        if self.settings.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{self.cache_dir} has cache format {self.settings.get('format')}, this version reads "
+                             f"{CACHE_FORMAT}; re-run extract into a new folder.")
+        self.cfg_dropout = cfg_dropout
+        self.sample_posterior = sample_posterior
+        self.has_text = self.settings["text_encoder"] is not None
+        self.has_latents = self.settings["ae"] is not None
+        self.use_image_num = self.settings["use_image_num"]
+        self.max_length = self.settings["model_max_length"]
+
+        self.items: list[tuple[int, Path]] = []  # (entry index, shard file)
+        self.captions: dict[int, list[str]] = {}
+        self.skipped_at_extraction: list[dict] = []
+        for shard in range(self.meta["num_shards"]):
+            path = self.cache_dir / shard_name(shard)
+            shard_meta = read_shard_metadata(path)
+            if shard_meta is None or shard_meta["fingerprint"] != self.meta["fingerprint"]:
+                raise ValueError(f"Feature cache {self.cache_dir} is incomplete: {path.name} is missing or stale; "
+                                 f"re-run the same `opensora-plan extract` command (it resumes).")
+            self.items += [(index, path) for index in shard_meta["entries"]]
+            self.captions.update({int(k): v for k, v in shard_meta["captions"].items()})
+            self.skipped_at_extraction += shard_meta["skipped"]
+        if not self.items:
+            raise ValueError(
+                f"Feature cache {self.cache_dir} holds no usable entries (all videos failed at extraction)."
+            )
+        if self.skipped_at_extraction:
+            logger.warning("feature cache %s: %d videos were unreadable at extraction and are left out",
+                           self.cache_dir, len(self.skipped_at_extraction))
+        if self.has_text:
+            with safe_open(str(self.cache_dir / NULL_TEXT_FILE), framework="pt") as f:
+                self.null_text = f.get_tensor("text")  # (n_null, D)
+        self.videos = None
+        if not self.has_latents:
+            # Latents were not cached: read and augment the clips on the fly with the cache's settings.
+            self.videos = VideoCaptionDataset(
+                self.meta["data_path"], self.settings["num_frames"], self.settings["max_image_size"],
+                sample_rate=self.settings["sample_rate"], use_image_num=self.use_image_num,
+                video_folder=self.meta["video_folder"],
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _padded_text(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, D) valid-token embedding -> zero-padded (L, D) and mask (L,) with n ones."""
+        n = emb.shape[0]
+        padded = torch.zeros(self.max_length, emb.shape[1], dtype=emb.dtype)
+        padded[:n] = emb
+        mask = torch.zeros(self.max_length, dtype=torch.long)
+        mask[:n] = 1
+        return padded, mask
+
+    def __getitem__(self, i: int) -> dict:
+        index, shard = self.items[i]
+        sample = {"skipped": []}
+        if self.videos is not None:
+            index, sample["video"], sample["skipped"] = self.videos.load_clip_or_substitute(index)
+            shard = self.cache_dir / shard_name(index // self.settings["shard_size"])
+        with safe_open(str(shard), framework="pt") as f:
+            if self.has_latents:
+                mean = f.get_tensor(f"{index}.latent_mean")  # (C, t + n, h, w)
+                latents = mean
+                if self.sample_posterior:
+                    std = torch.exp(0.5 * f.get_tensor(f"{index}.latent_logvar"))
+                    latents = mean + std * torch.randn(mean.shape)
+                sample["latents"] = latents * self.meta["scaling_factor"]
+            captions = self.captions[index]
+            dropped = self.cfg_dropout > 0 and bool(torch.rand(()) < self.cfg_dropout)
+            choice = -1 if dropped else int(torch.randint(0, len(captions), (1,)))
+            slots = 1 + self.use_image_num
+            if self.has_text:
+                emb = self.null_text if dropped else f.get_tensor(f"{index}.text.{choice}")
+                padded, mask = self._padded_text(emb)
+                sample["text_emb"] = padded.expand(slots, -1, -1)  # (1 + n, L, D)
+                sample["text_mask"] = mask.expand(slots, -1)  # (1 + n, L)
+            else:
+                sample["captions"] = [captions[choice] if not dropped else ""] * slots
+        sample["caption_index"] = choice
+        sample["index"] = index
+        return sample
