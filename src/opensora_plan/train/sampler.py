@@ -1,0 +1,91 @@
+"""Deterministic, resumable data order for exact resume and data parallel training.
+
+* ``ResumableSampler`` shuffles with a generator seeded by ``(seed, epoch)``, gives every process its own
+  slice (``rank::world``) and can start part-way through an epoch, so a resumed run sees exactly the
+  batches the interrupted run would have seen next.
+* ``SeededSamples`` makes each sample's random augmentation (frame window, flip, caption choice) a
+  function of ``(seed, epoch, index)`` only: the same whatever the number of data-loader workers and
+  whether the run was resumed, and without touching the training process's own RNG streams.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, step, micro-batch, rank, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class ResumableSampler(Sampler):
+    """Yields ``(epoch, index)`` pairs: this process's share of a seeded permutation of the dataset.
+
+    Every process gets ``len(dataset) // world_size`` samples per epoch (the remainder is dropped so all
+    processes take the same number of steps). ``set_epoch(epoch, start)`` skips the first ``start``
+    samples of this process's share, which is how a run resumes mid-epoch.
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        if num_samples < world_size:
+            raise ValueError(
+                f"The dataset has {num_samples} samples but {world_size} processes need at least one each; "
+                f"add data or use fewer processes."
+            )
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def per_process(self) -> int:
+        return self.num_samples // self.world_size
+
+    def __len__(self) -> int:
+        return self.per_process() - self.start
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        mine = order[: self.per_process() * self.world_size][self.rank :: self.world_size]
+        for index in mine[self.start :]:
+            yield self.epoch, index
+
+
+class SeededSamples(Dataset):
+    """Wraps a map-style dataset: ``self[(epoch, index)]`` = ``dataset[index]`` under RNGs seeded by
+    ``(seed, epoch, index)``; the caller's python / numpy / torch RNG states are restored afterwards."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        sample_seed = derive_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

@@ -1,0 +1,425 @@
+"""The LatteT2V text-to-video training task (``opensora-plan train-t2v``, spec 3.1, 5, 6).
+
+:class:`T2VTask` is what the shared loop (:mod:`opensora_plan.train.trainer`) needs: one AdamW phase
+over the transformer and ``loss(batch)`` = the IDDPM hybrid loss
+(:class:`~opensora_plan.diffusion.GaussianDiffusion`) of the transformer on VAE latents conditioned on
+T5 caption embeddings. The frozen encoders run inside the task: the VAE in float32 (posterior
+*sample* x scaling factor, joint-training images encoded one frame at a time, spec 3.1), T5 in the
+mixed-precision dtype. Either can be replaced by an ``opensora-plan extract`` cache
+(``--cached_features``). Caption dropout (``--cfg_dropout``) happens in the dataset, which hands over
+the empty string (or its cached embedding), the unconditional input used at sampling time.
+
+:func:`train_t2v` wires everything from the command-line options (:data:`T2V_DEFAULTS` lists them with
+their defaults; reference flag names, spec section 6).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opensora_plan.train.trainer import Phase, TrainConfig, TrainTask, train
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_AE = ("CausalVAEModel_4x8x8",)
+
+# Every option of train-t2v with its default. None = required or unset. Reference names first.
+T2V_DEFAULTS: dict[str, Any] = {
+    # models
+    "model": "LatteT2V-XL/122",
+    "text_encoder_name": None,
+    "ae": "CausalVAEModel_4x8x8",
+    "ae_path": None,
+    "pretrained": None,
+    "attention_mode": None,
+    # data
+    "dataset": "t2v",
+    "data_path": None,
+    "video_folder": None,
+    "cached_features": None,
+    "num_frames": 17,
+    "sample_rate": 1,
+    "max_image_size": 256,
+    "use_image_num": 0,
+    "use_img_from_vid": False,
+    "model_max_length": 300,
+    "cfg_dropout": 0.1,
+    "dataloader_num_workers": 0,
+    # optimisation
+    "train_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "max_train_steps": None,
+    "learning_rate": 2e-5,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 1e-2,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "mixed_precision": "bf16",
+    "gradient_checkpointing": False,
+    "allow_tf32": False,
+    "enable_tiling": False,
+    "compile": False,
+    "use_ema": False,
+    "ema_decay": 0.9999,
+    "sharding": "ddp",
+    "max_nonfinite_steps": 10,
+    "seed": 0,
+    # output
+    "output_dir": None,
+    "checkpointing_steps": 500,
+    "checkpoints_total_limit": None,
+    "resume_from_checkpoint": None,
+    "report_to": "tensorboard",
+    "validation_prompts": None,
+    "validation_steps": None,
+    "validation_sampling_steps": 20,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------
+
+
+class T2VTask(TrainTask):
+    """LatteT2V + IDDPM loss on (on-the-fly or cached) VAE latents and T5 embeddings.
+
+    Batches come from :func:`~opensora_plan.data.datasets.collate_video_caption` and hold either
+    ``video`` (B, 3, T + n, S, S) or ``latents`` (B, C, t + n, h, w), and either ``captions``
+    (B lists of 1 + n strings) or ``text_emb`` (B, 1 + n, L, D) with ``text_mask`` (B, 1 + n, L).
+    """
+
+    def __init__(self, transformer, dataset, *, vae=None, tokenizer=None, text_encoder=None, use_image_num: int = 0,
+                 model_max_length: int = 300, learning_rate: float = 2e-5,
+                 adam_betas: tuple[float, float] = (0.9, 0.999), adam_weight_decay: float = 1e-2,
+                 adam_epsilon: float = 1e-8, max_grad_norm: float | None = 1.0, validation_prompts: list[str] = (),
+                 validation_sampling_steps: int = 20):
+        from opensora_plan.data.datasets import SkippedVideos, collate_video_caption
+        from opensora_plan.diffusion import GaussianDiffusion
+
+        self.models = {"model": transformer}
+        self.dataset = dataset
+        self.collate_fn = collate_video_caption
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.use_image_num = use_image_num
+        self.model_max_length = model_max_length
+        self.learning_rate = learning_rate
+        self.adam_betas = adam_betas
+        self.adam_weight_decay = adam_weight_decay
+        self.adam_epsilon = adam_epsilon
+        self.max_grad_norm = max_grad_norm
+        self.validation_prompts = list(validation_prompts or [])
+        self.validation_sampling_steps = validation_sampling_steps
+        self.diffusion = GaussianDiffusion()
+        self.skipped = SkippedVideos()
+        self.device = torch.device("cpu")
+
+    def setup(self, accelerator) -> None:
+        """Frozen encoders on the training device: VAE in float32, T5 in the mixed-precision dtype."""
+        self.device = accelerator.device
+        if self.vae is not None:
+            self.vae.to(self.device).eval().requires_grad_(False)  # float32 as loaded (spec 3.1)
+        if self.text_encoder is not None:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+            self.text_encoder.to(self.device, dtype).eval().requires_grad_(False)
+
+    def phases(self) -> list[Phase]:
+        model = self.models["model"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, betas=self.adam_betas,
+                                      weight_decay=self.adam_weight_decay, eps=self.adam_epsilon)
+        return [Phase("model", optimizer, params, self.max_grad_norm)]
+
+    def shard_units(self, name: str) -> list[torch.nn.Module]:
+        """FSDP2 units: every spatial and temporal block (gathered only while it runs)."""
+        model = self.models[name]
+        return [*model.transformer_blocks, *model.temporal_transformer_blocks]
+
+    # ---------------------------------------------------------------- encoders
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T + n, S, S) in [-1, 1] -> latents (B, C, t + n, h, w) = posterior sample x scaling factor.
+
+        The clip is encoded as one video and each of the n trailing images as a one-frame video (spec 3.1).
+        """
+        if self.vae is None:
+            raise ValueError("The batch holds videos but no VAE was loaded; pass --ae_path or cached latents.")
+        video = video.to(self.device, torch.float32)
+        batch, n = video.shape[0], self.use_image_num
+        with torch.autocast(self.device.type, enabled=False):
+            clip = self.vae.encode(video[:, :, : video.shape[2] - n]).latent_dist.sample()  # (B, C, t, h, w)
+            parts = [clip]
+            if n:
+                images = video[:, :, -n:].transpose(1, 2).flatten(0, 1).unsqueeze(2)  # (B*n, 3, 1, S, S)
+                latents = self.vae.encode(images).latent_dist.sample()  # (B*n, C, 1, h, w)
+                parts.append(latents.squeeze(2).unflatten(0, (batch, n)).transpose(1, 2))  # (B, C, n, h, w)
+        return torch.cat(parts, dim=2) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """B lists of 1 + n strings -> embeddings (B, 1 + n, L, D) and mask (B, 1 + n, L)."""
+        from opensora_plan.models.text_encoder import encode_texts, preprocess_texts
+
+        if self.text_encoder is None:
+            raise ValueError("The batch holds raw captions but no text encoder was loaded; pass --text_encoder_name.")
+        slots = len(captions[0])
+        flat = preprocess_texts([c for sample in captions for c in sample])
+        embeds, mask = encode_texts(self.tokenizer, self.text_encoder, flat, self.model_max_length)  # (B*(1+n), L, D)
+        return embeds.unflatten(0, (len(captions), slots)), mask.unflatten(0, (len(captions), slots))
+
+    # ---------------------------------------------------------------- loss
+
+    def loss(self, phase: str, batch: dict, step: int, models: dict, micro: int = 0):
+        self.skipped.update(batch.get("skipped", []))
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device, torch.float32)  # (B, C, t + n, h, w)
+        else:
+            latents = self.encode_video(batch["video"])
+        if "text_emb" in batch:
+            text, mask = batch["text_emb"].to(self.device), batch["text_mask"].to(self.device)  # (B, 1+n, L, D)
+        else:
+            text, mask = self.encode_captions(batch["captions"])
+        if not self.use_image_num:
+            text, mask = text[:, 0], mask[:, 0]  # (B, L, D), (B, L): a plain video batch has one caption slot
+        model = models["model"]
+
+        def model_fn(x_t, t):
+            return model(x_t, t, encoder_hidden_states=text, encoder_attention_mask=mask,
+                         use_image_num=self.use_image_num, return_dict=False)[0]
+
+        t = self.diffusion.sample_timesteps(latents.shape[0], device=self.device)  # (B,)
+        noise = torch.randn_like(latents)
+        terms = self.diffusion.training_losses(model_fn, latents, t, noise)
+        stats = {"mse": float(terms["mse"].detach().mean()), "vb": float(terms["vb"].detach().mean())}
+        return terms["loss"].mean(), stats
+
+    def batch_size(self, batch: dict) -> int:
+        return len(batch["index"])
+
+    def tokens(self, batch: dict) -> int:
+        """Latent patches the transformer processes: B x (t + n) x (h / p) x (w / p)."""
+        config = self.models["model"].config
+        p = config.patch_size
+        frames = config.video_length + self.use_image_num
+        height, width = config.sample_size
+        return self.batch_size(batch) * frames * (height // p) * (width // p)
+
+    def options(self) -> dict:
+        return {"transformer_config": dict(self.models["model"].config),
+                "num_parameters": sum(p.numel() for p in self.models["model"].parameters())}
+
+    def epoch_report(self) -> dict:
+        report = {}
+        if self.skipped.total:
+            report = {"skipped_videos": self.skipped.total, "details": self.skipped.summary()}
+            self.skipped.reset()
+        return report
+
+    # ---------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def validate(self, step: int, models: dict, folder: Path, writer) -> None:
+        """Sample one video per ``--validation_prompts`` entry with the current weights (seeded; PNDM, CFG 7.5)."""
+        if not self.validation_prompts or self.vae is None or self.text_encoder is None:
+            return
+        from opensora_plan.data.video_io import write_video
+        from opensora_plan.diffusion.schedulers import create_scheduler
+        from opensora_plan.pipelines.pipeline_opensora_plan import OpenSoraPlanPipeline
+
+        transformer = models["model"].module if hasattr(models["model"], "module") else models["model"]
+        was_training = transformer.training
+        transformer.eval()
+        pipe = OpenSoraPlanPipeline(vae=self.vae, transformer=transformer, scheduler=create_scheduler(),
+                                    text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        out = folder / f"step-{step}"
+        for i, prompt in enumerate(self.validation_prompts):
+            generator = torch.Generator(self.device).manual_seed(i)
+            with torch.autocast(self.device.type, enabled=False):
+                video = pipe(prompt, num_inference_steps=self.validation_sampling_steps, generator=generator).video[0]
+            write_video(out / f"{i:02d}.mp4", video, fps=24)
+            if writer is not None:  # first, middle and last frame (add_video would need moviepy)
+                picks = [0, video.shape[0] // 2, video.shape[0] - 1]
+                writer.add_images(f"validation/{i:02d}", video[picks].permute(0, 3, 1, 2), step)
+        transformer.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring (what `opensora-plan train-t2v` calls)
+# --------------------------------------------------------------------------------------------
+
+
+def build_transformer(spec: str, sample_size: int | tuple[int, int], video_length: int, caption_channels: int,
+                      attention_mode: str | None = None):
+    """A randomly initialised LatteT2V from a registry name, a ``config.json`` or a model folder.
+
+    ``sample_size`` / ``video_length`` come from the training data (so the position embeddings fit);
+    a named size takes ``caption_channels`` from the text encoder, a config file must already agree.
+    """
+    from opensora_plan.models.latte import LATTE_CONFIGS, LatteT2V, latte_config
+
+    sample_size = [sample_size, sample_size] if isinstance(sample_size, int) else list(sample_size)
+    if spec in LATTE_CONFIGS:
+        config = latte_config(spec, sample_size=sample_size, video_length=video_length,
+                              caption_channels=caption_channels)
+    else:
+        path = Path(spec)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--model {spec} is neither a known size ({', '.join(LATTE_CONFIGS)}) nor a LatteT2V config.json "
+                f"or folder holding one."
+            )
+        config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        if config.get("caption_channels", 4096) != caption_channels:
+            raise ValueError(
+                f"--model {spec} has caption_channels={config.get('caption_channels')} but the text encoder gives "
+                f"{caption_channels}-wide embeddings; use a config with caption_channels={caption_channels}."
+            )
+        config.update(sample_size=sample_size, video_length=video_length)
+    if attention_mode:
+        config["attention_mode"] = attention_mode
+    return LatteT2V.from_config(config)
+
+
+def _load_vae(opts: dict):
+    from opensora_plan.models.causalvae import CausalVAEModel
+
+    if opts["ae"] not in SUPPORTED_AE:
+        raise ValueError(f"--ae {opts['ae']} is not supported; use {SUPPORTED_AE[0]} (the v1.0.0 CausalVAE).")
+    if not opts["ae_path"]:
+        raise ValueError("--ae_path is required to encode videos; give the CausalVAE folder (or use --cached_features).")
+    path = Path(opts["ae_path"])
+    subfolder = "vae" if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file() else None
+    vae = CausalVAEModel.from_pretrained(path, subfolder=subfolder)
+    if opts["enable_tiling"]:
+        vae.enable_tiling()
+    return vae
+
+
+def _dataset(opts: dict):
+    """The training dataset: an ``extract`` cache or the JSON video list."""
+    if opts["dataset"] != "t2v":
+        raise ValueError(f"--dataset {opts['dataset']} is not supported; v1.0.0 trains with --dataset t2v.")
+    if opts["cached_features"]:
+        from opensora_plan.data.features import CachedFeatureDataset
+
+        dataset = CachedFeatureDataset(opts["cached_features"], cfg_dropout=opts["cfg_dropout"])
+        settings = dataset.settings
+        for key in ("num_frames", "max_image_size", "use_image_num", "sample_rate", "model_max_length"):
+            if opts[key] != settings[key]:
+                logger.warning("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key],
+                               settings[key])
+            opts[key] = settings[key]
+        return dataset
+    from opensora_plan.data.datasets import VideoCaptionDataset
+
+    if not opts["data_path"]:
+        raise ValueError("train-t2v needs --data_path (a JSON list of videos and captions) or --cached_features.")
+    return VideoCaptionDataset(opts["data_path"], opts["num_frames"], opts["max_image_size"],
+                               sample_rate=opts["sample_rate"], use_image_num=opts["use_image_num"],
+                               video_folder=opts["video_folder"], cfg_dropout=opts["cfg_dropout"])
+
+
+STAGE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train_t2v"
+
+
+def load_stage_config(spec: str) -> dict:
+    """Options from a stage config: a JSON file, or the name of a shipped one (``stage1_17x256x256``, ...).
+
+    Keys starting with ``_`` are comments; any other key must be a train-t2v option.
+    """
+    path = Path(spec)
+    if not path.is_file():
+        shipped = STAGE_CONFIG_DIR / f"{spec}.json"
+        if not shipped.is_file():
+            names = ", ".join(sorted(p.stem for p in STAGE_CONFIG_DIR.glob("*.json")))
+            raise FileNotFoundError(f"--config {spec} is neither a JSON file nor a shipped stage ({names}).")
+        path = shipped
+    options = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    unknown = sorted(options.keys() - T2V_DEFAULTS.keys())
+    if unknown:
+        raise ValueError(f"--config {path} has unknown options {unknown}; use train-t2v flag names (see --help).")
+    return options
+
+
+def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
+    """Task and loop configuration from ``train-t2v`` options (missing keys take :data:`T2V_DEFAULTS`)."""
+    unknown = sorted(k for k in opts.keys() - T2V_DEFAULTS.keys() if not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"Unknown train-t2v options {unknown}; see `opensora-plan train-t2v --help` for the names.")
+    opts = {**T2V_DEFAULTS, **opts}
+    for key in ("output_dir", "max_train_steps"):
+        if opts[key] is None:
+            raise ValueError(f"train-t2v needs --{key}; pass it on the command line or in the --config file.")
+    dataset = _dataset(opts)
+    cached = getattr(dataset, "has_latents", False), getattr(dataset, "has_text", False)
+    vae = None if cached[0] else _load_vae(opts)
+    tokenizer = text_encoder = None
+    if not cached[1] or opts["validation_prompts"]:
+        from opensora_plan.models.text_encoder import load_t5
+
+        if not opts["text_encoder_name"]:
+            raise ValueError("--text_encoder_name (a local T5 folder) is required unless the captions are cached.")
+        tokenizer, text_encoder = load_t5(opts["text_encoder_name"])
+    if opts["validation_prompts"] and vae is None:
+        vae = _load_vae(opts)
+
+    # Latent sizes follow the data: the VAE's compression, or the cached latents themselves.
+    if vae is not None and not cached[0]:
+        sample_size = opts["max_image_size"] // vae.spatial_compression
+        video_length = (opts["num_frames"] - 1) // vae.temporal_compression + 1
+    else:
+        latents = dataset[0]["latents"]  # (C, t + n, h, w)
+        sample_size = list(latents.shape[-2:])
+        video_length = latents.shape[1] - opts["use_image_num"]
+    caption_channels = text_encoder.config.d_model if text_encoder is not None else dataset.null_text.shape[-1]
+
+    torch.manual_seed(opts["seed"])  # same initial weights on every process
+    transformer = build_transformer(opts["model"], sample_size, video_length, caption_channels,
+                                    opts["attention_mode"])
+    if opts["pretrained"]:
+        from opensora_plan.train.pretrained import load_pretrained_weights
+
+        load_pretrained_weights(transformer, opts["pretrained"], Path(opts["output_dir"]) / "pretrained_report.json")
+    if opts["gradient_checkpointing"]:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+    prompts = opts["validation_prompts"]
+    if prompts and opts["validation_sampling_steps"] < 4:
+        # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
+        raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
+                         f"PNDM sampler; use 4 or more.")
+    if isinstance(prompts, str):
+        prompts = [line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()] \
+            if os.path.isfile(prompts) else [prompts]
+    task = T2VTask(
+        transformer, dataset, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder,
+        use_image_num=opts["use_image_num"],
+        model_max_length=opts["model_max_length"], learning_rate=opts["learning_rate"],
+        adam_betas=(opts["adam_beta1"], opts["adam_beta2"]), adam_weight_decay=opts["adam_weight_decay"],
+        adam_epsilon=opts["adam_epsilon"], max_grad_norm=opts["max_grad_norm"], validation_prompts=prompts,
+        validation_sampling_steps=opts["validation_sampling_steps"],
+    )
+    loop_keys = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
+    config = TrainConfig(**{k: opts[k] for k in loop_keys}, extra={k: v for k, v in opts.items()
+                                                                    if k not in loop_keys and not k.startswith("_")})
+    return task, config
+
+
+def train_t2v(opts: dict) -> dict:
+    """Build and run a text-to-video training; returns the trainer's summary."""
+    task, config = build_t2v(opts)
+    return train(task, config)

@@ -1,0 +1,568 @@
+"""The one training loop shared by the CausalVAE and the LatteT2V trainings (edm style).
+
+The loop knows nothing about the loss maths. A :class:`TrainTask` supplies the trainable models, the
+dataset, its optimizer *phases* (T2V: one AdamW phase; VAE: a generator phase then a discriminator
+phase, each with its own optimizer, parameters and clip value) and ``loss(phase, batch, step, models)``.
+The loop owns everything else:
+
+* processes: ``accelerate`` (``Accelerator(cpu=True)`` without CUDA so ``torchrun`` gives DDP over
+  gloo), optional FSDP2 sharding (:mod:`opensora_plan.train.sharding`), mixed precision, TF32, compile;
+* optimisation: gradient accumulation, grad-norm clipping, LR schedule (diffusers ``get_scheduler``,
+  stepped once per optimizer step, not once per process), EMA updated after every optimizer step,
+  non-finite losses skipped and counted (a clear error after ``max_nonfinite_steps`` in a row);
+* bookkeeping: ``options.json``, ``log.jsonl`` (one line per optimizer step), TensorBoard, tqdm,
+  atomic ``checkpoint-<step>`` folders (:mod:`opensora_plan.train.checkpoint`) and exact resume.
+
+Exact resume rests on three things: the data order is a seeded function of ``(seed, epoch, position)``
+(:mod:`opensora_plan.train.sampler`), every micro-batch reseeds the RNGs from
+``(seed, step, phase, micro-batch, rank)`` before the task's loss draws noise / timesteps / dropout,
+and the checkpoint holds optimizer, scheduler and EMA state. N steps + kill + M resumed steps therefore
+give the same ``log.jsonl`` losses and the same weights as N + M uninterrupted steps.
+
+Phases run one after the other on the same micro-batches of a step, in the order the task lists them;
+a task that needs a result of an earlier phase (the VAE discriminator needs the reconstruction) may
+cache it on itself keyed by the micro-batch index passed in ``TrainTask.loss``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from opensora_plan.train import checkpoint as ckpt
+from opensora_plan.train.ema import EMA
+from opensora_plan.train.sampler import ResumableSampler, SeededSamples, derive_seed
+from opensora_plan.utils import atomic_dir, atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = {"no": "no", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+# --------------------------------------------------------------------------------------------
+# what a task provides
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """One optimizer and the parameters it steps (clipped together to ``max_grad_norm``; None = no clip)."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    max_grad_norm: float | None = 1.0
+    models: tuple[str, ...] = ("model",)  # task models whose gradients this phase synchronises
+
+
+class TrainTask:
+    """Base class of a training task; see the module docstring for the contract.
+
+    Attributes set by the subclass:
+      models        name -> trainable ``nn.Module``; saved as ``checkpoint-<step>/<name>/``. The model named
+                    ``"model"`` is the one averaged by EMA.
+      dataset       map-style dataset; ``collate_fn`` turns a list of its samples into a batch.
+    """
+
+    models: dict[str, torch.nn.Module]
+    dataset: Dataset
+    collate_fn: Any = None
+    ema_model_name: str = "model"
+    find_unused_parameters: bool = False
+
+    def setup(self, accelerator) -> None:
+        """Called once before the models are wrapped: e.g. move frozen encoders to ``accelerator.device``."""
+
+    def phases(self) -> list[Phase]:
+        """Build the optimizers over the (possibly sharded) parameters of ``self.models``."""
+        raise NotImplementedError
+
+    def loss(self, phase: str, batch: Any, step: int, models: dict[str, torch.nn.Module], micro: int = 0):
+        """-> (scalar loss tensor, {stat name: float}); ``models`` are the process-wrapped models to call."""
+        raise NotImplementedError
+
+    def batch_size(self, batch: Any) -> int:
+        """Number of samples in a batch (for samples/s)."""
+        raise NotImplementedError
+
+    def tokens(self, batch: Any) -> int:
+        """Number of latent tokens the denoiser sees in a batch (for tokens/s); 0 when not meaningful."""
+        return 0
+
+    def options(self) -> dict:
+        """Task-specific options recorded in ``options.json``."""
+        return {}
+
+    def validate(self, step: int, models: dict[str, torch.nn.Module], folder: Path, writer) -> None:
+        """Optional validation (e.g. sample videos from fixed prompts) into ``folder``; main process only."""
+
+    def epoch_report(self) -> dict:
+        """Called at the end of every epoch; e.g. ``{"skipped": [...bad files...]}``. Reset for the next epoch."""
+        return {}
+
+
+@dataclass
+class TrainConfig:
+    """Options of the generic loop (the task has its own). Names follow the reference's flags."""
+
+    output_dir: str
+    max_train_steps: int
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    mixed_precision: str = "bf16"
+    seed: int = 0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    dataloader_num_workers: int = 0
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    allow_tf32: bool = False
+    compile: bool = False
+    max_nonfinite_steps: int = 10
+    validation_steps: int | None = None
+    report_to: str = "tensorboard"
+    sharding: str = "ddp"  # "ddp" (replicated) or "fsdp2" (parameters, gradients and optimizer state sharded)
+    extra: dict = field(default_factory=dict)  # task options, only recorded in options.json
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"--mixed_precision {self.mixed_precision!r} is not supported; use one of {', '.join(MIXED_PRECISION)}."
+            )
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.sharding not in ("ddp", "fsdp2"):
+            raise ValueError(f"--sharding {self.sharding!r} is not supported; use 'ddp' or 'fsdp2'.")
+        if self.sharding == "fsdp2" and self.compile:
+            raise ValueError("--compile with --sharding fsdp2 is not supported; drop one of the two flags.")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ValueError(f"--report_to {self.report_to!r} is not supported; use 'tensorboard' or 'none'.")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_nonfinite_steps`` consecutive steps with a non-finite loss or gradient."""
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs ``task`` under ``config``; ``run()`` returns a summary dict (final step, skipped steps, ...)."""
+
+    def __init__(self, task: TrainTask, config: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.task = task
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        kwargs = [DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)]
+        # Without CUDA, cpu=True is what makes torchrun start DDP over gloo (a plain Accelerator() runs
+        # each process alone; stack.md section 5).
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=MIXED_PRECISION[config.mixed_precision],
+            kwargs_handlers=kwargs,
+            dynamo_backend="inductor" if config.compile else None,
+        )
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # samples of this process's share of the current epoch already consumed
+        self.skipped_total = 0
+        self.nonfinite_in_a_row = 0
+        self.ema: EMA | None = None
+        self.writer = None
+
+    def _unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The task's module under DDP / torch.compile wrappers (state-dict keys without ``_orig_mod.``)."""
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    # ---------------------------------------------------------------- setup
+
+    def _setup(self) -> Path | None:
+        cfg, task = self.config, self.task
+        task.setup(self.accelerator)
+        resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
+        state = None
+        if resume is not None:
+            logger.info("Resuming from %s", resume)
+            for name, model in task.models.items():
+                ckpt.load_model_folder_weights(model, resume / name)
+            state = torch.load(resume / ckpt.STATE_NAME, map_location="cpu", weights_only=False)
+        if cfg.use_ema:
+            if cfg.sharding == "fsdp2":
+                raise ValueError("--use_ema with --sharding fsdp2 is not supported; use --sharding ddp for EMA runs.")
+            self.ema = EMA(task.models[task.ema_model_name], decay=cfg.ema_decay)
+            if state is not None:
+                if state.get("ema") is None:
+                    raise ValueError(f"{resume} holds no EMA state but --use_ema is set; resume without --use_ema.")
+                self.ema.load_state_dict(state["ema"])
+
+        names = list(task.models)
+        if cfg.sharding == "fsdp2":
+            from opensora_plan.train.sharding import check_phase_model, shard_model
+
+            for name in names:
+                shard_model(task.models[name], task, name, self.accelerator)
+            self.wrapped = dict(task.models)
+            self.phases = task.phases()
+            for phase in self.phases:
+                check_phase_model(task, phase)  # before any step: checkpoints need one model per phase
+                phase.optimizer = self.accelerator.prepare_optimizer(phase.optimizer)
+        else:
+            self.phases = task.phases()
+            prepared = self.accelerator.prepare(*[task.models[n] for n in names], *[p.optimizer for p in self.phases])
+            prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+            self.wrapped = dict(zip(names, prepared[: len(names)]))
+            for phase, optimizer in zip(self.phases, prepared[len(names) :]):
+                phase.optimizer = optimizer
+        if self.ema is not None:  # the models are on the training device now
+            self.ema.shadow = {k: v.to(self.accelerator.device) for k, v in self.ema.shadow.items()}
+
+        from diffusers.optimization import get_scheduler
+
+        # Built here (not through accelerator.prepare) so the schedule advances once per optimizer step;
+        # an accelerate-prepared scheduler advances num_processes times per step.
+        self.schedulers = [
+            get_scheduler(
+                cfg.lr_scheduler,
+                phase.optimizer,
+                num_warmup_steps=cfg.lr_warmup_steps,
+                num_training_steps=cfg.max_train_steps,
+            )
+            for phase in self.phases
+        ]
+        if state is not None:
+            self._load_training_state(state, resume)
+        return resume
+
+    def _load_training_state(self, state: dict, resume: Path) -> None:
+        if state.get("sharding", "ddp") != self.config.sharding:
+            raise ValueError(f"{resume} was written with --sharding {state.get('sharding', 'ddp')}; resume it with "
+                             f"the same --sharding (the optimizer state is stored per mode).")
+        for phase, scheduler in zip(self.phases, self.schedulers):
+            if phase.name not in state["optimizers"]:
+                raise ValueError(f"{resume} has no optimizer state for phase {phase.name!r}; it was written by another task.")
+            if self.config.sharding == "fsdp2":
+                from opensora_plan.train.sharding import load_optimizer_state
+
+                load_optimizer_state(self.task, phase, state["optimizers"][phase.name])
+            else:
+                phase.optimizer.load_state_dict(state["optimizers"][phase.name])
+            scheduler.load_state_dict(state["schedulers"][phase.name])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.skipped_total = int(state["skipped_total"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        if int(state["world_size"]) != self.world_size or int(state["train_batch_size"]) != self.config.train_batch_size:
+            logger.warning(
+                "Resuming a run of %d process(es) x batch %d with %d x %d: the data order differs from the "
+                "interrupted run from here on.",
+                state["world_size"], state["train_batch_size"], self.world_size, self.config.train_batch_size,
+            )
+            self.position = 0
+            self.epoch += 1
+        rng_file = resume / f"rng_state_{self.rank}.pt"
+        if rng_file.is_file():
+            ckpt.restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+
+    def _write_options(self) -> None:
+        options = dataclasses.asdict(self.config)
+        options.update(
+            task=type(self.task).__name__,
+            task_options=self.task.options(),
+            world_size=self.world_size,
+            distributed_type=str(self.accelerator.distributed_type),
+            torch_version=torch.__version__,
+        )
+        atomic_write_bytes(self.output_dir / "options.json", json.dumps(options, indent=2, default=str).encode())
+
+    def _prepare_log(self) -> None:
+        """Keep ``log.jsonl`` lines up to the resumed step (a crash may have logged steps after the checkpoint)."""
+        path = self.output_dir / "log.jsonl"
+        kept = []
+        if self.step > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+    # ---------------------------------------------------------------- data
+
+    def _batches(self) -> Iterator[Any]:
+        cfg = self.config
+        sampler = ResumableSampler(len(self.task.dataset), cfg.seed, self.rank, self.world_size)
+        if sampler.per_process() < cfg.train_batch_size:
+            raise ValueError(
+                f"Each of the {self.world_size} process(es) gets {sampler.per_process()} samples per epoch, fewer "
+                f"than --train_batch_size {cfg.train_batch_size}; add data or lower the batch size."
+            )
+        samples = SeededSamples(self.task.dataset, cfg.seed)
+        while True:
+            sampler.set_epoch(self.epoch, self.position)
+            loader = DataLoader(
+                samples,
+                batch_size=cfg.train_batch_size,
+                sampler=sampler,
+                drop_last=True,
+                num_workers=cfg.dataloader_num_workers,
+                collate_fn=self.task.collate_fn,
+            )
+            for batch in loader:
+                self.position += cfg.train_batch_size
+                yield batch
+            report = self.task.epoch_report()
+            if report:
+                logger.warning("Epoch %d (rank %d): %s", self.epoch, self.rank, json.dumps(report, default=str))
+            self.epoch += 1
+            self.position = 0
+
+    # ---------------------------------------------------------------- one optimizer step
+
+    def _no_sync(self, phase: Phase, sync: bool):
+        stack = contextlib.ExitStack()
+        if not sync and self.world_size > 1:
+            for name in phase.models:
+                if self.config.sharding == "fsdp2":
+                    stack.enter_context(_fsdp_no_sync(self.wrapped[name]))
+                else:
+                    stack.enter_context(self.accelerator.no_sync(self.wrapped[name]))
+        return stack
+
+    def _train_step(self, micro_batches: list) -> dict | None:
+        """Every phase on the step's micro-batches; returns the log record, or None when the step was skipped."""
+        cfg = self.config
+        accum = len(micro_batches)
+        record: dict[str, Any] = {}
+        skipped = False
+        for p_index, phase in enumerate(self.phases):
+            phase.optimizer.zero_grad(set_to_none=True)
+            losses, stats_sum = [], {}
+            for micro, batch in enumerate(micro_batches):
+                _seed_everything(derive_seed(cfg.seed, self.step, p_index, micro, self.rank))
+                with self._no_sync(phase, sync=micro == accum - 1):
+                    loss, stats = self.task.loss(phase.name, batch, self.step, self.wrapped, micro)
+                    self.accelerator.backward(loss / accum)
+                losses.append(loss.detach().float())
+                for key, value in stats.items():
+                    stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / accum
+            # Mean over micro-batches and processes: the logged numbers do not depend on the process count.
+            values = torch.stack([torch.stack(losses).mean()] + [torch.tensor(v) for v in stats_sum.values()])
+            values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean").cpu()
+            max_norm = phase.max_grad_norm if phase.max_grad_norm else math.inf
+            grad_norm = self.accelerator.clip_grad_norm_(phase.params, max_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            loss_value = float(values[0])
+            prefix = "" if p_index == 0 else f"{phase.name}_"
+            lr = phase.optimizer.param_groups[0]["lr"]
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                if self.accelerator.scaler is not None and math.isfinite(loss_value):
+                    phase.optimizer.step()  # fp16: the GradScaler skips this update and lowers its scale
+                phase.optimizer.zero_grad(set_to_none=True)
+                skipped = True
+                logger.warning(
+                    "Step %d, phase %s: non-finite loss %s / grad norm %s; the update is skipped.",
+                    self.step + 1, phase.name, loss_value, grad_norm,
+                )
+                break
+            phase.optimizer.step()
+            record.update({f"{prefix}loss": loss_value, f"{prefix}lr": lr, f"{prefix}grad_norm": grad_norm})
+            record.update({key: float(v) for key, v in zip(stats_sum, values[1:])})
+        if skipped:
+            return None
+        for scheduler in self.schedulers:
+            scheduler.step()
+        return record
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>`` atomically (all processes must call this)."""
+        from opensora_plan.train import sharding
+
+        rng_states = [ckpt.capture_rng_state()]
+        if self.world_size > 1:
+            rng_states = [None] * self.world_size
+            torch.distributed.all_gather_object(rng_states, ckpt.capture_rng_state())
+        full = self.config.sharding == "fsdp2"
+        model_states = {
+            name: sharding.full_model_state(model) if full else self._unwrap(model).state_dict()
+            for name, model in self.wrapped.items()
+        }
+        optimizer_states = {
+            phase.name: sharding.full_optimizer_state(self.task, phase) if full else phase.optimizer.state_dict()
+            for phase in self.phases
+        }
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        path = self.output_dir / f"checkpoint-{self.step}"
+        if self.is_main:
+            with atomic_dir(path) as tmp:
+                for name, model in self.wrapped.items():
+                    ckpt.save_model_folder(self._unwrap(model), model_states[name], tmp / name)
+                if self.ema is not None:
+                    model = self._unwrap(self.wrapped[self.task.ema_model_name])
+                    ema_weights = dict(model_states[self.task.ema_model_name])
+                    ema_weights.update({k: v.to(ema_weights[k].dtype) for k, v in ema_state["shadow"].items()})
+                    ckpt.save_model_folder(model, ema_weights, tmp / "ema")
+                state = {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "position": self.position,
+                    "world_size": self.world_size,
+                    "train_batch_size": self.config.train_batch_size,
+                    "sharding": self.config.sharding,
+                    "skipped_total": self.skipped_total,
+                    "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                    "optimizers": optimizer_states,
+                    "schedulers": {p.name: s.state_dict() for p, s in zip(self.phases, self.schedulers)},
+                    "ema": ema_state,
+                }
+                torch.save(state, tmp / ckpt.STATE_NAME)
+                for rank, rng in enumerate(rng_states):
+                    torch.save(rng, tmp / f"rng_state_{rank}.pt")
+            ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
+            logger.info("Saved %s", path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # ---------------------------------------------------------------- run
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        resumed_from = self._setup()
+        if self.is_main:
+            self._write_options()
+            self._prepare_log()
+            if cfg.report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        self.accelerator.wait_for_everyone()
+        for model in self.wrapped.values():
+            model.train()
+
+        batches = self._batches()
+        progress = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not self.is_main, desc="train")
+        log_path = self.output_dir / "log.jsonl"
+        last_saved = self.step if resumed_from is not None else None
+        while self.step < cfg.max_train_steps:
+            started = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            record = self._train_step(micro_batches)
+            if record is None:
+                self.skipped_total += 1
+                self.nonfinite_in_a_row += 1
+                if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"The loss or gradient was non-finite for {self.nonfinite_in_a_row} steps in a row "
+                        f"(last at step {self.step + 1}); lower --learning_rate, check the data or use "
+                        f"--mixed_precision bf16/no instead of fp16, then resume from the last checkpoint."
+                    )
+                continue
+            self.nonfinite_in_a_row = 0
+            if self.ema is not None:
+                self.ema.update(self._unwrap(self.wrapped[self.task.ema_model_name]))
+            self.step += 1
+            elapsed = time.perf_counter() - started
+            samples = sum(self.task.batch_size(b) for b in micro_batches) * self.world_size
+            tokens = sum(self.task.tokens(b) for b in micro_batches) * self.world_size
+            record = {"step": self.step, **record, "samples_per_s": samples / elapsed}
+            if tokens:
+                record["tokens_per_s"] = tokens / elapsed
+            record["epoch"] = self.epoch
+            record["skipped_steps"] = self.skipped_total
+            if self.is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if self.writer is not None:
+                    for key, value in record.items():
+                        if key != "step" and isinstance(value, (int, float)):
+                            self.writer.add_scalar(f"train/{key}", value, self.step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2g}", sps=f"{record['samples_per_s']:.3g}")
+            if self.step % cfg.checkpointing_steps == 0:
+                self.save_checkpoint()
+                last_saved = self.step
+            if cfg.validation_steps and self.step % cfg.validation_steps == 0 and self.is_main:
+                self.task.validate(self.step, self.wrapped, self.output_dir / "validation", self.writer)
+        progress.close()
+        if last_saved != self.step:
+            self.save_checkpoint()
+        if self.writer is not None:
+            self.writer.close()
+        replicas = self._check_replicas()
+        self.accelerator.wait_for_everyone()
+        return {"step": self.step, "skipped_steps": self.skipped_total, "output_dir": str(self.output_dir),
+                "weights_sha256": replicas}
+
+    def _check_replicas(self) -> str | None:
+        """With data parallel replicas, check that every process ends with bit-identical weights."""
+        if self.world_size == 1 or self.config.sharding != "ddp":
+            return None
+        digest = hashlib.sha256()
+        for name, model in sorted(self.wrapped.items()):
+            for key, tensor in self._unwrap(model).state_dict().items():
+                digest.update(f"{name}.{key}".encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        digests = [None] * self.world_size
+        torch.distributed.all_gather_object(digests, digest.hexdigest())
+        if len(set(digests)) != 1:
+            raise RuntimeError(
+                f"The {self.world_size} processes ended with different weights (sha256 per rank: {digests}); "
+                f"data parallel replicas diverged, which points at a non-deterministic or rank-dependent model."
+            )
+        logger.info("All %d replicas hold identical weights (sha256 %s).", self.world_size, digests[0][:16])
+        return digests[0]
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: torch.nn.Module):
+    # FSDP2 defers the gradient reduce-scatter this way (it has no no_sync context manager).
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def train(task: TrainTask, config: TrainConfig) -> dict:
+    """Run ``task`` with ``config``; see :class:`Trainer`."""
+    return Trainer(task, config).run()
