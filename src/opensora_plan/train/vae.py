@@ -1,0 +1,366 @@
+"""The CausalVAE training task for the shared trainer (spec 1.8; ``opensora-plan train-vae``).
+
+Pieces, edm style: :class:`VAEVideoDataset` (data), :class:`~opensora_plan.models.causalvae.losses.
+LPIPSWithDiscriminator` (loss maths, in ``models/causalvae/losses.py``) and :class:`VAETrainTask`
+(what the generic loop in :mod:`opensora_plan.train.trainer` needs: models, two optimizer phases, the
+loss call, validation). :func:`train_vae` wires them from command-line style options.
+
+Two optimizer phases per batch, as the reference's manual optimisation:
+
+1. ``generator``: encode, sample the posterior, decode; loss = nll + kl_weight * KL + adaptive
+   adversarial term; Adam(0.5, 0.9) over the VAE and the learned ``logvar``; clip 1.0.
+2. ``discriminator``: hinge loss on the (detached) reconstruction of phase 1; Adam(0.5, 0.9); clip 1.0.
+
+Learning rates: the reference hard-codes 1e-4 for VAE parameters whose name contains "time" and
+1e-5 for all others, and the config lr (1e-5) for the discriminator. Here the base lr is
+``--learning_rate`` (default 1e-5, so the defaults reproduce the reference): "time" parameters get
+``time_lr_multiplier`` x that (default 10 -> 1e-4), everything else (and the discriminator) the base lr.
+The release architecture has no parameter whose name contains "time" (its time resamplers have no
+weights), so there all VAE parameters train at the base lr.
+
+Steps count once per batch: ``disc_start`` and ``max_train_steps`` are numbers of batches (the
+reference's Lightning loop counted two steps per batch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..data.datasets import SkippedVideos, collate_video_caption, load_video_entries
+from ..data.transforms import center_crop, temporal_window_indices, window_indices
+from ..data.video_io import VideoReader, VideoReadError
+from .trainer import Phase, TrainConfig, TrainTask, train
+
+logger = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def find_videos(folder: str | os.PathLike, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> list[Path]:
+    """Video files under ``folder`` and all its subfolders (by extension, case-insensitive), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--video_path {folder} is not a folder; give a folder of videos (searched recursively).")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+class VAEVideoDataset(Dataset):
+    """Clips for VAE training, as the reference's VideoDataset (spec 1.8).
+
+    A random window of ``num_frames * sample_rate`` frames (short videos repeat frames),
+    ``num_frames`` evenly spaced indices in it, values to [0, 1], center crop to
+    ``resolution`` x ``resolution`` (no resize), then 2x - 1. Each sample is
+    ``{"video": (3, T, R, R) in [-1, 1], "index", "skipped"}``. An unreadable video, or one smaller
+    than the crop, is replaced by the next index and reported in ``skipped`` (``{"path", "reason"}``).
+    ``deterministic=True`` always takes the window at frame 0 (validation clips).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], num_frames: int, resolution: int, sample_rate: int = 1,
+                 deterministic: bool = False, max_substitutions: int = 100):
+        if not paths:
+            raise ValueError("The VAE dataset got no videos; point --video_path or --data_path at some videos.")
+        if num_frames < 1 or sample_rate < 1 or resolution < 1:
+            raise ValueError(
+                f"num_frames, sample_rate and resolution must be positive, got {num_frames}, {sample_rate}, {resolution}."
+            )
+        self.paths = [Path(p) for p in paths]
+        self.num_frames = num_frames
+        self.resolution = resolution
+        self.sample_rate = sample_rate
+        self.deterministic = deterministic
+        self.max_substitutions = max_substitutions
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_clip(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        with VideoReader(path) as reader:
+            if min(reader.height, reader.width) < self.resolution:
+                raise VideoReadError(
+                    f"Video {path} is {reader.width}x{reader.height}, smaller than the {self.resolution}x"
+                    f"{self.resolution} crop (--resolution)."
+                )
+            if self.deterministic:
+                indices = window_indices(reader.num_frames, self.num_frames, self.sample_rate, start=0)
+            else:
+                indices = temporal_window_indices(reader.num_frames, self.num_frames, self.sample_rate)
+            frames = reader.get_frames(indices)  # (T, H, W, 3) uint8
+        video = frames.permute(3, 0, 1, 2).float() / 255.0  # (3, T, H, W) in [0, 1]
+        video = center_crop(video, self.resolution)  # (3, T, R, R)
+        return (video * 2.0 - 1.0).contiguous()
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        for offset in range(min(self.max_substitutions + 1, len(self))):
+            candidate = (index + offset) % len(self)
+            try:
+                return {"video": self.load_clip(candidate), "index": candidate, "skipped": skipped}
+            except VideoReadError as err:
+                logger.warning("skipping video: %s", err)
+                skipped.append({"path": str(self.paths[candidate]), "reason": str(err)})
+        raise RuntimeError(
+            f"Videos {index}..{index + len(skipped) - 1} are all unreadable or too small (last: "
+            f"{skipped[-1]['reason']}); check the data with `opensora-plan data check`."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP-wrapped -> the model
+
+
+def _broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy process 0's buffers (the PatchGAN's BatchNorm running statistics) to every process.
+
+    Each process updates the running statistics with its own batch; DDP re-broadcasts process 0's
+    at the next forward anyway, so this only makes the state after the last step (what checkpoints
+    and the trainer's replica check see) the same everywhere. The statistics are never used for
+    training: the discriminator always runs in train mode, as in the reference.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+
+
+class VAETrainTask(TrainTask):
+    """Two-phase CausalVAE training; models ``model`` (CausalVAEModel) and ``loss`` (logvar + PatchGAN
+    (+ frozen LPIPS), saved as ``checkpoint-<step>/loss/`` with the official ``loss.*`` names minus the
+    prefix). ``validation`` is an optional dataset of held-out clips for PSNR and image logs."""
+
+    # The discriminator phase does not touch the VAE or logvar, the generator phase never the frozen
+    # LPIPS: DDP must tolerate parameters without gradients (the reference ran DDP the same way).
+    find_unused_parameters = True
+
+    def __init__(self, vae, loss, dataset: Dataset, learning_rate: float = 1e-5, time_lr_multiplier: float = 10.0,
+                 max_grad_norm: float = 1.0, validation: Dataset | None = None):
+        self.models = {"model": vae, "loss": loss}
+        self.dataset = dataset
+        self.collate_fn = collate_video_caption
+        self.learning_rate = learning_rate
+        self.time_lr_multiplier = time_lr_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.validation = validation
+        self.skipped = SkippedVideos()
+        self._reconstructions: dict[int, torch.Tensor] = {}
+
+    def phases(self) -> list[Phase]:
+        vae, loss = self.models["model"], self.models["loss"]
+        named = list(vae.named_parameters())
+        time_params = [p for n, p in named if "time" in n]
+        other_params = [p for n, p in named if "time" not in n] + [loss.logvar]
+        # The base-lr group comes first: the trainer logs param_groups[0]["lr"].
+        groups = [{"params": other_params, "lr": self.learning_rate}]
+        if time_params:
+            groups.append({"params": time_params, "lr": self.learning_rate * self.time_lr_multiplier})
+        generator = torch.optim.Adam(groups, lr=self.learning_rate, betas=(0.5, 0.9))
+        disc_params = list(loss.discriminator.parameters())
+        discriminator = torch.optim.Adam(disc_params, lr=self.learning_rate, betas=(0.5, 0.9))
+        return [
+            Phase("generator", generator, other_params + time_params, self.max_grad_norm, models=("model", "loss")),
+            Phase("discriminator", discriminator, disc_params, self.max_grad_norm, models=("loss",)),
+        ]
+
+    def loss(self, phase: str, batch: Any, step: int, models: dict[str, torch.nn.Module], micro: int = 0):
+        vae = models["model"]
+        x = batch["video"].to(next(vae.parameters()).device)  # (B, 3, T, H, W)
+        if phase == "generator":
+            self.skipped.update(batch["skipped"])
+            reconstruction, posterior = vae(x, sample_posterior=True, return_dict=False)  # (B, 3, T, H, W)
+            last_layer = _unwrap(vae).decoder.conv_out.conv.weight
+            loss, stats = models["loss"]("generator", x, reconstruction, step, posterior=posterior, last_layer=last_layer)
+            # The discriminator phase of this step judges the same reconstruction.
+            self._reconstructions[micro] = reconstruction.detach()
+            return loss, stats
+        reconstruction = self._reconstructions.pop(micro)
+        loss, stats = models["loss"]("discriminator", x, reconstruction, step)
+        _broadcast_buffers(_unwrap(models["loss"]).discriminator)
+        return loss, stats
+
+    def batch_size(self, batch: Any) -> int:
+        return int(batch["video"].shape[0])
+
+    def options(self) -> dict:
+        loss = self.models["loss"]
+        return {
+            "learning_rate": self.learning_rate,
+            "time_lr_multiplier": self.time_lr_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "adam_betas": [0.5, 0.9],
+            "disc_start": loss.disc_start,
+            "kl_weight": loss.kl_weight,
+            "perceptual_weight": loss.perceptual_weight,
+            "disc_weight": loss.disc_weight,
+            "num_videos": len(self.dataset),
+            "num_validation_videos": len(self.validation) if self.validation is not None else 0,
+            "vae_config": dict(self.models["model"].config),
+        }
+
+    def epoch_report(self) -> dict:
+        report = {"skipped_videos": self.skipped.total, "details": self.skipped.summary()} if self.skipped.total else {}
+        self.skipped.reset()
+        return report
+
+    @torch.no_grad()
+    def validate(self, step: int, models: dict[str, torch.nn.Module], folder: Path, writer) -> None:
+        """PSNR/SSIM of posterior-mode reconstructions of the held-out clips; first/middle/last frames as images."""
+        if self.validation is None or len(self.validation) == 0:
+            return
+        from ..metrics import psnr, ssim
+
+        vae = _unwrap(models["model"])
+        device = next(vae.parameters()).device
+        was_training = vae.training
+        vae.eval()
+        scores, pictures = [], []
+        for index in range(len(self.validation)):
+            x = self.validation[index]["video"].unsqueeze(0).to(device)  # (1, 3, T, H, W)
+            rec = vae(x, sample_posterior=False).sample.float().clamp(-1, 1)
+            a = ((x[0] + 1) / 2).transpose(0, 1).float().cpu()  # (T, 3, H, W) in [0, 1]
+            b = ((rec[0] + 1) / 2).transpose(0, 1).cpu()
+            scores.append((float(psnr(a, b)), float(ssim(a, b))))
+            frames = sorted({0, a.shape[0] // 2, a.shape[0] - 1})
+            pictures.append(torch.cat([torch.cat(list(a[frames]), dim=2), torch.cat(list(b[frames]), dim=2)], dim=1))
+        vae.train(was_training)
+        mean_psnr = sum(s[0] for s in scores) / len(scores)
+        mean_ssim = sum(s[1] for s in scores) / len(scores)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "validation.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "psnr": mean_psnr, "ssim": mean_ssim}) + "\n")
+        if writer is not None:
+            writer.add_scalar("val/psnr", mean_psnr, step)
+            writer.add_scalar("val/ssim", mean_ssim, step)
+            # One image per clip: input frames on top, reconstructions below (first / middle / last).
+            writer.add_images("val/reconstructions", torch.stack(pictures), step)
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring (what `opensora-plan train-vae` calls)
+# --------------------------------------------------------------------------------------------
+
+
+def build_vae(model_config: str | os.PathLike | None, pretrained_model_path: str | os.PathLike | None):
+    """A CausalVAE from a config (random init) or a pretrained folder (e.g. an inflated 2-D VAE)."""
+    from ..models.causalvae import CausalVAEModel
+
+    if pretrained_model_path:
+        return CausalVAEModel.from_pretrained(pretrained_model_path)
+    if not model_config:
+        raise ValueError("train-vae needs --model_config (a CausalVAE config.json) or --pretrained_model_path (a VAE folder).")
+    path = Path(model_config)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"--model_config {path} does not exist; give a CausalVAE config.json (or its folder).")
+    return CausalVAEModel.from_config(json.loads(path.read_text()))
+
+
+def load_pretrained_loss_state(loss, pretrained_model_path: str | os.PathLike) -> bool:
+    """Fill ``loss.logvar`` and the discriminator from ``loss.*`` tensors of a pretrained VAE file, if any."""
+    from ..models.loading import find_weights, read_state_dict, resolve_model_folder
+
+    state = read_state_dict(find_weights(resolve_model_folder(pretrained_model_path)))
+    wanted = {k[len("loss."):]: v for k, v in state.items()
+              if k == "loss.logvar" or k.startswith("loss.discriminator.")}
+    if not wanted:
+        return False
+    own = {k for k in loss.state_dict() if k == "logvar" or k.startswith("discriminator.")}
+    if set(wanted) != own:
+        raise ValueError(
+            f"{pretrained_model_path} holds loss.* tensors that do not match the PatchGAN discriminator "
+            f"(missing {sorted(own - set(wanted))[:4]}, unexpected {sorted(set(wanted) - own)[:4]}); "
+            "remove them from the file or train the discriminator from scratch."
+        )
+    loss.load_state_dict(wanted, strict=False)
+    logger.info("Loaded logvar and the discriminator from %s", pretrained_model_path)
+    return True
+
+
+def video_paths(video_path: str | os.PathLike | None, data_path: str | os.PathLike | None,
+                video_folder: str | os.PathLike | None = None) -> list[Path]:
+    """Training videos from a folder (recursive) or from the JSON dataset format (captions unused)."""
+    if bool(video_path) == bool(data_path):
+        raise ValueError("Give exactly one of --video_path (a folder of videos) and --data_path (a JSON video list).")
+    if video_path:
+        paths = find_videos(video_path)
+        if not paths:
+            raise ValueError(f"No videos ({'/'.join(VIDEO_SUFFIXES)}) under {video_path}; point --video_path at a folder of videos.")
+        return paths
+    return [entry.path for entry in load_video_entries(data_path, video_folder)]
+
+
+def train_vae(
+    config: TrainConfig,
+    *,
+    model_config: str | None = None,
+    pretrained_model_path: str | None = None,
+    video_path: str | None = None,
+    data_path: str | None = None,
+    video_folder: str | None = None,
+    num_frames: int = 17,
+    sample_rate: int = 1,
+    resolution: int = 64,
+    learning_rate: float = 1e-5,
+    time_lr_multiplier: float = 10.0,
+    max_grad_norm: float = 1.0,
+    perceptual_weight: float = 1.0,
+    lpips_path: Sequence[str] | None = None,
+    disc_start: int = 2001,
+    disc_weight: float = 0.5,
+    kl_weight: float = 1e-6,
+    logvar_init: float = 0.0,
+    validation_videos: int = 0,
+) -> dict:
+    """Build the VAE, loss and data, then run the shared trainer. Returns the trainer's summary."""
+    from ..models.causalvae.losses import LPIPSWithDiscriminator
+    from ..models.lpips import load_lpips
+
+    if perceptual_weight > 0 and not lpips_path:
+        raise ValueError(
+            "--perceptual_weight > 0 needs LPIPS weights: pass --lpips_path FILE [FILE ...] (VGG16 features + "
+            "LPIPS heads, see docs/vae_training.md), or train without the perceptual term with --perceptual_weight 0."
+        )
+    perceptual = load_lpips(lpips_path) if perceptual_weight > 0 else None
+    # Fresh weights (VAE from a config, discriminator) are a function of --seed: runs are repeatable
+    # and every process of a multi-process run starts from the same weights.
+    torch.manual_seed(config.seed)
+    vae = build_vae(model_config, pretrained_model_path)
+    step_t = vae.temporal_compression
+    if num_frames < 1 or (num_frames - 1) % step_t:
+        raise ValueError(f"--num_frames {num_frames} is not a length the VAE accepts; use 1 (images) or 1 + {step_t}k (e.g. 9, 17).")
+    if resolution % vae.spatial_compression or resolution < 32:
+        raise ValueError(
+            f"--resolution {resolution} must be a multiple of {vae.spatial_compression} and at least 32 "
+            "(the PatchGAN needs 32 px); e.g. 64 or 256."
+        )
+    loss = LPIPSWithDiscriminator(perceptual, disc_start=disc_start, logvar_init=logvar_init, kl_weight=kl_weight,
+                                  perceptual_weight=perceptual_weight, disc_weight=disc_weight)
+    if pretrained_model_path:
+        load_pretrained_loss_state(loss, pretrained_model_path)
+    paths = video_paths(video_path, data_path, video_folder)
+    if validation_videos >= len(paths):
+        raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")
+    train_paths, held_out = paths[: len(paths) - validation_videos], paths[len(paths) - validation_videos:]
+    dataset = VAEVideoDataset(train_paths, num_frames, resolution, sample_rate)
+    validation = VAEVideoDataset(held_out, num_frames, resolution, sample_rate, deterministic=True) if held_out else None
+    task = VAETrainTask(vae, loss, dataset, learning_rate=learning_rate, time_lr_multiplier=time_lr_multiplier,
+                        max_grad_norm=max_grad_norm, validation=validation)
+    return train(task, config)
