@@ -95,18 +95,23 @@ def _add_sample(subparsers) -> None:
         "folders + vae/) and of DeepFloyd/t5-v1_1-xxl. Launch with 'torchrun --nproc_per_node N -m "
         "opensora_plan sample ...' to split the prompts over N processes/GPUs.",
     )
-    p.add_argument("--model_path", default=DEFAULT_MODEL_PATH, help="folder with the version folders and vae/")
-    p.add_argument("--version", default="65x512x512",
-                   help=f"version folder under --model_path: {', '.join(VERSIONS)} (default 65x512x512)")
-    p.add_argument("--text_encoder_name", default=DEFAULT_TEXT_ENCODER, help="local T5 folder (DeepFloyd/t5-v1_1-xxl layout)")
-    p.add_argument("--text_prompt", required=True, help="a prompt, or a .txt file with one prompt per line")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --text_prompt)")
+    p.add_argument("--model_path", default=None, help="folder with the version folders and vae/ (default: the "
+                   f"shipped demo model, docs/demo.md; the release is {DEFAULT_MODEL_PATH})")
+    p.add_argument("--version", default=None,
+                   help=f"version folder under --model_path: {', '.join(VERSIONS)} (default 65x512x512; demo: its own)")
+    p.add_argument("--text_encoder_name", default=None,
+                   help=f"local T5 folder ({DEFAULT_TEXT_ENCODER} layout; default: the demo's, or {DEFAULT_TEXT_ENCODER})")
+    p.add_argument("--text_prompt", default=None, help="a prompt, or a .txt file with one prompt per line")
     p.add_argument("--negative_prompt", default="", help="negative prompt (default: empty, as the reference)")
     p.add_argument("--ae", default=AE_NAMES[0], help=f"autoencoder name (only {AE_NAMES[0]})")
     p.add_argument("--save_img_path", default="./sample_videos", help="output folder (default ./sample_videos)")
-    p.add_argument("--fps", type=float, default=24, help="frames per second of the mp4 (default 24)")
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
-    p.add_argument("--num_sampling_steps", type=int, default=50, help="scheduler steps (default 50)")
-    p.add_argument("--sample_method", default="PNDM", help="scheduler: PNDM (default), DDIM, EulerDiscrete, DDPM, "
+    p.add_argument("--fps", type=float, default=None, help="frames per second of the mp4 (default 24; demo: 8)")
+    p.add_argument("--gif", action="store_true", help="also write <name>.gif beside each mp4")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance (default 7.5; demo: its demo.json)")
+    p.add_argument("--num_sampling_steps", type=int, default=None, help="scheduler steps (default 50; demo: its demo.json)")
+    p.add_argument("--sample_method", default=None, help="scheduler (default PNDM; demo: its demo.json): PNDM, DDIM, EulerDiscrete, DDPM, "
                    "DPMSolverMultistep, DPMSolverSinglestep, HeunDiscrete, EulerAncestralDiscrete, DEISMultistep, "
                    "KDPM2AncestralDiscrete, UniPCMultistep")
     p.add_argument("--seed", type=int, default=0, help="seed; prompt i uses seed + i (default 0)")
@@ -121,19 +126,28 @@ def _add_sample(subparsers) -> None:
 
 
 def _run_sample(args) -> int:
+    from opensora_plan.demo.model import sample_defaults
     from opensora_plan.pipelines.sample_t2v import sample_t2v
 
-    sample_t2v(
-        text_prompt=args.text_prompt,
-        model_path=args.model_path,
-        version=args.version,
-        text_encoder_name=args.text_encoder_name,
+    if args.prompt and args.text_prompt:
+        raise UserError("Give the prompt either as the argument or with --text_prompt, not both.")
+    if not (args.prompt or args.text_prompt):
+        raise UserError('No prompt given; run e.g. opensora-plan sample "a red circle moving left".')
+    # No --model_path: the shipped demo model and its demo.json settings; flags given always win.
+    opts = sample_defaults(args.model_path, version=args.version, text_encoder_name=args.text_encoder_name,
+                           sample_method=args.sample_method, num_sampling_steps=args.num_sampling_steps,
+                           guidance_scale=args.guidance_scale, fps=args.fps)
+    written = sample_t2v(
+        text_prompt=args.prompt or args.text_prompt,
+        model_path=opts["model_path"],
+        version=opts["version"],
+        text_encoder_name=opts["text_encoder_name"],
         ae=args.ae,
         save_img_path=args.save_img_path,
-        fps=args.fps,
-        guidance_scale=args.guidance_scale,
-        num_sampling_steps=args.num_sampling_steps,
-        sample_method=args.sample_method,
+        fps=opts["fps"],
+        guidance_scale=opts["guidance_scale"],
+        num_sampling_steps=opts["num_sampling_steps"],
+        sample_method=opts["sample_method"],
         seed=args.seed,
         enable_tiling=args.enable_tiling,
         tile_overlap_factor=args.tile_overlap_factor,
@@ -143,6 +157,12 @@ def _run_sample(args) -> int:
         batch_size=args.batch_size,
         force_images=args.force_images,
     )
+    if args.gif:
+        from opensora_plan.data.video_io import read_video, write_gif
+
+        for path in written:
+            if path.suffix == ".mp4":
+                print(f"wrote {write_gif(path.with_suffix('.gif'), read_video(path)[0], opts['fps'])}")
     return 0
 
 

@@ -1,0 +1,168 @@
+"""``opensora-plan demo eval``: sample the demo model over the "shapes" vocabulary and judge every video.
+
+For each prompt (default: all 60 combinations) and each seed, one video is sampled with the same
+pipeline as ``opensora-plan sample`` (single-prompt text embeddings, classifier-free guidance against
+the empty prompt), written to mp4 and read back (the path a user's video takes), and scored by
+:func:`~opensora_plan.demo.judge.judge_video`: colour, shape, direction and a clean black background.
+The result is the accuracy of each attribute, plus "all" (every attribute right in one video).
+
+Seeds: the video of prompt ``i`` (in :func:`~opensora_plan.demo.shapes.all_prompts` order) with seed
+``s`` starts from noise seeded with ``1000 * s + i``, so every video has its own noise and a run is
+reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opensora_plan.demo.judge import judge_video
+from opensora_plan.demo.shapes import all_prompts, parse_caption
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTES = ("colour", "shape", "direction", "background")
+TARGETS = {"colour": 0.95, "direction": 0.90, "shape": 0.80}  # issue 6
+
+
+@dataclass
+class DemoEvalReport:
+    settings: dict
+    videos: list[dict] = field(default_factory=list)  # one record per (prompt, seed)
+    seconds: float = 0.0
+
+    def accuracy(self) -> dict[str, float]:
+        """Share of videos with each attribute right, and with all of them right ("all")."""
+        n = max(len(self.videos), 1)
+        acc = {a: sum(v["correct"][a] for v in self.videos) / n for a in ATTRIBUTES}
+        acc["all"] = sum(all(v["correct"].values()) for v in self.videos) / n
+        return acc
+
+    def meets_targets(self) -> bool:
+        acc = self.accuracy()
+        return all(acc[a] >= t for a, t in TARGETS.items())
+
+    def table(self) -> str:
+        acc = self.accuracy()
+        lines = [f"{len(self.videos)} videos ({len({v['prompt'] for v in self.videos})} prompts x "
+                 f"{len(self.settings['seeds'])} seeds), {self.settings['sample_method']} "
+                 f"{self.settings['num_sampling_steps']} steps, guidance {self.settings['guidance_scale']}, "
+                 f"{self.seconds:.0f} s"]
+        for name in (*ATTRIBUTES, "all"):
+            target = f"  (target >= {TARGETS[name]:.0%})" if name in TARGETS else ""
+            lines.append(f"  {name:<10} {acc[name]:7.1%}{target}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, "accuracy": self.accuracy(), "meets_targets": self.meets_targets(),
+                "seconds": self.seconds, "videos": self.videos}
+
+
+def select_prompts(num_prompts: int | None = None) -> list[str]:
+    """``num_prompts`` of the 60 canonical prompts, evenly spaced so every colour, shape and direction
+    appears when ``num_prompts >= 12``; all 60 when None."""
+    prompts = all_prompts()
+    if num_prompts is None or num_prompts >= len(prompts):
+        return prompts
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be at least 1, got {num_prompts}.")
+    # Stride 7 is coprime with 60 and with the 4 directions / 12 prompts per colour: a spread sample.
+    return [prompts[(7 * k) % len(prompts)] for k in range(num_prompts)]
+
+
+def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_method: str | None = None,
+                       device: str | None = None):
+    """``(pipeline, demo_info)`` for a demo model folder (default: the shipped one), in float32."""
+    from opensora_plan.demo.model import default_model_path, load_demo_info
+    from opensora_plan.diffusion.schedulers import create_scheduler
+    from opensora_plan.models.causalvae import CausalVAEModel
+    from opensora_plan.models.latte import LatteT2V
+    from opensora_plan.models.text_encoder import load_t5
+    from opensora_plan.pipelines.pipeline_opensora_plan import OpenSoraPlanPipeline
+    from opensora_plan.utils import resolve_device
+
+    model_path = Path(model_path) if model_path else default_model_path()
+    info = load_demo_info(model_path)
+    device = resolve_device(device)
+    tokenizer, text_encoder = load_t5(model_path / info["text_encoder"], device=device)
+    transformer = LatteT2V.from_pretrained(model_path / info["version"], device=device).eval()
+    vae = CausalVAEModel.from_pretrained(model_path / "vae", device=device).eval()
+    scheduler = create_scheduler(sample_method or info["sample_method"])
+    pipe = OpenSoraPlanPipeline(vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
+                                tokenizer=tokenizer)
+    return pipe, info
+
+
+def evaluate_demo(
+    model_path: str | os.PathLike | None = None,
+    prompts: list[str] | None = None,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    num_sampling_steps: int | None = None,
+    guidance_scale: float | None = None,
+    sample_method: str | None = None,
+    device: str | None = None,
+    save_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> DemoEvalReport:
+    """Sample every prompt with every seed, judge the videos, return the report.
+
+    Sampling settings default to the model's ``demo.json``. ``save_dir`` keeps the mp4 files
+    (``<prompt index>-<seed>-<prompt>.mp4``); otherwise they go to a temporary folder.
+    """
+    from tqdm.auto import tqdm
+
+    from opensora_plan.data.video_io import read_video, write_video
+
+    prompts = list(prompts) if prompts is not None else all_prompts()
+    if not prompts or not seeds:
+        raise ValueError("demo eval needs at least one prompt and one seed.")
+    labels = [parse_caption(p) for p in prompts]  # fails early on a prompt outside the vocabulary
+    pipe, info = load_demo_pipeline(model_path, sample_method, device)
+    pipe.set_progress_bar_config(disable=True)
+    steps = num_sampling_steps or info["num_sampling_steps"]
+    scale = info["guidance_scale"] if guidance_scale is None else guidance_scale
+    settings = {"model_path": str(model_path or "shipped demo"), "version": info["version"],
+                "sample_method": sample_method or info["sample_method"], "num_sampling_steps": steps,
+                "guidance_scale": scale, "seeds": list(seeds), "num_prompts": len(prompts)}
+    report = DemoEvalReport(settings)
+    order = {p: i for i, p in enumerate(all_prompts())}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(save_dir) if save_dir else Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for k, (prompt, (colour, shape, direction)) in enumerate(
+                tqdm(list(zip(prompts, labels)), desc="demo eval", unit="prompt", disable=not progress)):
+            index = order.get(prompt, k)
+            embeds, negative = pipe.encode_prompt(prompt, do_classifier_free_guidance=scale > 1.0)  # (1, L, C)
+            n = len(seeds)
+            generators = [torch.Generator("cpu").manual_seed(1000 * s + index) for s in seeds]
+            videos = pipe(
+                prompt_embeds=embeds.expand(n, -1, -1),
+                negative_prompt_embeds=negative.expand(n, -1, -1) if negative is not None else None,
+                num_inference_steps=steps, guidance_scale=scale, generator=generators,
+            ).video  # (n, T, H, W, 3) uint8
+            for seed, frames in zip(seeds, videos):
+                slug = prompt.replace(" ", "_")
+                path = write_video(out_dir / f"{index:02d}-{seed}-{slug}.mp4", frames, fps=info.get("fps", 8))
+                verdict = judge_video(read_video(path)[0].numpy())
+                report.videos.append({
+                    "prompt": prompt, "seed": seed, "file": str(path) if save_dir else None,
+                    "judged": {"colour": verdict.colour, "shape": verdict.shape, "direction": verdict.direction,
+                               "fill_ratio": round(verdict.fill_ratio, 3),
+                               "displacement": [round(d, 1) for d in verdict.displacement]},
+                    "correct": verdict.matches(colour, shape, direction),
+                })
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def write_report(report: DemoEvalReport, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report.to_dict(), indent=1) + "\n")

@@ -1,0 +1,134 @@
+"""Synthetic captioned videos: one coloured shape on black, moving in a straight line.
+
+Caption form: ``a {colour} {shape} moving {direction}``. Every combination of the vocabulary
+(5 colours x 3 shapes x 4 directions = 60) is a valid prompt for the demo model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "white": (255, 255, 255),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+# Paraphrases used for training only; the canonical form is always one of them.
+TEMPLATES = (
+    "a {colour} {shape} moving {direction}",
+    "a {colour} {shape} moves {direction}",
+    "{colour} {shape} moving {direction} on a black background",
+)
+
+
+def caption(colour: str, shape: str, direction: str, template: str = TEMPLATES[0]) -> str:
+    return template.format(colour=colour, shape=shape, direction=direction)
+
+
+def all_prompts() -> list[str]:
+    """The 60 canonical prompts, in a fixed order."""
+    return [caption(c, s, d) for c, s, d in itertools.product(COLOURS, SHAPES, DIRECTIONS)]
+
+
+def parse_caption(text: str) -> tuple[str, str, str]:
+    """(colour, shape, direction) named in a caption; ValueError when one is missing."""
+    words = text.lower().replace(",", " ").split()
+    found = []
+    for vocab, name in ((COLOURS, "colour"), (SHAPES, "shape"), (DIRECTIONS, "direction")):
+        hits = [w for w in words if w in vocab]
+        if not hits:
+            raise ValueError(f"caption {text!r} names no {name}; expected one of {', '.join(vocab)}.")
+        found.append(hits[0])
+    return found[0], found[1], found[2]
+
+
+@dataclass(frozen=True)
+class Clip:
+    colour: str
+    shape: str
+    direction: str
+    start: tuple[float, float]  # centre (x, y) at frame 0, pixels
+    radius: float  # half the shape's extent, pixels
+    distance: float  # total displacement over the clip, pixels
+
+
+def shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np.ndarray:
+    """Boolean (size, size) mask of ``shape`` centred at (cx, cy) with half-extent ``radius``."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # pixel centres
+    dx, dy = xs - cx, ys - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= radius * radius
+    if shape == "square":
+        return (np.abs(dx) <= radius) & (np.abs(dy) <= radius)
+    if shape == "triangle":  # apex up, base at the bottom of the bounding box
+        inside_y = (dy >= -radius) & (dy <= radius)
+        half_width = radius * (dy + radius) / (2 * radius)
+        return inside_y & (np.abs(dx) <= half_width)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}.")
+
+
+def render(clip: Clip, num_frames: int, size: int) -> np.ndarray:
+    """uint8 frames (T, size, size, 3) of ``clip``."""
+    ux, uy = DIRECTIONS[clip.direction]
+    colour = np.array(COLOURS[clip.colour], dtype=np.uint8)
+    frames = np.zeros((num_frames, size, size, 3), dtype=np.uint8)
+    for i in range(num_frames):
+        f = i / max(num_frames - 1, 1)
+        cx = clip.start[0] + ux * clip.distance * f
+        cy = clip.start[1] + uy * clip.distance * f
+        frames[i][shape_mask(clip.shape, size, cx, cy, clip.radius)] = colour
+    return frames
+
+
+def random_clip(rng: np.random.Generator, colour: str, shape: str, direction: str, size: int) -> Clip:
+    """Random size, speed and start such that the shape stays inside the frame the whole time."""
+    radius = rng.uniform(0.12, 0.19) * size  # >= 2 latent pixels across at 8x VAE compression
+    distance = rng.uniform(0.3, 0.5) * size  # at least a quarter of the frame, as the demo spec asks
+    ux, uy = DIRECTIONS[direction]
+    lo, hi = radius + 1, size - radius - 1
+
+    def axis_start(u: int) -> float:
+        if u == 0:
+            return rng.uniform(lo, hi)
+        # moving +: start in [lo, hi - distance]; moving -: start in [lo + distance, hi]
+        return rng.uniform(lo, hi - distance) if u > 0 else rng.uniform(lo + distance, hi)
+
+    return Clip(colour, shape, direction, (axis_start(ux), axis_start(uy)), radius, distance)
+
+
+def make_dataset(out: str | Path, num_videos: int, num_frames: int = 17, size: int = 64, fps: int = 8,
+                 seed: int = 0, paraphrases: bool = True) -> Path:
+    """Write ``num_videos`` mp4 clips and ``data.json`` (the trainer's JSON format) under ``out``.
+
+    Combinations are cycled so every one of the 60 appears ``num_videos // 60`` times or more.
+    Returns the JSON path.
+    """
+    from opensora_plan.data.video_io import write_video
+
+    out = Path(out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    combos = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+    entries = []
+    width = max(5, int(math.log10(max(num_videos, 1))) + 1)
+    for i in range(num_videos):
+        colour, shape, direction = combos[i % len(combos)]
+        clip = random_clip(rng, colour, shape, direction, size)
+        rel = f"videos/{i:0{width}d}.mp4"
+        write_video(out / rel, render(clip, num_frames, size), fps=fps)
+        caps = [caption(colour, shape, direction, t) for t in (TEMPLATES if paraphrases else TEMPLATES[:1])]
+        entries.append({"path": rel, "cap": caps})
+    data_json = out / "data.json"
+    data_json.write_text(json.dumps(entries, indent=1))
+    return data_json
