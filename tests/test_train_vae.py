@@ -14,7 +14,8 @@ from opensora_plan.data.video_io import write_video
 from opensora_plan.models.causalvae import CausalVAEModel
 from opensora_plan.models.lpips import lpips_state_dict_layouts, random_lpips
 from opensora_plan.train.trainer import TrainConfig
-from opensora_plan.train.vae import VAETrainTask, VAEVideoDataset, find_videos, train_vae, video_paths
+from opensora_plan.data.datasets import VAEVideoDataset, find_videos
+from opensora_plan.train.vae import VAETrainTask, train_vae, video_paths
 
 
 @pytest.fixture(autouse=True)

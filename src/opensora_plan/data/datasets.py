@@ -17,6 +17,9 @@ replaced by the next index (deterministically: index + 1, + 2, ...), and the sam
 skipped in ``sample["skipped"]`` (a list of ``{"path", "reason"}``). :func:`collate_video_caption`
 gathers those lists per batch, so a training loop can count and list them even with worker processes.
 
+The end of the file holds the caption-less clip dataset of CausalVAE training (``VAEVideoDataset``,
+spec 1.8: crop without resize) and ``find_videos`` (recursive video search).
+
 All randomness comes from torch's global RNG, which DataLoader workers (and
 ``train.sampler.SeededSamples``) seed per worker / per sample.
 """
@@ -29,11 +32,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import image_slot_indices, temporal_window_indices, video_train_transform
+from .transforms import center_crop, image_slot_indices, temporal_window_indices, video_train_transform, window_indices
 from .video_io import VideoReader, VideoReadError
 
 logger = logging.getLogger(__name__)
@@ -405,3 +409,79 @@ def format_check_report(report: dict) -> str:
     for item in report["unreadable"]:
         lines.append(f"UNREADABLE   entry {item['index']}: {item['reason']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Clips without captions (CausalVAE training and evaluation)
+# --------------------------------------------------------------------------------------------
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv")
+
+
+def find_videos(folder: str | os.PathLike, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> list[Path]:
+    """Video files under ``folder`` and all its subfolders (by extension, case-insensitive), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--video_path {folder} is not a folder; give a folder of videos (searched recursively).")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+class VAEVideoDataset(Dataset):
+    """Clips for VAE training, as the reference's VideoDataset (spec 1.8).
+
+    A random window of ``num_frames * sample_rate`` frames (short videos repeat frames),
+    ``num_frames`` evenly spaced indices in it, values to [0, 1], center crop to
+    ``resolution`` x ``resolution`` (no resize), then 2x - 1. Each sample is
+    ``{"video": (3, T, R, R) in [-1, 1], "index", "skipped"}``. An unreadable video, or one smaller
+    than the crop, is replaced by the next index and reported in ``skipped`` (``{"path", "reason"}``).
+    ``deterministic=True`` always takes the window at frame 0 (validation clips).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], num_frames: int, resolution: int, sample_rate: int = 1,
+                 deterministic: bool = False, max_substitutions: int = 100):
+        if not paths:
+            raise ValueError("The VAE dataset got no videos; point --video_path or --data_path at some videos.")
+        if num_frames < 1 or sample_rate < 1 or resolution < 1:
+            raise ValueError(
+                f"num_frames, sample_rate and resolution must be positive, got {num_frames}, {sample_rate}, {resolution}."
+            )
+        self.paths = [Path(p) for p in paths]
+        self.num_frames = num_frames
+        self.resolution = resolution
+        self.sample_rate = sample_rate
+        self.deterministic = deterministic
+        self.max_substitutions = max_substitutions
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_clip(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        with VideoReader(path) as reader:
+            if min(reader.height, reader.width) < self.resolution:
+                raise VideoReadError(
+                    f"Video {path} is {reader.width}x{reader.height}, smaller than the {self.resolution}x"
+                    f"{self.resolution} crop (--resolution)."
+                )
+            if self.deterministic:
+                indices = window_indices(reader.num_frames, self.num_frames, self.sample_rate, start=0)
+            else:
+                indices = temporal_window_indices(reader.num_frames, self.num_frames, self.sample_rate)
+            frames = reader.get_frames(indices)  # (T, H, W, 3) uint8
+        video = frames.permute(3, 0, 1, 2).float() / 255.0  # (3, T, H, W) in [0, 1]
+        video = center_crop(video, self.resolution)  # (3, T, R, R)
+        return (video * 2.0 - 1.0).contiguous()
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        for offset in range(min(self.max_substitutions + 1, len(self))):
+            candidate = (index + offset) % len(self)
+            try:
+                return {"video": self.load_clip(candidate), "index": candidate, "skipped": skipped}
+            except VideoReadError as err:
+                logger.warning("skipping video: %s", err)
+                skipped.append({"path": str(self.paths[candidate]), "reason": str(err)})
+        raise RuntimeError(
+            f"Videos {index}..{index + len(skipped) - 1} are all unreadable or too small (last: "
+            f"{skipped[-1]['reason']}); check the data with `opensora-plan data check`."
+        )

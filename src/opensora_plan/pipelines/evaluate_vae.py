@@ -119,7 +119,7 @@ def evaluate_vae(
     (sorted by path). ``json_out`` receives :meth:`EvaluationSummary.to_dict`.
     """
     from ..models.lpips import load_lpips
-    from ..train.vae import find_videos
+    from ..data.datasets import find_videos
 
     video_path = Path(video_path)
     if not video_path.exists():
