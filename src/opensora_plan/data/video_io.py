@@ -15,9 +15,7 @@ Everything here speaks uint8 RGB frames laid out ``(T, H, W, 3)``.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +23,8 @@ from typing import Sequence
 import av
 import numpy as np
 import torch
+
+from opensora_plan.utils import atomic_path
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 BACKENDS = ("auto", "pyav", "decord")
@@ -273,24 +273,6 @@ def _fps_fraction(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(10000)
 
 
-@contextlib.contextmanager
-def _atomic_output(path: Path):
-    """Yield a temporary path beside ``path`` (same suffix); renamed to ``path`` on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_video(
     path: str | os.PathLike, frames, fps: float, crf: int = 18, preset: str = "veryfast"
 ) -> Path:
@@ -307,7 +289,7 @@ def write_video(
             "width and height first (or use write_gif)."
         )
     path = Path(path)
-    with _atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=_fps_fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf), "preset": preset}
@@ -327,7 +309,7 @@ def write_gif(path: str | os.PathLike, frames, fps: float) -> Path:
     frames = _as_uint8_frames(frames)
     _, height, width, _ = frames.shape
     path = Path(path)
-    with _atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="gif") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="gif") as container:
         stream = container.add_stream("gif", rate=_fps_fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "rgb8"
         for frame in frames:
