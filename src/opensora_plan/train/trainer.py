@@ -26,6 +26,7 @@ cache it on itself keyed by the micro-batch index passed in ``TrainTask.loss``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -196,6 +197,11 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        if self.world_size > 1:
+            # A process group left alive at interpreter exit lets gloo's threads be torn down by C++
+            # static destructors, which aborts a rank now and then ("terminate called without an active
+            # exception"). Destroy it at exit instead, after any caller code that still uses it.
+            atexit.register(_destroy_process_group)
 
         self.step = 0
         self.epoch = 0
@@ -561,6 +567,11 @@ def _fsdp_no_sync(model: torch.nn.Module):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def train(task: TrainTask, config: TrainConfig) -> dict:
