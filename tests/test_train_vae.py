@@ -111,10 +111,11 @@ def test_train_vae_cli_video_clips_checkpoint_loads(tmp_path, video_folder, tiny
     assert main(args) == 0
     log = _log(out)
     assert [r["step"] for r in log] == [1, 2]
-    for key in ("loss", "nll_loss", "kl_loss", "g_loss", "d_weight", "discriminator_loss", "grad_norm"):
+    for key in ("loss", "nll_loss", "kl_loss", "g_loss", "d_weight", "grad_norm"):
         assert all(key in r for r in log), key
-    # steps count once per batch: disc_start 1 -> off at the first batch, on at the second
-    assert log[0]["disc_factor"] == 0.0 and log[0]["discriminator_loss"] == 0.0
+    # steps count once per batch: disc_start 1 -> off at the first batch (the discriminator phase, whose
+    # gradients would all be 0, is not run), on at the second
+    assert log[0]["disc_factor"] == 0.0 and "discriminator_loss" not in log[0]
     assert log[1]["disc_factor"] == 1.0 and log[1]["d_weight"] > 0 and log[1]["discriminator_loss"] > 0
     # held-out clip: PSNR/SSIM logged at step 2, reconstructions and scalars in TensorBoard
     validation = [json.loads(line) for line in (out / "validation" / "validation.jsonl").read_text().splitlines()]
@@ -140,7 +141,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, video_fol
     train_vae(_config(part, 1), **common)
     train_vae(_config(part, 2, resume_from_checkpoint="latest"), **common)
     keys = ("loss", "discriminator_loss", "nll_loss", "kl_loss", "d_weight", "grad_norm")
-    assert [[r[k] for k in keys] for r in _log(full)] == [[r[k] for k in keys] for r in _log(part)]
+    assert [[r.get(k) for k in keys] for r in _log(full)] == [[r.get(k) for k in keys] for r in _log(part)]
     for name in ("model", "loss"):
         a = load_file(str(full / "checkpoint-2" / name / "diffusion_pytorch_model.safetensors"))
         b = load_file(str(part / "checkpoint-2" / name / "diffusion_pytorch_model.safetensors"))

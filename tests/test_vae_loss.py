@@ -84,6 +84,16 @@ def test_nll_and_kl_by_hand_without_perceptual_term():
     torch.testing.assert_close(loss, nll + 1e-6 * kl)
 
 
+def test_l2_reconstruction_term_and_unknown_name():
+    x, x_hat = _videos()
+    loss_fn = LPIPSWithDiscriminator(perceptual=None, perceptual_weight=0.0, disc_ndf=8, rec_loss="l2")
+    _, stats = loss_fn.generator_loss(x, x_hat, _posterior(), step=0, last_layer=None)
+    assert stats["nll_loss"] == pytest.approx(((x - x_hat) ** 2).sum().item() / (B * T), rel=1e-5)  # logvar 0
+    assert stats["rec_loss"] == pytest.approx(((x - x_hat) ** 2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="rec_loss 'l3' is not supported"):
+        LPIPSWithDiscriminator(perceptual=None, perceptual_weight=0.0, rec_loss="l3")
+
+
 def test_kl_matches_diffusers_kl_reduction():
     posterior = _posterior()
     # diffusers sums over dims 1-3 of a 5-D latent (leaving W); summing that and dividing by B is the same.

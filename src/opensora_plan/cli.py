@@ -363,6 +363,8 @@ def _add_train_vae(subparsers) -> None:
     model.add_argument("--disc_weight", type=float, default=0.5)
     model.add_argument("--kl_weight", type=float, default=1e-6)
     model.add_argument("--logvar_init", type=float, default=0.0)
+    model.add_argument("--rec_loss", default="l1", choices=["l1", "l2"],
+                       help="pixel term: l1 (reference) or l2 (better on sparse frames, e.g. the demo's shapes)")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", type=float, default=1e-5,
                        help="base lr (VAE, logvar, discriminator); VAE parameters named *time* get 10x")
@@ -395,7 +397,7 @@ def _run_train_vae(args) -> int:
             "model_config", "pretrained_model_path", "video_path", "data_path", "video_folder", "num_frames",
             "sample_rate", "resolution", "learning_rate", "time_lr_multiplier", "max_grad_norm",
             "perceptual_weight", "lpips_path", "disc_start", "disc_weight", "kl_weight", "logvar_init",
-            "validation_videos",
+            "rec_loss", "validation_videos",
         )
     }
     config = TrainConfig(

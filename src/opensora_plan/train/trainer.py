@@ -35,6 +35,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,6 +68,7 @@ class Phase:
     params: list[torch.nn.Parameter]
     max_grad_norm: float | None = 1.0
     models: tuple[str, ...] = ("model",)  # task models whose gradients this phase synchronises
+    start_step: int = 0  # the phase runs from this step (0-based count of finished steps) on
 
 
 class TrainTask:
@@ -375,6 +377,8 @@ class Trainer:
         record: dict[str, Any] = {}
         skipped = False
         for p_index, phase in enumerate(self.phases):
+            if self.step < phase.start_step:
+                continue  # e.g. a GAN discriminator before its loss term starts: all its gradients are 0
             phase.optimizer.zero_grad(set_to_none=True)
             losses, stats_sum = [], {}
             for micro, batch in enumerate(micro_batches):
@@ -409,8 +413,11 @@ class Trainer:
             record.update({key: float(v) for key, v in zip(stats_sum, values[1:])})
         if skipped:
             return None
-        for scheduler in self.schedulers:
-            scheduler.step()
+        for phase, scheduler in zip(self.phases, self.schedulers):
+            with warnings.catch_warnings():
+                if self.step < phase.start_step:  # the schedule follows the step count, stepped or not
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
         return record
 
     # ---------------------------------------------------------------- checkpoints

@@ -99,7 +99,10 @@ class VAETrainTask(TrainTask):
         discriminator = torch.optim.Adam(disc_params, lr=self.learning_rate, betas=(0.5, 0.9))
         return [
             Phase("generator", generator, other_params + time_params, self.max_grad_norm, models=("model", "loss")),
-            Phase("discriminator", discriminator, disc_params, self.max_grad_norm, models=("loss",)),
+            # Before disc_start the discriminator loss is multiplied by 0 (zero gradients, no Adam update):
+            # the phase is skipped instead of computed. Only Adam's step count differs from the reference.
+            Phase("discriminator", discriminator, disc_params, self.max_grad_norm, models=("loss",),
+                  start_step=loss.disc_start),
         ]
 
     def loss(self, phase: str, batch: Any, step: int, models: dict[str, torch.nn.Module], micro: int = 0):
@@ -130,6 +133,7 @@ class VAETrainTask(TrainTask):
             "adam_betas": [0.5, 0.9],
             "disc_start": loss.disc_start,
             "kl_weight": loss.kl_weight,
+            "rec_loss": loss.rec_loss,
             "perceptual_weight": loss.perceptual_weight,
             "disc_weight": loss.disc_weight,
             "num_videos": len(self.dataset),
@@ -249,6 +253,7 @@ def train_vae(
     disc_weight: float = 0.5,
     kl_weight: float = 1e-6,
     logvar_init: float = 0.0,
+    rec_loss: str = "l1",
     validation_videos: int = 0,
 ) -> dict:
     """Build the VAE, loss and data, then run the shared trainer. Returns the trainer's summary."""
@@ -274,7 +279,7 @@ def train_vae(
             "(the PatchGAN needs 32 px); e.g. 64 or 256."
         )
     loss = LPIPSWithDiscriminator(perceptual, disc_start=disc_start, logvar_init=logvar_init, kl_weight=kl_weight,
-                                  perceptual_weight=perceptual_weight, disc_weight=disc_weight)
+                                  perceptual_weight=perceptual_weight, disc_weight=disc_weight, rec_loss=rec_loss)
     if pretrained_model_path:
         load_pretrained_loss_state(loss, pretrained_model_path)
     paths = video_paths(video_path, data_path, video_folder)

@@ -39,6 +39,9 @@ class LPIPSWithDiscriminator(nn.Module):
 
     Defaults are the release values (config ``loss_params``): disc_start 2001, kl_weight 1e-6,
     logvar_init 0, disc_weight 0.5; perceptual weight 1.0, disc_factor 1.0, 3-layer PatchGAN.
+    ``rec_loss`` "l1" is the reference's |x - x_hat|; "l2" uses (x - x_hat)^2 instead (the mean rather
+    than the median of what the decoder is unsure about: on sparse frames, e.g. small objects on black,
+    L1 keeps an uncertain object black while L2 lets it appear as a blur to refine).
     """
 
     def __init__(
@@ -53,8 +56,12 @@ class LPIPSWithDiscriminator(nn.Module):
         disc_num_layers: int = 3,
         disc_in_channels: int = 3,
         disc_ndf: int = 64,
+        rec_loss: str = "l1",
     ):
         super().__init__()
+        if rec_loss not in ("l1", "l2"):
+            raise ValueError(f"rec_loss {rec_loss!r} is not supported; use 'l1' (the reference) or 'l2'.")
+        self.rec_loss = rec_loss
         if perceptual_weight > 0 and perceptual is None:
             raise ValueError(
                 f"perceptual_weight is {perceptual_weight} but no LPIPS network was given; load one with "
@@ -93,8 +100,9 @@ class LPIPSWithDiscriminator(nn.Module):
         return torch.clamp(weight, 0.0, 1e4).detach() * self.disc_weight
 
     def reconstruction_nll(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nll, mean |x - x_hat|) for frames folded into the batch: (N, C, H, W) each, N = B*T."""
-        rec = torch.abs(inputs - reconstructions)  # (N, C, H, W)
+        """(nll, mean |x - x_hat| or (x - x_hat)^2) for frames folded into the batch: (N, C, H, W) each, N = B*T."""
+        diff = inputs - reconstructions
+        rec = diff.abs() if self.rec_loss == "l1" else diff.square()  # (N, C, H, W)
         if self.perceptual_loss is not None:
             # The per-frame LPIPS scalar (N, 1, 1, 1) is broadcast to every channel and pixel.
             rec = rec + self.perceptual_weight * self.perceptual_loss(inputs, reconstructions)
