@@ -189,8 +189,6 @@ def test_demo_eval_command_judges_a_subset_of_the_shipped_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the shipped demo was trained on a loaded 2-core machine for a few minutes and is far "
-                          "below the issue-6 targets (measured numbers in docs/demo.md)", strict=False)
 def test_shipped_demo_meets_the_issue_targets_over_all_60_prompts():
     report = evaluate_demo(seeds=(0,), progress=False)
     acc = report.accuracy()

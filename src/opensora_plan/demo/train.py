@@ -64,19 +64,22 @@ class DemoRecipe:
     vae_overrides: dict = field(default_factory=lambda: {
         "hidden_size": 32, "hidden_size_mult": [1, 1, 2, 2], "num_res_blocks": 0, "resolution": 64,
     })
-    vae_steps: int = 1200
+    vae_steps: int = 3000
     vae_num_frames: int = 9  # a causal VAE trained on 1 + 4k frames encodes any 1 + 4k: shorter clips train faster
-    vae_resolution: int = 32  # centre crops: the VAE is convolutional, 4x fewer pixels per step
+    vae_resolution: int = 64  # whole frames (GroupNorm statistics depend on the frame size)
     vae_batch_size: int = 2
     vae_learning_rate: float = 1e-3
     vae_posterior_logvar_init: float = -8.0
-    vae_full_frame_steps: int = 600  # then on whole 64x64 frames, from the crop-trained weights
+    vae_rec_loss: str = "l2"  # L1's median keeps an uncertain object black on black frames; L2 lets it appear
+    # then on whole clips (num_frames x size x size) from those weights: a VAE trained on 9 frames draws
+    # frames 9-16 of a 17-frame clip visibly worse (GroupNorm statistics span all frames)
+    vae_full_clip_steps: int = 1500
     vae_check_clips: int = 24  # clips encoded to measure the latent scale and judge reconstructions
     # LatteT2V
     latte_heads: int = 4
     latte_head_dim: int = 32
     latte_layers: int = 4
-    t2v_steps: int = 800
+    t2v_steps: int = 14000
     t2v_batch_size: int = 16
     t2v_learning_rate: float = 5e-4
     # Constant LR + EMA (not a schedule tied to the step count): checkpoint-N of a longer run is exactly
@@ -88,8 +91,9 @@ class DemoRecipe:
     mixed_precision: str = "bf16"
     seed: int = 0
     # sampling defaults written to demo.json (chosen by `demo eval` measurements, see docs/demo.md)
-    sample_method: str = "DDIM"
-    num_sampling_steps: int = 25
+    # (not DDIM/DDPM: as in the reference they clip the predicted x0 to [-1, 1], and these latents reach +-8)
+    sample_method: str = "EulerAncestralDiscrete"
+    num_sampling_steps: int = 50
     guidance_scale: float = 3.0
 
     @property
@@ -101,7 +105,7 @@ class DemoRecipe:
     def micro(cls) -> "DemoRecipe":
         """A few steps on a few 5-frame 32x32 videos: checks the wiring in seconds (tests), learns nothing."""
         return cls(num_videos=4, num_frames=5, size=32, vae_steps=1, vae_num_frames=1, vae_resolution=32,
-                   vae_full_frame_steps=1,
+                   vae_full_clip_steps=1,
                    vae_check_clips=2, t2v_steps=2, t2v_batch_size=2, latte_layers=1, latte_heads=2,
                    latte_head_dim=16, t5_d_model=32, t5_d_ff=64, num_sampling_steps=2)
 
@@ -283,10 +287,10 @@ def train_demo(out: str | os.PathLike, recipe: DemoRecipe | None = None, stages:
             init.quant_conv.conv.bias[config["embed_dim"]:] = recipe.vae_posterior_logvar_init  # (mean, logvar)
         init.save_pretrained(out / "vae_init")
 
-        def run(output_dir: Path, steps: int, init: Path, resolution: int) -> tuple[Path, float]:
+        def run(output_dir: Path, steps: int, init: Path, num_frames: int, resolution: int) -> tuple[Path, float]:
             options = dict(pretrained_model_path=str(init), data_path=str(data_json),
-                           num_frames=recipe.vae_num_frames, resolution=resolution,
-                           learning_rate=recipe.vae_learning_rate,
+                           num_frames=num_frames, resolution=resolution,
+                           learning_rate=recipe.vae_learning_rate, rec_loss=recipe.vae_rec_loss,
                            perceptual_weight=0.0,  # no LPIPS weights can be fetched here; L1 + KL
                            disc_start=10 * steps)  # no GAN term: too few steps for it to help
             train_config = TrainConfig(output_dir=str(output_dir), max_train_steps=steps,
@@ -295,13 +299,15 @@ def train_demo(out: str | os.PathLike, recipe: DemoRecipe | None = None, stages:
                                        resume_from_checkpoint="latest" if any(output_dir.glob("checkpoint-*")) else None)
             return _train_once(output_dir, steps, lambda: train_vae(train_config, **options))
 
-        # Stage 1 on centre crops (4x cheaper per step), stage 2 on whole frames: GroupNorm statistics
-        # depend on the frame size, so a crop-trained VAE draws wrong colours on whole frames until tuned.
-        trained, seconds = run(vae_run, recipe.vae_steps, out / "vae_init", recipe.vae_resolution)
+        # Stage 1 on short clips (and optionally centre crops), stage 2 on whole clips: GroupNorm statistics
+        # span all frames and pixels, so a VAE trained on less draws whole clips worse until tuned on them.
+        trained, seconds = run(vae_run, recipe.vae_steps, out / "vae_init", recipe.vae_num_frames,
+                               recipe.vae_resolution)
         report["training_seconds"]["vae"] = round(seconds, 1)
-        if recipe.vae_full_frame_steps:
-            trained, seconds = run(out / "vae_train_full", recipe.vae_full_frame_steps, trained, recipe.size)
-            report["training_seconds"]["vae_full_frame"] = round(seconds, 1)
+        if recipe.vae_full_clip_steps:
+            trained, seconds = run(out / "vae_train_full", recipe.vae_full_clip_steps, trained, recipe.num_frames,
+                                   recipe.size)
+            report["training_seconds"]["vae_full_clip"] = round(seconds, 1)
         vae_dir = model_dir / "vae"
         shutil.rmtree(vae_dir, ignore_errors=True)
         shutil.copytree(trained, vae_dir, copy_function=shutil.copyfile)
