@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 DEMO_INFO = "demo.json"
+# Built as the reference builds them, these clip the predicted x0 to [-1, 1] in latent space; the demo's
+# scaled latents reach +-8, so with them every object comes out the same colour (docs/demo.md).
+CLIPPING_SCHEDULERS = ("ddim", "ddpm")
 # Release defaults of `opensora-plan sample` when a real checkpoint folder (without demo.json) is given.
 RELEASE_SAMPLE_DEFAULTS = {"version": "65x512x512", "text_encoder_name": "DeepFloyd/t5-v1_1-xxl",
                            "sample_method": "PNDM", "num_sampling_steps": 50, "guidance_scale": 7.5, "fps": 24.0}
@@ -58,4 +62,9 @@ def sample_defaults(model_path: str | os.PathLike | None = None, **given) -> dic
         defaults = dict(RELEASE_SAMPLE_DEFAULTS)
     options = {"model_path": str(folder) if model_path is None else model_path, **defaults}
     options.update({k: v for k, v in given.items() if v is not None})
+    if (folder / DEMO_INFO).is_file() and str(options["sample_method"]).lower() in CLIPPING_SCHEDULERS:
+        warnings.warn(
+            f"{options['sample_method']} clips the predicted latents to [-1, 1] (as the reference builds it); the "
+            f"demo model's latents reach +-8, so its videos lose their colours (docs/demo.md, 'Pick the scheduler "
+            f"with care'). Its default, {defaults['sample_method']}, does not clip.", UserWarning, stacklevel=2)
     return options
