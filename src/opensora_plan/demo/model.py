@@ -17,9 +17,6 @@ import warnings
 from pathlib import Path
 
 DEMO_INFO = "demo.json"
-# Built as the reference builds them, these clip the predicted x0 to [-1, 1] in latent space; the demo's
-# scaled latents reach +-8, so with them every object comes out the same colour (docs/demo.md).
-CLIPPING_SCHEDULERS = ("ddim", "ddpm")
 # Release defaults of `opensora-plan sample` when a real checkpoint folder (without demo.json) is given.
 RELEASE_SAMPLE_DEFAULTS = {"version": "65x512x512", "text_encoder_name": "DeepFloyd/t5-v1_1-xxl",
                            "sample_method": "PNDM", "num_sampling_steps": 50, "guidance_scale": 7.5, "fps": 24.0}
@@ -47,6 +44,8 @@ def sample_defaults(model_path: str | os.PathLike | None = None, **given) -> dic
     the release defaults (``RELEASE_SAMPLE_DEFAULTS``). Values given (not ``None``) always win.
     Keys: model_path, version, text_encoder_name, sample_method, num_sampling_steps, guidance_scale, fps.
     """
+    from opensora_plan.diffusion.schedulers import clips_sample
+
     unknown = sorted(set(given) - set(RELEASE_SAMPLE_DEFAULTS))
     if unknown:
         raise ValueError(f"sample_defaults got unknown options {unknown}; expected {sorted(RELEASE_SAMPLE_DEFAULTS)}.")
@@ -62,7 +61,9 @@ def sample_defaults(model_path: str | os.PathLike | None = None, **given) -> dic
         defaults = dict(RELEASE_SAMPLE_DEFAULTS)
     options = {"model_path": str(folder) if model_path is None else model_path, **defaults}
     options.update({k: v for k, v in given.items() if v is not None})
-    if (folder / DEMO_INFO).is_file() and str(options["sample_method"]).lower() in CLIPPING_SCHEDULERS:
+    # The demo's scaled latents reach +-8: a scheduler that clips x0 to [-1, 1] (DDIM, DDPM as the reference
+    # builds them) turns every object the same colour (docs/demo.md).
+    if (folder / DEMO_INFO).is_file() and clips_sample(options["sample_method"]):
         warnings.warn(
             f"{options['sample_method']} clips the predicted latents to [-1, 1] (as the reference builds it); the "
             f"demo model's latents reach +-8, so its videos lose their colours (docs/demo.md, 'Pick the scheduler "

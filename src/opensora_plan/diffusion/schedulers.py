@@ -64,3 +64,9 @@ def create_scheduler(name: str = DEFAULT_SCHEDULER, **overrides) -> SchedulerMix
     if cls is None:
         raise ValueError(f"Unknown sample method {name!r}; choose one of {', '.join(SCHEDULERS)}.")
     return cls(**{**TRAINING_SCHEDULE, **overrides})
+
+
+def clips_sample(name: str) -> bool:
+    """Whether the scheduler called ``name``, built as :func:`create_scheduler` builds it, clips the predicted
+    x0 to [-1, 1] (diffusers' ``clip_sample``: True by default for DDIM and DDPM)."""
+    return bool(create_scheduler(name).config.get("clip_sample", False))
