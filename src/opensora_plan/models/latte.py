@@ -58,8 +58,13 @@ ATTENTION_MODES = ("xformers", "flash", "math")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation x * (1 + scale) + shift."""
-    return x * (1 + scale) + shift
+    """adaLN modulation x * (1 + scale) + shift (one fused multiply-add pass)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + gate * update (one fused multiply-add pass)."""
+    return torch.addcmul(x, gate, update)
 
 
 def temporal_interpolation_scale(video_length: int) -> int:
@@ -279,7 +284,7 @@ class SpatialBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _block_modulation(self.scale_shift_table, t6)
 
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, F, N, D)
-        x = x + gate_msa * self.attn1(h.reshape(batch * frames, tokens, dim)).view(x.shape)
+        x = gated_residual(x, gate_msa, self.attn1(h.reshape(batch * frames, tokens, dim)).view(x.shape))
 
         # Reference quirk reproduced on purpose (spec 8.9): with adaLN-single the cross-attention reads
         # the un-normalised stream and is not gated. Attention is per query, so all frames that share a
@@ -288,7 +293,7 @@ class SpatialBlock(nn.Module):
         x = x + self.attn2(queries, context, context_bias).view(x.shape)
 
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.ff(h)  # (B, F, N, D)
+        return gated_residual(x, gate_mlp, self.ff(h))  # (B, F, N, D)
 
 
 class TemporalBlock(nn.Module):
@@ -309,9 +314,9 @@ class TemporalBlock(nn.Module):
         batch, tokens, frames, dim = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _block_modulation(self.scale_shift_table, t6)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, N, F, D)
-        x = x + gate_msa * self.attn1(h.reshape(batch * tokens, frames, dim)).view(x.shape)
+        x = gated_residual(x, gate_msa, self.attn1(h.reshape(batch * tokens, frames, dim)).view(x.shape))
         h = modulate(self.norm3(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.ff(h)  # (B, N, F, D)
+        return gated_residual(x, gate_mlp, self.ff(h))  # (B, N, F, D)
 
 
 #################################################################################
