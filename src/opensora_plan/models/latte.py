@@ -30,6 +30,7 @@ from torch import nn
 
 from .layers import linear
 from .loading import load_pretrained
+from .step_cache import StepCache
 
 # Config keys the official configs carry that select nothing in the code path the checkpoints use
 # (accepted so that the shipped config.json files load unchanged; their values are ignored).
@@ -276,6 +277,11 @@ class SpatialBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
+    def modulated_input(self, x: torch.Tensor, t6: torch.Tensor) -> torch.Tensor:
+        """The self-attention input norm1(x) * (1 + scale_msa) + shift_msa, (B, F, N, D): TeaCache's probe."""
+        shift_msa, scale_msa = _block_modulation(self.scale_shift_table, t6)[:2]
+        return modulate(self.norm1(x), shift_msa, scale_msa)
+
     def forward(self, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor,
                 context_bias: torch.Tensor | None) -> torch.Tensor:
         """x (B, F, N, D); t6 (B, 6, D); context (G, L, D) with G = B (one caption per video) or
@@ -392,6 +398,8 @@ class LatteT2V(ModelMixin, ConfigMixin):
         self.inner_dim = inner_dim
         self.out_channels = in_channels if out_channels is None else out_channels
         self.gradient_checkpointing = False
+        # Sampling-time step cache (models/step_cache.py), set through enable_step_cache; not a module.
+        self.step_cache: StepCache | None = None
         block_args = (inner_dim, num_attention_heads, attention_head_dim, dropout, attention_bias,
                       norm_elementwise_affine, norm_eps)
 
@@ -444,6 +452,15 @@ class LatteT2V(ModelMixin, ConfigMixin):
             self.register_to_config(video_length=video_length)
         self.to(device)
 
+    def enable_step_cache(self, cache: StepCache) -> None:
+        """Let ``cache`` (e.g. ``make_step_cache("teacache", threshold=0.1)``) skip the blocks on
+        sampling steps where they would change little; forwards with gradients never use it."""
+        self.step_cache = cache
+
+    def disable_step_cache(self) -> None:
+        """Back to running every block on every forward (the exact model)."""
+        self.step_cache = None
+
     # ----------------------------------------------------------------------- forward
 
     def forward(
@@ -486,23 +503,9 @@ class LatteT2V(ModelMixin, ConfigMixin):
         context, context_bias = self._prepare_captions(encoder_hidden_states, encoder_attention_mask,
                                                        use_image_num, video_frames, dtype)
 
-        # 4. Alternating spatial / temporal blocks: S0 T0 S1 T1 ...
-        for i, (spatial, temporal) in enumerate(zip(self.transformer_blocks, self.temporal_transformer_blocks)):
-            x = self._run_block(spatial, x, t6, context, context_bias)  # (B, F, N, D)
-            if not enable_temporal_attentions:
-                continue
-            # Materialise each regrouping once (as the reference does) rather than letting every
-            # norm/reshape inside the block copy a strided view again.
-            x = x.transpose(1, 2).contiguous()  # (B, N, F, D)
-            video, images = x[:, :, :video_frames], x[:, :, video_frames:]
-            if i == 0:
-                # Added once, before temporal block 0, and it stays in the residual stream (spec 2.2.7).
-                # Always added, also in joint image-video training: the reference skips it there without
-                # gradient checkpointing (bug 7, fixed); the released models were trained with it.
-                video = video + self.temp_pos_embed[:, None].to(video.dtype)  # (1, 1, F, D)
-            video = self._run_block(temporal, video, t6)  # (B, N, F_video, D)
-            x = torch.cat([video, images], dim=2) if use_image_num else video
-            x = x.transpose(1, 2).contiguous()  # (B, F, N, D)
+        # 4. Alternating spatial / temporal blocks: S0 T0 S1 T1 ... (or the step cache's shortcut).
+        layer_args = (t6, context, context_bias, video_frames, use_image_num, enable_temporal_attentions)
+        x = self._run_layers(x, layer_args)  # (B, F, N, D)
 
         # 5. Final layer: adaLN with the embedded timestep, then the linear patch decoder.
         shift, scale = (self.scale_shift_table[None] + embedded_timestep[:, None]).unsqueeze(2).chunk(2, dim=1)
@@ -514,6 +517,49 @@ class LatteT2V(ModelMixin, ConfigMixin):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+    def _run_layers(self, x: torch.Tensor, layer_args: tuple) -> torch.Tensor:
+        """All layers on x (B, F, N, D), or, with a step cache during sampling, the cache's choice
+        between running them and reusing the residual they added on the last computed step."""
+        cache = self.step_cache
+        layers = range(len(self.transformer_blocks))
+        if cache is None or torch.is_grad_enabled():
+            for i in layers:
+                x = self._layer(i, x, *layer_args)
+            return x
+        if cache.probe_runs_first_layer:
+            x_first = self._layer(0, x, *layer_args)
+            probe, x, layers = x_first - x, x_first, layers[1:]
+        else:
+            t6 = layer_args[0]
+            probe = self.transformer_blocks[0].modulated_input(x, t6)
+        if not cache.decide(probe, x.shape):
+            return x + cache.residual
+        x_in = x
+        for i in layers:
+            x = self._layer(i, x, *layer_args)
+        cache.residual = x - x_in
+        return x
+
+    def _layer(self, i: int, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor,
+               context_bias: torch.Tensor | None, video_frames: int, use_image_num: int,
+               enable_temporal_attentions: bool) -> torch.Tensor:
+        """Spatial block i, then temporal block i: (B, F, N, D) -> (B, F, N, D)."""
+        x = self._run_block(self.transformer_blocks[i], x, t6, context, context_bias)  # (B, F, N, D)
+        if not enable_temporal_attentions:
+            return x
+        # Materialise each regrouping once (as the reference does) rather than letting every
+        # norm/reshape inside the block copy a strided view again.
+        x = x.transpose(1, 2).contiguous()  # (B, N, F, D)
+        video, images = x[:, :, :video_frames], x[:, :, video_frames:]
+        if i == 0:
+            # Added once, before temporal block 0, and it stays in the residual stream (spec 2.2.7).
+            # Always added, also in joint image-video training: the reference skips it there without
+            # gradient checkpointing (bug 7, fixed); the released models were trained with it.
+            video = video + self.temp_pos_embed[:, None].to(video.dtype)  # (1, 1, F, D)
+        video = self._run_block(self.temporal_transformer_blocks[i], video, t6)  # (B, N, F_video, D)
+        x = torch.cat([video, images], dim=2) if use_image_num else video
+        return x.transpose(1, 2).contiguous()  # (B, F, N, D)
 
     def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:

@@ -30,6 +30,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache
 from opensora_plan.models.text_encoder import MAX_LENGTH, encode_texts, preprocess_texts
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,40 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         self.register_modules(
             vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
+        # What enable_cache("fast") means for this model; loaders of calibrated models replace it.
+        self.fast_cache_options = dict(FAST_CACHE)
+
+    # ----------------------------------------------------------------------------------------
+    # Step caching
+    # ----------------------------------------------------------------------------------------
+
+    def enable_cache(self, method: str = "fast", **options) -> None:
+        """Skip the transformer blocks on denoising steps where they would change little.
+
+        ``method``: "none" (exact, same as :meth:`disable_cache`), "fast" (this model's measured
+        preset, ``self.fast_cache_options``), or one of ``models.step_cache.CACHE_METHODS``
+        ("teacache", "first_block") with its options, e.g. ``threshold=0.1``. Raises ValueError for
+        an unknown method or option. See docs/sampling.md for what each costs in quality.
+        """
+        if method == "none":
+            self.disable_cache()
+            return
+        if method == "fast":
+            options = {**self.fast_cache_options, **options}
+            method = options.pop("method")
+        elif method not in CACHE_METHODS:
+            raise ValueError(f"Unknown cache {method!r}; choose one of {', '.join((*CACHE_PRESETS, *CACHE_METHODS))}.")
+        self.transformer.enable_step_cache(make_step_cache(method, **options))
+
+    def disable_cache(self) -> None:
+        """Run every transformer block on every step again (exact sampling)."""
+        self.transformer.disable_step_cache()
+
+    @property
+    def cache_stats(self):
+        """Computed / skipped transformer forwards of the last call (``CacheStats``), or None without a cache."""
+        cache = self.transformer.step_cache
+        return None if cache is None else cache.stats
 
     # ----------------------------------------------------------------------------------------
     # Switches
@@ -375,6 +410,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         step_kwargs = self._step_kwargs(generator, eta)
         temporal = num_frames != 1  # image mode skips temporal attention (spec 2.6)
 
+        cache = self.transformer.step_cache
+        if cache is not None:
+            cache.reset(len(timesteps))
         with self.progress_bar(total=len(timesteps)) as progress:
             for t in timesteps:
                 model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B, C, F, h, w)
@@ -396,6 +434,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
                 progress.update()
 
+        if cache is not None:
+            logger.info("Step cache %s: ran the transformer blocks on %d of %d steps (%.0f%% skipped).", cache.name,
+                        cache.stats.computed, len(timesteps), 100 * cache.stats.skipped_fraction)
         if output_type == "latent":
             video = latents
         elif output_type == "pt":
