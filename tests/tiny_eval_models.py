@@ -1,9 +1,11 @@
-"""A tiny random CLIP folder for evaluation tests (imported by test modules; no downloads).
+"""Tiny random CLIP and I3D files for evaluation tests (imported by test modules; no downloads).
 
 ``build_tiny_clip(folder)`` writes what ``CLIPModel.save_pretrained`` + ``CLIPProcessor.save_pretrained``
 write for a real CLIP: a 2-layer, 32-wide text and vision tower, a byte-level BPE tokenizer with no
 merges (every byte is a token, so any prompt encodes offline) and OpenAI CLIP's image preprocessing
-at 32 px. The scores mean nothing; they exercise the real loading, tokenizing and preprocessing code.
+at 32 px. ``save_tiny_i3d_torchscript(path)`` writes a TorchScript file with the call signature of
+StyleGAN-V's ``i3d_torchscript.pt`` around a narrow :class:`InceptionI3d`. The scores mean nothing;
+they exercise the real loading, tokenizing and preprocessing code.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from opensora_plan.models.i3d import InceptionI3d
 
 IMAGE_SIZE = 32
 
@@ -40,3 +44,28 @@ def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     CLIPModel(config).save_pretrained(folder)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+class StyleGANVInterface(torch.nn.Module):
+    """``forward(x, rescale, resize, return_features)`` like StyleGAN-V's TorchScript I3D."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
+        if rescale:
+            x = x * 2 - 1
+        if resize:
+            x = torch.nn.functional.interpolate(x, size=(x.shape[2], 224, 224), mode="trilinear", align_corners=False)
+        logits = self.net(x)
+        return logits if return_features else torch.softmax(logits, dim=1)
+
+
+def save_tiny_i3d_torchscript(path: str | Path, seed: int = 0, num_frames: int = 16) -> InceptionI3d:
+    """Write the TorchScript file; returns the eager network it wraps (for computing expected values)."""
+    torch.manual_seed(seed)
+    net = InceptionI3d(width_divisor=16)
+    example = torch.zeros(1, 3, num_frames, 224, 224)
+    torch.jit.save(torch.jit.script(StyleGANVInterface(torch.jit.trace(net, example, check_trace=False))), str(path))
+    return net
