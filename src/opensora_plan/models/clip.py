@@ -56,7 +56,7 @@ class CLIPScorer:
                 f"CLIP folder {path} has no config.json; pass --clip_model with a local CLIP folder (CLIPModel + "
                 "CLIPProcessor files, e.g. a copy of openai/clip-vit-base-patch16, docs/evaluation.md)."
             )
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32)
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
         processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True, backend="pil")
         return cls(model, processor, device=device, batch_size=batch_size)
 
