@@ -208,3 +208,16 @@ def test_bad_options_are_one_error_line_before_any_model_loads(samples, args, me
     assert main(["eval-t2v", "--videos", str(folder), *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+@pytest.mark.slow  # samples 3 videos with the shipped demo model first (~20 s on 2 cores)
+def test_eval_t2v_on_what_sample_writes_with_the_demo_model(clip_folder, i3d_file, real_folder, tmp_path, capsys):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a red circle moving left\na blue square moving up, fast!\na green triangle moving right\n")
+    out = tmp_path / "samples"
+    assert main(["sample", "--text_prompt", str(prompt_file), "--save_img_path", str(out), "--device", "cpu"]) == 0
+    assert main(["eval-t2v", "--videos", str(out), "--prompts", str(prompt_file), "--real", str(real_folder),
+                 "--clip_model", str(clip_folder), "--i3d_model", str(i3d_file[0]), "--device", "cpu"]) == 0
+    result = json.loads((out / "eval_t2v.json").read_text())
+    assert [v["prompt"] for v in result["videos"]] == prompt_file.read_text().splitlines()  # exact, punctuation kept
+    assert result["clip_score_num_videos"] == 3 and result["fvd_num_generated"] == 3 and result["fvd"] > 0
