@@ -168,7 +168,7 @@ class InceptionI3d(nn.Module):
         return super().train(False)
 
     def pooled_features(self, video: torch.Tensor) -> torch.Tensor:
-        """The Mixed_5c map after the head's average pool: ``(B, 1024, T/8 - 1, H/32 - 6, W/32 - 6)``."""
+        """The Mixed_5c map after the head's (2, 7, 7) average pool: ``(B, 1024, ceil(T/8) - 1, ceil(H/32) - 6, ceil(W/32) - 6)``."""
         check_i3d_input(video)
         x = video
         for module in self.children():
