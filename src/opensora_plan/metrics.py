@@ -1,4 +1,5 @@
-"""Frame-wise video quality metrics in plain torch: PSNR and SSIM.
+"""Video quality metrics: PSNR and SSIM (frame-wise, plain torch), the Fréchet distance behind FVD
+(numpy, float64) and the CLIP-score formula.
 
 Both follow the reference's evaluation scripts (the common video-quality metric code the
 Open-Sora-Plan report used): each frame is scored on its own and the scores are averaged over frames
@@ -12,11 +13,15 @@ Open-Sora-Plan report used): each frame is scored on its own and the scores are 
   ``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
   use_sample_covariance=False, data_range=L, channel_axis=...)``.
 
-Inputs are float tensors ``(T, C, H, W)`` or ``(B, T, C, H, W)`` with values in ``[0, data_range]``.
+PSNR/SSIM inputs are float tensors ``(T, C, H, W)`` or ``(B, T, C, H, W)`` with values in
+``[0, data_range]``. The networks that produce FVD features (I3D) and CLIP embeddings live in
+:mod:`opensora_plan.models.i3d` and :mod:`opensora_plan.models.clip`; the evaluation protocol is in
+:mod:`opensora_plan.pipelines.evaluate_t2v` and docs/evaluation.md.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SSIM_WINDOW = 11
@@ -108,3 +113,94 @@ def ssim(
         per_plane.append(ssim_map.flatten(1).mean(dim=1))
     values = torch.cat(per_plane).view(batch, frames, channels).mean(dim=2)  # (B, T)
     return _reduce(values[0] if squeeze else values, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Fréchet distance (FVD, FID) and CLIP score
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and sample covariance ``(D, D)`` (divisor N - 1, as ``np.cov``) of ``(N, D)`` features.
+
+    Returned in float64. Raises ValueError for fewer than 2 samples (no covariance) or a wrong shape.
+    """
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().numpy()
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2:
+        raise ValueError(f"Features must be a (N, D) array, got shape {features.shape}.")
+    if features.shape[0] < 2:
+        raise ValueError(f"A covariance needs at least 2 feature vectors, got {features.shape[0]}; evaluate more videos.")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (eigenvalues below 0 from rounding -> 0)."""
+    eigvals, eigvecs = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigvecs * np.sqrt(np.clip(eigvals, 0, None))) @ eigvecs.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): the FVD/FID formula.
+
+    ``d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``.
+
+    Args: means as numpy arrays ``(D,)`` and covariances ``(D, D)`` (symmetric, positive
+    semi-definite; torch tensors are accepted too). Computed in float64.
+
+    The trace term is computed from eigen- and singular values instead of a general matrix square
+    root: ``sigma1 sigma2`` is similar to ``M^T M`` with ``M = sigma2^(1/2) sigma1^(1/2)`` (symmetric
+    PSD square roots from ``eigh``, rounding-negative eigenvalues clipped to 0), so
+    ``tr((sigma1 sigma2)^(1/2))`` is the sum of M's singular values. This is the value
+    ``scipy.linalg.sqrtm`` gives (StyleGAN-V's FVD, pytorch-fid) and TF-GAN's ``trace_sqrt_product``
+    (the original FVD code) computes, but it stays real and accurate when the covariances are singular
+    (fewer videos than feature dimensions), where ``sqrtm`` returns small imaginary parts and taking
+    square roots of rounding-level eigenvalues would add errors of order sqrt(machine epsilon).
+
+    Raises ValueError when the shapes do not agree or a value is not finite.
+    """
+    arrays = []
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        value = np.asarray(value, dtype=np.float64)
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"frechet_distance: {name} has non-finite values (NaN or inf).")
+        arrays.append(value)
+    mu1, sigma1, mu2, sigma2 = arrays
+    dim = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu1.ndim != 1 or mu2.shape != (dim,) or sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
+        raise ValueError(
+            f"frechet_distance expects means (D,) and covariances (D, D) with one D, got {mu1.shape}, "
+            f"{sigma1.shape}, {mu2.shape}, {sigma2.shape}."
+        )
+    sigma1 = (sigma1 + sigma1.T) / 2  # symmetrise rounding noise
+    sigma2 = (sigma2 + sigma2.T) / 2
+    trace_sqrt_product = np.linalg.svd(_psd_sqrt(sigma2) @ _psd_sqrt(sigma1), compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
+
+
+def frechet_distance_from_features(features1, features2) -> float:
+    """Fréchet distance between the Gaussians fitted to two ``(N, D)`` feature sets (N >= 2 each)."""
+    return frechet_distance(*gaussian_statistics(features1), *gaussian_statistics(features2))
+
+
+def clip_score_from_embeddings(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """CLIP score of paired embeddings: ``100 * max(cos(image, text), 0)`` per row, shape ``(N,)``.
+
+    ``image_embeds`` ``(N, D)`` and ``text_embeds`` ``(N, D)`` or ``(1, D)`` (one text for every image):
+    CLIP's projected features (``get_image_features`` / ``get_text_features``). Clamping each score
+    at 0 is the CLIPScore paper's definition (Hessel et al. 2021, w = 1 as in torchmetrics);
+    torchmetrics clamps the batch mean instead, which is the same whenever no cosine is negative.
+    """
+    if image_embeds.ndim != 2 or text_embeds.ndim != 2 or image_embeds.shape[1] != text_embeds.shape[1]:
+        raise ValueError(
+            f"Expected image embeddings (N, D) and text embeddings (N or 1, D), got {tuple(image_embeds.shape)} "
+            f"and {tuple(text_embeds.shape)}."
+        )
+    image_embeds = image_embeds.float()
+    text_embeds = text_embeds.float()
+    cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds.expand_as(image_embeds), dim=1, eps=1e-12)
+    return (100 * cosine).clamp_min(0)
