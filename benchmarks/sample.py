@@ -1,4 +1,11 @@
-"""Text-to-video sampling speed: per-step LatteT2V latency and peak memory, and end-to-end time.
+"""Text-to-video sampling speed: the demo's denoising loop (eager / compiled / cached), per-step LatteT2V
+latency and peak memory at the released width, and end-to-end time.
+
+0. ``loop`` (default on): the shipped demo model's sampling, side by side in one run: the
+   denoising loop per step with PyTorch's plain ``F.linear`` kernels (what the reference runs),
+   eager (this project's fused kernels), compiled blocks, the ``fast`` step cache, and compiled +
+   cached; the compile warm-up; VAE decode time and peak memory; and the demo's end-to-end time
+   (text encoding, denoising, decoding and writing the mp4, as ``opensora-plan sample`` does).
 
 Random weights with the released architecture (LatteT2V-XL/122 width 1152, T5-XXL width 4096,
 CausalVAE 4x8x8 release config); nothing is downloaded. Two parts:
@@ -16,6 +23,7 @@ full width, so per-layer cost is real; multiply by 14 for the 28-layer model) an
 process's peak resident set (VmHWM, reset before each case, includes the weights already loaded).
 
 Examples:
+  python benchmarks/sample.py --loop-only                            # the demo table only
   python benchmarks/sample.py                                        # CPU, reduced depth, 17x256x256
   python benchmarks/sample.py --versions 17x256x256,65x256x256 --dtypes fp32,bf16 --repeat 2
   python benchmarks/sample.py --device cuda --versions 17x256x256,65x256x256,65x512x512 --e2e
@@ -169,6 +177,86 @@ def bench_e2e(version, dtype_name, args, device) -> dict:
                 total_s=encode_s + denoise_s + decode_s, peak_gib=_peak_gib(device))
 
 
+@torch.no_grad()
+def bench_loop(args) -> None:
+    """The demo model's denoising loop in each mode, interleaved over ``--repeat`` rounds (median)."""
+    import tempfile
+    from pathlib import Path
+
+    from opensora_plan.data.video_io import write_video
+    from opensora_plan.demo.evaluate import load_demo_pipeline
+    from opensora_plan.models.layers import fused_linear_kernels
+
+    device = torch.device("cpu")
+    pipe, info = load_demo_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    steps, scale = info["num_sampling_steps"], info["guidance_scale"]
+    prompt = "a red circle moving left"
+    embeds, negative = pipe.encode_prompt(prompt)
+
+    def loop():
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=steps,
+                    guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="latent").video
+
+    def plain_kernels():
+        with fused_linear_kernels(False):
+            return loop()
+
+    modes = {"eager, plain F.linear (reference kernels)": (plain_kernels, "none"),
+             "eager (fused kernels)": (loop, "none"),
+             "cached (fast)": (loop, "fast")}
+    times = {name: [] for name in modes}
+    skipped = {}
+    for _ in range(args.repeat):
+        for name, (fn, cache) in modes.items():
+            pipe.enable_cache(cache)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            if pipe.cache_stats is not None:
+                skipped[name] = pipe.cache_stats.skipped_fraction
+    pipe.disable_cache()
+    start = time.perf_counter()
+    pipe.transformer.compile_blocks()
+    loop()
+    warmup = time.perf_counter() - start
+    for name, cache in (("compiled", "none"), ("compiled + cached (fast)", "fast")):
+        pipe.enable_cache(cache)
+        times[name] = []
+        for _ in range(args.repeat):  # after the eager modes: compilation cannot be undone in place
+            start = time.perf_counter()
+            loop()
+            times[name].append(time.perf_counter() - start)
+        if pipe.cache_stats is not None:
+            skipped[name] = pipe.cache_stats.skipped_fraction
+    pipe.disable_cache()
+    base = statistics.median(times["eager, plain F.linear (reference kernels)"])
+    print(f"\n# demo denoising loop: {info['sample_method']} {steps} steps, guidance {scale}, CFG batch 2, "
+          f"{torch.get_num_threads()} threads; median of {args.repeat}; fast = {pipe.fast_cache_options}")
+    print("| mode | loop s | per step ms | vs plain kernels | blocks skipped |\n|---|---|---|---|---|")
+    for name, values in times.items():
+        t = statistics.median(values)
+        print(f"| {name} | {t:.3f} | {1000 * t / steps:.1f} | {t / base:.2f} | "
+              f"{f'{skipped[name]:.0%}' if name in skipped else '-'} |")
+    print(f"compile warm-up (first compiled loop, incl. compilation): {warmup:.1f} s")
+
+    latents = loop()
+    _reset_peak(device)
+    decode = _timed(lambda: pipe.decode_latents(latents), device, args.repeat)
+    print(f"VAE decode {tuple(latents.shape)} latents: {1000 * decode:.1f} ms, peak RSS {_peak_gib(device):.2f} GiB")
+
+    pipe2, _ = load_demo_pipeline()
+    pipe2.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        def end_to_end():
+            video = pipe2(prompt, num_inference_steps=steps, guidance_scale=scale,
+                          generator=torch.Generator().manual_seed(0)).video
+            write_video(Path(tmp) / "sample.mp4", video[0], fps=info.get("fps", 8))
+
+        e2e = _timed(end_to_end, device, args.repeat)
+    print(f"demo end to end (encode + denoise + decode + mp4, models loaded): {e2e:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +270,13 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="also time the whole pipeline per version")
     parser.add_argument("--e2e-steps", type=int, default=None, help="DDIM steps for --e2e (default 50 CUDA, 2 CPU)")
     parser.add_argument("--e2e-dtype", default=None, help="dtype for --e2e (default fp16 CUDA as the reference, bf16 CPU)")
+    parser.add_argument("--no-loop", action="store_true", help="skip the demo loop table (part 0)")
+    parser.add_argument("--loop-only", action="store_true", help="only the demo loop table (part 0)")
     args = parser.parse_args()
+    if not args.no_loop:
+        bench_loop(args)
+        if args.loop_only:
+            return
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     versions = (args.versions or (",".join(VERSIONS) if cuda else "17x256x256")).split(",")

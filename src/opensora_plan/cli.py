@@ -122,6 +122,10 @@ def _add_sample(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = fp16 on GPU (as the reference), fp32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--cache", default="none", help="step caching: none (exact, default), fast (the model's measured "
+                   "preset), teacache, first_block (docs/sampling.md)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (pays a warm-up; "
+                   "docs/sampling.md)")
     p.set_defaults(func=_run_sample)
 
 
@@ -156,6 +160,8 @@ def _run_sample(args) -> int:
         negative_prompt=args.negative_prompt,
         batch_size=args.batch_size,
         force_images=args.force_images,
+        cache=args.cache,
+        compile=args.compile,
     )
     if args.gif:
         from opensora_plan.data.video_io import read_video, write_gif
@@ -601,6 +607,7 @@ def _add_demo(subparsers) -> None:
     e.add_argument("--save_dir", default=None, help="keep the sampled mp4 files here")
     e.add_argument("--json_out", default=None, help="write the per-video verdicts and accuracies here")
     e.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    e.add_argument("--cache", default="none", help="step caching as in `sample --cache` (default none)")
     e.set_defaults(func=_run_demo_eval)
 
 
@@ -636,7 +643,8 @@ def _run_demo_eval(args) -> int:
 
     report = evaluate_demo(args.model_path, prompts=select_prompts(args.num_prompts), seeds=tuple(args.seeds),
                            num_sampling_steps=args.num_sampling_steps, guidance_scale=args.guidance_scale,
-                           sample_method=args.sample_method, device=args.device, save_dir=args.save_dir)
+                           sample_method=args.sample_method, device=args.device, save_dir=args.save_dir,
+                           cache=args.cache)
     print(report.table())
     if args.json_out:
         write_report(report, args.json_out)

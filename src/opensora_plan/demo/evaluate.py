@@ -55,7 +55,10 @@ class DemoEvalReport:
         lines = [f"{len(self.videos)} videos ({len({v['prompt'] for v in self.videos})} prompts x "
                  f"{len(self.settings['seeds'])} seeds), {self.settings['sample_method']} "
                  f"{self.settings['num_sampling_steps']} steps, guidance {self.settings['guidance_scale']}, "
-                 f"{self.seconds:.0f} s"]
+                 f"{self.seconds:.0f} s ({self.denoise_seconds:.1f} s denoising)"]
+        cache = self.settings.get("cache", "none")
+        if cache != "none":
+            lines.append(f"  cache {cache}: blocks skipped on {self.settings.get('skipped_fraction', 0):.0%} of forwards")
         for name in (*ATTRIBUTES, "all"):
             target = f"  (target >= {TARGETS[name]:.0%})" if name in TARGETS else ""
             lines.append(f"  {name:<10} {acc[name]:7.1%}{target}")
@@ -81,7 +84,7 @@ def select_prompts(num_prompts: int | None = None) -> list[str]:
 def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_method: str | None = None,
                        device: str | None = None):
     """``(pipeline, demo_info)`` for a demo model folder (default: the shipped one), in float32."""
-    from opensora_plan.demo.model import default_model_path, load_demo_info
+    from opensora_plan.demo.model import default_model_path, fast_cache_options, load_demo_info
     from opensora_plan.diffusion.schedulers import create_scheduler
     from opensora_plan.models.causalvae import CausalVAEModel
     from opensora_plan.models.latte import LatteT2V
@@ -98,6 +101,7 @@ def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_metho
     scheduler = create_scheduler(sample_method or info["sample_method"])
     pipe = OpenSoraPlanPipeline(vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
                                 tokenizer=tokenizer)
+    pipe.fast_cache_options = fast_cache_options(model_path)
     return pipe, info
 
 

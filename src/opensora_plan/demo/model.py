@@ -36,6 +36,17 @@ def load_demo_info(model_path: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def fast_cache_options(model_path: str | os.PathLike | None) -> dict:
+    """What ``--cache fast`` means for a model folder: its demo.json "cache_fast" (calibrated on that
+    model, docs/demo.md) or, for other folders, ``models.step_cache.FAST_CACHE``."""
+    from opensora_plan.models.step_cache import FAST_CACHE
+
+    folder = Path(model_path) if model_path is not None else default_model_path()
+    if (folder / DEMO_INFO).is_file():
+        return dict(load_demo_info(folder).get("cache_fast", FAST_CACHE))
+    return dict(FAST_CACHE)
+
+
 def sample_defaults(model_path: str | os.PathLike | None = None, **given) -> dict:
     """Options of ``opensora-plan sample`` with every ``None`` filled in.
 

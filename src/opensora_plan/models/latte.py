@@ -461,6 +461,16 @@ class LatteT2V(ModelMixin, ConfigMixin):
         """Back to running every block on every forward (the exact model)."""
         self.step_cache = None
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every spatial and temporal block in place (``nn.Module.compile``).
+
+        Blocks rather than the whole model: the step cache's per-step decision stays in Python
+        without breaking the graph, and all blocks of one kind share one compiled graph (their
+        weights are graph inputs). The first forward pays the compilation (docs/sampling.md).
+        """
+        for block in (*self.transformer_blocks, *self.temporal_transformer_blocks):
+            block.compile(**compile_kwargs)
+
     # ----------------------------------------------------------------------- forward
 
     def forward(

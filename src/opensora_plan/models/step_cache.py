@@ -56,9 +56,11 @@ class StepCache:
     """Base class: the per-step decision and the cached residual. Subclasses set ``name`` and probe."""
 
     name = "base"
+    default_threshold = 0.0
     probe_runs_first_layer = False  # first_block: layer 0 always runs and is the probe
 
-    def __init__(self, threshold: float, warmup_steps: int = 1, final_steps: int = 1):
+    def __init__(self, threshold: float | None = None, warmup_steps: int = 1, final_steps: int = 1):
+        threshold = self.default_threshold if threshold is None else threshold
         if threshold < 0:
             raise ValueError(f"{self.name} threshold must be >= 0 (0 never skips), got {threshold}.")
         if warmup_steps < 1 or final_steps < 0:
@@ -102,6 +104,7 @@ class TeaCache(StepCache):
     """Accumulated relative L1 change of the modulated first-block input (see module docstring)."""
 
     name = "teacache"
+    default_threshold = 0.1
 
     def decide(self, probe: torch.Tensor, reference_shape: torch.Size) -> bool:
         compute = super().decide(probe, reference_shape)
@@ -119,6 +122,7 @@ class FirstBlockCache(StepCache):
     """Relative L1 change of the first layer's residual since the last computed step."""
 
     name = "first_block"
+    default_threshold = 0.05
     probe_runs_first_layer = True
 
     def decide(self, probe: torch.Tensor, reference_shape: torch.Size) -> bool:

@@ -120,10 +120,11 @@ def _save(path: Path, frames, fps: float) -> Path:
 
 def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
                  fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
-                 batch_size, force_images) -> list[Path]:
+                 batch_size, force_images, cache, compile) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
+    from opensora_plan.demo.model import fast_cache_options
     from opensora_plan.models.causalvae import CausalVAEModel
     from opensora_plan.models.latte import LatteT2V
     from opensora_plan.models.text_encoder import load_t5
@@ -138,6 +139,10 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
         tokenizer=tokenizer,
     )
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
+    pipe.fast_cache_options = fast_cache_options(model_path)
+    pipe.enable_cache(cache)
+    if compile:
+        pipe.transformer.compile_blocks()
     if enable_tiling:
         pipe.enable_vae_tiling(tile_overlap_factor)
     pipe.set_progress_bar_config(disable=rank != 0)
@@ -187,8 +192,15 @@ def sample_t2v(
     negative_prompt: str = "",
     batch_size: int = 1,
     force_images: bool = False,
+    cache: str = "none",
+    compile: bool = False,
 ) -> list[Path]:
-    """Sample one video per prompt into ``save_img_path``; returns the files this process wrote."""
+    """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
+
+    ``cache``: step caching, "none" (exact), "fast" (the model's preset) or a method of
+    ``models.step_cache.CACHE_METHODS`` with its default threshold; ``compile``: torch.compile the
+    transformer blocks (docs/sampling.md has the measured costs and gains of both).
+    """
     import torch
 
     from opensora_plan.diffusion.schedulers import create_scheduler
@@ -203,6 +215,10 @@ def sample_t2v(
         raise ValueError(f"--num_sampling_steps must be at least 1, got {num_sampling_steps}.")
     if not 0.0 <= tile_overlap_factor < 1.0:
         raise ValueError(f"--tile_overlap_factor must be in [0, 1), got {tile_overlap_factor}; the reference uses 0.25.")
+    from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS
+
+    if cache not in (*CACHE_PRESETS, *CACHE_METHODS):
+        raise ValueError(f"--cache must be one of {', '.join((*CACHE_PRESETS, *CACHE_METHODS))}, got {cache!r}.")
     scheduler = create_scheduler(sample_method)
     prompts = read_prompts(text_prompt)
     model_path = Path(model_path)
@@ -222,7 +238,7 @@ def sample_t2v(
             jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir,
             fps=fps, guidance_scale=guidance_scale, num_sampling_steps=num_sampling_steps, seed=seed,
             enable_tiling=enable_tiling, tile_overlap_factor=tile_overlap_factor, negative_prompt=negative_prompt,
-            batch_size=batch_size, force_images=force_images,
+            batch_size=batch_size, force_images=force_images, cache=cache, compile=compile,
         )
     elapsed = time.perf_counter() - start
     print(
