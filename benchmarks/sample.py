@@ -257,6 +257,36 @@ def bench_loop(args) -> None:
     print(f"demo end to end (encode + denoise + decode + mp4, models loaded): {e2e:.2f} s")
 
 
+@torch.no_grad()
+def bench_cache_random(args, device) -> None:
+    """Share of block work each cache setting skips on random released-width weights (no quality meaning)."""
+    from opensora_plan.diffusion.schedulers import create_scheduler
+    from opensora_plan.pipelines import OpenSoraPlanPipeline
+
+    version = args.cache_version
+    dtype = DTYPES[args.e2e_dtype]
+    torch.manual_seed(0)
+    transformer = build_transformer(version, args.layers, dtype, device)
+    pipe = OpenSoraPlanPipeline(vae=build_vae(dtype, device), transformer=transformer,
+                                scheduler=create_scheduler(args.cache_sampler))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(1, args.tokens, 4096, generator=g).to(device, dtype)
+    uncond = torch.randn(1, args.tokens, 4096, generator=g).to(device, dtype)
+    print(f"\n# random weights, {version}, {args.layers} of 28 layers at width 1152, {args.e2e_dtype}, "
+          f"{args.cache_sampler} {args.cache_steps} steps, CFG 7.5")
+    print("| cache | forwards | blocks skipped |\n|---|---|---|")
+    for setting in args.cache_settings.split(","):
+        method, _, threshold = setting.partition(":")
+        pipe.enable_cache(method, **({"threshold": float(threshold)} if threshold else {}))
+        pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=args.cache_steps,
+             guidance_scale=7.5, generator=torch.Generator().manual_seed(0), output_type="latent")
+        stats = pipe.cache_stats
+        print(f"| {setting} {pipe.transformer.step_cache.options()} | {stats.computed + stats.skipped} | "
+              f"{stats.skipped_fraction:.0%} |", flush=True)
+    pipe.disable_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -271,6 +301,12 @@ def main() -> None:
     parser.add_argument("--e2e-steps", type=int, default=None, help="DDIM steps for --e2e (default 50 CUDA, 2 CPU)")
     parser.add_argument("--e2e-dtype", default=None, help="dtype for --e2e (default fp16 CUDA as the reference, bf16 CPU)")
     parser.add_argument("--no-loop", action="store_true", help="skip the demo loop table (part 0)")
+    parser.add_argument("--cache-random", action="store_true",
+                        help="also report the share of block work each cache setting skips on random weights")
+    parser.add_argument("--cache-version", default="17x256x256")
+    parser.add_argument("--cache-sampler", default="PNDM")
+    parser.add_argument("--cache-steps", type=int, default=50)
+    parser.add_argument("--cache-settings", default="fast,teacache:0.1,teacache:0.2,first_block:0.05,first_block:0.1")
     parser.add_argument("--loop-only", action="store_true", help="only the demo loop table (part 0)")
     args = parser.parse_args()
     if not args.no_loop:
@@ -299,6 +335,8 @@ def main() -> None:
                 r = bench_step(version, dtype_name, backend, args, device)
                 print(f"| {version} | {dtype_name} | {backend} | {1000 * r['step_s']:.1f} | "
                       f"{1000 * r['step_s'] / args.layers:.1f} | {r['peak_gib']:.2f} |", flush=True)
+    if args.cache_random:
+        bench_cache_random(args, device)
     if args.e2e:
         print(f"\n| version | dtype | T5 encode (s) | denoise {args.e2e_steps} steps (s) | VAE decode (s) | total (s) "
               f"| {mem} |")

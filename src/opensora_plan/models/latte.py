@@ -537,25 +537,27 @@ class LatteT2V(ModelMixin, ConfigMixin):
             for i in layers:
                 x = self._layer(i, x, *layer_args)
             return x
-        if cache.probe_runs_first_layer:
-            x_first = self._layer(0, x, *layer_args)
-            probe, x, layers = x_first - x, x_first, layers[1:]
-        else:
-            t6 = layer_args[0]
+        t6, context, context_bias = layer_args[:3]
+        run_spatial_0 = True
+        if cache.probe_runs_first_block:  # First Block Cache: spatial block 0 always runs, its residual is the probe
+            x_first = self._run_block(self.transformer_blocks[0], x, t6, context, context_bias)
+            probe, x, run_spatial_0 = x_first - x, x_first, False
+        else:  # TeaCache: the modulated input of spatial block 0
             probe = self.transformer_blocks[0].modulated_input(x, t6)
         if not cache.decide(probe, x.shape):
             return x + cache.residual
         x_in = x
         for i in layers:
-            x = self._layer(i, x, *layer_args)
+            x = self._layer(i, x, *layer_args, run_spatial=run_spatial_0 or i > 0)
         cache.residual = x - x_in
         return x
 
     def _layer(self, i: int, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor,
                context_bias: torch.Tensor | None, video_frames: int, use_image_num: int,
-               enable_temporal_attentions: bool) -> torch.Tensor:
-        """Spatial block i, then temporal block i: (B, F, N, D) -> (B, F, N, D)."""
-        x = self._run_block(self.transformer_blocks[i], x, t6, context, context_bias)  # (B, F, N, D)
+               enable_temporal_attentions: bool, run_spatial: bool = True) -> torch.Tensor:
+        """Spatial block i (unless ``run_spatial`` is False), then temporal block i: (B, F, N, D) -> (B, F, N, D)."""
+        if run_spatial:
+            x = self._run_block(self.transformer_blocks[i], x, t6, context, context_bias)  # (B, F, N, D)
         if not enable_temporal_attentions:
             return x
         # Materialise each regrouping once (as the reference does) rather than letting every

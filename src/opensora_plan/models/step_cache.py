@@ -15,8 +15,8 @@ Methods (``make_step_cache(name, **options)``):
   of the distance is not used (no calibrated coefficients exist for these checkpoints); the
   threshold is calibrated per model instead (docs/sampling.md).
 - ``"first_block"`` (First Block Cache, ParaAttention / diffusers ``FirstBlockCacheConfig``): the
-  first spatial + temporal pair always runs and its residual is the probe; when its relative L1
-  change since the last full step is below ``threshold`` the remaining blocks are skipped.
+  first spatial block always runs and its residual is the probe; when its relative L1 change since
+  the last computed step is below ``threshold`` the remaining blocks are skipped.
 
 Written here rather than taken from ``diffusers.hooks``: those hooks assume one list of blocks that
 keep the token layout, while LatteT2V alternates spatial (B, F, N, D) and temporal (B, N, F, D)
@@ -57,7 +57,7 @@ class StepCache:
 
     name = "base"
     default_threshold = 0.0
-    probe_runs_first_layer = False  # first_block: layer 0 always runs and is the probe
+    probe_runs_first_block = False  # first_block: spatial block 0 always runs and is the probe
 
     def __init__(self, threshold: float | None = None, warmup_steps: int = 1, final_steps: int = 1):
         threshold = self.default_threshold if threshold is None else threshold
@@ -119,11 +119,11 @@ class TeaCache(StepCache):
 
 
 class FirstBlockCache(StepCache):
-    """Relative L1 change of the first layer's residual since the last computed step."""
+    """Relative L1 change of the first spatial block's residual since the last computed step."""
 
     name = "first_block"
     default_threshold = 0.05
-    probe_runs_first_layer = True
+    probe_runs_first_block = True
 
     def decide(self, probe: torch.Tensor, reference_shape: torch.Size) -> bool:
         compute = super().decide(probe, reference_shape)
