@@ -609,19 +609,41 @@ def build_parser() -> argparse.ArgumentParser:
         prog="opensora-plan",
         description="Open-Sora-Plan v1.0.0 text-to-video: sampling, reconstruction, training.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from opensora_plan import __version__
+
+    parser.add_argument("--version", action="version", version=f"opensora-plan {__version__}",
+                        help="print the package version and exit")
+    _log_flags(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, add in sorted(globals().items()):
         if name.startswith("_add_") and callable(add):
             add(subparsers)
+    _log_flags_after_commands(subparsers)
     return parser
+
+
+def _log_flags(parser: argparse.ArgumentParser, default) -> None:
+    """-v/--verbose and -q/--quiet; sub-commands use default=SUPPRESS so a flag given before them is kept."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
+
+
+def _log_flags_after_commands(subparsers) -> None:
+    """Accept -v/-q after the sub-command too (``opensora-plan sample ... -v``), at every level."""
+    for command in subparsers.choices.values():
+        _log_flags(command, default=argparse.SUPPRESS)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _log_flags_after_commands(action)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other; give one.")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -147,7 +147,7 @@ def evaluate_demo(
                 prompt_embeds=embeds.expand(n, -1, -1),
                 negative_prompt_embeds=negative.expand(n, -1, -1) if negative is not None else None,
                 num_inference_steps=steps, guidance_scale=scale, generator=generators,
-            ).video  # (n, T, H, W, 3) uint8
+            ).frames  # (n, T, H, W, 3) uint8
             for seed, frames in zip(seeds, videos):
                 slug = prompt.replace(" ", "_")
                 path = write_video(out_dir / f"{index:02d}-{seed}-{slug}.mp4", frames, fps=info.get("fps", 8))
