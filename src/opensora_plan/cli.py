@@ -167,6 +167,45 @@ def _run_sample(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# serve (web UI)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="web UI: generate videos in the browser (needs the [ui] extra)",
+        description="Serve a Gradio page for text-to-video: prompt, negative prompt, version, steps, guidance, "
+        "seed, scheduler, a progress bar, mp4/gif downloads and a gallery of the session's videos. Requests "
+        "are queued and run one at a time. Without --model_path it serves the shipped demo model (CPU is fine). "
+        'Install with: pip install -e ".[ui]".',
+    )
+    p.add_argument("--model_path", default=None, help="demo or save_pretrained folder (model_index.json), or a "
+                   "release folder with version folders and vae/ (default: the shipped demo)")
+    p.add_argument("--version", default=None, help="version folder to load first (release folders; default 65x512x512)")
+    p.add_argument("--text_encoder_name", default=None, help="local T5 folder (needed for a release folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--out_dir", default=None, help="where the videos are written (default: a temporary folder)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from opensora_plan.ui.app import _import_gradio, serve
+
+    try:
+        _import_gradio()
+    except ImportError as err:
+        raise UserError(str(err)) from None
+    serve(model_path=args.model_path, version=args.version, text_encoder_name=args.text_encoder_name,
+          host=args.host, port=args.port, device=args.device, dtype=args.dtype, out_dir=args.out_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # data check / extract (datasets, cached features)
 # --------------------------------------------------------------------------------------------
 
