@@ -5,6 +5,7 @@ from_release), output types, ``frames``, num_videos_per_prompt, callback_on_step
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -180,3 +181,16 @@ def test_cli_version_and_log_flags_after_the_subcommand(capsys):
     with pytest.raises(SystemExit):
         cli.main(["sample", "a cat", "-v", "-q"])
     assert "exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_cli_makes_openmp_threads_wait_passively_unless_told_otherwise(monkeypatch, given, expected):
+    # Spinning OpenMP threads collapse on a shared machine (README, "Threads on a shared machine").
+    monkeypatch.setenv("OMP_WAIT_POLICY", "recorded")  # so that the test's change is undone afterwards
+    if given is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert os.environ["OMP_WAIT_POLICY"] == expected

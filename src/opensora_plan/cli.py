@@ -301,7 +301,7 @@ def _run_extract(args) -> int:
 def _add_train_t2v(subparsers) -> None:
     p = subparsers.add_parser(
         "train-t2v",
-        help="train / fine-tune LatteT2V text-to-video (IDDPM loss; spec 3.1, 5, 6)",
+        help="train / fine-tune LatteT2V text-to-video (IDDPM loss, the reference recipe)",
         description="Train LatteT2V on a JSON list of videos and captions (or an `extract` cache). Accepts the "
         "reference's flag names. --config takes a stage config (a JSON file, or the name of a shipped one: "
         "stage1_17x256x256, stage2_65x256x256, stage3_65x512x512); its values are defaults that flags override. "
@@ -379,7 +379,7 @@ def _run_train_t2v(args) -> int:
 def _add_train_vae(subparsers) -> None:
     p = subparsers.add_parser(
         "train-vae",
-        help="train / fine-tune the CausalVAE (L1+LPIPS, KL, PatchGAN; spec 1.8)",
+        help="train / fine-tune the CausalVAE (L1+LPIPS, KL, PatchGAN)",
         description="Train the CausalVAE with the reference loss on a folder of videos or a JSON video list. "
         "Defaults are the reference's (train_causalvae.py). See docs/vae_training.md.",
     )
@@ -676,7 +676,15 @@ def _log_flags_after_commands(subparsers) -> None:
                 _log_flags_after_commands(action)
 
 
+# OpenMP threads that spin while waiting (libgomp's default) collapse when another process shares the
+# cores: the demo sample took 27-39 s with 2 spinning threads on the loaded 2-core machine, 3.4-5 s with
+# passive waiting (README, "Threads"). Set before torch loads; a value in the environment wins.
+_OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name, value in _OPENMP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose and args.quiet:
