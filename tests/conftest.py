@@ -16,8 +16,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads libgomp: spinning OpenMP threads collapse when other jobs share the cores (README,
+# "Threads on a shared machine"); the CLI sets the same default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("OPENSORA_PLAN_REFERENCE", REPO / "tests" / "fixtures" / "reference"))
