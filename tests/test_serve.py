@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from opensora_plan.data.video_io import read_video
 from opensora_plan.demo.model import default_model_path, load_demo_info
@@ -67,7 +68,7 @@ def test_random_seed_is_reported_and_reproduces_the_video(service):
     first = service.generate(request)
     assert 0 <= first.seed < 2**32
     again = service.generate(GenerationRequest(**{**request.__dict__, "seed": first.seed}))
-    np.testing.assert_array_equal(read_video(first.mp4)[0].numpy(), read_video(again.mp4)[0].numpy())
+    assert torch.equal(first.frames, again.frames)  # the frames sampled (the mp4 adds lossy H.264 on top)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -55,6 +55,8 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
+    """The files written, the seed used (also when it was random) and the frames, uint8 (T, H, W, 3)."""
+
     mp4: Path
     gif: Path
     seed: int
@@ -64,6 +66,7 @@ class GenerationResult:
     fps: float
     seconds: float
     request: GenerationRequest = field(repr=False, default=None)
+    frames: torch.Tensor = field(repr=False, default=None)
 
     def caption(self) -> str:
         return f"{self.request.prompt} (seed {self.seed})"
@@ -244,4 +247,4 @@ class VideoService:
         t, h, w, _ = frames.shape
         logger.info("generated %s in %.1f s (seed %d)", mp4, seconds, seed)
         return GenerationResult(mp4=mp4, gif=gif, seed=seed, num_frames=t, height=h, width=w, fps=fps,
-                                seconds=seconds, request=request)
+                                seconds=seconds, request=request, frames=frames)
