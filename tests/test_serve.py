@@ -212,3 +212,41 @@ def test_page_in_chromium_generates_a_downloadable_video_of_the_asked_colour(bro
     browser.save_screenshot(str(tmp_path / "serve.png"))
     if os.environ.get("OPENSORA_PLAN_SCREENSHOT"):
         browser.save_screenshot(os.environ["OPENSORA_PLAN_SCREENSHOT"])
+
+
+def test_page_queue_runs_one_generation_at_a_time(service, monkeypatch):
+    """Two clients submit at once; the second waits in Gradio's queue instead of sharing the model."""
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+
+    from opensora_plan.ui.app import build_app
+
+    running, overlaps = [], []
+    generate = service.generate
+
+    def counted(request, on_step=None):
+        running.append(1)
+        overlaps.append(len(running))
+        try:
+            return generate(request, on_step=on_step)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(service, "generate", counted)
+    app = build_app(service)
+    app.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(app.local_url, verbose=False)
+        args = dict(negative_prompt="", version=service.version, steps=8, guidance=3.0, seed=0, random_seed=False,
+                    scheduler="EulerAncestralDiscrete", cache="none")  # the gallery state is not an API input
+        jobs = [client.submit(prompt=p, api_name="/generate", **args)
+                for p in ("a red circle moving left", "a blue square moving up")]
+        results = [job.result(timeout=300) for job in jobs]
+    finally:
+        app.close()
+    assert overlaps == [1, 1]  # never two at once
+    for (video, files, info, seed, *_), colour in zip(results, ("red", "blue")):
+        assert "17 frames" in info or f"{FRAMES} frames" in info
+        frames, _ = read_video(video["video"] if isinstance(video, dict) else video)
+        rgb = _object_colour(frames.numpy())
+        assert rgb[{"red": 0, "blue": 2}[colour]] > 150
