@@ -166,7 +166,7 @@ def bench_e2e(version, dtype_name, args, device) -> dict:
     del t5
     start = time.perf_counter()
     latents = pipe(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1], num_inference_steps=args.e2e_steps,
-                   generator=torch.Generator().manual_seed(0), output_type="latent").video
+                   generator=torch.Generator().manual_seed(0), output_type="latent").frames
     _sync(device)
     denoise_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -25,7 +25,9 @@ def _fixture_output_keys() -> list[str]:
     """Every ``out.*`` key of the fixture set in use (so a second set with other entries is covered)."""
     path = FIXTURES / IO_FILE
     if not path.is_file():
-        return []
+        # One placeholder case, so the missing file fails (CI) or skips through `tiny_io`/`fixtures_dir`
+        # instead of the test silently vanishing as an empty parameter set.
+        return ["out.<fixture file missing>"]
     with safe_open(str(path), "pt") as f:
         return sorted(k for k in f.keys() if k.startswith("out."))
 

@@ -1,7 +1,6 @@
 """The embedded demo model: shipped weights, the demo commands, the training recipe and the evaluation."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -33,17 +32,15 @@ def test_shipped_demo_has_the_release_layout_in_safetensors_within_25_mb():
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
 
 
-def test_shipped_demo_loads_strictly_and_samples_a_video_in_seconds():
+def test_shipped_demo_loads_strictly_and_samples_a_video():
     from opensora_plan.demo.evaluate import load_demo_pipeline
 
-    start = time.perf_counter()
     pipe, info = load_demo_pipeline(device="cpu")  # strict loaders: a missing/unexpected key raises
     pipe.set_progress_bar_config(disable=True)
     frames, height, width = pipe.default_size()
     video = pipe("a red circle moving left", num_inference_steps=3, guidance_scale=info["guidance_scale"],
                  generator=torch.Generator().manual_seed(0)).video
     assert video.dtype == torch.uint8 and tuple(video.shape) == (1, frames, height, width, 3)
-    assert time.perf_counter() - start < 60  # load + 3 steps; seconds on 2 cores when the machine is idle
 
 
 def test_sample_defaults_use_the_shipped_demo_unless_a_real_checkpoint_or_value_is_given(tmp_path):

@@ -215,7 +215,7 @@ def _bad_inputs(pipe):
         ),
         "prompt and embeds": (dict(prompt_embeds=torch.zeros(1, 5, cfg.caption_channels)), "exactly one of prompt"),
         "latents shape": (dict(latents=torch.zeros(1, 4, 1, 2, 2)), r"latents have shape .* expected"),
-        "output type": (dict(output_type="np"), "output_type 'np' is not supported"),
+        "output type": (dict(output_type="mp4"), "output_type 'mp4' is not supported"),
         "steps": (dict(num_inference_steps=0), "num_inference_steps must be at least 1"),
         "PNDM steps": (dict(num_inference_steps=3), "PNDM with Runge-Kutta warm-up needs at least 4 steps"),
     }

@@ -39,7 +39,7 @@ def demo_pipe():
 def _sample(pipe, steps=8, seed=0):
     embeds, negative = pipe.encode_prompt("a red circle moving left")
     return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=steps, guidance_scale=3.0,
-                generator=torch.Generator().manual_seed(seed), output_type="latent").video
+                generator=torch.Generator().manual_seed(seed), output_type="latent").frames
 
 
 # ------------------------------------------------------------------------------- fused kernels

@@ -173,6 +173,45 @@ def _run_sample(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# serve (web UI)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="web UI: generate videos in the browser (needs the [ui] extra)",
+        description="Serve a Gradio page for text-to-video: prompt, negative prompt, version, steps, guidance, "
+        "seed, scheduler, a progress bar, mp4/gif downloads and a gallery of the session's videos. Requests "
+        "are queued and run one at a time. Without --model_path it serves the shipped demo model (CPU is fine). "
+        'Install with: pip install -e ".[ui]".',
+    )
+    p.add_argument("--model_path", default=None, help="demo or save_pretrained folder (model_index.json), or a "
+                   "release folder with version folders and vae/ (default: the shipped demo)")
+    p.add_argument("--version", default=None, help="version folder to load first (release folders; default 65x512x512)")
+    p.add_argument("--text_encoder_name", default=None, help="local T5 folder (needed for a release folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--out_dir", default=None, help="where the videos are written (default: a temporary folder)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from opensora_plan.ui.app import _import_gradio, serve
+
+    try:
+        _import_gradio()
+    except ImportError as err:
+        raise UserError(str(err)) from None
+    serve(model_path=args.model_path, version=args.version, text_encoder_name=args.text_encoder_name,
+          host=args.host, port=args.port, device=args.device, dtype=args.dtype, out_dir=args.out_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # data check / extract (datasets, cached features)
 # --------------------------------------------------------------------------------------------
 
@@ -268,7 +307,7 @@ def _run_extract(args) -> int:
 def _add_train_t2v(subparsers) -> None:
     p = subparsers.add_parser(
         "train-t2v",
-        help="train / fine-tune LatteT2V text-to-video (IDDPM loss; spec 3.1, 5, 6)",
+        help="train / fine-tune LatteT2V text-to-video (IDDPM loss, the reference recipe)",
         description="Train LatteT2V on a JSON list of videos and captions (or an `extract` cache). Accepts the "
         "reference's flag names. --config takes a stage config (a JSON file, or the name of a shipped one: "
         "stage1_17x256x256, stage2_65x256x256, stage3_65x512x512); its values are defaults that flags override. "
@@ -346,7 +385,7 @@ def _run_train_t2v(args) -> int:
 def _add_train_vae(subparsers) -> None:
     p = subparsers.add_parser(
         "train-vae",
-        help="train / fine-tune the CausalVAE (L1+LPIPS, KL, PatchGAN; spec 1.8)",
+        help="train / fine-tune the CausalVAE (L1+LPIPS, KL, PatchGAN)",
         description="Train the CausalVAE with the reference loss on a folder of videos or a JSON video list. "
         "Defaults are the reference's (train_causalvae.py). See docs/vae_training.md.",
     )
@@ -660,19 +699,49 @@ def build_parser() -> argparse.ArgumentParser:
         prog="opensora-plan",
         description="Open-Sora-Plan v1.0.0 text-to-video: sampling, reconstruction, training.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from opensora_plan import __version__
+
+    parser.add_argument("--version", action="version", version=f"opensora-plan {__version__}",
+                        help="print the package version and exit")
+    _log_flags(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, add in sorted(globals().items()):
         if name.startswith("_add_") and callable(add):
             add(subparsers)
+    _log_flags_after_commands(subparsers)
     return parser
 
 
+def _log_flags(parser: argparse.ArgumentParser, default) -> None:
+    """-v/--verbose and -q/--quiet; sub-commands use default=SUPPRESS so a flag given before them is kept."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
+
+
+def _log_flags_after_commands(subparsers) -> None:
+    """Accept -v/-q after the sub-command too (``opensora-plan sample ... -v``), at every level."""
+    for command in subparsers.choices.values():
+        _log_flags(command, default=argparse.SUPPRESS)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _log_flags_after_commands(action)
+
+
+# OpenMP threads that spin while waiting (libgomp's default) collapse when another process shares the
+# cores: the demo sample took 27-39 s with 2 spinning threads on the loaded 2-core machine, 3.4-5 s with
+# passive waiting (README, "Threads"). Set before torch loads; a value in the environment wins.
+_OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name, value in _OPENMP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other; give one.")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -90,7 +90,7 @@ def read_raw_entries(data_path: str | os.PathLike) -> list:
     """The JSON list in ``data_path``, with one-sentence errors for a missing file or a non-list."""
     data_path = Path(data_path)
     if not data_path.is_file():
-        raise FileNotFoundError(f"Dataset file {data_path} does not exist; pass the JSON list with --data_path.")
+        raise FileNotFoundError(f"Dataset file {data_path} does not exist; give the path of the dataset JSON list.")
     try:
         raw = json.loads(data_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

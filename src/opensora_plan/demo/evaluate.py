@@ -161,7 +161,7 @@ def evaluate_demo(
                 prompt_embeds=embeds.expand(n, -1, -1),
                 negative_prompt_embeds=negative.expand(n, -1, -1) if negative is not None else None,
                 num_inference_steps=steps, guidance_scale=scale, generator=generators, output_type="latent",
-            ).video  # (n, C, F, h, w)
+            ).frames  # (n, C, F, h, w)
             report.denoise_seconds += time.perf_counter() - denoise_start
             report.denoise_cpu_seconds += time.process_time() - denoise_cpu_start
             if pipe.cache_stats is not None:

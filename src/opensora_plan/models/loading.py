@@ -8,6 +8,7 @@ then assigned from the file, so a 1B-parameter model loads without a random init
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,43 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+PIPELINE_INDEX = "model_index.json"
+#: model_index.json key naming the folder of a component when it is not the component's name (the shipped
+#: demo keeps the release's version-folder name, ``17x64x64/``, for its transformer).
+COMPONENT_FOLDERS_KEY = "_component_folders"
+#: Keyword arguments ``DiffusionPipeline.from_pretrained`` passes to every model's ``from_pretrained``;
+#: accepted here with their default (no-op) values, anything else is an error naming the argument.
+_DIFFUSERS_LOAD_DEFAULTS = {"device_map": None, "max_memory": None, "offload_folder": None,
+                            "offload_state_dict": None, "variant": None, "use_safetensors": None,
+                            "use_flashpack": False, "low_cpu_mem_usage": None, "disable_mmap": False}
+
+
+def pop_diffusers_load_kwargs(kwargs: dict) -> None:
+    """Remove diffusers' loader arguments from ``kwargs``; a value this loader cannot honour raises ValueError."""
+    for name in list(kwargs):
+        if name not in _DIFFUSERS_LOAD_DEFAULTS:
+            continue
+        value = kwargs.pop(name)
+        if name in ("device_map", "variant", "max_memory", "offload_folder") and value is not None:
+            raise ValueError(f"{name}={value!r} is not supported by this loader; leave it unset (load, then .to(device)).")
+
+
+def component_folder(path: Path, class_name: str) -> Path | None:
+    """The sub-folder of a pipeline folder (one with ``model_index.json``) that holds ``class_name``, or None.
+
+    diffusers loads a component from the pipeline's root when no folder has the component's name; this
+    finds the folder from ``model_index.json`` (its ``_component_folders`` entry, else the component name).
+    """
+    index_path = path / PIPELINE_INDEX
+    if (path / CONFIG_NAME).is_file() or not index_path.is_file():
+        return None
+    index = json.loads(index_path.read_text())
+    folders = index.get(COMPONENT_FOLDERS_KEY, {})
+    names = [name for name, value in index.items()
+             if isinstance(value, list) and len(value) == 2 and value[1] == class_name]
+    if len(names) != 1:
+        return None
+    return path / folders.get(names[0], names[0])
 
 
 def resolve_model_folder(path: str | os.PathLike, subfolder: str | None = None) -> Path:
@@ -102,6 +140,12 @@ def load_pretrained(
     ``skip_prefixes`` drops tensors the class does not hold on purpose (e.g. the VAE's ``loss.*``
     training tensors), with one log line saying how many and why.
     """
+    pop_diffusers_load_kwargs(config_overrides)
+    if config_overrides.get("dtype") is not None and torch_dtype is None:  # diffusers' newer name
+        torch_dtype = config_overrides["dtype"]
+    config_overrides.pop("dtype", None)
+    if subfolder is None:  # a pipeline folder given for one of its components (DiffusionPipeline loading)
+        path = component_folder(Path(path), cls.__name__) or path
     folder = resolve_model_folder(path, subfolder)
     weights = find_weights(folder)
     config = cls.load_config(str(folder))

@@ -12,7 +12,13 @@ reference sampler (``VideoGenPipeline`` of Open-Sora-Plan v1.0.0, spec 3.2 and 4
   to all 8 output channels and the first ``in_channels`` (epsilon) are kept, the learned variance is
   dropped;
 - decoding divides by the VAE's scaling factor (0.18215) and converts to uint8 by truncation,
-  giving (B, T, H, W, 3).
+  giving (B, T, H, W, 3) (``output_type="uint8"``, the default; ``"np"``, ``"pt"`` and ``"pil"`` follow
+  diffusers' video pipelines).
+
+Loading follows diffusers: ``OpenSoraPlanPipeline.from_pretrained(folder)`` and
+``DiffusionPipeline.from_pretrained(folder)`` read a folder with ``model_index.json`` (the shipped demo,
+or anything written by ``save_pretrained``); :meth:`OpenSoraPlanPipeline.from_release` builds the
+pipeline from the released layout (version folders + ``vae/`` and a separate T5 folder).
 
 Differences from the reference, on purpose: inputs are validated before any heavy work, sampling is
 seeded through ``generator``, and the text encoder can be released after encoding to save memory.
@@ -23,8 +29,12 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
+import os
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
@@ -35,15 +45,29 @@ from opensora_plan.models.text_encoder import MAX_LENGTH, encode_texts, preproce
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("uint8", "pt", "latent")
+OUTPUT_TYPES = ("uint8", "np", "pt", "pil", "latent")
 
 
 @dataclass
 class OpenSoraPlanPipelineOutput(BaseOutput):
-    """``video``: uint8 (B, T, H, W, 3) on CPU, float (B, T, C, H, W) in [-1, 1] (not clamped) for
-    ``output_type="pt"``, or the final latents (B, C, F, h, w) for ``output_type="latent"``."""
+    """``frames``, by ``output_type``:
 
-    video: torch.Tensor
+    - ``"uint8"`` (default): torch uint8 (B, T, H, W, 3) on CPU, the reference's truncating conversion;
+    - ``"np"``: numpy float32 (B, T, H, W, 3) in [0, 1] (diffusers' video pipelines);
+    - ``"pt"``: torch float32 (B, T, 3, H, W) in [0, 1] on the pipeline's device;
+    - ``"pil"``: a list of B lists of T ``PIL.Image`` (RGB);
+    - ``"latent"``: the final latents (B, C, F, h, w), not decoded.
+
+    ``video`` is the old name of ``frames``, kept for one release (it warns).
+    """
+
+    frames: torch.Tensor | np.ndarray | list
+
+    @property
+    def video(self):
+        warnings.warn("OpenSoraPlanPipelineOutput.video is renamed to .frames (diffusers' name); .video will be "
+                      "removed in the next release.", FutureWarning, stacklevel=2)
+        return self.frames
 
 
 class OpenSoraPlanPipeline(DiffusionPipeline):
@@ -55,6 +79,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
 
     _optional_components = ["text_encoder", "tokenizer"]
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(self, vae, transformer, scheduler, text_encoder=None, tokenizer=None):
         super().__init__()
@@ -63,6 +88,50 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         )
         # What enable_cache("fast") means for this model; loaders of calibrated models replace it.
         self.fast_cache_options = dict(FAST_CACHE)
+        self._interrupt = False
+
+    @classmethod
+    def from_release(
+        cls,
+        root: str | os.PathLike,
+        version: str = "65x512x512",
+        text_encoder: str | os.PathLike | None = None,
+        scheduler: str = "PNDM",
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "OpenSoraPlanPipeline":
+        """The pipeline from the released layout: ``root/<version>/``, ``root/vae/`` and a T5 folder.
+
+        ``root`` is a local copy of LanguageBind/Open-Sora-Plan-v1.0.0 (``17x256x256/``, ``65x256x256/``,
+        ``65x512x512/``, ``vae/``); ``text_encoder`` a local DeepFloyd/t5-v1_1-xxl folder (weights,
+        ``spiece.model``, ``tokenizer_config.json``). ``text_encoder=None`` leaves the T5 out: pass
+        ``prompt_embeds`` then. ``scheduler`` is a sample-method name of ``create_scheduler`` (PNDM, the
+        reference's default). Weights load strictly (a missing or unexpected key raises ``ValueError``);
+        a missing folder raises ``FileNotFoundError`` naming it. The shipped demo also has this layout:
+        ``from_release(demo_folder, version="17x64x64", text_encoder=demo_folder / "text_encoder")``.
+        """
+        from pathlib import Path
+
+        from opensora_plan.diffusion.schedulers import create_scheduler
+        from opensora_plan.models.causalvae import CausalVAEModel
+        from opensora_plan.models.latte import LatteT2V
+        from opensora_plan.models.text_encoder import load_t5
+
+        root = Path(root)
+        if not (root / version).is_dir():
+            present = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+            raise FileNotFoundError(f"Version folder {root / version} does not exist; version must name a folder of "
+                                    f"{root} (found: {', '.join(present) or 'none'}).")
+        tokenizer = t5 = None
+        if text_encoder is not None:
+            tokenizer, t5 = load_t5(text_encoder, torch_dtype=torch_dtype or torch.float32, device=device)
+        return cls(
+            vae=CausalVAEModel.from_pretrained(root / "vae", torch_dtype=torch_dtype, device=device),
+            transformer=LatteT2V.from_pretrained(root / version, torch_dtype=torch_dtype, device=device),
+            scheduler=create_scheduler(scheduler),
+            text_encoder=t5,
+            tokenizer=tokenizer,
+        )
 
     # ----------------------------------------------------------------------------------------
     # Step caching
@@ -145,6 +214,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None,
         latents: torch.Tensor | None,
         output_type: str,
+        num_videos_per_prompt: int = 1,
     ) -> None:
         """Every check that can fail, before any model runs; each error says what to change."""
         cfg = self.transformer.config
@@ -226,7 +296,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             )
         if latents is not None:
             batch = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
-            expected = self._latent_shape(batch, num_frames, height, width)
+            expected = self._latent_shape(batch * num_videos_per_prompt, num_frames, height, width)
             if tuple(latents.shape) != expected:
                 raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {expected} for these settings.")
 
@@ -333,15 +403,33 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         video = self.vae.decode(latents.to(self.vae.dtype)).sample  # (B, C, T, H, W)
         return video.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W)
 
+    def postprocess_video(self, video: torch.Tensor, output_type: str):
+        """Decoded float video (B, T, C, H, W) in about [-1, 1] -> ``output_type`` (see the output class)."""
+        if output_type == "uint8":
+            video = ((video / 2.0 + 0.5).clamp(0, 1) * 255).to(torch.uint8)  # truncation, as the reference
+            return video.cpu().permute(0, 1, 3, 4, 2).contiguous()  # (B, T, H, W, C)
+        video = (video.float() / 2.0 + 0.5).clamp(0, 1)  # (B, T, C, H, W) in [0, 1]
+        if output_type == "pt":
+            return video
+        video = video.cpu().permute(0, 1, 3, 4, 2).numpy()  # (B, T, H, W, C) float32
+        if output_type == "np":
+            return video
+        from PIL import Image  # "pil": rounded, as diffusers' numpy_to_pil
+
+        return [[Image.fromarray(frame) for frame in (clip * 255).round().astype("uint8")] for clip in video]
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> uint8 video (B, T, H, W, 3) on CPU.
 
         ``(x / 2 + 0.5)`` clamped to [0, 1] times 255, cast by truncation (not rounding) as the reference.
         """
-        video = self.decode_latents_float(latents)  # (B, T, C, H, W)
-        video = ((video / 2.0 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
-        return video.cpu().permute(0, 1, 3, 4, 2).contiguous()  # (B, T, H, W, C)
+        return self.postprocess_video(self.decode_latents_float(latents), "uint8")  # (B, T, H, W, C)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from ``callback_on_step_end`` to stop after the current step."""
+        return self._interrupt
 
     # ----------------------------------------------------------------------------------------
     # Sampling
@@ -367,22 +455,38 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         mask_feature: bool = True,
         release_text_encoder: bool = False,
         return_dict: bool = True,
+        num_videos_per_prompt: int = 1,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
-        """Generate videos; returns :class:`OpenSoraPlanPipelineOutput` (or a 1-tuple).
+        """Generate videos; returns :class:`OpenSoraPlanPipelineOutput` (``.frames``) or a 1-tuple.
 
         ``num_frames`` / ``height`` / ``width`` default to the transformer's training size
         (:meth:`default_size`); ``num_frames=1`` is image mode (temporal attention off, the reference's
         ``--force_images``). ``guidance_scale <= 1`` disables classifier-free guidance.
         ``release_text_encoder`` frees the T5 after this call's prompts are encoded.
+        ``num_videos_per_prompt`` n gives B = prompts x n videos, prompt-major (prompt 0's n videos
+        first); ``generator`` is one generator or a list of B. ``callback_on_step_end(pipe, step_index,
+        timestep, callback_kwargs)`` is called after every denoising step with the tensors named in
+        ``callback_on_step_end_tensor_inputs`` (any of ``latents``, ``prompt_embeds``) and may return
+        replacements; set ``pipe._interrupt = True`` in it to stop early (the current latents are decoded).
+        Raises ``ValueError`` for any invalid input, before a model runs.
         """
         default_frames, default_h, default_w = self.default_size()
         num_frames = default_frames if num_frames is None else num_frames
         height = default_h if height is None else height
         width = default_w if width is None else width
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}.")
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available; use any of "
+                             f"{self._callback_tensor_inputs}.")
         self.check_inputs(
             prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-            prompt_embeds, negative_prompt_embeds, latents, output_type,
+            prompt_embeds, negative_prompt_embeds, latents, output_type, num_videos_per_prompt,
         )
+        self._interrupt = False
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
 
@@ -397,6 +501,10 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         )
         if release_text_encoder:
             self.release_text_encoder()
+        if num_videos_per_prompt > 1:  # (B, L, C) -> (B * n, L, C), prompt-major
+            prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         batch_size = prompt_embeds.shape[0]
         if do_cfg:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)  # (2B, L, C): [uncond; cond]
@@ -414,7 +522,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         if cache is not None:
             cache.reset(len(timesteps))
         with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
+            for step_index, t in enumerate(timesteps):
+                if self.interrupt:
+                    break
                 model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B, C, F, h, w)
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 timestep = t[None].to(device).expand(model_input.shape[0])  # (2B,)
@@ -432,6 +542,12 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 if noise_pred.shape[1] == 2 * in_channels:
                     noise_pred = noise_pred[:, :in_channels]  # epsilon; the learned variance is not used
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, step_index, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                 progress.update()
 
         if cache is not None:
@@ -439,11 +555,29 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                         cache.stats.computed, len(timesteps), 100 * cache.stats.skipped_fraction)
         if output_type == "latent":
             video = latents
-        elif output_type == "pt":
-            video = self.decode_latents_float(latents)
         else:
-            video = self.decode_latents(latents)
+            video = self.postprocess_video(self.decode_latents_float(latents), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
-        return OpenSoraPlanPipelineOutput(video=video)
+        return OpenSoraPlanPipelineOutput(frames=video)
+
+
+def _register_with_diffusers() -> None:
+    """Make ``DiffusionPipeline.from_pretrained(folder)`` find this class.
+
+    diffusers resolves a ``model_index.json``'s ``_class_name`` in its own namespace; a pipeline living
+    outside diffusers is otherwise only loadable as remote code. Registering the name (once, when this
+    module is imported, e.g. by ``import opensora_plan.pipelines``) lets the plain call work. diffusers
+    also loads a component only from a module already imported, so the two model modules are imported here.
+    """
+    import diffusers
+
+    import opensora_plan.models.causalvae.model  # noqa: F401
+    import opensora_plan.models.latte  # noqa: F401
+
+    if getattr(diffusers, OpenSoraPlanPipeline.__name__, None) is None:
+        setattr(diffusers, OpenSoraPlanPipeline.__name__, OpenSoraPlanPipeline)
+
+
+_register_with_diffusers()

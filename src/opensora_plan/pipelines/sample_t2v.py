@@ -166,7 +166,7 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
             num_inference_steps=num_sampling_steps,
             guidance_scale=guidance_scale,
             generator=generators,
-        ).video  # (B, T, H, W, 3) uint8
+        ).frames  # (B, T, H, W, 3) uint8
         for (index, prompt), frames in zip(batch, videos):
             written.append(_save(out_dir / video_filename(index, prompt), frames, fps))
             logger.info("%swrote %s", tag, written[-1])

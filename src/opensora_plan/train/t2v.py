@@ -247,7 +247,7 @@ class T2VTask(TrainTask):
         for i, prompt in enumerate(self.validation_prompts):
             generator = torch.Generator(self.device).manual_seed(i)
             with torch.autocast(self.device.type, enabled=False):
-                video = pipe(prompt, num_inference_steps=self.validation_sampling_steps, generator=generator).video[0]
+                video = pipe(prompt, num_inference_steps=self.validation_sampling_steps, generator=generator).frames[0]
             write_video(out / f"{i:02d}.mp4", video, fps=24)
             if writer is not None:  # first, middle and last frame (add_video would need moviepy)
                 picks = [0, video.shape[0] // 2, video.shape[0] - 1]

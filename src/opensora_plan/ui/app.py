@@ -1,0 +1,114 @@
+"""The Gradio page of ``opensora-plan serve``.
+
+One column of settings (prompt, negative prompt, version, steps, guidance, seed or random, scheduler,
+caching preset when one exists), a progress bar per denoising step, the video with mp4 and gif
+downloads, and a gallery of this page's results. Requests go through Gradio's queue one at a time
+(``default_concurrency_limit=1``): a second user waits in line instead of sharing the CPU/GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from opensora_plan.ui.service import MAX_SEED, MAX_STEPS, GenerationRequest, VideoService, cache_presets
+
+logger = logging.getLogger(__name__)
+
+
+def _import_gradio():
+    try:
+        import gradio as gr
+    except ImportError as err:
+        raise ImportError('The web UI needs gradio; install the extra: pip install -e ".[ui]" '
+                          '(keep torch pinned: pip install "gradio>=5,<7" torch==2.13.0 on CPU).') from err
+    return gr
+
+
+def build_app(service: VideoService):
+    """The ``gradio.Blocks`` page for ``service`` (not launched)."""
+    gr = _import_gradio()
+    defaults = service.defaults
+    frames, height, width = service.size_of()
+    title = "Open-Sora-Plan v1.0.0 text-to-video" + (" — demo model" if service.is_demo else "")
+    limits = (f"The demo model draws one shape on black, {width}x{height}, {frames} frames at "
+              f"{defaults['fps']:g} fps, from prompts like *a red circle moving left* (colours red, green, blue, "
+              "yellow, white; circle, square, triangle; left, right, up, down). Other prompts give blobs."
+              if service.is_demo else f"Model folder: `{service.folder}`.")
+
+    def generate(prompt, negative_prompt, version, steps, guidance, seed, random_seed, scheduler, cache, gallery,
+                 progress=gr.Progress()):
+        request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, version=version,
+                                    num_inference_steps=steps, guidance_scale=guidance,
+                                    seed=None if random_seed else seed, scheduler=scheduler, cache=cache)
+        progress(0, desc="denoising")
+        try:
+            result = service.generate(request, on_step=lambda done, total: progress((done, total), desc="denoising"))
+        except (ValueError, FileNotFoundError) as err:
+            raise gr.Error(str(err)) from None
+        gallery = list(gallery or []) + [(str(result.gif), result.caption())]
+        info = (f"seed {result.seed} · {result.num_frames} frames {result.width}x{result.height} at "
+                f"{result.fps:g} fps · {result.seconds:.1f} s")
+        return str(result.mp4), [str(result.mp4), str(result.gif)], info, result.seed, gallery, gallery
+
+    def describe(version):
+        f, h, w = service.size_of(version)
+        return f"{f} frames, {w}x{h}"
+
+    with gr.Blocks(title="opensora-plan") as app:
+        gr.Markdown(f"## {title}\n{limits}")
+        history = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder=service.example_prompts()[0],
+                                    elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative_prompt")
+                with gr.Row():
+                    version = gr.Dropdown(service.versions, value=service.version, label="Version",
+                                          interactive=len(service.versions) > 1, elem_id="version")
+                    size = gr.Textbox(describe(service.version), label="Size", interactive=False)
+                steps = gr.Slider(1, MAX_STEPS if not service.is_demo else 100, step=1,
+                                  value=defaults["num_sampling_steps"], label="Steps", elem_id="steps")
+                guidance = gr.Slider(0, 20, step=0.5, value=defaults["guidance_scale"], label="Guidance scale",
+                                     elem_id="guidance")
+                with gr.Row():
+                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+                    random_seed = gr.Checkbox(False, label="Random seed", elem_id="random_seed")
+                scheduler = gr.Dropdown(service.scheduler_names, value=defaults["sample_method"], label="Scheduler",
+                                        elem_id="scheduler")
+                presets = cache_presets()  # CACHING HOOK: shown once step caching offers more than "none"
+                cache = gr.Dropdown(presets, value=presets[0], label="Step caching", visible=len(presets) > 1,
+                                    elem_id="cache")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                gr.Examples(service.example_prompts(), inputs=[prompt], label="Examples")
+            with gr.Column(scale=1):
+                video = gr.Video(label="Video", autoplay=True, loop=True, height=360, elem_id="video")
+                info = gr.Markdown(elem_id="info")
+                files = gr.File(label="Download (mp4, gif)", file_count="multiple", elem_id="downloads")
+                gallery = gr.Gallery(label="This session", columns=4, height="auto", elem_id="gallery")
+        version.change(describe, inputs=version, outputs=size)
+        button.click(generate, inputs=[prompt, negative, version, steps, guidance, seed, random_seed, scheduler,
+                                       cache, history],
+                     outputs=[video, files, info, seed, gallery, history])
+        prompt.submit(generate, inputs=[prompt, negative, version, steps, guidance, seed, random_seed, scheduler,
+                                        cache, history],
+                      outputs=[video, files, info, seed, gallery, history])
+    # One generation at a time; others wait in the queue (and see their place in it).
+    app.queue(default_concurrency_limit=1, max_size=32)
+    return app
+
+
+def serve(model_path: str | os.PathLike | None = None, version: str | None = None,
+          text_encoder_name: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 7860,
+          device: str | None = None, dtype: str = "auto", out_dir: str | os.PathLike | None = None) -> None:
+    """Load the model, then serve the page on ``http://host:port`` until interrupted."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {port}.")
+    _import_gradio()  # before loading a model: a missing extra fails at once
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    service = VideoService(model_path, version=version, text_encoder_name=text_encoder_name, device=device,
+                           dtype=dtype, out_dir=out_dir)
+    app = build_app(service)
+    print(f"opensora-plan serve: http://{host}:{port} (model {service.folder}, version {service.version})", flush=True)
+    app.launch(server_name=host, server_port=port, share=False, show_error=True, allowed_paths=[str(service.out_dir)],
+               quiet=True)

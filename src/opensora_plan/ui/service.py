@@ -1,0 +1,250 @@
+"""The model behind the web page: load once, validate a request, sample, write mp4 + gif.
+
+No gradio here, so this part is tested without a browser. A model folder is either
+
+- a folder with ``model_index.json`` (the shipped demo, or one written by ``save_pretrained``): loaded
+  with ``OpenSoraPlanPipeline.from_pretrained``; its one transformer is the only version;
+- the released layout (``17x256x256/``, ``65x256x256/``, ``65x512x512/``, ``vae/``) plus a T5 folder:
+  every version folder found is offered; the VAE and T5 are loaded once and a version's transformer
+  when it is first asked for (one held at a time, as each 1B-parameter transformer is ~4 GB in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 1000
+
+
+def cache_presets() -> list[str]:
+    """Step-caching presets offered on the page (``pipe.enable_cache(name)``).
+
+    CACHING HOOK: step caching is being added separately; until then only ``"none"`` exists and the page
+    hides the control. When it lands, return its preset names here (e.g. ``["none", "fast", ...]``) and
+    apply the choice in :meth:`VideoService._pipeline_for`.
+    """
+    return ["none"]
+
+
+@dataclass
+class GenerationRequest:
+    """One click of *Generate*; :meth:`validate` turns bad input into one ``ValueError`` line."""
+
+    prompt: str
+    negative_prompt: str = ""
+    version: str | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int | None = None  # None: a random seed, reported back
+    scheduler: str = "PNDM"
+    cache: str = "none"
+
+
+@dataclass
+class GenerationResult:
+    """The files written, the seed used (also when it was random) and the frames, uint8 (T, H, W, 3)."""
+
+    mp4: Path
+    gif: Path
+    seed: int
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+    seconds: float
+    request: GenerationRequest = field(repr=False, default=None)
+    frames: torch.Tensor = field(repr=False, default=None)
+
+    def caption(self) -> str:
+        return f"{self.request.prompt} (seed {self.seed})"
+
+
+def _versions_in(folder: Path) -> list[str]:
+    """Sub-folders holding a LatteT2V ``config.json`` (the release's version folders)."""
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        config = sub / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("_class_name") == "LatteT2V":
+            found.append(sub.name)
+    return found
+
+
+class VideoService:
+    """Holds the models of one folder and turns :class:`GenerationRequest` into mp4 + gif files.
+
+    ``model_path`` None is the shipped demo. ``text_encoder_name`` is needed for a release folder (a
+    local DeepFloyd/t5-v1_1-xxl copy). Raises ``FileNotFoundError`` / ``ValueError`` with one line
+    when the folder is not usable.
+    """
+
+    def __init__(self, model_path: str | os.PathLike | None = None, version: str | None = None,
+                 text_encoder_name: str | os.PathLike | None = None, device: str | None = None,
+                 dtype: str = "auto", out_dir: str | os.PathLike | None = None):
+        from opensora_plan.demo.model import sample_defaults
+        from opensora_plan.diffusion.schedulers import scheduler_names
+        from opensora_plan.utils import parse_dtype, resolve_device
+
+        self.device = resolve_device(device)
+        self.dtype = (torch.float16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" \
+            else parse_dtype(dtype)
+        defaults = sample_defaults(model_path, version=version, text_encoder_name=text_encoder_name)
+        self.folder = Path(defaults["model_path"])
+        self.is_demo = (self.folder / "demo.json").is_file()
+        self.defaults = defaults
+        self.scheduler_names = scheduler_names()
+        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="opensora-plan-serve-"))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._count = 0
+        self._load(version, text_encoder_name)
+
+    # ----------------------------------------------------------------------------------------
+    # Loading
+    # ----------------------------------------------------------------------------------------
+
+    def _load(self, version: str | None, text_encoder_name) -> None:
+        from opensora_plan.models.loading import COMPONENT_FOLDERS_KEY, PIPELINE_INDEX
+        from opensora_plan.pipelines import OpenSoraPlanPipeline
+
+        index = self.folder / PIPELINE_INDEX
+        if index.is_file() and text_encoder_name is None:
+            folders = json.loads(index.read_text()).get(COMPONENT_FOLDERS_KEY, {})
+            self.versions = [folders.get("transformer", "transformer")]
+            if version not in (None, self.versions[0]):
+                raise ValueError(f"--version {version} is not in {self.folder}, which has one transformer "
+                                 f"({self.versions[0]}); leave --version out.")
+            # float32 is the loaders' default; passing it would only trigger diffusers' torch_dtype deprecation note.
+            kwargs = {} if self.dtype == torch.float32 else {"torch_dtype": self.dtype}
+            self._base = OpenSoraPlanPipeline.from_pretrained(self.folder, **kwargs).to(self.device)
+            self.version = self.versions[0]
+            return
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"--model_path {self.folder} does not exist; give the shipped demo (leave it "
+                                    f"out), a save_pretrained folder or a release folder.")
+        self.versions = _versions_in(self.folder)
+        version = version or self.defaults["version"]
+        if version not in self.versions:
+            raise FileNotFoundError(f"Version {version} is not in {self.folder} (found: "
+                                    f"{', '.join(self.versions) or 'none'}); pass --version with one of those.")
+        self._base = OpenSoraPlanPipeline.from_release(self.folder, version=version,
+                                                       text_encoder=self.defaults["text_encoder_name"],
+                                                       torch_dtype=self.dtype, device=self.device)
+        self.version = version
+
+    def _use_version(self, version: str) -> None:
+        if version == self.version:
+            return
+        from opensora_plan.models.latte import LatteT2V
+
+        self._base.register_modules(transformer=None)  # free the old one first: two may not fit
+        transformer = LatteT2V.from_pretrained(self.folder / version, torch_dtype=self.dtype, device=self.device)
+        self._base.register_modules(transformer=transformer)
+        self.version = version
+
+    def size_of(self, version: str | None = None) -> tuple[int, int, int]:
+        """``(num_frames, height, width)`` of a version (the loaded one by default)."""
+        if version in (None, self.version):
+            return self._base.default_size()
+        config = json.loads((self.folder / version / "config.json").read_text())
+        size = config["sample_size"] if isinstance(config["sample_size"], list) else [config["sample_size"]] * 2
+        t, s = self._base.vae.temporal_compression, self._base.vae.spatial_compression
+        return t * (config["video_length"] - 1) + 1, size[0] * s, size[1] * s
+
+    def example_prompts(self) -> list[str]:
+        """Prompts the model knows: the demo's vocabulary, or a few general ones for a release model."""
+        if self.is_demo:
+            from opensora_plan.demo.shapes import caption
+
+            return [caption(*c) for c in (("red", "circle", "left"), ("blue", "square", "up"),
+                                          ("yellow", "triangle", "right"), ("green", "circle", "down"),
+                                          ("white", "square", "left"))]
+        return ["a dog running on the beach at sunset", "a drone shot of waves crashing on a rocky coast",
+                "a red car driving through a snowy forest", "time lapse of clouds over a mountain lake"]
+
+    # ----------------------------------------------------------------------------------------
+    # Requests
+    # ----------------------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> GenerationRequest:
+        """Check every field before any model runs; returns the request with the version filled in."""
+        if not isinstance(request.prompt, str) or not request.prompt.strip():
+            raise ValueError("The prompt is empty; describe the video, e.g. " + repr(self.example_prompts()[0]) + ".")
+        version = request.version or self.version
+        if version not in self.versions:
+            raise ValueError(f"Unknown version {version!r}; choose one of {', '.join(self.versions)}.")
+        steps = request.num_inference_steps
+        if steps is None or int(steps) != steps or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"Steps must be a whole number from 1 to {MAX_STEPS}, got {steps}.")
+        if request.guidance_scale is None or not 0 <= request.guidance_scale <= 50:
+            raise ValueError(f"Guidance must be between 0 and 50 (1 disables it), got {request.guidance_scale}.")
+        if request.seed is not None and (int(request.seed) != request.seed or not 0 <= request.seed <= MAX_SEED):
+            raise ValueError(f"The seed must be a whole number from 0 to {MAX_SEED}, or random; got {request.seed}.")
+        if request.scheduler not in self.scheduler_names:
+            raise ValueError(f"Unknown scheduler {request.scheduler!r}; choose one of {', '.join(self.scheduler_names)}.")
+        if request.cache not in cache_presets():
+            raise ValueError(f"Unknown caching preset {request.cache!r}; choose one of {', '.join(cache_presets())}.")
+        from dataclasses import replace
+
+        return replace(request, version=version, num_inference_steps=int(steps),
+                       seed=None if request.seed is None else int(request.seed))
+
+    def _pipeline_for(self, request: GenerationRequest):
+        """A pipeline sharing the loaded models, with the request's scheduler (nothing shared is changed)."""
+        from opensora_plan.diffusion.schedulers import create_scheduler
+        from opensora_plan.pipelines import OpenSoraPlanPipeline
+
+        self._use_version(request.version)
+        base = self._base
+        pipe = OpenSoraPlanPipeline(vae=base.vae, transformer=base.transformer, scheduler=create_scheduler(
+            request.scheduler), text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+        pipe.set_progress_bar_config(disable=True)
+        # CACHING HOOK: apply request.cache here (pipe.enable_cache(request.cache)) once caching exists.
+        return pipe
+
+    def generate(self, request: GenerationRequest,
+                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """Sample one video; ``on_step(done, total)`` is called after each denoising step.
+
+        Writes ``<out_dir>/<n>-<prompt>.mp4`` and ``.gif``. Raises ``ValueError`` for bad input
+        (before any model runs); PNDM with fewer than 4 steps is such a case.
+        """
+        from opensora_plan.data.video_io import write_gif, write_video
+        from opensora_plan.pipelines.sample_t2v import video_filename
+
+        request = self.validate(request)
+        seed = random.randint(0, MAX_SEED) if request.seed is None else request.seed
+        pipe = self._pipeline_for(request)
+        total = request.num_inference_steps
+
+        def callback(pipe, step_index, timestep, tensors):
+            if on_step is not None:
+                on_step(step_index + 1, total)
+            return {}
+
+        start = time.perf_counter()
+        frames = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
+                      num_inference_steps=total, guidance_scale=request.guidance_scale,
+                      generator=torch.Generator("cpu").manual_seed(seed), output_type="uint8",
+                      callback_on_step_end=callback).frames[0]  # (T, H, W, 3) uint8
+        seconds = time.perf_counter() - start
+        fps = float(self.defaults["fps"])
+        self._count += 1
+        name = video_filename(self._count, request.prompt, max_chars=60)
+        mp4 = write_video(self.out_dir / name, frames, fps)
+        gif = write_gif(mp4.with_suffix(".gif"), frames, fps)
+        t, h, w, _ = frames.shape
+        logger.info("generated %s in %.1f s (seed %d)", mp4, seconds, seed)
+        return GenerationResult(mp4=mp4, gif=gif, seed=seed, num_frames=t, height=h, width=w, fps=fps,
+                                seconds=seconds, request=request, frames=frames)
