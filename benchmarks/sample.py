@@ -196,7 +196,7 @@ def bench_loop(args) -> None:
 
     def loop():
         return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=steps,
-                    guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="latent").video
+                    guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="latent").frames
 
     def plain_kernels():
         with fused_linear_kernels(False):
@@ -250,7 +250,7 @@ def bench_loop(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         def end_to_end():
             video = pipe2(prompt, num_inference_steps=steps, guidance_scale=scale,
-                          generator=torch.Generator().manual_seed(0)).video
+                          generator=torch.Generator().manual_seed(0)).frames
             write_video(Path(tmp) / "sample.mp4", video[0], fps=info.get("fps", 8))
 
         e2e = _timed(end_to_end, device, args.repeat)

@@ -89,8 +89,17 @@ def test_bad_requests_fail_with_one_line_before_sampling(service, monkeypatch, c
         service.generate(request)
 
 
-def test_caching_control_is_a_placeholder_until_step_caching_exists():
-    assert cache_presets() == ["none"]
+def test_cache_choice_is_applied_per_request(service):
+    assert cache_presets()[:2] == ["none", "fast"]
+    request = GenerationRequest("a red circle moving left", num_inference_steps=30, seed=0, cache="fast",
+                                guidance_scale=DEMO_INFO["guidance_scale"], scheduler=DEMO_INFO["sample_method"])
+    frames, _ = read_video(service.generate(request).mp4)
+    stats = service._base.transformer.step_cache.stats  # the models are shared by every request
+    assert stats.skipped > 0 and stats.computed + stats.skipped == 30
+    red, green, blue = _object_colour(frames.numpy())
+    assert red > 150 and green < 100 and blue < 100
+    service.generate(GenerationRequest(**{**request.__dict__, "cache": "none", "num_inference_steps": 2}))
+    assert service._base.transformer.step_cache is None  # "none" clears what the previous request set
 
 
 def test_serve_rejects_a_bad_port_before_loading_anything():

@@ -76,8 +76,8 @@ def build_app(service: VideoService):
                     random_seed = gr.Checkbox(False, label="Random seed", elem_id="random_seed")
                 scheduler = gr.Dropdown(service.scheduler_names, value=defaults["sample_method"], label="Scheduler",
                                         elem_id="scheduler")
-                presets = cache_presets()  # CACHING HOOK: shown once step caching offers more than "none"
-                cache = gr.Dropdown(presets, value=presets[0], label="Step caching", visible=len(presets) > 1,
+                presets = cache_presets()
+                cache = gr.Dropdown(presets, value=presets[0], label="Step caching (fast: about 2x, docs/sampling.md)",
                                     elem_id="cache")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(service.example_prompts(), inputs=[prompt], label="Examples")

@@ -30,13 +30,10 @@ MAX_STEPS = 1000
 
 
 def cache_presets() -> list[str]:
-    """Step-caching presets offered on the page (``pipe.enable_cache(name)``).
+    """Step-caching choices offered on the page (``pipe.enable_cache(name)``): none, fast, and each method."""
+    from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS
 
-    CACHING HOOK: step caching is being added separately; until then only ``"none"`` exists and the page
-    hides the control. When it lands, return its preset names here (e.g. ``["none", "fast", ...]``) and
-    apply the choice in :meth:`VideoService._pipeline_for`.
-    """
-    return ["none"]
+    return [*CACHE_PRESETS, *CACHE_METHODS]
 
 
 @dataclass
@@ -202,6 +199,7 @@ class VideoService:
 
     def _pipeline_for(self, request: GenerationRequest):
         """A pipeline sharing the loaded models, with the request's scheduler (nothing shared is changed)."""
+        from opensora_plan.demo.model import fast_cache_options
         from opensora_plan.diffusion.schedulers import create_scheduler
         from opensora_plan.pipelines import OpenSoraPlanPipeline
 
@@ -210,7 +208,8 @@ class VideoService:
         pipe = OpenSoraPlanPipeline(vae=base.vae, transformer=base.transformer, scheduler=create_scheduler(
             request.scheduler), text_encoder=base.text_encoder, tokenizer=base.tokenizer)
         pipe.set_progress_bar_config(disable=True)
-        # CACHING HOOK: apply request.cache here (pipe.enable_cache(request.cache)) once caching exists.
+        pipe.fast_cache_options = fast_cache_options(self.folder)
+        pipe.enable_cache(request.cache)  # the transformer is shared: every request sets (or clears) its cache
         return pipe
 
     def generate(self, request: GenerationRequest,
