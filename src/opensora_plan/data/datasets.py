@@ -18,7 +18,7 @@ skipped in ``sample["skipped"]`` (a list of ``{"path", "reason"}``). :func:`coll
 gathers those lists per batch, so a training loop can count and list them even with worker processes.
 
 The end of the file holds the caption-less clip dataset of CausalVAE training (``VAEVideoDataset``,
-spec 1.8: crop without resize) and ``find_videos`` (recursive video search).
+spec 1.8: crop without resize); videos are listed with ``video_io.list_videos``.
 
 All randomness comes from torch's global RNG, which DataLoader workers (and
 ``train.sampler.SeededSamples``) seed per worker / per sample.
@@ -414,17 +414,6 @@ def format_check_report(report: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Clips without captions (CausalVAE training and evaluation)
 # --------------------------------------------------------------------------------------------
-
-VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv")
-
-
-def find_videos(folder: str | os.PathLike, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> list[Path]:
-    """Video files under ``folder`` and all its subfolders (by extension, case-insensitive), sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--video_path {folder} is not a folder; give a folder of videos (searched recursively).")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-
 
 class VAEVideoDataset(Dataset):
     """Clips for VAE training, as the reference's VideoDataset (spec 1.8).

@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..data.datasets import SkippedVideos, VAEVideoDataset, collate_video_caption, find_videos, load_video_entries
+from ..data.datasets import SkippedVideos, VAEVideoDataset, collate_video_caption, load_video_entries
+from ..data.video_io import VIDEO_EXTENSIONS, list_videos
 from .trainer import Phase, TrainConfig, TrainTask, train
 
 logger = logging.getLogger(__name__)
@@ -226,9 +227,11 @@ def video_paths(video_path: str | os.PathLike | None, data_path: str | os.PathLi
     if bool(video_path) == bool(data_path):
         raise ValueError("Give exactly one of --video_path (a folder of videos) and --data_path (a JSON video list).")
     if video_path:
-        paths = find_videos(video_path)
+        if not Path(video_path).is_dir():
+            raise FileNotFoundError(f"--video_path {video_path} is not a folder; give a folder of videos (searched recursively).")
+        paths = list_videos(video_path, recursive=True)
         if not paths:
-            raise ValueError(f"No videos ({'/'.join(VIDEO_SUFFIXES)}) under {video_path}; point --video_path at a folder of videos.")
+            raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) under {video_path}; point --video_path at a folder of videos.")
         return paths
     return [entry.path for entry in load_video_entries(data_path, video_folder)]
 
