@@ -102,7 +102,15 @@ def _add_sample(subparsers) -> None:
                    help=f"version folder under --model_path: {', '.join(VERSIONS)} (default 65x512x512; demo: its own)")
     p.add_argument("--text_encoder_name", default=None,
                    help=f"local T5 folder ({DEFAULT_TEXT_ENCODER} layout; default: the demo's, or {DEFAULT_TEXT_ENCODER})")
-    p.add_argument("--text_prompt", default=None, help="a prompt, or a .txt file with one prompt per line")
+    p.add_argument("--text_prompt", default=None, help="the prompt (always text, never a file name)")
+    p.add_argument("--prompt_file", default=None, help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--no_clean_caption", action="store_true",
+                   help="feed prompts as written (lower-cased) instead of the reference's caption cleaning, "
+                   "which removes e.g. CJK characters, URLs and file names")
+    p.add_argument("--text_conditioning", default="per_prompt", choices=["per_prompt", "reference"],
+                   help="per_prompt (default): a prompt gets the same video alone and in any batch, and the negative "
+                   "prompt keeps all its tokens; reference: the reference's batch rule (300 tokens, padded positions "
+                   "attended to) and negative prompt cut to the prompt's length")
     p.add_argument("--negative_prompt", default="", help="negative prompt (default: empty, as the reference)")
     p.add_argument("--ae", default=AE_NAMES[0], help=f"autoencoder name (only {AE_NAMES[0]})")
     p.add_argument("--save_img_path", default="./sample_videos", help="output folder (default ./sample_videos)")
@@ -129,16 +137,23 @@ def _run_sample(args) -> int:
     from opensora_plan.demo.model import sample_defaults
     from opensora_plan.pipelines.sample_t2v import sample_t2v
 
-    if args.prompt and args.text_prompt:
-        raise UserError("Give the prompt either as the argument or with --text_prompt, not both.")
-    if not (args.prompt or args.text_prompt):
-        raise UserError('No prompt given; run e.g. opensora-plan sample "a red circle moving left".')
+    given = [name for name, value in (("the prompt argument", args.prompt), ("--text_prompt", args.text_prompt),
+                                      ("--prompt_file", args.prompt_file)) if value is not None]
+    if len(given) > 1:
+        raise UserError(f"Give the prompt one way only, got {' and '.join(given)}.")
+    if not given:
+        raise UserError('No prompt given; run e.g. opensora-plan sample "a red circle moving left" (or --prompt_file).')
+    if args.gif and args.force_images:
+        raise UserError("--gif needs videos but --force_images writes single-frame png images; drop one of the two.")
     # No --model_path: the shipped demo model and its demo.json settings; flags given always win.
     opts = sample_defaults(args.model_path, version=args.version, text_encoder_name=args.text_encoder_name,
                            sample_method=args.sample_method, num_sampling_steps=args.num_sampling_steps,
                            guidance_scale=args.guidance_scale, fps=args.fps)
     written = sample_t2v(
-        text_prompt=args.prompt or args.text_prompt,
+        text_prompt=args.prompt if args.prompt is not None else args.text_prompt,
+        prompt_file=args.prompt_file,
+        clean_caption=not args.no_clean_caption,
+        text_conditioning=args.text_conditioning,
         model_path=opts["model_path"],
         version=opts["version"],
         text_encoder_name=opts["text_encoder_name"],
@@ -628,9 +643,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from opensora_plan.utils import NonFiniteError
+
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as err:
+    except (UserError, FileNotFoundError, ValueError, NonFiniteError) as err:
         if os.environ.get("OPENSORA_PLAN_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)
