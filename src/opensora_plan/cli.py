@@ -195,8 +195,9 @@ def _add_data(subparsers) -> None:
         help="open every video of a dataset JSON; report count, readable/unreadable, frames, fps, size, captions",
         description="Check a dataset JSON list of {'path': ..., 'cap': [...] or '...'} before training: "
         "malformed entries, unreadable videos (listed with the reason), frames, fps, resolution and duration "
-        "(min/median/max), caption lengths in words (and T5 tokens with --text_encoder_name). "
-        "Exit code 1 when any entry is malformed or any video unreadable.",
+        "(min/median/max), caption lengths in words (and T5 tokens with --text_encoder_name). Every frame is "
+        "decoded with the reader training uses, so what passes is what training reads (sizes are the displayed "
+        "ones, rotation applied). Exit code 1 when any entry is malformed or any video unreadable.",
     )
     c.add_argument("data_path", help="dataset JSON list")
     c.add_argument("--video_folder", default=None, help="base folder for relative paths (default: the JSON's folder)")
@@ -205,6 +206,8 @@ def _add_data(subparsers) -> None:
     c.add_argument("--num_frames", type=int, default=None, help="also count videos shorter than this window")
     c.add_argument("--sample_rate", type=int, default=1, help="window stride for --num_frames (default 1)")
     c.add_argument("--json_out", default=None, help="also write the full report as JSON here")
+    c.add_argument("--no_decode", action="store_true",
+                   help="only open the videos (fast) instead of decoding every frame; may pass files training skips")
     c.set_defaults(func=_run_data_check)
 
 
@@ -216,7 +219,7 @@ def _run_data_check(args) -> int:
 
     report = check_dataset(args.data_path, video_folder=args.video_folder, text_encoder_name=args.text_encoder_name,
                            num_frames=args.num_frames, sample_rate=args.sample_rate,
-                           model_max_length=args.model_max_length)
+                           model_max_length=args.model_max_length, decode=not args.no_decode)
     print(format_check_report(report))
     if args.json_out:
         atomic_write_bytes(args.json_out, json.dumps(report, indent=2).encode("utf-8"))

@@ -88,11 +88,14 @@ def resolve_video_path(path: str, json_dir: Path, video_folder: str | os.PathLik
 
 def read_raw_entries(data_path: str | os.PathLike) -> list:
     """The JSON list in ``data_path``, with one-sentence errors for a missing file or a non-list."""
+    from ..utils import read_text_file
+
     data_path = Path(data_path)
-    if not data_path.is_file():
+    if not data_path.exists():
         raise FileNotFoundError(f"Dataset file {data_path} does not exist; pass the JSON list with --data_path.")
+    text = read_text_file(data_path, "Dataset file")  # a video given by mistake: one line naming the file
     try:
-        raw = json.loads(data_path.read_text(encoding="utf-8"))
+        raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"Dataset file {data_path} is not valid JSON ({err}); fix the file.") from err
     if not isinstance(raw, list):
@@ -309,8 +312,14 @@ def check_dataset(
     sample_rate: int = 1,
     model_max_length: int = 300,
     progress: bool = True,
+    decode: bool = True,
 ) -> dict:
     """Open every video of a dataset JSON and summarise it (all problems listed, nothing raised for them).
+
+    With ``decode`` (default) every frame of every video is decoded with the reader training uses, so a
+    video passes only when training can read all of it: a partly decodable file (truncated, corrupt
+    packets) is listed as unreadable with the number of frames that decode. ``decode=False`` only
+    opens the files (fast, but may pass files that training then skips).
 
     Reports entry count, malformed entries, readable / unreadable videos (with reasons), frames, fps,
     resolution and duration (min / median / max), caption counts and lengths in words, and in tokens
@@ -343,6 +352,8 @@ def check_dataset(
         path = resolve_video_path(entry["path"], data_path.parent, video_folder)
         try:
             with VideoReader(path) as reader:
+                if decode:
+                    _decode_every_frame(reader)
                 frames.append(reader.num_frames)
                 fps.append(reader.fps)
                 heights.append(reader.height)
@@ -375,6 +386,18 @@ def check_dataset(
         report["shorter_than_window"] = sum(f < num_frames * sample_rate for f in frames)
         report["window_frames"] = num_frames * sample_rate
     return report
+
+
+def _decode_every_frame(reader: VideoReader, chunk: int = 16) -> None:
+    """Decode all frames, ``chunk`` at a time; VideoReadError saying how far decoding got when one fails."""
+    for start in range(0, reader.num_frames, chunk):
+        try:
+            reader.get_frames(range(start, min(start + chunk, reader.num_frames)))
+        except VideoReadError as err:
+            end = min(start + chunk, reader.num_frames) - 1
+            raise VideoReadError(f"{err}; only frames before {start} of {reader.num_frames} are known to decode (the "
+                                 f"failure is in frames {start}..{end}), and training skips this file whenever a clip "
+                                 "needs them: re-encode or remove it") from err
 
 
 def format_check_report(report: dict) -> str:
