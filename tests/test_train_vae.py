@@ -14,7 +14,7 @@ from opensora_plan.data.video_io import write_video
 from opensora_plan.models.causalvae import CausalVAEModel
 from opensora_plan.models.lpips import lpips_state_dict_layouts, random_lpips
 from opensora_plan.train.trainer import TrainConfig
-from opensora_plan.data.datasets import VAEVideoDataset
+from opensora_plan.data.datasets import NoUsableVideoError, VAEVideoDataset
 from opensora_plan.data.video_io import list_videos
 from opensora_plan.train.vae import VAETrainTask, train_vae, video_paths
 
@@ -94,7 +94,7 @@ def test_dataset_crops_samples_and_reports_bad_videos(video_folder, sizes):
     # frames too small for the crop are a bad sample too, not a crash
     big = 2 * sizes["res"]
     small = VAEVideoDataset(paths[:1], num_frames=1, resolution=big)
-    with pytest.raises(RuntimeError, match=f"smaller than the {big}x{big} crop"):
+    with pytest.raises(NoUsableVideoError, match=f"smaller than the {big}x{big} crop"):
         small[0]
     # epoch report counts skipped samples seen by the generator phase, then resets
     task = VAETrainTask(vae=None, loss=None, dataset=dataset)

@@ -350,9 +350,21 @@ def _run_train_t2v(args) -> int:
     options = {**(load_stage_config(args.config) if getattr(args, "config", None) else {}), **given}
     summary = train_t2v(options)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
-        print(f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
-              f"checkpoints in {summary['output_dir']}")
+        print(_train_summary_line(summary))
     return 0
+
+
+def _train_summary_line(summary: dict) -> str:
+    """The end-of-run line, saying in words what 'skipped' means (optimizer steps vs unreadable videos)."""
+    steps = summary["skipped_steps"]
+    parts = [f"trained to step {summary['step']}",
+             f"{steps} optimizer step{'s' if steps != 1 else ''} skipped for a non-finite loss"]
+    if "skipped_video_reads" in summary:
+        reads, files = summary["skipped_video_reads"], summary["skipped_video_files"]
+        parts.append(f"{reads} sample{'s' if reads != 1 else ''} replaced because the video was unreadable "
+                     f"({files} file{'s' if files != 1 else ''}, listed in the log)" if reads
+                     else "no unreadable videos")
+    return "; ".join(parts) + f"; checkpoints in {summary['output_dir']}"
 
 
 def _add_train_vae(subparsers) -> None:
@@ -437,8 +449,7 @@ def _run_train_vae(args) -> int:
     )
     summary = train_vae(config, **task_options)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
-        print(f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
-              f"checkpoints in {summary['output_dir']}")
+        print(_train_summary_line(summary))
     return 0
 
 

@@ -211,9 +211,10 @@ class VideoCaptionDataset(Dataset):
             except VideoReadError as err:
                 logger.warning("skipping video: %s", err)
                 skipped.append({"path": str(self.entries[candidate].path), "reason": str(err)})
-        raise RuntimeError(
-            f"Entries {index}..{index + len(skipped) - 1} of {self.data_path} are all unreadable or too short "
-            f"(last: {skipped[-1]['reason']}); run `opensora-plan data check {self.data_path}`."
+        raise NoUsableVideoError(
+            f"None of the {len(skipped)} entries of {self.data_path} tried for sample {index} has a usable video "
+            f"(all unreadable or too short; last: {skipped[-1]['reason']}); run `opensora-plan data check "
+            f"{self.data_path}` and fix or remove them."
         )
 
     def pick_caption(self, index: int) -> tuple[int, str]:
@@ -260,17 +261,31 @@ def collate_video_caption(samples: list[dict]) -> dict:
     return batch
 
 
+class NoUsableVideoError(ValueError):
+    """Every video a sample could fall back to is unreadable or too short (training cannot start or go on)."""
+
+
 class SkippedVideos:
-    """Accumulates ``batch["skipped"]`` over an epoch and summarises it (count, distinct paths, reasons)."""
+    """Accumulates ``batch["skipped"]`` over an epoch and summarises it (count, distinct paths, reasons).
+
+    ``run_total`` / ``run_paths`` keep counting over the whole run (:meth:`reset` clears only the epoch).
+    """
 
     def __init__(self):
         self.counts: Counter[str] = Counter()
         self.reasons: dict[str, str] = {}
+        self.run_total = 0
+        self.run_paths: set[str] = set()
 
     def update(self, skipped: list[dict]) -> None:
         for item in skipped:
             self.counts[item["path"]] += 1
             self.reasons[item["path"]] = item["reason"]
+            self.run_total += 1
+            self.run_paths.add(item["path"])
+
+    def run_report(self) -> dict:
+        return {"skipped_video_reads": self.run_total, "skipped_video_files": len(self.run_paths)}
 
     @property
     def total(self) -> int:
@@ -493,7 +508,7 @@ class VAEVideoDataset(Dataset):
             except VideoReadError as err:
                 logger.warning("skipping video: %s", err)
                 skipped.append({"path": str(self.paths[candidate]), "reason": str(err)})
-        raise RuntimeError(
-            f"Videos {index}..{index + len(skipped) - 1} are all unreadable or too small (last: "
-            f"{skipped[-1]['reason']}); check the data with `opensora-plan data check`."
+        raise NoUsableVideoError(
+            f"None of the {len(skipped)} videos tried for sample {index} is usable (all unreadable or too small; "
+            f"last: {skipped[-1]['reason']}); check the data with `opensora-plan data check`."
         )

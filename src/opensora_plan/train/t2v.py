@@ -220,6 +220,9 @@ class T2VTask(TrainTask):
         return {"transformer_config": dict(self.models["model"].config),
                 "num_parameters": sum(p.numel() for p in self.models["model"].parameters())}
 
+    def run_report(self) -> dict:
+        return self.skipped.run_report()
+
     def epoch_report(self) -> dict:
         report = {}
         if self.skipped.total:
@@ -354,6 +357,39 @@ def load_stage_config(spec: str) -> dict:
     return options
 
 
+def validate_t2v_options(opts: dict) -> None:
+    """The checks that need no model: values in range, lengths the VAE accepts, inputs that exist."""
+    from opensora_plan.utils import check_output_folder
+
+    check_output_folder(opts["output_dir"], "--output_dir")
+    if opts["ae"] not in SUPPORTED_AE:
+        raise ValueError(f"--ae {opts['ae']} is not supported; use {SUPPORTED_AE[0]} (the v1.0.0 CausalVAE).")
+    temporal, spatial = 4, 8  # CausalVAEModel_4x8x8
+    if not opts["cached_features"]:
+        frames = opts["num_frames"]
+        if frames < 1 or (frames - 1) % temporal:
+            raise ValueError(f"--num_frames {frames} is not a length the {opts['ae']} accepts; use 1 + {temporal}k "
+                             "(17 or 65 for the released stages).")
+        if opts["max_image_size"] < spatial or opts["max_image_size"] % spatial:
+            raise ValueError(f"--max_image_size {opts['max_image_size']} must be a positive multiple of {spatial} "
+                             "(256 or 512 for the released stages).")
+    for key, low in (("sample_rate", 1), ("use_image_num", 0), ("model_max_length", 1),
+                     ("dataloader_num_workers", 0), ("max_nonfinite_steps", 1)):
+        if opts[key] < low:
+            raise ValueError(f"--{key} must be at least {low}, got {opts[key]}.")
+    if not 0.0 <= opts["cfg_dropout"] <= 1.0:
+        raise ValueError(f"--cfg_dropout is a probability in [0, 1], got {opts['cfg_dropout']}.")
+    if opts["learning_rate"] <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {opts['learning_rate']}.")
+    for key in ("data_path", "cached_features", "ae_path", "pretrained", "text_encoder_name"):
+        if opts[key] and not Path(opts[key]).exists():
+            raise FileNotFoundError(f"--{key} {opts[key]} does not exist.")
+    if opts["validation_prompts"] and opts["validation_sampling_steps"] < 4:
+        # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
+        raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
+                         f"PNDM sampler; use 4 or more.")
+
+
 def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     """Task and loop configuration from ``train-t2v`` options (missing keys take :data:`T2V_DEFAULTS`)."""
     unknown = sorted(k for k in opts.keys() - T2V_DEFAULTS.keys() if not k.startswith("_"))
@@ -363,7 +399,13 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     for key in ("output_dir", "max_train_steps"):
         if opts[key] is None:
             raise ValueError(f"train-t2v needs --{key}; pass it on the command line or in the --config file.")
+    loop_keys = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
+    config = TrainConfig(**{k: opts[k] for k in loop_keys}, extra={k: v for k, v in opts.items()
+                                                                    if k not in loop_keys and not k.startswith("_")})
+    validate_t2v_options(opts)  # every cheap check before any model loads or any file is written
     dataset = _dataset(opts)
+    if not getattr(dataset, "has_latents", False):
+        dataset.load_clip_or_substitute(0)  # NoUsableVideoError now when no video of the list is readable
     cached = getattr(dataset, "has_latents", False), getattr(dataset, "has_text", False)
     vae = None if cached[0] else _load_vae(opts)
     tokenizer = text_encoder = None
@@ -398,13 +440,11 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     transformer.train()
 
     prompts = opts["validation_prompts"]
-    if prompts and opts["validation_sampling_steps"] < 4:
-        # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
-        raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
-                         f"PNDM sampler; use 4 or more.")
     if isinstance(prompts, str):
-        prompts = [line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()] \
-            if os.path.isfile(prompts) else [prompts]
+        from opensora_plan.utils import read_text_file
+
+        prompts = [line.strip() for line in read_text_file(prompts, "--validation_prompts file").splitlines()
+                   if line.strip()] if os.path.isfile(prompts) else [prompts]
     task = T2VTask(
         transformer, dataset, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder,
         use_image_num=opts["use_image_num"],
@@ -413,9 +453,7 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
         adam_epsilon=opts["adam_epsilon"], max_grad_norm=opts["max_grad_norm"], validation_prompts=prompts,
         validation_sampling_steps=opts["validation_sampling_steps"],
     )
-    loop_keys = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
-    config = TrainConfig(**{k: opts[k] for k in loop_keys}, extra={k: v for k, v in opts.items()
-                                                                    if k not in loop_keys and not k.startswith("_")})
+    config.extra = {k: v for k, v in opts.items() if k not in loop_keys and not k.startswith("_")}
     return task, config
 
 

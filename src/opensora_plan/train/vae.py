@@ -142,6 +142,9 @@ class VAETrainTask(TrainTask):
             "vae_config": dict(self.models["model"].config),
         }
 
+    def run_report(self) -> dict:
+        return self.skipped.run_report()
+
     def epoch_report(self) -> dict:
         report = {"skipped_videos": self.skipped.total, "details": self.skipped.summary()} if self.skipped.total else {}
         self.skipped.reset()
@@ -262,7 +265,12 @@ def train_vae(
     """Build the VAE, loss and data, then run the shared trainer. Returns the trainer's summary."""
     from ..models.causalvae.losses import LPIPSWithDiscriminator
     from ..models.lpips import load_lpips
+    from ..utils import check_output_folder
 
+    check_output_folder(config.output_dir, "--output_dir")
+    paths = video_paths(video_path, data_path, video_folder)  # before any model loads
+    if validation_videos >= len(paths):
+        raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")
     if perceptual_weight > 0 and not lpips_path:
         raise ValueError(
             "--perceptual_weight > 0 needs LPIPS weights: pass --lpips_path FILE [FILE ...] (VGG16 features + "
@@ -285,9 +293,6 @@ def train_vae(
                                   perceptual_weight=perceptual_weight, disc_weight=disc_weight, rec_loss=rec_loss)
     if pretrained_model_path:
         load_pretrained_loss_state(loss, pretrained_model_path)
-    paths = video_paths(video_path, data_path, video_folder)
-    if validation_videos >= len(paths):
-        raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")
     train_paths, held_out = paths[: len(paths) - validation_videos], paths[len(paths) - validation_videos:]
     dataset = VAEVideoDataset(train_paths, num_frames, resolution, sample_rate)
     validation = VAEVideoDataset(held_out, num_frames, resolution, sample_rate, deterministic=True) if held_out else None
