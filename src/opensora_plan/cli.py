@@ -646,6 +646,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OncePerMessage(logging.Filter):
+    """Drop a warning that was already shown word for word (libraries repeat theirs on every reload)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})"
+
+
+def _route_dependency_noise(heavy: bool) -> None:
+    """One log format, one line per real problem: Python warnings (without their source line) and the
+    diffusers / transformers loggers (which print through their own handlers) go through ``logging``,
+    and a repeated warning is shown once. ``heavy``: the command imports diffusers anyway."""
+    import warnings
+
+    warnings.formatwarning = _format_warning
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _OncePerMessage) for f in handler.filters):
+            handler.addFilter(_OncePerMessage())
+    if heavy:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        for library in (diffusers_logging, transformers_logging):
+            library.disable_default_handler()
+            library.enable_propagation()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -657,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _route_dependency_noise(heavy=args.command != "data")
     from opensora_plan.utils import NonFiniteError
 
     try:
