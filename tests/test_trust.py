@@ -133,3 +133,270 @@ def test_one_video_listing_function(tmp_path):
     import opensora_plan.data.datasets as datasets
 
     assert not hasattr(datasets, "find_videos") and not hasattr(datasets, "VIDEO_SUFFIXES")
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped demo model as a pipeline (real T5 tokenizer, trained weights, seconds on a CPU)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    from opensora_plan.demo.model import default_model_path, load_demo_info
+    from opensora_plan.diffusion.schedulers import create_scheduler
+    from opensora_plan.models.causalvae import CausalVAEModel
+    from opensora_plan.models.latte import LatteT2V
+    from opensora_plan.models.text_encoder import load_t5
+    from opensora_plan.pipelines.pipeline_opensora_plan import OpenSoraPlanPipeline
+
+    folder = default_model_path()
+    tokenizer, text_encoder = load_t5(folder / "text_encoder")
+    pipe = OpenSoraPlanPipeline(
+        vae=CausalVAEModel.from_pretrained(folder / "vae"),
+        transformer=LatteT2V.from_pretrained(folder / load_demo_info(folder)["version"]),
+        scheduler=create_scheduler("DDIM"), text_encoder=text_encoder, tokenizer=tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------
+# Item 1: non-finite values stop sampling with the step named
+# --------------------------------------------------------------------------------------------
+
+
+def test_nan_in_initial_latents_is_an_error_not_a_black_video(demo_pipe):
+    from opensora_plan.utils import NonFiniteError
+
+    frames, height, width = demo_pipe.default_size()
+    lat = torch.randn(demo_pipe._latent_shape(1, frames, height, width), generator=torch.Generator().manual_seed(0))
+    lat[0, 0, 2, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="initial latents .*1 of .* NaN or infinite"):
+        demo_pipe("a red circle moving left", num_inference_steps=5, latents=lat)
+
+
+def test_nan_during_denoising_names_the_step(demo_pipe, monkeypatch):
+    from opensora_plan.utils import NonFiniteError
+
+    forward, calls = demo_pipe.transformer.forward, []
+
+    def nan_on_third_call(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            out.sample[:, :, 0, 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(demo_pipe.transformer, "forward", nan_on_third_call)
+    with pytest.raises(NonFiniteError, match=r"Denoising step 3 of 5 \(timestep \d+\) produced non-finite latents"):
+        demo_pipe("a red circle moving left", num_inference_steps=5, generator=torch.Generator().manual_seed(0))
+
+
+def test_nan_after_decode_is_an_error(demo_pipe, monkeypatch):
+    from opensora_plan.utils import NonFiniteError
+
+    decode = demo_pipe.vae.decode
+
+    def nan_decode(z):
+        out = decode(z)
+        out.sample[0, 0, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(demo_pipe.vae, "decode", nan_decode)
+    with pytest.raises(NonFiniteError, match="VAE decoded"):
+        demo_pipe("a red circle moving left", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+
+
+def test_float16_non_finite_message_suggests_bf16_or_fp32():
+    from opensora_plan.utils import NonFiniteError, check_finite
+
+    check_finite(torch.ones(3), "fine")
+    with pytest.raises(NonFiniteError, match="float16 overflows.*--dtype bf16 or fp32"):
+        check_finite(torch.tensor([1.0, float("inf")], dtype=torch.float16), "step 1", torch.float16)
+
+
+def test_reconstruct_with_a_broken_vae_stops_with_one_line(tmp_path, capsys):
+    from opensora_plan.demo.model import default_model_path
+    from opensora_plan.models.causalvae import CausalVAEModel
+
+    vae = CausalVAEModel.from_pretrained(default_model_path() / "vae")
+    with torch.no_grad():
+        next(vae.decoder.parameters()).fill_(float("nan"))
+    vae.save_pretrained(tmp_path / "vae")
+    write_video(tmp_path / "in.mp4", _smooth_frames(0, t=5), fps=8)
+    argv = ["reconstruct", "--model_path", str(tmp_path / "vae"), "--video_path", str(tmp_path / "in.mp4"),
+            "--rec_path", str(tmp_path / "out.mp4"), "--num_frames", "5", "--resolution", "64", "--device", "cpu"]
+    assert cli.main(argv) == 1
+    _one_error_line(capsys, "VAE decoded the latents to non-finite pixels")
+    assert not (tmp_path / "out.mp4").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Item 2: a prompt that caption cleaning empties
+# --------------------------------------------------------------------------------------------
+
+CJK_PROMPT = "红色圆圈向左移动"  # "red circle moving left"
+
+
+def test_prompt_emptied_by_cleaning_is_refused(demo_pipe):
+    with pytest.raises(ValueError, match="empty after caption cleaning.*--no_clean_caption"):
+        demo_pipe(CJK_PROMPT, num_inference_steps=2)
+    with pytest.raises(ValueError, match="prompt 1 .*empty after caption cleaning"):
+        demo_pipe(["a red circle moving left", "http://example.com"], num_inference_steps=2)
+    video = demo_pipe(CJK_PROMPT, num_inference_steps=2, clean_caption=False, output_type="latent").video
+    assert torch.isfinite(video).all()
+
+
+def test_prompt_mostly_removed_by_cleaning_is_a_warning(demo_pipe, caplog):
+    from opensora_plan.models.text_encoder import preprocess_prompts
+
+    with caplog.at_level(logging.WARNING):
+        assert preprocess_prompts("a red circle 红色圆圈向左移动的红色圆圈向左移动") == ["a red circle"]
+    assert "removed most of the prompt" in caplog.text and "'a red circle'" in caplog.text
+
+
+def test_sample_cli_refuses_cjk_prompt_before_loading(tmp_path, capsys):
+    assert cli.main(["sample", CJK_PROMPT, "--save_img_path", str(tmp_path / "out")]) == 1
+    _one_error_line(capsys, "empty after caption cleaning")
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["sample", CJK_PROMPT, "--no_clean_caption", "--num_sampling_steps", "2",
+                     "--save_img_path", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out").glob("*.mp4"))) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Item 3: truncation is announced; the negative prompt keeps its tokens
+# --------------------------------------------------------------------------------------------
+
+
+def test_long_prompt_truncation_is_warned_with_the_count(demo_pipe, caplog):
+    from opensora_plan.models.text_encoder import MAX_LENGTH
+
+    prompt = "a red circle moving left " * 70
+    count = len(demo_pipe.tokenizer(prompt.strip().lower()).input_ids)
+    assert count > MAX_LENGTH
+    with caplog.at_level(logging.WARNING):
+        demo_pipe.encode_prompt_with_masks(prompt)
+    assert f"has {count} tokens but the model reads {MAX_LENGTH}: the last {count - MAX_LENGTH}" in caplog.text
+    assert caplog.text.count("tokens but the model reads") == 1
+
+
+def test_negative_prompt_keeps_its_tokens_by_default(demo_pipe, caplog):
+    prompt, negative = "a red circle", "a blue square moving up and a green triangle moving down, white circle left"
+    n_prompt = len(demo_pipe.tokenizer(prompt).input_ids)
+    n_negative = len(demo_pipe.tokenizer(negative.replace(",", ", ")).input_ids)
+    assert n_negative > n_prompt
+    cond, cond_mask, uncond, uncond_mask = demo_pipe.encode_prompt_with_masks(prompt, negative)
+    assert int(cond_mask.sum()) == n_prompt and int(uncond_mask.sum()) >= n_negative - 1
+    assert cond.shape[1] == uncond.shape[1] == int(uncond_mask.sum())
+    with caplog.at_level(logging.WARNING):
+        _, reference_uncond = demo_pipe.encode_prompt(prompt, negative)  # the reference: cut to the prompt's length
+    assert reference_uncond.shape[1] == n_prompt
+    assert "negative prompt" in caplog.text and "dropping" in caplog.text
+    # The reference mode is still there, and gives another video when the negative is cut.
+    run = lambda mode: demo_pipe(prompt, negative_prompt=negative, num_inference_steps=3, output_type="latent",  # noqa: E731
+                                 generator=torch.Generator().manual_seed(0), text_conditioning=mode).video
+    assert not torch.allclose(run("per_prompt"), run("reference"))
+
+
+def test_single_prompt_with_short_negative_is_the_reference_conditioning(demo_pipe):
+    cond, cond_mask, uncond, uncond_mask = demo_pipe.encode_prompt_with_masks("a red circle moving left")
+    ref_cond, ref_uncond = demo_pipe.encode_prompt("a red circle moving left")
+    assert bool(cond_mask.all()) and bool(uncond_mask.all())  # no mask reaches the transformer
+    torch.testing.assert_close(cond, ref_cond)
+    torch.testing.assert_close(uncond, ref_uncond, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Item 4: one prompt + one seed -> one video, whatever the batch
+# --------------------------------------------------------------------------------------------
+
+BATCH_PROMPTS = ["a red circle moving left", "a green square moving up", "a white triangle moving down quickly"]
+
+
+@pytest.mark.parametrize("scheduler", ["DDIM", "EulerAncestralDiscrete"])
+def test_prompt_alone_equals_prompt_in_batch(demo_pipe, scheduler):
+    from opensora_plan.diffusion.schedulers import create_scheduler
+
+    demo_pipe.scheduler = create_scheduler(scheduler)
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
+    batch = demo_pipe(BATCH_PROMPTS, num_inference_steps=4, generator=gens(), output_type="pt").video
+    reference = demo_pipe(BATCH_PROMPTS, num_inference_steps=4, generator=gens(), output_type="pt",
+                          text_conditioning="reference").video
+    for i, prompt in enumerate(BATCH_PROMPTS):
+        alone = demo_pipe(prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(10 + i),
+                          output_type="pt").video
+        # Float noise of batched matmuls only: far below one uint8 level (2 / 255 in [-1, 1]).
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-3, rtol=0)
+    assert (reference - batch).abs().max() > 0.05  # the reference's batch rule really is different
+    demo_pipe.scheduler = create_scheduler("DDIM")
+
+
+def test_sample_cli_prompt_file_batch_equals_each_prompt_alone(tmp_path, monkeypatch):
+    import opensora_plan.data.video_io as video_io
+
+    written, write = {}, video_io.write_video
+
+    def keep_frames(path, frames, fps, **kwargs):  # the frames handed to the encoder (H.264 is lossy)
+        written[Path(path)] = frames.clone()
+        return write(path, frames, fps, **kwargs)
+
+    monkeypatch.setattr(video_io, "write_video", keep_frames)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(BATCH_PROMPTS + [BATCH_PROMPTS[0]]) + "\n")  # a repeated prompt: its own file
+    assert cli.main(["sample", "--prompt_file", str(prompts), "--batch_size", "4", "--num_sampling_steps", "4",
+                     "--seed", "5", "--save_img_path", str(tmp_path / "batch")]) == 0
+    batch_files = sorted((tmp_path / "batch").glob("*.mp4"))
+    assert len(batch_files) == 4  # no output overwrote another
+    for i, prompt in enumerate(BATCH_PROMPTS):
+        out = tmp_path / f"alone{i}"
+        assert cli.main(["sample", prompt, "--num_sampling_steps", "4", "--seed", str(5 + i),
+                         "--save_img_path", str(out)]) == 0
+        alone, in_batch = written[next(out.glob("*.mp4"))], written[batch_files[i]]
+        diff = (alone.int() - in_batch.int()).abs()  # uint8 (T, H, W, 3)
+        assert diff.max() <= 1 and (diff == 0).float().mean() > 0.999, (prompt, diff.max())
+
+
+# --------------------------------------------------------------------------------------------
+# Item 7: the data gate decodes what training reads; read errors name the file
+# --------------------------------------------------------------------------------------------
+
+
+def _partly_decodable_mp4(path: Path, frames: int = 33) -> Path:
+    """An mp4 whose index (moov first) lists every frame but whose data stops half way."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(frames):
+            image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_data_check_fails_a_partly_decodable_video_that_training_skips(tmp_path, capsys):
+    from opensora_plan.data.datasets import VideoCaptionDataset
+
+    _partly_decodable_mp4(tmp_path / "half.mp4")
+    write_video(tmp_path / "good.mp4", _smooth_frames(1, t=9), fps=8)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"path": "half.mp4", "cap": "a"}, {"path": "good.mp4", "cap": "b"}]))
+    assert cli.main(["data", "check", str(data)]) == 1
+    out = capsys.readouterr().out
+    assert "1 readable, 1 unreadable" in out and re.search(r"UNREADABLE   entry 0: .*half\.mp4.*training skips", out)
+    sample = VideoCaptionDataset(data, num_frames=17, max_image_size=32)[0]  # what training does with it
+    assert sample["index"] == 1 and "half.mp4" in sample["skipped"][0]["path"]
+    assert cli.main(["data", "check", "--no_decode", str(data)]) == 0  # the quick mode only opens files
+
+
+def test_data_check_given_a_video_names_the_file(tmp_path, capsys):
+    video = write_video(tmp_path / "some.mp4", _smooth_frames(0, t=5), fps=8)
+    assert cli.main(["data", "check", str(video)]) == 1
+    _one_error_line(capsys, r"Dataset file .*some\.mp4 is not UTF-8 text.*video")
+    assert cli.main(["sample", "--prompt_file", str(video)]) == 1
+    _one_error_line(capsys, r"Prompt file .*some\.mp4 is not UTF-8 text")

@@ -240,6 +240,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         The result can be fed back as ``prompt_embeds`` / ``negative_prompt_embeds`` unchanged.
         """
         embeds_given = prompt_embeds is not None and negative_prompt_embeds is not None
+        negative_texts = None
         device = self._execution_device
         if prompt_embeds is None:
             texts = preprocess_prompts(prompt, clean=clean_caption)
@@ -253,10 +254,10 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
 
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             # The negative prompt (default "": only EOS) is padded to the prompt's length, as the reference.
-            texts = preprocess_prompts([negative_prompt] * batch_size, clean=clean_caption, what="negative prompt",
-                                       empty_is_error=False)
-            _warn_negative_cut(self.tokenizer, texts[0], prompt_embeds.shape[1])
-            negative_prompt_embeds, _ = encode_texts(self.tokenizer, self.text_encoder, texts, prompt_embeds.shape[1])
+            negative_texts = preprocess_prompts([negative_prompt] * batch_size, clean=clean_caption,
+                                                what="negative prompt", empty_is_error=False)
+            negative_prompt_embeds, _ = encode_texts(self.tokenizer, self.text_encoder, negative_texts,
+                                                     prompt_embeds.shape[1])
         if do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         else:
@@ -267,6 +268,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             if batch_size == 1:
                 keep = int(prompt_mask.sum().item())
                 prompt_embeds = prompt_embeds[:, :keep]
+                if negative_texts is not None:
+                    _warn_negative_cut(self.tokenizer, negative_texts[0], keep)
                 if negative_prompt_embeds is not None:
                     negative_prompt_embeds = negative_prompt_embeds[:, :keep]
             else:
