@@ -400,3 +400,216 @@ def test_data_check_given_a_video_names_the_file(tmp_path, capsys):
     _one_error_line(capsys, r"Dataset file .*some\.mp4 is not UTF-8 text.*video")
     assert cli.main(["sample", "--prompt_file", str(video)]) == 1
     _one_error_line(capsys, r"Prompt file .*some\.mp4 is not UTF-8 text")
+
+
+# --------------------------------------------------------------------------------------------
+# Item 8: one clear error line (and no output) instead of a traceback or a wrong success
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--version", "vae"], r"vae/config\.json is not a LatteT2V config.*not vae"),
+    (["--device", "tpu"], r"--device tpu is not supported; use cpu, cuda or cuda:N"),
+    (["--gif", "--force_images"], r"--gif needs videos but --force_images"),
+    (["--text_conditioning", "nope"], None),  # argparse: usage + error, exit 2
+])
+def test_sample_bad_options_are_one_line(tmp_path, capsys, extra, pattern):
+    argv = ["sample", "a red circle moving left", "--save_img_path", str(tmp_path / "out"), *extra]
+    if pattern is None:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    else:
+        assert cli.main(argv) == 1
+        _one_error_line(capsys, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_into_an_existing_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    assert cli.main(["sample", "a red circle moving left", "--save_img_path", str(target)]) == 1
+    _one_error_line(capsys, r"--save_img_path .*taken is an existing file")
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["prompts.lst", "prompts.TXT", "prompts.txt"])
+def test_prompt_files_need_their_flag_and_are_never_guessed(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_text("a red circle moving left\n\na green square moving up\n")
+    assert cli.main(["sample", "--text_prompt", name, "--save_img_path", "out"]) == 1
+    _one_error_line(capsys, rf"The prompt '{re.escape(name)}' names an existing file.*--prompt_file {re.escape(name)}")
+    assert cli.main(["sample", "--text_prompt", "missing.txt", "--save_img_path", "out"]) == 1
+    _one_error_line(capsys, r"looks like a file name.*--prompt_file")
+    from opensora_plan.pipelines.sample_t2v import read_prompts
+
+    assert read_prompts(prompt_file=name) == ["a red circle moving left", "a green square moving up"]
+    assert read_prompts("a cat reading notes.txt") == ["a cat reading notes.txt"]  # a sentence is a prompt
+    assert cli.main(["sample", "a cat", "--prompt_file", name]) == 1
+    _one_error_line(capsys, "one way only")
+
+
+@pytest.mark.parametrize("rec_path, pattern", [
+    ("out.txt", r"--rec_path out\.txt has the suffix '\.txt'"),
+    ("afile", r"--rec_path afile is an existing file"),
+])
+def test_reconstruct_rec_path_must_be_mp4_or_folder(tmp_path, capsys, monkeypatch, rec_path, pattern):
+    from opensora_plan.demo.model import default_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    write_video(tmp_path / "in.mp4", _smooth_frames(0, t=5), fps=8)
+    argv = ["reconstruct", "--model_path", str(default_model_path() / "vae"), "--video_path", "in.mp4",
+            "--rec_path", rec_path, "--num_frames", "5", "--resolution", "64", "--device", "cpu"]
+    assert cli.main(argv) == 1
+    _one_error_line(capsys, pattern)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "in.mp4"]
+
+
+@pytest.fixture()
+def t2v_inputs(tmp_path):
+    """Folders that exist (the checks that fail here run before any model loads) and two unreadable videos."""
+    for name in ("t5", "vae"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "b1.mp4").write_bytes(b"not a video")
+    (tmp_path / "b2.mp4").write_bytes(b"not one either")
+    (tmp_path / "data.json").write_text(json.dumps([{"path": "b1.mp4", "cap": "a"}, {"path": "b2.mp4", "cap": "b"}]))
+    return tmp_path
+
+
+def _t2v_argv(root: Path, *extra: str) -> list[str]:
+    return ["train-t2v", "--model", "LatteT2V-Tiny/122", "--text_encoder_name", str(root / "t5"), "--ae_path",
+            str(root / "vae"), "--data_path", str(root / "data.json"), "--num_frames", "5", "--max_image_size", "32",
+            "--max_train_steps", "2", "--mixed_precision", "no", "--report_to", "none",
+            "--output_dir", str(root / "run"), *extra]
+
+
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_train_t2v_with_only_unreadable_videos_is_one_line(t2v_inputs, capsys, batch):
+    assert cli.main(_t2v_argv(t2v_inputs, "--train_batch_size", batch)) == 1
+    _one_error_line(capsys, r"None of the 2 entries of .*data\.json .* has a usable video.*data check")
+    assert not (t2v_inputs / "run").exists()
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--num_frames", "16"], r"--num_frames 16 is not a length the CausalVAEModel_4x8x8 accepts; use 1 \+ 4k"),
+    (["--max_image_size", "20"], r"--max_image_size 20 must be a positive multiple of 8"),
+    (["--cfg_dropout", "1.5"], r"--cfg_dropout is a probability"),
+    (["--pretrained", "nowhere.pt"], r"--pretrained nowhere\.pt does not exist"),
+    (["--train_batch_size", "0"], r"--train_batch_size must be at least 1"),
+])
+def test_train_t2v_options_are_checked_before_any_work(t2v_inputs, capsys, extra, pattern):
+    assert cli.main(_t2v_argv(t2v_inputs, *extra)) == 1
+    _one_error_line(capsys, pattern)
+    assert not (t2v_inputs / "run").exists()  # no options.json / log.jsonl left behind
+
+
+def test_train_vae_on_an_empty_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    argv = ["train-vae", "--video_path", str(tmp_path / "videos"), "--model_config", str(tmp_path / "nope.json"),
+            "--output_dir", str(tmp_path / "run")]
+    assert cli.main(argv) == 1
+    _one_error_line(capsys, r"No videos \(\.mp4/\.avi/\.webm/\.mkv/\.mov\) under .*videos")
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_summary_says_what_was_skipped_in_words():
+    from opensora_plan.data.datasets import SkippedVideos
+
+    skipped = SkippedVideos()
+    skipped.update([{"path": "bad.mp4", "reason": "broken"}])
+    skipped.reset()  # a new epoch: the run's count stays
+    skipped.update([{"path": "bad.mp4", "reason": "broken"}])
+    line = cli._train_summary_line({"step": 3, "skipped_steps": 0, "output_dir": "runs/x", **skipped.run_report()})
+    assert line == ("trained to step 3; 0 optimizer steps skipped for a non-finite loss; 2 samples replaced because "
+                    "the video was unreadable (1 file, listed in the log); checkpoints in runs/x")
+    assert "(0 skipped)" not in line
+
+
+# --------------------------------------------------------------------------------------------
+# Item 9: no run overwrites one of its own outputs
+# --------------------------------------------------------------------------------------------
+
+
+def test_reconstruct_folder_with_shared_stems_writes_every_output(tmp_path, capsys):
+    from opensora_plan.demo.model import default_model_path
+    from opensora_plan.pipelines.reconstruct import output_names
+
+    assert output_names([Path("a.mp4"), Path("a.avi"), Path("b.mov")]) == ["a.mp4.mp4", "a.avi.mp4", "b.mp4"]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, name in enumerate(["clip.mp4", "clip.mov", "other.webm"]):
+        write_video(videos / name, _smooth_frames(i, t=5), fps=8)  # mp4 data; readers go by content
+    argv = ["reconstruct", "--model_path", str(default_model_path() / "vae"), "--video_path", str(videos),
+            "--rec_path", str(tmp_path / "rec"), "--num_frames", "5", "--resolution", "64", "--device", "cpu", "--gif"]
+    assert cli.main(argv) == 0
+    outputs = sorted(p.name for p in (tmp_path / "rec").iterdir())
+    assert outputs == ["clip.mov.gif", "clip.mov.mp4", "clip.mp4.gif", "clip.mp4.mp4", "metrics.json", "other.gif",
+                       "other.mp4"]
+    results = json.loads((tmp_path / "rec" / "metrics.json").read_text())["results"]
+    assert len({r["output_path"] for r in results}) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Item 10: dependency noise goes through logging, one line per real problem
+# --------------------------------------------------------------------------------------------
+
+
+NOISY_RUN = """
+import sys, warnings
+import opensora_plan.pipelines.sample_t2v as sample_t2v
+from opensora_plan import cli
+
+def noisy(**kwargs):
+    from diffusers.utils import logging as diffusers_logging
+
+    for _ in range(2):  # libraries repeat theirs, e.g. on every reload of a config
+        warnings.warn("this API is deprecated", FutureWarning)
+        diffusers_logging.get_logger("diffusers.configuration_utils").warning(
+            "The config attributes {'x': 1} were passed to X, but are not expected and will be ignored.")
+    return []
+
+sample_t2v.sample_t2v = noisy
+warnings.simplefilter("always")
+sys.exit(cli.main(["sample", "a red circle moving left", "--save_img_path", sys.argv[1]]))
+"""
+
+
+def test_dependency_warnings_are_logged_once_without_source_lines(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "noisy.py"
+    script.write_text(NOISY_RUN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    err = result.stderr
+    assert result.returncode == 0, err
+    assert err.count("this API is deprecated") == 1 and err.count("will be ignored") == 1, err
+    assert "warnings.warn(" not in err  # Python's default format repeats the source line
+    assert re.search(r"WARNING py\.warnings: FutureWarning: this API is deprecated \(noisy\.py:\d+\)", err), err
+    assert re.search(r"WARNING diffusers\.configuration_utils: The config attributes", err), err
+
+
+def test_caption_cleaning_of_url_like_prompts_is_silent():
+    from opensora_plan.models.text_encoder import clean_caption
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BeautifulSoup's MarkupResemblesLocatorWarning would raise here
+        assert clean_caption("www.example.com/cat.html") == ""
+        assert clean_caption("cat.html") == "cat. html"  # the reference cleaner's own spacing
+
+
+@pytest.mark.skipif(not decord_available(), reason="decord not installed")
+def test_decord_log_lines_do_not_reach_the_terminal(tmp_path, capfd, caplog):
+    from opensora_plan.data.video_io import VideoReadError
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 64 + b"not a video")
+    with caplog.at_level(logging.DEBUG, logger="opensora_plan.data.video_io"):
+        with pytest.raises(VideoReadError, match="broken.mp4"):
+            VideoReader(broken, backend="decord")
+    err = capfd.readouterr().err
+    assert "video_reader.cc" not in err and "[" not in err, err
