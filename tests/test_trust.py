@@ -613,3 +613,34 @@ def test_decord_log_lines_do_not_reach_the_terminal(tmp_path, capfd, caplog):
             VideoReader(broken, backend="decord")
     err = capfd.readouterr().err
     assert "video_reader.cc" not in err and "[" not in err, err
+
+
+def test_data_check_lists_captions_that_cleaning_empties(tmp_path):
+    from opensora_plan.data.datasets import check_dataset, format_check_report
+
+    write_video(tmp_path / "a.mp4", _smooth_frames(0, t=5), fps=8)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"path": "a.mp4", "cap": ["a red circle", CJK_PROMPT]}]))
+    report = check_dataset(data, progress=False)
+    assert report["captions"]["emptied_by_cleaning"] == [{"index": 0, "caption": CJK_PROMPT}]
+    assert "1 captions become empty after caption cleaning" in format_check_report(report)
+
+
+def test_read_errors_name_the_file(tmp_path):
+    from opensora_plan.train.t2v import load_stage_config
+
+    (tmp_path / "stage.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"--config file .*stage\.json is not valid JSON"):
+        load_stage_config(str(tmp_path / "stage.json"))
+    with pytest.raises(ValueError, match=r"--validation_prompts file|Prompt file .*is a folder"):
+        from opensora_plan.pipelines.sample_t2v import read_prompts
+
+        read_prompts(prompt_file=str(tmp_path))
+
+
+def test_output_path_refused_by_the_system_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"path": "missing.mp4", "cap": "a"}]))
+    assert cli.main(["data", "check", str(data), "--json_out", str(tmp_path / "file" / "report.json")]) == 1
+    _one_error_line(capsys, r"file")

@@ -517,16 +517,15 @@ def _add_convert(subparsers) -> None:
 
 
 def _run_inflate_2d_vae(args) -> int:
-    import json
-
     from opensora_plan.models.causalvae.inflate import compare_with_2d, inflate_2d_vae, synthetic_image
 
     config = None
     if args.model_config:
         if not os.path.isfile(args.model_config):
             raise FileNotFoundError(f"--model_config {args.model_config} does not exist; give a CausalVAE config.json.")
-        with open(args.model_config) as f:
-            config = json.load(f)
+        from opensora_plan.utils import read_json_file
+
+        config = read_json_file(args.model_config, "--model_config")
     model, report = inflate_2d_vae(args.vae_2d_path, args.output_dir, causal_config=config, subfolder=args.subfolder)
     print(report.summary())
     print(f"wrote {args.output_dir}")
@@ -703,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError, NonFiniteError) as err:
+    except (UserError, OSError, ValueError, NonFiniteError) as err:  # OSError: a path the system refused
         if os.environ.get("OPENSORA_PLAN_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

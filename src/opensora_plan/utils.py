@@ -143,3 +143,13 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
             where = "is an existing file" if candidate == path else f"is inside {candidate}, which is a file"
             raise ValueError(f"{flag} {path} {where}; give a folder (it is created if missing).")
     return path
+
+
+def read_json_file(path: str | os.PathLike, what: str):
+    """The parsed JSON in ``path``; a missing, unreadable or invalid file is one line naming it."""
+    import json
+
+    try:
+        return json.loads(read_text_file(path, what))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}); fix or replace the file.") from err

@@ -351,7 +351,9 @@ def check_dataset(
 
         tokenizer = load_tokenizer(text_encoder_name)
 
-    malformed, unreadable = [], []
+    from ..models.text_encoder import preprocess_texts
+
+    malformed, unreadable, emptied = [], [], []
     frames, fps, heights, widths, durations = [], [], [], [], []
     words, tokens, per_entry = [], [], []
     for index, entry in enumerate(tqdm(raw, desc="data check", unit="video", disable=not progress)):
@@ -362,6 +364,9 @@ def check_dataset(
         captions = [entry["cap"]] if isinstance(entry["cap"], str) else entry["cap"]
         per_entry.append(len(captions))
         words += [len(c.split()) for c in captions]
+        # Training cleans captions as the reference; one that cleaning empties trains as the unconditional input.
+        emptied += [{"index": index, "caption": c} for c, cleaned in zip(captions, preprocess_texts(captions))
+                    if c.strip() and not cleaned]
         if tokenizer is not None:
             tokens += [len(ids) for ids in tokenizer(captions, add_special_tokens=True).input_ids]
         path = resolve_video_path(entry["path"], data_path.parent, video_folder)
@@ -395,6 +400,7 @@ def check_dataset(
             "tokens": _stats(tokens),
             "over_max_length": sum(t > model_max_length for t in tokens) if tokenizer is not None else None,
             "model_max_length": model_max_length,
+            "emptied_by_cleaning": emptied,
         },
     }
     if num_frames is not None:
@@ -439,6 +445,10 @@ def format_check_report(report: dict) -> str:
     if caps["tokens"] is not None:
         lines.append(f"  tokens     {fmt(caps['tokens'])}; {caps['over_max_length']} longer than "
                      f"{caps['model_max_length']} (truncated)")
+    if caps.get("emptied_by_cleaning"):
+        lines.append(f"  cleaning   {len(caps['emptied_by_cleaning'])} captions become empty after caption cleaning "
+                     "(e.g. CJK-only) and would train as the unconditional caption:")
+        lines += [f"             entry {item['index']}: {item['caption']!r}" for item in caps["emptied_by_cleaning"][:10]]
     if "shorter_than_window" in report:
         lines.append(f"short        {report['shorter_than_window']} videos have fewer than {report['window_frames']} "
                      f"frames (frames are repeated)")

@@ -63,10 +63,13 @@ def check_t5_folder(path: str | os.PathLike) -> Path:
 
 def t5_hidden_size(path: str | os.PathLike) -> int:
     """The encoder width (``d_model``) written in the folder's ``config.json``, without loading weights."""
-    import json
+    from opensora_plan.utils import read_json_file
 
     folder = check_t5_folder(path)
-    return int(json.loads((folder / "config.json").read_text())["d_model"])
+    config = read_json_file(folder / "config.json", "T5 config")
+    if not isinstance(config, dict) or "d_model" not in config:
+        raise ValueError(f"{folder / 'config.json'} is not a T5 config (no d_model); give a DeepFloyd/t5-v1_1-xxl folder.")
+    return int(config["d_model"])
 
 
 def load_tokenizer(path: str | os.PathLike):

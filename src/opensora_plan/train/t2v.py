@@ -15,7 +15,6 @@ their defaults; reference flag names, spec section 6).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -284,7 +283,9 @@ def build_transformer(spec: str, sample_size: int | tuple[int, int], video_lengt
                 f"--model {spec} is neither a known size ({', '.join(LATTE_CONFIGS)}) nor a LatteT2V config.json "
                 f"or folder holding one."
             )
-        config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        from opensora_plan.utils import read_json_file
+
+        config = {k: v for k, v in read_json_file(path, "--model config").items() if not k.startswith("_")}
         if config.get("caption_channels", 4096) != caption_channels:
             raise ValueError(
                 f"--model {spec} has caption_channels={config.get('caption_channels')} but the text encoder gives "
@@ -350,7 +351,9 @@ def load_stage_config(spec: str) -> dict:
             names = ", ".join(sorted(p.stem for p in STAGE_CONFIG_DIR.glob("*.json")))
             raise FileNotFoundError(f"--config {spec} is neither a JSON file nor a shipped stage ({names}).")
         path = shipped
-    options = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    from opensora_plan.utils import read_json_file
+
+    options = {k: v for k, v in read_json_file(path, "--config file").items() if not k.startswith("_")}
     unknown = sorted(options.keys() - T2V_DEFAULTS.keys())
     if unknown:
         raise ValueError(f"--config {path} has unknown options {unknown}; use train-t2v flag names (see --help).")

@@ -200,7 +200,9 @@ def build_vae(model_config: str | os.PathLike | None, pretrained_model_path: str
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"--model_config {path} does not exist; give a CausalVAE config.json (or its folder).")
-    return CausalVAEModel.from_config(json.loads(path.read_text()))
+    from ..utils import read_json_file
+
+    return CausalVAEModel.from_config(read_json_file(path, "--model_config"))
 
 
 def load_pretrained_loss_state(loss, pretrained_model_path: str | os.PathLike) -> bool:
