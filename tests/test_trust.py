@@ -632,7 +632,7 @@ def test_read_errors_name_the_file(tmp_path):
     (tmp_path / "stage.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"--config file .*stage\.json is not valid JSON"):
         load_stage_config(str(tmp_path / "stage.json"))
-    with pytest.raises(ValueError, match=r"--validation_prompts file|Prompt file .*is a folder"):
+    with pytest.raises(ValueError, match=r"Prompt file .*is a folder"):
         from opensora_plan.pipelines.sample_t2v import read_prompts
 
         read_prompts(prompt_file=str(tmp_path))
@@ -644,3 +644,15 @@ def test_output_path_refused_by_the_system_is_one_line(tmp_path, capsys):
     data.write_text(json.dumps([{"path": "missing.mp4", "cap": "a"}]))
     assert cli.main(["data", "check", str(data), "--json_out", str(tmp_path / "file" / "report.json")]) == 1
     _one_error_line(capsys, r"file")
+
+
+def test_validation_prompts_are_never_guessed_from_file_names(t2v_inputs, capsys):
+    from opensora_plan.train.t2v import validate_t2v_options, T2V_DEFAULTS
+
+    (t2v_inputs / "val.txt").write_text("a red ball\n\nwaves\n")
+    opts = {**T2V_DEFAULTS, "output_dir": str(t2v_inputs / "run"), "data_path": str(t2v_inputs / "data.json"),
+            "validation_prompt_file": str(t2v_inputs / "val.txt")}
+    validate_t2v_options(opts)
+    assert opts["validation_prompts"] == ["a red ball", "waves"]
+    assert cli.main(_t2v_argv(t2v_inputs, "--validation_prompts", str(t2v_inputs / "val.txt"))) == 1
+    _one_error_line(capsys, r"names an existing file.*--validation_prompt_file")

@@ -36,7 +36,8 @@ FILE_NAME_SUFFIXES = (".txt", ".lst", ".list", ".csv", ".tsv", ".json", ".jsonl"
 TEXT_CONDITIONING = ("per_prompt", "reference")
 
 
-def read_prompts(text_prompt: str | None = None, prompt_file: str | os.PathLike | None = None) -> list[str]:
+def read_prompts(text_prompt: str | None = None, prompt_file: str | os.PathLike | None = None,
+                 file_flag: str = "--prompt_file") -> list[str]:
     """``[text_prompt]``, or the non-empty lines of ``prompt_file``; exactly one of the two.
 
     Never guesses: a ``text_prompt`` that is the path of an existing file, or a single word ending in a
@@ -45,11 +46,11 @@ def read_prompts(text_prompt: str | None = None, prompt_file: str | os.PathLike 
     from opensora_plan.utils import read_text_file
 
     if (text_prompt is None) == (prompt_file is None):
-        raise ValueError("Give either a prompt (the argument or --text_prompt) or --prompt_file, exactly one of them.")
+        raise ValueError(f"Give either a prompt (the argument or --text_prompt) or {file_flag}, exactly one of them.")
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file() and not path.is_dir():
-            raise FileNotFoundError(f"Prompt file {path} does not exist; --prompt_file takes a text file with one "
+            raise FileNotFoundError(f"Prompt file {path} does not exist; {file_flag} takes a text file with one "
                                     "prompt per line.")
         text = read_text_file(path, "Prompt file")
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -57,12 +58,12 @@ def read_prompts(text_prompt: str | None = None, prompt_file: str | os.PathLike 
             raise ValueError(f"Prompt file {path} has no prompts; write one prompt per line.")
         return prompts
     if not text_prompt.strip():
-        raise ValueError("The prompt is empty; pass a prompt such as 'a red circle moving left' or --prompt_file.")
+        raise ValueError(f"The prompt is empty; pass a prompt such as 'a red circle moving left' or {file_flag}.")
     looks_like_file = " " not in text_prompt.strip() and text_prompt.strip().lower().endswith(FILE_NAME_SUFFIXES)
     if os.path.isfile(text_prompt) or looks_like_file:
         exists = "names an existing file" if os.path.isfile(text_prompt) else "looks like a file name"
         raise ValueError(f"The prompt {text_prompt!r} {exists}; prompts are never read from files implicitly: use "
-                         f"--prompt_file {text_prompt} for one prompt per line, or write the prompt in words.")
+                         f"{file_flag} {text_prompt} for one prompt per line, or write the prompt in words.")
     return [text_prompt]
 
 

@@ -16,7 +16,6 @@ their defaults; reference flag names, spec section 6).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +78,7 @@ T2V_DEFAULTS: dict[str, Any] = {
     "resume_from_checkpoint": None,
     "report_to": "tensorboard",
     "validation_prompts": None,
+    "validation_prompt_file": None,
     "validation_steps": None,
     "validation_sampling_steps": 20,
 }
@@ -387,6 +387,14 @@ def validate_t2v_options(opts: dict) -> None:
     for key in ("data_path", "cached_features", "ae_path", "pretrained", "text_encoder_name"):
         if opts[key] and not Path(opts[key]).exists():
             raise FileNotFoundError(f"--{key} {opts[key]} does not exist.")
+    if isinstance(opts["validation_prompts"], str) or opts["validation_prompt_file"]:
+        # A prompt is text, a prompt file has its own flag: never guess which (sample_t2v.read_prompts).
+        from opensora_plan.pipelines.sample_t2v import read_prompts
+
+        given = opts["validation_prompts"] if isinstance(opts["validation_prompts"], str) else None
+        if given is not None and opts["validation_prompt_file"]:
+            raise ValueError("Give --validation_prompts or --validation_prompt_file, not both.")
+        opts["validation_prompts"] = read_prompts(given, opts["validation_prompt_file"], "--validation_prompt_file")
     if opts["validation_prompts"] and opts["validation_sampling_steps"] < 4:
         # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
         raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
@@ -443,11 +451,6 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     transformer.train()
 
     prompts = opts["validation_prompts"]
-    if isinstance(prompts, str):
-        from opensora_plan.utils import read_text_file
-
-        prompts = [line.strip() for line in read_text_file(prompts, "--validation_prompts file").splitlines()
-                   if line.strip()] if os.path.isfile(prompts) else [prompts]
     task = T2VTask(
         transformer, dataset, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder,
         use_image_num=opts["use_image_num"],
