@@ -401,13 +401,15 @@ def native_stderr_to_logging(name: str):
     stderr; the reader raises a VideoReadError with the cause anyway, so the raw lines only go to the
     debug log (``opensora-plan -v``). Python's own ``sys.stderr`` is not touched.
     """
+    fd = 2  # what C code writes to, whatever Python's sys.stderr has been replaced with
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured by a test runner)
+        os.fstat(fd)
+    except OSError:  # no file descriptor 2 at all
         yield
         return
     with tempfile.TemporaryFile() as sink:
-        sys.stderr.flush()
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            sys.stderr.flush()
         saved = os.dup(fd)
         os.dup2(sink.fileno(), fd)
         try:
