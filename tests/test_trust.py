@@ -314,21 +314,23 @@ def test_single_prompt_with_short_negative_is_the_reference_conditioning(demo_pi
 BATCH_PROMPTS = ["a red circle moving left", "a green square moving up", "a white triangle moving down quickly"]
 
 
-@pytest.mark.parametrize("scheduler", ["DDIM", "EulerAncestralDiscrete"])
+# EulerAncestral draws noise in every step (one generator per prompt); the CLI test below samples with it too.
+@pytest.mark.parametrize("scheduler", ["DDIM", pytest.param("EulerAncestralDiscrete", marks=pytest.mark.slow)])
 def test_prompt_alone_equals_prompt_in_batch(demo_pipe, scheduler):
     from opensora_plan.diffusion.schedulers import create_scheduler
 
     demo_pipe.scheduler = create_scheduler(scheduler)
     gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
-    batch = demo_pipe(BATCH_PROMPTS, num_inference_steps=4, generator=gens(), output_type="pt").video
-    reference = demo_pipe(BATCH_PROMPTS, num_inference_steps=4, generator=gens(), output_type="pt",
+    # Final latents (B, 4, F, h, w): the video is their per-sample decode (checked end to end through the CLI below).
+    batch = demo_pipe(BATCH_PROMPTS, num_inference_steps=3, generator=gens(), output_type="latent").video
+    reference = demo_pipe(BATCH_PROMPTS, num_inference_steps=3, generator=gens(), output_type="latent",
                           text_conditioning="reference").video
     for i, prompt in enumerate(BATCH_PROMPTS):
-        alone = demo_pipe(prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(10 + i),
-                          output_type="pt").video
-        # Float noise of batched matmuls only: far below one uint8 level (2 / 255 in [-1, 1]).
-        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-3, rtol=0)
-    assert (reference - batch).abs().max() > 0.05  # the reference's batch rule really is different
+        alone = demo_pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(10 + i),
+                          output_type="latent").video
+        # Float noise of batched matmuls only.
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-4 * float(alone.abs().max()), rtol=0)
+    assert (reference - batch).abs().max() > 0.05 * float(batch.abs().max())  # the reference's rule really differs
     demo_pipe.scheduler = create_scheduler("DDIM")
 
 
