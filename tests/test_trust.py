@@ -658,3 +658,9 @@ def test_validation_prompts_are_never_guessed_from_file_names(t2v_inputs, capsys
     assert opts["validation_prompts"] == ["a red ball", "waves"]
     assert cli.main(_t2v_argv(t2v_inputs, "--validation_prompts", str(t2v_inputs / "val.txt"))) == 1
     _one_error_line(capsys, r"names an existing file.*--validation_prompt_file")
+
+
+def test_demo_eval_refuses_repeated_seeds_before_work(tmp_path, capsys):
+    assert cli.main(["demo", "eval", "--seeds", "0", "0", "--num_prompts", "1", "--save_dir", str(tmp_path / "v")]) == 1
+    _one_error_line(capsys, "repeated seeds")
+    assert not (tmp_path / "v").exists()
