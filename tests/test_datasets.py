@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from opensora_plan.data.datasets import (
+    NoUsableVideoError,
     SkippedVideos,
     VideoCaptionDataset,
     collate_video_caption,
@@ -243,7 +244,7 @@ def test_too_short_videos_are_skipped_when_min_frames_is_set(clips):
 def test_all_bad_is_a_clear_error(clips):
     entries = [{"path": "corrupt.mp4", "cap": "c"}, {"path": "missing.mp4", "cap": "m"}]
     dataset = VideoCaptionDataset(write_json(clips, entries), num_frames=4, max_image_size=8)
-    with pytest.raises(RuntimeError, match="all unreadable or too short.*data check"):
+    with pytest.raises(NoUsableVideoError, match="all unreadable or too short.*data check"):
         dataset[0]
 
 

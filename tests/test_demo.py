@@ -39,7 +39,7 @@ def test_shipped_demo_loads_strictly_and_samples_a_video():
     pipe.set_progress_bar_config(disable=True)
     frames, height, width = pipe.default_size()
     video = pipe("a red circle moving left", num_inference_steps=3, guidance_scale=info["guidance_scale"],
-                 generator=torch.Generator().manual_seed(0)).video
+                 generator=torch.Generator().manual_seed(0)).frames
     assert video.dtype == torch.uint8 and tuple(video.shape) == (1, frames, height, width, 3)
 
 

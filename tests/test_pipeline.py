@@ -45,7 +45,7 @@ def test_sampling_reproduces_reference_fixture(fixtures_dir, fixture_models, run
         num_inference_steps=int(fx["meta.num_inference_steps"]),
         guidance_scale=7.5,
         output_type="latent",
-    ).video
+    ).frames
 
     assert torch.equal(pipe.scheduler.timesteps.cpu(), fx["timesteps"])
     ref = fx["out.final_latents"]
@@ -125,7 +125,7 @@ def test_text_to_video_is_seeded_and_shaped_from_the_config(tiny_pipe):
     frames, height, width = tiny_pipe.default_size()
     run = lambda seed, **kw: tiny_pipe(  # noqa: E731
         "a cat playing the piano", num_inference_steps=2, generator=torch.Generator().manual_seed(seed), **kw
-    ).video
+    ).frames
     video = run(0)
     assert video.dtype == torch.uint8 and video.shape == (1, frames, height, width, 3)
     latents = run(0, output_type="latent")
@@ -138,7 +138,7 @@ def test_text_to_video_is_seeded_and_shaped_from_the_config(tiny_pipe):
 def test_batch_of_prompts_with_one_generator_per_video(tiny_pipe):
     prompts = ["a cat playing the piano", "a red car driving through a snowy forest"]
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    latents = tiny_pipe(prompts, num_inference_steps=2, generator=gens, output_type="latent").video
+    latents = tiny_pipe(prompts, num_inference_steps=2, generator=gens, output_type="latent").frames
     assert latents.shape[0] == 2 and torch.isfinite(latents).all()
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
         tiny_pipe(prompts, num_inference_steps=2, generator=gens + gens[:1], output_type="latent")
@@ -155,7 +155,7 @@ def test_image_mode_generates_one_frame_without_temporal_attention(tiny_pipe, mo
 
     monkeypatch.setattr(tiny_pipe.transformer, "forward", spy)
     _, height, width = tiny_pipe.default_size()
-    video = tiny_pipe("a cat", num_frames=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).video
+    video = tiny_pipe("a cat", num_frames=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames
     assert video.shape == (1, 1, height, width, 3) and calls == [False, False]
 
 
@@ -169,7 +169,7 @@ def test_release_text_encoder_then_sample_from_embeddings(tmp_path):
     )
     pipe.set_progress_bar_config(disable=True)
     expected = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                    output_type="latent", release_text_encoder=False).video
+                    output_type="latent", release_text_encoder=False).frames
     cond, uncond = pipe.encode_prompt("a cat")
     encoder_ref = weakref.ref(text_encoder)
     del text_encoder
@@ -178,7 +178,7 @@ def test_release_text_encoder_then_sample_from_embeddings(tmp_path):
     with pytest.raises(ValueError, match="text encoder was released.*prompt_embeds"):
         pipe("a cat", num_inference_steps=2)
     got = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=2,
-               generator=torch.Generator().manual_seed(0), output_type="latent").video
+               generator=torch.Generator().manual_seed(0), output_type="latent").frames
     torch.testing.assert_close(got, expected)
 
 
@@ -291,7 +291,7 @@ def test_every_scheduler_samples_finite_latents(tiny_pipe, name):
     tiny_pipe.scheduler = create_scheduler(name)
     try:
         latents = tiny_pipe("a cat", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                            output_type="latent").video
+                            output_type="latent").frames
     finally:
         tiny_pipe.scheduler = create_scheduler("DDIM")
     assert latents.shape == tiny_pipe._latent_shape(1, *tiny_pipe.default_size()) and torch.isfinite(latents).all()
@@ -308,7 +308,7 @@ def test_half_precision_sampling_tracks_float32(tmp_path_factory, tiny_pipe, dty
     )
     pipe.set_progress_bar_config(disable=True)
     run = lambda p: p("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),  # noqa: E731
-                      output_type="latent").video
+                      output_type="latent").frames
     half, full = run(pipe), run(tiny_pipe)
     assert half.dtype == dtype and torch.isfinite(half).all()
     # Mean, not max: guidance 7.5 amplifies half-precision rounding in a few elements.

@@ -26,8 +26,10 @@ def tiny_models(tmp_path_factory):
 
 
 def _args(model_path, t5_path, out, prompt, *extra):
+    """``prompt``: a prompt (str) or a prompt file (Path, passed with --prompt_file)."""
+    source = ["--prompt_file", str(prompt)] if isinstance(prompt, Path) else ["--text_prompt", prompt]
     return ["sample", "--model_path", str(model_path), "--version", TINY_VERSION, "--text_encoder_name", str(t5_path),
-            "--text_prompt", str(prompt), "--save_img_path", str(out), "--num_sampling_steps", "2",
+            *source, "--save_img_path", str(out), "--num_sampling_steps", "2",
             "--sample_method", "DDIM", "--fps", "8", *extra]
 
 
@@ -90,7 +92,7 @@ def test_user_errors_are_one_line(tiny_models, tmp_path, capsys, break_what, mes
 def test_prompt_helpers(tmp_path):
     assert read_prompts("a cat") == ["a cat"]
     (tmp_path / "p.txt").write_text("one\n\n  two  \n")
-    assert read_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
+    assert read_prompts(prompt_file=str(tmp_path / "p.txt")) == ["one", "two"]
     with pytest.raises(ValueError, match="prompt is empty"):
         read_prompts("  ")
     assert video_filename(12, "A cat, on a mat!  (4K)") == "0012-A_cat_on_a_mat_4K.mp4"

@@ -14,7 +14,8 @@ from opensora_plan.data.video_io import write_video
 from opensora_plan.models.causalvae import CausalVAEModel
 from opensora_plan.models.lpips import lpips_state_dict_layouts, random_lpips
 from opensora_plan.train.trainer import TrainConfig
-from opensora_plan.data.datasets import VAEVideoDataset, find_videos
+from opensora_plan.data.datasets import NoUsableVideoError, VAEVideoDataset
+from opensora_plan.data.video_io import list_videos
 from opensora_plan.train.vae import VAETrainTask, train_vae, video_paths
 
 
@@ -68,7 +69,7 @@ def _log(out: Path) -> list[dict]:
 
 
 def test_find_videos_is_recursive_and_filters_extensions(video_folder):
-    names = [p.relative_to(video_folder).as_posix() for p in find_videos(video_folder)]
+    names = [p.relative_to(video_folder).as_posix() for p in list_videos(video_folder, recursive=True)]
     assert names == ["a/clip0.mp4", "a/clip1.mp4", "b/broken.webm", "b/c/clip2.mp4"]
 
 
@@ -83,7 +84,7 @@ def test_json_data_path_gives_the_listed_videos(tmp_path, video_folder):
 
 
 def test_dataset_crops_samples_and_reports_bad_videos(video_folder, sizes):
-    paths = find_videos(video_folder)
+    paths = list_videos(video_folder, recursive=True)
     dataset = VAEVideoDataset(paths, num_frames=sizes["short"], resolution=sizes["res"], sample_rate=2)
     broken = [p.name for p in paths].index("broken.webm")
     sample = dataset[broken]
@@ -93,7 +94,7 @@ def test_dataset_crops_samples_and_reports_bad_videos(video_folder, sizes):
     # frames too small for the crop are a bad sample too, not a crash
     big = 2 * sizes["res"]
     small = VAEVideoDataset(paths[:1], num_frames=1, resolution=big)
-    with pytest.raises(RuntimeError, match=f"smaller than the {big}x{big} crop"):
+    with pytest.raises(NoUsableVideoError, match=f"smaller than the {big}x{big} crop"):
         small[0]
     # epoch report counts skipped samples seen by the generator phase, then resets
     task = VAETrainTask(vae=None, loss=None, dataset=dataset)

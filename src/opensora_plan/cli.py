@@ -102,7 +102,15 @@ def _add_sample(subparsers) -> None:
                    help=f"version folder under --model_path: {', '.join(VERSIONS)} (default 65x512x512; demo: its own)")
     p.add_argument("--text_encoder_name", default=None,
                    help=f"local T5 folder ({DEFAULT_TEXT_ENCODER} layout; default: the demo's, or {DEFAULT_TEXT_ENCODER})")
-    p.add_argument("--text_prompt", default=None, help="a prompt, or a .txt file with one prompt per line")
+    p.add_argument("--text_prompt", default=None, help="the prompt (always text, never a file name)")
+    p.add_argument("--prompt_file", default=None, help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--no_clean_caption", action="store_true",
+                   help="feed prompts as written (lower-cased) instead of the reference's caption cleaning, "
+                   "which removes e.g. CJK characters, URLs and file names")
+    p.add_argument("--text_conditioning", default="per_prompt", choices=["per_prompt", "reference"],
+                   help="per_prompt (default): a prompt gets the same video alone and in any batch, and the negative "
+                   "prompt keeps all its tokens; reference: the reference's batch rule (300 tokens, padded positions "
+                   "attended to) and negative prompt cut to the prompt's length")
     p.add_argument("--negative_prompt", default="", help="negative prompt (default: empty, as the reference)")
     p.add_argument("--ae", default=AE_NAMES[0], help=f"autoencoder name (only {AE_NAMES[0]})")
     p.add_argument("--save_img_path", default="./sample_videos", help="output folder (default ./sample_videos)")
@@ -133,16 +141,23 @@ def _run_sample(args) -> int:
     from opensora_plan.demo.model import sample_defaults
     from opensora_plan.pipelines.sample_t2v import sample_t2v
 
-    if args.prompt and args.text_prompt:
-        raise UserError("Give the prompt either as the argument or with --text_prompt, not both.")
-    if not (args.prompt or args.text_prompt):
-        raise UserError('No prompt given; run e.g. opensora-plan sample "a red circle moving left".')
+    given = [name for name, value in (("the prompt argument", args.prompt), ("--text_prompt", args.text_prompt),
+                                      ("--prompt_file", args.prompt_file)) if value is not None]
+    if len(given) > 1:
+        raise UserError(f"Give the prompt one way only, got {' and '.join(given)}.")
+    if not given:
+        raise UserError('No prompt given; run e.g. opensora-plan sample "a red circle moving left" (or --prompt_file).')
+    if args.gif and args.force_images:
+        raise UserError("--gif needs videos but --force_images writes single-frame png images; drop one of the two.")
     # No --model_path: the shipped demo model and its demo.json settings; flags given always win.
     opts = sample_defaults(args.model_path, version=args.version, text_encoder_name=args.text_encoder_name,
                            sample_method=args.sample_method, num_sampling_steps=args.num_sampling_steps,
                            guidance_scale=args.guidance_scale, fps=args.fps)
     written = sample_t2v(
-        text_prompt=args.prompt or args.text_prompt,
+        text_prompt=args.prompt if args.prompt is not None else args.text_prompt,
+        prompt_file=args.prompt_file,
+        clean_caption=not args.no_clean_caption,
+        text_conditioning=args.text_conditioning,
         model_path=opts["model_path"],
         version=opts["version"],
         text_encoder_name=opts["text_encoder_name"],
@@ -225,8 +240,9 @@ def _add_data(subparsers) -> None:
         help="open every video of a dataset JSON; report count, readable/unreadable, frames, fps, size, captions",
         description="Check a dataset JSON list of {'path': ..., 'cap': [...] or '...'} before training: "
         "malformed entries, unreadable videos (listed with the reason), frames, fps, resolution and duration "
-        "(min/median/max), caption lengths in words (and T5 tokens with --text_encoder_name). "
-        "Exit code 1 when any entry is malformed or any video unreadable.",
+        "(min/median/max), caption lengths in words (and T5 tokens with --text_encoder_name). Every frame is "
+        "decoded with the reader training uses, so what passes is what training reads (sizes are the displayed "
+        "ones, rotation applied). Exit code 1 when any entry is malformed or any video unreadable.",
     )
     c.add_argument("data_path", help="dataset JSON list")
     c.add_argument("--video_folder", default=None, help="base folder for relative paths (default: the JSON's folder)")
@@ -235,6 +251,8 @@ def _add_data(subparsers) -> None:
     c.add_argument("--num_frames", type=int, default=None, help="also count videos shorter than this window")
     c.add_argument("--sample_rate", type=int, default=1, help="window stride for --num_frames (default 1)")
     c.add_argument("--json_out", default=None, help="also write the full report as JSON here")
+    c.add_argument("--no_decode", action="store_true",
+                   help="only open the videos (fast) instead of decoding every frame; may pass files training skips")
     c.set_defaults(func=_run_data_check)
 
 
@@ -246,7 +264,7 @@ def _run_data_check(args) -> int:
 
     report = check_dataset(args.data_path, video_folder=args.video_folder, text_encoder_name=args.text_encoder_name,
                            num_frames=args.num_frames, sample_rate=args.sample_rate,
-                           model_max_length=args.model_max_length)
+                           model_max_length=args.model_max_length, decode=not args.no_decode)
     print(format_check_report(report))
     if args.json_out:
         atomic_write_bytes(args.json_out, json.dumps(report, indent=2).encode("utf-8"))
@@ -364,7 +382,8 @@ def _add_train_t2v(subparsers) -> None:
     run.add_argument("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
     run.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint-<step> folder")
     run.add_argument("--report_to", choices=["tensorboard", "none"])
-    run.add_argument("--validation_prompts", help="a prompt, or a text file with one prompt per line")
+    run.add_argument("--validation_prompts", help="a validation prompt (text, never a file name)")
+    run.add_argument("--validation_prompt_file", help="a text file with one validation prompt per line")
     run.add_argument("--validation_steps", type=int, help="sample the validation prompts every N steps")
     run.add_argument("--validation_sampling_steps", type=int, help="denoising steps of validation videos (20)")
     p.set_defaults(func=_run_train_t2v)
@@ -377,9 +396,21 @@ def _run_train_t2v(args) -> int:
     options = {**(load_stage_config(args.config) if getattr(args, "config", None) else {}), **given}
     summary = train_t2v(options)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
-        print(f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
-              f"checkpoints in {summary['output_dir']}")
+        print(_train_summary_line(summary))
     return 0
+
+
+def _train_summary_line(summary: dict) -> str:
+    """The end-of-run line, saying in words what 'skipped' means (optimizer steps vs unreadable videos)."""
+    steps = summary["skipped_steps"]
+    parts = [f"trained to step {summary['step']}",
+             f"{steps} optimizer step{'s' if steps != 1 else ''} skipped for a non-finite loss"]
+    if "skipped_video_reads" in summary:
+        reads, files = summary["skipped_video_reads"], summary["skipped_video_files"]
+        parts.append(f"{reads} sample{'s' if reads != 1 else ''} replaced because the video was unreadable "
+                     f"({files} file{'s' if files != 1 else ''}, listed in the log)" if reads
+                     else "no unreadable videos")
+    return "; ".join(parts) + f"; checkpoints in {summary['output_dir']}"
 
 
 def _add_train_vae(subparsers) -> None:
@@ -464,8 +495,7 @@ def _run_train_vae(args) -> int:
     )
     summary = train_vae(config, **task_options)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
-        print(f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
-              f"checkpoints in {summary['output_dir']}")
+        print(_train_summary_line(summary))
     return 0
 
 
@@ -576,16 +606,15 @@ def _add_convert(subparsers) -> None:
 
 
 def _run_inflate_2d_vae(args) -> int:
-    import json
-
     from opensora_plan.models.causalvae.inflate import compare_with_2d, inflate_2d_vae, synthetic_image
 
     config = None
     if args.model_config:
         if not os.path.isfile(args.model_config):
             raise FileNotFoundError(f"--model_config {args.model_config} does not exist; give a CausalVAE config.json.")
-        with open(args.model_config) as f:
-            config = json.load(f)
+        from opensora_plan.utils import read_json_file
+
+        config = read_json_file(args.model_config, "--model_config")
     model, report = inflate_2d_vae(args.vae_2d_path, args.output_dir, causal_config=config, subfolder=args.subfolder)
     print(report.summary())
     print(f"wrote {args.output_dir}")
@@ -731,6 +760,45 @@ def _log_flags_after_commands(subparsers) -> None:
 # cores: the demo sample took 27-39 s with 2 spinning threads on the loaded 2-core machine, 3.4-5 s with
 # passive waiting (README, "Threads"). Set before torch loads; a value in the environment wins.
 _OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+class _OncePerMessage(logging.Filter):
+    """Drop a warning that was already shown word for word (libraries repeat theirs on every reload)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})"
+
+
+def _route_dependency_noise(heavy: bool) -> None:
+    """One log format, one line per real problem: Python warnings (without their source line) and the
+    diffusers / transformers loggers (which print through their own handlers) go through ``logging``,
+    and a repeated warning is shown once. ``heavy``: the command imports diffusers anyway."""
+    import warnings
+
+    warnings.formatwarning = _format_warning
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _OncePerMessage) for f in handler.filters):
+            handler.addFilter(_OncePerMessage())
+    if heavy:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        for library in (diffusers_logging, transformers_logging):
+            library.disable_default_handler()
+            library.enable_propagation()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -748,9 +816,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _route_dependency_noise(heavy=args.command != "data")
+    from opensora_plan.utils import NonFiniteError
+
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as err:
+    except (UserError, OSError, ValueError, NonFiniteError) as err:  # OSError: a path the system refused
         if os.environ.get("OPENSORA_PLAN_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

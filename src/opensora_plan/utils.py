@@ -28,9 +28,17 @@ def resolve_device(name: str | None = None) -> torch.device:
     """'cuda' | 'cpu' | 'cuda:1' | None (auto: cuda when available) -> torch.device, with a clear error."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name} is not supported; use cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} was asked for but no CUDA device is available; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
     return device
 
 
@@ -88,3 +96,60 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+class NonFiniteError(RuntimeError):
+    """A model produced NaN or infinite values; stopping beats writing a black or garbage video."""
+
+
+def check_finite(tensor: torch.Tensor, where: str, dtype: torch.dtype | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` when ``tensor`` holds any NaN or infinity.
+
+    ``dtype`` is the model dtype; for float16 the message suggests bf16 / fp32, whose range is larger.
+    """
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    hint = ("; float16 overflows easily here: use --dtype bf16 or fp32 (torch.bfloat16 / torch.float32)"
+            if dtype == torch.float16 else "; check the inputs and the model weights")
+    raise NonFiniteError(f"{where}: {bad} of {tensor.numel()} values are NaN or infinite, so the output would be "
+                         f"meaningless (e.g. an all-black video){hint}.")
+
+
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of ``path``; any read problem is a one-line ValueError/FileNotFoundError naming the file
+    (``what`` says which input it is, e.g. "Prompt file" or "Dataset file")."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist.")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; expected a text file.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}; "
+                         f"is it a video or another binary file?); pass a text file.") from err
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be read: {err.strerror or err}.") from err
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a Path after checking it can be (or already is) a folder: it is not an existing file and
+    no parent is a file. Call before any heavy work so a bad output path fails in the first second."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists() and not candidate.is_dir():
+            where = "is an existing file" if candidate == path else f"is inside {candidate}, which is a file"
+            raise ValueError(f"{flag} {path} {where}; give a folder (it is created if missing).")
+    return path
+
+
+def read_json_file(path: str | os.PathLike, what: str):
+    """The parsed JSON in ``path``; a missing, unreadable or invalid file is one line naming it."""
+    import json
+
+    try:
+        return json.loads(read_text_file(path, what))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}); fix or replace the file.") from err

@@ -18,7 +18,7 @@ skipped in ``sample["skipped"]`` (a list of ``{"path", "reason"}``). :func:`coll
 gathers those lists per batch, so a training loop can count and list them even with worker processes.
 
 The end of the file holds the caption-less clip dataset of CausalVAE training (``VAEVideoDataset``,
-spec 1.8: crop without resize) and ``find_videos`` (recursive video search).
+spec 1.8: crop without resize); videos are listed with ``video_io.list_videos``.
 
 All randomness comes from torch's global RNG, which DataLoader workers (and
 ``train.sampler.SeededSamples``) seed per worker / per sample.
@@ -88,11 +88,14 @@ def resolve_video_path(path: str, json_dir: Path, video_folder: str | os.PathLik
 
 def read_raw_entries(data_path: str | os.PathLike) -> list:
     """The JSON list in ``data_path``, with one-sentence errors for a missing file or a non-list."""
+    from ..utils import read_text_file
+
     data_path = Path(data_path)
-    if not data_path.is_file():
+    if not data_path.exists():
         raise FileNotFoundError(f"Dataset file {data_path} does not exist; give the path of the dataset JSON list.")
+    text = read_text_file(data_path, "Dataset file")  # a video given by mistake: one line naming the file
     try:
-        raw = json.loads(data_path.read_text(encoding="utf-8"))
+        raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"Dataset file {data_path} is not valid JSON ({err}); fix the file.") from err
     if not isinstance(raw, list):
@@ -208,9 +211,10 @@ class VideoCaptionDataset(Dataset):
             except VideoReadError as err:
                 logger.warning("skipping video: %s", err)
                 skipped.append({"path": str(self.entries[candidate].path), "reason": str(err)})
-        raise RuntimeError(
-            f"Entries {index}..{index + len(skipped) - 1} of {self.data_path} are all unreadable or too short "
-            f"(last: {skipped[-1]['reason']}); run `opensora-plan data check {self.data_path}`."
+        raise NoUsableVideoError(
+            f"None of the {len(skipped)} entries of {self.data_path} tried for sample {index} has a usable video "
+            f"(all unreadable or too short; last: {skipped[-1]['reason']}); run `opensora-plan data check "
+            f"{self.data_path}` and fix or remove them."
         )
 
     def pick_caption(self, index: int) -> tuple[int, str]:
@@ -257,17 +261,31 @@ def collate_video_caption(samples: list[dict]) -> dict:
     return batch
 
 
+class NoUsableVideoError(ValueError):
+    """Every video a sample could fall back to is unreadable or too short (training cannot start or go on)."""
+
+
 class SkippedVideos:
-    """Accumulates ``batch["skipped"]`` over an epoch and summarises it (count, distinct paths, reasons)."""
+    """Accumulates ``batch["skipped"]`` over an epoch and summarises it (count, distinct paths, reasons).
+
+    ``run_total`` / ``run_paths`` keep counting over the whole run (:meth:`reset` clears only the epoch).
+    """
 
     def __init__(self):
         self.counts: Counter[str] = Counter()
         self.reasons: dict[str, str] = {}
+        self.run_total = 0
+        self.run_paths: set[str] = set()
 
     def update(self, skipped: list[dict]) -> None:
         for item in skipped:
             self.counts[item["path"]] += 1
             self.reasons[item["path"]] = item["reason"]
+            self.run_total += 1
+            self.run_paths.add(item["path"])
+
+    def run_report(self) -> dict:
+        return {"skipped_video_reads": self.run_total, "skipped_video_files": len(self.run_paths)}
 
     @property
     def total(self) -> int:
@@ -309,8 +327,14 @@ def check_dataset(
     sample_rate: int = 1,
     model_max_length: int = 300,
     progress: bool = True,
+    decode: bool = True,
 ) -> dict:
     """Open every video of a dataset JSON and summarise it (all problems listed, nothing raised for them).
+
+    With ``decode`` (default) every frame of every video is decoded with the reader training uses, so a
+    video passes only when training can read all of it: a partly decodable file (truncated, corrupt
+    packets) is listed as unreadable with the number of frames that decode. ``decode=False`` only
+    opens the files (fast, but may pass files that training then skips).
 
     Reports entry count, malformed entries, readable / unreadable videos (with reasons), frames, fps,
     resolution and duration (min / median / max), caption counts and lengths in words, and in tokens
@@ -327,7 +351,9 @@ def check_dataset(
 
         tokenizer = load_tokenizer(text_encoder_name)
 
-    malformed, unreadable = [], []
+    from ..models.text_encoder import preprocess_texts
+
+    malformed, unreadable, emptied = [], [], []
     frames, fps, heights, widths, durations = [], [], [], [], []
     words, tokens, per_entry = [], [], []
     for index, entry in enumerate(tqdm(raw, desc="data check", unit="video", disable=not progress)):
@@ -338,11 +364,16 @@ def check_dataset(
         captions = [entry["cap"]] if isinstance(entry["cap"], str) else entry["cap"]
         per_entry.append(len(captions))
         words += [len(c.split()) for c in captions]
+        # Training cleans captions as the reference; one that cleaning empties trains as the unconditional input.
+        emptied += [{"index": index, "caption": c} for c, cleaned in zip(captions, preprocess_texts(captions))
+                    if c.strip() and not cleaned]
         if tokenizer is not None:
             tokens += [len(ids) for ids in tokenizer(captions, add_special_tokens=True).input_ids]
         path = resolve_video_path(entry["path"], data_path.parent, video_folder)
         try:
             with VideoReader(path) as reader:
+                if decode:
+                    _decode_every_frame(reader)
                 frames.append(reader.num_frames)
                 fps.append(reader.fps)
                 heights.append(reader.height)
@@ -369,12 +400,25 @@ def check_dataset(
             "tokens": _stats(tokens),
             "over_max_length": sum(t > model_max_length for t in tokens) if tokenizer is not None else None,
             "model_max_length": model_max_length,
+            "emptied_by_cleaning": emptied,
         },
     }
     if num_frames is not None:
         report["shorter_than_window"] = sum(f < num_frames * sample_rate for f in frames)
         report["window_frames"] = num_frames * sample_rate
     return report
+
+
+def _decode_every_frame(reader: VideoReader, chunk: int = 16) -> None:
+    """Decode all frames, ``chunk`` at a time; VideoReadError saying how far decoding got when one fails."""
+    for start in range(0, reader.num_frames, chunk):
+        try:
+            reader.get_frames(range(start, min(start + chunk, reader.num_frames)))
+        except VideoReadError as err:
+            end = min(start + chunk, reader.num_frames) - 1
+            raise VideoReadError(f"{err}; only frames before {start} of {reader.num_frames} are known to decode (the "
+                                 f"failure is in frames {start}..{end}), and training skips this file whenever a clip "
+                                 "needs them: re-encode or remove it") from err
 
 
 def format_check_report(report: dict) -> str:
@@ -401,6 +445,10 @@ def format_check_report(report: dict) -> str:
     if caps["tokens"] is not None:
         lines.append(f"  tokens     {fmt(caps['tokens'])}; {caps['over_max_length']} longer than "
                      f"{caps['model_max_length']} (truncated)")
+    if caps.get("emptied_by_cleaning"):
+        lines.append(f"  cleaning   {len(caps['emptied_by_cleaning'])} captions become empty after caption cleaning "
+                     "(e.g. CJK-only) and would train as the unconditional caption:")
+        lines += [f"             entry {item['index']}: {item['caption']!r}" for item in caps["emptied_by_cleaning"][:10]]
     if "shorter_than_window" in report:
         lines.append(f"short        {report['shorter_than_window']} videos have fewer than {report['window_frames']} "
                      f"frames (frames are repeated)")
@@ -414,17 +462,6 @@ def format_check_report(report: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Clips without captions (CausalVAE training and evaluation)
 # --------------------------------------------------------------------------------------------
-
-VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv")
-
-
-def find_videos(folder: str | os.PathLike, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> list[Path]:
-    """Video files under ``folder`` and all its subfolders (by extension, case-insensitive), sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--video_path {folder} is not a folder; give a folder of videos (searched recursively).")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-
 
 class VAEVideoDataset(Dataset):
     """Clips for VAE training, as the reference's VideoDataset (spec 1.8).
@@ -481,7 +518,7 @@ class VAEVideoDataset(Dataset):
             except VideoReadError as err:
                 logger.warning("skipping video: %s", err)
                 skipped.append({"path": str(self.paths[candidate]), "reason": str(err)})
-        raise RuntimeError(
-            f"Videos {index}..{index + len(skipped) - 1} are all unreadable or too small (last: "
-            f"{skipped[-1]['reason']}); check the data with `opensora-plan data check`."
+        raise NoUsableVideoError(
+            f"None of the {len(skipped)} videos tried for sample {index} is usable (all unreadable or too small; "
+            f"last: {skipped[-1]['reason']}); check the data with `opensora-plan data check`."
         )

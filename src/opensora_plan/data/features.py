@@ -42,7 +42,7 @@ from safetensors.torch import save as safetensors_save
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..utils import atomic_write_bytes, parse_dtype, resolve_device
+from ..utils import atomic_write_bytes, check_finite, parse_dtype, resolve_device
 from .datasets import VideoCaptionDataset, load_video_entries
 from .transforms import image_slot_indices, last_window_start, video_train_transform, window_indices
 from .video_io import VideoReader, VideoReadError
@@ -107,7 +107,10 @@ def encode_latent_posterior(vae, video: torch.Tensor, num_frames: int) -> tuple[
         image_posterior = vae.encode(frames).latent_dist
         means.append(image_posterior.mean[:, :, 0].permute(1, 0, 2, 3))  # (C, n, h, w)
         logvars.append(image_posterior.logvar[:, :, 0].permute(1, 0, 2, 3))
-    return torch.cat(means, dim=1).float().cpu(), torch.cat(logvars, dim=1).float().cpu()
+    mean, logvar = torch.cat(means, dim=1).float().cpu(), torch.cat(logvars, dim=1).float().cpu()
+    # A NaN cached here would poison every training step that draws this clip: stop instead.
+    check_finite(mean, "The VAE encoded a clip to a non-finite latent mean", dtype)
+    return mean, logvar
 
 
 @torch.no_grad()

@@ -6,16 +6,26 @@ Everything here speaks uint8 RGB frames laid out ``(T, H, W, 3)``.
   allowed) as a ``torch.uint8`` tensor. It uses decord when it is installed (``pip install
   opensora-plan[video]``, faster random access) and PyAV otherwise; both give the same frames. With
   the default ``backend="auto"`` a file decord cannot handle is read with PyAV instead.
+* Frames come back in *display* orientation: a rotation stored in the container (the display
+  matrix phones write, e.g. 90 degrees for a portrait clip coded as landscape) is applied, and
+  ``height`` / ``width`` are the displayed size. decord 0.6.0 cannot read such files (it fails a
+  size check), so rotated files are always read with PyAV; both backends give identical frames.
 * A missing, unreadable or corrupt file raises :class:`VideoReadError` (a ``ValueError`` and an
   ``OSError``) naming the path and the cause, so datasets can skip the file and count it.
 * :func:`write_video` writes H.264 (yuv420p) mp4, :func:`write_gif` an animated GIF, both through PyAV
-  (no system ffmpeg needed) and atomically (a crash never leaves a half-written file).
+  (no system ffmpeg needed) and atomically (a crash never leaves a half-written file). The same
+  frames always give the same bytes (see :data:`X264_DETERMINISTIC`).
+* :func:`list_videos` is the one video-listing function (by extension, optionally recursive).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import logging
 import os
+import sys
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
@@ -26,8 +36,16 @@ import torch
 
 from opensora_plan.utils import atomic_path
 
+logger = logging.getLogger(__name__)
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 BACKENDS = ("auto", "pyav", "decord")
+# libx264 options that make the output a function of the frames only. With macroblock-tree rate
+# control on, x264 (as bundled with PyAV 18) wrote different bytes for identical frames from one call
+# to the next once torch had run in the process (measured on 64x64 clips: 6 different files out of 8
+# writes, decoded pixels up to 22 levels apart); mbtree=0 removed every difference. One encoder thread
+# makes the bytes independent of the machine's core count too (x264's output depends on its threads).
+X264_DETERMINISTIC = {"threads": "1", "x264-params": "mbtree=0"}
 
 
 class VideoReadError(ValueError, OSError):
@@ -56,6 +74,31 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
+def _quarter_turns(rotation: float | None) -> int:
+    """Counter-clockwise display rotation in degrees -> quarter turns 0..3 (non-right angles are refused)."""
+    if not rotation:
+        return 0
+    turns = rotation / 90.0
+    if abs(turns - round(turns)) > 1e-3:
+        raise VideoReadError(f"display rotation of {rotation} degrees is not a multiple of 90")
+    return int(round(turns)) % 4
+
+
+def _pyav_rotation(container, stream) -> int:
+    """Quarter turns of the display matrix, read from the first decoded frame (PyAV exposes it there)."""
+    for frame in container.decode(stream):
+        return _quarter_turns(frame.rotation)
+    return 0
+
+
+def probe_rotation(path: str | os.PathLike) -> int:
+    """Counter-clockwise quarter turns (0..3) that bring the coded frames of ``path`` to display orientation."""
+    with av.open(str(path), mode="r") as container:
+        if not container.streams.video:
+            return 0
+        return _pyav_rotation(container, container.streams.video[0])
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
@@ -78,14 +121,20 @@ class VideoReader:
             raise VideoReadError(f"Cannot read video {self.path}: no such file.")
         self._container = None
         self._decord = None
+        self.rotation = 0  # counter-clockwise quarter turns applied to every frame
         try:
             if self.backend == "decord":
-                try:
-                    self._open_decord()
-                except Exception:
-                    if not self._fallback_to_pyav:
-                        raise
+                # decord ignores the display matrix and fails on rotated files: those are read with PyAV.
+                self.rotation = probe_rotation(self.path)
+                if self.rotation:
                     self._switch_to_pyav()
+                else:
+                    try:
+                        self._open_decord()
+                    except Exception:
+                        if not self._fallback_to_pyav:
+                            raise
+                        self._switch_to_pyav()
             else:
                 self._open_pyav()
         except VideoReadError:
@@ -109,7 +158,8 @@ class VideoReader:
     def _open_decord(self) -> None:
         import decord
 
-        self._decord = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=2)
+        with native_stderr_to_logging("decord"):
+            self._decord = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=2)
         self.num_frames = len(self._decord)
         self.fps = float(self._decord.get_avg_fps())
         self.height, self.width = self._decord[0].shape[:2] if self.num_frames else (0, 0)
@@ -149,6 +199,12 @@ class VideoReader:
         key_indices = sorted(self._index_of_pts[p] for p in key_pts) or [0]
         self._key_index = [key_indices[max(bisect.bisect_right(key_indices, i) - 1, 0)] for i in range(len(pts))]
         self.num_frames = len(pts)
+        if pts:
+            # The display matrix is only exposed on decoded frames: decode the first one.
+            self._container.seek(pts[0], stream=stream, backward=True, any_frame=False)
+            self.rotation = _pyav_rotation(self._container, stream)
+            if self.rotation % 2:
+                self.height, self.width = self.width, self.height  # the displayed size
 
     def _get_frames_pyav(self, wanted: list[int]) -> dict[int, np.ndarray]:
         """Decode the sorted, unique frame indices ``wanted``; seek only when it saves decoding."""
@@ -173,7 +229,7 @@ class VideoReader:
                         f"Cannot read video {self.path}: frame {index} could not be decoded (the decoder "
                         f"went from an earlier frame straight to frame {frame_index})."
                     )
-                out[index] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                out[index] = np.rot90(frame.to_ndarray(format="rgb24"), self.rotation)  # (H, W, 3) displayed
                 break
             else:
                 raise VideoReadError(
@@ -200,7 +256,8 @@ class VideoReader:
         try:
             if self.backend == "decord":
                 try:
-                    frames = self._decord.get_batch(indices).asnumpy()  # (T, H, W, 3)
+                    with native_stderr_to_logging("decord"):
+                        frames = self._decord.get_batch(indices).asnumpy()  # (T, H, W, 3)
                 except Exception:
                     if not self._fallback_to_pyav:
                         raise
@@ -234,7 +291,7 @@ class VideoReader:
     def __repr__(self) -> str:
         return (
             f"VideoReader({str(self.path)!r}, backend={self.backend!r}, num_frames={self.num_frames}, "
-            f"fps={self.fps:.3f}, size={self.width}x{self.height})"
+            f"fps={self.fps:.3f}, size={self.width}x{self.height}, rotation={90 * self.rotation})"
         )
 
 
@@ -279,7 +336,8 @@ def write_video(
     """Write uint8 frames ``(T, H, W, 3)`` (numpy or torch) as an H.264 yuv420p mp4; returns the path.
 
     ``crf`` is x264's quality (0 = lossless, 18 = visually lossless, 23 = x264's default).
-    H and W must be even (yuv420p halves the chroma planes).
+    H and W must be even (yuv420p halves the chroma planes). Identical frames give identical bytes
+    (:data:`X264_DETERMINISTIC`; no creation time or other run-dependent metadata is written).
     """
     frames = _as_uint8_frames(frames)
     _, height, width, _ = frames.shape
@@ -292,7 +350,7 @@ def write_video(
     with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=_fps_fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset}
+        stream.options = {"crf": str(crf), "preset": preset, **X264_DETERMINISTIC}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -320,7 +378,46 @@ def write_gif(path: str | os.PathLike, frames, fps: float) -> Path:
     return path
 
 
-def list_videos(folder: str | os.PathLike) -> list[Path]:
-    """Video files (by extension, case-insensitive) directly inside ``folder``, sorted by name."""
+def list_videos(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Video files (``VIDEO_EXTENSIONS``, case-insensitive) in ``folder`` (and its subfolders when
+    ``recursive``), sorted by path. FileNotFoundError when ``folder`` is not a folder."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; give a folder of videos ({'/'.join(VIDEO_EXTENSIONS)}).")
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# Native log lines
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def native_stderr_to_logging(name: str):
+    """Send what C/C++ code writes to file descriptor 2 inside the block to ``logging`` (DEBUG).
+
+    decord's C++ core prints its own log lines (``[12:00:00] .../video_reader.cc:...``) straight to
+    stderr; the reader raises a VideoReadError with the cause anyway, so the raw lines only go to the
+    debug log (``opensora-plan -v``). Python's own ``sys.stderr`` is not touched.
+    """
+    fd = 2  # what C code writes to, whatever Python's sys.stderr has been replaced with
+    try:
+        os.fstat(fd)
+    except OSError:  # no file descriptor 2 at all
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            sys.stderr.flush()
+        saved = os.dup(fd)
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    logger.debug("%s: %s", name, line.strip())

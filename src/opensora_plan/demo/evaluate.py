@@ -133,6 +133,13 @@ def evaluate_demo(
     prompts = list(prompts) if prompts is not None else all_prompts()
     if not prompts or not seeds:
         raise ValueError("demo eval needs at least one prompt and one seed.")
+    if len(set(seeds)) != len(seeds) or len(set(prompts)) != len(prompts):
+        # Each (prompt, seed) names one file in save_dir; a repeat would overwrite an output of this run.
+        raise ValueError(f"demo eval got repeated seeds or prompts ({list(seeds)}); give each once.")
+    if save_dir:
+        from opensora_plan.utils import check_output_folder
+
+        check_output_folder(save_dir, "--save_dir")
     labels = [parse_caption(p) for p in prompts]  # fails early on a prompt outside the vocabulary
     pipe, info = load_demo_pipeline(model_path, sample_method, device)
     pipe.set_progress_bar_config(disable=True)

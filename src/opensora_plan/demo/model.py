@@ -11,7 +11,6 @@ release layout plus ``demo.json``::
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -33,7 +32,9 @@ def load_demo_info(model_path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{model_path} has no {DEMO_INFO}; give a folder written by `opensora-plan demo train` "
                                 f"(its model/ subfolder) or the shipped demo.")
-    return json.loads(path.read_text())
+    from opensora_plan.utils import read_json_file
+
+    return read_json_file(path, "Demo info")
 
 
 def fast_cache_options(model_path: str | os.PathLike | None) -> dict:

@@ -63,10 +63,13 @@ def check_t5_folder(path: str | os.PathLike) -> Path:
 
 def t5_hidden_size(path: str | os.PathLike) -> int:
     """The encoder width (``d_model``) written in the folder's ``config.json``, without loading weights."""
-    import json
+    from opensora_plan.utils import read_json_file
 
     folder = check_t5_folder(path)
-    return int(json.loads((folder / "config.json").read_text())["d_model"])
+    config = read_json_file(folder / "config.json", "T5 config")
+    if not isinstance(config, dict) or "d_model" not in config:
+        raise ValueError(f"{folder / 'config.json'} is not a T5 config (no d_model); give a DeepFloyd/t5-v1_1-xxl folder.")
+    return int(config["d_model"])
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -156,10 +159,15 @@ def _optional_cleaners():
     prompts; one warning per missing package says how to get the exact reference behaviour.
     """
     try:
-        from bs4 import BeautifulSoup
+        import warnings
+
+        from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
 
         def strip_html(text: str) -> str:
-            return BeautifulSoup(text, features="html.parser").text
+            # A caption that looks like a URL or a file name is still a caption, not markup to fetch.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MarkupResemblesLocatorWarning)
+                return BeautifulSoup(text, features="html.parser").text
     except ImportError:
         _warn_once("beautifulsoup4")
 
@@ -242,6 +250,51 @@ def clean_caption(caption: str) -> str:
     caption = re.sub(r"[\'\_,\-\:\-\+]$", r"", caption)
     caption = re.sub(r"^\.\S+$", "", caption)
     return caption.strip()
+
+
+def _word_chars(text: str) -> int:
+    return sum(ch.isalnum() for ch in text)
+
+
+def preprocess_prompts(texts: str | Iterable[str], clean: bool = True, what: str = "prompt",
+                       empty_is_error: bool = True, warn: bool = True) -> list[str]:
+    """:func:`preprocess_texts` that refuses to lose a prompt silently.
+
+    A non-empty text that cleaning turns into ``""`` (e.g. a prompt written only in Chinese: the
+    reference cleaner removes CJK characters) would be sampled as the unconditional prompt: that is
+    a ValueError (a warning when ``empty_is_error`` is False, e.g. for a negative prompt). When
+    cleaning keeps less than half of the letters and digits, a warning says what is left
+    (``warn=False``: only the error, for an early check before the prompts are encoded).
+    """
+    raw = [texts] if isinstance(texts, str) else list(texts)
+    cleaned = preprocess_texts(raw, clean=clean)
+    if not clean:
+        return cleaned
+    for index, (before, after) in enumerate(zip(raw, cleaned)):
+        label = f"{what} {before!r}" if len(raw) == 1 else f"{what} {index} ({before!r})"
+        if before.strip() and not after:
+            message = (f"The {label} is empty after caption cleaning (the reference cleaner removes CJK characters, "
+                       "URLs, HTML, file names, ...), so it would be sampled as the unconditional prompt; write it "
+                       "in English or turn cleaning off with --no_clean_caption (clean_caption=False).")
+            if empty_is_error:
+                raise ValueError(message)
+            if warn:
+                logger.warning(message)
+        elif warn and _word_chars(after) < 0.5 * _word_chars(before):
+            logger.warning("Caption cleaning removed most of the %s; the model reads %r. Pass --no_clean_caption "
+                           "(clean_caption=False) to keep the text as written.", label, after)
+    return cleaned
+
+
+def warn_truncated(tokenizer, texts: list[str], max_length: int, what: str = "prompt") -> list[int]:
+    """Token count of each text (EOS included); one warning per text longer than ``max_length`` tokens."""
+    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=True).input_ids]
+    for index, (text, count) in enumerate(zip(texts, counts)):
+        if count > max_length:
+            label = what if len(texts) == 1 else f"{what} {index}"
+            logger.warning("The %s has %d tokens but the model reads %d: the last %d (%r...) are dropped.", label,
+                           count, max_length, count - max_length, text[:40])
+    return counts
 
 
 def preprocess_texts(texts: str | Iterable[str], clean: bool = True) -> list[str]:

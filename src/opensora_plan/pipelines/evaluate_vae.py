@@ -119,16 +119,16 @@ def evaluate_vae(
     (sorted by path). ``json_out`` receives :meth:`EvaluationSummary.to_dict`.
     """
     from ..models.lpips import load_lpips
-    from ..data.datasets import find_videos
+    from ..data.video_io import VIDEO_EXTENSIONS, list_videos
 
     video_path = Path(video_path)
     if not video_path.exists():
         raise FileNotFoundError(f"--video_path {video_path} does not exist; give a video file or a folder of videos.")
-    sources = find_videos(video_path) if video_path.is_dir() else [video_path]
+    sources = list_videos(video_path, recursive=True) if video_path.is_dir() else [video_path]
     if subset_size:
         sources = sources[:subset_size]
     if not sources:
-        raise ValueError(f"No videos (mp4/avi/webm/mkv) under {video_path}; point --video_path at a folder of videos.")
+        raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) under {video_path}; point --video_path at a folder of videos.")
     lpips = load_lpips(lpips_path, device=None) if lpips_path else None
     vae = load_vae(model_path, device, dtype, enable_tiling, tile_overlap_factor)
     check_num_frames(num_frames, vae.temporal_compression)

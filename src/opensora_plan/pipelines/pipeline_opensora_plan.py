@@ -22,6 +22,19 @@ pipeline from the released layout (version folders + ``vae/`` and a separate T5 
 
 Differences from the reference, on purpose: inputs are validated before any heavy work, sampling is
 seeded through ``generator``, and the text encoder can be released after encoding to save memory.
+
+Text conditioning (``text_conditioning``): the default ``"per_prompt"`` gives every prompt exactly the
+conditioning it gets alone, in any batch: each prompt keeps its valid tokens, the negative prompt
+keeps its own tokens (padded to the prompt's length when shorter, as the reference does), and the
+positions beyond them are excluded from cross-attention by an attention mask. Alone, with a negative
+that fits in the prompt's length, this *is* the reference's single-prompt conditioning (no mask is
+passed). ``"reference"`` reproduces the reference exactly, quirks included: the negative prompt is cut
+to the prompt's length, and a batch uses 300 tokens with zeroed prompt pads, attended to without a mask.
+Truncation is never silent: one warning per prompt says how many tokens were dropped. A prompt that
+caption cleaning empties is an error (it would be sampled as the unconditional prompt).
+
+Non-finite values (the initial latents, the latents after any step, the decoded video) stop sampling
+with :class:`~opensora_plan.utils.NonFiniteError` naming the step, instead of a black video.
 """
 
 from __future__ import annotations
@@ -41,11 +54,13 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache
-from opensora_plan.models.text_encoder import MAX_LENGTH, encode_texts, preprocess_texts
+from opensora_plan.models.text_encoder import MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
+from opensora_plan.utils import check_finite
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("uint8", "np", "pt", "pil", "latent")
+TEXT_CONDITIONING = ("per_prompt", "reference")
 
 
 @dataclass
@@ -330,9 +345,11 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         The result can be fed back as ``prompt_embeds`` / ``negative_prompt_embeds`` unchanged.
         """
         embeds_given = prompt_embeds is not None and negative_prompt_embeds is not None
+        negative_texts = None
         device = self._execution_device
         if prompt_embeds is None:
-            texts = preprocess_texts(prompt, clean=clean_caption)
+            texts = preprocess_prompts(prompt, clean=clean_caption)
+            warn_truncated(self.tokenizer, texts, max_length)
             prompt_embeds, prompt_mask = encode_texts(self.tokenizer, self.text_encoder, texts, max_length)
         else:
             prompt_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
@@ -342,8 +359,10 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
 
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             # The negative prompt (default "": only EOS) is padded to the prompt's length, as the reference.
-            texts = preprocess_texts([negative_prompt] * batch_size, clean=clean_caption)
-            negative_prompt_embeds, _ = encode_texts(self.tokenizer, self.text_encoder, texts, prompt_embeds.shape[1])
+            negative_texts = preprocess_prompts([negative_prompt] * batch_size, clean=clean_caption,
+                                                what="negative prompt", empty_is_error=False)
+            negative_prompt_embeds, _ = encode_texts(self.tokenizer, self.text_encoder, negative_texts,
+                                                     prompt_embeds.shape[1])
         if do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         else:
@@ -354,12 +373,83 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             if batch_size == 1:
                 keep = int(prompt_mask.sum().item())
                 prompt_embeds = prompt_embeds[:, :keep]
+                if negative_texts is not None:
+                    _warn_negative_cut(self.tokenizer, negative_texts[0], keep)
                 if negative_prompt_embeds is not None:
                     negative_prompt_embeds = negative_prompt_embeds[:, :keep]
             else:
                 # Reference quirk kept on purpose (spec 4): batches are masked, not cut, and only the prompt side.
                 prompt_embeds = prompt_embeds * prompt_mask[:, :, None].to(dtype)
         return prompt_embeds, negative_prompt_embeds
+
+    @torch.no_grad()
+    def encode_prompt_with_masks(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str = "",
+        do_classifier_free_guidance: bool = True,
+        clean_caption: bool = True,
+        max_length: int = MAX_LENGTH,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-prompt conditioning: ``(prompt_embeds (B, L, C), prompt_mask (B, L), negative_embeds (B, L, C)
+        or None, negative_mask (B, L) or None)``; masks are bool, True = attend.
+
+        Prompt i attends to its k_i valid tokens; the negative prompt, for prompt i, to its own n valid
+        tokens, or to k_i positions (its tokens, then pads) when n < k_i, which is how the reference
+        pads it for a single prompt. L is the longest of these in the batch, so prompt i gets the same
+        conditioning alone and in any batch. Feed the four tensors back to ``__call__`` as
+        ``prompt_embeds``, ``prompt_attention_mask``, ``negative_prompt_embeds``,
+        ``negative_prompt_attention_mask``.
+        """
+        device, dtype = self._execution_device, self.transformer.dtype
+        texts = preprocess_prompts(prompt, clean=clean_caption)
+        warn_truncated(self.tokenizer, texts, max_length)
+        embeds, mask = encode_texts(self.tokenizer, self.text_encoder, texts, max_length)  # (B, 300, C), (B, 300)
+        prompt_len = mask.sum(1).to(device)  # (B,)
+        positions = torch.arange(max_length, device=device)
+        length = int(prompt_len.max())
+        negative_embeds = negative_mask = None
+        if do_classifier_free_guidance:
+            negative = preprocess_prompts(negative_prompt, clean=clean_caption, what="negative prompt",
+                                          empty_is_error=False)
+            warn_truncated(self.tokenizer, negative, max_length, what="negative prompt")
+            negative_embeds, negative_valid = encode_texts(self.tokenizer, self.text_encoder, negative, max_length)
+            negative_len = prompt_len.clamp(min=int(negative_valid.sum()))  # (B,)
+            length = max(length, int(negative_len.max()))
+            negative_mask = positions[None, :length] < negative_len[:, None]  # (B, L)
+            negative_embeds = negative_embeds[:, :length].to(device=device, dtype=dtype).expand(len(texts), -1, -1)
+        prompt_mask = positions[None, :length] < prompt_len[:, None]  # (B, L)
+        prompt_embeds = embeds[:, :length].to(device=device, dtype=dtype)  # (B, L, C)
+        return prompt_embeds, prompt_mask, negative_embeds, negative_mask
+
+    @staticmethod
+    def _cross_attention_mask(prompt_mask, negative_mask, do_cfg: bool, batch_size: int, length: int):
+        """The transformer's text mask for ``[uncond; cond]`` (2B, L), or None when every position is attended
+        (then the call is exactly the reference's, which samples without a mask)."""
+        if prompt_mask is None and (negative_mask is None or not do_cfg):
+            return None
+        ones = torch.ones(batch_size, length, dtype=torch.bool)
+        cond = ones.to(prompt_mask.device) if prompt_mask is None else prompt_mask.bool()
+        if do_cfg:
+            uncond = torch.ones_like(cond) if negative_mask is None else negative_mask.bool().to(cond.device)
+            cond = torch.cat([uncond, cond], dim=0)  # (2B, L)
+        return None if bool(cond.all()) else cond.long()
+
+    def _check_text_options(self, text_conditioning, prompt_embeds, prompt_attention_mask,
+                            negative_prompt_embeds, negative_prompt_attention_mask) -> None:
+        if text_conditioning not in TEXT_CONDITIONING:
+            raise ValueError(f"text_conditioning {text_conditioning!r} is not supported; use one of "
+                             f"{', '.join(TEXT_CONDITIONING)}.")
+        for name, mask, embeds in (("prompt_attention_mask", prompt_attention_mask, prompt_embeds),
+                                   ("negative_prompt_attention_mask", negative_prompt_attention_mask,
+                                    negative_prompt_embeds)):
+            if mask is None:
+                continue
+            if embeds is None:
+                raise ValueError(f"{name} needs the matching embeddings; pass them together (see encode_prompt_with_masks).")
+            if tuple(mask.shape) != tuple(embeds.shape[:2]):
+                raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(embeds.shape[:2])} "
+                                 "(one entry per text token, 1 = attend).")
 
     # ----------------------------------------------------------------------------------------
     # Latents
@@ -401,6 +491,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         """Diffusion latents (B, C, F, h, w) -> decoded video (B, T, C, H, W), roughly in [-1, 1]."""
         latents = latents / self.vae.config.scaling_factor
         video = self.vae.decode(latents.to(self.vae.dtype)).sample  # (B, C, T, H, W)
+        check_finite(video, "The VAE decoded the final latents to non-finite pixels", self.vae.dtype)
         return video.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W)
 
     def postprocess_video(self, video: torch.Tensor, output_type: str):
@@ -458,6 +549,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         num_videos_per_prompt: int = 1,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        text_conditioning: str = "per_prompt",
     ):
         """Generate videos; returns :class:`OpenSoraPlanPipelineOutput` (``.frames``) or a 1-tuple.
 
@@ -471,6 +565,11 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         ``callback_on_step_end_tensor_inputs`` (any of ``latents``, ``prompt_embeds``) and may return
         replacements; set ``pipe._interrupt = True`` in it to stop early (the current latents are decoded).
         Raises ``ValueError`` for any invalid input, before a model runs.
+        ``text_conditioning``: ``"per_prompt"`` (default: a prompt gets the same video alone and in a
+        batch, given the same generator) or ``"reference"`` (the reference's batch and negative-prompt
+        quirks, see the module docstring). ``prompt_attention_mask`` / ``negative_prompt_attention_mask``
+        (B, L), 1 = attend, go with embeddings from :meth:`encode_prompt_with_masks`.
+        Raises :class:`~opensora_plan.utils.NonFiniteError` when the latents or the video become NaN/inf.
         """
         default_frames, default_h, default_w = self.default_size()
         num_frames = default_frames if num_frames is None else num_frames
@@ -487,18 +586,26 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             prompt_embeds, negative_prompt_embeds, latents, output_type, num_videos_per_prompt,
         )
         self._interrupt = False
+        self._check_text_options(text_conditioning, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                                 negative_prompt_attention_mask)
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            negative_prompt="" if negative_prompt is None else negative_prompt,
-            do_classifier_free_guidance=do_cfg,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            clean_caption=clean_caption,
-            mask_feature=mask_feature,
-        )
+        if (prompt is not None and text_conditioning == "per_prompt" and mask_feature
+                and negative_prompt_embeds is None):
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+                self.encode_prompt_with_masks(prompt, "" if negative_prompt is None else negative_prompt, do_cfg,
+                                              clean_caption=clean_caption))
+        else:
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt,
+                negative_prompt="" if negative_prompt is None else negative_prompt,
+                do_classifier_free_guidance=do_cfg,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                clean_caption=clean_caption,
+                mask_feature=mask_feature,
+            )
         if release_text_encoder:
             self.release_text_encoder()
         if num_videos_per_prompt > 1:  # (B, L, C) -> (B * n, L, C), prompt-major
@@ -506,6 +613,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             if negative_prompt_embeds is not None:
                 negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         batch_size = prompt_embeds.shape[0]
+        text_mask = self._cross_attention_mask(prompt_attention_mask, negative_prompt_attention_mask, do_cfg,
+                                               batch_size, prompt_embeds.shape[1])  # (2B, L) or None
         if do_cfg:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)  # (2B, L, C): [uncond; cond]
 
@@ -515,6 +624,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         latents = self.prepare_latents(
             self._latent_shape(batch_size, num_frames, height, width), self.transformer.dtype, device, generator, latents
         )  # (B, C, F, h, w)
+        check_finite(latents, "The initial latents are not finite", self.transformer.dtype)
         step_kwargs = self._step_kwargs(generator, eta)
         temporal = num_frames != 1  # image mode skips temporal attention (spec 2.6)
 
@@ -528,11 +638,13 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B, C, F, h, w)
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 timestep = t[None].to(device).expand(model_input.shape[0])  # (2B,)
-                # No text mask on purpose: the reference samples without one (spec 3.2, 8.8).
+                # The reference samples without a text mask (spec 3.2, 8.8); text_mask is None whenever
+                # that gives the same conditioning (a single prompt), and masks only padded positions otherwise.
                 noise_pred = self.transformer(
                     model_input,
                     timestep=timestep,
                     encoder_hidden_states=prompt_embeds,
+                    encoder_attention_mask=text_mask,
                     enable_temporal_attentions=temporal,
                     return_dict=True,
                 ).sample  # (2B, 8, F, h, w)
@@ -542,6 +654,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 if noise_pred.shape[1] == 2 * in_channels:
                     noise_pred = noise_pred[:, :in_channels]  # epsilon; the learned variance is not used
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                _check_step_finite(latents, step_index, len(timesteps), t, self.transformer.dtype)
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
@@ -561,6 +674,26 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         if not return_dict:
             return (video,)
         return OpenSoraPlanPipelineOutput(frames=video)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: silent-failure checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_step_finite(latents: torch.Tensor, step_index: int, num_steps: int, t, dtype: torch.dtype) -> None:
+    """Stop at the first denoising step whose latents hold NaN/inf (they would decode to a black video)."""
+    check_finite(latents, f"Denoising step {step_index + 1} of {num_steps} (timestep {int(t)}) produced non-finite "
+                 "latents", dtype)
+
+
+def _warn_negative_cut(tokenizer, negative: str, length: int) -> None:
+    """The reference's single-prompt rule cuts the negative prompt to the prompt's length: say what it drops."""
+    count = len(tokenizer(negative, add_special_tokens=True).input_ids)
+    if count > length:
+        logger.warning("text_conditioning='reference': the negative prompt (%d tokens) is cut to the prompt's %d "
+                       "tokens, dropping %d (its end token included); the default 'per_prompt' keeps them.",
+                       count, length, count - length)
 
 
 def _register_with_diffusers() -> None:

@@ -36,9 +36,9 @@ from ..data.transforms import (
     model_range_to_frames,
     resize_short_side,
 )
-from ..data.video_io import VideoReader, list_videos, write_gif, write_video
+from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_gif, write_video
 from ..metrics import psnr, ssim
-from ..utils import atomic_write_bytes, parse_dtype, resolve_device
+from ..utils import atomic_write_bytes, check_finite, check_output_folder, parse_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,10 @@ def reconstruct_video(vae, video: torch.Tensor, sample: bool = False, generator:
     x = video.unsqueeze(0).to(device=vae.device, dtype=vae.dtype)  # (1, 3, T, H, W)
     posterior = vae.encode(x).latent_dist
     z = posterior.sample(generator=generator) if sample else posterior.mode()  # (1, C, t, h, w)
-    return vae.decode(z).sample[0].float().cpu()  # (3, T, H, W)
+    check_finite(z, "The VAE encoded the video to non-finite latents", vae.dtype)
+    reconstruction = vae.decode(z).sample[0]
+    check_finite(reconstruction, "The VAE decoded the latents to non-finite pixels", vae.dtype)
+    return reconstruction.float().cpu()  # (3, T, H, W)
 
 
 def quality(video: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, float]:
@@ -186,6 +189,25 @@ def quality(video: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, f
 # --------------------------------------------------------------------------------------------
 # Whole runs
 # --------------------------------------------------------------------------------------------
+
+
+def _check_rec_folder(rec_path: Path) -> None:
+    """--rec_path as an output folder: not a file, and not a name with a file suffix (out.txt, out.avi)."""
+    if rec_path.suffix and not rec_path.is_dir():
+        raise ValueError(f"--rec_path {rec_path} has the suffix {rec_path.suffix!r}: give an .mp4 file (one input "
+                         "video) or a folder name without a suffix.")
+    check_output_folder(rec_path, "--rec_path")
+
+
+def output_names(sources: list[Path]) -> list[str]:
+    """``<stem>.mp4`` per input, unique: inputs that share a stem (clip.avi, clip.mov) keep their suffix
+    in the name (clip.avi.mp4, clip.mov.mp4) so no output overwrites another."""
+    stems = [s.stem.lower() for s in sources]
+    names = [f"{s.name}.mp4" if stems.count(s.stem.lower()) > 1 else f"{s.stem}.mp4" for s in sources]
+    if len({n.lower() for n in names}) != len(names):  # e.g. a.mp4 next to a.mp4.mp4: refuse rather than overwrite
+        raise ValueError(f"Inputs {', '.join(n for n in names if names.count(n) > 1)} would share an output name; "
+                         "rename them.")
+    return names
 
 
 def _reconstruct_file(vae, source: Path, target: Path, gif: bool, fps: float | None, sample: bool,
@@ -239,17 +261,26 @@ def reconstruct(
     if folder_mode:
         if rec_path.suffix.lower() == ".mp4":
             raise ValueError(f"--video_path {video_path} is a folder, so --rec_path must be a folder, not {rec_path}.")
+        _check_rec_folder(rec_path)
         if rec_path.resolve() == video_path.resolve():
             raise ValueError(f"--rec_path {rec_path} is the input folder; choose another folder so no input is overwritten.")
         sources = list_videos(video_path)
         if not sources:
-            raise ValueError(f"No videos (mp4/avi/webm/mkv/mov) in {video_path}; point --video_path at a video or a folder of them.")
-        targets = [rec_path / f"{s.stem}.mp4" for s in sources]
+            raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) in {video_path}; point --video_path at a video "
+                             "or a folder of them.")
+        targets = [rec_path / name for name in output_names(sources)]
     else:
-        target = rec_path if rec_path.suffix.lower() == ".mp4" else rec_path / f"{video_path.stem}.mp4"
+        if rec_path.suffix.lower() == ".mp4":
+            target = rec_path
+            check_output_folder(rec_path.parent, "--rec_path's folder")
+        else:
+            _check_rec_folder(rec_path)
+            target = rec_path / f"{video_path.stem}.mp4"
         if target.resolve() == video_path.resolve():
             raise ValueError(f"--rec_path {target} is the input video itself; choose another output path.")
         sources, targets = [video_path], [target]
+    if gif and any(t.with_suffix(".gif") == s for s, t in zip(sources, targets)):
+        raise ValueError("--gif would overwrite an input .gif; choose another --rec_path.")
 
     vae = load_vae(model_path, device, dtype, enable_tiling, tile_overlap_factor, temporal_chunk, temporal_context)
     check_num_frames(num_frames, vae.temporal_compression)

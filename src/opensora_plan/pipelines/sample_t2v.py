@@ -5,9 +5,14 @@ Mirrors the reference's ``opensora/sample/sample_t2v.py`` (its flags, plus ``--n
 T5 encoder is freed after all prompts are encoded, and ``torchrun --nproc_per_node N`` splits the
 prompts over N processes (rank r takes prompts r, r+N, ...), each writing its own files.
 
-Each video gets its own generator seeded with ``seed + prompt index``, so a prompt's video does not
-depend on how many processes share the work (with ``batch_size`` 1; batches follow the reference's
-batch rule for text embeddings, see ``OpenSoraPlanPipeline.encode_prompt``).
+Each video gets its own generator seeded with ``seed + prompt index``, and each prompt its own text
+conditioning (``text_conditioning="per_prompt"``, the default), so a prompt's video does not depend on
+the batch it is in or on how many processes share the work. ``text_conditioning="reference"`` keeps the
+reference's batch rule instead (see ``OpenSoraPlanPipeline``).
+
+Prompts come from the ``prompt`` argument / ``--text_prompt`` (always a prompt, never a file name) or
+from ``--prompt_file`` (one prompt per line); a prompt that names an existing file, or looks like a
+file name, is refused with a pointer to ``--prompt_file`` rather than sampled as text.
 """
 
 from __future__ import annotations
@@ -27,18 +32,38 @@ DEFAULT_MODEL_PATH = "LanguageBind/Open-Sora-Plan-v1.0.0"
 DEFAULT_TEXT_ENCODER = "DeepFloyd/t5-v1_1-xxl"
 
 
-def read_prompts(text_prompt: str) -> list[str]:
-    """One prompt, or the non-empty lines of a ``.txt`` file (one prompt per line)."""
-    if text_prompt.endswith(".txt"):
-        path = Path(text_prompt)
-        if not path.is_file():
-            raise FileNotFoundError(f"Prompt file {path} does not exist; pass a .txt file with one prompt per line or a prompt.")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+FILE_NAME_SUFFIXES = (".txt", ".lst", ".list", ".csv", ".tsv", ".json", ".jsonl", ".prompts", ".text")
+TEXT_CONDITIONING = ("per_prompt", "reference")
+
+
+def read_prompts(text_prompt: str | None = None, prompt_file: str | os.PathLike | None = None,
+                 file_flag: str = "--prompt_file") -> list[str]:
+    """``[text_prompt]``, or the non-empty lines of ``prompt_file``; exactly one of the two.
+
+    Never guesses: a ``text_prompt`` that is the path of an existing file, or a single word ending in a
+    text-file suffix (``prompts.txt``, ``list.TXT``), is a ValueError that points to ``--prompt_file``.
+    """
+    from opensora_plan.utils import read_text_file
+
+    if (text_prompt is None) == (prompt_file is None):
+        raise ValueError(f"Give either a prompt (the argument or --text_prompt) or {file_flag}, exactly one of them.")
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file() and not path.is_dir():
+            raise FileNotFoundError(f"Prompt file {path} does not exist; {file_flag} takes a text file with one "
+                                    "prompt per line.")
+        text = read_text_file(path, "Prompt file")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"Prompt file {path} has no prompts; write one prompt per line.")
         return prompts
     if not text_prompt.strip():
-        raise ValueError("The prompt is empty; pass --text_prompt 'a description' or a .txt file of prompts.")
+        raise ValueError(f"The prompt is empty; pass a prompt such as 'a red circle moving left' or {file_flag}.")
+    looks_like_file = " " not in text_prompt.strip() and text_prompt.strip().lower().endswith(FILE_NAME_SUFFIXES)
+    if os.path.isfile(text_prompt) or looks_like_file:
+        exists = "names an existing file" if os.path.isfile(text_prompt) else "looks like a file name"
+        raise ValueError(f"The prompt {text_prompt!r} {exists}; prompts are never read from files implicitly: use "
+                         f"{file_flag} {text_prompt} for one prompt per line, or write the prompt in words.")
     return [text_prompt]
 
 
@@ -91,18 +116,33 @@ def _check_model_folders(model_path: Path, version: str, ae: str, text_encoder_n
     for sub in (version, "vae"):
         find_weights(resolve_model_folder(model_path, sub))
     width = t5_hidden_size(text_encoder_name)
-    latte_config = json.loads((model_path / version / "config.json").read_text())
+    latte_config = _read_config(model_path / version / "config.json", ("caption_channels", "in_channels", "video_length"),
+                                f"a LatteT2V config; --version names a transformer folder ({', '.join(VERSIONS)}), not vae")
+    vae_config = _read_config(model_path / "vae" / "config.json", ("embed_dim",), "a CausalVAE config")
     if latte_config["caption_channels"] != width:
         raise ValueError(
             f"The T5 in {text_encoder_name} is {width} wide but {model_path / version} expects caption_channels="
             f"{latte_config['caption_channels']}; use the text encoder that model was trained with."
         )
-    vae_config = json.loads((model_path / "vae" / "config.json").read_text())
     if vae_config["embed_dim"] != latte_config["in_channels"]:
         raise ValueError(
             f"The VAE in {model_path / 'vae'} has {vae_config['embed_dim']} latent channels but {version} expects "
             f"{latte_config['in_channels']}; use the VAE shipped with that model."
         )
+
+
+def _read_config(path: Path, required: tuple[str, ...], expected: str) -> dict:
+    """A model folder's config.json with the keys this command reads; one-line errors otherwise."""
+    from opensora_plan.utils import read_text_file
+
+    try:
+        config = json.loads(read_text_file(path, "Config file"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Config file {path} is not valid JSON ({err}); expected {expected}.") from err
+    missing = [key for key in required if not isinstance(config, dict) or key not in config]
+    if missing:
+        raise ValueError(f"{path} is not {expected} (it lacks {', '.join(missing)}).")
+    return config
 
 
 def _save(path: Path, frames, fps: float) -> Path:
@@ -120,7 +160,8 @@ def _save(path: Path, frames, fps: float) -> Path:
 
 def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
                  fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
-                 batch_size, force_images, cache, compile) -> list[Path]:
+                 batch_size, force_images, cache, compile, clean_caption=True,
+                 text_conditioning="per_prompt") -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
@@ -150,18 +191,19 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     do_cfg = guidance_scale > 1.0
     # Encode every prompt of this rank, then free T5 before denoising (spec 4: ~9.5 GB in fp16).
-    encoded = [
-        pipe.encode_prompt([p for _, p in batch], negative_prompt=negative_prompt, do_classifier_free_guidance=do_cfg)
-        for batch in batches
-    ]
+    encoded = [_encode_batch(pipe, [p for _, p in batch], negative_prompt, do_cfg, clean_caption, text_conditioning)
+               for batch in batches]
     pipe.release_text_encoder()
 
     written = []
-    for batch, (prompt_embeds, negative_embeds) in zip(batches, encoded):
+    for batch, (prompt_embeds, prompt_mask, negative_embeds, negative_mask) in zip(batches, encoded):
+        # One generator per prompt, seeded as when the prompt is sampled alone: seed + its index.
         generators = [torch.Generator("cpu").manual_seed(seed + index) for index, _ in batch]
         videos = pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
+            prompt_attention_mask=prompt_mask,
+            negative_prompt_attention_mask=negative_mask,
             num_frames=num_frames,
             num_inference_steps=num_sampling_steps,
             guidance_scale=guidance_scale,
@@ -173,8 +215,17 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
     return written
 
 
+def _encode_batch(pipe, prompts, negative_prompt, do_cfg, clean_caption, text_conditioning):
+    """``(prompt_embeds, prompt_mask, negative_embeds, negative_mask)`` of one batch; masks are None for 'reference'."""
+    if text_conditioning == "per_prompt":
+        return pipe.encode_prompt_with_masks(prompts, negative_prompt, do_cfg, clean_caption=clean_caption)
+    cond, uncond = pipe.encode_prompt(prompts, negative_prompt=negative_prompt, do_classifier_free_guidance=do_cfg,
+                                      clean_caption=clean_caption)
+    return cond, None, uncond, None
+
+
 def sample_t2v(
-    text_prompt: str,
+    text_prompt: str | None = None,
     model_path: str | os.PathLike = DEFAULT_MODEL_PATH,
     version: str = "65x512x512",
     text_encoder_name: str | os.PathLike = DEFAULT_TEXT_ENCODER,
@@ -192,11 +243,16 @@ def sample_t2v(
     negative_prompt: str = "",
     batch_size: int = 1,
     force_images: bool = False,
+    prompt_file: str | os.PathLike | None = None,
+    clean_caption: bool = True,
+    text_conditioning: str = "per_prompt",
     cache: str = "none",
     compile: bool = False,
 ) -> list[Path]:
     """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
 
+    Prompts: ``text_prompt`` (one prompt) or ``prompt_file`` (one per line). Every option, prompt,
+    folder and config is checked before any model loads (ValueError / FileNotFoundError, one line).
     ``cache``: step caching, "none" (exact), "fast" (the model's preset) or a method of
     ``models.step_cache.CACHE_METHODS`` with its default threshold; ``compile``: torch.compile the
     transformer blocks (docs/sampling.md has the measured costs and gains of both).
@@ -204,7 +260,9 @@ def sample_t2v(
     import torch
 
     from opensora_plan.diffusion.schedulers import create_scheduler
-    from opensora_plan.utils import parse_dtype
+    from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS
+    from opensora_plan.models.text_encoder import preprocess_prompts
+    from opensora_plan.utils import check_output_folder, parse_dtype, resolve_device
 
     # Everything cheap first: flags, prompts, folders, configs.
     if batch_size < 1:
@@ -215,19 +273,21 @@ def sample_t2v(
         raise ValueError(f"--num_sampling_steps must be at least 1, got {num_sampling_steps}.")
     if not 0.0 <= tile_overlap_factor < 1.0:
         raise ValueError(f"--tile_overlap_factor must be in [0, 1), got {tile_overlap_factor}; the reference uses 0.25.")
-    from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS
-
     if cache not in (*CACHE_PRESETS, *CACHE_METHODS):
         raise ValueError(f"--cache must be one of {', '.join((*CACHE_PRESETS, *CACHE_METHODS))}, got {cache!r}.")
+    if text_conditioning not in TEXT_CONDITIONING:
+        raise ValueError(f"--text_conditioning {text_conditioning} is not supported; use {' or '.join(TEXT_CONDITIONING)}.")
     scheduler = create_scheduler(sample_method)
-    prompts = read_prompts(text_prompt)
+    prompts = read_prompts(text_prompt, prompt_file)
+    preprocess_prompts(prompts, clean=clean_caption, warn=False)  # a prompt that cleaning empties: error now
+    out_dir = check_output_folder(save_img_path, "--save_img_path")
     model_path = Path(model_path)
     _check_model_folders(model_path, version, ae, str(text_encoder_name))
+    resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)
     torch_dtype = (torch.float16 if device.type == "cuda" else torch.float32) if dtype == "auto" else parse_dtype(dtype)
     jobs = shard(list(enumerate(prompts)), rank, world_size)  # [(global index, prompt)]
-    out_dir = Path(save_img_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
 
@@ -238,7 +298,8 @@ def sample_t2v(
             jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir,
             fps=fps, guidance_scale=guidance_scale, num_sampling_steps=num_sampling_steps, seed=seed,
             enable_tiling=enable_tiling, tile_overlap_factor=tile_overlap_factor, negative_prompt=negative_prompt,
-            batch_size=batch_size, force_images=force_images, cache=cache, compile=compile,
+            batch_size=batch_size, force_images=force_images, clean_caption=clean_caption,
+            text_conditioning=text_conditioning, cache=cache, compile=compile,
         )
     elapsed = time.perf_counter() - start
     print(

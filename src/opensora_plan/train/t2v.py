@@ -15,9 +15,7 @@ their defaults; reference flag names, spec section 6).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +78,7 @@ T2V_DEFAULTS: dict[str, Any] = {
     "resume_from_checkpoint": None,
     "report_to": "tensorboard",
     "validation_prompts": None,
+    "validation_prompt_file": None,
     "validation_steps": None,
     "validation_sampling_steps": 20,
 }
@@ -220,6 +219,9 @@ class T2VTask(TrainTask):
         return {"transformer_config": dict(self.models["model"].config),
                 "num_parameters": sum(p.numel() for p in self.models["model"].parameters())}
 
+    def run_report(self) -> dict:
+        return self.skipped.run_report()
+
     def epoch_report(self) -> dict:
         report = {}
         if self.skipped.total:
@@ -281,7 +283,9 @@ def build_transformer(spec: str, sample_size: int | tuple[int, int], video_lengt
                 f"--model {spec} is neither a known size ({', '.join(LATTE_CONFIGS)}) nor a LatteT2V config.json "
                 f"or folder holding one."
             )
-        config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        from opensora_plan.utils import read_json_file
+
+        config = {k: v for k, v in read_json_file(path, "--model config").items() if not k.startswith("_")}
         if config.get("caption_channels", 4096) != caption_channels:
             raise ValueError(
                 f"--model {spec} has caption_channels={config.get('caption_channels')} but the text encoder gives "
@@ -347,11 +351,54 @@ def load_stage_config(spec: str) -> dict:
             names = ", ".join(sorted(p.stem for p in STAGE_CONFIG_DIR.glob("*.json")))
             raise FileNotFoundError(f"--config {spec} is neither a JSON file nor a shipped stage ({names}).")
         path = shipped
-    options = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    from opensora_plan.utils import read_json_file
+
+    options = {k: v for k, v in read_json_file(path, "--config file").items() if not k.startswith("_")}
     unknown = sorted(options.keys() - T2V_DEFAULTS.keys())
     if unknown:
         raise ValueError(f"--config {path} has unknown options {unknown}; use train-t2v flag names (see --help).")
     return options
+
+
+def validate_t2v_options(opts: dict) -> None:
+    """The checks that need no model: values in range, lengths the VAE accepts, inputs that exist."""
+    from opensora_plan.utils import check_output_folder
+
+    check_output_folder(opts["output_dir"], "--output_dir")
+    if opts["ae"] not in SUPPORTED_AE:
+        raise ValueError(f"--ae {opts['ae']} is not supported; use {SUPPORTED_AE[0]} (the v1.0.0 CausalVAE).")
+    temporal, spatial = 4, 8  # CausalVAEModel_4x8x8
+    if not opts["cached_features"]:
+        frames = opts["num_frames"]
+        if frames < 1 or (frames - 1) % temporal:
+            raise ValueError(f"--num_frames {frames} is not a length the {opts['ae']} accepts; use 1 + {temporal}k "
+                             "(17 or 65 for the released stages).")
+        if opts["max_image_size"] < spatial or opts["max_image_size"] % spatial:
+            raise ValueError(f"--max_image_size {opts['max_image_size']} must be a positive multiple of {spatial} "
+                             "(256 or 512 for the released stages).")
+    for key, low in (("sample_rate", 1), ("use_image_num", 0), ("model_max_length", 1),
+                     ("dataloader_num_workers", 0), ("max_nonfinite_steps", 1)):
+        if opts[key] < low:
+            raise ValueError(f"--{key} must be at least {low}, got {opts[key]}.")
+    if not 0.0 <= opts["cfg_dropout"] <= 1.0:
+        raise ValueError(f"--cfg_dropout is a probability in [0, 1], got {opts['cfg_dropout']}.")
+    if opts["learning_rate"] <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {opts['learning_rate']}.")
+    for key in ("data_path", "cached_features", "ae_path", "pretrained", "text_encoder_name"):
+        if opts[key] and not Path(opts[key]).exists():
+            raise FileNotFoundError(f"--{key} {opts[key]} does not exist.")
+    if isinstance(opts["validation_prompts"], str) or opts["validation_prompt_file"]:
+        # A prompt is text, a prompt file has its own flag: never guess which (sample_t2v.read_prompts).
+        from opensora_plan.pipelines.sample_t2v import read_prompts
+
+        given = opts["validation_prompts"] if isinstance(opts["validation_prompts"], str) else None
+        if given is not None and opts["validation_prompt_file"]:
+            raise ValueError("Give --validation_prompts or --validation_prompt_file, not both.")
+        opts["validation_prompts"] = read_prompts(given, opts["validation_prompt_file"], "--validation_prompt_file")
+    if opts["validation_prompts"] and opts["validation_sampling_steps"] < 4:
+        # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
+        raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
+                         f"PNDM sampler; use 4 or more.")
 
 
 def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
@@ -363,7 +410,13 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     for key in ("output_dir", "max_train_steps"):
         if opts[key] is None:
             raise ValueError(f"train-t2v needs --{key}; pass it on the command line or in the --config file.")
+    loop_keys = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
+    config = TrainConfig(**{k: opts[k] for k in loop_keys}, extra={k: v for k, v in opts.items()
+                                                                    if k not in loop_keys and not k.startswith("_")})
+    validate_t2v_options(opts)  # every cheap check before any model loads or any file is written
     dataset = _dataset(opts)
+    if not getattr(dataset, "has_latents", False):
+        dataset.load_clip_or_substitute(0)  # NoUsableVideoError now when no video of the list is readable
     cached = getattr(dataset, "has_latents", False), getattr(dataset, "has_text", False)
     vae = None if cached[0] else _load_vae(opts)
     tokenizer = text_encoder = None
@@ -398,13 +451,6 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     transformer.train()
 
     prompts = opts["validation_prompts"]
-    if prompts and opts["validation_sampling_steps"] < 4:
-        # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
-        raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
-                         f"PNDM sampler; use 4 or more.")
-    if isinstance(prompts, str):
-        prompts = [line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()] \
-            if os.path.isfile(prompts) else [prompts]
     task = T2VTask(
         transformer, dataset, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder,
         use_image_num=opts["use_image_num"],
@@ -413,9 +459,7 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
         adam_epsilon=opts["adam_epsilon"], max_grad_norm=opts["max_grad_norm"], validation_prompts=prompts,
         validation_sampling_steps=opts["validation_sampling_steps"],
     )
-    loop_keys = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
-    config = TrainConfig(**{k: opts[k] for k in loop_keys}, extra={k: v for k, v in opts.items()
-                                                                    if k not in loop_keys and not k.startswith("_")})
+    config.extra = {k: v for k, v in opts.items() if k not in loop_keys and not k.startswith("_")}
     return task, config
 
 

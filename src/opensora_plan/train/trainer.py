@@ -116,6 +116,10 @@ class TrainTask:
         """Called at the end of every epoch; e.g. ``{"skipped": [...bad files...]}``. Reset for the next epoch."""
         return {}
 
+    def run_report(self) -> dict:
+        """Merged into the run's summary at the end (e.g. how many unreadable videos were skipped in all)."""
+        return {}
+
 
 @dataclass
 class TrainConfig:
@@ -544,7 +548,7 @@ class Trainer:
         replicas = self._check_replicas()
         self.accelerator.wait_for_everyone()
         return {"step": self.step, "skipped_steps": self.skipped_total, "output_dir": str(self.output_dir),
-                "weights_sha256": replicas}
+                "weights_sha256": replicas, **self.task.run_report()}
 
     def _check_replicas(self) -> str | None:
         """With data parallel replicas, check that every process ends with bit-identical weights."""

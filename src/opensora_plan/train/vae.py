@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..data.datasets import SkippedVideos, VAEVideoDataset, collate_video_caption, find_videos, load_video_entries
+from ..data.datasets import SkippedVideos, VAEVideoDataset, collate_video_caption, load_video_entries
+from ..data.video_io import VIDEO_EXTENSIONS, list_videos
 from .trainer import Phase, TrainConfig, TrainTask, train
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,9 @@ class VAETrainTask(TrainTask):
             "vae_config": dict(self.models["model"].config),
         }
 
+    def run_report(self) -> dict:
+        return self.skipped.run_report()
+
     def epoch_report(self) -> dict:
         report = {"skipped_videos": self.skipped.total, "details": self.skipped.summary()} if self.skipped.total else {}
         self.skipped.reset()
@@ -196,7 +200,9 @@ def build_vae(model_config: str | os.PathLike | None, pretrained_model_path: str
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"--model_config {path} does not exist; give a CausalVAE config.json (or its folder).")
-    return CausalVAEModel.from_config(json.loads(path.read_text()))
+    from ..utils import read_json_file
+
+    return CausalVAEModel.from_config(read_json_file(path, "--model_config"))
 
 
 def load_pretrained_loss_state(loss, pretrained_model_path: str | os.PathLike) -> bool:
@@ -226,9 +232,11 @@ def video_paths(video_path: str | os.PathLike | None, data_path: str | os.PathLi
     if bool(video_path) == bool(data_path):
         raise ValueError("Give exactly one of --video_path (a folder of videos) and --data_path (a JSON video list).")
     if video_path:
-        paths = find_videos(video_path)
+        if not Path(video_path).is_dir():
+            raise FileNotFoundError(f"--video_path {video_path} is not a folder; give a folder of videos (searched recursively).")
+        paths = list_videos(video_path, recursive=True)
         if not paths:
-            raise ValueError(f"No videos ({'/'.join(VIDEO_SUFFIXES)}) under {video_path}; point --video_path at a folder of videos.")
+            raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) under {video_path}; point --video_path at a folder of videos.")
         return paths
     return [entry.path for entry in load_video_entries(data_path, video_folder)]
 
@@ -259,7 +267,12 @@ def train_vae(
     """Build the VAE, loss and data, then run the shared trainer. Returns the trainer's summary."""
     from ..models.causalvae.losses import LPIPSWithDiscriminator
     from ..models.lpips import load_lpips
+    from ..utils import check_output_folder
 
+    check_output_folder(config.output_dir, "--output_dir")
+    paths = video_paths(video_path, data_path, video_folder)  # before any model loads
+    if validation_videos >= len(paths):
+        raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")
     if perceptual_weight > 0 and not lpips_path:
         raise ValueError(
             "--perceptual_weight > 0 needs LPIPS weights: pass --lpips_path FILE [FILE ...] (VGG16 features + "
@@ -282,9 +295,6 @@ def train_vae(
                                   perceptual_weight=perceptual_weight, disc_weight=disc_weight, rec_loss=rec_loss)
     if pretrained_model_path:
         load_pretrained_loss_state(loss, pretrained_model_path)
-    paths = video_paths(video_path, data_path, video_folder)
-    if validation_videos >= len(paths):
-        raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")
     train_paths, held_out = paths[: len(paths) - validation_videos], paths[len(paths) - validation_videos:]
     dataset = VAEVideoDataset(train_paths, num_frames, resolution, sample_rate)
     validation = VAEVideoDataset(held_out, num_frames, resolution, sample_rate, deterministic=True) if held_out else None
