@@ -226,6 +226,8 @@ def test_benchmark_flop_formula_matches_flop_counter(images):
     """benchmarks/train.py's analytic FLOPs = torch's FLOP counter (linear layers) + the attention term."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from opensora_plan.models.layers import fused_linear_kernels
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from train import forward_flops  # noqa: E402 (benchmarks/train.py)
 
@@ -233,7 +235,8 @@ def test_benchmark_flop_formula_matches_flop_counter(images):
     model = build_latte("LatteT2V-Tiny/122")  # 5 latent frames of 8 x 8
     B, n, L, D, F, N = 2, images, 7, model.inner_dim, 5 + images, 16
     slots = (B, 1 + n) if n else (B,)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # Plain F.linear: the counter does not see the fused oneDNN inference kernels (models/layers.py).
+    with torch.no_grad(), fused_linear_kernels(False), FlopCounterMode(display=False) as counter:
         model(torch.randn(B, 4, F, 8, 8), torch.tensor([3, 9]), encoder_hidden_states=torch.randn(*slots, L, 48),
               encoder_attention_mask=torch.ones(*slots, L), use_image_num=n)
     # The counter does not see CPU SDPA: add scores + weighted sums (spatial, cross, temporal) by hand.

@@ -276,13 +276,13 @@ def load_real_stats(path: Path, expected: dict) -> tuple[np.ndarray, np.ndarray,
 
 
 def _list_videos(folder: Path, flag: str) -> list[Path]:
-    from ..data.datasets import find_videos
+    from ..data.video_io import VIDEO_EXTENSIONS, list_videos
 
     if not folder.is_dir():
         raise FileNotFoundError(f"{flag} {folder} is not a folder; give a folder of videos (searched recursively).")
-    videos = find_videos(folder)
+    videos = list_videos(folder, recursive=True)
     if not videos:
-        raise ValueError(f"No videos (mp4/avi/webm/mkv) under {flag} {folder}.")
+        raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) under {flag} {folder}.")
     return videos
 
 
