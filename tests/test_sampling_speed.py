@@ -13,7 +13,7 @@ import torch
 from opensora_plan.demo.evaluate import load_demo_pipeline
 from opensora_plan.models.latte import build_latte
 from opensora_plan.models.layers import fused_linear_kernels
-from opensora_plan.models.step_cache import FirstBlockCache, TeaCache, make_step_cache
+from opensora_plan.models.step_cache import FAST_CACHE, FirstBlockCache, TeaCache, make_step_cache
 
 
 def _tiny_inputs(batch=2, seed=0):
@@ -162,6 +162,19 @@ def test_fast_preset_comes_from_the_model_folder(demo_pipe):
     preset = dict(demo_pipe.fast_cache_options)
     assert options["method"] == preset.pop("method")
     assert all(options[k] == v for k, v in preset.items())
+
+
+def test_fast_preset_of_a_pipeline_loaded_with_from_pretrained():
+    from opensora_plan.demo.model import default_model_path, load_demo_info
+    from opensora_plan.pipelines import OpenSoraPlanPipeline
+
+    pipe = OpenSoraPlanPipeline.from_pretrained(default_model_path())
+    pipe.enable_cache("fast")
+    expected = load_demo_info(default_model_path())["cache_fast"]
+    assert {k: pipe.transformer.step_cache.options()[k] for k in expected} == expected
+    built = OpenSoraPlanPipeline(vae=pipe.vae, transformer=pipe.transformer, scheduler=pipe.scheduler)
+    built.enable_cache("fast")  # no folder behind it: the generic preset
+    assert built.transformer.step_cache.options()["threshold"] == FAST_CACHE["threshold"]
 
 
 # ------------------------------------------------------------------------------- compile

@@ -101,8 +101,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         self.register_modules(
             vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
-        # What enable_cache("fast") means for this model; loaders of calibrated models replace it.
-        self.fast_cache_options = dict(FAST_CACHE)
+        # What enable_cache("fast") means; None: the loaded folder's own preset (a demo.json "cache_fast"),
+        # else models.step_cache.FAST_CACHE. Code that builds the pipeline by hand may set it.
+        self.fast_cache_options: dict | None = None
         self._interrupt = False
 
     @classmethod
@@ -156,7 +157,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         """Skip the transformer blocks on denoising steps where they would change little.
 
         ``method``: "none" (exact, same as :meth:`disable_cache`), "fast" (this model's measured
-        preset, ``self.fast_cache_options``), or one of ``models.step_cache.CACHE_METHODS``
+        preset: ``self.fast_cache_options``, else the loaded folder's ``demo.json`` "cache_fast", else
+        ``models.step_cache.FAST_CACHE``), or one of ``models.step_cache.CACHE_METHODS``
         ("teacache", "first_block") with its options, e.g. ``threshold=0.1``. Raises ValueError for
         an unknown method or option. See docs/sampling.md for what each costs in quality.
         """
@@ -164,11 +166,21 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             self.disable_cache()
             return
         if method == "fast":
-            options = {**self.fast_cache_options, **options}
+            options = {**self._fast_cache_preset(), **options}
             method = options.pop("method")
         elif method not in CACHE_METHODS:
             raise ValueError(f"Unknown cache {method!r}; choose one of {', '.join((*CACHE_PRESETS, *CACHE_METHODS))}.")
         self.transformer.enable_step_cache(make_step_cache(method, **options))
+
+    def _fast_cache_preset(self) -> dict:
+        if self.fast_cache_options is not None:
+            return dict(self.fast_cache_options)
+        folder = self.config.get("_name_or_path")  # set by from_pretrained
+        if folder and os.path.isdir(folder):
+            from opensora_plan.demo.model import fast_cache_options
+
+            return fast_cache_options(folder)
+        return dict(FAST_CACHE)
 
     def disable_cache(self) -> None:
         """Run every transformer block on every step again (exact sampling)."""
