@@ -7,6 +7,8 @@ The loop owns everything else:
 
 * processes: ``accelerate`` (``Accelerator(cpu=True)`` without CUDA so ``torchrun`` gives DDP over
   gloo), optional FSDP2 sharding (:mod:`opensora_plan.train.sharding`), mixed precision, TF32, compile;
+  sequence parallelism (``sp_size`` > 1): the world is ``dp x sp`` processes, groups of ``sp_size``
+  consecutive ranks share one data-parallel rank (same batches, same noise) and split its tokens;
 * optimisation: gradient accumulation, grad-norm clipping, LR schedule (diffusers ``get_scheduler``,
   stepped once per optimizer step, not once per process), EMA updated after every optimizer step,
   non-finite losses skipped and counted (a clear error after ``max_nonfinite_steps`` in a row);
@@ -101,6 +103,10 @@ class TrainTask:
         """Number of samples in a batch (for samples/s)."""
         raise NotImplementedError
 
+    def setup_sequence_parallel(self, group) -> None:
+        """Make the models split each sample's tokens over ``group`` (only tasks that support ``sp_size``)."""
+        raise ValueError(f"{type(self).__name__} does not support sequence parallelism; use --sp_size 1.")
+
     def tokens(self, batch: Any) -> int:
         """Number of latent tokens the denoiser sees in a batch (for tokens/s); 0 when not meaningful."""
         return 0
@@ -141,6 +147,7 @@ class TrainConfig:
     validation_steps: int | None = None
     report_to: str = "tensorboard"
     sharding: str = "ddp"  # "ddp" (replicated) or "fsdp2" (parameters, gradients and optimizer state sharded)
+    sp_size: int = 1  # sequence parallel group size: processes that split each sample's tokens
     extra: dict = field(default_factory=dict)  # task options, only recorded in options.json
 
     def __post_init__(self):
@@ -155,6 +162,8 @@ class TrainConfig:
             raise ValueError(f"--sharding {self.sharding!r} is not supported; use 'ddp' or 'fsdp2'.")
         if self.sharding == "fsdp2" and self.compile:
             raise ValueError("--compile with --sharding fsdp2 is not supported; drop one of the two flags.")
+        if self.sp_size < 1:
+            raise ValueError(f"--sp_size must be at least 1, got {self.sp_size}.")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"--report_to {self.report_to!r} is not supported; use 'tensorboard' or 'none'.")
 
@@ -199,6 +208,10 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        # Data parallel rank/size: the sp_size ranks of one sequence-parallel group share a dp rank.
+        from opensora_plan.models.parallel import init_sequence_parallel
+
+        self.sp_group, self.dp_rank, self.dp_size = init_sequence_parallel(config.sp_size)
         if self.world_size > 1:
             # A process group left alive at interpreter exit lets gloo's threads be torn down by C++
             # static destructors, which aborts a rank now and then ("terminate called without an active
@@ -222,6 +235,8 @@ class Trainer:
     def _setup(self) -> Path | None:
         cfg, task = self.config, self.task
         task.setup(self.accelerator)
+        if self.sp_group is not None:
+            task.setup_sequence_parallel(self.sp_group)
         resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
         state = None
         if resume is not None:
@@ -295,11 +310,12 @@ class Trainer:
         self.position = int(state["position"])
         self.skipped_total = int(state["skipped_total"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
-        if int(state["world_size"]) != self.world_size or int(state["train_batch_size"]) != self.config.train_batch_size:
+        dp_size = int(state.get("dp_size", state["world_size"]))
+        if dp_size != self.dp_size or int(state["train_batch_size"]) != self.config.train_batch_size:
             logger.warning(
-                "Resuming a run of %d process(es) x batch %d with %d x %d: the data order differs from the "
-                "interrupted run from here on.",
-                state["world_size"], state["train_batch_size"], self.world_size, self.config.train_batch_size,
+                "Resuming a run of %d data-parallel rank(s) x batch %d with %d x %d: the data order differs "
+                "from the interrupted run from here on.",
+                dp_size, state["train_batch_size"], self.dp_size, self.config.train_batch_size,
             )
             self.position = 0
             self.epoch += 1
@@ -332,10 +348,10 @@ class Trainer:
 
     def _batches(self) -> Iterator[Any]:
         cfg = self.config
-        sampler = ResumableSampler(len(self.task.dataset), cfg.seed, self.rank, self.world_size)
+        sampler = ResumableSampler(len(self.task.dataset), cfg.seed, self.dp_rank, self.dp_size)
         if sampler.per_process() < cfg.train_batch_size:
             raise ValueError(
-                f"Each of the {self.world_size} process(es) gets {sampler.per_process()} samples per epoch, fewer "
+                f"Each of the {self.dp_size} data-parallel rank(s) gets {sampler.per_process()} samples per epoch, fewer "
                 f"than --train_batch_size {cfg.train_batch_size}; add data or lower the batch size."
             )
         samples = SeededSamples(self.task.dataset, cfg.seed)
@@ -382,10 +398,13 @@ class Trainer:
             phase.optimizer.zero_grad(set_to_none=True)
             losses, stats_sum = [], {}
             for micro, batch in enumerate(micro_batches):
-                _seed_everything(derive_seed(cfg.seed, self.step, p_index, micro, self.rank))
+                # Seeded by the data-parallel rank: a sequence-parallel group draws the same noise.
+                _seed_everything(derive_seed(cfg.seed, self.step, p_index, micro, self.dp_rank))
                 with self._no_sync(phase, sync=micro == accum - 1):
                     loss, stats = self.task.loss(phase.name, batch, self.step, self.wrapped, micro)
-                    self.accelerator.backward(loss / accum)
+                    # With sp_size > 1 each rank's gradient covers its share of the tokens and the gradient
+                    # reduction averages over dp x sp ranks: x sp_size makes it the mean over dp of the sums.
+                    self.accelerator.backward(loss * (cfg.sp_size / accum))
                 losses.append(loss.detach().float())
                 for key, value in stats.items():
                     stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / accum
@@ -455,6 +474,8 @@ class Trainer:
                     "epoch": self.epoch,
                     "position": self.position,
                     "world_size": self.world_size,
+                    "dp_size": self.dp_size,
+                    "sp_size": self.config.sp_size,
                     "train_batch_size": self.config.train_batch_size,
                     "sharding": self.config.sharding,
                     "skipped_total": self.skipped_total,
@@ -515,8 +536,8 @@ class Trainer:
                 self.ema.update(self._unwrap(self.wrapped[self.task.ema_model_name]))
             self.step += 1
             elapsed = time.perf_counter() - started
-            samples = sum(self.task.batch_size(b) for b in micro_batches) * self.world_size
-            tokens = sum(self.task.tokens(b) for b in micro_batches) * self.world_size
+            samples = sum(self.task.batch_size(b) for b in micro_batches) * self.dp_size
+            tokens = sum(self.task.tokens(b) for b in micro_batches) * self.dp_size
             record = {"step": self.step, **record, "samples_per_s": samples / elapsed}
             if tokens:
                 record["tokens_per_s"] = tokens / elapsed
