@@ -117,6 +117,8 @@ def _add_sample(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed; prompt i uses seed + i (default 0)")
     p.add_argument("--batch_size", type=int, default=1, help="prompts per denoising batch (default 1)")
     p.add_argument("--force_images", action="store_true", help="image mode: 1 frame, temporal attention off (png)")
+    p.add_argument("--sp_size", type=int, default=1, help="sequence parallel: processes (of torchrun's) that split "
+                   "each video's tokens (default 1)")
     p.add_argument("--enable_tiling", action="store_true", help="decode in spatial tiles (for 512 px)")
     p.add_argument("--tile_overlap_factor", type=float, default=0.25, help="tile overlap (default 0.25)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -156,6 +158,7 @@ def _run_sample(args) -> int:
         negative_prompt=args.negative_prompt,
         batch_size=args.batch_size,
         force_images=args.force_images,
+        sp_size=args.sp_size,
     )
     if args.gif:
         from opensora_plan.data.video_io import read_video, write_gif

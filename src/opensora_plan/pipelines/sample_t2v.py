@@ -3,7 +3,10 @@
 Mirrors the reference's ``opensora/sample/sample_t2v.py`` (its flags, plus ``--negative_prompt``,
 ``--batch_size``, ``--seed``, ``--dtype``, ``--device``) with what it lacked: every path is checked before anything heavy is loaded, sampling is seeded per prompt, the
 T5 encoder is freed after all prompts are encoded, and ``torchrun --nproc_per_node N`` splits the
-prompts over N processes (rank r takes prompts r, r+N, ...), each writing its own files.
+prompts over N processes (rank r takes prompts r, r+N, ...), each writing its own files. With
+``--sp_size S`` the N processes form N/S groups of S consecutive ranks: the groups split the prompts and
+the S ranks of a group split each video's tokens (sequence parallelism, :mod:`opensora_plan.models.parallel`);
+the group's first rank writes the file.
 
 Each video gets its own generator seeded with ``seed + prompt index``, so a prompt's video does not
 depend on how many processes share the work (with ``batch_size`` 1; batches follow the reference's
@@ -120,7 +123,7 @@ def _save(path: Path, frames, fps: float) -> Path:
 
 def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
                  fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
-                 batch_size, force_images) -> list[Path]:
+                 batch_size, force_images, sp_group=None) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
@@ -138,6 +141,11 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
         tokenizer=tokenizer,
     )
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
+    writes = True
+    if sp_group is not None:
+        from opensora_plan.models.parallel import enable_sequence_parallel
+
+        writes = enable_sequence_parallel(pipe.transformer, sp_group).rank == 0  # the group's first rank writes
     if enable_tiling:
         pipe.enable_vae_tiling(tile_overlap_factor)
     pipe.set_progress_bar_config(disable=rank != 0)
@@ -163,6 +171,8 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
             generator=generators,
         ).video  # (B, T, H, W, 3) uint8
         for (index, prompt), frames in zip(batch, videos):
+            if not writes:
+                continue
             written.append(_save(out_dir / video_filename(index, prompt), frames, fps))
             logger.info("%swrote %s", tag, written[-1])
     return written
@@ -187,8 +197,13 @@ def sample_t2v(
     negative_prompt: str = "",
     batch_size: int = 1,
     force_images: bool = False,
+    sp_size: int = 1,
 ) -> list[Path]:
-    """Sample one video per prompt into ``save_img_path``; returns the files this process wrote."""
+    """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
+
+    ``sp_size`` > 1 (under torchrun, world size a multiple of it): groups of ``sp_size`` processes split
+    each video's frames / patch positions; the videos equal the single-process ones up to float rounding.
+    """
     import torch
 
     from opensora_plan.diffusion.schedulers import create_scheduler
@@ -197,6 +212,13 @@ def sample_t2v(
     # Everything cheap first: flags, prompts, folders, configs.
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if sp_size < 1 or world % sp_size:
+        raise ValueError(f"--sp_size {sp_size} must be at least 1 and divide the number of processes ({world}); "
+                         f"launch with torchrun --nproc_per_node a multiple of {sp_size}.")
+    if sp_size > 1 and force_images:
+        raise ValueError("--force_images samples one frame, which cannot be split over --sp_size processes; "
+                         "use --sp_size 1.")
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}.")
     if num_sampling_steps < 1:
@@ -210,7 +232,12 @@ def sample_t2v(
 
     rank, world_size, device = _distributed_setup(device)
     torch_dtype = (torch.float16 if device.type == "cuda" else torch.float32) if dtype == "auto" else parse_dtype(dtype)
-    jobs = shard(list(enumerate(prompts)), rank, world_size)  # [(global index, prompt)]
+    sp_group, dp_rank, dp_size = None, rank, world_size
+    if sp_size > 1:
+        from opensora_plan.models.parallel import init_sequence_parallel
+
+        sp_group, dp_rank, dp_size = init_sequence_parallel(sp_size)
+    jobs = shard(list(enumerate(prompts)), dp_rank, dp_size)  # [(global index, prompt)]
     out_dir = Path(save_img_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
@@ -222,7 +249,7 @@ def sample_t2v(
             jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir,
             fps=fps, guidance_scale=guidance_scale, num_sampling_steps=num_sampling_steps, seed=seed,
             enable_tiling=enable_tiling, tile_overlap_factor=tile_overlap_factor, negative_prompt=negative_prompt,
-            batch_size=batch_size, force_images=force_images,
+            batch_size=batch_size, force_images=force_images, sp_group=sp_group,
         )
     elapsed = time.perf_counter() - start
     print(
