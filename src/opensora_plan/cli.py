@@ -313,7 +313,9 @@ def _add_train_t2v(subparsers) -> None:
     optim.add_argument("--compile", action=flag, help="torch.compile the transformer")
     optim.add_argument("--use_ema", action=flag, help="keep an EMA of the weights (saved as ema/)")
     optim.add_argument("--ema_decay", type=float, help="(default 0.9999)")
-    optim.add_argument("--sharding", choices=["ddp", "fsdp2"], help="ddp (replicated, default) or fsdp2 (sharded)")
+    optim.add_argument("--sharding", choices=["ddp", "fsdp2", "deepspeed"],
+                       help="ddp (replicated, default), fsdp2 (sharded) or deepspeed (ZeRO, see --deepspeed_config)")
+    optim.add_argument("--deepspeed_config", help="DeepSpeed JSON or shipped name: zero2 (default), zero2_offload, zero3")
     optim.add_argument("--sp_size", type=int, help="sequence parallel: processes that split each sample's "
                        "frames/patches (default 1; world = dp x sp, see docs/training.md)")
     optim.add_argument("--max_nonfinite_steps", type=int, help="stop after this many non-finite steps in a row (10)")

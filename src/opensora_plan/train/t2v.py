@@ -73,6 +73,7 @@ T2V_DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.9999,
     "sharding": "ddp",
     "sp_size": 1,
+    "deepspeed_config": None,
     "max_nonfinite_steps": 10,
     "seed": 0,
     # output
