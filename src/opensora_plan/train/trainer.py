@@ -176,6 +176,9 @@ class TrainConfig:
                 raise ValueError("--use_ema with ZeRO-3 is not supported (parameters are sharded); use zero2.")
         if self.sp_size < 1:
             raise ValueError(f"--sp_size must be at least 1, got {self.sp_size}.")
+        if self.sp_size > 1 and self.sharding == "fsdp2":
+            raise ValueError("--sp_size > 1 with --sharding fsdp2 is not supported (untested); use --sharding ddp "
+                             "or deepspeed.")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"--report_to {self.report_to!r} is not supported; use 'tensorboard' or 'none'.")
 
