@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         resume_from_checkpoint=args.resume_from_checkpoint,
         mixed_precision=args.mixed_precision,
         sharding=args.sharding,
-        deepspeed_config=args.deepspeed_config,
+        **({"deepspeed_config": args.deepspeed_config} if args.deepspeed_config else {}),
         use_ema=args.use_ema,
         report_to="none",
     )
