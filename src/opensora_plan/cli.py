@@ -119,6 +119,8 @@ def _add_sample(subparsers) -> None:
     p.add_argument("--force_images", action="store_true", help="image mode: 1 frame, temporal attention off (png)")
     p.add_argument("--sp_size", type=int, default=1, help="sequence parallel: processes (of torchrun's) that split "
                    "each video's tokens (default 1)")
+    p.add_argument("--cfg_parallel", action="store_true", help="two process groups run the unconditional and "
+                   "conditional halves of guidance (world = prompt groups x 2 x sp_size)")
     p.add_argument("--enable_tiling", action="store_true", help="decode in spatial tiles (for 512 px)")
     p.add_argument("--tile_overlap_factor", type=float, default=0.25, help="tile overlap (default 0.25)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -159,6 +161,7 @@ def _run_sample(args) -> int:
         batch_size=args.batch_size,
         force_images=args.force_images,
         sp_size=args.sp_size,
+        cfg_parallel=args.cfg_parallel,
     )
     if args.gif:
         from opensora_plan.data.video_io import read_video, write_gif

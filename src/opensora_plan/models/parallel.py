@@ -170,6 +170,68 @@ def init_sequence_parallel(sp_size: int) -> tuple[object | None, int, int]:
     return mine, rank // sp_size, world // sp_size
 
 
+def init_parallel_groups(sp_size: int, cfg_size: int = 1) -> dict:
+    """Process groups for sampling with ``world = dp x cfg x sp`` (collective: every rank, same arguments).
+
+    Rank ``r = (d * cfg_size + c) * sp_size + s``: the ``sp_size`` consecutive ranks with the same (d, c)
+    split each video's tokens; the ``cfg_size`` ranks with the same (d, s) split the batch (with
+    classifier-free guidance: the unconditional half and the conditional half); d indexes the prompt
+    shards. Returns ``{"sp": group | None, "cfg": group | None, "dp_rank", "dp_size", "writer"}`` where
+    ``writer`` is True on the rank (c = 0, s = 0) that writes a video. ValueError when the world size is
+    not a multiple of ``sp_size * cfg_size``.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    block = sp_size * cfg_size
+    if sp_size < 1 or cfg_size < 1 or world % block:
+        raise ValueError(f"--sp_size {sp_size} x cfg {cfg_size} = {block} must divide the number of processes "
+                         f"({world}); launch a multiple of {block} processes.")
+    sp_group, _, _ = init_sequence_parallel(sp_size)
+    cfg_group = None
+    if cfg_size > 1:
+        for d in range(world // block):
+            for s in range(sp_size):
+                members = [(d * cfg_size + c) * sp_size + s for c in range(cfg_size)]
+                group = dist.new_group(members)  # every rank creates every group, in the same order
+                if rank in members:
+                    cfg_group = group
+    c = rank // sp_size % cfg_size
+    return {"sp": sp_group, "cfg": cfg_group, "dp_rank": rank // block, "dp_size": world // block,
+            "writer": rank % block == 0 and c == 0}
+
+
+def enable_batch_parallel(model: torch.nn.Module, group) -> None:
+    """Split every forward's batch over ``group`` (inference only): rank c runs rows [c*B/G, (c+1)*B/G) and
+    the outputs are all-gathered, so each rank returns the full (B, ...) result.
+
+    For classifier-free guidance the sampling batch is [unconditional; conditional], so 2 ranks each run one
+    half (``sample --cfg_parallel``). Batches that do not divide by the group size run whole on every rank.
+    Works with the model's ``return_dict`` outputs (``.sample``) and tuples.
+    """
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    inner = model.forward
+
+    def forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None, **kwargs):
+        batch = hidden_states.shape[0]
+        if batch % size or torch.is_grad_enabled():
+            return inner(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, **kwargs)
+        part = batch // size
+        rows = slice(rank * part, (rank + 1) * part)
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)[rows]
+        mask = None if encoder_attention_mask is None else encoder_attention_mask[rows]
+        out = inner(hidden_states[rows], timestep, encoder_hidden_states[rows], mask, **kwargs)
+        sample = out.sample if hasattr(out, "sample") else out[0]
+        chunks = [torch.empty_like(sample) for _ in range(size)]
+        dist.all_gather(chunks, sample.contiguous(), group=group)
+        full = torch.cat(chunks)
+        if hasattr(out, "sample"):
+            out.sample = full
+            return out
+        return (full,)
+
+    model.forward = forward
+
+
 def reduce_sequence_parallel_grads(model: torch.nn.Module, group=None) -> None:
     """Sum every parameter gradient over the sequence-parallel group (without DDP; see the module doc)."""
     for param in model.parameters():

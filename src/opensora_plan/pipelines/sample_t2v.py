@@ -6,7 +6,8 @@ T5 encoder is freed after all prompts are encoded, and ``torchrun --nproc_per_no
 prompts over N processes (rank r takes prompts r, r+N, ...), each writing its own files. With
 ``--sp_size S`` the N processes form N/S groups of S consecutive ranks: the groups split the prompts and
 the S ranks of a group split each video's tokens (sequence parallelism, :mod:`opensora_plan.models.parallel`);
-the group's first rank writes the file.
+the group's first rank writes the file. ``--cfg_parallel`` doubles that: two groups run the unconditional and
+the conditional half of classifier-free guidance (world = prompts-groups x 2 x S).
 
 Each video gets its own generator seeded with ``seed + prompt index``, so a prompt's video does not
 depend on how many processes share the work (with ``batch_size`` 1; batches follow the reference's
@@ -123,7 +124,7 @@ def _save(path: Path, frames, fps: float) -> Path:
 
 def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
                  fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
-                 batch_size, force_images, sp_group=None) -> list[Path]:
+                 batch_size, force_images, sp_group=None, cfg_group=None, writes=True) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
@@ -141,11 +142,14 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
         tokenizer=tokenizer,
     )
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
-    writes = True
     if sp_group is not None:
         from opensora_plan.models.parallel import enable_sequence_parallel
 
-        writes = enable_sequence_parallel(pipe.transformer, sp_group).rank == 0  # the group's first rank writes
+        enable_sequence_parallel(pipe.transformer, sp_group)
+    if cfg_group is not None:
+        from opensora_plan.models.parallel import enable_batch_parallel
+
+        enable_batch_parallel(pipe.transformer, cfg_group)  # [uncond; cond]: one half per rank
     if enable_tiling:
         pipe.enable_vae_tiling(tile_overlap_factor)
     pipe.set_progress_bar_config(disable=rank != 0)
@@ -198,11 +202,13 @@ def sample_t2v(
     batch_size: int = 1,
     force_images: bool = False,
     sp_size: int = 1,
+    cfg_parallel: bool = False,
 ) -> list[Path]:
     """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
 
     ``sp_size`` > 1 (under torchrun, world size a multiple of it): groups of ``sp_size`` processes split
     each video's frames / patch positions; the videos equal the single-process ones up to float rounding.
+    ``cfg_parallel``: pairs of such groups run the unconditional / conditional halves of guidance.
     """
     import torch
 
@@ -213,9 +219,14 @@ def sample_t2v(
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if sp_size < 1 or world % sp_size:
-        raise ValueError(f"--sp_size {sp_size} must be at least 1 and divide the number of processes ({world}); "
-                         f"launch with torchrun --nproc_per_node a multiple of {sp_size}.")
+    block = sp_size * (2 if cfg_parallel else 1)
+    if sp_size < 1 or world % block:
+        raise ValueError(f"--sp_size {sp_size}" + (" x 2 (--cfg_parallel)" if cfg_parallel else "") + f" must divide "
+                         f"the number of processes ({world}); launch with torchrun --nproc_per_node a multiple of "
+                         f"{block}.")
+    if cfg_parallel and guidance_scale <= 1.0:
+        raise ValueError(f"--cfg_parallel splits classifier-free guidance, which --guidance_scale {guidance_scale} "
+                         "turns off; use a scale > 1 or drop --cfg_parallel.")
     if sp_size > 1 and force_images:
         raise ValueError("--force_images samples one frame, which cannot be split over --sp_size processes; "
                          "use --sp_size 1.")
@@ -232,11 +243,12 @@ def sample_t2v(
 
     rank, world_size, device = _distributed_setup(device)
     torch_dtype = (torch.float16 if device.type == "cuda" else torch.float32) if dtype == "auto" else parse_dtype(dtype)
-    sp_group, dp_rank, dp_size = None, rank, world_size
-    if sp_size > 1:
-        from opensora_plan.models.parallel import init_sequence_parallel
+    groups = {"sp": None, "cfg": None, "dp_rank": rank, "dp_size": world_size, "writer": True}
+    if block > 1:
+        from opensora_plan.models.parallel import init_parallel_groups
 
-        sp_group, dp_rank, dp_size = init_sequence_parallel(sp_size)
+        groups = init_parallel_groups(sp_size, 2 if cfg_parallel else 1)
+    dp_rank, dp_size = groups["dp_rank"], groups["dp_size"]
     jobs = shard(list(enumerate(prompts)), dp_rank, dp_size)  # [(global index, prompt)]
     out_dir = Path(save_img_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +261,8 @@ def sample_t2v(
             jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir,
             fps=fps, guidance_scale=guidance_scale, num_sampling_steps=num_sampling_steps, seed=seed,
             enable_tiling=enable_tiling, tile_overlap_factor=tile_overlap_factor, negative_prompt=negative_prompt,
-            batch_size=batch_size, force_images=force_images, sp_group=sp_group,
+            batch_size=batch_size, force_images=force_images, sp_group=groups["sp"], cfg_group=groups["cfg"],
+            writes=groups["writer"],
         )
     elapsed = time.perf_counter() - start
     print(
