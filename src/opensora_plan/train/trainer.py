@@ -391,8 +391,8 @@ class Trainer:
         sampler = ResumableSampler(len(self.task.dataset), cfg.seed, self.dp_rank, self.dp_size)
         if sampler.per_process() < cfg.train_batch_size:
             raise ValueError(
-                f"Each of the {self.dp_size} data-parallel rank(s) gets {sampler.per_process()} samples per epoch, fewer "
-                f"than --train_batch_size {cfg.train_batch_size}; add data or lower the batch size."
+                f"Each of the {self.dp_size} data-parallel rank(s) gets {sampler.per_process()} samples per epoch, "
+                f"fewer than --train_batch_size {cfg.train_batch_size}; add data or lower the batch size."
             )
         samples = SeededSamples(self.task.dataset, cfg.seed)
         while True:

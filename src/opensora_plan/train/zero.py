@@ -110,4 +110,5 @@ def load_state(engine, folder: Path) -> None:
     path, _ = engine.load_checkpoint(str(folder), tag="state", load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     if path is None:
-        raise FileNotFoundError(f"No DeepSpeed state in {folder}; was the checkpoint written with --sharding deepspeed?")
+        raise FileNotFoundError(f"No DeepSpeed state in {folder}; was the checkpoint written with "
+                                "--sharding deepspeed?")
