@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train_batch_size", type=int, default=2)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--sharding", default="ddp")
+    parser.add_argument("--deepspeed_config", default=None)
     parser.add_argument("--two_phase", action="store_true")
     parser.add_argument("--use_ema", action="store_true")
     parser.add_argument("--sleep", type=float, default=0.0)
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
         resume_from_checkpoint=args.resume_from_checkpoint,
         mixed_precision=args.mixed_precision,
         sharding=args.sharding,
+        **({"deepspeed_config": args.deepspeed_config} if args.deepspeed_config else {}),
         use_ema=args.use_ema,
         report_to="none",
     )

@@ -125,6 +125,10 @@ def _add_sample(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed; prompt i uses seed + i (default 0)")
     p.add_argument("--batch_size", type=int, default=1, help="prompts per denoising batch (default 1)")
     p.add_argument("--force_images", action="store_true", help="image mode: 1 frame, temporal attention off (png)")
+    p.add_argument("--sp_size", type=int, default=1, help="sequence parallel: processes (of torchrun's) that split "
+                   "each video's tokens (default 1)")
+    p.add_argument("--cfg_parallel", action="store_true", help="two process groups run the unconditional and "
+                   "conditional halves of guidance (world = prompt groups x 2 x sp_size)")
     p.add_argument("--enable_tiling", action="store_true", help="decode in spatial tiles (for 512 px)")
     p.add_argument("--tile_overlap_factor", type=float, default=0.25, help="tile overlap (default 0.25)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -177,6 +181,8 @@ def _run_sample(args) -> int:
         force_images=args.force_images,
         cache=args.cache,
         compile=args.compile,
+        sp_size=args.sp_size,
+        cfg_parallel=args.cfg_parallel,
     )
     if args.gif:
         from opensora_plan.data.video_io import read_video, write_gif
@@ -373,7 +379,11 @@ def _add_train_t2v(subparsers) -> None:
     optim.add_argument("--compile", action=flag, help="torch.compile the transformer")
     optim.add_argument("--use_ema", action=flag, help="keep an EMA of the weights (saved as ema/)")
     optim.add_argument("--ema_decay", type=float, help="(default 0.9999)")
-    optim.add_argument("--sharding", choices=["ddp", "fsdp2"], help="ddp (replicated, default) or fsdp2 (sharded)")
+    optim.add_argument("--sharding", choices=["ddp", "fsdp2", "deepspeed"],
+                       help="ddp (replicated, default), fsdp2 (sharded) or deepspeed (ZeRO, see --deepspeed_config)")
+    optim.add_argument("--deepspeed_config", help="DeepSpeed JSON or shipped name: zero2 (default), zero2_offload, zero3")
+    optim.add_argument("--sp_size", type=int, help="sequence parallel: processes that split each sample's "
+                       "frames/patches (default 1; world = dp x sp, see docs/training.md)")
     optim.add_argument("--max_nonfinite_steps", type=int, help="stop after this many non-finite steps in a row (10)")
     optim.add_argument("--seed", type=int, help="(default 0)")
     run = p.add_argument_group("run")

@@ -400,6 +400,8 @@ class LatteT2V(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
         # Sampling-time step cache (models/step_cache.py), set through enable_step_cache; not a module.
         self.step_cache: StepCache | None = None
+        # Sequence parallelism (models/parallel.py), set through enable_sequence_parallel; not a module.
+        self.sequence_parallel = None
         block_args = (inner_dim, num_attention_heads, attention_head_dim, dropout, attention_bias,
                       norm_elementwise_affine, norm_eps)
 
@@ -513,6 +515,11 @@ class LatteT2V(ModelMixin, ConfigMixin):
         context, context_bias = self._prepare_captions(encoder_hidden_states, encoder_attention_mask,
                                                        use_image_num, video_frames, dtype)
 
+        # Sequence parallel: this rank keeps a shard of the frames (models/parallel.py).
+        sp = self.sequence_parallel
+        if sp is not None:
+            x, context, context_bias = sp.shard_frames(x, context, context_bias)  # (B, F_r, N, D)
+
         # 4. Alternating spatial / temporal blocks: S0 T0 S1 T1 ... (or the step cache's shortcut).
         layer_args = (t6, context, context_bias, video_frames, use_image_num, enable_temporal_attentions)
         x = self._run_layers(x, layer_args)  # (B, F, N, D)
@@ -520,6 +527,8 @@ class LatteT2V(ModelMixin, ConfigMixin):
         # 5. Final layer: adaLN with the embedded timestep, then the linear patch decoder.
         shift, scale = (self.scale_shift_table[None] + embedded_timestep[:, None]).unsqueeze(2).chunk(2, dim=1)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, F, N, p*p*C_out)
+        if sp is not None:
+            x = sp.gather_frames(x)  # (B, F_r, ...) -> (B, F, N, p*p*C_out) on every rank of the group
 
         # 6. Unpatchify; patch row index before column index ("h p" then "w q").
         x = x.view(batch, frames, grid_h, grid_w, p, p, self.out_channels)
@@ -537,6 +546,9 @@ class LatteT2V(ModelMixin, ConfigMixin):
             for i in layers:
                 x = self._layer(i, x, *layer_args)
             return x
+        if self.sequence_parallel is not None:
+            raise ValueError("A step cache cannot run with sequence parallelism (the ranks would decide apart); "
+                             "call disable_step_cache() or use sp_size 1.")
         t6, context, context_bias = layer_args[:3]
         run_spatial_0 = True
         if cache.probe_runs_first_block:  # First Block Cache: spatial block 0 always runs, its residual is the probe
@@ -562,7 +574,8 @@ class LatteT2V(ModelMixin, ConfigMixin):
             return x
         # Materialise each regrouping once (as the reference does) rather than letting every
         # norm/reshape inside the block copy a strided view again.
-        x = x.transpose(1, 2).contiguous()  # (B, N, F, D)
+        sp = self.sequence_parallel  # with it: (B, F_r, N, D) -> (B, N_r, F, D), one all-to-all
+        x = x.transpose(1, 2).contiguous() if sp is None else sp.frames_to_positions(x)  # (B, N, F, D)
         video, images = x[:, :, :video_frames], x[:, :, video_frames:]
         if i == 0:
             # Added once, before temporal block 0, and it stays in the residual stream (spec 2.2.7).
@@ -571,7 +584,7 @@ class LatteT2V(ModelMixin, ConfigMixin):
             video = video + self.temp_pos_embed[:, None].to(video.dtype)  # (1, 1, F, D)
         video = self._run_block(self.temporal_transformer_blocks[i], video, t6)  # (B, N, F_video, D)
         x = torch.cat([video, images], dim=2) if use_image_num else video
-        return x.transpose(1, 2).contiguous()  # (B, F, N, D)
+        return x.transpose(1, 2).contiguous() if sp is None else sp.positions_to_frames(x)  # (B, F, N, D)
 
     def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:

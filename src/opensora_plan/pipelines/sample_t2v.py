@@ -3,7 +3,11 @@
 Mirrors the reference's ``opensora/sample/sample_t2v.py`` (its flags, plus ``--negative_prompt``,
 ``--batch_size``, ``--seed``, ``--dtype``, ``--device``) with what it lacked: every path is checked before anything heavy is loaded, sampling is seeded per prompt, the
 T5 encoder is freed after all prompts are encoded, and ``torchrun --nproc_per_node N`` splits the
-prompts over N processes (rank r takes prompts r, r+N, ...), each writing its own files.
+prompts over N processes (rank r takes prompts r, r+N, ...), each writing its own files. With
+``--sp_size S`` the N processes form N/S groups of S consecutive ranks: the groups split the prompts and
+the S ranks of a group split each video's tokens (sequence parallelism, :mod:`opensora_plan.models.parallel`);
+the group's first rank writes the file. ``--cfg_parallel`` doubles that: two groups run the unconditional and
+the conditional half of classifier-free guidance (world = prompts-groups x 2 x S).
 
 Each video gets its own generator seeded with ``seed + prompt index``, and each prompt its own text
 conditioning (``text_conditioning="per_prompt"``, the default), so a prompt's video does not depend on
@@ -161,7 +165,7 @@ def _save(path: Path, frames, fps: float) -> Path:
 def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
                  fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
                  batch_size, force_images, cache, compile, clean_caption=True,
-                 text_conditioning="per_prompt") -> list[Path]:
+                 text_conditioning="per_prompt", sp_group=None, cfg_group=None, writes=True) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
@@ -184,6 +188,14 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
     pipe.enable_cache(cache)
     if compile:
         pipe.transformer.compile_blocks()
+    if sp_group is not None:
+        from opensora_plan.models.parallel import enable_sequence_parallel
+
+        enable_sequence_parallel(pipe.transformer, sp_group)
+    if cfg_group is not None:
+        from opensora_plan.models.parallel import enable_batch_parallel
+
+        enable_batch_parallel(pipe.transformer, cfg_group)  # [uncond; cond]: one half per rank
     if enable_tiling:
         pipe.enable_vae_tiling(tile_overlap_factor)
     pipe.set_progress_bar_config(disable=rank != 0)
@@ -210,6 +222,8 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
             generator=generators,
         ).frames  # (B, T, H, W, 3) uint8
         for (index, prompt), frames in zip(batch, videos):
+            if not writes:
+                continue
             written.append(_save(out_dir / video_filename(index, prompt), frames, fps))
             logger.info("%swrote %s", tag, written[-1])
     return written
@@ -248,6 +262,8 @@ def sample_t2v(
     text_conditioning: str = "per_prompt",
     cache: str = "none",
     compile: bool = False,
+    sp_size: int = 1,
+    cfg_parallel: bool = False,
 ) -> list[Path]:
     """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
 
@@ -256,6 +272,9 @@ def sample_t2v(
     ``cache``: step caching, "none" (exact), "fast" (the model's preset) or a method of
     ``models.step_cache.CACHE_METHODS`` with its default threshold; ``compile``: torch.compile the
     transformer blocks (docs/sampling.md has the measured costs and gains of both).
+    ``sp_size`` > 1 (under torchrun, world size a multiple of it): groups of ``sp_size`` processes split
+    each video's frames / patch positions; the videos equal the single-process ones up to float rounding.
+    ``cfg_parallel``: pairs of such groups run the unconditional / conditional halves of guidance.
     """
     import torch
 
@@ -267,6 +286,18 @@ def sample_t2v(
     # Everything cheap first: flags, prompts, folders, configs.
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    block = sp_size * (2 if cfg_parallel else 1)
+    if sp_size < 1 or world % block:
+        raise ValueError(f"--sp_size {sp_size}" + (" x 2 (--cfg_parallel)" if cfg_parallel else "") + f" must divide "
+                         f"the number of processes ({world}); launch with torchrun --nproc_per_node a multiple of "
+                         f"{block}.")
+    if cfg_parallel and guidance_scale <= 1.0:
+        raise ValueError(f"--cfg_parallel splits classifier-free guidance, which --guidance_scale {guidance_scale} "
+                         "turns off; use a scale > 1 or drop --cfg_parallel.")
+    if sp_size > 1 and force_images:
+        raise ValueError("--force_images samples one frame, which cannot be split over --sp_size processes; "
+                         "use --sp_size 1.")
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}.")
     if num_sampling_steps < 1:
@@ -275,6 +306,9 @@ def sample_t2v(
         raise ValueError(f"--tile_overlap_factor must be in [0, 1), got {tile_overlap_factor}; the reference uses 0.25.")
     if cache not in (*CACHE_PRESETS, *CACHE_METHODS):
         raise ValueError(f"--cache must be one of {', '.join((*CACHE_PRESETS, *CACHE_METHODS))}, got {cache!r}.")
+    if cache != "none" and sp_size > 1:
+        raise ValueError(f"--cache {cache} cannot run with --sp_size {sp_size} (the ranks would decide apart); "
+                         "use --cache none or --sp_size 1.")
     if text_conditioning not in TEXT_CONDITIONING:
         raise ValueError(f"--text_conditioning {text_conditioning} is not supported; use {' or '.join(TEXT_CONDITIONING)}.")
     scheduler = create_scheduler(sample_method)
@@ -287,7 +321,13 @@ def sample_t2v(
 
     rank, world_size, device = _distributed_setup(device)
     torch_dtype = (torch.float16 if device.type == "cuda" else torch.float32) if dtype == "auto" else parse_dtype(dtype)
-    jobs = shard(list(enumerate(prompts)), rank, world_size)  # [(global index, prompt)]
+    groups = {"sp": None, "cfg": None, "dp_rank": rank, "dp_size": world_size, "writer": True}
+    if block > 1:
+        from opensora_plan.models.parallel import init_parallel_groups
+
+        groups = init_parallel_groups(sp_size, 2 if cfg_parallel else 1)
+    dp_rank, dp_size = groups["dp_rank"], groups["dp_size"]
+    jobs = shard(list(enumerate(prompts)), dp_rank, dp_size)  # [(global index, prompt)]
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
 
@@ -299,7 +339,8 @@ def sample_t2v(
             fps=fps, guidance_scale=guidance_scale, num_sampling_steps=num_sampling_steps, seed=seed,
             enable_tiling=enable_tiling, tile_overlap_factor=tile_overlap_factor, negative_prompt=negative_prompt,
             batch_size=batch_size, force_images=force_images, clean_caption=clean_caption,
-            text_conditioning=text_conditioning, cache=cache, compile=compile,
+            text_conditioning=text_conditioning, cache=cache, compile=compile, sp_group=groups["sp"],
+            cfg_group=groups["cfg"], writes=groups["writer"],
         )
     elapsed = time.perf_counter() - start
     print(

@@ -16,6 +16,7 @@ their defaults; reference flag names, spec section 6).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,8 @@ T2V_DEFAULTS: dict[str, Any] = {
     "use_ema": False,
     "ema_decay": 0.9999,
     "sharding": "ddp",
+    "sp_size": 1,
+    "deepspeed_config": None,
     "max_nonfinite_steps": 10,
     "seed": 0,
     # output
@@ -139,6 +142,12 @@ class T2VTask(TrainTask):
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, betas=self.adam_betas,
                                       weight_decay=self.adam_weight_decay, eps=self.adam_epsilon)
         return [Phase("model", optimizer, params, self.max_grad_norm)]
+
+    def setup_sequence_parallel(self, group) -> None:
+        """The transformer splits each sample's frames / patch positions over ``group`` (models/parallel.py)."""
+        from opensora_plan.models.parallel import enable_sequence_parallel
+
+        enable_sequence_parallel(self.models["model"], group)
 
     def shard_units(self, name: str) -> list[torch.nn.Module]:
         """FSDP2 units: every spatial and temporal block (gathered only while it runs)."""
@@ -243,6 +252,7 @@ class T2VTask(TrainTask):
         transformer = models["model"].module if hasattr(models["model"], "module") else models["model"]
         was_training = transformer.training
         transformer.eval()
+        sequence_parallel, transformer.sequence_parallel = transformer.sequence_parallel, None  # main process only
         pipe = OpenSoraPlanPipeline(vae=self.vae, transformer=transformer, scheduler=create_scheduler(),
                                     text_encoder=self.text_encoder, tokenizer=self.tokenizer)
         out = folder / f"step-{step}"
@@ -255,6 +265,7 @@ class T2VTask(TrainTask):
                 picks = [0, video.shape[0] // 2, video.shape[0] - 1]
                 writer.add_images(f"validation/{i:02d}", video[picks].permute(0, 3, 1, 2), step)
         transformer.train(was_training)
+        transformer.sequence_parallel = sequence_parallel
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +453,11 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     torch.manual_seed(opts["seed"])  # same initial weights on every process
     transformer = build_transformer(opts["model"], sample_size, video_length, caption_channels,
                                     opts["attention_mode"])
+    frames = video_length + opts["use_image_num"]
+    positions = math.prod(transformer.config.sample_size) // transformer.config.patch_size**2
+    if opts["sp_size"] > 1 and min(frames, positions) < opts["sp_size"]:
+        raise ValueError(f"--sp_size {opts['sp_size']} is larger than the {frames} latent frames or {positions} patch "
+                         "positions per sample; use a smaller --sp_size.")
     if opts["pretrained"]:
         from opensora_plan.train.pretrained import load_pretrained_weights
 

@@ -6,7 +6,10 @@ phase, each with its own optimizer, parameters and clip value) and ``loss(phase,
 The loop owns everything else:
 
 * processes: ``accelerate`` (``Accelerator(cpu=True)`` without CUDA so ``torchrun`` gives DDP over
-  gloo), optional FSDP2 sharding (:mod:`opensora_plan.train.sharding`), mixed precision, TF32, compile;
+  gloo), optional FSDP2 sharding (:mod:`opensora_plan.train.sharding`) or DeepSpeed ZeRO
+  (:mod:`opensora_plan.train.zero`), mixed precision, TF32, compile;
+  sequence parallelism (``sp_size`` > 1): the world is ``dp x sp`` processes, groups of ``sp_size``
+  consecutive ranks share one data-parallel rank (same batches, same noise) and split its tokens;
 * optimisation: gradient accumulation, grad-norm clipping, LR schedule (diffusers ``get_scheduler``,
   stepped once per optimizer step, not once per process), EMA updated after every optimizer step,
   non-finite losses skipped and counted (a clear error after ``max_nonfinite_steps`` in a row);
@@ -33,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 import warnings
@@ -101,6 +105,10 @@ class TrainTask:
         """Number of samples in a batch (for samples/s)."""
         raise NotImplementedError
 
+    def setup_sequence_parallel(self, group) -> None:
+        """Make the models split each sample's tokens over ``group`` (only tasks that support ``sp_size``)."""
+        raise ValueError(f"{type(self).__name__} does not support sequence parallelism; use --sp_size 1.")
+
     def tokens(self, batch: Any) -> int:
         """Number of latent tokens the denoiser sees in a batch (for tokens/s); 0 when not meaningful."""
         return 0
@@ -145,6 +153,8 @@ class TrainConfig:
     validation_steps: int | None = None
     report_to: str = "tensorboard"
     sharding: str = "ddp"  # "ddp" (replicated) or "fsdp2" (parameters, gradients and optimizer state sharded)
+    sp_size: int = 1  # sequence parallel group size: processes that split each sample's tokens
+    deepspeed_config: str | None = None  # with sharding "deepspeed": JSON file or shipped name (default zero2)
     extra: dict = field(default_factory=dict)  # task options, only recorded in options.json
 
     def __post_init__(self):
@@ -155,10 +165,24 @@ class TrainConfig:
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        if self.sharding not in ("ddp", "fsdp2"):
-            raise ValueError(f"--sharding {self.sharding!r} is not supported; use 'ddp' or 'fsdp2'.")
-        if self.sharding == "fsdp2" and self.compile:
-            raise ValueError("--compile with --sharding fsdp2 is not supported; drop one of the two flags.")
+        if self.sharding not in ("ddp", "fsdp2", "deepspeed"):
+            raise ValueError(f"--sharding {self.sharding!r} is not supported; use 'ddp', 'fsdp2' or 'deepspeed'.")
+        if self.sharding != "ddp" and self.compile:
+            raise ValueError(f"--compile with --sharding {self.sharding} is not supported; drop one of the two flags.")
+        if self.deepspeed_config and self.sharding != "deepspeed":
+            raise ValueError("--deepspeed_config needs --sharding deepspeed.")
+        if self.sharding == "deepspeed":
+            from opensora_plan.train import zero
+
+            zero.require_deepspeed()
+            ds_config = zero.load_config(self.deepspeed_config)  # a bad name fails here, before any model loads
+            if self.use_ema and zero.stage(ds_config) == 3:
+                raise ValueError("--use_ema with ZeRO-3 is not supported (parameters are sharded); use zero2.")
+        if self.sp_size < 1:
+            raise ValueError(f"--sp_size must be at least 1, got {self.sp_size}.")
+        if self.sp_size > 1 and self.sharding == "fsdp2":
+            raise ValueError("--sp_size > 1 with --sharding fsdp2 is not supported (untested); use --sharding ddp "
+                             "or deepspeed.")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"--report_to {self.report_to!r} is not supported; use 'tensorboard' or 'none'.")
 
@@ -203,6 +227,10 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        # Data parallel rank/size: the sp_size ranks of one sequence-parallel group share a dp rank.
+        from opensora_plan.models.parallel import init_sequence_parallel
+
+        self.sp_group, self.dp_rank, self.dp_size = init_sequence_parallel(config.sp_size)
         if self.world_size > 1:
             # A process group left alive at interpreter exit lets gloo's threads be torn down by C++
             # static destructors, which aborts a rank now and then ("terminate called without an active
@@ -216,6 +244,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.ema: EMA | None = None
         self.writer = None
+        self.engines: dict[str, Any] = {}  # phase name -> DeepSpeed engine (--sharding deepspeed)
 
     def _unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The task's module under DDP / torch.compile wrappers (state-dict keys without ``_orig_mod.``)."""
@@ -226,6 +255,8 @@ class Trainer:
     def _setup(self) -> Path | None:
         cfg, task = self.config, self.task
         task.setup(self.accelerator)
+        if self.sp_group is not None:
+            task.setup_sequence_parallel(self.sp_group)
         resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
         state = None
         if resume is not None:
@@ -243,7 +274,24 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
 
         names = list(task.models)
-        if cfg.sharding == "fsdp2":
+        if cfg.sharding == "deepspeed":
+            from opensora_plan.train import zero
+            from opensora_plan.train.sharding import check_phase_model
+
+            self.phases = task.phases()
+            if len(self.phases) != 1:
+                raise ValueError(f"{type(task).__name__} has {len(self.phases)} optimizer phases; --sharding "
+                                 "deepspeed trains one (use --sharding ddp).")
+            phase = self.phases[0]
+            model = check_phase_model(task, phase)
+            ds_config = zero.fill_auto(zero.load_config(cfg.deepspeed_config), micro_batch=cfg.train_batch_size,
+                                       accumulation=cfg.gradient_accumulation_steps, world_size=self.world_size,
+                                       max_grad_norm=phase.max_grad_norm, mixed_precision=cfg.mixed_precision)
+            model.to(self.accelerator.device)
+            self.engines[phase.name] = zero.initialize(model, phase.optimizer, ds_config)
+            self.wrapped = {name: self.engines[phase.name] if name == phase.models[0] else task.models[name]
+                            for name in names}
+        elif cfg.sharding == "fsdp2":
             from opensora_plan.train.sharding import check_phase_model, shard_model
 
             for name in names:
@@ -287,7 +335,14 @@ class Trainer:
         for phase, scheduler in zip(self.phases, self.schedulers):
             if phase.name not in state["optimizers"]:
                 raise ValueError(f"{resume} has no optimizer state for phase {phase.name!r}; it was written by another task.")
-            if self.config.sharding == "fsdp2":
+            if self.config.sharding == "deepspeed":
+                if int(state["world_size"]) != self.world_size:
+                    raise ValueError(f"{resume} was written by {state['world_size']} processes; a --sharding deepspeed "
+                                     f"run resumes on the same number (ZeRO shards the optimizer state per rank).")
+                from opensora_plan.train import zero
+
+                zero.load_state(self.engines[phase.name], resume / "deepspeed")
+            elif self.config.sharding == "fsdp2":
                 from opensora_plan.train.sharding import load_optimizer_state
 
                 load_optimizer_state(self.task, phase, state["optimizers"][phase.name])
@@ -299,11 +354,12 @@ class Trainer:
         self.position = int(state["position"])
         self.skipped_total = int(state["skipped_total"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
-        if int(state["world_size"]) != self.world_size or int(state["train_batch_size"]) != self.config.train_batch_size:
+        dp_size = int(state.get("dp_size", state["world_size"]))
+        if dp_size != self.dp_size or int(state["train_batch_size"]) != self.config.train_batch_size:
             logger.warning(
-                "Resuming a run of %d process(es) x batch %d with %d x %d: the data order differs from the "
-                "interrupted run from here on.",
-                state["world_size"], state["train_batch_size"], self.world_size, self.config.train_batch_size,
+                "Resuming a run of %d data-parallel rank(s) x batch %d with %d x %d: the data order differs "
+                "from the interrupted run from here on.",
+                dp_size, state["train_batch_size"], self.dp_size, self.config.train_batch_size,
             )
             self.position = 0
             self.epoch += 1
@@ -336,11 +392,11 @@ class Trainer:
 
     def _batches(self) -> Iterator[Any]:
         cfg = self.config
-        sampler = ResumableSampler(len(self.task.dataset), cfg.seed, self.rank, self.world_size)
+        sampler = ResumableSampler(len(self.task.dataset), cfg.seed, self.dp_rank, self.dp_size)
         if sampler.per_process() < cfg.train_batch_size:
             raise ValueError(
-                f"Each of the {self.world_size} process(es) gets {sampler.per_process()} samples per epoch, fewer "
-                f"than --train_batch_size {cfg.train_batch_size}; add data or lower the batch size."
+                f"Each of the {self.dp_size} data-parallel rank(s) gets {sampler.per_process()} samples per epoch, "
+                f"fewer than --train_batch_size {cfg.train_batch_size}; add data or lower the batch size."
             )
         samples = SeededSamples(self.task.dataset, cfg.seed)
         while True:
@@ -374,9 +430,42 @@ class Trainer:
                     stack.enter_context(self.accelerator.no_sync(self.wrapped[name]))
         return stack
 
+    def _train_step_deepspeed(self, micro_batches: list) -> dict:
+        """One optimizer step through the DeepSpeed engine (it accumulates, reduces, clips and steps)."""
+        cfg, phase = self.config, self.phases[0]
+        engine = self.engines[phase.name]
+        losses, stats_sum = [], {}
+        for micro, batch in enumerate(micro_batches):
+            _seed_everything(derive_seed(cfg.seed, self.step, 0, micro, self.dp_rank))
+            loss, stats = self.task.loss(phase.name, batch, self.step, self.wrapped, micro)
+            finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+            if self.world_size > 1:
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            if not finite.item():
+                # DeepSpeed has no way to drop gradients already accumulated in its buckets mid-step.
+                raise NonFiniteLossError(
+                    f"Non-finite loss at step {self.step + 1}; --sharding deepspeed cannot skip the update. Lower "
+                    f"--learning_rate or check the data, then resume from the last checkpoint."
+                )
+            engine.backward(loss * cfg.sp_size)  # the engine divides by the accumulation steps itself
+            engine.step()  # applies the optimizer on the last micro-batch only
+            losses.append(loss.detach().float())
+            for key, value in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / len(micro_batches)
+        values = torch.stack([torch.stack(losses).mean()] + [torch.tensor(v) for v in stats_sum.values()])
+        values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean").cpu()
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        record = {"loss": float(values[0]), "lr": phase.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
+        record.update({key: float(v) for key, v in zip(stats_sum, values[1:])})
+        self.schedulers[0].step()
+        return record
+
     def _train_step(self, micro_batches: list) -> dict | None:
         """Every phase on the step's micro-batches; returns the log record, or None when the step was skipped."""
         cfg = self.config
+        if cfg.sharding == "deepspeed":
+            return self._train_step_deepspeed(micro_batches)
         accum = len(micro_batches)
         record: dict[str, Any] = {}
         skipped = False
@@ -386,10 +475,13 @@ class Trainer:
             phase.optimizer.zero_grad(set_to_none=True)
             losses, stats_sum = [], {}
             for micro, batch in enumerate(micro_batches):
-                _seed_everything(derive_seed(cfg.seed, self.step, p_index, micro, self.rank))
+                # Seeded by the data-parallel rank: a sequence-parallel group draws the same noise.
+                _seed_everything(derive_seed(cfg.seed, self.step, p_index, micro, self.dp_rank))
                 with self._no_sync(phase, sync=micro == accum - 1):
                     loss, stats = self.task.loss(phase.name, batch, self.step, self.wrapped, micro)
-                    self.accelerator.backward(loss / accum)
+                    # With sp_size > 1 each rank's gradient covers its share of the tokens and the gradient
+                    # reduction averages over dp x sp ranks: x sp_size makes it the mean over dp of the sums.
+                    self.accelerator.backward(loss * (cfg.sp_size / accum))
                 losses.append(loss.detach().float())
                 for key, value in stats.items():
                     stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / accum
@@ -435,18 +527,33 @@ class Trainer:
             rng_states = [None] * self.world_size
             torch.distributed.all_gather_object(rng_states, ckpt.capture_rng_state())
         full = self.config.sharding == "fsdp2"
-        model_states = {
-            name: sharding.full_model_state(model) if full else self._unwrap(model).state_dict()
-            for name, model in self.wrapped.items()
-        }
-        optimizer_states = {
-            phase.name: sharding.full_optimizer_state(self.task, phase) if full else phase.optimizer.state_dict()
-            for phase in self.phases
-        }
-        ema_state = self.ema.state_dict() if self.ema is not None else None
         path = self.output_dir / f"checkpoint-{self.step}"
+        staging = None
+        if self.config.sharding == "deepspeed":
+            from opensora_plan.train import zero
+
+            # Every rank writes its optimizer shard beside the checkpoint; the main process moves it in.
+            staging = self.output_dir / f".deepspeed-{self.step}"
+            for engine in self.engines.values():
+                zero.save_state(engine, staging)
+            model_states = {name: zero.full_state_dict(self.engines[self.phases[0].name])
+                            if model is self.engines[self.phases[0].name] else self._unwrap(model).state_dict()
+                            for name, model in self.wrapped.items()}
+            optimizer_states = {phase.name: None for phase in self.phases}  # in deepspeed/ (sharded)
+        else:
+            model_states = {
+                name: sharding.full_model_state(model) if full else self._unwrap(model).state_dict()
+                for name, model in self.wrapped.items()
+            }
+            optimizer_states = {
+                phase.name: sharding.full_optimizer_state(self.task, phase) if full else phase.optimizer.state_dict()
+                for phase in self.phases
+            }
+        ema_state = self.ema.state_dict() if self.ema is not None else None
         if self.is_main:
             with atomic_dir(path) as tmp:
+                if staging is not None:
+                    os.replace(staging, tmp / "deepspeed")
                 for name, model in self.wrapped.items():
                     ckpt.save_model_folder(self._unwrap(model), model_states[name], tmp / name)
                 if self.ema is not None:
@@ -459,6 +566,8 @@ class Trainer:
                     "epoch": self.epoch,
                     "position": self.position,
                     "world_size": self.world_size,
+                    "dp_size": self.dp_size,
+                    "sp_size": self.config.sp_size,
                     "train_batch_size": self.config.train_batch_size,
                     "sharding": self.config.sharding,
                     "skipped_total": self.skipped_total,
@@ -519,8 +628,8 @@ class Trainer:
                 self.ema.update(self._unwrap(self.wrapped[self.task.ema_model_name]))
             self.step += 1
             elapsed = time.perf_counter() - started
-            samples = sum(self.task.batch_size(b) for b in micro_batches) * self.world_size
-            tokens = sum(self.task.tokens(b) for b in micro_batches) * self.world_size
+            samples = sum(self.task.batch_size(b) for b in micro_batches) * self.dp_size
+            tokens = sum(self.task.tokens(b) for b in micro_batches) * self.dp_size
             record = {"step": self.step, **record, "samples_per_s": samples / elapsed}
             if tokens:
                 record["tokens_per_s"] = tokens / elapsed
@@ -552,7 +661,9 @@ class Trainer:
 
     def _check_replicas(self) -> str | None:
         """With data parallel replicas, check that every process ends with bit-identical weights."""
-        if self.world_size == 1 or self.config.sharding != "ddp":
+        replicated = self.config.sharding == "ddp" or (
+            self.config.sharding == "deepspeed" and all(e.zero_optimization_stage() < 3 for e in self.engines.values()))
+        if self.world_size == 1 or not replicated:
             return None
         digest = hashlib.sha256()
         for name, model in sorted(self.wrapped.items()):
