@@ -341,6 +341,11 @@ def _add_train_t2v(subparsers) -> None:
     model.add_argument("--ae_path", help="CausalVAE folder (or a release folder with a vae/ subfolder)")
     model.add_argument("--pretrained", help="initial weights: LatteT2V folder, .safetensors, or Latte t2v.pt")
     model.add_argument("--attention_mode", choices=["xformers", "flash", "math"], help="recorded in the config")
+    lora = p.add_argument_group("LoRA fine-tuning (needs peft; docs/training.md)")
+    lora.add_argument("--lora_rank", type=int, help="train rank-R LoRA adapters on a frozen --pretrained model")
+    lora.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    lora.add_argument("--lora_target_modules", nargs="+",
+                      help="projections to adapt (default: to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2)")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", help="dataset type (t2v)")
     data.add_argument("--data_path", help="JSON list of {'path': ..., 'cap': [...] or '...'}")
