@@ -134,6 +134,9 @@ def _add_sample(subparsers) -> None:
                    "preset), teacache, first_block (docs/sampling.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (pays a warm-up; "
                    "docs/sampling.md)")
+    p.add_argument("--lora", default=None, help="LoRA adapter folder from train-t2v --lora_rank (pytorch_lora_weights"
+                   ".safetensors + adapter_config.json), applied to the transformer (needs peft)")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (default 1; 0 = base model)")
     p.set_defaults(func=_run_sample)
 
 
@@ -177,6 +180,8 @@ def _run_sample(args) -> int:
         force_images=args.force_images,
         cache=args.cache,
         compile=args.compile,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
     )
     if args.gif:
         from opensora_plan.data.video_io import read_video, write_gif

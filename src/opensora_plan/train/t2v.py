@@ -516,8 +516,13 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
         adam_epsilon=opts["adam_epsilon"], max_grad_norm=opts["max_grad_norm"], validation_prompts=prompts,
         validation_sampling_steps=opts["validation_sampling_steps"],
     )
-    task.paths = {key: str(Path(opts[key]).resolve()) if opts[key] and Path(opts[key]).exists() else opts[key]
-                  for key in ("ae_path", "text_encoder_name", "pretrained", "cached_features")}
+    # What `sample --model_path <checkpoint>` needs to find the run's models again (absolute paths); a
+    # feature cache names the VAE / T5 it was extracted with.
+    settings = getattr(dataset, "settings", {})
+    recorded = {"ae_path": opts["ae_path"] or settings.get("ae"),
+                "text_encoder_name": opts["text_encoder_name"] or settings.get("text_encoder"),
+                "pretrained": opts["pretrained"], "cached_features": opts["cached_features"]}
+    task.paths = {k: str(Path(v).resolve()) if v and Path(v).exists() else v for k, v in recorded.items()}
     config.extra = {k: v for k, v in opts.items() if k not in loop_keys and not k.startswith("_")}
     return task, config
 
