@@ -162,3 +162,36 @@ def test_lora_options_are_checked_before_training(assets, tmp_path, capsys):  # 
     assert cli.main(_argv(assets, tmp_path / "b", 1, "--lora_alpha", "8")) != 0
     assert "--lora_alpha needs --lora_rank" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_pipeline_load_lora_weights_scale_and_fuse(tmp_path):
+    from tiny_t2v import TINY_VERSION, build_tiny_t2v
+
+    from opensora_plan.pipelines.pipeline_opensora_plan import OpenSoraPlanPipeline
+
+    model_path, t5 = build_tiny_t2v(tmp_path)
+    adapter = tiny_latte()
+    lora.add_lora(adapter, lora.lora_config(4))
+    _randomise_adapters(adapter)
+    lora.save_lora(adapter, tmp_path / "adapter")
+
+    pipe = OpenSoraPlanPipeline.from_release(model_path, TINY_VERSION, text_encoder=t5, scheduler="DDIM")
+    pipe.set_progress_bar_config(disable=True)
+
+    def video():
+        return pipe("a cat playing the piano", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").frames
+
+    base = video()
+    pipe.load_lora_weights(tmp_path / "adapter")
+    unfused = video()
+    assert (unfused - base).abs().max() > 1e-2
+    pipe.set_lora_scale(0.0)
+    assert torch.equal(video(), base)
+    pipe.set_lora_scale(1.0)
+    pipe.fuse_lora()
+    torch.testing.assert_close(video(), unfused, rtol=1e-4, atol=1e-4)
+    pipe.unfuse_lora()  # W + dW - dW: back up to float rounding
+    torch.testing.assert_close(video(), unfused, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="already holds LoRA"):
+        pipe.load_lora_weights(tmp_path / "adapter")
