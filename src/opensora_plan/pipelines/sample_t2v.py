@@ -189,7 +189,8 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
     if lora is not None:
         pipe.load_lora_weights(lora, lora_scale=lora_scale)
-        pipe.transformer.to(torch_dtype)
+        if any(p.dtype != torch_dtype for p in pipe.transformer.parameters()):
+            pipe.transformer.to(torch_dtype)  # the adapters are stored in float32
     pipe.fast_cache_options = fast_cache_options(model_path)
     pipe.enable_cache(cache)
     if compile:

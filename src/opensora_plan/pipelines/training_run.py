@@ -127,4 +127,7 @@ def load_run_transformer(run: TrainingRunModels, torch_dtype: torch.dtype, devic
         transformer = LatteT2V.from_config(config)
     load_pretrained_weights(transformer, run.base)
     load_lora(transformer, run.lora, scale=lora_scale)
-    return transformer.to(device=device, dtype=torch_dtype).eval()
+    transformer.to(device)
+    if any(p.dtype != torch_dtype for p in transformer.parameters()):
+        transformer.to(torch_dtype)
+    return transformer.eval()
