@@ -87,7 +87,8 @@ def test_save_load_round_trip_in_diffusers_layout(tmp_path):
     assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in weights)
     assert all(v.dtype == torch.float32 for v in weights.values())
     config = json.loads((tmp_path / "adapter" / lora.ADAPTER_CONFIG_NAME).read_text())
-    assert config["r"] == 2 and config["lora_alpha"] == 2 and sorted(config["target_modules"]) == ["ff.net.2", "to_q", "to_v"]
+    assert config["r"] == 2 and config["lora_alpha"] == 2
+    assert sorted(config["target_modules"]) == ["ff.net.2", "to_q", "to_v"]
 
     fresh = tiny_latte()
     lora.load_lora(fresh, tmp_path / "adapter")

@@ -93,7 +93,8 @@ def add_lora(model: torch.nn.Module, config) -> list[str]:
     return trainable
 
 
-def lora_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: torch.nn.Module,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter weights in the diffusers layout ("transformer.<module>.lora_A.weight", float32, CPU).
 
     ``state_dict`` (default ``model.state_dict()``) lets a caller pass other values, e.g. EMA weights.
