@@ -157,6 +157,30 @@ def test_lora_training_moves_only_adapters_and_resumes_exactly(assets, tmp_path)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_bf16_lora_run_stores_the_frozen_base_in_bf16_and_adapters_in_fp32(assets, tmp_path):  # noqa: F811
+    from accelerate.state import AcceleratorState
+
+    from opensora_plan.train.t2v import build_t2v
+    from opensora_plan.train.trainer import train
+
+    root, t5, sizes = assets
+    task, config = build_t2v(dict(model="LatteT2V-Tiny/122", text_encoder_name=str(t5), ae_path=str(root / "vae"),
+                                  data_path=str(root / "data.json"), use_image_num=1, **sizes, model_max_length=16,
+                                  train_batch_size=2, max_train_steps=2, mixed_precision="bf16", report_to="none",
+                                  learning_rate=1e-3, output_dir=str(tmp_path / "run"),
+                                  pretrained=str(_base_model(tmp_path)), lora_rank=4))
+    params = dict(task.models["model"].named_parameters())
+    assert {p.dtype for n, p in params.items() if ".lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in params.items() if ".lora_" not in n} == {torch.bfloat16}
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier in-process runs used mixed_precision no
+    try:
+        assert train(task, config)["step"] == 2
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    saved = load_file(str(tmp_path / "run" / "checkpoint-2" / "model" / lora.LORA_WEIGHT_NAME))
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+
+
 def test_lora_options_are_checked_before_training(assets, tmp_path, capsys):  # noqa: F811
     assert cli.main(_argv(assets, tmp_path / "a", 1, "--lora_rank", "4")) != 0
     assert "give that model with --pretrained" in capsys.readouterr().err

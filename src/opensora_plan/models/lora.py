@@ -93,6 +93,18 @@ def add_lora(model: torch.nn.Module, config) -> list[str]:
     return trainable
 
 
+def cast_frozen_base(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen (non-adapter) parameter of ``model`` in ``dtype``, e.g. bfloat16 for a bf16 LoRA
+    run: half the base's memory, adapters stay float32. Buffers are untouched. Returns the number of
+    parameters cast."""
+    count = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            count += param.numel()
+    return count
+
+
 def lora_state_dict(model: torch.nn.Module,
                     state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter weights in the diffusers layout ("transformer.<module>.lora_A.weight", float32, CPU).

@@ -503,6 +503,10 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
         logger.info("LoRA rank %d: %d adapter tensors (%d parameters) trained, the base is frozen.",
                     opts["lora_rank"], len(trainable),
                     sum(p.numel() for p in transformer.parameters() if p.requires_grad))
+        if opts["mixed_precision"] == "bf16":  # autocast runs the base in bf16 anyway: store it so
+            from opensora_plan.models.lora import cast_frozen_base
+
+            cast_frozen_base(transformer, torch.bfloat16)
     if opts["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
     transformer.train()
