@@ -35,7 +35,8 @@ Usage::
     python benchmarks/train.py --lora_ranks 0 16     # full fine-tuning vs LoRA rank 16 (needs peft)
 
 LoRA (``--lora_ranks R``, 0 = full): peft adapters on every attention / MLP projection (train-t2v's
-default targets), base frozen in float32, adapters float32, AdamW over the adapters only. The
+default targets), base frozen (stored in bf16 for bf16 rows, as train-t2v does), adapters float32,
+AdamW over the adapters only. The
 model-FLOPs columns keep the full-training convention (3 x forward), so for LoRA rows they overstate
 the work (no weight gradients are formed for the frozen base): compare LoRA and full by s/step and memory.
 """
@@ -111,6 +112,10 @@ def run_single(name: str, precision: str, checkpointing: bool, device: str, step
         from opensora_plan.models.lora import add_lora, lora_config
 
         add_lora(model, lora_config(lora_rank))
+        if precision == "bf16":  # as train-t2v: the frozen base stored in bf16, adapters fp32
+            from opensora_plan.models.lora import cast_frozen_base
+
+            cast_frozen_base(model, torch.bfloat16)
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
