@@ -117,7 +117,7 @@ def _base_model(root: Path) -> Path:
     return root / "base"
 
 
-def test_lora_training_moves_only_adapters_and_resumes_exactly(assets, tmp_path):  # noqa: F811
+def test_lora_training_moves_only_adapters_and_resumes_exactly(assets, tmp_path, capsys):  # noqa: F811
     from opensora_plan.train.t2v import build_t2v
     from opensora_plan.train.trainer import train
 
@@ -155,6 +155,11 @@ def test_lora_training_moves_only_adapters_and_resumes_exactly(assets, tmp_path)
         wa = load_file(str(ckpt / folder / lora.LORA_WEIGHT_NAME))
         wb = load_file(str(resumed / "checkpoint-3" / folder / lora.LORA_WEIGHT_NAME))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # Resuming with another adapter shape or scaling is refused before any step.
+    capsys.readouterr()
+    other = ("--pretrained", str(base), "--lora_rank", "4", "--lora_alpha", "8", "--use_ema")
+    assert cli.main(_argv(assets, resumed, 4, *other, "--resume_from_checkpoint", "latest")) == 1
+    assert "resume with the same --lora_rank / --lora_alpha" in capsys.readouterr().err
 
 
 def test_bf16_lora_run_stores_the_frozen_base_in_bf16_and_adapters_in_fp32(assets, tmp_path):  # noqa: F811

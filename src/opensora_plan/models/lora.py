@@ -53,6 +53,8 @@ def lora_config(rank: int, alpha: float | None = None, target_modules: list[str]
     alpha = float(rank if alpha is None else alpha)
     if alpha <= 0:
         raise ValueError(f"--lora_alpha must be positive, got {alpha}.")
+    if isinstance(target_modules, str):  # one name (e.g. from a JSON config), never a list of its characters
+        target_modules = [target_modules]
     targets = list(LORA_TARGET_MODULES if target_modules is None else target_modules)
     if not targets:
         raise ValueError("--lora_target_modules is empty; name at least one projection, e.g. to_q to_v.")

@@ -250,10 +250,11 @@ class T2VTask(TrainTask):
 
         config, weights = read_lora(folder)
         current = model._lora_config
-        if config.r != current.r or set(config.target_modules) != set(current.target_modules):
-            raise ValueError(f"{folder} holds a rank-{config.r} LoRA on {sorted(config.target_modules)}, this run "
-                             f"trains rank {current.r} on {sorted(current.target_modules)}; resume with the same "
-                             f"--lora_rank / --lora_target_modules.")
+        saved = (config.r, float(config.lora_alpha), sorted(config.target_modules))
+        wanted = (current.r, float(current.lora_alpha), sorted(current.target_modules))
+        if saved != wanted:
+            raise ValueError(f"{folder} holds a LoRA with (rank, alpha, targets) = {saved}, this run trains {wanted}; "
+                             f"resume with the same --lora_rank / --lora_alpha / --lora_target_modules.")
         load_lora_weights_into(model, weights, str(folder))
 
     def run_report(self) -> dict:
