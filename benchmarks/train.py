@@ -32,6 +32,13 @@ Usage::
     python benchmarks/train.py --device cuda         # GPU: full LatteT2V-XL/122 at 17x256x256 and 65x512x512
     python benchmarks/train.py --configs reduced --precisions bf16 --json out.json
     python benchmarks/train.py --threads 1           # shared CPU machine: CPU s/step is the reliable number
+    python benchmarks/train.py --lora_ranks 0 16     # full fine-tuning vs LoRA rank 16 (needs peft)
+
+LoRA (``--lora_ranks R``, 0 = full): peft adapters on every attention / MLP projection (train-t2v's
+default targets), base frozen (stored in bf16 for bf16 rows, as train-t2v does), adapters float32,
+AdamW over the adapters only. The
+model-FLOPs columns keep the full-training convention (3 x forward), so for LoRA rows they overstate
+the work (no weight gradients are formed for the frozen base): compare LoRA and full by s/step and memory.
 """
 
 from __future__ import annotations
@@ -88,7 +95,7 @@ def forward_flops(cfg: dict, model_config) -> float:
 
 
 def run_single(name: str, precision: str, checkpointing: bool, device: str, steps: int, warmup: int,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, lora_rank: int = 0) -> dict:
     import torch
 
     if threads:
@@ -101,10 +108,19 @@ def run_single(name: str, precision: str, checkpointing: bool, device: str, step
     video_length = (cfg["frames"] - 1) // VAE_TEMPORAL + 1
     torch.manual_seed(0)
     model = build_latte(cfg["model"], sample_size=(h, h), video_length=video_length, **cfg["overrides"]).to(device)
+    if lora_rank:
+        from opensora_plan.models.lora import add_lora, lora_config
+
+        add_lora(model, lora_config(lora_rank))
+        if precision == "bf16":  # as train-t2v: the frozen base stored in bf16, adapters fp32
+            from opensora_plan.models.lora import cast_frozen_base
+
+            cast_frozen_base(model, torch.bfloat16)
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.999), weight_decay=1e-2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), weight_decay=1e-2)
     diffusion = GaussianDiffusion()
     B, n, L = cfg["batch"], cfg["images"], cfg["caption_tokens"]
     latents = torch.randn(B, model.config.in_channels, video_length + n, h, h, device=device)
@@ -120,7 +136,7 @@ def run_single(name: str, precision: str, checkpointing: bool, device: str, step
                 lambda x, tt: model(x, tt, encoder_hidden_states=text, encoder_attention_mask=mask,
                                     use_image_num=n, return_dict=False)[0], latents, t)
         terms["loss"].mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -139,18 +155,27 @@ def run_single(name: str, precision: str, checkpointing: bool, device: str, step
         elapsed = (time.perf_counter() - started) / steps
         cpu_seconds = (time.process_time() - cpu_started) / steps
     except torch.OutOfMemoryError:
-        return {"config": name, "precision": precision, "checkpointing": checkpointing, "error": "out of memory"}
+        return {"config": name, "precision": precision, "checkpointing": checkpointing, "lora_rank": lora_rank,
+                "error": "out of memory"}
     peak_gib = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     tokens = B * (video_length + n) * (h // model.config.patch_size) ** 2
     flops = 3 * forward_flops(cfg, model.config)
     result = {
         "config": name, "model": cfg["model"], "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "lora_rank": lora_rank, "trainable_params_M": sum(p.numel() for p in params) / 1e6,
         "precision": precision, "checkpointing": checkpointing, "batch": B, "images": n,
         "s_per_step": elapsed, "cpu_s_per_step": cpu_seconds, "samples_per_s": B / elapsed, "tokens_per_s": tokens / elapsed,
         "peak_memory_GiB": peak_gib, "model_TFLOPs_per_step": flops / 1e12, "achieved_TFLOP_s": flops / elapsed / 1e12,
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
     }
     return result
+
+
+def _kind(result: dict) -> str:
+    if not result.get("lora_rank"):
+        return "full"
+    trainable = result.get("trainable_params_M")
+    return f"LoRA r{result['lora_rank']}" + (f" ({trainable:.2f}M)" if trainable is not None else "")
 
 
 def main(argv=None) -> int:
@@ -163,6 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, help="CPU threads (on a shared machine 1 gives honest CPU s/step)")
     parser.add_argument("--peak_tflops", type=float, help="peak FLOP/s of the device in TFLOP/s (for MFU)")
+    parser.add_argument("--lora_ranks", nargs="+", type=int, default=[0],
+                        help="0 = full fine-tuning, R > 0 = LoRA rank R (e.g. --lora_ranks 0 16; default 0)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--_single", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -175,34 +202,35 @@ def main(argv=None) -> int:
     configs = args.configs or (["reduced"] if args.device == "cpu" else ["17x256x256", "65x512x512"])
     results = []
     for name in configs:
-        for precision in args.precisions:
-            for ckpt in args.checkpointing:
-                job = dict(name=name, precision=precision, checkpointing=ckpt == "on", device=args.device,
-                           steps=args.steps, warmup=args.warmup, threads=args.threads)
-                proc = subprocess.run([sys.executable, __file__, "--_single", json.dumps(job)], capture_output=True,
-                                      text=True)
-                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    results.append({"config": name, "precision": precision, "checkpointing": ckpt == "on",
-                                    "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
-                else:
-                    results.append(json.loads(lines[-1][len("RESULT "):]))
-                print(json.dumps(results[-1]), file=sys.stderr)
+        runs = [(p, c, r) for p in args.precisions for c in args.checkpointing for r in args.lora_ranks]
+        for precision, ckpt, rank in runs:
+            job = dict(name=name, precision=precision, checkpointing=ckpt == "on", device=args.device,
+                       steps=args.steps, warmup=args.warmup, threads=args.threads, lora_rank=rank)
+            proc = subprocess.run([sys.executable, __file__, "--_single", json.dumps(job)], capture_output=True,
+                                  text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                results.append({"config": name, "precision": precision, "checkpointing": ckpt == "on",
+                                "lora_rank": rank, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
+            else:
+                results.append(json.loads(lines[-1][len("RESULT "):]))
+            print(json.dumps(results[-1]), file=sys.stderr)
 
     for r in results:
         peak = args.peak_tflops
         if peak is None:
             peak = next((v[r["precision"]] for k, v in PEAK_TFLOPS.items() if k in r.get("device", "")), None)
         r["MFU"] = r["achieved_TFLOP_s"] / peak if peak and "error" not in r else None
-    header = ("config", "precision", "ckpt", "s/step", "CPU s/step", "samples/s", "tokens/s", "peak GiB", "TFLOP/step", "TFLOP/s", "MFU")
+    header = ("config", "train", "precision", "ckpt", "s/step", "CPU s/step", "samples/s", "tokens/s", "peak GiB", "TFLOP/step", "TFLOP/s", "MFU")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in results:
         if "error" in r:
-            print(f"| {r['config']} | {r['precision']} | {'on' if r['checkpointing'] else 'off'} | {r['error']} |")
+            print(f"| {r['config']} | {_kind(r)} | {r['precision']} | {'on' if r['checkpointing'] else 'off'} | "
+                  f"{r['error']} |")
             continue
         mfu = f"{100 * r['MFU']:.1f}%" if r["MFU"] is not None else "-"
-        print(f"| {r['config']} | {r['precision']} | {'on' if r['checkpointing'] else 'off'} | {r['s_per_step']:.3f} | {r['cpu_s_per_step']:.2f} | "
+        print(f"| {r['config']} | {_kind(r)} | {r['precision']} | {'on' if r['checkpointing'] else 'off'} | {r['s_per_step']:.3f} | {r['cpu_s_per_step']:.2f} | "
               f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_memory_GiB']:.2f} | "
               f"{r['model_TFLOPs_per_step']:.3f} | {r['achieved_TFLOP_s']:.3f} | {mfu} |")
     if results and "error" not in results[0]:

@@ -138,6 +138,9 @@ def _add_sample(subparsers) -> None:
                    "preset), teacache, first_block (docs/sampling.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (pays a warm-up; "
                    "docs/sampling.md)")
+    p.add_argument("--lora", default=None, help="LoRA adapter folder from train-t2v --lora_rank (pytorch_lora_weights"
+                   ".safetensors + adapter_config.json), applied to the transformer (needs peft)")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (default 1; 0 = base model)")
     p.set_defaults(func=_run_sample)
 
 
@@ -183,6 +186,8 @@ def _run_sample(args) -> int:
         compile=args.compile,
         sp_size=args.sp_size,
         cfg_parallel=args.cfg_parallel,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
     )
     if args.gif:
         from opensora_plan.data.video_io import read_video, write_gif
@@ -347,6 +352,11 @@ def _add_train_t2v(subparsers) -> None:
     model.add_argument("--ae_path", help="CausalVAE folder (or a release folder with a vae/ subfolder)")
     model.add_argument("--pretrained", help="initial weights: LatteT2V folder, .safetensors, or Latte t2v.pt")
     model.add_argument("--attention_mode", choices=["xformers", "flash", "math"], help="recorded in the config")
+    lora = p.add_argument_group("LoRA fine-tuning (needs peft; docs/training.md)")
+    lora.add_argument("--lora_rank", type=int, help="train rank-R LoRA adapters on a frozen --pretrained model")
+    lora.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    lora.add_argument("--lora_target_modules", nargs="+",
+                      help="projections to adapt (default: to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2)")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", help="dataset type (t2v)")
     data.add_argument("--data_path", help="JSON list of {'path': ..., 'cap': [...] or '...'}")

@@ -28,7 +28,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .layers import linear
+from .layers import base_linear, linear, lora_delta, project
 from .loading import load_pretrained
 from .step_cache import StepCache
 
@@ -212,21 +212,22 @@ class Attention(nn.Module):
         if context is x and not torch.is_grad_enabled():
             # Inference: one GEMM for the three self-attention projections instead of three.
             q, k, v = linear(x, *self._stacked_qkv()).chunk(3, dim=-1)
+            q, k, v = (t if d is None else t + d for t, d in  # LoRA updates, if any (layers.project)
+                       zip((q, k, v), (lora_delta(m, x) for m in (self.to_q, self.to_k, self.to_v))))
         else:
-            q = linear(x, self.to_q.weight, self.to_q.bias)
-            k = linear(context, self.to_k.weight, self.to_k.bias)
-            v = linear(context, self.to_v.weight, self.to_v.bias)
+            q, k, v = project(self.to_q, x), project(self.to_k, context), project(self.to_v, context)
         out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v), attn_mask=bias)
         out = out.transpose(1, 2).reshape(groups, length, -1)  # (G, S, h*d)
-        return self.to_out[1](linear(out, self.to_out[0].weight, self.to_out[0].bias))
+        return self.to_out[1](project(self.to_out[0], out))
 
     def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(3*h*d, D) weight and (3*h*d,) bias of to_q, to_k, to_v, rebuilt per call (cheap next to
         the GEMM, and never stale after loading or training)."""
-        weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        if self.to_q.bias is None:
+        q, k, v = (base_linear(m) for m in (self.to_q, self.to_k, self.to_v))  # a LoRA wrapper's base layer
+        weight = torch.cat([q.weight, k.weight, v.weight])
+        if q.bias is None:
             return weight, None
-        return weight, torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
+        return weight, torch.cat([q.bias, k.bias, v.bias])
 
 
 class GELUProjection(nn.Module):
@@ -237,7 +238,7 @@ class GELUProjection(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.proj.weight, self.proj.bias, "gelu_tanh")
+        return project(self.proj, x, "gelu_tanh")
 
 
 class FeedForward(nn.Module):
@@ -249,7 +250,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gelu_proj, dropout, out = self.net
-        return linear(dropout(gelu_proj(x)), out.weight, out.bias)
+        return project(out, dropout(gelu_proj(x)))
 
 
 #################################################################################

@@ -98,3 +98,51 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
     out = F.linear(x, weight, bias)
     return F.gelu(out, approximate="tanh") if activation == "gelu_tanh" else out
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections that may carry LoRA adapters (peft ``lora.Linear`` wrappers, models/lora.py)
+# ---------------------------------------------------------------------------------------------
+# The base GEMM of a wrapped layer still runs through ``linear`` (the same kernel as without an
+# adapter) and the low-rank update is added to its output. An adapter at scale 0 (or disabled, or
+# fused into the weight) adds nothing, so the output is then bit-identical to the plain model's.
+
+
+def base_linear(module: torch.nn.Module) -> torch.nn.Linear:
+    """The ``nn.Linear`` holding the (frozen) base weight: the module itself or a LoRA wrapper's ``base_layer``."""
+    return module if type(module) is torch.nn.Linear else module.base_layer
+
+
+def lora_delta(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The active adapters' update ``sum scale * B(A(dropout(x)))`` of a LoRA-wrapped layer, or None when it
+    adds nothing (plain Linear, adapters disabled, fused or at scale 0)."""
+    if type(module) is torch.nn.Linear or module.disable_adapters or module.merged:
+        return None
+    delta = None
+    for name in module.active_adapters:
+        if name not in module.lora_A or module.scaling[name] == 0:
+            continue
+        lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+        update = lora_b(lora_a(module.lora_dropout[name](x.to(lora_a.weight.dtype)))) * module.scaling[name]
+        delta = update if delta is None else delta + update
+    return None if delta is None else delta.to(x.dtype)
+
+
+def project(module: torch.nn.Module, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    """``activation(module(x))`` for a projection layer: an ``nn.Linear`` or a LoRA-wrapped one.
+
+    x (..., in_features) -> (..., out_features). The base GEMM goes through :func:`linear`; a LoRA
+    wrapper's update is added before the activation (reading ``module.weight`` alone, as a plain fast
+    path would, silently skips the adapter). Wrappers other than LoRA (e.g. DoRA) are called as modules.
+    """
+    if (type(module) is not torch.nn.Linear and not hasattr(module, "lora_A")) or any(
+            getattr(module, "use_dora", {}).values()):
+        out = module(x)
+        return F.gelu(out, approximate="tanh") if activation == "gelu_tanh" else out
+    base = base_linear(module)
+    delta = lora_delta(module, x)
+    if delta is None:
+        return linear(x, base.weight, base.bias, activation)
+    out = linear(x, base.weight, base.bias) + delta
+    return F.gelu(out, approximate="tanh") if activation == "gelu_tanh" else out

@@ -206,6 +206,44 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
     def disable_vae_tiling(self) -> None:
         self.vae.disable_tiling()
 
+    # ----------------------------------------------------------------------------------------
+    # LoRA adapters (models/lora.py; needs peft)
+    # ----------------------------------------------------------------------------------------
+
+    def load_lora_weights(self, path: str | os.PathLike, lora_scale: float = 1.0) -> None:
+        """Add the LoRA adapter saved at ``path`` to the transformer, applied at ``lora_scale``.
+
+        ``path``: a folder with ``pytorch_lora_weights.safetensors`` (+ ``adapter_config.json``), e.g.
+        a ``train-t2v --lora_rank`` checkpoint's ``model/``, or the checkpoint folder itself. Raises
+        FileNotFoundError when there is no adapter there and ValueError when it does not fit the
+        transformer or one is already loaded.
+        """
+        from opensora_plan.models.lora import load_lora
+
+        load_lora(self.transformer, path, scale=lora_scale)
+        self.transformer.to(self.device)
+
+    def set_lora_scale(self, lora_scale: float) -> None:
+        """Scale the loaded adapter (0 = the base model exactly, 1 = as trained); not while fused."""
+        from opensora_plan.models.lora import set_lora_scale
+
+        set_lora_scale(self.transformer, lora_scale)
+
+    def fuse_lora(self, lora_scale: float | None = None) -> None:
+        """Merge the adapter (at ``lora_scale``, default: its current scale) into the base weights: same
+        videos up to float rounding, no per-step adapter cost."""
+        from opensora_plan.models.lora import fuse_lora, set_lora_scale
+
+        if lora_scale is not None:
+            set_lora_scale(self.transformer, lora_scale)
+        fuse_lora(self.transformer)
+
+    def unfuse_lora(self) -> None:
+        """Subtract the fused adapter again (the base weights come back up to float rounding)."""
+        from opensora_plan.models.lora import unfuse_lora
+
+        unfuse_lora(self.transformer)
+
     def release_text_encoder(self) -> None:
         """Drop the T5 encoder (about 9.5 GB in half precision for T5-XXL) and free its memory.
 

@@ -165,7 +165,8 @@ def _save(path: Path, frames, fps: float) -> Path:
 def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
                  fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
                  batch_size, force_images, cache, compile, clean_caption=True,
-                 text_conditioning="per_prompt", sp_group=None, cfg_group=None, writes=True) -> list[Path]:
+                 text_conditioning="per_prompt", sp_group=None, cfg_group=None, writes=True, run=None, lora=None,
+                 lora_scale=1.0) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
@@ -176,14 +177,25 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
     from opensora_plan.pipelines.pipeline_opensora_plan import OpenSoraPlanPipeline
 
     tokenizer, text_encoder = load_t5(text_encoder_name, torch_dtype=torch_dtype, device=device)
+    if run is not None:  # a train-t2v checkpoint (pipelines/training_run.py)
+        from opensora_plan.pipelines.training_run import load_run_transformer
+
+        transformer = load_run_transformer(run, torch_dtype, device, lora_scale)
+    else:
+        transformer = LatteT2V.from_pretrained(model_path / version, torch_dtype=torch_dtype, device=device)
     pipe = OpenSoraPlanPipeline(
-        vae=CausalVAEModel.from_pretrained(model_path / "vae", torch_dtype=torch_dtype, device=device),
-        transformer=LatteT2V.from_pretrained(model_path / version, torch_dtype=torch_dtype, device=device),
+        vae=CausalVAEModel.from_pretrained(run.vae if run is not None else model_path / "vae",
+                                           torch_dtype=torch_dtype, device=device),
+        transformer=transformer,
         scheduler=scheduler,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
     )
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
+    if lora is not None:
+        pipe.load_lora_weights(lora, lora_scale=lora_scale)
+        if any(p.dtype != torch_dtype for p in pipe.transformer.parameters()):
+            pipe.transformer.to(torch_dtype)  # the adapters are stored in float32
     pipe.fast_cache_options = fast_cache_options(model_path)
     pipe.enable_cache(cache)
     if compile:
@@ -264,6 +276,8 @@ def sample_t2v(
     compile: bool = False,
     sp_size: int = 1,
     cfg_parallel: bool = False,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
 ) -> list[Path]:
     """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
 
@@ -275,6 +289,12 @@ def sample_t2v(
     ``sp_size`` > 1 (under torchrun, world size a multiple of it): groups of ``sp_size`` processes split
     each video's frames / patch positions; the videos equal the single-process ones up to float rounding.
     ``cfg_parallel``: pairs of such groups run the unconditional / conditional halves of guidance.
+
+    ``model_path`` may also be a ``train-t2v`` output: a ``checkpoint-<step>`` folder or the run folder
+    (its latest checkpoint); the VAE, T5 (unless ``text_encoder_name`` is given) and, for a LoRA run,
+    the base model come from the run's options.json, and EMA weights are used when the run kept them.
+    ``lora``: a LoRA adapter folder (``pytorch_lora_weights.safetensors`` + ``adapter_config.json``) to
+    apply at ``lora_scale`` (0 = the base model exactly).
     """
     import torch
 
@@ -316,7 +336,28 @@ def sample_t2v(
     preprocess_prompts(prompts, clean=clean_caption, warn=False)  # a prompt that cleaning empties: error now
     out_dir = check_output_folder(save_img_path, "--save_img_path")
     model_path = Path(model_path)
-    _check_model_folders(model_path, version, ae, str(text_encoder_name))
+    run = None
+    from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
+
+    if is_training_output(model_path):
+        run = resolve_training_output(model_path)
+        version = run.checkpoint.name  # for the log line
+        if text_encoder_name in (None, DEFAULT_TEXT_ENCODER) and run.text_encoder:
+            text_encoder_name = run.text_encoder
+        print(f"Using {run.describe()}", flush=True)
+    else:
+        _check_model_folders(model_path, version, ae, str(text_encoder_name))
+    if lora_scale != 1.0 and lora is None and (run is None or run.lora is None):
+        raise ValueError(f"--lora_scale {lora_scale} needs a LoRA: pass --lora or a LoRA run's checkpoint.")
+    if lora is not None:
+        from opensora_plan.models.lora import find_lora
+
+        if find_lora(lora) is None:
+            raise FileNotFoundError(f"--lora {lora} holds no pytorch_lora_weights.safetensors; give the adapter "
+                                    f"folder (e.g. runs/x/checkpoint-600/model).")
+        if run is not None and run.lora is not None:
+            raise ValueError(f"{model_path} is a LoRA run whose adapter is applied already; drop --lora "
+                             f"(use --lora_scale to scale it).")
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)
@@ -340,7 +381,7 @@ def sample_t2v(
             enable_tiling=enable_tiling, tile_overlap_factor=tile_overlap_factor, negative_prompt=negative_prompt,
             batch_size=batch_size, force_images=force_images, clean_caption=clean_caption,
             text_conditioning=text_conditioning, cache=cache, compile=compile, sp_group=groups["sp"],
-            cfg_group=groups["cfg"], writes=groups["writer"],
+            cfg_group=groups["cfg"], writes=groups["writer"], run=run, lora=lora, lora_scale=lora_scale,
         )
     elapsed = time.perf_counter() - start
     print(

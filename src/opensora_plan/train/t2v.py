@@ -37,6 +37,10 @@ T2V_DEFAULTS: dict[str, Any] = {
     "ae_path": None,
     "pretrained": None,
     "attention_mode": None,
+    # LoRA fine-tuning (peft): adapters on the attention / MLP projections, base frozen (models/lora.py)
+    "lora_rank": None,
+    "lora_alpha": None,
+    "lora_target_modules": None,
     # data
     "dataset": "t2v",
     "data_path": None,
@@ -126,6 +130,8 @@ class T2VTask(TrainTask):
         self.diffusion = GaussianDiffusion()
         self.skipped = SkippedVideos()
         self.device = torch.device("cpu")
+        self.lora = getattr(transformer, "_lora_config", None) is not None  # adapters only are trained and saved
+        self.paths: dict[str, str | None] = {}  # absolute model paths, recorded in options.json for `sample`
 
     def setup(self, accelerator) -> None:
         """Frozen encoders on the training device: VAE in float32, T5 in the mixed-precision dtype."""
@@ -225,8 +231,40 @@ class T2VTask(TrainTask):
         return self.batch_size(batch) * frames * (height // p) * (width // p)
 
     def options(self) -> dict:
-        return {"transformer_config": dict(self.models["model"].config),
-                "num_parameters": sum(p.numel() for p in self.models["model"].parameters())}
+        model = self.models["model"]
+        options = {"transformer_config": dict(model.config),
+                   "num_parameters": sum(p.numel() for p in model.parameters()),
+                   "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   "paths": self.paths}
+        if self.lora:
+            config = model._lora_config
+            options["lora"] = {"rank": config.r, "alpha": config.lora_alpha,
+                               "target_modules": sorted(config.target_modules)}
+        return options
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_model(self, name: str, model, state_dict: dict, folder: Path) -> None:
+        """A LoRA run writes only the adapter (diffusers/peft layout); the frozen base is ``--pretrained``."""
+        if not self.lora:
+            return super().save_model(name, model, state_dict, folder)
+        from opensora_plan.models.lora import save_lora
+
+        save_lora(model, folder, state_dict)
+
+    def load_model(self, name: str, model, folder: Path) -> None:
+        if not self.lora:
+            return super().load_model(name, model, folder)
+        from opensora_plan.models.lora import load_lora_weights_into, read_lora
+
+        config, weights = read_lora(folder)
+        current = model._lora_config
+        saved = (config.r, float(config.lora_alpha), sorted(config.target_modules))
+        wanted = (current.r, float(current.lora_alpha), sorted(current.target_modules))
+        if saved != wanted:
+            raise ValueError(f"{folder} holds a LoRA with (rank, alpha, targets) = {saved}, this run trains {wanted}; "
+                             f"resume with the same --lora_rank / --lora_alpha / --lora_target_modules.")
+        load_lora_weights_into(model, weights, str(folder))
 
     def run_report(self) -> dict:
         return self.skipped.run_report()
@@ -406,6 +444,18 @@ def validate_t2v_options(opts: dict) -> None:
         if given is not None and opts["validation_prompt_file"]:
             raise ValueError("Give --validation_prompts or --validation_prompt_file, not both.")
         opts["validation_prompts"] = read_prompts(given, opts["validation_prompt_file"], "--validation_prompt_file")
+    if opts["lora_rank"] is None:
+        given = [k for k in ("lora_alpha", "lora_target_modules") if opts[k] is not None]
+        if given:
+            raise ValueError(f"--{given[0]} needs --lora_rank (the adapter rank, e.g. 16).")
+    else:
+        from opensora_plan.models.lora import lora_config
+
+        lora_config(opts["lora_rank"], opts["lora_alpha"], opts["lora_target_modules"])  # peft installed, values valid
+        if not opts["pretrained"]:
+            raise ValueError("--lora_rank trains adapters on a frozen base model; give that model with --pretrained.")
+        if opts["sharding"] != "ddp":
+            raise ValueError("--lora_rank is supported with --sharding ddp (the adapters are small); drop --sharding.")
     if opts["validation_prompts"] and opts["validation_sampling_steps"] < 4:
         # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
         raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
@@ -462,6 +512,18 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
         from opensora_plan.train.pretrained import load_pretrained_weights
 
         load_pretrained_weights(transformer, opts["pretrained"], Path(opts["output_dir"]) / "pretrained_report.json")
+    if opts["lora_rank"]:
+        from opensora_plan.models.lora import add_lora, lora_config
+
+        trainable = add_lora(transformer, lora_config(opts["lora_rank"], opts["lora_alpha"],
+                                                      opts["lora_target_modules"]))
+        logger.info("LoRA rank %d: %d adapter tensors (%d parameters) trained, the base is frozen.",
+                    opts["lora_rank"], len(trainable),
+                    sum(p.numel() for p in transformer.parameters() if p.requires_grad))
+        if opts["mixed_precision"] == "bf16":  # autocast runs the base in bf16 anyway: store it so
+            from opensora_plan.models.lora import cast_frozen_base
+
+            cast_frozen_base(transformer, torch.bfloat16)
     if opts["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -475,6 +537,13 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
         adam_epsilon=opts["adam_epsilon"], max_grad_norm=opts["max_grad_norm"], validation_prompts=prompts,
         validation_sampling_steps=opts["validation_sampling_steps"],
     )
+    # What `sample --model_path <checkpoint>` needs to find the run's models again (absolute paths); a
+    # feature cache names the VAE / T5 it was extracted with.
+    settings = getattr(dataset, "settings", {})
+    recorded = {"ae_path": opts["ae_path"] or settings.get("ae"),
+                "text_encoder_name": opts["text_encoder_name"] or settings.get("text_encoder"),
+                "pretrained": opts["pretrained"], "cached_features": opts["cached_features"]}
+    task.paths = {k: str(Path(v).resolve()) if v and Path(v).exists() else v for k, v in recorded.items()}
     config.extra = {k: v for k, v in opts.items() if k not in loop_keys and not k.startswith("_")}
     return task, config
 

@@ -117,6 +117,14 @@ class TrainTask:
         """Task-specific options recorded in ``options.json``."""
         return {}
 
+    def save_model(self, name: str, model: torch.nn.Module, state_dict: dict, folder: Path) -> None:
+        """Write one model of a checkpoint (``state_dict`` may hold EMA values); default: the full weights."""
+        ckpt.save_model_folder(model, state_dict, folder)
+
+    def load_model(self, name: str, model: torch.nn.Module, folder: Path) -> None:
+        """Restore what :meth:`save_model` wrote into ``model`` when resuming; default: strict full load."""
+        ckpt.load_model_folder_weights(model, folder)
+
     def validate(self, step: int, models: dict[str, torch.nn.Module], folder: Path, writer) -> None:
         """Optional validation (e.g. sample videos from fixed prompts) into ``folder``; main process only."""
 
@@ -262,7 +270,7 @@ class Trainer:
         if resume is not None:
             logger.info("Resuming from %s", resume)
             for name, model in task.models.items():
-                ckpt.load_model_folder_weights(model, resume / name)
+                task.load_model(name, model, resume / name)
             state = torch.load(resume / ckpt.STATE_NAME, map_location="cpu", weights_only=False)
         if cfg.use_ema:
             if cfg.sharding == "fsdp2":
@@ -555,12 +563,12 @@ class Trainer:
                 if staging is not None:
                     os.replace(staging, tmp / "deepspeed")
                 for name, model in self.wrapped.items():
-                    ckpt.save_model_folder(self._unwrap(model), model_states[name], tmp / name)
+                    self.task.save_model(name, self._unwrap(model), model_states[name], tmp / name)
                 if self.ema is not None:
                     model = self._unwrap(self.wrapped[self.task.ema_model_name])
                     ema_weights = dict(model_states[self.task.ema_model_name])
                     ema_weights.update({k: v.to(ema_weights[k].dtype) for k, v in ema_state["shadow"].items()})
-                    ckpt.save_model_folder(model, ema_weights, tmp / "ema")
+                    self.task.save_model(self.task.ema_model_name, model, ema_weights, tmp / "ema")
                 state = {
                     "step": self.step,
                     "epoch": self.epoch,
