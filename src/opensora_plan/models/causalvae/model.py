@@ -64,6 +64,67 @@ TEMPORAL_CHUNKING_MODES = ("lossless", "approximate")
 LOSS_SKIP_REASON = "LPIPS + discriminator training tensors; not part of encode/decode"
 
 
+def estimate_decode_memory(vae: "CausalVAEModel", latent_shape: tuple[int, ...], dtype: torch.dtype,
+                           mode: str = "full", chunk_latent_frames: int = 4,
+                           offload_device: str | torch.device | None = "cpu") -> int:
+    """Estimated peak bytes a decode allocates on the compute device (weights excluded).
+
+    A model of the largest set of tensors alive at once, walked over the decoder's layout: for
+    ``mode="full"`` (no tiling, no chunking) whole activations, for ``mode="lossless"`` the trunk
+    (latent resolution), the output video and the working set of one ``chunk_latent_frames`` chunk
+    (plus the stored stage outputs when ``offload_device`` is None). Calibrated against measured CPU
+    peak RSS within about 15 % (``docs/causalvae.md``); allocator caches and attention workspaces
+    come on top.
+
+    Args:
+        latent_shape: (B, embed_dim, t, h, w) of the latents to decode.
+        dtype: the VAE's dtype.
+
+    Raises:
+        ValueError: a latent shape that is not 5-D, or an unknown mode.
+    """
+    if len(latent_shape) != 5:
+        raise ValueError(f"estimate_decode_memory needs a latent shape (B, C, t, h, w); got {tuple(latent_shape)}.")
+    if mode not in ("full", "lossless"):
+        raise ValueError(f"estimate_decode_memory: unknown mode {mode!r}; use 'full' or 'lossless'.")
+    batch, _, frames, height, width = (int(v) for v in latent_shape)
+    item = torch.empty((), dtype=dtype, device="meta").element_size()
+    decoder = vae.decoder
+
+    def stage_peaks(t: int) -> tuple[int, int, int]:
+        """(peak live elements inside one stage, largest stage input+output, output elements) at t frames."""
+        top = decoder.conv_in.conv.out_channels
+        hw, peak, stored = height * width, 0, 0
+        # trunk: input, norm, silu, padded, output of a residual conv (attention: q, k, v, out as well)
+        trunk = 5 * top * t * hw
+        for up in reversed(decoder.up):
+            for block in up.block:
+                cin, cout = block.conv1.conv.in_channels, block.conv1.conv.out_channels
+                n = t * hw
+                peak = max(peak, (3 * cin + cout) * n + 2 * cin * hw, (cin + 4 * cout) * n + 2 * cout * hw)
+                stored = max(stored, (cin + cout) * n)
+                channels = cout
+            if hasattr(up, "upsample"):  # nearest x2 then (1,3,3) conv
+                peak = max(peak, channels * t * hw * (1 + 4 + 4))
+                hw *= 4
+            if hasattr(up, "time_upsample"):  # input, interpolated, concatenated
+                peak = max(peak, channels * t * hw * 5)
+                t = 1 + 2 * (t - 1)
+        head = channels * t * hw * 3 + 3 * t * hw
+        return max(peak, head, trunk), stored, 3 * t * hw
+
+    if mode == "full":
+        peak, _, _ = stage_peaks(frames)
+        return batch * peak * item
+    top = decoder.conv_in.conv.out_channels
+    chunk = min(chunk_latent_frames, frames)
+    working, _, _ = stage_peaks(chunk + 1)  # a chunk plus its carried frames
+    _, stored, output = stage_peaks(frames)
+    trunk = 5 * top * frames * height * width
+    total = max(trunk, working + output) + (stored if offload_device is None else 0)
+    return batch * total * item
+
+
 @dataclass
 class CausalVAEOutput(BaseOutput):
     """``forward`` output: the reconstruction and the posterior it was decoded from (for the KL term)."""
