@@ -175,3 +175,64 @@ def test_memory_estimate_orders_the_modes_and_rejects_bad_input():
         estimate_decode_memory(vae, (4, 17, 32, 32), torch.float32)
     with pytest.raises(ValueError, match="mode"):
         estimate_decode_memory(vae, shape, torch.float32, mode="fast")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory budget: automatic lossless chunking
+# --------------------------------------------------------------------------------------------
+
+
+def test_budget_switches_to_lossless_with_one_log_line(two_level_vae, caplog):
+    vae = two_level_vae
+    z = torch.randn(1, 4, 17, 4, 4, generator=torch.Generator().manual_seed(7))
+    full = _decode(vae, z)
+    shape_need = estimate_decode_memory(vae, z.shape, torch.float32)
+    try:
+        vae.set_decode_memory_budget(shape_need / 3 / 2**30)
+        with caplog.at_level("INFO", logger="opensora_plan.models.causalvae.model"), torch.no_grad():
+            budgeted = vae.decode(z).sample
+        lines = [r.getMessage() for r in caplog.records if "decoding losslessly" in r.getMessage()]
+        assert len(lines) == 1 and "over the" in lines[0]
+        torch.testing.assert_close(budgeted, full, rtol=0, atol=ATOL)
+        assert vae.temporal_chunk_latent_frames is None  # the switch lasts for that call only
+        caplog.clear()
+        vae.set_decode_memory_budget(2 * shape_need / 2**30)  # fits: the plain decode, bit for bit
+        with caplog.at_level("INFO", logger="opensora_plan.models.causalvae.model"), torch.no_grad():
+            assert torch.equal(vae.decode(z).sample, full)
+        assert not caplog.records
+    finally:
+        vae.set_decode_memory_budget(None)
+
+
+def test_budget_auto_and_errors(two_level_vae):
+    vae = two_level_vae
+    z = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+    try:
+        vae.set_decode_memory_budget("auto")  # this machine's free memory: far more than needed
+        with torch.no_grad():
+            assert torch.equal(vae.decode(z).sample, _decode(vae, z))
+    finally:
+        vae.set_decode_memory_budget(None)
+    for bad in (0, -1.5, "lots"):
+        with pytest.raises(ValueError, match="positive number of GiB, 'auto' or None"):
+            vae.set_decode_memory_budget(bad)
+
+
+def test_sample_cli_budget_decodes_losslessly_and_says_so(tmp_path, caplog):
+    from opensora_plan import cli
+    from tiny_t2v import TINY_VERSION, build_tiny_t2v
+
+    model_path, t5_path = build_tiny_t2v(tmp_path / "models")
+    args = ["sample", "a red ball", "--model_path", str(model_path), "--version", TINY_VERSION,
+            "--text_encoder_name", str(t5_path), "--num_sampling_steps", "1", "--sample_method", "DDIM", "--fps", "8"]
+    with caplog.at_level("INFO"):
+        assert cli.main([*args, "--save_img_path", str(tmp_path / "out"), "--vae_memory_gb", "0.0001"]) == 0
+    lines = [r.getMessage() for r in caplog.records if "decoding losslessly" in r.getMessage()]
+    assert len(lines) == 1 and "over the 0.00 GiB budget" in lines[0]
+    assert len(list((tmp_path / "out").glob("*.mp4"))) == 1
+    caplog.clear()
+    with caplog.at_level("INFO"):  # default "auto": this tiny decode fits, nothing is switched
+        assert cli.main([*args, "--save_img_path", str(tmp_path / "auto")]) == 0
+    assert not [r for r in caplog.records if "decoding losslessly" in r.getMessage()]
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--vae_memory_gb", "-1"])

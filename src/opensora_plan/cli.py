@@ -85,6 +85,19 @@ def _run_reconstruct(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _memory_budget(text: str) -> float | str | None:
+    """``--vae_memory_gb``: 'auto', 0 (never chunk) or a positive number of GiB."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 or 'auto', got {text!r}")
+    return value or None
+
+
 def _add_sample(subparsers) -> None:
     from opensora_plan.pipelines.sample_t2v import AE_NAMES, DEFAULT_MODEL_PATH, DEFAULT_TEXT_ENCODER, VERSIONS
 
@@ -119,6 +132,9 @@ def _add_sample(subparsers) -> None:
     p.add_argument("--force_images", action="store_true", help="image mode: 1 frame, temporal attention off (png)")
     p.add_argument("--enable_tiling", action="store_true", help="decode in spatial tiles (for 512 px)")
     p.add_argument("--tile_overlap_factor", type=float, default=0.25, help="tile overlap (default 0.25)")
+    p.add_argument("--vae_memory_gb", type=_memory_budget, default="auto",
+                   help="VAE decode memory budget in GiB; a decode that would need more runs losslessly in "
+                        "temporal chunks (same output). auto (default): the device's free memory; 0: never")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = fp16 on GPU (as the reference), fp32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -156,6 +172,7 @@ def _run_sample(args) -> int:
         negative_prompt=args.negative_prompt,
         batch_size=args.batch_size,
         force_images=args.force_images,
+        vae_memory_gb=args.vae_memory_gb,
     )
     if args.gif:
         from opensora_plan.data.video_io import read_video, write_gif

@@ -120,7 +120,7 @@ def _save(path: Path, frames, fps: float) -> Path:
 
 def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
                  fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
-                 batch_size, force_images) -> list[Path]:
+                 batch_size, force_images, vae_memory_gb=None) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
@@ -140,6 +140,7 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
     if enable_tiling:
         pipe.enable_vae_tiling(tile_overlap_factor)
+    pipe.set_vae_memory_budget(vae_memory_gb)
     pipe.set_progress_bar_config(disable=rank != 0)
     num_frames = 1 if force_images else None
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
@@ -187,8 +188,13 @@ def sample_t2v(
     negative_prompt: str = "",
     batch_size: int = 1,
     force_images: bool = False,
+    vae_memory_gb: float | str | None = "auto",
 ) -> list[Path]:
-    """Sample one video per prompt into ``save_img_path``; returns the files this process wrote."""
+    """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
+
+    ``vae_memory_gb``: decode losslessly in temporal chunks when a plain VAE decode would need more
+    (GiB; ``"auto"`` = the device's free memory at decode time; None = never).
+    """
     import torch
 
     from opensora_plan.diffusion.schedulers import create_scheduler
@@ -203,6 +209,8 @@ def sample_t2v(
         raise ValueError(f"--num_sampling_steps must be at least 1, got {num_sampling_steps}.")
     if not 0.0 <= tile_overlap_factor < 1.0:
         raise ValueError(f"--tile_overlap_factor must be in [0, 1), got {tile_overlap_factor}; the reference uses 0.25.")
+    if vae_memory_gb not in (None, "auto") and not (isinstance(vae_memory_gb, (int, float)) and vae_memory_gb > 0):
+        raise ValueError(f"--vae_memory_gb must be a positive number of GiB or 'auto', got {vae_memory_gb!r}.")
     scheduler = create_scheduler(sample_method)
     prompts = read_prompts(text_prompt)
     model_path = Path(model_path)
@@ -222,7 +230,7 @@ def sample_t2v(
             jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir,
             fps=fps, guidance_scale=guidance_scale, num_sampling_steps=num_sampling_steps, seed=seed,
             enable_tiling=enable_tiling, tile_overlap_factor=tile_overlap_factor, negative_prompt=negative_prompt,
-            batch_size=batch_size, force_images=force_images,
+            batch_size=batch_size, force_images=force_images, vae_memory_gb=vae_memory_gb,
         )
     elapsed = time.perf_counter() - start
     print(

@@ -66,13 +66,15 @@ LOSS_SKIP_REASON = "LPIPS + discriminator training tensors; not part of encode/d
 
 def estimate_decode_memory(vae: "CausalVAEModel", latent_shape: tuple[int, ...], dtype: torch.dtype,
                            mode: str = "full", chunk_latent_frames: int = 4,
-                           offload_device: str | torch.device | None = "cpu") -> int:
+                           offload_device: str | torch.device | None = "cpu",
+                           device: str | torch.device | None = None) -> int:
     """Estimated peak bytes a decode allocates on the compute device (weights excluded).
 
     A model of the largest set of tensors alive at once, walked over the decoder's layout: for
     ``mode="full"`` (no tiling, no chunking) whole activations, for ``mode="lossless"`` the trunk
-    (latent resolution), the output video and the working set of one ``chunk_latent_frames`` chunk
-    (plus the stored stage outputs when ``offload_device`` is None). Calibrated against measured CPU
+    (latent resolution), the output video and the working set of one ``chunk_latent_frames`` chunk,
+    plus the stored stage outputs when they stay on the compute device ``device`` (default: the
+    VAE's device), i.e. when ``offload_device`` is None or that device. Calibrated against measured CPU
     peak RSS within about 15 % (``docs/causalvae.md``); allocator caches and attention workspaces
     come on top.
 
@@ -92,25 +94,29 @@ def estimate_decode_memory(vae: "CausalVAEModel", latent_shape: tuple[int, ...],
     decoder = vae.decoder
 
     def stage_peaks(t: int) -> tuple[int, int, int]:
-        """(peak live elements inside one stage, largest stage input+output, output elements) at t frames."""
+        """(peak live elements inside one stage, largest stage input + output, output elements) at t frames.
+
+        A causal conv holds its input, the padded copy, a reordered copy (oneDNN's blocked layout on
+        CPU) and its output twice (blocked, then plain); a ResnetBlock3D also holds its input and,
+        around conv2, conv1's output. Measured CPU peaks match within about 10 %.
+        """
         top = decoder.conv_in.conv.out_channels
         hw, peak, stored = height * width, 0, 0
-        # trunk: input, norm, silu, padded, output of a residual conv (attention: q, k, v, out as well)
-        trunk = 5 * top * t * hw
+        trunk = 7 * top * t * hw  # the mid block's convs at latent resolution
         for up in reversed(decoder.up):
             for block in up.block:
                 cin, cout = block.conv1.conv.in_channels, block.conv1.conv.out_channels
                 n = t * hw
-                peak = max(peak, (3 * cin + cout) * n + 2 * cin * hw, (cin + 4 * cout) * n + 2 * cout * hw)
+                peak = max(peak, (4 * cin + 2 * cout) * n, (cin + 6 * cout) * n)
                 stored = max(stored, (cin + cout) * n)
                 channels = cout
-            if hasattr(up, "upsample"):  # nearest x2 then (1,3,3) conv
-                peak = max(peak, channels * t * hw * (1 + 4 + 4))
+            if hasattr(up, "upsample"):  # input, nearest x2, reordered copy, output twice
+                peak = max(peak, channels * t * hw * (1 + 4 * 4))
                 hw *= 4
             if hasattr(up, "time_upsample"):  # input, interpolated, concatenated
                 peak = max(peak, channels * t * hw * 5)
                 t = 1 + 2 * (t - 1)
-        head = channels * t * hw * 3 + 3 * t * hw
+        head = channels * t * hw * 4 + 6 * t * hw
         return max(peak, head, trunk), stored, 3 * t * hw
 
     if mode == "full":
@@ -120,8 +126,10 @@ def estimate_decode_memory(vae: "CausalVAEModel", latent_shape: tuple[int, ...],
     chunk = min(chunk_latent_frames, frames)
     working, _, _ = stage_peaks(chunk + 1)  # a chunk plus its carried frames
     _, stored, output = stage_peaks(frames)
-    trunk = 5 * top * frames * height * width
-    total = max(trunk, working + output) + (stored if offload_device is None else 0)
+    trunk = 7 * top * frames * height * width
+    compute = torch.device(device) if device is not None else next(vae.parameters()).device
+    on_device = offload_device is None or torch.device(offload_device) == compute
+    total = max(trunk, working + output) + (stored if on_device else 0)
     return batch * total * item
 
 
@@ -250,6 +258,7 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
         self.temporal_chunking_mode = "lossless"
         self.temporal_context_latent_frames = 0
         self.temporal_offload_device: str | torch.device | None = "cpu"
+        self.decode_memory_budget: float | str | None = None  # GiB, "auto" or None: set_decode_memory_budget
 
     # ----------------------------------------------------------------------------------------
     # Loading
@@ -325,6 +334,61 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
     def disable_temporal_chunking(self) -> None:
         self.temporal_chunk_latent_frames = None
 
+    def set_decode_memory_budget(self, gib: float | str | None) -> None:
+        """Switch to lossless temporal chunking for decodes that would not fit in ``gib`` GiB.
+
+        ``gib``: a positive number of GiB, ``"auto"`` (the compute device's free memory at decode time:
+        ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` on Linux CPUs), or None (off, the
+        default). At each ``decode`` without explicit temporal chunking, the plain decode's need is
+        estimated with :func:`estimate_decode_memory` (per tile when tiling applies); above the
+        budget, the decode runs in ``mode="lossless"`` with the largest chunk that fits (at least 1
+        latent frame) and one INFO line says so. The output is the same either way (lossless).
+
+        Raises:
+            ValueError: a budget that is not positive, ``"auto"`` or None.
+        """
+        if gib is not None and gib != "auto" and not (isinstance(gib, (int, float)) and gib > 0):
+            raise ValueError(f"The VAE decode memory budget must be a positive number of GiB, 'auto' or None; got {gib!r}.")
+        self.decode_memory_budget = gib
+
+    def _budget_bytes(self, device: torch.device) -> int | None:
+        budget = self.decode_memory_budget
+        if budget is None:
+            return None
+        if budget != "auto":
+            return int(budget * 2**30)
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        return None  # no way to ask this device: no automatic switch
+
+    def _chunking_for_budget(self, z: torch.Tensor, tiled: bool) -> int | None:
+        """Latent frames per lossless chunk that keep this decode within the budget, or None (no change)."""
+        if self.temporal_chunk_latent_frames is not None or z.shape[2] < 2:
+            return None  # explicit chunking wins; a single frame cannot be chunked
+        budget = self._budget_bytes(z.device)
+        if budget is None:
+            return None
+        shape = list(z.shape)
+        if tiled:
+            shape[3:] = [min(side, self.tile_latent_min_size) for side in shape[3:]]
+        need = estimate_decode_memory(self, shape, self.dtype)
+        if need <= budget:
+            return None
+        offload, device = self.temporal_offload_device, z.device
+        chunk = next((c for c in range(z.shape[2] - 1, 0, -1)
+                      if estimate_decode_memory(self, shape, self.dtype, "lossless", c, offload, device) <= budget), 1)
+        fits = estimate_decode_memory(self, shape, self.dtype, "lossless", chunk, offload, device)
+        logger.info("VAE decode of latents %s needs ~%.2f GiB%s, over the %.2f GiB budget: decoding losslessly in "
+                    "chunks of %d latent frame(s) (~%.2f GiB%s).", tuple(z.shape), need / 2**30,
+                    " per tile" if tiled else "", budget / 2**30, chunk, fits / 2**30,
+                    "" if fits <= budget else ", still over budget: the smallest chunk")
+        return chunk
+
     # ----------------------------------------------------------------------------------------
     # Encode / decode
     # ----------------------------------------------------------------------------------------
@@ -378,17 +442,24 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
         """(B, embed, t, h, w) latents (unscaled) -> ``DecoderOutput(sample=(B, 3, T, H, W))``.
 
         T = 1 + 4(t - 1) for the release config; any t >= 1 works. Uses spatial tiling and/or
-        temporal chunking when they are enabled.
+        temporal chunking when they are enabled, and lossless chunking when a memory budget is set
+        (``set_decode_memory_budget``) and the plain decode would exceed it.
         """
         if z.ndim != 5 or z.shape[1] != self.config.embed_dim or z.shape[2] < 1:
             raise ValueError(
                 f"decode expects latents (B, {self.config.embed_dim}, t, h, w) with t >= 1; got shape "
                 f"{tuple(z.shape)} (unscale diffusion latents by 1/scaling_factor before decoding)."
             )
-        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
-            dec = self._tiled_decode(z)  # each spatial tile is temporally chunked when that is enabled
-        else:
-            dec = self._decode_tile(z)
+        tiled = self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size
+        chunking = self._chunking_for_budget(z, tiled)
+        saved = self.temporal_chunk_latent_frames, self.temporal_chunking_mode
+        if chunking:
+            self.temporal_chunk_latent_frames, self.temporal_chunking_mode = chunking, "lossless"
+        try:
+            # each spatial tile is temporally chunked when that is enabled
+            dec = self._tiled_decode(z) if tiled else self._decode_tile(z)
+        finally:
+            self.temporal_chunk_latent_frames, self.temporal_chunking_mode = saved
         if not return_dict:
             return (dec,)
         return DecoderOutput(sample=dec)
