@@ -93,40 +93,46 @@ def estimate_decode_memory(vae: "CausalVAEModel", latent_shape: tuple[int, ...],
     item = torch.empty((), dtype=dtype, device="meta").element_size()
     decoder = vae.decoder
 
-    def stage_peaks(t: int) -> tuple[int, int, int]:
-        """(peak live elements inside one stage, largest stage input + output, output elements) at t frames.
+    def stage_peaks(t: int, streamed: bool) -> tuple[int, int, int]:
+        """(peak live elements inside one stage, largest stage input + output, output elements).
 
-        A causal conv holds its input, the padded copy, a reordered copy (oneDNN's blocked layout on
-        CPU) and its output twice (blocked, then plain); a ResnetBlock3D also holds its input and,
-        around conv2, conv1's output. Measured CPU peaks match within about 10 %.
+        ``t``: latent frames (a whole video, or one chunk when ``streamed``: every stage then also
+        holds 2 carried frames and a time upsampling exactly doubles the frames). A causal conv holds
+        its input, the padded copy, a reordered copy (oneDNN's blocked layout on CPU) and its output
+        twice (blocked, then plain); a ResnetBlock3D also holds its input and, around conv2, conv1's
+        output. Measured CPU peaks match within about 10 %.
         """
         top = decoder.conv_in.conv.out_channels
-        hw, peak, stored = height * width, 0, 0
-        trunk = 7 * top * t * hw  # the mid block's convs at latent resolution
+        hw, peak = height * width, 0
+        # Lossless stage outputs: a stage consumes its input store chunk by chunk while it fills its
+        # output store, so about the larger of the two is alive (a spatial-only upsampling is not
+        # stored: the next block recomputes it from the smaller store before it).
+        source = stored = top * t * hw
         for up in reversed(decoder.up):
             for block in up.block:
                 cin, cout = block.conv1.conv.in_channels, block.conv1.conv.out_channels
-                n = t * hw
-                peak = max(peak, (4 * cin + 2 * cout) * n, (cin + 6 * cout) * n)
-                stored = max(stored, (cin + cout) * n)
+                n, padded = t * hw, (t + 2) * hw
+                peak = max(peak, 2 * cin * n + 2 * cin * padded + 2 * cout * n,
+                           cin * n + 2 * cout * n + 2 * cout * padded + 2 * cout * n)
+                source = cout * n
+                stored = max(stored, source)
                 channels = cout
             if hasattr(up, "upsample"):  # input, nearest x2, reordered copy, output twice
                 peak = max(peak, channels * t * hw * (1 + 4 * 4))
                 hw *= 4
             if hasattr(up, "time_upsample"):  # input, interpolated, concatenated
                 peak = max(peak, channels * t * hw * 5)
-                t = 1 + 2 * (t - 1)
-        head = channels * t * hw * 4 + 6 * t * hw
-        return max(peak, head, trunk), stored, 3 * t * hw
+                t = 2 * t if streamed else 1 + 2 * (t - 1)
+                stored = max(stored, channels * t * hw)
+        head = channels * (2 * t + 2 * (t + 2)) * hw + 6 * t * hw
+        return max(peak, head, 7 * top * height * width), stored, 3 * t * hw
 
+    trunk = 7 * decoder.conv_in.conv.out_channels * frames * height * width  # mid block at latent resolution
     if mode == "full":
-        peak, _, _ = stage_peaks(frames)
-        return batch * peak * item
-    top = decoder.conv_in.conv.out_channels
-    chunk = min(chunk_latent_frames, frames)
-    working, _, _ = stage_peaks(chunk + 1)  # a chunk plus its carried frames
-    _, stored, output = stage_peaks(frames)
-    trunk = 7 * top * frames * height * width
+        peak, _, _ = stage_peaks(frames, streamed=False)
+        return batch * max(peak, trunk) * item
+    working, _, _ = stage_peaks(min(chunk_latent_frames, frames), streamed=True)
+    _, stored, output = stage_peaks(frames, streamed=False)
     compute = torch.device(device) if device is not None else next(vae.parameters()).device
     on_device = offload_device is None or torch.device(offload_device) == compute
     total = max(trunk, working + output) + (stored if on_device else 0)

@@ -203,7 +203,7 @@ def _time_upsample_stage(src: _Source, out: _Store) -> _Store:
     pending: torch.Tensor | None = None  # last frame received, waiting for its right neighbour
     chunks = src.chunks(consume=True)
     x = next(chunks)
-    out.append(x[:, :, :1])  # frame 0 passes through
+    head: torch.Tensor | None = x[:, :, :1]  # frame 0 passes through; emitted with the first frames after it
     x = x[:, :, 1:]
     while x is not None:
         following = next(chunks, None)
@@ -215,12 +215,17 @@ def _time_upsample_stage(src: _Source, out: _Store) -> _Store:
             lo = 0 if left is None else 2
             hi = up.shape[2] if last else up.shape[2] - 2
             if hi > lo:
-                out.append(up[:, :, lo:hi])
+                piece = up[:, :, lo:hi]
+                if head is not None:
+                    piece, head = torch.cat((head, piece), dim=2), None
+                out.append(piece)
             if not last:
                 if avail.shape[2] >= 2:
                     left = avail[:, :, -2:-1].clone()
                 pending = avail[:, :, -1:].clone()
         x = following
+    if head is not None:  # a single frame: nothing to interpolate
+        out.append(head)
     return out
 
 
