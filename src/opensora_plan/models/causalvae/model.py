@@ -372,8 +372,10 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
                         return int(line.split()[1]) * 1024
         return None  # no way to ask this device: no automatic switch
 
-    def _chunking_for_budget(self, z: torch.Tensor, tiled: bool) -> int | None:
-        """Latent frames per lossless chunk that keep this decode within the budget, or None (no change)."""
+    def _chunking_for_budget(self, z: torch.Tensor, tiled: bool) -> tuple[int, torch.device | None] | None:
+        """(latent frames per lossless chunk, offload device) that keep this decode within the budget, or
+        None (no change). Prefers stage outputs on the compute device (no transfers), then on the CPU,
+        and within each the largest chunk (fewest, most efficient kernel calls)."""
         if self.temporal_chunk_latent_frames is not None or z.shape[2] < 2:
             return None  # explicit chunking wins; a single frame cannot be chunked
         budget = self._budget_bytes(z.device)
@@ -385,15 +387,17 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
         need = estimate_decode_memory(self, shape, self.dtype)
         if need <= budget:
             return None
-        offload, device = self.temporal_offload_device, z.device
-        chunk = next((c for c in range(z.shape[2] - 1, 0, -1)
-                      if estimate_decode_memory(self, shape, self.dtype, "lossless", c, offload, device) <= budget), 1)
-        fits = estimate_decode_memory(self, shape, self.dtype, "lossless", chunk, offload, device)
+        device = z.device
+        plans = [(c, offload) for offload in (None, torch.device("cpu")) for c in range(z.shape[2] - 1, 0, -1)]
+        estimate = lambda plan: estimate_decode_memory(self, shape, self.dtype, "lossless", *plan, device)  # noqa: E731
+        chunk, offload = next((plan for plan in plans if estimate(plan) <= budget), plans[-1])
+        fits = estimate((chunk, offload))
+        where = "the CPU" if offload is not None and offload != device else "the compute device"
         logger.info("VAE decode of latents %s needs ~%.2f GiB%s, over the %.2f GiB budget: decoding losslessly in "
-                    "chunks of %d latent frame(s) (~%.2f GiB%s).", tuple(z.shape), need / 2**30,
-                    " per tile" if tiled else "", budget / 2**30, chunk, fits / 2**30,
-                    "" if fits <= budget else ", still over budget: the smallest chunk")
-        return chunk
+                    "chunks of %d latent frame(s), stage outputs on %s (~%.2f GiB%s).", tuple(z.shape),
+                    need / 2**30, " per tile" if tiled else "", budget / 2**30, chunk, where, fits / 2**30,
+                    "" if fits <= budget else ", still over budget: the smallest plan")
+        return chunk, offload
 
     # ----------------------------------------------------------------------------------------
     # Encode / decode
@@ -458,14 +462,15 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
             )
         tiled = self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size
         chunking = self._chunking_for_budget(z, tiled)
-        saved = self.temporal_chunk_latent_frames, self.temporal_chunking_mode
-        if chunking:
-            self.temporal_chunk_latent_frames, self.temporal_chunking_mode = chunking, "lossless"
+        saved = self.temporal_chunk_latent_frames, self.temporal_chunking_mode, self.temporal_offload_device
+        if chunking:  # for this call only
+            self.temporal_chunk_latent_frames, self.temporal_offload_device = chunking
+            self.temporal_chunking_mode = "lossless"
         try:
             # each spatial tile is temporally chunked when that is enabled
             dec = self._tiled_decode(z) if tiled else self._decode_tile(z)
         finally:
-            self.temporal_chunk_latent_frames, self.temporal_chunking_mode = saved
+            self.temporal_chunk_latent_frames, self.temporal_chunking_mode, self.temporal_offload_device = saved
         if not return_dict:
             return (dec,)
         return DecoderOutput(sample=dec)
