@@ -192,7 +192,7 @@ def _resnet_stage(block: ResnetBlock3D, src: _Source, out: _Store) -> _Store:
     for x in src.chunks(consume=True):
         h = conv2(block.dropout(_norm_silu(conv1(_norm_silu(x, affine1)), affine2)))
         skip = block.nin_shortcut.conv(x) if hasattr(block, "nin_shortcut") else x  # 1x1x1: no carry
-        out.append(skip + h)
+        out.append(h.add_(skip))  # h is fresh: add in place (h + skip == skip + h exactly)
     return out
 
 
