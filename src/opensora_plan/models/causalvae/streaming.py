@@ -101,7 +101,7 @@ def _norm_silu(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> to
     """SiLU(GroupNorm(x)) for one chunk, with statistics of the whole tensor. Same dtype as x."""
     scale, shift = affine
     y = torch.addcmul(shift, x.float(), scale)  # fp32, like GroupNorm's internal math for bf16
-    return F.silu(y, inplace=True).to(x.dtype)
+    return F.silu(y, inplace=not torch.is_grad_enabled()).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +192,8 @@ def _resnet_stage(block: ResnetBlock3D, src: _Source, out: _Store) -> _Store:
     for x in src.chunks(consume=True):
         h = conv2(block.dropout(_norm_silu(conv1(_norm_silu(x, affine1)), affine2)))
         skip = block.nin_shortcut.conv(x) if hasattr(block, "nin_shortcut") else x  # 1x1x1: no carry
-        out.append(h.add_(skip))  # h is fresh: add in place (h + skip == skip + h exactly)
+        # h is this pass's fresh tensor: without autograd, add in place (h + skip == skip + h exactly)
+        out.append(skip + h if torch.is_grad_enabled() else h.add_(skip))
     return out
 
 
