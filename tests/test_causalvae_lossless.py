@@ -236,3 +236,17 @@ def test_sample_cli_budget_decodes_losslessly_and_says_so(tmp_path, caplog):
     assert not [r for r in caplog.records if "decoding losslessly" in r.getMessage()]
     with pytest.raises(SystemExit):
         cli.main([*args, "--vae_memory_gb", "-1"])
+
+
+def test_lossless_chunks_stay_the_requested_size_through_time_upsampling(fixture_vae, monkeypatch):
+    """The working set is one chunk: no stage may let frames pile up (TimeUpsample2x delays one frame)."""
+    from opensora_plan.models.causalvae import streaming
+
+    seen: list[int] = []
+    original = streaming._Store.append
+    monkeypatch.setattr(streaming._Store, "append", lambda self, x: (seen.append(x.shape[2]), original(self, x))[1])
+    z = torch.randn(1, 4, 9, 4, 4, generator=torch.Generator().manual_seed(9))
+    _decode(fixture_vae, z, chunk_latent_frames=2)
+    # 9 latent frames -> 33 pixel frames; chunks of 2 latent frames are at most 2 * 4 pixel frames.
+    assert max(seen) == 2 * fixture_vae.temporal_compression
+    assert sum(seen) > 33  # every stage wrote its chunks

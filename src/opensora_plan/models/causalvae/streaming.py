@@ -197,9 +197,37 @@ def _resnet_stage(block: ResnetBlock3D, src: _Source, out: _Store) -> _Store:
     return out
 
 
-def _time_upsample_stage(src: _Source, out: _Store) -> _Store:
+class _Rechunker:
+    """Writes pieces of any length to a store in chunks of exactly ``frames`` frames (the last one may
+    be shorter), so that a stage that delays frames does not let the chunks drift and grow."""
+
+    def __init__(self, store: _Store, frames: int):
+        self.store, self.frames = store, frames
+        self.pieces: list[torch.Tensor] = []
+        self.count = 0
+
+    def push(self, x: torch.Tensor) -> None:
+        self.pieces.append(x)
+        self.count += x.shape[2]
+        while self.count >= self.frames:
+            joined = torch.cat(self.pieces, dim=2) if len(self.pieces) > 1 else self.pieces[0]
+            self.store.append(joined[:, :, :self.frames])
+            rest = joined[:, :, self.frames:]
+            self.pieces, self.count = ([rest.clone()] if rest.shape[2] else []), rest.shape[2]
+
+    def flush(self) -> _Store:
+        if self.pieces:
+            self.store.append(torch.cat(self.pieces, dim=2) if len(self.pieces) > 1 else self.pieces[0])
+            self.pieces, self.count = [], 0
+        return self.store
+
+
+def _time_upsample_stage(src: _Source, out: _Store, frames_per_chunk: int) -> _Store:
     """TimeUpsample2x over chunks: frame 0 kept, frames 1.. linearly doubled with one frame of context
-    on each side (the same ``F.interpolate`` call on a window gives the full call's values)."""
+    on each side (the same ``F.interpolate`` call on a window gives the full call's values). The
+    output is re-chunked to ``frames_per_chunk`` frames: the one-frame delay would otherwise move
+    frames into the last chunk at every time upsampling."""
+    writer = _Rechunker(out, frames_per_chunk)
     left: torch.Tensor | None = None  # last frame already emitted (left context)
     pending: torch.Tensor | None = None  # last frame received, waiting for its right neighbour
     chunks = src.chunks(consume=True)
@@ -218,16 +246,17 @@ def _time_upsample_stage(src: _Source, out: _Store) -> _Store:
             if hi > lo:
                 piece = up[:, :, lo:hi]
                 if head is not None:
-                    piece, head = torch.cat((head, piece), dim=2), None
-                out.append(piece)
+                    writer.push(head)
+                    head = None
+                writer.push(piece)
             if not last:
                 if avail.shape[2] >= 2:
                     left = avail[:, :, -2:-1].clone()
                 pending = avail[:, :, -1:].clone()
         x = following
     if head is not None:  # a single frame: nothing to interpolate
-        out.append(head)
-    return out
+        writer.push(head)
+    return writer.flush()
 
 
 def _output_stage(norm: nn.GroupNorm, conv: CausalConv3d, src: _Source, frames: int) -> torch.Tensor:
@@ -274,13 +303,15 @@ def stream_up_path(decoder: Decoder, h: torch.Tensor, chunk_latent_frames: int,
     for start in range(0, h.shape[2], chunk_latent_frames):
         store.append(h[:, :, start:start + chunk_latent_frames])
     src = _Source(store, device)
+    frames_per_chunk = chunk_latent_frames  # at the current stage's frame rate
     for up in reversed(decoder.up):
         for block in up.block:
             src = _Source(_resnet_stage(block, src, _Store(offload, groups)), device)
         if hasattr(up, "time_upsample"):
             if hasattr(up, "upsample"):
                 src = _Source(src.store, device, transform=up.upsample)
-            src = _Source(_time_upsample_stage(src, _Store(offload, groups)), device)
+            frames_per_chunk *= 2
+            src = _Source(_time_upsample_stage(src, _Store(offload, groups), frames_per_chunk), device)
         elif hasattr(up, "upsample"):
             src = _Source(src.store, device, transform=up.upsample)  # recomputed in the next block's passes
     frames = src.store.frames()
