@@ -133,15 +133,17 @@ class _CarriedConv:
 
 
 class _Store:
-    """A stage output: frame chunks on ``device`` in time order, plus their GroupNorm statistics."""
+    """A stage output: frame chunks on ``device`` in time order, plus the GroupNorm statistics of the
+    chunks or, when ``stats_of`` is given, of ``stats_of(chunk)`` (the next stage's recomputed
+    input: measured while the chunk is at hand instead of in an extra pass)."""
 
-    def __init__(self, device: torch.device, groups: int):
-        self.device = device
+    def __init__(self, device: torch.device, groups: int, stats_of: Callable | None = None):
+        self.device, self.stats_of = device, stats_of
         self.chunks: list[torch.Tensor | None] = []
         self.stats = GroupStats(groups)
 
     def append(self, x: torch.Tensor) -> None:
-        self.stats.add(x)
+        self.stats.add(self.stats_of(x) if self.stats_of else x)
         if x.device != self.device:
             x = x.to(self.device)
         elif x._base is not None:  # a slice of a larger temporary: keep only its own frames
@@ -158,7 +160,7 @@ class _Source:
 
     def __init__(self, store: _Store, device: torch.device, transform: Callable | None = None):
         self.store, self.device, self.transform = store, device, transform
-        self._stats: GroupStats | None = None if transform else store.stats
+        self._stats: GroupStats | None = store.stats if store.stats_of is transform else None
 
     def chunks(self, consume: bool = False) -> Iterator[torch.Tensor]:
         for i in range(len(self.store.chunks)):
@@ -305,8 +307,12 @@ def stream_up_path(decoder: Decoder, h: torch.Tensor, chunk_latent_frames: int,
     src = _Source(store, device)
     frames_per_chunk = chunk_latent_frames  # at the current stage's frame rate
     for up in reversed(decoder.up):
-        for block in up.block:
-            src = _Source(_resnet_stage(block, src, _Store(offload, groups)), device)
+        # A spatial-only upsampling is recomputed by the next block; its statistics are measured
+        # while the last block of this level writes its output.
+        spatial_only = up.upsample if hasattr(up, "upsample") and not hasattr(up, "time_upsample") else None
+        for j, block in enumerate(up.block):
+            stats_of = spatial_only if j == len(up.block) - 1 else None
+            src = _Source(_resnet_stage(block, src, _Store(offload, groups, stats_of)), device)
         if hasattr(up, "time_upsample"):
             if hasattr(up, "upsample"):
                 src = _Source(src.store, device, transform=up.upsample)
