@@ -4,7 +4,8 @@ Every (size, dtype, mode, phase) case runs in a fresh Python subprocess, so its 
 on CPU the peak resident set size (``VmHWM``, reset just before the timed call through
 ``/proc/self/clear_refs``), on CUDA ``torch.cuda.max_memory_allocated``. Each row also shows the
 memory already in use before the call (weights, input, runtime), so the difference is what the call
-itself needs.
+itself needs. Times: wall clock, and (extra column) the process's CPU time, which on a machine shared
+with other jobs is the fairer comparison when ``--threads 1``.
 
 Modes:
   full                encode and decode the whole clip at once (the reference behaviour)
@@ -104,7 +105,7 @@ def run_case(case: dict) -> dict:
         call = lambda: vae.decode(inputs).sample  # noqa: E731
 
     cuda = device.type == "cuda"
-    times, peaks = [], []
+    times, cpu_times, peaks = [], [], []
     with torch.inference_mode():
         for _ in range(case["warmup"]):
             call()
@@ -117,13 +118,14 @@ def run_case(case: dict) -> dict:
                 before = _rss_kib("VmRSS") * 1024
                 if not _reset_peak_rss():
                     raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); Linux is needed")
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = call()
             if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
             peaks.append(torch.cuda.max_memory_allocated(device) if cuda else _rss_kib("VmHWM") * 1024)
-        result = {"seconds": times, "peak_bytes": max(peaks), "before_bytes": before}
+        result = {"seconds": times, "cpu_seconds": cpu_times, "peak_bytes": max(peaks), "before_bytes": before}
         if case["compare"] and case["phase"] == "decode" and mode != "full":
             vae.disable_tiling()
             vae.disable_temporal_chunking()
@@ -199,7 +201,7 @@ def fmt_extra(result: dict | None) -> str:
     """Estimated decode memory (GiB) and max |diff| to the unchunked decode, where measured."""
     if not result or "error" in result:
         return ""
-    parts = []
+    parts = [f"cpu {statistics.median(result['cpu_seconds']):.1f}s"] if "cpu_seconds" in result else []
     if "estimate_bytes" in result:
         parts.append(f"est +{result['estimate_bytes'] / 2**30:.2f}")
     if "max_abs_diff" in result:
