@@ -51,12 +51,6 @@ class CausalConv3d(nn.Module):
         return self.conv(x)
 
 
-def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """SiLU(norm(x)). Without autograd the SiLU runs in place on the norm's fresh output: one full-size
-    activation less per call (bit-identical; with autograd the out-of-place op keeps backward valid)."""
-    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
-
-
 def Normalize(channels: int) -> nn.GroupNorm:
     """GroupNorm(32, eps 1e-6) applied to the 5-D tensor.
 
@@ -80,12 +74,11 @@ class ResnetBlock3D(nn.Module):
             self.nin_shortcut = CausalConv3d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T, H, W)
-        h = self.conv1(norm_silu(self.norm1, x))
-        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))  # (B, C_out, T, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, C_out, T, H, W)
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        # h is this block's own fresh tensor: without autograd, add in place (x + h == h + x exactly).
-        return x + h if torch.is_grad_enabled() else h.add_(x)
+        return x + h
 
 
 class SpatialDownsample2x(nn.Module):
@@ -235,7 +228,7 @@ class Encoder(_BlockStack):
                 h = down.time_downsample(h)  # (B, C, (T-1)//2+1, H, W)
         for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
             h = self._run(block, h)  # (B, C_top, t, h, w)
-        return self.conv_out(norm_silu(self.norm_out, h))  # (B, 2z, t, h, w)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, t, h, w)
 
 
 class Decoder(_BlockStack):
@@ -290,7 +283,7 @@ class Decoder(_BlockStack):
                 h = up.upsample(h)  # (B, C, T, 2H, 2W)
             if hasattr(up, "time_upsample"):
                 h = up.time_upsample(h)  # (B, C, 1 + 2(T-1), H, W)
-        return self.conv_out(norm_silu(self.norm_out, h))  # (B, 3, T, H, W)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, T, H, W)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, z, t, h, w)
         return self.up_path(self.trunk(z))  # (B, 3, T, H, W)
