@@ -58,12 +58,12 @@ def _decode(vae, z, **chunking):
         vae.disable_temporal_chunking()
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 4])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
 def test_lossless_equals_full_decode_on_the_fixture_vae(fixture_vae, chunk):
-    z = torch.randn(1, 4, 9, 4, 4, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(1, 4, 5, 4, 4, generator=torch.Generator().manual_seed(1))
     full = _decode(fixture_vae, z)
     lossless = _decode(fixture_vae, z, chunk_latent_frames=chunk, mode="lossless")
-    assert lossless.shape == full.shape == (1, 3, 33, 32, 32)
+    assert lossless.shape == full.shape == (1, 3, 17, 32, 32)
     torch.testing.assert_close(lossless, full, rtol=0, atol=ATOL)
 
 
@@ -100,17 +100,17 @@ def test_lossless_keeps_stage_outputs_on_the_offload_device_or_compute_device(tw
 
 
 def test_lossless_with_spatial_tiling_equals_tiled_full_decode(fixture_vae):
-    z = torch.randn(1, 4, 5, 6, 6, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(5))
     fixture_vae.enable_tiling()
     saved = fixture_vae.tile_sample_min_size, fixture_vae.tile_latent_min_size
     fixture_vae.tile_sample_min_size, fixture_vae.tile_latent_min_size = 32, 4
     try:
         tiled = _decode(fixture_vae, z)
-        both = _decode(fixture_vae, z, chunk_latent_frames=2)
+        both = _decode(fixture_vae, z, chunk_latent_frames=1)
     finally:
         fixture_vae.disable_tiling()
         fixture_vae.tile_sample_min_size, fixture_vae.tile_latent_min_size = saved
-    assert tiled.shape == (1, 3, 17, 48, 48)
+    assert tiled.shape == (1, 3, 9, 48, 48)
     torch.testing.assert_close(both, tiled, rtol=0, atol=ATOL)
 
 
@@ -218,6 +218,7 @@ def test_budget_auto_and_errors(two_level_vae):
             vae.set_decode_memory_budget(bad)
 
 
+@pytest.mark.slow
 def test_sample_cli_budget_decodes_losslessly_and_says_so(tmp_path, caplog):
     from opensora_plan import cli
     from tiny_t2v import TINY_VERSION, build_tiny_t2v
@@ -245,8 +246,8 @@ def test_lossless_chunks_stay_the_requested_size_through_time_upsampling(fixture
     seen: list[int] = []
     original = streaming._Store.append
     monkeypatch.setattr(streaming._Store, "append", lambda self, x: (seen.append(x.shape[2]), original(self, x))[1])
-    z = torch.randn(1, 4, 9, 4, 4, generator=torch.Generator().manual_seed(9))
+    z = torch.randn(1, 4, 7, 4, 4, generator=torch.Generator().manual_seed(9))
     _decode(fixture_vae, z, chunk_latent_frames=2)
-    # 9 latent frames -> 33 pixel frames; chunks of 2 latent frames are at most 2 * 4 pixel frames.
+    # 7 latent frames -> 25 pixel frames; chunks of 2 latent frames are at most 2 * 4 pixel frames.
     assert max(seen) == 2 * fixture_vae.temporal_compression
-    assert sum(seen) > 33  # every stage wrote its chunks
+    assert sum(seen) > 25  # every stage wrote its chunks

@@ -6,7 +6,9 @@ Pixels (B, 3, T, H, W) in [-1, 1] with T = 1 or 1 + 4k  <->  latents (B, 4, 1 + 
 ``config.scaling_factor`` (0.18215) is *not* applied here, as in the reference model; pipelines apply it.
 
 Beyond the reference: ``enable_temporal_chunking`` decodes long latent videos a few latent frames at
-a time (bounded memory, approximate; see ``docs/causalvae.md`` for the measured error).
+a time with bounded memory, by default losslessly (``streaming.py``: the full decode's output), and
+``set_decode_memory_budget`` turns that on by itself when a decode would not fit; see
+``docs/causalvae.md`` for the design and measurements.
 """
 
 from __future__ import annotations
