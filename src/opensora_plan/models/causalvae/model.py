@@ -76,9 +76,8 @@ def estimate_decode_memory(vae: "CausalVAEModel", latent_shape: tuple[int, ...],
     ``mode="full"`` (no tiling, no chunking) whole activations, for ``mode="lossless"`` the trunk
     (latent resolution), the output video and the working set of one ``chunk_latent_frames`` chunk,
     plus the stored stage outputs when they stay on the compute device ``device`` (default: the
-    VAE's device), i.e. when ``offload_device`` is None or that device. Calibrated against measured CPU
-    peak RSS within about 15 % (``docs/causalvae.md``); allocator caches and attention workspaces
-    come on top.
+    VAE's device), i.e. when ``offload_device`` is None or that device. Within 10 % of the measured
+    CPU peak RSS in ``docs/causalvae.md``; allocator caches and attention workspaces come on top.
 
     Args:
         latent_shape: (B, embed_dim, t, h, w) of the latents to decode.
@@ -96,7 +95,7 @@ def estimate_decode_memory(vae: "CausalVAEModel", latent_shape: tuple[int, ...],
     decoder = vae.decoder
 
     def stage_peaks(t: int, streamed: bool) -> tuple[int, int, int]:
-        """(peak live elements inside one stage, largest stage input + output, output elements).
+        """(peak live elements inside one stage, largest stored stage output, output elements).
 
         ``t``: latent frames (a whole video, or one chunk when ``streamed``: every stage then also
         holds 2 carried frames and a time upsampling exactly doubles the frames). A causal conv holds
@@ -109,15 +108,14 @@ def estimate_decode_memory(vae: "CausalVAEModel", latent_shape: tuple[int, ...],
         # Lossless stage outputs: a stage consumes its input store chunk by chunk while it fills its
         # output store, so about the larger of the two is alive (a spatial-only upsampling is not
         # stored: the next block recomputes it from the smaller store before it).
-        source = stored = top * t * hw
+        stored = top * t * hw
         for up in reversed(decoder.up):
             for block in up.block:
                 cin, cout = block.conv1.conv.in_channels, block.conv1.conv.out_channels
                 n, padded = t * hw, (t + 2) * hw
                 peak = max(peak, 2 * cin * n + 2 * cin * padded + 2 * cout * n,
                            cin * n + 2 * cout * n + 2 * cout * padded + 2 * cout * n)
-                source = cout * n
-                stored = max(stored, source)
+                stored = max(stored, cout * n)
                 channels = cout
             if hasattr(up, "upsample"):  # input, nearest x2, reordered copy, output twice
                 peak = max(peak, channels * t * hw * (1 + 4 * 4))
