@@ -140,9 +140,10 @@ def test_mode_reconstruction_is_the_plain_encode_decode_and_sampling_is_seeded(t
 
 def test_load_vae_switches(tiny_vae_dir):
     vae = load_vae(tiny_vae_dir, device="cpu", dtype="bf16", enable_tiling=True, tile_overlap_factor=0.5,
-                   temporal_chunk=2, temporal_context=1)
+                   temporal_chunk=2, temporal_context=1, temporal_mode="approximate")
     assert vae.dtype == torch.bfloat16 and vae.use_tiling and vae.tile_overlap_factor == 0.5
-    assert vae.temporal_chunk_latent_frames == 2 and not vae.training
+    assert vae.temporal_chunk_latent_frames == 2 and vae.temporal_chunking_mode == "approximate" and not vae.training
+    assert load_vae(tiny_vae_dir, device="cpu", temporal_chunk=3).temporal_chunking_mode == "lossless"
     with pytest.raises(ValueError, match="tile_overlap_factor"):
         load_vae(tiny_vae_dir, device="cpu", enable_tiling=True, tile_overlap_factor=1.0)
 
@@ -244,7 +245,7 @@ def test_cli_tiling_and_temporal_chunking_reach_the_model(tiny_vae_dir, tmp_path
     rec = tmp_path / "rec.mp4"
     code, out, err = run_cli(capsys, "--model_path", tiny_vae_dir, "--video_path", source, "--rec_path", rec,
                              "--num_frames", 9, "--resolution", 272, "--enable_tiling", "--temporal_chunk", 1,
-                             "--temporal_context", 1, "--device", "cpu", "--dtype", "bf16")
+                             "--temporal_mode", "approximate", "--temporal_context", 1, "--device", "cpu", "--dtype", "bf16")
     assert code == 0, err
     assert "9 frames 288x272" in out
     with VideoReader(rec) as reader:
@@ -262,14 +263,15 @@ def test_vae_benchmark_script_prints_a_table_and_writes_json(fixtures_dir, tmp_p
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(script), "--config", str(fixtures_dir / "causalvae_tiny_config" / "config.json"),
-         "--sizes", "5x32x32", "--dtypes", "fp32", "--modes", "plain,chunk", "--chunk", "1", "--context", "1",
-         "--threads", "1", "--json", str(out_json)],
+         "--sizes", "5x32x32", "--dtypes", "fp32", "--modes", "full,lossless,approximate", "--chunk", "1",
+         "--context", "1", "--threads", "1", "--compare", "--json", str(out_json)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"5x32x32\s+fp32\s+plain \|\s+\d+\.\d+", proc.stdout), proc.stdout
+    assert re.search(r"5x32x32\s+fp32\s+full \|\s+\d+\.\d+", proc.stdout), proc.stdout
     rows = json.loads(out_json.read_text())["rows"]
-    assert [(r["mode"], r["encode"] is None) for r in rows] == [("plain", False), ("chunk", True)]
+    assert [(r["mode"], r["encode"] is None) for r in rows] == [("full", False), ("lossless", True), ("approximate", True)]
+    assert rows[1]["decode"]["max_abs_diff"] <= 1e-4 < rows[2]["decode"]["max_abs_diff"]
     for row in rows:
         decode = row["decode"]
         assert decode["peak_bytes"] >= decode["before_bytes"] > 0 and decode["seconds"][0] > 0

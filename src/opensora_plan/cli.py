@@ -43,8 +43,10 @@ def _add_reconstruct(subparsers) -> None:
     p.add_argument("--tile_overlap_factor", type=float, default=0.25, help="tile overlap (default 0.25)")
     p.add_argument("--temporal_chunk", type=int, default=0,
                    help="decode this many latent frames at a time to bound memory (0: all at once)")
-    p.add_argument("--temporal_context", type=int, default=4,
-                   help="latent frames of context decoded before each chunk and dropped (default 4)")
+    p.add_argument("--temporal_mode", default="lossless", choices=["lossless", "approximate"],
+                   help="lossless (default): same output as decoding all at once; approximate: per-chunk GroupNorm")
+    p.add_argument("--temporal_context", type=int, default=None,
+                   help="approximate mode: latent frames of context decoded before each chunk and dropped (default 4)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
     p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mode")
@@ -63,7 +65,7 @@ def _run_reconstruct(args) -> int:
         num_frames=args.num_frames, sample_rate=args.sample_rate, resolution=args.resolution,
         crop_size=args.crop_size, enable_tiling=args.enable_tiling,
         tile_overlap_factor=args.tile_overlap_factor, temporal_chunk=args.temporal_chunk or None,
-        temporal_context=args.temporal_context, device=args.device, dtype=args.dtype,
+        temporal_context=args.temporal_context, temporal_mode=args.temporal_mode, device=args.device, dtype=args.dtype,
         sample=args.sample, seed=args.seed, gif=args.gif, fps=args.fps, backend=args.backend,
     )
     for r in summary.results:
@@ -83,6 +85,19 @@ def _run_reconstruct(args) -> int:
 # --------------------------------------------------------------------------------------------
 # sample (text-to-video)
 # --------------------------------------------------------------------------------------------
+
+
+def _memory_budget(text: str) -> float | str | None:
+    """``--vae_memory_gb``: 'auto', 0 (never chunk) or a positive number of GiB."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 or 'auto', got {text!r}")
+    return value or None
 
 
 def _add_sample(subparsers) -> None:
@@ -131,6 +146,9 @@ def _add_sample(subparsers) -> None:
                    "conditional halves of guidance (world = prompt groups x 2 x sp_size)")
     p.add_argument("--enable_tiling", action="store_true", help="decode in spatial tiles (for 512 px)")
     p.add_argument("--tile_overlap_factor", type=float, default=0.25, help="tile overlap (default 0.25)")
+    p.add_argument("--vae_memory_gb", type=_memory_budget, default="auto",
+                   help="VAE decode memory budget in GiB; a decode that would need more runs losslessly in "
+                        "temporal chunks (same output). auto (default): the device's free memory; 0: never")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = fp16 on GPU (as the reference), fp32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -188,6 +206,7 @@ def _run_sample(args) -> int:
         cfg_parallel=args.cfg_parallel,
         lora=args.lora,
         lora_scale=args.lora_scale,
+        vae_memory_gb=args.vae_memory_gb,
     )
     if args.gif:
         from opensora_plan.data.video_io import read_video, write_gif

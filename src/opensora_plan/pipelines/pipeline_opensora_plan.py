@@ -244,6 +244,11 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
 
         unfuse_lora(self.transformer)
 
+    def set_vae_memory_budget(self, gib: float | str | None) -> None:
+        """Decode losslessly in temporal chunks whenever a plain decode would exceed ``gib`` GiB
+        (``"auto"``: the device's free memory; None: off). See ``CausalVAEModel.set_decode_memory_budget``."""
+        self.vae.set_decode_memory_budget(gib)
+
     def release_text_encoder(self) -> None:
         """Drop the T5 encoder (about 9.5 GB in half precision for T5-XXL) and free its memory.
 

@@ -97,11 +97,14 @@ def load_vae(
     enable_tiling: bool = False,
     tile_overlap_factor: float = 0.25,
     temporal_chunk: int | None = None,
-    temporal_context: int = 4,
+    temporal_context: int | None = None,
+    temporal_mode: str = "lossless",
 ):
     """Load a CausalVAE folder (``config.json`` + weights) in eval mode with the requested switches.
 
-    ``temporal_chunk`` latent frames per decode chunk (None/0: decode all frames at once).
+    ``temporal_chunk`` latent frames per decode chunk (None/0: decode all frames at once), decoded in
+    ``temporal_mode`` (``"lossless"``: equal to the full decode; ``"approximate"``: each chunk after
+    ``temporal_context`` latent frames of context, default 4); see ``CausalVAEModel.enable_temporal_chunking``.
     """
     from ..models.causalvae import CausalVAEModel
 
@@ -113,7 +116,7 @@ def load_vae(
         vae.enable_tiling()
         vae.tile_overlap_factor = tile_overlap_factor
     if temporal_chunk:
-        vae.enable_temporal_chunking(temporal_chunk, temporal_context)
+        vae.enable_temporal_chunking(temporal_chunk, temporal_context, mode=temporal_mode)
     return vae
 
 
@@ -238,7 +241,8 @@ def reconstruct(
     enable_tiling: bool = False,
     tile_overlap_factor: float = 0.25,
     temporal_chunk: int | None = None,
-    temporal_context: int = 4,
+    temporal_context: int | None = None,
+    temporal_mode: str = "lossless",
     device: str | None = None,
     dtype: str = "fp32",
     sample: bool = False,
@@ -282,7 +286,8 @@ def reconstruct(
     if gif and any(t.with_suffix(".gif") == s for s, t in zip(sources, targets)):
         raise ValueError("--gif would overwrite an input .gif; choose another --rec_path.")
 
-    vae = load_vae(model_path, device, dtype, enable_tiling, tile_overlap_factor, temporal_chunk, temporal_context)
+    vae = load_vae(model_path, device, dtype, enable_tiling, tile_overlap_factor, temporal_chunk, temporal_context,
+                   temporal_mode)
     check_num_frames(num_frames, vae.temporal_compression)
     generator = torch.Generator(device=vae.device).manual_seed(seed) if sample else None
     clip_options = dict(num_frames=num_frames, sample_rate=sample_rate, resolution=resolution,

@@ -166,7 +166,7 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
                  fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
                  batch_size, force_images, cache, compile, clean_caption=True,
                  text_conditioning="per_prompt", sp_group=None, cfg_group=None, writes=True, run=None, lora=None,
-                 lora_scale=1.0) -> list[Path]:
+                 lora_scale=1.0, vae_memory_gb=None) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
@@ -210,6 +210,7 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
         enable_batch_parallel(pipe.transformer, cfg_group)  # [uncond; cond]: one half per rank
     if enable_tiling:
         pipe.enable_vae_tiling(tile_overlap_factor)
+    pipe.set_vae_memory_budget(vae_memory_gb)
     pipe.set_progress_bar_config(disable=rank != 0)
     num_frames = 1 if force_images else None
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
@@ -278,6 +279,7 @@ def sample_t2v(
     cfg_parallel: bool = False,
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
+    vae_memory_gb: float | str | None = "auto",
 ) -> list[Path]:
     """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
 
@@ -295,6 +297,8 @@ def sample_t2v(
     the base model come from the run's options.json, and EMA weights are used when the run kept them.
     ``lora``: a LoRA adapter folder (``pytorch_lora_weights.safetensors`` + ``adapter_config.json``) to
     apply at ``lora_scale`` (0 = the base model exactly).
+    ``vae_memory_gb``: decode losslessly in temporal chunks when a plain VAE decode would need more
+    (GiB; ``"auto"`` = the device's free memory at decode time; None = never).
     """
     import torch
 
@@ -331,6 +335,8 @@ def sample_t2v(
                          "use --cache none or --sp_size 1.")
     if text_conditioning not in TEXT_CONDITIONING:
         raise ValueError(f"--text_conditioning {text_conditioning} is not supported; use {' or '.join(TEXT_CONDITIONING)}.")
+    if vae_memory_gb not in (None, "auto") and not (isinstance(vae_memory_gb, (int, float)) and vae_memory_gb > 0):
+        raise ValueError(f"--vae_memory_gb must be a positive number of GiB or 'auto', got {vae_memory_gb!r}.")
     scheduler = create_scheduler(sample_method)
     prompts = read_prompts(text_prompt, prompt_file)
     preprocess_prompts(prompts, clean=clean_caption, warn=False)  # a prompt that cleaning empties: error now
@@ -382,6 +388,7 @@ def sample_t2v(
             batch_size=batch_size, force_images=force_images, clean_caption=clean_caption,
             text_conditioning=text_conditioning, cache=cache, compile=compile, sp_group=groups["sp"],
             cfg_group=groups["cfg"], writes=groups["writer"], run=run, lora=lora, lora_scale=lora_scale,
+            vae_memory_gb=vae_memory_gb,
         )
     elapsed = time.perf_counter() - start
     print(
