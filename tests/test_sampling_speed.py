@@ -147,7 +147,7 @@ def test_cache_options_are_validated(demo_pipe):
         demo_pipe.enable_cache("deepcache")
     with pytest.raises(ValueError, match="Bad options"):
         demo_pipe.enable_cache("teacache", treshold=0.1)
-    with pytest.raises(ValueError, match="threshold must be >= 0"):
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
         make_step_cache("first_block", threshold=-1)
     demo_pipe.enable_cache("none")
     assert demo_pipe.transformer.step_cache is None

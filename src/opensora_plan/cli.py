@@ -153,7 +153,7 @@ def _add_sample(subparsers) -> None:
                    help="auto = fp16 on GPU (as the reference), fp32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--cache", default="none", help="step caching: none (exact, default), fast (the model's measured "
-                   "preset), teacache, first_block (docs/sampling.md)")
+                   "preset), teacache, first_block, or METHOD:THRESHOLD e.g. teacache:0.5 (docs/sampling.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (pays a warm-up; "
                    "docs/sampling.md)")
     p.add_argument("--lora", default=None, help="LoRA adapter folder from train-t2v --lora_rank (pytorch_lora_weights"

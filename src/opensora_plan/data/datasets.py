@@ -345,6 +345,8 @@ def check_dataset(
 
     data_path = Path(data_path)
     raw = read_raw_entries(data_path)
+    if not raw:  # the same rule as training (load_video_entries): an empty list is not a dataset
+        raise ValueError(f"Dataset file {data_path} lists no videos; add at least one entry.")
     tokenizer = None
     if text_encoder_name is not None:
         from ..models.text_encoder import load_tokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Iterable
 
@@ -84,16 +85,41 @@ def find_weights(folder: Path) -> Path:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a torch pickle (``.bin``/``.pt``, weights only)."""
+    """Tensors of a ``.safetensors`` file, or of a torch pickle (``.bin``/``.pt``, weights only).
+
+    Raises FileNotFoundError for a missing file and one-line ValueErrors for a folder, a file that is
+    not a weights file (a video, text, an empty or truncated file) and a pickle holding Python objects.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"Weight file {path} is a folder; give the weights file itself (.safetensors, .bin or .pt).")
     if not path.is_file():
         raise FileNotFoundError(f"Weight file {path} does not exist.")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return state
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable .safetensors weights file ({str(err).splitlines()[0]}).") from err
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err) and _is_zip_or_pickle(path):
+            raise ValueError(f"{path} holds Python objects besides tensors and is not loaded for safety; re-save "
+                             "just its tensors (torch.save(model.state_dict(), ...)).") from None
+        raise ValueError(f"{path} is not a weights file (.safetensors, or a torch .bin/.pt state dict).") from None
+    except Exception as err:  # garbage bytes fail inside the unpickler in many ways (EOFError, KeyError, ...)
+        raise ValueError(f"{path} is not a weights file (.safetensors, or a torch .bin/.pt state dict): "
+                         f"{type(err).__name__}.") from None
+
+
+def _is_zip_or_pickle(path: Path) -> bool:
+    """True when the file starts like torch.save output (a zip archive, or a protocol-2+ pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or (len(head) == 2 and head[0] == 0x80 and head[1] >= 2)
 
 
 def _describe(keys: Iterable[str], limit: int = 12) -> str:

@@ -61,8 +61,8 @@ class StepCache:
 
     def __init__(self, threshold: float | None = None, warmup_steps: int = 1, final_steps: int = 1):
         threshold = self.default_threshold if threshold is None else threshold
-        if threshold < 0:
-            raise ValueError(f"{self.name} threshold must be >= 0 (0 never skips), got {threshold}.")
+        if not threshold >= 0:  # also NaN
+            raise ValueError(f"{self.name} threshold must be a number >= 0 (0 never skips), got {threshold}.")
         if warmup_steps < 1 or final_steps < 0:
             raise ValueError(f"warmup_steps must be >= 1 and final_steps >= 0, got {warmup_steps} and {final_steps}.")
         self.threshold = threshold
@@ -141,6 +141,28 @@ CACHE_METHODS: dict[str, type[StepCache]] = {"teacache": TeaCache, "first_block"
 # model folder may carry its own (the demo's demo.json "cache_fast"). See docs/sampling.md.
 FAST_CACHE = {"method": "teacache", "threshold": 0.1}
 CACHE_PRESETS = ("none", "fast")
+
+
+def parse_cache_spec(spec: str) -> tuple[str, dict]:
+    """``"teacache:0.5"`` -> ``("teacache", {"threshold": 0.5})``; a name alone -> ``(name, {})``.
+
+    Raises ValueError for an unknown name or a threshold that is not a number >= 0.
+    """
+    method, _, threshold = spec.partition(":")
+    if method not in (*CACHE_PRESETS, *CACHE_METHODS):
+        raise ValueError(f"Unknown cache {spec!r}; choose one of {', '.join((*CACHE_PRESETS, *CACHE_METHODS))}, "
+                         "optionally with :THRESHOLD for a method (e.g. teacache:0.5).")
+    if not threshold:
+        return method, {}
+    if method == "none":
+        raise ValueError(f"Cache {spec!r}: 'none' takes no threshold.")
+    try:
+        value = float(threshold)
+    except ValueError:
+        raise ValueError(f"Cache {spec!r}: the threshold {threshold!r} is not a number.") from None
+    if not value >= 0:
+        raise ValueError(f"Cache {spec!r}: the threshold must be a number >= 0.")
+    return method, {"threshold": value}
 
 
 def make_step_cache(method: str, **options) -> StepCache:

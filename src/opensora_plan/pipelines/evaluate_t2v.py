@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +150,16 @@ def resolve_prompts(videos: Sequence[Path], prompts: str | os.PathLike | None) -
         raise FileNotFoundError(f"--prompts file {source} does not exist; give a .txt (one prompt per line) or a .json.")
     found: dict[Path, str] = {}
     if source.suffix.lower() == ".txt":
-        lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in read_text_file(source, "--prompts file").splitlines() if line.strip()]
         for video in videos:
             match = _INDEX_PREFIX.match(video.stem)
             if match and int(match.group(1)) < len(lines):
                 found[video] = lines[int(match.group(1))]
     elif source.suffix.lower() == ".json":
-        data = json.loads(source.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(read_text_file(source, "--prompts file"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--prompts file {source} is not valid JSON ({err}).") from None
         if isinstance(data, dict):
             table = {str(k): str(v) for k, v in data.items()}
         elif isinstance(data, list) and all(isinstance(e, dict) and "path" in e for e in data):

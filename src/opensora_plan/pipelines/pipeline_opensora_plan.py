@@ -53,7 +53,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache
+from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache, parse_cache_spec
 from opensora_plan.models.text_encoder import MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
 from opensora_plan.utils import check_finite
 
@@ -141,13 +141,18 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         tokenizer = t5 = None
         if text_encoder is not None:
             tokenizer, t5 = load_t5(text_encoder, torch_dtype=torch_dtype or torch.float32, device=device)
-        return cls(
+        pipe = cls(
             vae=CausalVAEModel.from_pretrained(root / "vae", torch_dtype=torch_dtype, device=device),
             transformer=LatteT2V.from_pretrained(root / version, torch_dtype=torch_dtype, device=device),
             scheduler=create_scheduler(scheduler),
             text_encoder=t5,
             tokenizer=tokenizer,
         )
+        if (root / "demo.json").is_file():  # a demo folder: its calibrated "fast" cache preset
+            from opensora_plan.demo.model import fast_cache_options
+
+            pipe.fast_cache_options = fast_cache_options(root)
+        return pipe
 
     # ----------------------------------------------------------------------------------------
     # Step caching
@@ -162,6 +167,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         ("teacache", "first_block") with its options, e.g. ``threshold=0.1``. Raises ValueError for
         an unknown method or option. See docs/sampling.md for what each costs in quality.
         """
+        method, parsed = parse_cache_spec(method)  # "teacache:0.5" works as well as threshold=0.5
+        options = {**parsed, **options}
         if method == "none":
             self.disable_cache()
             return
@@ -332,8 +339,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 f"PNDM with Runge-Kutta warm-up needs at least {prk_order} steps, got {num_inference_steps}; "
                 f"use more steps or another sample method (e.g. DDIM)."
             )
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 disables guidance), got {guidance_scale}.")
+        if not guidance_scale >= 0 or guidance_scale == float("inf"):  # also NaN
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 disables guidance), got {guidance_scale}.")
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of prompt and prompt_embeds.")
         if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt)):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -303,7 +304,7 @@ def sample_t2v(
     import torch
 
     from opensora_plan.diffusion.schedulers import create_scheduler
-    from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS
+    from opensora_plan.models.step_cache import parse_cache_spec
     from opensora_plan.models.text_encoder import preprocess_prompts
     from opensora_plan.utils import check_output_folder, parse_dtype, resolve_device
 
@@ -322,14 +323,17 @@ def sample_t2v(
     if sp_size > 1 and force_images:
         raise ValueError("--force_images samples one frame, which cannot be split over --sp_size processes; "
                          "use --sp_size 1.")
+    if not 0 <= seed < 2**63 - 2**32:
+        raise ValueError(f"--seed must be a whole number from 0 to {2**63 - 2**32 - 1}, got {seed}.")
+    if not guidance_scale >= 0 or math.isinf(guidance_scale):  # also NaN
+        raise ValueError(f"--guidance_scale must be a finite number >= 0 (1 disables guidance), got {guidance_scale}.")
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}.")
     if num_sampling_steps < 1:
         raise ValueError(f"--num_sampling_steps must be at least 1, got {num_sampling_steps}.")
     if not 0.0 <= tile_overlap_factor < 1.0:
         raise ValueError(f"--tile_overlap_factor must be in [0, 1), got {tile_overlap_factor}; the reference uses 0.25.")
-    if cache not in (*CACHE_PRESETS, *CACHE_METHODS):
-        raise ValueError(f"--cache must be one of {', '.join((*CACHE_PRESETS, *CACHE_METHODS))}, got {cache!r}.")
+    parse_cache_spec(cache)  # --cache NAME or METHOD:THRESHOLD, checked before anything loads
     if cache != "none" and sp_size > 1:
         raise ValueError(f"--cache {cache} cannot run with --sp_size {sp_size} (the ranks would decide apart); "
                          "use --cache none or --sp_size 1.")

@@ -42,12 +42,10 @@ def read_pretrained_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
         state = read_state_dict(path)
     else:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle with non-tensor objects (e.g. argparse args)
-            raise ValueError(
-                f"--pretrained {path} holds Python objects besides tensors and is not loaded for safety ({err}); "
-                f"re-save its weights with torch.save({{'model': ckpt['model']}}, 'weights.pt')."
-            ) from err
+            state = read_state_dict(path)
+        except ValueError as err:  # not a weights file, or a pickle with Python objects (e.g. argparse args)
+            raise ValueError(f"--pretrained: {err} For a Latte t2v.pt with extra objects, re-save its weights "
+                             f"with torch.save({{'model': ckpt['model']}}, 'weights.pt').") from None
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):

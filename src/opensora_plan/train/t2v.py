@@ -456,6 +456,15 @@ def validate_t2v_options(opts: dict) -> None:
             raise ValueError("--lora_rank trains adapters on a frozen base model; give that model with --pretrained.")
         if opts["sharding"] != "ddp":
             raise ValueError("--lora_rank is supported with --sharding ddp (the adapters are small); drop --sharding.")
+    if opts["validation_prompts"]:
+        # Validation previews clean captions as sampling does: a prompt emptied by it fails now, not after training.
+        from opensora_plan.models.text_encoder import preprocess_texts
+
+        for prompt, cleaned in zip(opts["validation_prompts"], preprocess_texts(list(opts["validation_prompts"]))):
+            if prompt.strip() and not cleaned:
+                raise ValueError(f"Validation prompt {prompt!r} is empty after caption cleaning (it removes CJK "
+                                 "characters, URLs, HTML, ...) and would preview the unconditional video; write it "
+                                 "in English.")
     if opts["validation_prompts"] and opts["validation_sampling_steps"] < 4:
         # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
         raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "

@@ -1,0 +1,83 @@
+"""Faults found by a fresh-user pass over the new features: each kind gets one clear error before any work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from opensora_plan import cli
+from opensora_plan.models.loading import read_state_dict
+from opensora_plan.models.step_cache import parse_cache_spec
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not weights", b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64])
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".safetensors"])
+def test_a_file_that_is_not_weights_is_one_value_error(tmp_path, content, suffix):
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=str(path)) as info:
+        read_state_dict(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_pickle_with_python_objects_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(ValueError, match="Python objects") as info:
+        read_state_dict(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="folder"):
+        read_state_dict(tmp_path)
+
+
+@pytest.mark.parametrize("spec, expected", [("none", ("none", {})), ("fast", ("fast", {})),
+                                            ("teacache:0.5", ("teacache", {"threshold": 0.5})),
+                                            ("first_block:0", ("first_block", {"threshold": 0.0}))])
+def test_cache_spec_parses(spec, expected):
+    assert parse_cache_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["bogus", "teacache:nan", "teacache:-1", "teacache:abc", "none:0.3"])
+def test_bad_cache_spec_is_refused(spec):
+    with pytest.raises(ValueError):
+        parse_cache_spec(spec)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "a red circle moving left", "--guidance_scale", "nan"], "guidance_scale"),
+    (["sample", "a red circle moving left", "--cache", "teacache:nan"], "threshold"),
+    (["sample", "a red circle moving left", "--seed", "99999999999999999999"], "--seed"),
+])
+def test_sample_rejects_nonsense_numbers_with_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert cli.main([*argv, "--save_img_path", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not any(out.glob("*.mp4"))
+
+
+def test_data_check_refuses_an_empty_dataset(tmp_path, capsys):
+    data = tmp_path / "empty.json"
+    data.write_text(json.dumps([]))
+    assert cli.main(["data", "check", str(data)]) != 0
+    assert "lists no videos" in capsys.readouterr().err
+
+
+def test_teacache_threshold_nan_is_refused():
+    from opensora_plan.models.step_cache import TeaCache
+
+    with pytest.raises(ValueError, match="threshold"):
+        TeaCache(threshold=math.nan)
+
+
+def test_train_t2v_checks_validation_prompts_before_any_work(tmp_path):
+    from opensora_plan.train.t2v import T2V_DEFAULTS, validate_t2v_options
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="empty after caption cleaning"):
+        validate_t2v_options({**T2V_DEFAULTS, "output_dir": str(out), "validation_prompts": ["一个"]})
+    assert not out.exists()
