@@ -81,3 +81,27 @@ def test_train_t2v_checks_validation_prompts_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="empty after caption cleaning"):
         validate_t2v_options({**T2V_DEFAULTS, "output_dir": str(out), "validation_prompts": ["一个"]})
     assert not out.exists()
+
+
+@pytest.mark.parametrize("change, message", [(dict(ema_decay=2.0), "--ema_decay"),
+                                             (dict(lr_scheduler="bogus"), "--lr_scheduler 'bogus'"),
+                                             (dict(lr_warmup_steps=-1), "--lr_warmup_steps")])
+def test_train_config_rejects_nonsense_before_any_work(tmp_path, change, message):
+    from opensora_plan.train.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=2, **change)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, message", [(dict(learning_rate=0.0), "--learning_rate"),
+                                             (dict(kl_weight=-1.0), "--kl_weight"),
+                                             (dict(disc_start=-1), "--disc_start")])
+def test_train_vae_rejects_nonsense_before_any_work(tmp_path, change, message):
+    from opensora_plan.train.trainer import TrainConfig
+    from opensora_plan.train.vae import train_vae
+
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=2)
+    with pytest.raises(ValueError, match=message):
+        train_vae(config, video_path=str(tmp_path), **change)
+    assert not (tmp_path / "run").exists()

@@ -193,6 +193,15 @@ class TrainConfig:
                              "or deepspeed.")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"--report_to {self.report_to!r} is not supported; use 'tensorboard' or 'none'.")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay is the weight of the old EMA in (0, 1), e.g. 0.9999; got {self.ema_decay}.")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
+        from diffusers.optimization import SchedulerType
+
+        names = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in names:  # checked here, before any model loads
+            raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not supported; use one of {', '.join(names)}.")
 
 
 class NonFiniteLossError(RuntimeError):

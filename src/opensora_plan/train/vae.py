@@ -270,6 +270,13 @@ def train_vae(
     from ..utils import check_output_folder
 
     check_output_folder(config.output_dir, "--output_dir")
+    for name, value in (("learning_rate", learning_rate), ("time_lr_multiplier", time_lr_multiplier)):
+        if not value > 0:
+            raise ValueError(f"--{name} must be positive, got {value}.")
+    for name, value in (("kl_weight", kl_weight), ("disc_weight", disc_weight), ("perceptual_weight", perceptual_weight),
+                        ("disc_start", disc_start)):
+        if not value >= 0:
+            raise ValueError(f"--{name} must be >= 0, got {value}.")
     paths = video_paths(video_path, data_path, video_folder)  # before any model loads
     if validation_videos >= len(paths):
         raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")
