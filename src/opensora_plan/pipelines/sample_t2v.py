@@ -108,9 +108,10 @@ def _check_model_folders(model_path: Path, version: str, ae: str, text_encoder_n
     if ae not in AE_NAMES:
         raise ValueError(f"--ae {ae} is not supported; use {' or '.join(AE_NAMES)}.")
     if not model_path.is_dir():
-        raise FileNotFoundError(
-            f"--model_path {model_path} does not exist; expected a local copy of {DEFAULT_MODEL_PATH} with the "
-            f"version folders ({', '.join(VERSIONS)}) and vae/."
+        problem = "is a file, not a folder" if model_path.exists() else "does not exist"
+        raise (ValueError if model_path.exists() else FileNotFoundError)(
+            f"--model_path {model_path} {problem}; expected a local copy of {DEFAULT_MODEL_PATH} with the "
+            f"version folders ({', '.join(VERSIONS)}) and vae/, or a train-t2v run or checkpoint folder."
         )
     if not (model_path / version).is_dir():
         present = sorted(d.name for d in model_path.iterdir() if d.is_dir())
