@@ -215,7 +215,7 @@ def test_eval_t2v_on_what_sample_writes_with_the_demo_model(clip_folder, i3d_fil
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a red circle moving left\na blue square moving up, fast!\na green triangle moving right\n")
     out = tmp_path / "samples"
-    assert main(["sample", "--text_prompt", str(prompt_file), "--save_img_path", str(out), "--device", "cpu"]) == 0
+    assert main(["sample", "--prompt_file", str(prompt_file), "--save_img_path", str(out), "--device", "cpu"]) == 0
     assert main(["eval-t2v", "--videos", str(out), "--prompts", str(prompt_file), "--real", str(real_folder),
                  "--clip_model", str(clip_folder), "--i3d_model", str(i3d_file[0]), "--device", "cpu"]) == 0
     result = json.loads((out / "eval_t2v.json").read_text())

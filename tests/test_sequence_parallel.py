@@ -226,7 +226,7 @@ def test_sample_sp2_and_cfg_parallel_write_the_single_process_videos(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat playing the piano\ntime lapse of clouds\n")
     args = ["-m", "opensora_plan", "sample", "--model_path", str(model_path), "--version", TINY_VERSION,
-            "--text_encoder_name", str(t5_path), "--text_prompt", str(prompts), "--num_sampling_steps", "3",
+            "--text_encoder_name", str(t5_path), "--prompt_file", str(prompts), "--num_sampling_steps", "3",
             "--sample_method", "DDIM", "--fps", "8", "--device", "cpu", "--dtype", "fp32"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     runs = {"single": (1, []), "sp": (2, ["--sp_size", "2"]), "cfg": (2, ["--cfg_parallel"]),
