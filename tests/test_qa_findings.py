@@ -105,3 +105,28 @@ def test_train_vae_rejects_nonsense_before_any_work(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         train_vae(config, video_path=str(tmp_path), **change)
     assert not (tmp_path / "run").exists()
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    from opensora_plan.data import datasets
+
+    monkeypatch.setattr(datasets, "check_dataset", lambda *a, **k: pytest.fail("the decode pass ran"))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"path": "a.mp4", "cap": "x"}]))
+    (tmp_path / "adir").mkdir()
+    assert cli.main(["data", "check", str(data), "--json_out", str(tmp_path / "adir")]) != 0
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["data", "check", str(data), "--json_out", str(tmp_path / "afile" / "r.json")]) != 0
+    assert "is an existing file" in capsys.readouterr().err
+
+
+def test_sample_refuses_a_planned_output_that_is_a_folder_or_a_broken_link(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "0000-a_red_circle_moving_left.mp4").mkdir(parents=True)
+    assert cli.main(["sample", "a red circle moving left", "--save_img_path", str(out)]) != 0
+    assert "is an existing folder" in capsys.readouterr().err
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    assert cli.main(["sample", "a red circle moving left", "--save_img_path", str(link)]) != 0
+    assert "broken symbolic link" in capsys.readouterr().err

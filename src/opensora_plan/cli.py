@@ -290,8 +290,13 @@ def _run_data_check(args) -> int:
     import json
 
     from opensora_plan.data.datasets import check_dataset, format_check_report
-    from opensora_plan.utils import atomic_write_bytes
+    from opensora_plan.utils import atomic_write_bytes, check_output_file
 
+    if args.json_out:
+        check_output_file(args.json_out, "--json_out")  # before the decode pass, not after it
+    for name in ("num_frames", "sample_rate"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     report = check_dataset(args.data_path, video_folder=args.video_folder, text_encoder_name=args.text_encoder_name,
                            num_frames=args.num_frames, sample_rate=args.sample_rate,
                            model_max_length=args.model_max_length, decode=not args.no_decode)

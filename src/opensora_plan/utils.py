@@ -139,9 +139,21 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
     no parent is a file. Call before any heavy work so a bad output path fails in the first second."""
     path = Path(path)
     for candidate in (path, *path.parents):
+        if candidate.is_symlink() and not candidate.exists():
+            raise ValueError(f"{flag} {path}: {candidate} is a broken symbolic link; remove it or give another folder.")
         if candidate.exists() and not candidate.is_dir():
             where = "is an existing file" if candidate == path else f"is inside {candidate}, which is a file"
             raise ValueError(f"{flag} {path} {where}; give a folder (it is created if missing).")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a Path after checking a file can be written there: it is not a folder and no parent is a
+    file (the parents are created when missing). Call before any heavy work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'report.json'}.")
+    check_output_folder(path.parent, f"{flag} {path}: its folder")
     return path
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..utils import atomic_write_bytes, read_text_file
+from ..utils import atomic_write_bytes, check_output_file, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +332,7 @@ def evaluate_t2v(
             raise ValueError(f"{name} must be at least {least}, got {value}.")
     videos_dir = Path(videos)
     generated = _list_videos(videos_dir, "--videos")
+    check_output_file(json_out or videos_dir / DEFAULT_JSON_NAME, "--json_out")  # before any scoring
     if subset_size:
         generated = generated[:subset_size]
     prompt_of: dict[Path, str] = {}

@@ -346,6 +346,12 @@ def sample_t2v(
     prompts = read_prompts(text_prompt, prompt_file)
     preprocess_prompts(prompts, clean=clean_caption, warn=False)  # a prompt that cleaning empties: error now
     out_dir = check_output_folder(save_img_path, "--save_img_path")
+    suffix = ".png" if force_images else ".mp4"
+    for index, prompt in enumerate(prompts):  # a planned file that is a folder would fail only after sampling
+        target = out_dir / video_filename(index, prompt, suffix)
+        if target.is_dir():
+            raise ValueError(f"--save_img_path {out_dir}: {target.name} (prompt {index}) is an existing folder; "
+                             "remove it or choose another --save_img_path.")
     model_path = Path(model_path)
     run = None
     from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
