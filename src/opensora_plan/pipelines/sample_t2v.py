@@ -213,7 +213,7 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
     if enable_tiling:
         pipe.enable_vae_tiling(tile_overlap_factor)
     pipe.set_vae_memory_budget(vae_memory_gb)
-    pipe.set_progress_bar_config(disable=rank != 0)
+    pipe.set_progress_bar_config(disable=rank != 0 or not logger.isEnabledFor(logging.INFO))  # -q: no bars
     num_frames = 1 if force_images else None
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     do_cfg = guidance_scale > 1.0
