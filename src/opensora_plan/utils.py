@@ -157,6 +157,18 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+def read_config_file(spec: str, shipped_dir: Path, flag: str) -> dict:
+    """The JSON options in file ``spec``, or in the shipped ``shipped_dir/<spec>.json`` when ``spec`` names
+    one; keys starting with ``_`` are comments and dropped. FileNotFoundError lists the shipped names."""
+    path = Path(spec)
+    if not path.is_file():
+        path = shipped_dir / f"{spec.removesuffix('.json')}.json"
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in shipped_dir.glob("*.json")))
+            raise FileNotFoundError(f"{flag} {spec} is neither a JSON file nor a shipped config ({names}).")
+    return {k: v for k, v in read_json_file(path, f"{flag} file").items() if not k.startswith("_")}
+
+
 def read_json_file(path: str | os.PathLike, what: str):
     """The parsed JSON in ``path``; a missing, unreadable or invalid file is one line naming it."""
     import json

@@ -393,19 +393,12 @@ def load_stage_config(spec: str) -> dict:
 
     Keys starting with ``_`` are comments; any other key must be a train-t2v option.
     """
-    path = Path(spec)
-    if not path.is_file():
-        shipped = STAGE_CONFIG_DIR / f"{spec}.json"
-        if not shipped.is_file():
-            names = ", ".join(sorted(p.stem for p in STAGE_CONFIG_DIR.glob("*.json")))
-            raise FileNotFoundError(f"--config {spec} is neither a JSON file nor a shipped stage ({names}).")
-        path = shipped
-    from opensora_plan.utils import read_json_file
+    from opensora_plan.utils import read_config_file
 
-    options = {k: v for k, v in read_json_file(path, "--config file").items() if not k.startswith("_")}
+    options = read_config_file(spec, STAGE_CONFIG_DIR, "--config")
     unknown = sorted(options.keys() - T2V_DEFAULTS.keys())
     if unknown:
-        raise ValueError(f"--config {path} has unknown options {unknown}; use train-t2v flag names (see --help).")
+        raise ValueError(f"--config {spec} has unknown options {unknown}; use train-t2v flag names (see --help).")
     return options
 
 

@@ -42,15 +42,9 @@ def load_config(spec: str | None) -> dict:
 
     Keys starting with ``_`` are comments and dropped. Raises FileNotFoundError for an unknown name.
     """
-    spec = spec or "zero2"
-    path = Path(spec)
-    if not path.is_file():
-        shipped = CONFIG_DIR / f"{spec.removesuffix('.json')}.json"
-        if not shipped.is_file():
-            names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
-            raise FileNotFoundError(f"--deepspeed_config {spec} is neither a JSON file nor a shipped config ({names}).")
-        path = shipped
-    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    from opensora_plan.utils import read_config_file
+
+    return read_config_file(spec or "zero2", CONFIG_DIR, "--deepspeed_config")
 
 
 def stage(config: dict) -> int:
