@@ -12,7 +12,7 @@ import torch
 
 from opensora_plan.demo.evaluate import load_demo_pipeline
 from opensora_plan.models.latte import build_latte
-from opensora_plan.models.layers import fused_linear_kernels
+from opensora_plan.models.layers import SHORT_ATTENTION_MAX_KEYS, attention, fused_linear_kernels, inference_weight_cache, linear
 from opensora_plan.models.step_cache import FAST_CACHE, FirstBlockCache, TeaCache, make_step_cache
 
 
@@ -63,6 +63,37 @@ def test_fused_kernels_are_not_used_when_gradients_are_needed(tiny_model):
     out.square().mean().backward()  # the oneDNN op has no autograd formula: this would warn or fail
     assert all(p.grad is not None for p in tiny_model.transformer_blocks[0].attn1.to_q.parameters())
     tiny_model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("keys", [5, SHORT_ATTENTION_MAX_KEYS])
+def test_short_low_precision_attention_matches_sdpa(keys):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(64, 3, n, 16, generator=g) for n in (keys, keys, keys))
+    bias = torch.zeros(64, 1, 1, keys)
+    bias[:, :, :, -2:] = float("-inf")  # masked keys, as a padded text mask
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with torch.no_grad():
+        short = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
+    assert short.dtype == torch.bfloat16
+    torch.testing.assert_close(short.float(), exact, atol=3e-2, rtol=3e-2)
+    with torch.no_grad():  # float32 and long key sequences keep SDPA itself
+        assert torch.equal(attention(q, k, v, bias), exact)
+
+
+def test_weight_cache_reuses_casts_within_the_block_and_never_serves_stale_weights(tiny_model):
+    x, captions = _tiny_inputs()
+    t = torch.tensor([10, 700])
+    weight, bias, inputs = torch.randn(24, 16), torch.randn(24), torch.randn(5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = tiny_model(x, t, captions).sample
+        with inference_weight_cache():
+            assert torch.equal(tiny_model(x, t, captions).sample, plain)
+            assert torch.equal(tiny_model(x, t, captions).sample, plain)  # served from the cache
+            first = linear(inputs, weight, bias)
+            weight.mul_(2)  # an in-place change (loading, fuse_lora) must be seen
+            second = linear(inputs, weight, bias)
+        assert not torch.equal(first, second)
+        torch.testing.assert_close(second, linear(inputs, weight, bias), atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------- step cache

@@ -28,7 +28,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .layers import base_linear, linear, lora_delta, project
+from .layers import attention, base_linear, cached_weight, linear, lora_delta, project
 from .loading import load_pretrained
 from .step_cache import StepCache
 
@@ -185,7 +185,7 @@ class CaptionProjection(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through ``F.scaled_dot_product_attention`` (keys ``to_q/to_k/to_v/to_out.0``).
+    """Multi-head attention through :func:`layers.attention` (SDPA; keys ``to_q/to_k/to_v/to_out.0``).
 
     ``bias`` is an additive float mask broadcastable to (G, heads, S, L), e.g. (G, 1, 1, L).
     """
@@ -216,18 +216,19 @@ class Attention(nn.Module):
                        zip((q, k, v), (lora_delta(m, x) for m in (self.to_q, self.to_k, self.to_v))))
         else:
             q, k, v = project(self.to_q, x), project(self.to_k, context), project(self.to_v, context)
-        out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v), attn_mask=bias)
+        out = attention(split_heads(q), split_heads(k), split_heads(v), bias)  # (G, h, S, d)
         out = out.transpose(1, 2).reshape(groups, length, -1)  # (G, S, h*d)
         return self.to_out[1](project(self.to_out[0], out))
 
     def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(3*h*d, D) weight and (3*h*d,) bias of to_q, to_k, to_v, rebuilt per call (cheap next to
-        the GEMM, and never stale after loading or training)."""
+        """(3*h*d, D) weight and (3*h*d,) bias of to_q, to_k, to_v: rebuilt per call (cheap next to the
+        GEMM), or kept for a sampling loop by ``layers.inference_weight_cache`` (never stale: keyed on
+        the source weights' versions)."""
         q, k, v = (base_linear(m) for m in (self.to_q, self.to_k, self.to_v))  # a LoRA wrapper's base layer
-        weight = torch.cat([q.weight, k.weight, v.weight])
+        weight = cached_weight("qkv", (q.weight, k.weight, v.weight), lambda: torch.cat([q.weight, k.weight, v.weight]))
         if q.bias is None:
             return weight, None
-        return weight, torch.cat([q.bias, k.bias, v.bias])
+        return weight, cached_weight("qkv", (q.bias, k.bias, v.bias), lambda: torch.cat([q.bias, k.bias, v.bias]))
 
 
 class GELUProjection(nn.Module):

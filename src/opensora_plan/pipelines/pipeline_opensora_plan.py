@@ -53,6 +53,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from opensora_plan.models.layers import inference_weight_cache
 from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache, parse_cache_spec
 from opensora_plan.models.text_encoder import MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
 from opensora_plan.utils import check_finite
@@ -693,7 +694,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         cache = self.transformer.step_cache
         if cache is not None:
             cache.reset(len(timesteps))
-        with self.progress_bar(total=len(timesteps)) as progress:
+        # inference_weight_cache: weights cast/stacked once for the loop, as autocast does for F.linear
+        with self.progress_bar(total=len(timesteps)) as progress, inference_weight_cache():
             for step_index, t in enumerate(timesteps):
                 if self.interrupt:
                     break
