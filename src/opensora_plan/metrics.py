@@ -179,7 +179,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     sigma2 = (sigma2 + sigma2.T) / 2
     trace_sqrt_product = np.linalg.svd(_psd_sqrt(sigma2) @ _psd_sqrt(sigma1), compute_uv=False).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
+    return max(distance, 0.0)  # a squared distance; rounding can leave -1e-12 for equal statistics (printed '-0.00')
 
 
 def frechet_distance_from_features(features1, features2) -> float:
