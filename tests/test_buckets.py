@@ -431,3 +431,28 @@ def test_model_runs_other_lengths_only_inside_the_loss(mixed, models, tmp_path):
         assert model.config.video_length == 3 and model.temp_pos_embed.shape[1] == 3
     assert model.config.video_length == 2 and torch.equal(model.temp_pos_embed, before)
     assert task.find_unused_parameters  # the 1-frame bucket skips the temporal blocks
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_buckets_including_images(mixed, models, tmp_path):
+    """torchrun x 2 (gloo): every step one bucket on both processes, the 1-frame bucket (no temporal blocks,
+    find_unused_parameters) included; the trainer checks at the end that both replicas hold equal weights."""
+    import os
+    import subprocess
+
+    spec = tmp_path / "buckets.json"  # batch 1 everywhere: 9x32x32, 5x32x32 and 1x32x32 fill one group of 2
+    spec.write_text(json.dumps([{"frames": f, "height": h, "width": w, "batch_size": 1}
+                                for f, h, w in ((5, 32, 32), (5, 32, 48), (5, 48, 32), (9, 32, 32), (1, 32, 32))]))
+    out = tmp_path / "ddp"
+    argv = _argv(mixed, models, out, 3)
+    argv[argv.index("--buckets") + 1] = str(spec)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "opensora_plan", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["epoch"] == 0 for r in log)
+    # tokens per sample: 9x32x32 + image = 4 x 4, 5x32x32 + image = 3 x 4, 1x32x32 + image = 2 x 4
+    assert sorted(round(r["tokens_per_s"] / r["samples_per_s"]) for r in log) == [8, 12, 16]
+    assert "replicas hold identical weights" in result.stderr

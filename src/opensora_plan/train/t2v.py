@@ -162,8 +162,13 @@ class T2VTask(TrainTask):
             return None
         from opensora_plan.train.sampler import BucketBatchSampler
 
-        return BucketBatchSampler(self.dataset.plan.members, [b.batch_size for b in buckets], seed, rank, world_size,
-                                  names=[b.name for b in buckets])
+        sampler = BucketBatchSampler(self.dataset.plan.members, [b.batch_size for b in buckets], seed, rank,
+                                     world_size, names=[b.name for b in buckets])
+        idle = [b.name for b, m, n in zip(buckets, sampler.members, sampler.batches_per_bucket()) if m and not n]
+        if idle and rank == 0:
+            logger.warning("Buckets %s have fewer clips than one batch on each of %d process(es); their clips are "
+                           "never trained (add data or give them a smaller batch_size).", idle, world_size)
+        return sampler
 
     def setup_sequence_parallel(self, group) -> None:
         """The transformer splits each sample's frames / patch positions over ``group`` (models/parallel.py)."""
@@ -685,19 +690,29 @@ def memory_estimate(task: T2VTask, config: TrainConfig) -> dict:
     return {"weights": weights, "gradients": grads, "adamw_states": adamw, "ema": ema, "total": total}
 
 
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:10.3f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:10.3f} MiB"
+
+
 def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
     """The resolved options, data plan (bucket histogram), parameter counts and memory estimate, as text and dict."""
-    gib = 2**30
     options = {**{k: getattr(config, k) for k in TrainConfig.__dataclass_fields__ if k != "extra"}, **config.extra}
-    lines = ["train-t2v --dry_run: nothing is trained and nothing is written to --output_dir.", "", "options:"]
-    lines += [f"  {key} = {options[key]!r}" for key in sorted(options)]
     dataset = task.dataset
+    bucketed = bool(getattr(dataset, "buckets", None))
+    unused = {"num_frames", "max_image_size"} if bucketed else set()
+    lines = ["train-t2v --dry_run: nothing is trained and nothing is written to --output_dir.", "", "options:"]
+    lines += [f"  {key} = {options[key]!r}" + ("  (not used: --buckets sets the sizes)" if key in unused else "")
+              for key in sorted(options)]
     lines += ["", "data:"]
-    if getattr(dataset, "buckets", None):
+    if bucketed:
         from opensora_plan.data.buckets import format_bucket_report
 
+        task.batch_sampler(config.seed, 0, 1)  # ValueError when no bucket fills one batch
         lines += ["  " + line for line in format_bucket_report(dataset.plan).splitlines()]
-        lines.append("  (batches per epoch for one process; with N processes each gets 1/N of them)")
+        lines.append("  (batches per epoch for one process; with N processes each gets about 1/N of them)")
+        idle = [r["bucket"] for r in dataset.plan.histogram() if r["clips"] and not r["batches_per_epoch"]]
+        if idle:
+            lines.append(f"  buckets {idle} have fewer clips than one batch: their clips are never trained")
     else:
         lines.append(f"  {len(dataset)} samples, batch {config.train_batch_size} per process")
     counts = {"transformer": _param_counts(task.models["model"])}
@@ -713,13 +728,12 @@ def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
         lines.append("  (LoRA: only the adapters are trainable)")
     memory = memory_estimate(task, config)
     lines += ["", "memory per process (estimate, DDP layout; activations not included):"]
-    lines += [f"  weights {dtype:<5}     {size / gib:10.3f} GiB" for dtype, size in memory["weights"].items()]
-    lines += [f"  gradients         {memory['gradients'] / gib:10.3f} GiB",
-              f"  AdamW states      {memory['adamw_states'] / gib:10.3f} GiB"]
+    lines += [f"  weights {dtype:<5}     {_size(size)}" for dtype, size in memory["weights"].items()]
+    lines += [f"  gradients         {_size(memory['gradients'])}", f"  AdamW states      {_size(memory['adamw_states'])}"]
     if memory["ema"]:
-        lines.append(f"  EMA (fp32)        {memory['ema'] / gib:10.3f} GiB")
-    lines.append(f"  total             {memory['total'] / gib:10.3f} GiB  (+ activations, which grow with batch, "
-                 "frames and resolution; --gradient_checkpointing lowers them)")
+        lines.append(f"  EMA (fp32)        {_size(memory['ema'])}")
+    lines.append(f"  total             {_size(memory['total'])}  (+ activations, which grow with batch, frames and "
+                 "resolution; --gradient_checkpointing lowers them)")
     if config.sharding != "ddp":
         lines.append(f"  with --sharding {config.sharding} the gradients and AdamW states (and with fsdp2/zero3 the "
                      "trainable weights) are split over the processes")
