@@ -392,6 +392,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mixed, models, tmp_path, cap
     vae_t5 = 4 * sum(p.numel() for p in task.vae.parameters()) + 4 * sum(p.numel() for p in task.text_encoder.parameters())
     assert memory["weights"] == {"fp32": 4 * total + vae_t5}  # --mixed_precision no: T5 stays fp32
     assert not out.exists()
+    # Without buckets too: the plain dataset is opened, nothing is written.
+    plain = _argv(mixed, models, out, 5, "--dry_run")
+    at = plain.index("--buckets")
+    plain[at : at + 2] = ["--num_frames", "5", "--max_image_size", "32"]
+    assert cli.main(plain) == 0
+    text = capsys.readouterr().out
+    assert "10 samples, batch 1 per process" in text and "buckets = None" in text and not out.exists()
 
 
 def test_dry_run_with_lora_counts_adapters_as_trainable(mixed, models, tmp_path, capsys):
