@@ -284,6 +284,21 @@ def test_dataset_assigns_every_clip_and_batches_hold_one_shape(mixed):
     assert shapes == {"9x32x32": 2, "5x32x32": 2, "5x32x48": 1, "5x48x32": 1, "1x32x32": 1}
 
 
+def test_probe_reads_what_the_training_reader_reads(mixed):
+    from opensora_plan.data.buckets import probe_clip
+    from opensora_plan.data.video_io import VideoReader, VideoReadError
+
+    root, _, expected = mixed
+    for name in expected:
+        path = next(root.glob(f"{name}.*"))
+        with VideoReader(path) as reader:
+            assert probe_clip(path) == ClipInfo(reader.num_frames, reader.height, reader.width), name
+    with pytest.raises(VideoReadError, match="broken.mp4"):
+        probe_clip(root / "broken.mp4")
+    with pytest.raises(VideoReadError, match="missing.mp4"):
+        probe_clip(root / "missing.mp4")
+
+
 def test_data_check_prints_the_histogram_and_the_clips_that_fit_no_bucket(mixed, capsys):
     root, data, _ = mixed
     code = cli.main(["data", "check", str(data), "--buckets", TINY_SPEC, "--no_decode"])
