@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -478,3 +479,23 @@ def test_two_process_ddp_with_buckets_including_images(mixed, models, tmp_path):
     # tokens per sample: 9x32x32 + image = 4 x 4, 5x32x32 + image = 3 x 4, 1x32x32 + image = 2 x 4
     assert sorted(round(r["tokens_per_s"] / r["samples_per_s"]) for r in log) == [8, 12, 16]
     assert "replicas hold identical weights" in result.stderr
+
+
+def test_a_rotated_phone_clip_is_probed_upright_and_goes_to_the_tall_bucket(tmp_path):
+    import av
+
+    from opensora_plan.data.buckets import probe_clip
+
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w", format="mp4") as container:  # coded 64x48 landscape, displayed portrait
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)
+        for _ in range(5):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert probe_clip(path) == ClipInfo(5, 64, 48)
+    buckets = parse_buckets("5x32x32,5x32x48,5x48x32")
+    assert buckets[assign_bucket(probe_clip(path), buckets)[0]].name == "5x48x32"
