@@ -499,3 +499,24 @@ def test_a_rotated_phone_clip_is_probed_upright_and_goes_to_the_tall_bucket(tmp_
     assert probe_clip(path) == ClipInfo(5, 64, 48)
     buckets = parse_buckets("5x32x32,5x32x48,5x48x32")
     assert buckets[assign_bucket(probe_clip(path), buckets)[0]].name == "5x48x32"
+
+
+def test_resuming_with_other_buckets_starts_a_new_epoch_with_a_warning(mixed, models, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert cli.main(_argv(mixed, models, out, 2, "--checkpointing_steps", "2")) == 0
+    other = _argv(mixed, models, out, 3, "--resume_from_checkpoint", "latest")
+    other[other.index("--buckets") + 1] = "5x32x32,9x32x32"  # the wide, tall and image clips now fit no bucket
+    with caplog.at_level("WARNING"):
+        assert cli.main(other) == 0
+    assert "other data batching" in caplog.text
+    assert [(r["step"], r["epoch"]) for r in read_log(out)] == [(1, 0), (2, 0), (3, 1)]
+
+
+def test_data_check_keeps_entry_numbers_when_some_entries_are_malformed(mixed, tmp_path):
+    root, data, _ = mixed
+    entries = json.loads(data.read_text())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"cap": "no path"}] + entries))
+    plan = check_buckets(bad, TINY_SPEC, video_folder=root, progress=False)
+    assert [(u["index"], Path(u["path"]).name) for u in plan.unfit] == [(8, "small.mp4")]
+    assert sorted(i for m in plan.members for i in m) == [1, 2, 3, 4, 5, 6, 7, 9]
