@@ -265,27 +265,21 @@ class BucketPlan:
         return rows
 
 
-def plan_buckets(paths: list[Path], buckets: list[Bucket], sample_rate: int = 1, progress: bool = True,
-                 infos: list[ClipInfo | None] | None = None) -> BucketPlan:
-    """Probe every path once (tqdm bar) and assign it; unreadable files are counted, never raised.
-
-    Probing runs in a few threads. ``infos`` (one per path, None = unreadable) skips it when the caller
-    already has them.
-    """
-    from tqdm.auto import tqdm
-
+def plan_buckets(paths: list[Path], buckets: list[Bucket], sample_rate: int = 1, progress: bool = True) -> BucketPlan:
+    """Probe every path once (a few threads, tqdm bar) and assign it; unreadable files are counted, never raised."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
 
     members: list[list[int]] = [[] for _ in buckets]
     unfit, unreadable = [], []
-    if infos is None:
-        # FFmpeg releases the GIL while it reads and decodes: threads overlap the files' I/O and decoding.
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            infos = list(tqdm(pool.map(_probe_or_reason, paths), total=len(paths), desc="buckets", unit="video",
-                              disable=not progress))
+    # FFmpeg releases the GIL while it reads and decodes: threads overlap the files' I/O and decoding.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        infos = list(tqdm(pool.map(_probe_or_reason, paths), total=len(paths), desc="buckets", unit="video",
+                          disable=not progress))
     for index, (path, info) in enumerate(zip(paths, infos)):
-        if info is None or isinstance(info, str):
-            unreadable.append({"index": index, "path": str(path), "reason": info or "unreadable"})
+        if isinstance(info, str):  # why it is unreadable
+            unreadable.append({"index": index, "path": str(path), "reason": info})
             continue
         choice, reason = assign_bucket(info, buckets, sample_rate)
         if choice is None:
