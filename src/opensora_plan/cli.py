@@ -280,6 +280,10 @@ def _add_data(subparsers) -> None:
     c.add_argument("--model_max_length", type=int, default=300, help="token limit to report against (default 300)")
     c.add_argument("--num_frames", type=int, default=None, help="also count videos shorter than this window")
     c.add_argument("--sample_rate", type=int, default=1, help="window stride for --num_frames (default 1)")
+    c.add_argument("--buckets", default=None, help="bucket spec, preset or file (as train-t2v --buckets): print the "
+                   "bucket histogram and the clips that fit no bucket, with why")
+    c.add_argument("--train_batch_size", type=int, default=1, help="with --buckets: the first bucket's batch (sets "
+                   "the token budget of the others; default 1)")
     c.add_argument("--json_out", default=None, help="also write the full report as JSON here")
     c.add_argument("--no_decode", action="store_true",
                    help="only open the videos (fast) instead of decoding every frame; may pass files training skips")
@@ -294,13 +298,24 @@ def _run_data_check(args) -> int:
 
     if args.json_out:
         check_output_file(args.json_out, "--json_out")  # before the decode pass, not after it
-    for name in ("num_frames", "sample_rate"):
+    for name in ("num_frames", "sample_rate", "train_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.buckets:
+        from opensora_plan.data.buckets import parse_buckets
+
+        parse_buckets(args.buckets)  # a bad spec fails before the decode pass
     report = check_dataset(args.data_path, video_folder=args.video_folder, text_encoder_name=args.text_encoder_name,
                            num_frames=args.num_frames, sample_rate=args.sample_rate,
                            model_max_length=args.model_max_length, decode=not args.no_decode)
     print(format_check_report(report))
+    if args.buckets:
+        from opensora_plan.data.buckets import check_buckets, format_bucket_report
+
+        plan = check_buckets(args.data_path, args.buckets, args.train_batch_size, args.sample_rate,
+                             video_folder=args.video_folder)
+        print(format_bucket_report(plan))
+        report["buckets"] = {"histogram": plan.histogram(), "unfit": plan.unfit}
     if args.json_out:
         atomic_write_bytes(args.json_out, json.dumps(report, indent=2).encode("utf-8"))
     return 1 if report["malformed"] or report["unreadable"] else 0
@@ -387,6 +402,9 @@ def _add_train_t2v(subparsers) -> None:
     data.add_argument("--video_folder", help="base folder for relative paths in --data_path")
     data.add_argument("--cached_features", help="folder written by `opensora-plan extract` (T5 and/or VAE cached)")
     data.add_argument("--num_frames", type=int, help="pixel frames per clip (17 or 65; default 17)")
+    data.add_argument("--buckets", help="mixed shapes in one run: FRAMESxHEIGHTxWIDTH list (e.g. 17x256x256,"
+                      "17x192x320,1x256x256), a preset (t2v_256, t2v_512) or a .json/.yaml file; replaces "
+                      "--num_frames/--max_image_size; --train_batch_size is the first bucket's (docs/training.md)")
     data.add_argument("--sample_rate", type=int, help="temporal stride (default 1)")
     data.add_argument("--max_image_size", type=int, help="square frame size in pixels (default 256)")
     data.add_argument("--use_image_num", type=int, help="joint-training images per clip (default 0)")
@@ -430,6 +448,8 @@ def _add_train_t2v(subparsers) -> None:
     run.add_argument("--validation_prompt_file", help="a text file with one validation prompt per line")
     run.add_argument("--validation_steps", type=int, help="sample the validation prompts every N steps")
     run.add_argument("--validation_sampling_steps", type=int, help="denoising steps of validation videos (20)")
+    run.add_argument("--dry_run", action=flag, help="check options, data (bucket histogram) and models, print "
+                     "parameter counts and a memory estimate, then exit without training or writing anything")
     p.set_defaults(func=_run_train_t2v)
 
 
@@ -439,6 +459,9 @@ def _run_train_t2v(args) -> int:
     given = {k: v for k, v in vars(args).items() if k in T2V_DEFAULTS}  # only flags given on the command line
     options = {**(load_stage_config(args.config) if getattr(args, "config", None) else {}), **given}
     summary = train_t2v(options)
+    if summary.get("dry_run"):
+        print(summary["report"])
+        return 0
     if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
         print(_train_summary_line(summary))
     return 0

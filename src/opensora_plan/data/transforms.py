@@ -163,3 +163,33 @@ def video_train_transform(frames: torch.Tensor, size: int, flip: bool) -> torch.
         video = video.flip(-1)
     video = video.mul_(2.0).sub_(1.0)
     return video.permute(1, 0, 2, 3)  # (3, T, size, size), a view
+
+
+def aspect_crop_size(height: int, width: int, out_height: int, out_width: int) -> tuple[int, int]:
+    """The largest (crop_h, crop_w) of a height x width frame with the aspect ratio of out_height x out_width
+    (to within rounding: one side is kept whole, the other rounded to the nearest pixel)."""
+    if height * out_width >= width * out_height:  # the frame is taller than the target: keep its width
+        return min(height, max(1, round(width * out_height / out_width))), width
+    return height, min(width, max(1, round(height * out_width / out_height)))
+
+
+def video_bucket_transform(frames: torch.Tensor, height: int, width: int, flip: bool) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) -> float video (3, T, height, width) in [-1, 1], never stretched.
+
+    The centred crop with the target's aspect ratio (:func:`aspect_crop_size`), then a resize to
+    ``height x width`` with :func:`resize_square`'s arguments, the optional horizontal flip, 2x - 1. For a
+    square target this is exactly :func:`video_train_transform`. Raises ValueError when the frame is
+    smaller than the target on a side (buckets never upscale).
+    """
+    if frames.shape[1] < height or frames.shape[2] < width:
+        raise ValueError(f"A {frames.shape[1]}x{frames.shape[2]} (HxW) frame is smaller than the {height}x{width} "
+                         "bucket; buckets never upscale (assign the clip to a smaller bucket).")
+    frames = frames.permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+    crop = aspect_crop_size(frames.shape[-2], frames.shape[-1], height, width)
+    video = center_crop(frames, crop).contiguous().float().div_(255.0)  # (T, 3, crop_h, crop_w)
+    if video.shape[-2:] != (height, width):
+        video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=True, antialias=True)
+    if flip:
+        video = video.flip(-1)
+    video = video.mul_(2.0).sub_(1.0)
+    return video.permute(1, 0, 2, 3)  # (3, T, height, width), a view

@@ -89,3 +89,70 @@ class SeededSamples(Dataset):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+class BucketBatchSampler(Sampler):
+    """Batches of one bucket each (data/buckets.py): this process's share of a seeded, interleaved order.
+
+    Per epoch, the members of every bucket are shuffled with a seed from ``(seed, epoch, bucket)`` and cut
+    into *groups* of ``batch_size_b x world_size`` (the remainder of each bucket is dropped); the groups
+    of all buckets are then shuffled together with a seed from ``(seed, epoch)``, so a bucket's batches
+    are spread over the epoch in proportion to its data. Process ``rank`` takes slice ``rank`` of every
+    group: at each step all processes train on the same bucket (same shapes, which sequence parallelism
+    and sharded models need) and all take the same number of steps. Each item is a list of
+    ``(epoch, index)`` keys for :class:`SeededSamples`. ``set_epoch(epoch, start)`` skips the first
+    ``start`` batches, which is how a run resumes mid-epoch.
+    """
+
+    def __init__(self, members: list[list[int]], batch_sizes: list[int], seed: int, rank: int = 0,
+                 world_size: int = 1, names: list[str] | None = None):
+        if len(members) != len(batch_sizes) or any(b < 1 for b in batch_sizes):
+            raise ValueError(f"Need one batch size >= 1 per bucket, got {batch_sizes} for {len(members)} buckets.")
+        self.members = [list(m) for m in members]
+        self.batch_sizes = list(batch_sizes)
+        self.names = names or [str(i) for i in range(len(members))]
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+        if self.per_process() < 1:
+            counts = ", ".join(f"{n}: {len(m)} clips / batch {b}" for n, m, b in zip(self.names, self.members,
+                                                                                        self.batch_sizes))
+            raise ValueError(f"No bucket has enough clips for one batch on each of {world_size} process(es) "
+                             f"({counts}); add data, lower --train_batch_size or use fewer processes.")
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def batches_per_bucket(self) -> list[int]:
+        """Batches per epoch of each bucket, per process (drop_last per bucket)."""
+        return [len(m) // (b * self.world_size) for m, b in zip(self.members, self.batch_sizes)]
+
+    def per_process(self) -> int:
+        return sum(self.batches_per_bucket())
+
+    def signature(self) -> str:
+        """What the order depends on besides the seed (checkpoints compare it before resuming the position)."""
+        return ";".join(f"{n}:{len(m)}/{b}" for n, m, b in zip(self.names, self.members, self.batch_sizes)) + \
+            f";world={self.world_size}"
+
+    def groups(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """``(bucket, indices)`` of every group of ``epoch`` in order (all processes' batches)."""
+        groups = []
+        for b, (members, batch) in enumerate(zip(self.members, self.batch_sizes)):
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, b + 1))
+            shuffled = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+            size = batch * self.world_size
+            groups += [(b, shuffled[k * size : (k + 1) * size]) for k in range(len(shuffled) // size)]
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        return [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+
+    def __len__(self) -> int:
+        return self.per_process() - self.start
+
+    def __iter__(self):
+        for bucket, group in self.groups(self.epoch)[self.start :]:
+            batch = self.batch_sizes[bucket]
+            yield [(self.epoch, index) for index in group[self.rank * batch : (self.rank + 1) * batch]]

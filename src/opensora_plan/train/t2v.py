@@ -15,6 +15,7 @@ their defaults; reference flag names, spec section 6).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -47,6 +48,7 @@ T2V_DEFAULTS: dict[str, Any] = {
     "video_folder": None,
     "cached_features": None,
     "num_frames": 17,
+    "buckets": None,  # mixed shapes: a spec, preset or file (data/buckets.py); replaces num_frames / max_image_size
     "sample_rate": 1,
     "max_image_size": 256,
     "use_image_num": 0,
@@ -88,6 +90,7 @@ T2V_DEFAULTS: dict[str, Any] = {
     "validation_prompt_file": None,
     "validation_steps": None,
     "validation_sampling_steps": 20,
+    "dry_run": False,  # validate data, models and options, print the plan, train nothing, write nothing
 }
 
 
@@ -131,6 +134,9 @@ class T2VTask(TrainTask):
         self.skipped = SkippedVideos()
         self.device = torch.device("cpu")
         self.lora = getattr(transformer, "_lora_config", None) is not None  # adapters only are trained and saved
+        buckets = getattr(dataset, "buckets", None)
+        # A 1-frame (image) bucket skips the temporal blocks, as sampling images does: DDP must allow that.
+        self.find_unused_parameters = bool(buckets) and any(b.frames == 1 for b in buckets)
         self.paths: dict[str, str | None] = {}  # absolute model paths, recorded in options.json for `sample`
 
     def setup(self, accelerator) -> None:
@@ -148,6 +154,21 @@ class T2VTask(TrainTask):
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, betas=self.adam_betas,
                                       weight_decay=self.adam_weight_decay, eps=self.adam_epsilon)
         return [Phase("model", optimizer, params, self.max_grad_norm)]
+
+    def batch_sampler(self, seed: int, rank: int, world_size: int):
+        """With buckets: batches of one bucket each (train/sampler.py BucketBatchSampler); else None."""
+        buckets = getattr(self.dataset, "buckets", None)
+        if not buckets:
+            return None
+        from opensora_plan.train.sampler import BucketBatchSampler
+
+        sampler = BucketBatchSampler(self.dataset.plan.members, [b.batch_size for b in buckets], seed, rank,
+                                     world_size, names=[b.name for b in buckets])
+        idle = [b.name for b, m, n in zip(buckets, sampler.members, sampler.batches_per_bucket()) if m and not n]
+        if idle and rank == 0:
+            logger.warning("Buckets %s have fewer clips than one batch on each of %d process(es); their clips are "
+                           "never trained (add data or give them a smaller batch_size).", idle, world_size)
+        return sampler
 
     def setup_sequence_parallel(self, group) -> None:
         """The transformer splits each sample's frames / patch positions over ``group`` (models/parallel.py)."""
@@ -208,14 +229,17 @@ class T2VTask(TrainTask):
         if not self.use_image_num:
             text, mask = text[:, 0], mask[:, 0]  # (B, L, D), (B, L): a plain video batch has one caption slot
         model = models["model"]
+        video_frames = latents.shape[2] - self.use_image_num
+        temporal = video_frames != 1  # a 1-frame (image) bucket runs like sampling images: no temporal blocks
 
         def model_fn(x_t, t):
             return model(x_t, t, encoder_hidden_states=text, encoder_attention_mask=mask,
-                         use_image_num=self.use_image_num, return_dict=False)[0]
+                         use_image_num=self.use_image_num, enable_temporal_attentions=temporal, return_dict=False)[0]
 
         t = self.diffusion.sample_timesteps(latents.shape[0], device=self.device)  # (B,)
         noise = torch.randn_like(latents)
-        terms = self.diffusion.training_losses(model_fn, latents, t, noise)
+        with _temporal_length(model, video_frames if temporal else None):
+            terms = self.diffusion.training_losses(model_fn, latents, t, noise)
         stats = {"mse": float(terms["mse"].detach().mean()), "vb": float(terms["vb"].detach().mean())}
         return terms["loss"].mean(), stats
 
@@ -223,11 +247,18 @@ class T2VTask(TrainTask):
         return len(batch["index"])
 
     def tokens(self, batch: dict) -> int:
-        """Latent patches the transformer processes: B x (t + n) x (h / p) x (w / p)."""
+        """Latent patches the transformer processes: B x (t + n) x (h / p) x (w / p), from the batch's shape."""
         config = self.models["model"].config
         p = config.patch_size
-        frames = config.video_length + self.use_image_num
-        height, width = config.sample_size
+        if "latents" in batch:
+            _, _, frames, height, width = batch["latents"].shape
+        elif self.vae is not None:
+            _, _, pixel_frames, height, width = batch["video"].shape  # (B, 3, T + n, H, W)
+            frames = (pixel_frames - self.use_image_num - 1) // self.vae.temporal_compression + 1 + self.use_image_num
+            height, width = height // self.vae.spatial_compression, width // self.vae.spatial_compression
+        else:
+            frames = config.video_length + self.use_image_num
+            height, width = config.sample_size
         return self.batch_size(batch) * frames * (height // p) * (width // p)
 
     def options(self) -> dict:
@@ -306,6 +337,30 @@ class T2VTask(TrainTask):
         transformer.sequence_parallel = sequence_parallel
 
 
+@contextlib.contextmanager
+def _temporal_length(model, video_frames: int | None):
+    """Run the transformer on ``video_frames`` latent frames when they differ from its configured
+    ``video_length`` (buckets of other durations): the temporal position embedding for that length is
+    swapped in for this forward only (it is a constant buffer, so backward is unaffected) and the
+    configured length, which checkpoints record, is restored afterwards."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP / DeepSpeed / torch.compile wrappers
+        model = getattr(model, "module", None) or model._orig_mod
+    home = model.config.video_length
+    if video_frames is None or video_frames == home:
+        yield
+        return
+    device = model.temp_pos_embed.device
+    model._set_temporal_pos_embed(video_frames)
+    model.temp_pos_embed = model.temp_pos_embed.to(device)
+    model.register_to_config(video_length=video_frames)
+    try:
+        yield
+    finally:
+        model._set_temporal_pos_embed(home)
+        model.temp_pos_embed = model.temp_pos_embed.to(device)
+        model.register_to_config(video_length=home)
+
+
 # --------------------------------------------------------------------------------------------
 # Wiring (what `opensora-plan train-t2v` calls)
 # --------------------------------------------------------------------------------------------
@@ -365,6 +420,13 @@ def _dataset(opts: dict):
     """The training dataset: an ``extract`` cache or the JSON video list."""
     if opts["dataset"] != "t2v":
         raise ValueError(f"--dataset {opts['dataset']} is not supported; v1.0.0 trains with --dataset t2v.")
+    if opts["buckets"]:
+        from opensora_plan.data.buckets import BucketedVideoDataset, parse_buckets, resolve_batch_sizes
+
+        buckets = resolve_batch_sizes(parse_buckets(opts["buckets"]), opts["train_batch_size"])
+        return BucketedVideoDataset(opts["data_path"], buckets, sample_rate=opts["sample_rate"],
+                                    use_image_num=opts["use_image_num"], video_folder=opts["video_folder"],
+                                    cfg_dropout=opts["cfg_dropout"])
     if opts["cached_features"]:
         from opensora_plan.data.features import CachedFeatureDataset
 
@@ -418,6 +480,18 @@ def validate_t2v_options(opts: dict) -> None:
         if opts["max_image_size"] < spatial or opts["max_image_size"] % spatial:
             raise ValueError(f"--max_image_size {opts['max_image_size']} must be a positive multiple of {spatial} "
                              "(256 or 512 for the released stages).")
+    if opts["buckets"]:
+        from opensora_plan.data.buckets import parse_buckets
+
+        if opts["cached_features"]:
+            raise ValueError("--buckets needs videos (--data_path): an `extract` cache holds latents of one shape; "
+                             "drop --cached_features or --buckets.")
+        if not opts["data_path"]:
+            raise ValueError("--buckets needs --data_path (a JSON list of videos and captions).")
+        if opts["sp_size"] > 1:
+            raise ValueError("--buckets with --sp_size > 1 is not supported (bucket lengths may not split over the "
+                             "group); use --sp_size 1.")
+        parse_buckets(opts["buckets"])  # a bad spec fails now, before any video is probed
     for key, low in (("sample_rate", 1), ("use_image_num", 0), ("model_max_length", 1),
                      ("dataloader_num_workers", 0), ("max_nonfinite_steps", 1)):
         if opts[key] < low:
@@ -478,8 +552,10 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
                                                                     if k not in loop_keys and not k.startswith("_")})
     validate_t2v_options(opts)  # every cheap check before any model loads or any file is written
     dataset = _dataset(opts)
+    buckets = getattr(dataset, "buckets", None)
     if not getattr(dataset, "has_latents", False):
-        dataset.load_clip_or_substitute(0)  # NoUsableVideoError now when no video of the list is readable
+        # NoUsableVideoError now when no video of the list is readable
+        dataset.load_clip_or_substitute(min(dataset.bucket_of) if buckets else 0)
     cached = getattr(dataset, "has_latents", False), getattr(dataset, "has_text", False)
     vae = None if cached[0] else _load_vae(opts)
     tokenizer = text_encoder = None
@@ -493,7 +569,10 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
         vae = _load_vae(opts)
 
     # Latent sizes follow the data: the VAE's compression, or the cached latents themselves.
-    if vae is not None and not cached[0]:
+    if buckets:  # the first bucket is the model's configured size; other buckets run at their own (loss())
+        sample_size = [buckets[0].height // vae.spatial_compression, buckets[0].width // vae.spatial_compression]
+        video_length = (buckets[0].frames - 1) // vae.temporal_compression + 1
+    elif vae is not None and not cached[0]:
         sample_size = opts["max_image_size"] // vae.spatial_compression
         video_length = (opts["num_frames"] - 1) // vae.temporal_compression + 1
     else:
@@ -505,6 +584,12 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     torch.manual_seed(opts["seed"])  # same initial weights on every process
     transformer = build_transformer(opts["model"], sample_size, video_length, caption_channels,
                                     opts["attention_mode"])
+    if buckets:
+        multiple = vae.spatial_compression * transformer.config.patch_size
+        bad = [b.name for b in buckets if b.height % multiple or b.width % multiple]
+        if bad:
+            raise ValueError(f"Buckets {bad} have sides that are not multiples of {multiple} (the VAE's "
+                             f"{vae.spatial_compression} x patch size {transformer.config.patch_size}); fix --buckets.")
     frames = video_length + opts["use_image_num"]
     positions = math.prod(transformer.config.sample_size) // transformer.config.patch_size**2
     if opts["sp_size"] > 1 and min(frames, positions) < opts["sp_size"]:
@@ -513,7 +598,8 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     if opts["pretrained"]:
         from opensora_plan.train.pretrained import load_pretrained_weights
 
-        load_pretrained_weights(transformer, opts["pretrained"], Path(opts["output_dir"]) / "pretrained_report.json")
+        report = None if opts["dry_run"] else Path(opts["output_dir"]) / "pretrained_report.json"  # dry run: no writes
+        load_pretrained_weights(transformer, opts["pretrained"], report)
     if opts["lora_rank"]:
         from opensora_plan.models.lora import add_lora, lora_config
 
@@ -551,6 +637,105 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
 
 
 def train_t2v(opts: dict) -> dict:
-    """Build and run a text-to-video training; returns the trainer's summary."""
+    """Build and run a text-to-video training; returns the trainer's summary.
+
+    With ``dry_run``: build everything (options, data, models), train nothing, write nothing, and return
+    :func:`dry_run_report` (``{"dry_run": True, "report": text, ...}``).
+    """
     task, config = build_t2v(opts)
+    if {**T2V_DEFAULTS, **opts}["dry_run"]:
+        return dry_run_report(task, config)
     return train(task, config)
+
+
+# --------------------------------------------------------------------------------------------
+# --dry_run: what a run would do, before it spends any GPU time
+# --------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _param_counts(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
+
+def memory_estimate(task: T2VTask, config: TrainConfig) -> dict:
+    """Bytes per process for weights (by dtype, as trained), gradients, AdamW states and EMA (DDP layout).
+
+    The transformer as built (LoRA: frozen base possibly cast), the VAE in float32 and T5 in the
+    mixed-precision dtype (what :meth:`T2VTask.setup` does). Gradients take the trainable parameters'
+    dtype, AdamW keeps two states of that dtype, EMA one float32 copy. Activations are not included.
+    """
+    mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+    weights: dict[str, int] = {}
+
+    def add(dtype, count):
+        name = _DTYPE_NAMES.get(dtype, str(dtype))
+        weights[name] = weights.get(name, 0) + count * torch.empty((), dtype=dtype).element_size()
+
+    transformer = task.models["model"]
+    for p in transformer.parameters():
+        add(p.dtype, p.numel())
+    if task.vae is not None:
+        add(torch.float32, sum(p.numel() for p in task.vae.parameters()))
+    if task.text_encoder is not None:
+        add(mixed, sum(p.numel() for p in task.text_encoder.parameters()))
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    adamw = 2 * grads
+    ema = 4 * sum(p.numel() for p in trainable) if config.use_ema else 0
+    total = sum(weights.values()) + grads + adamw + ema
+    return {"weights": weights, "gradients": grads, "adamw_states": adamw, "ema": ema, "total": total}
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:10.3f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:10.3f} MiB"
+
+
+def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
+    """The resolved options, data plan (bucket histogram), parameter counts and memory estimate, as text and dict."""
+    options = {**{k: getattr(config, k) for k in TrainConfig.__dataclass_fields__ if k != "extra"}, **config.extra}
+    dataset = task.dataset
+    bucketed = bool(getattr(dataset, "buckets", None))
+    unused = {"num_frames", "max_image_size"} if bucketed else set()
+    lines = ["train-t2v --dry_run: nothing is trained and nothing is written to --output_dir.", "", "options:"]
+    lines += [f"  {key} = {options[key]!r}" + ("  (not used: --buckets sets the sizes)" if key in unused else "")
+              for key in sorted(options)]
+    lines += ["", "data:"]
+    if bucketed:
+        from opensora_plan.data.buckets import format_bucket_report
+
+        task.batch_sampler(config.seed, 0, 1)  # ValueError when no bucket fills one batch
+        lines += ["  " + line for line in format_bucket_report(dataset.plan).splitlines()]
+        lines.append("  (batches per epoch for one process; with N processes each gets about 1/N of them)")
+        idle = [r["bucket"] for r in dataset.plan.histogram() if r["clips"] and not r["batches_per_epoch"]]
+        if idle:
+            lines.append(f"  buckets {idle} have fewer clips than one batch: their clips are never trained")
+    else:
+        lines.append(f"  {len(dataset)} samples, batch {config.train_batch_size} per process")
+    counts = {"transformer": _param_counts(task.models["model"])}
+    if task.vae is not None:
+        counts["vae"] = _param_counts(task.vae)
+        counts["vae"].update(trainable=0, frozen=counts["vae"]["total"])  # frozen by setup()
+    if task.text_encoder is not None:
+        counts["text_encoder"] = _param_counts(task.text_encoder)
+        counts["text_encoder"].update(trainable=0, frozen=counts["text_encoder"]["total"])
+    lines += ["", "parameters:"] + [f"  {name:<13} {c['total']:>14,} total  {c['trainable']:>14,} trainable  "
+                                     f"{c['frozen']:>14,} frozen" for name, c in counts.items()]
+    if task.lora:
+        lines.append("  (LoRA: only the adapters are trainable)")
+    memory = memory_estimate(task, config)
+    lines += ["", "memory per process (estimate, DDP layout; activations not included):"]
+    lines += [f"  weights {dtype:<5}     {_size(size)}" for dtype, size in memory["weights"].items()]
+    lines += [f"  gradients         {_size(memory['gradients'])}", f"  AdamW states      {_size(memory['adamw_states'])}"]
+    if memory["ema"]:
+        lines.append(f"  EMA (fp32)        {_size(memory['ema'])}")
+    lines.append(f"  total             {_size(memory['total'])}  (+ activations, which grow with batch, frames and "
+                 "resolution; --gradient_checkpointing lowers them)")
+    if config.sharding != "ddp":
+        lines.append(f"  with --sharding {config.sharding} the gradients and AdamW states (and with fsdp2/zero3 the "
+                     "trainable weights) are split over the processes")
+    return {"dry_run": True, "report": "\n".join(lines), "parameters": counts, "memory": memory,
+            "buckets": dataset.plan.histogram() if getattr(dataset, "buckets", None) else None}

@@ -113,6 +113,12 @@ class TrainTask:
         """Number of latent tokens the denoiser sees in a batch (for tokens/s); 0 when not meaningful."""
         return 0
 
+    def batch_sampler(self, seed: int, rank: int, world_size: int):
+        """A batch sampler yielding lists of ``(epoch, index)`` keys (e.g. one bucket per batch,
+        :class:`~opensora_plan.train.sampler.BucketBatchSampler`), or None for plain fixed-size batches.
+        It needs ``set_epoch(epoch, start_batch)``, ``per_process()`` and ``signature()``."""
+        return None
+
     def options(self) -> dict:
         """Task-specific options recorded in ``options.json``."""
         return {}
@@ -248,6 +254,8 @@ class Trainer:
         from opensora_plan.models.parallel import init_sequence_parallel
 
         self.sp_group, self.dp_rank, self.dp_size = init_sequence_parallel(config.sp_size)
+        # Bucketed data: batches come from the task's sampler and the data position counts batches.
+        self.bucket_sampler = task.batch_sampler(config.seed, self.dp_rank, self.dp_size)
         if self.world_size > 1:
             # A process group left alive at interpreter exit lets gloo's threads be torn down by C++
             # static destructors, which aborts a rank now and then ("terminate called without an active
@@ -372,7 +380,12 @@ class Trainer:
         self.skipped_total = int(state["skipped_total"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         dp_size = int(state.get("dp_size", state["world_size"]))
-        if dp_size != self.dp_size or int(state["train_batch_size"]) != self.config.train_batch_size:
+        if state.get("data_order", "samples") != self._data_order():
+            logger.warning("Resuming with other data batching (%s) than the interrupted run (%s): the data order "
+                           "differs from here on.", self._data_order(), state.get("data_order", "samples"))
+            self.position = 0
+            self.epoch += 1
+        elif dp_size != self.dp_size or int(state["train_batch_size"]) != self.config.train_batch_size:
             logger.warning(
                 "Resuming a run of %d data-parallel rank(s) x batch %d with %d x %d: the data order differs "
                 "from the interrupted run from here on.",
@@ -407,27 +420,35 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
 
+    def _data_order(self) -> str:
+        """'samples' (fixed-size batches, position in samples) or the bucket sampler's signature (position in batches)."""
+        return "samples" if self.bucket_sampler is None else f"buckets:{self.bucket_sampler.signature()}"
+
     def _batches(self) -> Iterator[Any]:
         cfg = self.config
-        sampler = ResumableSampler(len(self.task.dataset), cfg.seed, self.dp_rank, self.dp_size)
-        if sampler.per_process() < cfg.train_batch_size:
-            raise ValueError(
-                f"Each of the {self.dp_size} data-parallel rank(s) gets {sampler.per_process()} samples per epoch, "
-                f"fewer than --train_batch_size {cfg.train_batch_size}; add data or lower the batch size."
-            )
+        if self.bucket_sampler is not None:
+            sampler, advance = self.bucket_sampler, 1  # the position counts batches
+            loader_args = {"batch_sampler": sampler}
+        else:
+            sampler, advance = ResumableSampler(len(self.task.dataset), cfg.seed, self.dp_rank, self.dp_size), \
+                cfg.train_batch_size
+            if sampler.per_process() < cfg.train_batch_size:
+                raise ValueError(
+                    f"Each of the {self.dp_size} data-parallel rank(s) gets {sampler.per_process()} samples per "
+                    f"epoch, fewer than --train_batch_size {cfg.train_batch_size}; add data or lower the batch size."
+                )
+            loader_args = {"batch_size": cfg.train_batch_size, "sampler": sampler, "drop_last": True}
         samples = SeededSamples(self.task.dataset, cfg.seed)
         while True:
             sampler.set_epoch(self.epoch, self.position)
             loader = DataLoader(
                 samples,
-                batch_size=cfg.train_batch_size,
-                sampler=sampler,
-                drop_last=True,
                 num_workers=cfg.dataloader_num_workers,
                 collate_fn=self.task.collate_fn,
+                **loader_args,
             )
             for batch in loader:
-                self.position += cfg.train_batch_size
+                self.position += advance
                 yield batch
             report = self.task.epoch_report()
             if report:
@@ -582,6 +603,7 @@ class Trainer:
                     "step": self.step,
                     "epoch": self.epoch,
                     "position": self.position,
+                    "data_order": self._data_order(),
                     "world_size": self.world_size,
                     "dp_size": self.dp_size,
                     "sp_size": self.config.sp_size,

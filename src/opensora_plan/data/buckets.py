@@ -1,0 +1,401 @@
+"""Buckets: train on mixed resolutions, aspect ratios and durations in one run (docs/training.md, "Buckets").
+
+A *bucket* is one training shape ``frames x height x width`` (pixels). A bucket spec lists several: a
+string ``"17x256x256,17x192x320,17x320x192,65x256x256,1x256x256"``, a preset name (:data:`PRESETS`) or
+a JSON / YAML file holding a list of ``{"frames", "height", "width"[, "batch_size"]}``.
+
+Rules (checked by :func:`parse_buckets`): ``frames`` is 1 (images) or 1 + 4k (the CausalVAE's time
+compression), ``height`` / ``width`` are multiples of 16 (8 x the VAE's spatial compression x LatteT2V's
+patch size 2). Every clip is assigned once, at dataset construction, by :func:`assign_bucket`:
+
+1. candidates are the buckets the clip is long enough for (``frames x sample_rate`` source frames) and
+   large enough for (clip height >= bucket height and clip width >= bucket width: clips are never
+   upscaled; a clip too small for every bucket is left out with the reason "too small");
+2. among them, the closest aspect ratio wins (distance ``|log(w/h) - log(W/H)|``), then the most
+   frames, then the largest area, then the earlier bucket of the spec (deterministic ties).
+
+The clip is then centre-cropped to the bucket's aspect ratio and resized to the bucket's size
+(:func:`~opensora_plan.data.transforms.video_bucket_transform`): content is never stretched.
+
+Batch sizes differ per bucket at (about) the same token budget: ``budget = base_batch x tokens of the
+first bucket`` and ``batch_b = max(1, floor(budget / tokens_b))``, where tokens are latent patches
+(``t x h/16 x w/16``); a ``batch_size`` in the spec file overrides it. The data order is
+:class:`~opensora_plan.train.sampler.BucketBatchSampler`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .datasets import NoUsableVideoError, VideoCaptionDataset, read_raw_entries
+from .video_io import VideoReader, VideoReadError
+
+logger = logging.getLogger(__name__)
+
+TEMPORAL_COMPRESSION = 4  # CausalVAEModel_4x8x8
+SPATIAL_MULTIPLE = 16  # 8 (VAE) x 2 (LatteT2V patch size)
+
+PRESETS = {
+    # Stage-1 size, both 16:9 orientations at about the same pixel count, stage-2 length, and images.
+    "t2v_256": "17x256x256,17x192x320,17x320x192,65x256x256,1x256x256",
+    "t2v_512": "65x512x512,65x384x640,65x640x384,1x512x512",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One training shape in pixels; ``batch_size`` None until :func:`resolve_batch_sizes` (or the spec) sets it."""
+
+    frames: int
+    height: int
+    width: int
+    batch_size: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @property
+    def aspect(self) -> float:
+        """width / height."""
+        return self.width / self.height
+
+    def latent_tokens(self, temporal: int = TEMPORAL_COMPRESSION, patch_pixels: int = SPATIAL_MULTIPLE) -> int:
+        """Latent patches of one sample: ``(1 + (frames - 1) / temporal) x (height / p) x (width / p)``."""
+        return ((self.frames - 1) // temporal + 1) * (self.height // patch_pixels) * (self.width // patch_pixels)
+
+
+def _bucket_problem(frames, height, width, temporal: int, multiple: int) -> str | None:
+    for name, value in (("frames", frames), ("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{name} must be a positive integer, got {value!r}"
+    if frames != 1 and (frames - 1) % temporal:
+        return f"frames {frames} is not 1 or 1 + {temporal}k (e.g. 17, 65)"
+    if height % multiple or width % multiple:
+        return f"height and width must be multiples of {multiple} (8 x the VAE's 8 x the patch size 2), got {height}x{width}"
+    return None
+
+
+def parse_buckets(spec: str | os.PathLike, temporal: int = TEMPORAL_COMPRESSION,
+                  multiple: int = SPATIAL_MULTIPLE) -> list[Bucket]:
+    """Buckets from a spec string (``"17x256x256,1x256x256"``), a preset name or a JSON / YAML file.
+
+    A file holds a list of ``{"frames", "height", "width"}`` objects with an optional ``"batch_size"``
+    (fixes that bucket's batch size instead of the token budget), or ``{"buckets": [...]}``.
+    Raises ValueError naming the bad item (malformed, not 1 or 1 + 4k frames, sides not multiples of
+    16, duplicates) and FileNotFoundError for a missing ``.json`` / ``.yaml`` file.
+    """
+    text = str(spec).strip()
+    if not text:
+        raise ValueError(f"--buckets is empty; give e.g. {PRESETS['t2v_256']!r} or a preset ({', '.join(PRESETS)}).")
+    if text in PRESETS:
+        text = PRESETS[text]
+    path = Path(text).expanduser()
+    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.is_file():
+        items = _read_spec_file(path)
+    else:
+        items = []
+        for part in (p.strip() for p in text.split(",")):
+            match = re.fullmatch(r"(\d+)\s*x\s*(\d+)\s*x\s*(\d+)", part)
+            if match is None:
+                raise ValueError(f"--buckets item {part!r} is not FRAMESxHEIGHTxWIDTH (e.g. 17x256x256), a preset "
+                                 f"({', '.join(PRESETS)}) or a .json/.yaml file.")
+            items.append(dict(zip(("frames", "height", "width"), map(int, match.groups()))))
+    buckets = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not {"frames", "height", "width"} <= item.keys():
+            raise ValueError(f"--buckets item {i} ({item!r}) needs 'frames', 'height' and 'width'.")
+        unknown = sorted(item.keys() - {"frames", "height", "width", "batch_size"})
+        if unknown:
+            raise ValueError(f"--buckets item {i} has unknown keys {unknown}; use frames, height, width, batch_size.")
+        problem = _bucket_problem(item["frames"], item["height"], item["width"], temporal, multiple)
+        batch = item.get("batch_size")
+        if problem is None and batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            problem = f"batch_size must be a positive integer, got {batch!r}"
+        if problem:
+            raise ValueError(f"--buckets item {i} ({item['frames']}x{item['height']}x{item['width']}): {problem}.")
+        buckets.append(Bucket(item["frames"], item["height"], item["width"], batch))
+    names = [b.name for b in buckets]
+    duplicates = sorted(n for n, c in Counter(names).items() if c > 1)
+    if duplicates:
+        raise ValueError(f"--buckets lists {duplicates[0]} more than once; list every bucket once.")
+    return buckets
+
+
+def _read_spec_file(path: Path) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"--buckets file {path} does not exist; give a spec string, a preset "
+                                f"({', '.join(PRESETS)}) or an existing .json/.yaml file.")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # pyyaml: a dependency of accelerate, always installed
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:
+        raise ValueError(f"--buckets file {path} cannot be parsed ({type(err).__name__}: {err}); fix the file.") from err
+    if isinstance(data, dict) and "buckets" in data:
+        data = data["buckets"]
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"--buckets file {path} must hold a non-empty list of {{frames, height, width}} objects.")
+    return data
+
+
+def resolve_batch_sizes(buckets: list[Bucket], base_batch_size: int, temporal: int = TEMPORAL_COMPRESSION,
+                        patch_pixels: int = SPATIAL_MULTIPLE) -> list[Bucket]:
+    """Fill each bucket's batch size from the token budget ``base_batch_size x tokens(first bucket)``.
+
+    ``batch_b = max(1, floor(budget / tokens_b))``; a batch size given in the spec is kept.
+    """
+    if base_batch_size < 1:
+        raise ValueError(f"The base batch size must be at least 1, got {base_batch_size}.")
+    budget = base_batch_size * buckets[0].latent_tokens(temporal, patch_pixels)
+    return [b if b.batch_size is not None
+            else replace(b, batch_size=max(1, budget // b.latent_tokens(temporal, patch_pixels))) for b in buckets]
+
+
+# --------------------------------------------------------------------------------------------
+# Assignment
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What assignment needs to know of a clip (displayed size, rotation applied)."""
+
+    frames: int
+    height: int
+    width: int
+
+
+def assign_bucket(clip: ClipInfo, buckets: list[Bucket], sample_rate: int = 1) -> tuple[int | None, str]:
+    """``(bucket index, "")`` for the bucket ``clip`` trains in, or ``(None, reason)`` when none fits.
+
+    Reasons: ``"too short: 9 frames < 17 needed"`` (no bucket's ``frames x sample_rate`` fits) or
+    ``"too small: 90x120 < 192x320 (HxW)"`` (long enough for some buckets, but smaller than all of
+    them; the size named is the closest-aspect one). See the module docstring for the rule.
+    """
+    log_aspect = math.log(clip.width / clip.height)
+
+    def key(i: int):
+        b = buckets[i]
+        return abs(log_aspect - math.log(b.aspect)), -b.frames, -b.height * b.width, i
+
+    long_enough = [i for i, b in enumerate(buckets) if b.frames * sample_rate <= clip.frames]
+    if not long_enough:
+        needed = min(b.frames for b in buckets) * sample_rate
+        return None, f"too short: {clip.frames} frames < {needed} needed"
+    fitting = [i for i in long_enough if buckets[i].height <= clip.height and buckets[i].width <= clip.width]
+    if not fitting:
+        nearest = buckets[min(long_enough, key=key)]
+        return None, f"too small: {clip.height}x{clip.width} < {nearest.height}x{nearest.width} (HxW)"
+    return min(fitting, key=key), ""
+
+
+def probe_clip(path: str | os.PathLike) -> ClipInfo:
+    """Frames and displayed size (rotation applied) of a video; VideoReadError if unreadable.
+
+    Reads the container's frame count and decodes only the first frame (the display rotation is only
+    exposed there): about 3x faster than opening a :class:`VideoReader`, which demuxes the whole file.
+    Files whose header has no frame count (images, some streams) are opened with the reader. A header
+    count that turns out wrong is caught when the clip is loaded (it is then skipped and replaced).
+    """
+    import av
+
+    from .video_io import _pyav_rotation
+
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise VideoReadError(f"Cannot read video {path}: the file has no video stream.")
+            stream = container.streams.video[0]
+            frames, height, width = stream.frames, stream.codec_context.height, stream.codec_context.width
+            if frames > 0 and height > 0 and width > 0:
+                if _pyav_rotation(container, stream) % 2:
+                    height, width = width, height
+                return ClipInfo(frames, height, width)
+    except VideoReadError:
+        raise
+    except Exception as err:  # FFmpeg raises many unrelated types for broken files
+        raise VideoReadError(f"Cannot read video {path}: {type(err).__name__}: {err}") from err
+    with VideoReader(path) as reader:  # no count in the header: the reader counts the packets
+        return ClipInfo(reader.num_frames, reader.height, reader.width)
+
+
+def _probe_or_reason(path) -> ClipInfo | str:
+    try:
+        return probe_clip(path)
+    except VideoReadError as err:
+        return str(err)
+
+
+@dataclass
+class BucketPlan:
+    """Where every entry of a dataset goes: ``members[b]`` = entry indices of bucket b (in entry order),
+    ``unfit`` / ``unreadable`` = lists of ``{"index", "path", "reason"}``."""
+
+    buckets: list[Bucket]
+    members: list[list[int]]
+    unfit: list[dict]
+    unreadable: list[dict]
+
+    def histogram(self, world_size: int = 1) -> list[dict]:
+        """One row per bucket: name, clips, batch size and batches per epoch per process (drop_last)."""
+        rows = []
+        for bucket, members in zip(self.buckets, self.members):
+            batch = bucket.batch_size or 1
+            rows.append({"bucket": bucket.name, "clips": len(members), "batch_size": bucket.batch_size,
+                         "batches_per_epoch": len(members) // (batch * world_size)})
+        return rows
+
+
+def plan_buckets(paths: list[Path], buckets: list[Bucket], sample_rate: int = 1, progress: bool = True) -> BucketPlan:
+    """Probe every path once (a few threads, tqdm bar) and assign it; unreadable files are counted, never raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    members: list[list[int]] = [[] for _ in buckets]
+    unfit, unreadable = [], []
+    # FFmpeg releases the GIL while it reads and decodes: threads overlap the files' I/O and decoding.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        infos = list(tqdm(pool.map(_probe_or_reason, paths), total=len(paths), desc="buckets", unit="video",
+                          disable=not progress))
+    for index, (path, info) in enumerate(zip(paths, infos)):
+        if isinstance(info, str):  # why it is unreadable
+            unreadable.append({"index": index, "path": str(path), "reason": info})
+            continue
+        choice, reason = assign_bucket(info, buckets, sample_rate)
+        if choice is None:
+            unfit.append({"index": index, "path": str(path), "reason": reason})
+        else:
+            members[choice].append(index)
+    return BucketPlan(buckets, members, unfit, unreadable)
+
+
+def format_bucket_report(plan: BucketPlan, world_size: int = 1) -> str:
+    """The histogram table and the clips that fit no bucket (with why), as printed by ``data check --buckets``."""
+    rows = plan.histogram(world_size)
+    width = max(len("bucket"), *(len(r["bucket"]) for r in rows))
+    lines = [f"{'bucket':<{width}}  {'clips':>6}  {'batch':>5}  {'batches/epoch':>13}"]
+    for r in rows:
+        batch = "-" if r["batch_size"] is None else str(r["batch_size"])
+        lines.append(f"{r['bucket']:<{width}}  {r['clips']:>6}  {batch:>5}  {r['batches_per_epoch']:>13}")
+    assigned = sum(r["clips"] for r in rows)
+    lines.append(f"{assigned} clips in buckets, {len(plan.unfit)} fit no bucket, {len(plan.unreadable)} unreadable")
+    for item in plan.unfit:
+        lines.append(f"NO BUCKET    entry {item['index']} ({item['path']}): {item['reason']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+
+
+class BucketedVideoDataset(VideoCaptionDataset):
+    """:class:`~opensora_plan.data.datasets.VideoCaptionDataset` whose clips take their bucket's shape.
+
+    ``self[i]["video"]`` is (3, F_b + n, H_b, W_b) in [-1, 1] for entry i's bucket b (n =
+    ``use_image_num`` images, from the same clip, at the bucket's size). Every video is probed once at
+    construction (``self.plan``; unreadable ones are counted and left out, never raised). Only entries
+    in ``self.plan.members`` may be asked for (the bucket sampler draws from them); an entry that fails
+    later is replaced by the next usable entry *of the same bucket*, so a batch keeps one shape.
+
+    Args: as VideoCaptionDataset, with ``buckets`` (batch sizes resolved) instead of ``num_frames`` /
+    ``max_image_size``. Raises ValueError when no clip fits any bucket.
+    """
+
+    def __init__(self, data_path, buckets: list[Bucket], sample_rate: int = 1, use_image_num: int = 0,
+                 video_folder=None, cfg_dropout: float = 0.0, random_flip: bool = True,
+                 max_substitutions: int = 100, progress: bool = True):
+        first = buckets[0]
+        super().__init__(data_path, first.frames, max(first.height, first.width), sample_rate=sample_rate,
+                         use_image_num=use_image_num, video_folder=video_folder, cfg_dropout=cfg_dropout,
+                         random_flip=random_flip, max_substitutions=max_substitutions)
+        self.buckets = buckets
+        self.plan = plan_buckets([e.path for e in self.entries], buckets, sample_rate, progress=progress)
+        self.bucket_of = {i: b for b, members in enumerate(self.plan.members) for i in members}
+        if not self.bucket_of:
+            reasons = Counter(item["reason"].split(":")[0] for item in self.plan.unfit + self.plan.unreadable)
+            raise ValueError(f"No clip of {self.data_path} fits any bucket of {[b.name for b in buckets]} "
+                             f"({dict(reasons)}); run `opensora-plan data check {self.data_path} --buckets ...` to "
+                             "see why, then change the buckets or the data.")
+        if self.plan.unreadable:
+            logger.warning("%d of %d videos are unreadable and left out of the buckets (first: %s).",
+                           len(self.plan.unreadable), len(self.entries), self.plan.unreadable[0]["reason"])
+        if self.plan.unfit:
+            logger.warning("%d of %d videos fit no bucket and are left out (first: %s: %s).", len(self.plan.unfit),
+                           len(self.entries), self.plan.unfit[0]["path"], self.plan.unfit[0]["reason"])
+
+    def load_clip(self, index: int) -> torch.Tensor:
+        """Entry ``index`` in its bucket's shape: (3, F_b + n, H_b, W_b); VideoReadError if unusable."""
+        from .transforms import image_slot_indices, temporal_window_indices, video_bucket_transform
+
+        bucket = self.buckets[self.bucket_of[index]]
+        entry = self.entries[index]
+        with VideoReader(entry.path) as reader:
+            if reader.num_frames < bucket.frames * self.sample_rate:  # the file changed since it was probed
+                raise VideoReadError(f"Video {entry.path} is too short for bucket {bucket.name}: "
+                                     f"{reader.num_frames} frames.")
+            indices = temporal_window_indices(reader.num_frames, bucket.frames, self.sample_rate)
+            frames = reader.get_frames(indices)  # (F_b, H, W, 3) uint8
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        video = video_bucket_transform(frames, bucket.height, bucket.width, flip)  # (3, F_b, H_b, W_b)
+        if self.use_image_num:
+            images = video[:, image_slot_indices(bucket.frames, self.use_image_num)]  # (3, n, H_b, W_b)
+            video = torch.cat([video, images], dim=1)
+        return video
+
+    def load_clip_or_substitute(self, index: int) -> tuple[int, torch.Tensor, list[dict]]:
+        """``(used_index, clip, skipped)``: entry ``index`` or the next usable entry of the same bucket."""
+        if index not in self.bucket_of:
+            raise IndexError(f"Entry {index} is in no bucket (unreadable or fits none); draw from plan.members.")
+        members = self.plan.members[self.bucket_of[index]]
+        start = members.index(index)
+        skipped = []
+        for offset in range(min(self.max_substitutions + 1, len(members))):
+            candidate = members[(start + offset) % len(members)]
+            try:
+                return candidate, self.load_clip(candidate), skipped
+            except VideoReadError as err:
+                logger.warning("skipping video: %s", err)
+                skipped.append({"path": str(self.entries[candidate].path), "reason": str(err)})
+        raise NoUsableVideoError(
+            f"None of the {len(skipped)} videos of bucket {self.buckets[self.bucket_of[index]].name} tried for "
+            f"sample {index} is usable (last: {skipped[-1]['reason']}); run `opensora-plan data check "
+            f"{self.data_path}` and fix or remove them.")
+
+
+def check_buckets(data_path: str | os.PathLike, spec: str, base_batch_size: int = 1, sample_rate: int = 1,
+                  video_folder: str | os.PathLike | None = None, world_size: int = 1,
+                  progress: bool = True) -> BucketPlan:
+    """The bucket plan of a dataset JSON (what ``data check --buckets`` prints); malformed entries are skipped."""
+    from .datasets import entry_problem, resolve_video_path
+
+    data_path = Path(data_path)
+    buckets = resolve_batch_sizes(parse_buckets(spec), base_batch_size)
+    raw = read_raw_entries(data_path)
+    kept = [i for i, e in enumerate(raw) if entry_problem(e) is None]  # data check lists the malformed ones
+    plan = plan_buckets([resolve_video_path(raw[i]["path"], data_path.parent, video_folder) for i in kept], buckets,
+                        sample_rate, progress=progress)
+    plan.members = [[kept[i] for i in members] for members in plan.members]  # back to entry numbers
+    for item in plan.unfit + plan.unreadable:
+        item["index"] = kept[item["index"]]
+    return plan
