@@ -18,6 +18,25 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""
 
 
+# The command being parsed: only its options class is imported (they live beside torch code), so
+# `opensora-plan --help` and other commands' parsing stay instant. None: every command (build_parser()).
+_WANTED: str | None = None
+
+
+def _import(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _generate_options(parser: argparse.ArgumentParser, command: str, load) -> None:
+    """Generate ``parser``'s arguments from the options dataclass ``load()`` returns (opensora_plan/options.py)."""
+    if _WANTED is None or _WANTED == command:
+        from opensora_plan.options import add_options
+
+        add_options(parser, load())
+
+
 # --------------------------------------------------------------------------------------------
 # reconstruct (CausalVAE video reconstruction)
 # --------------------------------------------------------------------------------------------
@@ -87,22 +106,7 @@ def _run_reconstruct(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _memory_budget(text: str) -> float | str | None:
-    """``--vae_memory_gb``: 'auto', 0 (never chunk) or a positive number of GiB."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 or 'auto', got {text!r}")
-    return value or None
-
-
 def _add_sample(subparsers) -> None:
-    from opensora_plan.pipelines.sample_t2v import AE_NAMES, DEFAULT_MODEL_PATH, DEFAULT_TEXT_ENCODER, VERSIONS
-
     p = subparsers.add_parser(
         "sample",
         help="text-to-video: write one mp4 per prompt with LatteT2V + CausalVAE + T5",
@@ -110,110 +114,15 @@ def _add_sample(subparsers) -> None:
         "folders + vae/) and of DeepFloyd/t5-v1_1-xxl. Launch with 'torchrun --nproc_per_node N -m "
         "opensora_plan sample ...' to split the prompts over N processes/GPUs.",
     )
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --text_prompt)")
-    p.add_argument("--model_path", default=None, help="folder with the version folders and vae/ (default: the "
-                   f"shipped demo model, docs/demo.md; the release is {DEFAULT_MODEL_PATH})")
-    p.add_argument("--version", default=None,
-                   help=f"version folder under --model_path: {', '.join(VERSIONS)} (default 65x512x512; demo: its own)")
-    p.add_argument("--text_encoder_name", default=None,
-                   help=f"local T5 folder ({DEFAULT_TEXT_ENCODER} layout; default: the demo's, or {DEFAULT_TEXT_ENCODER})")
-    p.add_argument("--text_prompt", default=None, help="the prompt (always text, never a file name)")
-    p.add_argument("--prompt_file", default=None, help="a text file with one prompt per line (blank lines skipped)")
-    p.add_argument("--no_clean_caption", action="store_true",
-                   help="feed prompts as written (lower-cased) instead of the reference's caption cleaning, "
-                   "which removes e.g. CJK characters, URLs and file names")
-    p.add_argument("--text_conditioning", default="per_prompt", choices=["per_prompt", "reference"],
-                   help="per_prompt (default): a prompt gets the same video alone and in any batch, and the negative "
-                   "prompt keeps all its tokens; reference: the reference's batch rule (300 tokens, padded positions "
-                   "attended to) and negative prompt cut to the prompt's length")
-    p.add_argument("--negative_prompt", default="", help="negative prompt (default: empty, as the reference)")
-    p.add_argument("--ae", default=AE_NAMES[0], help=f"autoencoder name (only {AE_NAMES[0]})")
-    p.add_argument("--save_img_path", default="./sample_videos", help="output folder (default ./sample_videos)")
-    p.add_argument("--fps", type=float, default=None, help="frames per second of the mp4 (default 24; demo: 8)")
-    p.add_argument("--gif", action="store_true", help="also write <name>.gif beside each mp4")
-    p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance (default 7.5; demo: its demo.json)")
-    p.add_argument("--num_sampling_steps", type=int, default=None, help="scheduler steps (default 50; demo: its demo.json)")
-    p.add_argument("--sample_method", default=None, help="scheduler (default PNDM; demo: its demo.json): PNDM, DDIM, EulerDiscrete, DDPM, "
-                   "DPMSolverMultistep, DPMSolverSinglestep, HeunDiscrete, EulerAncestralDiscrete, DEISMultistep, "
-                   "KDPM2AncestralDiscrete, UniPCMultistep")
-    p.add_argument("--seed", type=int, default=0, help="seed; prompt i uses seed + i (default 0)")
-    p.add_argument("--batch_size", type=int, default=1, help="prompts per denoising batch (default 1)")
-    p.add_argument("--force_images", action="store_true", help="image mode: 1 frame, temporal attention off (png)")
-    p.add_argument("--sp_size", type=int, default=1, help="sequence parallel: processes (of torchrun's) that split "
-                   "each video's tokens (default 1)")
-    p.add_argument("--cfg_parallel", action="store_true", help="two process groups run the unconditional and "
-                   "conditional halves of guidance (world = prompt groups x 2 x sp_size)")
-    p.add_argument("--enable_tiling", action="store_true", help="decode in spatial tiles (for 512 px)")
-    p.add_argument("--tile_overlap_factor", type=float, default=0.25, help="tile overlap (default 0.25)")
-    p.add_argument("--vae_memory_gb", type=_memory_budget, default="auto",
-                   help="VAE decode memory budget in GiB; a decode that would need more runs losslessly in "
-                        "temporal chunks (same output). auto (default): the device's free memory; 0: never")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = fp16 on GPU (as the reference), fp32 on CPU")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--cache", default="none", help="step caching: none (exact, default), fast (the model's measured "
-                   "preset), teacache, first_block, or METHOD:THRESHOLD e.g. teacache:0.5 (docs/sampling.md)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (pays a warm-up; "
-                   "docs/sampling.md)")
-    p.add_argument("--lora", default=None, help="LoRA adapter folder from train-t2v --lora_rank (pytorch_lora_weights"
-                   ".safetensors + adapter_config.json), applied to the transformer (needs peft)")
-    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (default 1; 0 = base model)")
+    _generate_options(p, "sample", lambda: _import("opensora_plan.pipelines.sample_t2v", "SampleOptions"))
     p.set_defaults(func=_run_sample)
 
 
 def _run_sample(args) -> int:
-    from opensora_plan.demo.model import sample_defaults
-    from opensora_plan.pipelines.sample_t2v import sample_t2v
+    from opensora_plan.options import options_from_args
+    from opensora_plan.pipelines import sample_t2v
 
-    given = [name for name, value in (("the prompt argument", args.prompt), ("--text_prompt", args.text_prompt),
-                                      ("--prompt_file", args.prompt_file)) if value is not None]
-    if len(given) > 1:
-        raise UserError(f"Give the prompt one way only, got {' and '.join(given)}.")
-    if not given:
-        raise UserError('No prompt given; run e.g. opensora-plan sample "a red circle moving left" (or --prompt_file).')
-    if args.gif and args.force_images:
-        raise UserError("--gif needs videos but --force_images writes single-frame png images; drop one of the two.")
-    # No --model_path: the shipped demo model and its demo.json settings; flags given always win.
-    opts = sample_defaults(args.model_path, version=args.version, text_encoder_name=args.text_encoder_name,
-                           sample_method=args.sample_method, num_sampling_steps=args.num_sampling_steps,
-                           guidance_scale=args.guidance_scale, fps=args.fps)
-    written = sample_t2v(
-        text_prompt=args.prompt if args.prompt is not None else args.text_prompt,
-        prompt_file=args.prompt_file,
-        clean_caption=not args.no_clean_caption,
-        text_conditioning=args.text_conditioning,
-        model_path=opts["model_path"],
-        version=opts["version"],
-        text_encoder_name=opts["text_encoder_name"],
-        ae=args.ae,
-        save_img_path=args.save_img_path,
-        fps=opts["fps"],
-        guidance_scale=opts["guidance_scale"],
-        num_sampling_steps=opts["num_sampling_steps"],
-        sample_method=opts["sample_method"],
-        seed=args.seed,
-        enable_tiling=args.enable_tiling,
-        tile_overlap_factor=args.tile_overlap_factor,
-        dtype=args.dtype,
-        device=args.device,
-        negative_prompt=args.negative_prompt,
-        batch_size=args.batch_size,
-        force_images=args.force_images,
-        cache=args.cache,
-        compile=args.compile,
-        sp_size=args.sp_size,
-        cfg_parallel=args.cfg_parallel,
-        lora=args.lora,
-        lora_scale=args.lora_scale,
-        vae_memory_gb=args.vae_memory_gb,
-    )
-    if args.gif:
-        from opensora_plan.data.video_io import read_video, write_gif
-
-        for path in written:
-            if path.suffix == ".mp4":
-                print(f"wrote {write_gif(path.with_suffix('.gif'), read_video(path)[0], opts['fps'])}")
+    sample_t2v.sample_t2v(options=options_from_args(sample_t2v.SampleOptions, args))
     return 0
 
 
@@ -362,83 +271,20 @@ def _add_train_t2v(subparsers) -> None:
         "train-t2v",
         help="train / fine-tune LatteT2V text-to-video (IDDPM loss, the reference recipe)",
         description="Train LatteT2V on a JSON list of videos and captions (or an `extract` cache). Accepts the "
-        "reference's flag names. --config takes a stage config (a JSON file, or the name of a shipped one: "
-        "stage1_17x256x256, stage2_65x256x256, stage3_65x512x512); its values are defaults that flags override. "
-        "Launch with torchrun / accelerate launch for many processes. See docs/training.md.",
-        argument_default=argparse.SUPPRESS,  # only flags given on the command line override the config file
+        "reference's flag names. --config takes an options file (JSON or YAML, a run's options.json, or the name "
+        "of a shipped stage: stage1_17x256x256, stage2_65x256x256, stage3_65x512x512); its values replace the "
+        "defaults and flags given on the command line replace its values. Launch with torchrun / accelerate "
+        "launch for many processes. See docs/training.md.",
     )
-    flag = argparse.BooleanOptionalAction
-    p.add_argument("--config", help="stage config JSON (file path or shipped stage name)")
-    model = p.add_argument_group("models")
-    model.add_argument("--model", help="LatteT2V size (e.g. LatteT2V-XL/122) or a LatteT2V config.json / folder")
-    model.add_argument("--text_encoder_name", help="local T5 folder (DeepFloyd/t5-v1_1-xxl layout)")
-    model.add_argument("--ae", help="autoencoder type (CausalVAEModel_4x8x8)")
-    model.add_argument("--ae_path", help="CausalVAE folder (or a release folder with a vae/ subfolder)")
-    model.add_argument("--pretrained", help="initial weights: LatteT2V folder, .safetensors, or Latte t2v.pt")
-    model.add_argument("--attention_mode", choices=["xformers", "flash", "math"], help="recorded in the config")
-    lora = p.add_argument_group("LoRA fine-tuning (needs peft; docs/training.md)")
-    lora.add_argument("--lora_rank", type=int, help="train rank-R LoRA adapters on a frozen --pretrained model")
-    lora.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: the rank, i.e. scaling 1)")
-    lora.add_argument("--lora_target_modules", nargs="+",
-                      help="projections to adapt (default: to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2)")
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", help="dataset type (t2v)")
-    data.add_argument("--data_path", help="JSON list of {'path': ..., 'cap': [...] or '...'}")
-    data.add_argument("--video_folder", help="base folder for relative paths in --data_path")
-    data.add_argument("--cached_features", help="folder written by `opensora-plan extract` (T5 and/or VAE cached)")
-    data.add_argument("--num_frames", type=int, help="pixel frames per clip (17 or 65; default 17)")
-    data.add_argument("--sample_rate", type=int, help="temporal stride (default 1)")
-    data.add_argument("--max_image_size", type=int, help="square frame size in pixels (default 256)")
-    data.add_argument("--use_image_num", type=int, help="joint-training images per clip (default 0)")
-    data.add_argument("--use_img_from_vid", action=flag, help="accepted for the reference; images always come from the clip")
-    data.add_argument("--model_max_length", type=int, help="T5 tokens per caption (default 300)")
-    data.add_argument("--cfg_dropout", type=float, help="caption dropout for guidance (default 0.1; 0 = reference)")
-    data.add_argument("--dataloader_num_workers", type=int, help="data-loading processes (default 0)")
-    optim = p.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=int, help="batch per process (default 1)")
-    optim.add_argument("--gradient_accumulation_steps", type=int, help="(default 1)")
-    optim.add_argument("--max_train_steps", type=int, help="optimizer steps (required)")
-    optim.add_argument("--learning_rate", type=float, help="AdamW lr (default 2e-5)")
-    optim.add_argument("--lr_scheduler", help="diffusers schedule name (default constant)")
-    optim.add_argument("--lr_warmup_steps", type=int, help="(default 0)")
-    optim.add_argument("--adam_beta1", type=float)
-    optim.add_argument("--adam_beta2", type=float)
-    optim.add_argument("--adam_weight_decay", type=float, help="(default 1e-2)")
-    optim.add_argument("--adam_epsilon", type=float)
-    optim.add_argument("--max_grad_norm", type=float, help="grad-norm clip (default 1.0)")
-    optim.add_argument("--mixed_precision", choices=["no", "fp32", "bf16", "fp16"], help="(default bf16)")
-    optim.add_argument("--gradient_checkpointing", action=flag)
-    optim.add_argument("--allow_tf32", action=flag)
-    optim.add_argument("--enable_tiling", action=flag, help="tiled VAE encoding (stage 3)")
-    optim.add_argument("--compile", action=flag, help="torch.compile the transformer")
-    optim.add_argument("--use_ema", action=flag, help="keep an EMA of the weights (saved as ema/)")
-    optim.add_argument("--ema_decay", type=float, help="(default 0.9999)")
-    optim.add_argument("--sharding", choices=["ddp", "fsdp2", "deepspeed"],
-                       help="ddp (replicated, default), fsdp2 (sharded) or deepspeed (ZeRO, see --deepspeed_config)")
-    optim.add_argument("--deepspeed_config", help="DeepSpeed JSON or shipped name: zero2 (default), zero2_offload, zero3")
-    optim.add_argument("--sp_size", type=int, help="sequence parallel: processes that split each sample's "
-                       "frames/patches (default 1; world = dp x sp, see docs/training.md)")
-    optim.add_argument("--max_nonfinite_steps", type=int, help="stop after this many non-finite steps in a row (10)")
-    optim.add_argument("--seed", type=int, help="(default 0)")
-    run = p.add_argument_group("run")
-    run.add_argument("--output_dir", help="checkpoints, options.json, log.jsonl, tensorboard/ (required)")
-    run.add_argument("--checkpointing_steps", type=int, help="(default 500)")
-    run.add_argument("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
-    run.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint-<step> folder")
-    run.add_argument("--report_to", choices=["tensorboard", "none"])
-    run.add_argument("--validation_prompts", help="a validation prompt (text, never a file name)")
-    run.add_argument("--validation_prompt_file", help="a text file with one validation prompt per line")
-    run.add_argument("--validation_steps", type=int, help="sample the validation prompts every N steps")
-    run.add_argument("--validation_sampling_steps", type=int, help="denoising steps of validation videos (20)")
+    _generate_options(p, "train-t2v", lambda: _import("opensora_plan.train.t2v", "T2VTrainOptions"))
     p.set_defaults(func=_run_train_t2v)
 
 
 def _run_train_t2v(args) -> int:
-    from opensora_plan.train.t2v import T2V_DEFAULTS, load_stage_config, train_t2v
+    from opensora_plan.options import options_from_args
+    from opensora_plan.train import t2v
 
-    given = {k: v for k, v in vars(args).items() if k in T2V_DEFAULTS}  # only flags given on the command line
-    options = {**(load_stage_config(args.config) if getattr(args, "config", None) else {}), **given}
-    summary = train_t2v(options)
+    summary = t2v.train_t2v(options_from_args(t2v.T2VTrainOptions, args))
     if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
         print(_train_summary_line(summary))
     return 0
@@ -767,7 +613,10 @@ def _run_demo_eval(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``argv``, only the command it names gets its options (imports stay lazy)."""
+    global _WANTED
+    _WANTED = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
     parser = argparse.ArgumentParser(
         prog="opensora-plan",
         description="Open-Sora-Plan v1.0.0 text-to-video: sampling, reconstruction, training.",
@@ -848,7 +697,8 @@ def _route_dependency_noise(heavy: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     for name, value in _OPENMP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.verbose and args.quiet:
         parser.error("-v/--verbose and -q/--quiet exclude each other; give one.")

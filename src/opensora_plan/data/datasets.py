@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .transforms import center_crop, image_slot_indices, temporal_window_indices, video_train_transform, window_indices
+from ..models.text_encoder import MODEL_MAX_LENGTH
 from .video_io import VideoReader, VideoReadError
 
 logger = logging.getLogger(__name__)
@@ -325,7 +326,7 @@ def check_dataset(
     text_encoder_name: str | os.PathLike | None = None,
     num_frames: int | None = None,
     sample_rate: int = 1,
-    model_max_length: int = 300,
+    model_max_length: int = MODEL_MAX_LENGTH,
     progress: bool = True,
     decode: bool = True,
 ) -> dict:

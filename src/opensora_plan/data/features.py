@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from ..utils import atomic_write_bytes, check_finite, parse_dtype, resolve_device
 from .datasets import VideoCaptionDataset, load_video_entries
 from .transforms import image_slot_indices, last_window_start, video_train_transform, window_indices
+from ..models.text_encoder import MODEL_MAX_LENGTH
 from .video_io import VideoReader, VideoReadError
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def extract_features(
     sample_rate: int = 1,
     max_image_size: int = 256,
     use_image_num: int = 0,
-    model_max_length: int = 300,
+    model_max_length: int = MODEL_MAX_LENGTH,
     shard_size: int = 64,
     device: str | None = None,
     text_dtype: str = "bf16",

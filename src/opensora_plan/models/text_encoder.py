@@ -26,7 +26,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-MAX_LENGTH = 300  # tokens per prompt, as the reference's sampler and trainer
+MODEL_MAX_LENGTH = 300  # tokens per prompt, as the reference's sampler and trainer (the one place of this number)
+MAX_LENGTH = MODEL_MAX_LENGTH  # the older name
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -108,7 +109,7 @@ def load_t5(
     return load_tokenizer(path), load_text_encoder(path, torch_dtype=torch_dtype, device=device)
 
 
-def tokenize(tokenizer, texts: str | list[str], max_length: int = MAX_LENGTH):
+def tokenize(tokenizer, texts: str | list[str], max_length: int = MODEL_MAX_LENGTH):
     """Token ids and attention mask, each (B, max_length): padded to max length, truncated, EOS added."""
     return tokenizer(
         texts,
@@ -122,7 +123,7 @@ def tokenize(tokenizer, texts: str | list[str], max_length: int = MAX_LENGTH):
 
 
 @torch.no_grad()
-def encode_texts(tokenizer, text_encoder, texts: str | list[str], max_length: int = MAX_LENGTH):
+def encode_texts(tokenizer, text_encoder, texts: str | list[str], max_length: int = MODEL_MAX_LENGTH):
     """``(embeddings (B, max_length, d_model), attention_mask (B, max_length))`` for raw texts."""
     tokens = tokenize(tokenizer, texts, max_length)
     device = text_encoder.device
