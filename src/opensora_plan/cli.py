@@ -308,82 +308,18 @@ def _add_train_vae(subparsers) -> None:
         "train-vae",
         help="train / fine-tune the CausalVAE (L1+LPIPS, KL, PatchGAN)",
         description="Train the CausalVAE with the reference loss on a folder of videos or a JSON video list. "
-        "Defaults are the reference's (train_causalvae.py). See docs/vae_training.md.",
+        "Defaults are the reference's (train_causalvae.py). --config takes an options file (JSON or YAML, or a "
+        "run's options.json); flags given on the command line replace its values. See docs/vae_training.md.",
     )
-    data = p.add_argument_group("data")
-    data.add_argument("--video_path", help="folder of videos, searched recursively (mp4/avi/webm/mkv)")
-    data.add_argument("--data_path", help="JSON video list (the text-to-video dataset format; captions unused)")
-    data.add_argument("--video_folder", help="base folder for relative paths in --data_path")
-    data.add_argument("--num_frames", type=int, default=17, help="frames per clip: 1 (images) or 1+4k")
-    data.add_argument("--sample_rate", type=int, default=1, help="temporal stride of the clip window")
-    data.add_argument("--resolution", type=int, default=64, help="center-crop size in pixels (no resize)")
-    data.add_argument("--validation_videos", type=int, default=0,
-                      help="hold out the last N videos for PSNR/SSIM + image logs every --validation_steps")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
-    model = p.add_argument_group("model and loss")
-    model.add_argument("--model_config", help="CausalVAE config.json (or its folder); random initialisation")
-    model.add_argument("--pretrained_model_path", help="CausalVAE folder to start from (e.g. convert inflate-2d-vae output)")
-    model.add_argument("--perceptual_weight", type=float, default=1.0, help="LPIPS weight; 0 trains without LPIPS")
-    model.add_argument("--lpips_path", nargs="+", help="LPIPS weight file(s): VGG16 features + LPIPS heads")
-    model.add_argument("--disc_start", type=int, default=2001, help="step (batches) at which the GAN term starts")
-    model.add_argument("--disc_weight", type=float, default=0.5)
-    model.add_argument("--kl_weight", type=float, default=1e-6)
-    model.add_argument("--logvar_init", type=float, default=0.0)
-    model.add_argument("--rec_loss", default="l1", choices=["l1", "l2"],
-                       help="pixel term: l1 (reference) or l2 (better on sparse frames, e.g. the demo's shapes)")
-    optim = p.add_argument_group("optimisation")
-    optim.add_argument("--learning_rate", type=float, default=1e-5,
-                       help="base lr (VAE, logvar, discriminator); VAE parameters named *time* get 10x")
-    optim.add_argument("--time_lr_multiplier", type=float, default=10.0)
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
-    optim.add_argument("--train_batch_size", type=int, default=1)
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--max_train_steps", type=int, default=100000)
-    optim.add_argument("--mixed_precision", default="bf16", choices=["no", "fp32", "bf16", "fp16"])
-    optim.add_argument("--allow_tf32", action="store_true")
-    optim.add_argument("--seed", type=int, default=0)
-    run = p.add_argument_group("run")
-    run.add_argument("--output_dir", required=True)
-    run.add_argument("--checkpointing_steps", type=int, default=2000)
-    run.add_argument("--checkpoints_total_limit", type=int)
-    run.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint-<step> folder")
-    run.add_argument("--validation_steps", type=int, default=500)
-    run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
-    run.add_argument("--max_nonfinite_steps", type=int, default=10)
+    _generate_options(p, "train-vae", lambda: _import("opensora_plan.train.vae", "VAETrainOptions"))
     p.set_defaults(func=_run_train_vae)
 
 
 def _run_train_vae(args) -> int:
-    from opensora_plan.train.trainer import TrainConfig
-    from opensora_plan.train.vae import train_vae
+    from opensora_plan.options import options_from_args
+    from opensora_plan.train import vae
 
-    task_options = {
-        name: getattr(args, name)
-        for name in (
-            "model_config", "pretrained_model_path", "video_path", "data_path", "video_folder", "num_frames",
-            "sample_rate", "resolution", "learning_rate", "time_lr_multiplier", "max_grad_norm",
-            "perceptual_weight", "lpips_path", "disc_start", "disc_weight", "kl_weight", "logvar_init",
-            "rec_loss", "validation_videos",
-        )
-    }
-    config = TrainConfig(
-        output_dir=args.output_dir,
-        max_train_steps=args.max_train_steps,
-        train_batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        seed=args.seed,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
-        resume_from_checkpoint=args.resume_from_checkpoint,
-        dataloader_num_workers=args.dataloader_num_workers,
-        allow_tf32=args.allow_tf32,
-        max_nonfinite_steps=args.max_nonfinite_steps,
-        validation_steps=args.validation_steps if args.validation_videos else None,
-        report_to=args.report_to,
-        extra=task_options,
-    )
-    summary = train_vae(config, **task_options)
+    summary = vae.train_vae(options_from_args(vae.VAETrainOptions, args))
     if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
         print(_train_summary_line(summary))
     return 0
