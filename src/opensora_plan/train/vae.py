@@ -74,8 +74,8 @@ class VAETrainOptions(TrainConfig):
     video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
     num_frames: int = option(17, help="frames per clip: 1 (images) or 1 + 4k", group="data")
     sample_rate: int = option(1, help="temporal stride of the clip window", group="data")
-    resolution: int = option(64, help="square crop size in pixels: a random (centre for validation) crop, frames "
-                             "are NOT resized (reconstruct / eval-vae resize the short side to --resolution)",
+    resolution: int = option(64, help="centre crop to a square of this many pixels; frames are NOT resized "
+                             "(reconstruct / eval-vae resize the short side to --resolution first)",
                              group="data")
     validation_videos: int = option(0, help="hold out the last N videos for PSNR/SSIM + image logs every "
                                     "--validation_steps", group="data")
