@@ -51,42 +51,15 @@ def _add_reconstruct(subparsers) -> None:
         "against the preprocessed input. Folder mode skips unreadable or short videos, lists them, "
         "and writes <rec_path>/metrics.json.",
     )
-    p.add_argument("--model_path", required=True, help="CausalVAE folder (e.g. the release's vae/)")
-    p.add_argument("--video_path", required=True, help="input video, or a folder of mp4/avi/webm/mkv/mov")
-    p.add_argument("--rec_path", required=True, help="output .mp4 (file mode) or output folder")
-    p.add_argument("--num_frames", type=int, default=65, help="frames to reconstruct, 1 + 4k (default 65)")
-    p.add_argument("--sample_rate", type=int, default=1, help="take every n-th frame from frame 0 (default 1)")
-    p.add_argument("--resolution", type=int, default=512, help="short side is resized to this (default 512)")
-    p.add_argument("--crop_size", type=int, default=None, help="center crop to a square of this size")
-    p.add_argument("--enable_tiling", action="store_true", help="spatial tiling (frames larger than 256 px)")
-    p.add_argument("--tile_overlap_factor", type=float, default=0.25, help="tile overlap (default 0.25)")
-    p.add_argument("--temporal_chunk", type=int, default=0,
-                   help="decode this many latent frames at a time to bound memory (0: all at once)")
-    p.add_argument("--temporal_mode", default="lossless", choices=["lossless", "approximate"],
-                   help="lossless (default): same output as decoding all at once; approximate: per-chunk GroupNorm")
-    p.add_argument("--temporal_context", type=int, default=None,
-                   help="approximate mode: latent frames of context decoded before each chunk and dropped (default 4)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
-    p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mode")
-    p.add_argument("--seed", type=int, default=0, help="seed for --sample (default 0)")
-    p.add_argument("--gif", action="store_true", help="also write <name>.gif beside each mp4")
-    p.add_argument("--fps", type=float, default=None, help="output fps (default: source fps / sample_rate)")
-    p.add_argument("--backend", default="auto", choices=["auto", "pyav", "decord"], help="video reader")
+    _generate_options(p, "reconstruct", lambda: _import("opensora_plan.pipelines.reconstruct", "ReconstructOptions"))
     p.set_defaults(func=_run_reconstruct)
 
 
 def _run_reconstruct(args) -> int:
-    from opensora_plan.pipelines.reconstruct import SUMMARY_NAME, reconstruct
+    from opensora_plan.options import options_from_args
+    from opensora_plan.pipelines.reconstruct import SUMMARY_NAME, ReconstructOptions, reconstruct
 
-    summary = reconstruct(
-        model_path=args.model_path, video_path=args.video_path, rec_path=args.rec_path,
-        num_frames=args.num_frames, sample_rate=args.sample_rate, resolution=args.resolution,
-        crop_size=args.crop_size, enable_tiling=args.enable_tiling,
-        tile_overlap_factor=args.tile_overlap_factor, temporal_chunk=args.temporal_chunk or None,
-        temporal_context=args.temporal_context, temporal_mode=args.temporal_mode, device=args.device, dtype=args.dtype,
-        sample=args.sample, seed=args.seed, gif=args.gif, fps=args.fps, backend=args.backend,
-    )
+    summary = reconstruct(options_from_args(ReconstructOptions, args))
     for r in summary.results:
         print(f"{r.output_path}: {r.num_frames} frames {r.width}x{r.height}  PSNR {r.psnr:.2f} dB  "
               f"SSIM {r.ssim:.4f}  ({r.seconds:.1f} s)")

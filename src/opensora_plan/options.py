@@ -94,6 +94,16 @@ class Options:
         return out
 
     @classmethod
+    def of(cls, *args, **kwargs):
+        """``args[0]`` when it already is a ``cls``, else ``cls(*args, **kwargs)``: lets a library entry point
+        take either the options object or its fields (leading ones positionally, in field order)."""
+        if args and isinstance(args[0], cls):
+            if len(args) > 1 or kwargs:
+                raise TypeError(f"Pass a {cls.__name__} or its fields as arguments, not both.")
+            return args[0]
+        return cls(*args, **kwargs)
+
+    @classmethod
     def from_mapping(cls, values: typing.Mapping, source: str = "options"):
         """Build from ``{field: value}`` (keys starting with ``_`` ignored); unknown keys and missing
         required options are one-line ValueErrors."""
@@ -210,17 +220,21 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             kwargs["choices"] = meta["choices"]
         if meta["metavar"] is not None:
             kwargs["metavar"] = meta["metavar"]
-        if is_list:
+        if is_list and meta["type"] is None:  # a converter of its own parses the whole text (e.g. commas)
             kwargs["nargs"] = meta["nargs"] or "+"
         elif meta["nargs"] is not None:
             kwargs["nargs"] = meta["nargs"]
         if required:
-            help_text += " (required)"
+            help_text += "" if meta["positional"] else " (required)"
         elif meta["show_default"] and default is not None:
-            help_text += f" (default: {_format_default(default)})"
+            shown = ",".join(map(str, default)) if is_list and meta["type"] else _format_default(default)
+            help_text += f" (default: {shown})"
         if meta["positional"]:
             kwargs.pop("dest")
-            kwargs.setdefault("nargs", "?")
+            if required:
+                kwargs.pop("default")
+            else:
+                kwargs.setdefault("nargs", "?")
             target.add_argument(f.name, help=help_text, **kwargs)
         else:
             if required and not cls.CONFIG:
