@@ -310,36 +310,19 @@ def _add_eval_vae(subparsers) -> None:
         description="Reconstruct every video under --video_path (recursive) and score it against the "
         "preprocessed input; prints a table next to the v1.0.0 report numbers and writes JSON.",
     )
-    p.add_argument("--model_path", required=True, help="CausalVAE folder (config.json + weights)")
-    p.add_argument("--video_path", required=True, help="a video file or a folder of videos (recursive)")
-    p.add_argument("--num_frames", type=int, default=17)
-    p.add_argument("--sample_rate", type=int, default=1)
-    p.add_argument("--resolution", type=int, default=336, help="short side after resizing")
-    p.add_argument("--crop_size", type=int, help="center crop after resizing")
-    p.add_argument("--lpips_path", nargs="+", help="LPIPS weight file(s); without them LPIPS is not computed")
-    p.add_argument("--subset_size", type=int, help="evaluate only the first N videos (sorted by path)")
-    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mean")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--enable_tiling", action="store_true")
-    p.add_argument("--tile_overlap_factor", type=float, default=0.25)
-    p.add_argument("--json_out", help="write the per-video scores and means here (JSON)")
+    _generate_options(p, "eval-vae", lambda: _import("opensora_plan.pipelines.evaluate_vae", "EvalVAEOptions"))
     p.set_defaults(func=_run_eval_vae)
 
 
 def _run_eval_vae(args) -> int:
-    from opensora_plan.pipelines.evaluate_vae import evaluate_vae
+    from opensora_plan.options import options_from_args
+    from opensora_plan.pipelines.evaluate_vae import EvalVAEOptions, evaluate_vae
 
-    summary = evaluate_vae(
-        args.model_path, args.video_path, num_frames=args.num_frames, sample_rate=args.sample_rate,
-        resolution=args.resolution, crop_size=args.crop_size, lpips_path=args.lpips_path,
-        subset_size=args.subset_size, device=args.device, dtype=args.dtype, sample=args.sample, seed=args.seed,
-        enable_tiling=args.enable_tiling, tile_overlap_factor=args.tile_overlap_factor, json_out=args.json_out,
-    )
+    options = options_from_args(EvalVAEOptions, args)
+    summary = evaluate_vae(options)
     print(summary.table())
-    if args.json_out:
-        print(f"wrote {args.json_out}")
+    if options.json_out:
+        print(f"wrote {options.json_out}")
     return 0 if summary.scores else 1
 
 
