@@ -334,36 +334,15 @@ def _add_eval_t2v(subparsers) -> None:
         "(frame-wise 100*max(cos, 0) against the prompt, local transformers CLIP) and FVD (Kinetics-400 I3D "
         "logits of 16-frame clips at 224 px, Fréchet distance to a real set). Prints a table, writes JSON.",
     )
-    p.add_argument("--videos", required=True, help="folder of generated videos (searched recursively)")
-    p.add_argument("--metrics", default="clip_score,fvd", help="comma-separated: clip_score, fvd (default both)")
-    p.add_argument("--prompts", help="prompt source: the .txt given to 'sample' (line i <-> video 000i-...) or a "
-                   ".json (data list [{path, cap}] or {file name: prompt}); default: read back from the file names")
-    p.add_argument("--real", help="real videos for FVD: a folder (recursive) or an .npz from --save_real_stats")
-    p.add_argument("--clip_model", help="local CLIP folder (CLIPModel + CLIPProcessor files)")
-    p.add_argument("--i3d_model", help="local I3D weights: pytorch-i3d rgb_imagenet.pt or StyleGAN-V i3d_torchscript.pt")
-    p.add_argument("--i3d_sha256", help="expected sha256 of --i3d_model (checked before loading)")
-    p.add_argument("--num_frames", type=int, default=16, help="FVD clip length, from frame 0 (default 16)")
-    p.add_argument("--sample_rate", type=int, default=1, help="FVD clip: every n-th frame (default 1)")
-    p.add_argument("--resolution", type=int, default=224, help="FVD frame size after resize + center crop (default 224)")
-    p.add_argument("--clip_frames", type=int, default=0, help="CLIP score: N evenly spaced frames (default 0 = all)")
-    p.add_argument("--batch_size", type=int, default=8, help="videos per I3D batch / frames per CLIP batch (default 8)")
-    p.add_argument("--subset_size", type=int, help="use only the first N videos (sorted by path) of each set")
-    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--json_out", help="where to write the results (default <videos>/eval_t2v.json)")
-    p.add_argument("--save_real_stats", help="also save the real set's I3D mean/covariance to this .npz")
+    _generate_options(p, "eval-t2v", lambda: _import("opensora_plan.pipelines.evaluate_t2v", "EvalT2VOptions"))
     p.set_defaults(func=_run_eval_t2v)
 
 
 def _run_eval_t2v(args) -> int:
-    from opensora_plan.pipelines.evaluate_t2v import evaluate_t2v
+    from opensora_plan.options import options_from_args
+    from opensora_plan.pipelines.evaluate_t2v import EvalT2VOptions, evaluate_t2v
 
-    summary = evaluate_t2v(
-        args.videos, metrics=args.metrics.split(","), prompts=args.prompts, real=args.real,
-        clip_model=args.clip_model, i3d_model=args.i3d_model, i3d_sha256=args.i3d_sha256,
-        num_frames=args.num_frames, sample_rate=args.sample_rate, resolution=args.resolution,
-        clip_frames=args.clip_frames, batch_size=args.batch_size, subset_size=args.subset_size,
-        device=args.device, json_out=args.json_out, save_real_stats=args.save_real_stats,
-    )
+    summary = evaluate_t2v(options_from_args(EvalT2VOptions, args))
     print(summary.table())
     print(f"wrote {summary.settings['json_out']}")
     return 0 if summary.videos else 1
