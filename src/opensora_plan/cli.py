@@ -156,35 +156,16 @@ def _add_data(subparsers) -> None:
         "decoded with the reader training uses, so what passes is what training reads (sizes are the displayed "
         "ones, rotation applied). Exit code 1 when any entry is malformed or any video unreadable.",
     )
-    c.add_argument("data_path", help="dataset JSON list")
-    c.add_argument("--video_folder", default=None, help="base folder for relative paths (default: the JSON's folder)")
-    c.add_argument("--text_encoder_name", default=None, help="local T5 folder: also count caption tokens")
-    c.add_argument("--model_max_length", type=int, default=300, help="token limit to report against (default 300)")
-    c.add_argument("--num_frames", type=int, default=None, help="also count videos shorter than this window")
-    c.add_argument("--sample_rate", type=int, default=1, help="window stride for --num_frames (default 1)")
-    c.add_argument("--json_out", default=None, help="also write the full report as JSON here")
-    c.add_argument("--no_decode", action="store_true",
-                   help="only open the videos (fast) instead of decoding every frame; may pass files training skips")
+    _generate_options(c, "data", lambda: _import("opensora_plan.data.datasets", "DataCheckOptions"))
     c.set_defaults(func=_run_data_check)
 
 
 def _run_data_check(args) -> int:
-    import json
+    from opensora_plan.data.datasets import DataCheckOptions, check_dataset, format_check_report
+    from opensora_plan.options import options_from_args
 
-    from opensora_plan.data.datasets import check_dataset, format_check_report
-    from opensora_plan.utils import atomic_write_bytes, check_output_file
-
-    if args.json_out:
-        check_output_file(args.json_out, "--json_out")  # before the decode pass, not after it
-    for name in ("num_frames", "sample_rate"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    report = check_dataset(args.data_path, video_folder=args.video_folder, text_encoder_name=args.text_encoder_name,
-                           num_frames=args.num_frames, sample_rate=args.sample_rate,
-                           model_max_length=args.model_max_length, decode=not args.no_decode)
+    report = check_dataset(options_from_args(DataCheckOptions, args))
     print(format_check_report(report))
-    if args.json_out:
-        atomic_write_bytes(args.json_out, json.dumps(report, indent=2).encode("utf-8"))
     return 1 if report["malformed"] or report["unreadable"] else 0
 
 
@@ -196,35 +177,15 @@ def _add_extract(subparsers) -> None:
         "safetensors shards under --out, so training can skip them. Re-running the same command resumes "
         "(finished shards are kept). Unreadable videos are listed and left out. See docs/data.md.",
     )
-    p.add_argument("--data_path", required=True, help="dataset JSON list")
-    p.add_argument("--video_folder", default=None, help="base folder for relative paths (default: the JSON's folder)")
-    p.add_argument("--out", required=True, help="output folder of the cache")
-    p.add_argument("--text_encoder_name", default=None, help="local T5 folder: cache caption embeddings")
-    p.add_argument("--ae_path", default=None, help="CausalVAE folder: cache latent posteriors (mean, logvar)")
-    p.add_argument("--num_frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
-    p.add_argument("--sample_rate", type=int, default=1, help="temporal stride (default 1)")
-    p.add_argument("--max_image_size", type=int, default=256, help="square frame size (default 256)")
-    p.add_argument("--use_image_num", type=int, default=0, help="joint-training images per clip (default 0)")
-    p.add_argument("--model_max_length", type=int, default=300, help="T5 tokens (default 300)")
-    p.add_argument("--shard_size", type=int, default=64, help="entries per shard (default 64)")
-    p.add_argument("--text_dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
-                   help="T5 dtype, also the stored dtype (default bf16, as the reference trainer)")
-    p.add_argument("--enable_tiling", action="store_true", help="encode in spatial tiles (for 512 px)")
-    p.add_argument("--no_clean_caption", action="store_true", help="only lower-case captions instead of cleaning")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    _generate_options(p, "extract", lambda: _import("opensora_plan.data.features", "ExtractOptions"))
     p.set_defaults(func=_run_extract)
 
 
 def _run_extract(args) -> int:
-    from opensora_plan.data.features import extract_features
+    from opensora_plan.data.features import ExtractOptions, extract_features
+    from opensora_plan.options import options_from_args
 
-    summary = extract_features(
-        args.data_path, args.out, video_folder=args.video_folder, text_encoder_name=args.text_encoder_name,
-        ae_path=args.ae_path, num_frames=args.num_frames, sample_rate=args.sample_rate,
-        max_image_size=args.max_image_size, use_image_num=args.use_image_num,
-        model_max_length=args.model_max_length, shard_size=args.shard_size, device=args.device,
-        text_dtype=args.text_dtype, enable_tiling=args.enable_tiling, clean_captions=not args.no_clean_caption,
-    )
+    summary = extract_features(options_from_args(ExtractOptions, args))
     print(f"{summary['out']}: {summary['cached']} of {summary['entries']} entries cached in {summary['shards']} "
           f"shards ({summary['shards_written']} written now, {summary['shards_reused']} kept from before)")
     if summary["skipped"]:
