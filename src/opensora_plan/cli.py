@@ -113,28 +113,19 @@ def _add_serve(subparsers) -> None:
         "are queued and run one at a time. Without --model_path it serves the shipped demo model (CPU is fine). "
         'Install with: pip install -e ".[ui]".',
     )
-    p.add_argument("--model_path", default=None, help="demo or save_pretrained folder (model_index.json), or a "
-                   "release folder with version folders and vae/ (default: the shipped demo)")
-    p.add_argument("--version", default=None, help="version folder to load first (release folders; default 65x512x512)")
-    p.add_argument("--text_encoder_name", default=None, help="local T5 folder (needed for a release folder)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = fp16 on GPU, fp32 on CPU")
-    p.add_argument("--out_dir", default=None, help="where the videos are written (default: a temporary folder)")
+    _generate_options(p, "serve", lambda: _import("opensora_plan.ui.app", "ServeOptions"))
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args) -> int:
-    from opensora_plan.ui.app import _import_gradio, serve
+    from opensora_plan.options import options_from_args
+    from opensora_plan.ui.app import ServeOptions, _import_gradio, serve
 
     try:
         _import_gradio()
     except ImportError as err:
         raise UserError(str(err)) from None
-    serve(model_path=args.model_path, version=args.version, text_encoder_name=args.text_encoder_name,
-          host=args.host, port=args.port, device=args.device, dtype=args.dtype, out_dir=args.out_dir)
+    serve(options_from_args(ServeOptions, args))
     return 0
 
 
@@ -318,35 +309,32 @@ def _add_convert(subparsers) -> None:
         description="Initialise a CausalVAE from a 2-D image VAE as the reference did ('tail' inflation) and "
         "report every CausalVAE tensor that could not be filled.",
     )
-    q.add_argument("--vae_2d_path", required=True, help="diffusers AutoencoderKL folder (config.json + weights)")
-    q.add_argument("--subfolder", help="e.g. 'vae' inside a Stable Diffusion folder")
-    q.add_argument("--output_dir", required=True, help="CausalVAE folder to write")
-    q.add_argument("--model_config", help="CausalVAE config.json to inflate into (default: derived from the 2-D config)")
-    q.add_argument("--verify_size", type=int, default=0,
-                   help="also compare both VAEs on a synthetic SIZExSIZE image and a static video")
+    _generate_options(q, "convert", lambda: _import("opensora_plan.models.causalvae.inflate", "InflateOptions"))
     q.set_defaults(func=_run_inflate_2d_vae)
 
 
 def _run_inflate_2d_vae(args) -> int:
-    from opensora_plan.models.causalvae.inflate import compare_with_2d, inflate_2d_vae, synthetic_image
+    from opensora_plan.models.causalvae.inflate import InflateOptions, compare_with_2d, inflate_2d_vae, synthetic_image
+    from opensora_plan.options import options_from_args
 
+    o = options_from_args(InflateOptions, args)
     config = None
-    if args.model_config:
-        if not os.path.isfile(args.model_config):
-            raise FileNotFoundError(f"--model_config {args.model_config} does not exist; give a CausalVAE config.json.")
+    if o.model_config:
+        if not os.path.isfile(o.model_config):
+            raise FileNotFoundError(f"--model_config {o.model_config} does not exist; give a CausalVAE config.json.")
         from opensora_plan.utils import read_json_file
 
-        config = read_json_file(args.model_config, "--model_config")
-    model, report = inflate_2d_vae(args.vae_2d_path, args.output_dir, causal_config=config, subfolder=args.subfolder)
+        config = read_json_file(o.model_config, "--model_config")
+    model, report = inflate_2d_vae(o.vae_2d_path, o.output_dir, causal_config=config, subfolder=o.subfolder)
     print(report.summary())
-    print(f"wrote {args.output_dir}")
-    if args.verify_size:
+    print(f"wrote {o.output_dir}")
+    if o.verify_size:
         from diffusers import AutoencoderKL
 
-        folder = os.path.join(args.vae_2d_path, args.subfolder) if args.subfolder else args.vae_2d_path
+        folder = os.path.join(o.vae_2d_path, o.subfolder) if o.subfolder else o.vae_2d_path
         vae_2d = AutoencoderKL.from_pretrained(folder).eval()
         frames = 1 + 2 * model.temporal_compression  # 9 for the release layout
-        result = compare_with_2d(vae_2d, model, synthetic_image(args.verify_size), num_frames=frames)
+        result = compare_with_2d(vae_2d, model, synthetic_image(o.verify_size), num_frames=frames)
         print(f"image (T=1) max |inflated - 2-D| = {result['image_max_abs_diff']:.3g}")
         print(f"static {frames}-frame video, PSNR (dB) of each frame vs the 2-D reconstruction: "
               + ", ".join(f"{v:.2f}" for v in result["static_psnr_db"]))
@@ -367,78 +355,53 @@ def _add_demo(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
     m = sub.add_parser("make-data", help="write synthetic 'shapes' mp4 videos + data.json (the trainer's JSON format)")
-    m.add_argument("--out", required=True, help="output folder (videos/ and data.json)")
-    m.add_argument("--num_videos", type=int, default=360, help="videos; the 60 combinations are cycled (default 360)")
-    m.add_argument("--num_frames", type=int, default=17, help="frames per video (default 17)")
-    m.add_argument("--size", type=int, default=64, help="frame size in pixels, square (default 64)")
-    m.add_argument("--seed", type=int, default=0, help="seed of positions, sizes and speeds (default 0)")
-    m.add_argument("--no_paraphrases", action="store_true", help="only the canonical caption per video")
+    _generate_options(m, "demo", lambda: _import("opensora_plan.demo.shapes", "MakeDataOptions"))
     m.set_defaults(func=_run_demo_make_data)
 
     t = sub.add_parser("train", help="train the demo model end to end (data, T5, train-vae, extract, train-t2v)",
                        description="Run the demo recipe into --out; the model lands in <out>/model/ and the wall "
                        "time of each stage and the machine in <out>/demo_train_report.json.")
-    t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--stages", default=None, help="comma-separated subset of data,t5,vae,extract,t2v,assemble "
-                   "(default: all; later stages reuse what earlier runs wrote into --out)")
-    t.add_argument("--micro", action="store_true", help="a few steps on a few videos: checks the wiring, learns nothing")
-    for name, kind in (("num_videos", int), ("vae_steps", int), ("t2v_steps", int), ("t2v_batch_size", int),
-                       ("t2v_learning_rate", float), ("latte_layers", int), ("seed", int)):
-        t.add_argument(f"--{name}", type=kind, default=None, help="override the recipe's value (see docs/demo.md)")
+    _generate_options(t, "demo", lambda: _import("opensora_plan.demo.train", "DemoTrainOptions"))
     t.set_defaults(func=_run_demo_train)
 
     e = sub.add_parser("eval", help="sample prompts over the vocabulary and report colour/shape/direction accuracy")
-    e.add_argument("--model_path", default=None, help="demo model folder (default: the shipped demo)")
-    e.add_argument("--num_prompts", type=int, default=None, help="evaluate a spread subset of the 60 prompts")
-    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per prompt (default 0 1 2)")
-    e.add_argument("--num_sampling_steps", type=int, default=None, help="default: the model's demo.json")
-    e.add_argument("--guidance_scale", type=float, default=None, help="default: the model's demo.json")
-    e.add_argument("--sample_method", default=None, help="scheduler name; default: the model's demo.json")
-    e.add_argument("--save_dir", default=None, help="keep the sampled mp4 files here")
-    e.add_argument("--json_out", default=None, help="write the per-video verdicts and accuracies here")
-    e.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    e.add_argument("--cache", default="none", help="step caching as in `sample --cache` (default none)")
+    _generate_options(e, "demo", lambda: _import("opensora_plan.demo.evaluate", "DemoEvalOptions"))
     e.set_defaults(func=_run_demo_eval)
 
 
 def _run_demo_make_data(args) -> int:
-    from opensora_plan.demo.shapes import make_dataset
+    from opensora_plan.demo.shapes import MakeDataOptions, make_dataset
+    from opensora_plan.options import options_from_args
 
-    if args.num_videos < 1:
-        raise ValueError(f"--num_videos must be at least 1, got {args.num_videos}.")
-    path = make_dataset(args.out, args.num_videos, num_frames=args.num_frames, size=args.size, seed=args.seed,
-                        paraphrases=not args.no_paraphrases)
-    print(f"wrote {args.num_videos} videos and {path}")
+    options = options_from_args(MakeDataOptions, args)
+    path = make_dataset(options)
+    print(f"wrote {options.num_videos} videos and {path}")
     return 0
 
 
 def _run_demo_train(args) -> int:
-    from dataclasses import replace
+    from opensora_plan.demo.train import DemoTrainOptions, train_demo
+    from opensora_plan.options import options_from_args
 
-    from opensora_plan.demo.train import STAGES, DemoRecipe, train_demo
-
-    recipe = DemoRecipe.micro() if args.micro else DemoRecipe()
-    overrides = {k: getattr(args, k) for k in ("num_videos", "vae_steps", "t2v_steps", "t2v_batch_size",
-                                               "t2v_learning_rate", "latte_layers", "seed")
-                 if getattr(args, k) is not None}
-    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
-    report = train_demo(args.out, replace(recipe, **overrides), stages=stages)
+    options = options_from_args(DemoTrainOptions, args)
+    report = train_demo(options.out, options.recipe(), stages=tuple(options.stages))
     times = ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items())
-    print(f"demo model in {report.get('model_dir', os.path.join(args.out, 'model'))} ({times})")
+    print(f"demo model in {report.get('model_dir', os.path.join(options.out, 'model'))} ({times})")
     return 0
 
 
 def _run_demo_eval(args) -> int:
-    from opensora_plan.demo.evaluate import evaluate_demo, select_prompts, write_report
+    from opensora_plan.demo.evaluate import DemoEvalOptions, evaluate_demo, select_prompts, write_report
+    from opensora_plan.options import options_from_args
 
-    report = evaluate_demo(args.model_path, prompts=select_prompts(args.num_prompts), seeds=tuple(args.seeds),
-                           num_sampling_steps=args.num_sampling_steps, guidance_scale=args.guidance_scale,
-                           sample_method=args.sample_method, device=args.device, save_dir=args.save_dir,
-                           cache=args.cache)
+    o = options_from_args(DemoEvalOptions, args)
+    report = evaluate_demo(o.model_path, prompts=select_prompts(o.num_prompts), seeds=tuple(o.seeds),
+                           num_sampling_steps=o.num_sampling_steps, guidance_scale=o.guidance_scale,
+                           sample_method=o.sample_method, device=o.device, save_dir=o.save_dir, cache=o.cache)
     print(report.table())
-    if args.json_out:
-        write_report(report, args.json_out)
-        print(f"wrote {args.json_out}")
+    if o.json_out:
+        write_report(report, o.json_out)
+        print(f"wrote {o.json_out}")
     return 0
 
 

@@ -20,11 +20,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from opensora_plan.demo.judge import judge_video
 from opensora_plan.demo.shapes import all_prompts, parse_caption
+from opensora_plan.options import Options, option
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,24 @@ def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_metho
                                 tokenizer=tokenizer)
     pipe.fast_cache_options = fast_cache_options(model_path)
     return pipe, info
+
+
+@dataclass
+class DemoEvalOptions(Options):
+    """Every option of ``opensora-plan demo eval``; sampling settings left unset come from the model's demo.json."""
+
+    COMMAND: ClassVar[str] = "demo eval"
+
+    model_path: str | None = option(None, help="demo model folder (unset: the shipped demo)")
+    num_prompts: int | None = option(None, help="evaluate a spread subset of the 60 prompts (unset: all)")
+    seeds: list[int] = option(default_factory=lambda: [0, 1, 2], help="seeds per prompt")
+    num_sampling_steps: int | None = option(None, help="unset: the model's demo.json")
+    guidance_scale: float | None = option(None, help="unset: the model's demo.json")
+    sample_method: str | None = option(None, help="scheduler name; unset: the model's demo.json")
+    save_dir: str | None = option(None, help="keep the sampled mp4 files here")
+    json_out: str | None = option(None, help="write the per-video verdicts and accuracies here")
+    device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
+    cache: str = option("none", help="step caching as in `sample --cache`")
 
 
 def evaluate_demo(
