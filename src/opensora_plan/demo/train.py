@@ -3,7 +3,7 @@
 One command runs the whole recipe, each stage through the same library function as its command:
 
 1. ``data``      -- :func:`~opensora_plan.demo.shapes.make_dataset` (``demo make-data``): mp4 + data.json;
-2. ``t5``        -- :func:`~opensora_plan.models.text_encoder.build_tiny_t5`: a sentencepiece vocabulary
+2. ``t5``        -- :func:`~opensora_plan.demo.tiny_t5.build_tiny_t5`: a sentencepiece vocabulary
                     trained on the captions + a small random T5 encoder (frozen, as T5 is in the real recipe);
 3. ``vae``       -- :func:`~opensora_plan.train.vae.train_vae` (``train-vae``) on the videos, then the
                     latent scale is measured on a few clips and written as ``scaling_factor``;
@@ -304,7 +304,7 @@ def train_demo(out: str | os.PathLike, recipe: DemoRecipe | None = None, stages:
                      seed=recipe.data_seed)
 
     def stage_t5():
-        from opensora_plan.models.text_encoder import build_tiny_t5
+        from opensora_plan.demo.tiny_t5 import build_tiny_t5
 
         build_tiny_t5(t5_dir, _captions(data_json), d_model=recipe.t5_d_model, num_layers=recipe.t5_layers,
                       num_heads=recipe.t5_heads, d_ff=recipe.t5_d_ff, vocab_size=recipe.t5_vocab_size,
