@@ -55,7 +55,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache, parse_cache_spec
 from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
-from opensora_plan.utils import check_finite
+from opensora_plan.utils import check_finite, valid_num_frames
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 f"expected {cfg.in_channels} (epsilon) or {2 * cfg.in_channels} (epsilon + learned variance)."
             )
         default_frames = t_factor * (cfg.video_length - 1) + 1
-        if (num_frames - 1) % t_factor != 0:
+        if not valid_num_frames(num_frames, t_factor):
             raise ValueError(
                 f"num_frames={num_frames} is not 1 + {t_factor}k, which the VAE needs; use {default_frames} "
                 f"(this model) or 1 (image mode)."
