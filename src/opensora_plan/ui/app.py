@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from opensora_plan.options import Options, option
+from opensora_plan.pipelines.sample_t2v import RELEASE_SAMPLE_DEFAULTS
 
 from opensora_plan.ui.service import MAX_SEED, MAX_STEPS, GenerationRequest, VideoService, cache_presets
 
@@ -110,7 +111,8 @@ class ServeOptions(Options):
 
     model_path: str | None = option(None, help="demo or save_pretrained folder (model_index.json), or a release "
                                     "folder with version folders and vae/ (unset: the shipped demo)")
-    version: str | None = option(None, help="version folder to load first (release folders; unset: 65x512x512)")
+    version: str | None = option(None, help="version folder to load first (release folders; unset: "
+                                 f"{RELEASE_SAMPLE_DEFAULTS['version']})")
     text_encoder_name: str | None = option(None, help="local T5 folder (needed for a release folder)")
     host: str = option("127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     port: int = option(7860, help="port")
