@@ -141,7 +141,8 @@ class ExtractOptions(Options):
     ae_path: str | None = option(None, help="CausalVAE folder: cache latent posteriors (mean, logvar)")
     num_frames: int = option(17, help="frames per clip, 1 + 4k")
     sample_rate: int = option(1, help="temporal stride")
-    max_image_size: int = option(256, help="square frame size: centre crop after resizing the short side")
+    max_image_size: int = option(256, help="square frame size in pixels: the largest centred square is cropped, "
+                                 "then resized to this")
     use_image_num: int = option(0, help="joint-training images per clip")
     model_max_length: int = option(MODEL_MAX_LENGTH, help="T5 tokens per caption")
     shard_size: int = option(64, help="entries per shard")

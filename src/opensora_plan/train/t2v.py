@@ -80,7 +80,8 @@ class T2VTrainOptions(TrainConfig):
     num_frames: int = option(17, help="pixel frames per clip, 1 + 4k (17 or 65 for the released stages)",
                              group="data")
     sample_rate: int = option(1, help="temporal stride", group="data")
-    max_image_size: int = option(256, help="square frame size in pixels: centre crop after resizing the short side",
+    max_image_size: int = option(256, help="square frame size in pixels: the largest centred square is cropped, "
+                                 "then resized to this (and flipped at random)",
                                  group="data")
     use_image_num: int = option(0, help="joint-training images per clip", group="data")
     use_img_from_vid: bool = option(False, help="accepted for the reference; images always come from the clip",
