@@ -190,9 +190,12 @@ def test_train_vae_takes_a_config_file_too(tmp_path, monkeypatch):
 def test_shipped_stage_names_still_work_and_parse_with_the_class():
     from opensora_plan.train.t2v import T2VTrainOptions
 
+    from opensora_plan.train.t2v import STAGE_CONFIG_DIR
+
     values = read_options_file(T2VTrainOptions, "stage3_65x512x512")
     assert values["num_frames"] == 65 and values["enable_tiling"] is True
-    T2VTrainOptions(output_dir="x", **{k: v for k, v in values.items()})  # every stage value passes validation
+    for path in sorted(STAGE_CONFIG_DIR.glob("*.json")):  # every shipped stage is a valid options file
+        T2VTrainOptions(output_dir="x", **read_options_file(T2VTrainOptions, path.stem))
 
 
 def _one_error_line(capsys, pattern: str) -> str:

@@ -109,6 +109,9 @@ def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_metho
     return pipe, info
 
 
+DEFAULT_SEEDS = (0, 1, 2)
+
+
 @dataclass
 class DemoEvalOptions(Options):
     """Every option of ``opensora-plan demo eval``; sampling settings left unset come from the model's demo.json."""
@@ -117,7 +120,7 @@ class DemoEvalOptions(Options):
 
     model_path: str | None = option(None, help="demo model folder (unset: the shipped demo)")
     num_prompts: int | None = option(None, help="evaluate a spread subset of the 60 prompts (unset: all)")
-    seeds: list[int] = option(default_factory=lambda: [0, 1, 2], help="seeds per prompt")
+    seeds: list[int] = option(default_factory=lambda: list(DEFAULT_SEEDS), help="seeds per prompt")
     num_sampling_steps: int | None = option(None, help="unset: the model's demo.json")
     guidance_scale: float | None = option(None, help="unset: the model's demo.json")
     sample_method: str | None = option(None, help="scheduler name; unset: the model's demo.json")
@@ -130,7 +133,7 @@ class DemoEvalOptions(Options):
 def evaluate_demo(
     model_path: str | os.PathLike | None = None,
     prompts: list[str] | None = None,
-    seeds: tuple[int, ...] = (0, 1, 2),
+    seeds: tuple[int, ...] = DEFAULT_SEEDS,
     num_sampling_steps: int | None = None,
     guidance_scale: float | None = None,
     sample_method: str | None = None,

@@ -343,9 +343,8 @@ def _save(path: Path, frames, fps: float) -> Path:
 
 def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
                  fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
-                 batch_size, force_images, cache, compile, clean_caption=True,
-                 text_conditioning="per_prompt", sp_group=None, cfg_group=None, writes=True, run=None, lora=None,
-                 lora_scale=1.0, vae_memory_gb=None) -> list[Path]:
+                 batch_size, force_images, cache, compile, clean_caption, text_conditioning, sp_group, cfg_group,
+                 writes, run, lora, lora_scale, vae_memory_gb) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
