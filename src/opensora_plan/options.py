@@ -59,8 +59,9 @@ class Options:
 
     Class attributes: ``COMMAND`` (the command name, for messages), ``CONFIG`` (True: ``--config FILE``
     is accepted), ``CONFIG_DIR`` (a folder of shipped config files, selectable by name), ``NOT_OPTIONS``
-    (inherited fields this command does not offer), ``GROUPS`` (the order of the --help sections). The object also reads like a mapping
-    (``opts["num_frames"]``, ``dict(opts)``) so code written for the old option dicts keeps working.
+    (inherited fields this command does not offer), ``GROUPS`` (the order of the --help sections). The
+    object also reads like a mapping (``opts["num_frames"]``, ``dict(opts)``), so code written for the
+    old option dicts keeps working.
     """
 
     COMMAND: ClassVar[str] = ""

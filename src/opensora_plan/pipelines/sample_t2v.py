@@ -463,7 +463,8 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
     elif kwargs:
         raise TypeError(f"sample_t2v takes a SampleOptions or keywords, not both (got {sorted(kwargs)}).")
     if options.prompt is None and options.text_prompt is None and options.prompt_file is None:
-        raise ValueError('No prompt given; run e.g. opensora-plan sample "a red circle moving left" (or --prompt_file).')
+        raise ValueError('No prompt given; run e.g. opensora-plan sample "a red circle moving left" '
+                         '(or --prompt_file).')
     opts = options.resolve()
     text_prompt = opts.prompt if opts.prompt is not None else opts.text_prompt
     (prompt_file, clean_caption, text_conditioning, model_path, version, text_encoder_name, ae, save_img_path, fps,

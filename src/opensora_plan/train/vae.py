@@ -334,7 +334,8 @@ def train_vae(options: VAETrainOptions | TrainConfig, **task_options) -> dict:
         loop = {f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
         options = VAETrainOptions(**loop, **task_options)
     elif task_options:
-        raise TypeError(f"train_vae takes VAETrainOptions or a TrainConfig with keywords, not both ({sorted(task_options)}).")
+        raise TypeError(f"train_vae takes VAETrainOptions or a TrainConfig with keywords, not both "
+                        f"({sorted(task_options)}).")
     config = options.loop_config(extra=options.task_options())
     if not options.validation_videos:
         config.validation_steps = None
