@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar
@@ -155,7 +156,7 @@ def _resolved_types(cls) -> dict[str, Any]:
 def _base_type(annotation):
     """(scalar type, is_list) of ``int``, ``float | None``, ``list[str] | None``, ..."""
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
             return _base_type(args[0])
@@ -275,8 +276,8 @@ def _config_path(cls, spec: str | os.PathLike) -> Path:
     if path.is_dir():
         raise ValueError(f"--config {spec} is a folder; give a .json / .yaml file.")
     names = sorted(p.stem for p in Path(cls.CONFIG_DIR).glob("*.json")) if cls.CONFIG_DIR else []
-    shipped_names = f" nor a shipped config ({', '.join(names)})" if names else ""
-    raise FileNotFoundError(f"--config {spec} is neither a file{shipped_names}; give a .json, .yaml or .yml file.")
+    problem = f"is neither a file nor a shipped config ({', '.join(names)})" if names else "does not exist"
+    raise FileNotFoundError(f"--config {spec} {problem}; give a .json, .yaml or .yml file.")
 
 
 def read_options_file(cls, spec: str | os.PathLike) -> dict:
