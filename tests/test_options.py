@@ -330,3 +330,24 @@ def test_a_runs_options_json_fed_back_as_config_gives_the_same_options(tiny_run_
         record.pop("output_dir")
     assert a["extra"]["learning_rate"] == 3e-4 and a["extra"]["cfg_dropout"] == 0.2 and a["ema_decay"] == 0.9
     assert a == b
+
+
+def test_a_vae_runs_options_json_fed_back_as_config_gives_the_same_options(tmp_path, fixtures_dir):
+    from opensora_plan.data.video_io import write_video
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(2):
+        write_video(clips / f"c{i}.mp4", torch.full((3, 40, 48, 3), 60 * (i + 1), dtype=torch.uint8), fps=8)
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = ["train-vae", "--video_path", str(clips), "--model_config",
+            str(fixtures_dir / "causalvae_tiny_config" / "config.json"), "--num_frames", "1", "--resolution", "32",
+            "--perceptual_weight", "0", "--kl_weight", "1e-4", "--max_train_steps", "1", "--checkpointing_steps",
+            "1", "--mixed_precision", "no", "--report_to", "none"]
+    assert cli.main([*argv, "--output_dir", str(first)]) == 0
+    assert cli.main(["train-vae", "--config", str(first / "options.json"), "--output_dir", str(second)]) == 0
+    a, b = (json.loads((run / "options.json").read_text()) for run in (first, second))
+    for record in (a, b):
+        record.pop("output_dir")
+    assert a["extra"]["kl_weight"] == 1e-4 and a["extra"]["resolution"] == 32 and a["checkpointing_steps"] == 1
+    assert a == b
