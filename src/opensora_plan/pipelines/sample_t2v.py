@@ -341,10 +341,8 @@ def _save(path: Path, frames, fps: float) -> Path:
     return write_video(path, frames, fps)
 
 
-def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
-                 fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
-                 batch_size, force_images, cache, compile, clean_caption, text_conditioning, sp_group, cfg_group,
-                 writes, run, lora, lora_scale, vae_memory_gb) -> list[Path]:
+def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_name, scheduler, torch_dtype, device,
+                 rank, tag, out_dir, groups, run) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
@@ -358,7 +356,7 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
     if run is not None:  # a train-t2v checkpoint (pipelines/training_run.py)
         from opensora_plan.pipelines.training_run import load_run_transformer
 
-        transformer = load_run_transformer(run, torch_dtype, device, lora_scale)
+        transformer = load_run_transformer(run, torch_dtype, device, opts.lora_scale)
     else:
         transformer = LatteT2V.from_pretrained(model_path / version, torch_dtype=torch_dtype, device=device)
     pipe = OpenSoraPlanPipeline(
@@ -370,52 +368,52 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
         tokenizer=tokenizer,
     )
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
-    if lora is not None:
-        pipe.load_lora_weights(lora, lora_scale=lora_scale)
+    if opts.lora is not None:
+        pipe.load_lora_weights(opts.lora, lora_scale=opts.lora_scale)
         if any(p.dtype != torch_dtype for p in pipe.transformer.parameters()):
             pipe.transformer.to(torch_dtype)  # the adapters are stored in float32
     pipe.fast_cache_options = fast_cache_options(model_path)
-    pipe.enable_cache(cache)
-    if compile:
+    pipe.enable_cache(opts.cache)
+    if opts.compile:
         pipe.transformer.compile_blocks()
-    if sp_group is not None:
+    if groups["sp"] is not None:
         from opensora_plan.models.parallel import enable_sequence_parallel
 
-        enable_sequence_parallel(pipe.transformer, sp_group)
-    if cfg_group is not None:
+        enable_sequence_parallel(pipe.transformer, groups["sp"])
+    if groups["cfg"] is not None:
         from opensora_plan.models.parallel import enable_batch_parallel
 
-        enable_batch_parallel(pipe.transformer, cfg_group)  # [uncond; cond]: one half per rank
-    if enable_tiling:
-        pipe.enable_vae_tiling(tile_overlap_factor)
-    pipe.set_vae_memory_budget(vae_memory_gb)
+        enable_batch_parallel(pipe.transformer, groups["cfg"])  # [uncond; cond]: one half per rank
+    if opts.enable_tiling:
+        pipe.enable_vae_tiling(opts.tile_overlap_factor)
+    pipe.set_vae_memory_budget(opts.vae_memory_gb)
     pipe.set_progress_bar_config(disable=rank != 0 or not logger.isEnabledFor(logging.INFO))  # -q: no bars
-    num_frames = 1 if force_images else None
-    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    do_cfg = guidance_scale > 1.0
+    num_frames = 1 if opts.force_images else None
+    batches = [jobs[i : i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
+    do_cfg = opts.guidance_scale > 1.0
     # Encode every prompt of this rank, then free T5 before denoising (spec 4: ~9.5 GB in fp16).
-    encoded = [_encode_batch(pipe, [p for _, p in batch], negative_prompt, do_cfg, clean_caption, text_conditioning)
-               for batch in batches]
+    encoded = [_encode_batch(pipe, [p for _, p in batch], opts.negative_prompt, do_cfg, opts.clean_caption,
+                             opts.text_conditioning) for batch in batches]
     pipe.release_text_encoder()
 
     written = []
     for batch, (prompt_embeds, prompt_mask, negative_embeds, negative_mask) in zip(batches, encoded):
         # One generator per prompt, seeded as when the prompt is sampled alone: seed + its index.
-        generators = [torch.Generator("cpu").manual_seed(seed + index) for index, _ in batch]
+        generators = [torch.Generator("cpu").manual_seed(opts.seed + index) for index, _ in batch]
         videos = pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
             prompt_attention_mask=prompt_mask,
             negative_prompt_attention_mask=negative_mask,
             num_frames=num_frames,
-            num_inference_steps=num_sampling_steps,
-            guidance_scale=guidance_scale,
+            num_inference_steps=opts.num_sampling_steps,
+            guidance_scale=opts.guidance_scale,
             generator=generators,
         ).frames  # (B, T, H, W, 3) uint8
         for (index, prompt), frames in zip(batch, videos):
-            if not writes:
+            if not groups["writer"]:
                 continue
-            written.append(_save(out_dir / video_filename(index, prompt), frames, fps))
+            written.append(_save(out_dir / video_filename(index, prompt), frames, opts.fps))
             logger.info("%swrote %s", tag, written[-1])
     return written
 
@@ -467,28 +465,21 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
                          '(or --prompt_file).')
     opts = options.resolve()
     text_prompt = opts.prompt if opts.prompt is not None else opts.text_prompt
-    (prompt_file, clean_caption, text_conditioning, model_path, version, text_encoder_name, ae, save_img_path, fps,
-     guidance_scale, num_sampling_steps, sample_method, seed, enable_tiling, tile_overlap_factor, dtype, device,
-     negative_prompt, batch_size, force_images, cache, compile, sp_size, cfg_parallel, lora, lora_scale,
-     vae_memory_gb) = (getattr(opts, k) for k in (
-        "prompt_file", "clean_caption", "text_conditioning", "model_path", "version", "text_encoder_name", "ae",
-        "save_img_path", "fps", "guidance_scale", "num_sampling_steps", "sample_method", "seed", "enable_tiling",
-        "tile_overlap_factor", "dtype", "device", "negative_prompt", "batch_size", "force_images", "cache", "compile",
-        "sp_size", "cfg_parallel", "lora", "lora_scale", "vae_memory_gb"))
+    model_path, version, text_encoder_name, device = opts.model_path, opts.version, opts.text_encoder_name, opts.device
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    block = sp_size * (2 if cfg_parallel else 1)
+    block = opts.sp_size * (2 if opts.cfg_parallel else 1)
     if world % block:
-        raise ValueError(f"--sp_size {sp_size}" + (" x 2 (--cfg_parallel)" if cfg_parallel else "") + f" must divide "
-                         f"the number of processes ({world}); launch with torchrun --nproc_per_node a multiple of "
-                         f"{block}.")
-    if cfg_parallel and guidance_scale <= 1.0:
-        raise ValueError(f"--cfg_parallel splits classifier-free guidance, which --guidance_scale {guidance_scale} "
-                         "turns off; use a scale > 1 or drop --cfg_parallel.")
-    scheduler = create_scheduler(sample_method)
-    prompts = read_prompts(text_prompt, prompt_file)
-    preprocess_prompts(prompts, clean=clean_caption, warn=False)  # a prompt that cleaning empties: error now
-    out_dir = check_output_folder(save_img_path, "--save_img_path")
-    suffix = ".png" if force_images else ".mp4"
+        raise ValueError(f"--sp_size {opts.sp_size}" + (" x 2 (--cfg_parallel)" if opts.cfg_parallel else "")
+                         + f" must divide the number of processes ({world}); launch with torchrun "
+                         f"--nproc_per_node a multiple of {block}.")
+    if opts.cfg_parallel and opts.guidance_scale <= 1.0:
+        raise ValueError(f"--cfg_parallel splits classifier-free guidance, which --guidance_scale "
+                         f"{opts.guidance_scale} turns off; use a scale > 1 or drop --cfg_parallel.")
+    scheduler = create_scheduler(opts.sample_method)
+    prompts = read_prompts(text_prompt, opts.prompt_file)
+    preprocess_prompts(prompts, clean=opts.clean_caption, warn=False)  # a prompt that cleaning empties: error now
+    out_dir = check_output_folder(opts.save_img_path, "--save_img_path")
+    suffix = ".png" if opts.force_images else ".mp4"
     for index, prompt in enumerate(prompts):  # a planned file that is a folder would fail only after sampling
         target = out_dir / video_filename(index, prompt, suffix)
         if target.is_dir():
@@ -505,14 +496,14 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
             text_encoder_name = run.text_encoder
         print(f"Using {run.describe()}", flush=True)
     else:
-        _check_model_folders(model_path, version, ae, str(text_encoder_name))
-    if lora_scale != 1.0 and lora is None and (run is None or run.lora is None):
-        raise ValueError(f"--lora_scale {lora_scale} needs a LoRA: pass --lora or a LoRA run's checkpoint.")
-    if lora is not None:
+        _check_model_folders(model_path, version, opts.ae, str(text_encoder_name))
+    if opts.lora_scale != 1.0 and opts.lora is None and (run is None or run.lora is None):
+        raise ValueError(f"--lora_scale {opts.lora_scale} needs a LoRA: pass --lora or a LoRA run's checkpoint.")
+    if opts.lora is not None:
         from opensora_plan.models.lora import find_lora
 
-        if find_lora(lora) is None:
-            raise FileNotFoundError(f"--lora {lora} holds no pytorch_lora_weights.safetensors; give the adapter "
+        if find_lora(opts.lora) is None:
+            raise FileNotFoundError(f"--lora {opts.lora} holds no pytorch_lora_weights.safetensors; give the adapter "
                                     f"folder (e.g. runs/x/checkpoint-600/model).")
         if run is not None and run.lora is not None:
             raise ValueError(f"{model_path} is a LoRA run whose adapter is applied already; drop --lora "
@@ -520,12 +511,13 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)
-    torch_dtype = (torch.float16 if device.type == "cuda" else torch.float32) if dtype == "auto" else parse_dtype(dtype)
+    torch_dtype = ((torch.float16 if device.type == "cuda" else torch.float32) if opts.dtype == "auto"
+                   else parse_dtype(opts.dtype))
     groups = {"sp": None, "cfg": None, "dp_rank": rank, "dp_size": world_size, "writer": True}
     if block > 1:
         from opensora_plan.models.parallel import init_parallel_groups
 
-        groups = init_parallel_groups(sp_size, 2 if cfg_parallel else 1)
+        groups = init_parallel_groups(opts.sp_size, 2 if opts.cfg_parallel else 1)
     dp_rank, dp_size = groups["dp_rank"], groups["dp_size"]
     jobs = shard(list(enumerate(prompts)), dp_rank, dp_size)  # [(global index, prompt)]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -534,18 +526,12 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
     start = time.perf_counter()
     written = []
     if jobs:  # more processes than prompts leaves some ranks idle
-        written = _sample_jobs(
-            jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir,
-            fps=fps, guidance_scale=guidance_scale, num_sampling_steps=num_sampling_steps, seed=seed,
-            enable_tiling=enable_tiling, tile_overlap_factor=tile_overlap_factor, negative_prompt=negative_prompt,
-            batch_size=batch_size, force_images=force_images, clean_caption=clean_caption,
-            text_conditioning=text_conditioning, cache=cache, compile=compile, sp_group=groups["sp"],
-            cfg_group=groups["cfg"], writes=groups["writer"], run=run, lora=lora, lora_scale=lora_scale,
-            vae_memory_gb=vae_memory_gb,
-        )
+        written = _sample_jobs(jobs, opts, model_path, version, text_encoder_name, scheduler, torch_dtype, device,
+                               rank, tag, out_dir, groups, run)
     elapsed = time.perf_counter() - start
     print(
-        f"{tag}Sampled {len(written)} video(s) with {version} ({sample_method}, {num_sampling_steps} steps) "
+        f"{tag}Sampled {len(written)} video(s) with {version} ({opts.sample_method}, {opts.num_sampling_steps} "
+        f"steps) "
         f"in {elapsed:.1f} s ({elapsed / max(len(written), 1):.1f} s per video) -> {out_dir}",
         flush=True,
     )
@@ -553,7 +539,7 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
         from opensora_plan.data.video_io import read_video, write_gif
 
         for path in [p for p in written if p.suffix == ".mp4"]:
-            print(f"wrote {write_gif(path.with_suffix('.gif'), read_video(path)[0], fps)}", flush=True)
+            print(f"wrote {write_gif(path.with_suffix('.gif'), read_video(path)[0], opts.fps)}", flush=True)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
