@@ -330,7 +330,7 @@ def test_data_check_rejects_a_bad_spec_before_decoding(mixed, capsys):
 def models(tmp_path_factory, fixtures_dir):
     """Tiny T5 (width 32) and the fixture-config CausalVAE (4x8x8, random weights)."""
     from opensora_plan.models.causalvae import CausalVAEModel
-    from opensora_plan.models.text_encoder import build_tiny_t5
+    from opensora_plan.demo.tiny_t5 import build_tiny_t5
 
     root = tmp_path_factory.mktemp("bucket_models")
     t5 = build_tiny_t5(root / "t5", CAPTIONS, d_model=32)

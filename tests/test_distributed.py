@@ -67,7 +67,7 @@ def test_train_t2v_two_processes_ddp_and_fsdp2(tmp_path, fixtures_dir):
 
     from opensora_plan.data.video_io import write_video
     from opensora_plan.models.causalvae import CausalVAEModel
-    from opensora_plan.models.text_encoder import build_tiny_t5
+    from opensora_plan.demo.tiny_t5 import build_tiny_t5
 
     captions = ["a red ball", "waves on a beach", "a green square", "snow on a city"]
     t5 = build_tiny_t5(tmp_path / "t5", captions, d_model=32)

@@ -31,7 +31,7 @@ def clip(seed: int, frames: int = 12, height: int = 24, width: int = 32) -> torc
 def setup(tmp_path_factory):
     """Videos (two good, one corrupt), a JSON, a tiny T5 and a tiny VAE folder."""
     from opensora_plan.models.causalvae import CausalVAEModel
-    from opensora_plan.models.text_encoder import build_tiny_t5
+    from opensora_plan.demo.tiny_t5 import build_tiny_t5
 
     root = tmp_path_factory.mktemp("features")
     write_video(root / "a.mp4", clip(0), fps=12)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from opensora_plan.demo.tiny_t5 import build_tiny_t5
 from opensora_plan.models import text_encoder as te
 
 CAPTIONS = [
@@ -21,7 +22,7 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
-    return te.build_tiny_t5(tmp_path_factory.mktemp("t5"), CAPTIONS, d_model=32, num_layers=1)
+    return build_tiny_t5(tmp_path_factory.mktemp("t5"), CAPTIONS, d_model=32, num_layers=1)
 
 
 def test_tiny_t5_has_the_deepfloyd_file_set_and_loads(tiny_t5):
@@ -83,13 +84,13 @@ def test_incomplete_folder_names_what_is_missing(tiny_t5, tmp_path, remove, what
 
 
 def test_build_tiny_t5_is_seeded(tmp_path):
-    a = te.load_text_encoder(te.build_tiny_t5(tmp_path / "a", CAPTIONS, seed=3))
-    b = te.load_text_encoder(te.build_tiny_t5(tmp_path / "b", CAPTIONS, seed=3))
-    c = te.load_text_encoder(te.build_tiny_t5(tmp_path / "c", CAPTIONS, seed=4))
+    a = te.load_text_encoder(build_tiny_t5(tmp_path / "a", CAPTIONS, seed=3))
+    b = te.load_text_encoder(build_tiny_t5(tmp_path / "b", CAPTIONS, seed=3))
+    c = te.load_text_encoder(build_tiny_t5(tmp_path / "c", CAPTIONS, seed=4))
     wa, wb, wc = (m.shared.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     with pytest.raises(ValueError, match="at least one non-empty caption"):
-        te.build_tiny_t5(tmp_path / "d", ["", "  "])
+        build_tiny_t5(tmp_path / "d", ["", "  "])
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def assets(tmp_path_factory, fixtures_dir):
     """
     from opensora_plan.data.video_io import write_video
     from opensora_plan.models.causalvae import CausalVAEModel
-    from opensora_plan.models.text_encoder import build_tiny_t5
+    from opensora_plan.demo.tiny_t5 import build_tiny_t5
 
     root = tmp_path_factory.mktemp("t2v_assets")
     t5 = build_tiny_t5(root / "t5", CAPTIONS, d_model=32)

@@ -16,7 +16,7 @@ import torch
 
 from opensora_plan.models.causalvae import CausalVAEModel
 from opensora_plan.models.latte import build_latte
-from opensora_plan.models.text_encoder import build_tiny_t5
+from opensora_plan.demo.tiny_t5 import build_tiny_t5
 
 TINY_VERSION = "tiny-17x64x64"
 CAPTIONS = [

@@ -177,3 +177,8 @@ def read_json_file(path: str | os.PathLike, what: str):
         return json.loads(read_text_file(path, what))
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path} is not valid JSON ({err}); fix or replace the file.") from err
+
+
+def valid_num_frames(num_frames: int, temporal_compression: int = 4) -> bool:
+    """The CausalVAE's frame rule: 1 frame (an image) or 1 + k * ``temporal_compression`` frames (17, 65, ...)."""
+    return num_frames >= 1 and (num_frames - 1) % temporal_compression == 0

@@ -291,15 +291,19 @@ def plan_buckets(paths: list[Path], buckets: list[Bucket], sample_rate: int = 1,
 
 def format_bucket_report(plan: BucketPlan, world_size: int = 1) -> str:
     """The histogram table and the clips that fit no bucket (with why), as printed by ``data check --buckets``."""
-    rows = plan.histogram(world_size)
+    return format_bucket_table(plan.histogram(world_size), plan.unfit, len(plan.unreadable))
+
+
+def format_bucket_table(rows: list[dict], unfit: list[dict], num_unreadable: int) -> str:
+    """:func:`format_bucket_report` from its parts (``BucketPlan.histogram()`` rows, the unfit clips)."""
     width = max(len("bucket"), *(len(r["bucket"]) for r in rows))
     lines = [f"{'bucket':<{width}}  {'clips':>6}  {'batch':>5}  {'batches/epoch':>13}"]
     for r in rows:
         batch = "-" if r["batch_size"] is None else str(r["batch_size"])
         lines.append(f"{r['bucket']:<{width}}  {r['clips']:>6}  {batch:>5}  {r['batches_per_epoch']:>13}")
     assigned = sum(r["clips"] for r in rows)
-    lines.append(f"{assigned} clips in buckets, {len(plan.unfit)} fit no bucket, {len(plan.unreadable)} unreadable")
-    for item in plan.unfit:
+    lines.append(f"{assigned} clips in buckets, {len(unfit)} fit no bucket, {num_unreadable} unreadable")
+    for item in unfit:
         lines.append(f"NO BUCKET    entry {item['index']} ({item['path']}): {item['reason']}")
     return "\n".join(lines)
 

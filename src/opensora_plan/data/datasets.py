@@ -32,12 +32,14 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from .transforms import center_crop, image_slot_indices, temporal_window_indices, video_train_transform, window_indices
+from ..models.text_encoder import MODEL_MAX_LENGTH
+from ..options import Options, option
 from .video_io import VideoReader, VideoReadError
 
 logger = logging.getLogger(__name__)
@@ -319,16 +321,41 @@ def _stats(values: list[float]) -> dict | None:
     return {"min": ordered[0], "median": median, "max": ordered[-1]}
 
 
-def check_dataset(
-    data_path: str | os.PathLike,
-    video_folder: str | os.PathLike | None = None,
-    text_encoder_name: str | os.PathLike | None = None,
-    num_frames: int | None = None,
-    sample_rate: int = 1,
-    model_max_length: int = 300,
-    progress: bool = True,
-    decode: bool = True,
-) -> dict:
+@dataclass
+class DataCheckOptions(Options):
+    """Every option of ``opensora-plan data check`` / :func:`check_dataset`, with its default and checks."""
+
+    COMMAND: ClassVar[str] = "data check"
+
+    data_path: str = option(positional=True, help="dataset JSON list")
+    video_folder: str | None = option(None, help="base folder for relative paths (unset: the JSON's folder)")
+    text_encoder_name: str | None = option(None, help="local T5 folder: also count caption tokens")
+    num_frames: int | None = option(None, help="also count videos shorter than this window")
+    sample_rate: int = option(1, help="window stride for --num_frames")
+    model_max_length: int = option(MODEL_MAX_LENGTH, help="token limit to report against")
+    buckets: str | None = option(None, help="bucket spec, preset or file (as train-t2v --buckets): print the "
+                                 "bucket histogram and the clips that fit no bucket, with why")
+    train_batch_size: int = option(1, help="with --buckets: the first bucket's batch (sets the token budget of the "
+                                   "others)")
+    json_out: str | None = option(None, help="also write the full report as JSON here")
+    decode: bool = option(True, flag="--no_decode", help="only open the videos (fast) instead of decoding every "
+                          "frame; may pass files training skips")
+
+    def __post_init__(self):
+        if self.buckets:
+            from .buckets import parse_buckets
+
+            parse_buckets(self.buckets)  # a bad spec fails before the decode pass
+        for name in ("num_frames", "sample_rate", "model_max_length", "train_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.json_out:
+            from ..utils import check_output_file
+
+            check_output_file(self.json_out, "--json_out")  # before the decode pass, not after it
+
+
+def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
     """Open every video of a dataset JSON and summarise it (all problems listed, nothing raised for them).
 
     With ``decode`` (default) every frame of every video is decoded with the reader training uses, so a
@@ -340,9 +367,19 @@ def check_dataset(
     resolution and duration (min / median / max), caption counts and lengths in words, and in tokens
     when a T5 folder is given (with how many exceed ``model_max_length`` and will be truncated). With
     ``num_frames``, also how many videos are shorter than one sampling window (their frames repeat).
+    Takes a :class:`DataCheckOptions`, or its fields (data_path positionally); with ``json_out`` the
+    report is also written there as JSON (the path is checked when the options are built).
     """
+    import json
+
     from tqdm.auto import tqdm
 
+    from ..utils import atomic_write_bytes
+
+    o = DataCheckOptions.of(*args, **kwargs)
+    (data_path, video_folder, text_encoder_name, num_frames, sample_rate, model_max_length, decode) = (
+        getattr(o, k) for k in ("data_path", "video_folder", "text_encoder_name", "num_frames", "sample_rate",
+                                "model_max_length", "decode"))
     data_path = Path(data_path)
     raw = read_raw_entries(data_path)
     if not raw:  # the same rule as training (load_video_entries): an empty list is not a dataset
@@ -408,6 +445,14 @@ def check_dataset(
     if num_frames is not None:
         report["shorter_than_window"] = sum(f < num_frames * sample_rate for f in frames)
         report["window_frames"] = num_frames * sample_rate
+    if o.buckets:
+        from .buckets import check_buckets
+
+        plan = check_buckets(data_path, o.buckets, o.train_batch_size, sample_rate, video_folder=video_folder,
+                             progress=progress)
+        report["buckets"] = {"histogram": plan.histogram(), "unfit": plan.unfit, "unreadable": plan.unreadable}
+    if o.json_out:
+        atomic_write_bytes(o.json_out, json.dumps(report, indent=2).encode("utf-8"))
     return report
 
 
@@ -458,6 +503,11 @@ def format_check_report(report: dict) -> str:
         lines.append(f"MALFORMED    entry {item['index']}: {item['problem']}")
     for item in report["unreadable"]:
         lines.append(f"UNREADABLE   entry {item['index']}: {item['reason']}")
+    if "buckets" in report:
+        from .buckets import format_bucket_table
+
+        b = report["buckets"]
+        lines += ["", format_bucket_table(b["histogram"], b["unfit"], len(b["unreadable"]))]
     return "\n".join(lines)
 
 

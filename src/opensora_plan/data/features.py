@@ -34,7 +34,9 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
@@ -42,9 +44,11 @@ from safetensors.torch import save as safetensors_save
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..utils import atomic_write_bytes, check_finite, parse_dtype, resolve_device
+from ..options import Options, option
+from ..utils import atomic_write_bytes, check_finite, parse_dtype, resolve_device, valid_num_frames
 from .datasets import VideoCaptionDataset, load_video_entries
 from .transforms import image_slot_indices, last_window_start, video_train_transform, window_indices
+from ..models.text_encoder import MODEL_MAX_LENGTH
 from .video_io import VideoReader, VideoReadError
 
 logger = logging.getLogger(__name__)
@@ -124,34 +128,56 @@ def encode_captions_trimmed(tokenizer, text_encoder, captions: list[str], max_le
     return [embeds[j, : int(n)].cpu().contiguous() for j, n in enumerate(lengths)]
 
 
-def extract_features(
-    data_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    video_folder: str | os.PathLike | None = None,
-    text_encoder_name: str | os.PathLike | None = None,
-    ae_path: str | os.PathLike | None = None,
-    num_frames: int = 17,
-    sample_rate: int = 1,
-    max_image_size: int = 256,
-    use_image_num: int = 0,
-    model_max_length: int = 300,
-    shard_size: int = 64,
-    device: str | None = None,
-    text_dtype: str = "bf16",
-    enable_tiling: bool = False,
-    clean_captions: bool = True,
-    progress: bool = True,
-) -> dict:
+@dataclass
+class ExtractOptions(Options):
+    """Every option of ``opensora-plan extract`` / :func:`extract_features`, with its default and checks."""
+
+    COMMAND: ClassVar[str] = "extract"
+
+    data_path: str = option(help="dataset JSON list")
+    out_dir: str = option(flag="--out", help="output folder of the cache")
+    video_folder: str | None = option(None, help="base folder for relative paths (unset: the JSON's folder)")
+    text_encoder_name: str | None = option(None, help="local T5 folder: cache caption embeddings")
+    ae_path: str | None = option(None, help="CausalVAE folder: cache latent posteriors (mean, logvar)")
+    num_frames: int = option(17, help="frames per clip, 1 + 4k")
+    sample_rate: int = option(1, help="temporal stride")
+    max_image_size: int = option(256, help="square frame size in pixels: the largest centred square is cropped, "
+                                 "then resized to this")
+    use_image_num: int = option(0, help="joint-training images per clip")
+    model_max_length: int = option(MODEL_MAX_LENGTH, help="T5 tokens per caption")
+    shard_size: int = option(64, help="entries per shard")
+    text_dtype: str = option("bf16", choices=["fp32", "bf16", "fp16"],
+                             help="T5 dtype, also the stored dtype (bf16 as the reference trainer)")
+    enable_tiling: bool = option(False, help="encode in spatial tiles (for 512 px)")
+    clean_captions: bool = option(True, flag="--no_clean_caption", help="only lower-case captions instead of "
+                                  "the reference's caption cleaning")
+    device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
+
+    def __post_init__(self):
+        if self.text_encoder_name is None and self.ae_path is None:
+            raise ValueError("Nothing to extract: pass --text_encoder_name (T5 folder), --ae_path (VAE folder) or "
+                             "both.")
+        for name, least in (("shard_size", 1), ("sample_rate", 1), ("model_max_length", 1), ("use_image_num", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name} must be at least {least}, got {getattr(self, name)}.")
+        if self.ae_path is not None and not valid_num_frames(self.num_frames):
+            raise ValueError(f"--num_frames {self.num_frames} is not a length the CausalVAE accepts; use 1 + 4k "
+                             "(e.g. 17 or 65).")
+
+
+def extract_features(*args, progress: bool = True, **kwargs) -> dict:
     """Cache T5 embeddings (``text_encoder_name``) and/or VAE posteriors (``ae_path``) of a dataset.
 
     Resumable: shards already written with the same settings are kept. Returns a summary dict
     (shards written / reused, entries cached, skipped videos with reasons).
+    Takes an :class:`ExtractOptions`, or its fields (data_path, out_dir positionally).
     """
-    if text_encoder_name is None and ae_path is None:
-        raise ValueError("Nothing to extract: pass --text_encoder_name (T5 folder), --ae_path (VAE folder) or both.")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}.")
+    o = ExtractOptions.of(*args, **kwargs)
+    (data_path, out_dir, video_folder, text_encoder_name, ae_path, num_frames, sample_rate, max_image_size,
+     use_image_num, model_max_length, shard_size, text_dtype, enable_tiling, clean_captions, device) = (
+        getattr(o, k) for k in ("data_path", "out_dir", "video_folder", "text_encoder_name", "ae_path", "num_frames",
+                                "sample_rate", "max_image_size", "use_image_num", "model_max_length", "shard_size",
+                                "text_dtype", "enable_tiling", "clean_captions", "device"))
     entries = load_video_entries(data_path, video_folder)
     out_dir = Path(out_dir)
     settings = {

@@ -20,11 +20,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from opensora_plan.demo.judge import judge_video
 from opensora_plan.demo.shapes import all_prompts, parse_caption
+from opensora_plan.options import Options, option
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +109,31 @@ def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_metho
     return pipe, info
 
 
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+@dataclass
+class DemoEvalOptions(Options):
+    """Every option of ``opensora-plan demo eval``; sampling settings left unset come from the model's demo.json."""
+
+    COMMAND: ClassVar[str] = "demo eval"
+
+    model_path: str | None = option(None, help="demo model folder (unset: the shipped demo)")
+    num_prompts: int | None = option(None, help="evaluate a spread subset of the 60 prompts (unset: all)")
+    seeds: list[int] = option(default_factory=lambda: list(DEFAULT_SEEDS), help="seeds per prompt")
+    num_sampling_steps: int | None = option(None, help="unset: the model's demo.json")
+    guidance_scale: float | None = option(None, help="unset: the model's demo.json")
+    sample_method: str | None = option(None, help="scheduler name; unset: the model's demo.json")
+    save_dir: str | None = option(None, help="keep the sampled mp4 files here")
+    json_out: str | None = option(None, help="write the per-video verdicts and accuracies here")
+    device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
+    cache: str = option("none", help="step caching as in `sample --cache`")
+
+
 def evaluate_demo(
     model_path: str | os.PathLike | None = None,
     prompts: list[str] | None = None,
-    seeds: tuple[int, ...] = (0, 1, 2),
+    seeds: tuple[int, ...] = DEFAULT_SEEDS,
     num_sampling_steps: int | None = None,
     guidance_scale: float | None = None,
     sample_method: str | None = None,

@@ -12,13 +12,9 @@ release layout plus ``demo.json``::
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 DEMO_INFO = "demo.json"
-# Release defaults of `opensora-plan sample` when a real checkpoint folder (without demo.json) is given.
-RELEASE_SAMPLE_DEFAULTS = {"version": "65x512x512", "text_encoder_name": "DeepFloyd/t5-v1_1-xxl",
-                           "sample_method": "PNDM", "num_sampling_steps": 50, "guidance_scale": 7.5, "fps": 24.0}
 
 
 def default_model_path() -> Path:
@@ -49,35 +45,8 @@ def fast_cache_options(model_path: str | os.PathLike | None) -> dict:
 
 
 def sample_defaults(model_path: str | os.PathLike | None = None, **given) -> dict:
-    """Options of ``opensora-plan sample`` with every ``None`` filled in.
+    """Options of ``opensora-plan sample`` with every ``None`` filled in; see
+    :func:`opensora_plan.pipelines.sample_t2v.resolve_sample_defaults` (where the release defaults live)."""
+    from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
 
-    No ``model_path``: the shipped demo model and its ``demo.json`` settings. A folder holding a
-    ``demo.json`` (a ``demo train`` output): that file's settings. Any other folder (a real checkpoint):
-    the release defaults (``RELEASE_SAMPLE_DEFAULTS``). Values given (not ``None``) always win.
-    Keys: model_path, version, text_encoder_name, sample_method, num_sampling_steps, guidance_scale, fps.
-    """
-    from opensora_plan.diffusion.schedulers import clips_sample
-
-    unknown = sorted(set(given) - set(RELEASE_SAMPLE_DEFAULTS))
-    if unknown:
-        raise ValueError(f"sample_defaults got unknown options {unknown}; expected {sorted(RELEASE_SAMPLE_DEFAULTS)}.")
-    folder = Path(model_path) if model_path is not None else default_model_path()
-    if (folder / DEMO_INFO).is_file():
-        info = load_demo_info(folder)
-        defaults = {"version": info["version"], "text_encoder_name": str(folder / info["text_encoder"]),
-                    **{k: info[k] for k in ("sample_method", "num_sampling_steps", "guidance_scale", "fps")}}
-    elif model_path is None:
-        raise FileNotFoundError(f"The shipped demo model is missing from {folder}; reinstall opensora-plan or pass "
-                                f"--model_path (a release folder) and --text_encoder_name.")
-    else:
-        defaults = dict(RELEASE_SAMPLE_DEFAULTS)
-    options = {"model_path": str(folder) if model_path is None else model_path, **defaults}
-    options.update({k: v for k, v in given.items() if v is not None})
-    # The demo's scaled latents reach +-8: a scheduler that clips x0 to [-1, 1] (DDIM, DDPM as the reference
-    # builds them) turns every object the same colour (docs/demo.md).
-    if (folder / DEMO_INFO).is_file() and clips_sample(options["sample_method"]):
-        warnings.warn(
-            f"{options['sample_method']} clips the predicted latents to [-1, 1] (as the reference builds it); the "
-            f"demo model's latents reach +-8, so its videos lose their colours (docs/demo.md, 'Pick the scheduler "
-            f"with care'). Its default, {defaults['sample_method']}, does not clip.", UserWarning, stacklevel=2)
-    return options
+    return resolve_sample_defaults(model_path, **given)

@@ -11,8 +11,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+
+from opensora_plan.options import Options, option
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -109,13 +112,35 @@ def random_clip(rng: np.random.Generator, colour: str, shape: str, direction: st
     return Clip(colour, shape, direction, (axis_start(ux), axis_start(uy)), radius, distance)
 
 
-def make_dataset(out: str | Path, num_videos: int, num_frames: int = 17, size: int = 64, fps: int = 8,
-                 seed: int = 0, paraphrases: bool = True) -> Path:
+@dataclass
+class MakeDataOptions(Options):
+    """Every option of ``opensora-plan demo make-data`` / :func:`make_dataset`."""
+
+    COMMAND: ClassVar[str] = "demo make-data"
+
+    out: str = option(help="output folder (videos/ and data.json)")
+    num_videos: int = option(360, help="videos; the 60 combinations are cycled")
+    num_frames: int = option(17, help="frames per video")
+    size: int = option(64, help="frame size in pixels, square")
+    fps: int = option(8, help="frames per second of the mp4 files")
+    seed: int = option(0, help="seed of positions, sizes and speeds")
+    paraphrases: bool = option(True, flag="--no_paraphrases", help="only the canonical caption per video")
+
+    def __post_init__(self):
+        for name in ("num_videos", "num_frames", "size", "fps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+
+
+def make_dataset(*args, **kwargs) -> Path:
     """Write ``num_videos`` mp4 clips and ``data.json`` (the trainer's JSON format) under ``out``.
 
     Combinations are cycled so every one of the 60 appears ``num_videos // 60`` times or more.
-    Returns the JSON path.
+    Returns the JSON path. Takes a :class:`MakeDataOptions`, or its fields (out, num_videos, ... positionally).
     """
+    o = MakeDataOptions.of(*args, **kwargs)
+    out, num_videos, num_frames, size, fps, seed, paraphrases = (
+        o.out, o.num_videos, o.num_frames, o.size, o.fps, o.seed, o.paraphrases)
     from opensora_plan.data.video_io import write_video
 
     out = Path(out)

@@ -3,7 +3,7 @@
 One command runs the whole recipe, each stage through the same library function as its command:
 
 1. ``data``      -- :func:`~opensora_plan.demo.shapes.make_dataset` (``demo make-data``): mp4 + data.json;
-2. ``t5``        -- :func:`~opensora_plan.models.text_encoder.build_tiny_t5`: a sentencepiece vocabulary
+2. ``t5``        -- :func:`~opensora_plan.demo.tiny_t5.build_tiny_t5`: a sentencepiece vocabulary
                     trained on the captions + a small random T5 encoder (frozen, as T5 is in the real recipe);
 3. ``vae``       -- :func:`~opensora_plan.train.vae.train_vae` (``train-vae``) on the videos, then the
                     latent scale is measured on a few clips and written as ``scaling_factor``;
@@ -25,12 +25,15 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from opensora_plan.demo.model import DEMO_INFO
+from opensora_plan.options import Options, option
+from opensora_plan.utils import valid_num_frames
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +113,47 @@ class DemoRecipe:
                    latte_head_dim=16, t5_d_model=32, t5_d_ff=64, num_sampling_steps=2)
 
     def check(self) -> None:
-        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+        if not valid_num_frames(self.num_frames):
             raise ValueError(f"num_frames {self.num_frames} must be 1 + 4k for the 4x8x8 VAE (e.g. 17).")
         if self.size % 16:
             raise ValueError(f"size {self.size} must be a multiple of 16 (8x VAE compression, patch 2).")
         if self.num_videos < 1 or self.vae_steps < 1 or self.t2v_steps < 1:
             raise ValueError("num_videos, vae_steps and t2v_steps must be at least 1.")
+
+
+def _stage_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+_OVERRIDE = "override the recipe's value ({}; see docs/demo.md)"
+
+
+@dataclass
+class DemoTrainOptions(Options):
+    """Every option of ``opensora-plan demo train``: where, which stages, and overrides of :class:`DemoRecipe`
+    (None keeps the recipe's value; the help shows it)."""
+
+    COMMAND: ClassVar[str] = "demo train"
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = ("num_videos", "vae_steps", "t2v_steps", "t2v_batch_size",
+                                                "t2v_learning_rate", "latte_layers", "seed")
+
+    out: str = option(help="output folder")
+    stages: list[str] = option(default_factory=lambda: list(STAGES), type=_stage_list,
+                               help="comma-separated subset of the stages (later stages reuse what earlier runs "
+                               "wrote into --out)")
+    micro: bool = option(False, help="a few steps on a few videos: checks the wiring, learns nothing")
+    num_videos: int | None = option(None, help=_OVERRIDE.format(DemoRecipe.num_videos))
+    vae_steps: int | None = option(None, help=_OVERRIDE.format(DemoRecipe.vae_steps))
+    t2v_steps: int | None = option(None, help=_OVERRIDE.format(DemoRecipe.t2v_steps))
+    t2v_batch_size: int | None = option(None, help=_OVERRIDE.format(DemoRecipe.t2v_batch_size))
+    t2v_learning_rate: float | None = option(None, help=_OVERRIDE.format(DemoRecipe.t2v_learning_rate))
+    latte_layers: int | None = option(None, help=_OVERRIDE.format(DemoRecipe.latte_layers))
+    seed: int | None = option(None, help=_OVERRIDE.format(DemoRecipe.seed))
+
+    def recipe(self) -> DemoRecipe:
+        """The recipe (the micro one with --micro) with the overrides given."""
+        base = DemoRecipe.micro() if self.micro else DemoRecipe()
+        return replace(base, **{k: getattr(self, k) for k in self.RECIPE_FIELDS if getattr(self, k) is not None})
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +304,7 @@ def train_demo(out: str | os.PathLike, recipe: DemoRecipe | None = None, stages:
                      seed=recipe.data_seed)
 
     def stage_t5():
-        from opensora_plan.models.text_encoder import build_tiny_t5
+        from opensora_plan.demo.tiny_t5 import build_tiny_t5
 
         build_tiny_t5(t5_dir, _captions(data_json), d_model=recipe.t5_d_model, num_layers=recipe.t5_layers,
                       num_heads=recipe.t5_heads, d_ff=recipe.t5_d_ff, vocab_size=recipe.t5_vocab_size,

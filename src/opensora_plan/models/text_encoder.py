@@ -6,15 +6,14 @@ exactly 300 tokens (padding to max length, truncation, EOS added) and encoded wi
 mask. Nothing is downloaded here: :func:`load_t5` reads a local folder with the layout of that
 Hugging Face repository (``config.json``, weights, ``spiece.model``, ``tokenizer_config.json``).
 
-:func:`build_tiny_t5` writes a small random T5 with a sentencepiece vocabulary trained on the given
-captions in that same layout; tests and demo models use it to exercise the real loading code.
+:func:`opensora_plan.demo.tiny_t5.build_tiny_t5` writes a small random T5 in that same layout (the demo
+model and the tests use it to exercise the real loading code).
 """
 
 from __future__ import annotations
 
 import functools
 import html
-import io
 import logging
 import os
 import re
@@ -26,7 +25,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-MAX_LENGTH = 300  # tokens per prompt, as the reference's sampler and trainer
+MODEL_MAX_LENGTH = 300  # tokens per prompt, as the reference's sampler and trainer (the one place of this number)
+MAX_LENGTH = MODEL_MAX_LENGTH  # the older name
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -108,7 +108,7 @@ def load_t5(
     return load_tokenizer(path), load_text_encoder(path, torch_dtype=torch_dtype, device=device)
 
 
-def tokenize(tokenizer, texts: str | list[str], max_length: int = MAX_LENGTH):
+def tokenize(tokenizer, texts: str | list[str], max_length: int = MODEL_MAX_LENGTH):
     """Token ids and attention mask, each (B, max_length): padded to max length, truncated, EOS added."""
     return tokenizer(
         texts,
@@ -122,7 +122,7 @@ def tokenize(tokenizer, texts: str | list[str], max_length: int = MAX_LENGTH):
 
 
 @torch.no_grad()
-def encode_texts(tokenizer, text_encoder, texts: str | list[str], max_length: int = MAX_LENGTH):
+def encode_texts(tokenizer, text_encoder, texts: str | list[str], max_length: int = MODEL_MAX_LENGTH):
     """``(embeddings (B, max_length, d_model), attention_mask (B, max_length))`` for raw texts."""
     tokens = tokenize(tokenizer, texts, max_length)
     device = text_encoder.device
@@ -304,72 +304,3 @@ def preprocess_texts(texts: str | Iterable[str], clean: bool = True) -> list[str
     if clean:
         return [clean_caption(clean_caption(t)) for t in texts]
     return [t.lower().strip() for t in texts]
-
-
-# --------------------------------------------------------------------------------------------
-# Tiny T5 for tests and demo models
-# --------------------------------------------------------------------------------------------
-
-
-def build_tiny_t5(
-    folder: str | os.PathLike,
-    captions: Iterable[str],
-    d_model: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    d_ff: int = 64,
-    vocab_size: int = 256,
-    seed: int = 0,
-) -> Path:
-    """Write a small random T5 encoder + a sentencepiece vocabulary trained on ``captions`` to ``folder``.
-
-    The folder has the ``DeepFloyd/t5-v1_1-xxl`` layout (``config.json``, ``model.safetensors``,
-    ``spiece.model``, ``tokenizer_config.json``; no ``tokenizer.json``, so loading converts the
-    sentencepiece model as it does for the real repository) and loads with :func:`load_t5`.
-    ``vocab_size`` is a soft upper bound for the trained vocabulary (small caption sets give fewer
-    pieces); the model's embedding table is sized to the tokenizer, including T5's 100 sentinel ids.
-    Same-architecture options as T5 v1.1 (gated-GELU feed-forward, untied embeddings).
-    """
-    import sentencepiece as spm
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    captions = [c for c in captions if c.strip()]
-    if not captions:
-        raise ValueError("build_tiny_t5 needs at least one non-empty caption to train its vocabulary on.")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model_bytes = io.BytesIO()
-    # T5's special ids: pad 0, eos 1, unk 2, no bos. hard_vocab_limit=False: small corpora give fewer pieces.
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions),
-        model_writer=model_bytes,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
-    (folder / "spiece.model").write_bytes(model_bytes.getvalue())
-    tokenizer = T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
-    tokenizer.save_pretrained(str(folder))
-    (folder / "tokenizer.json").unlink(missing_ok=True)  # keep the DeepFloyd file set
-
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=d_model // num_heads,
-        d_ff=d_ff,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=0.0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = T5EncoderModel(config)
-    model.save_pretrained(str(folder))
-    return folder

@@ -29,13 +29,14 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..options import Options, option
 from ..utils import atomic_write_bytes, check_output_file, read_text_file
 
 logger = logging.getLogger(__name__)
@@ -289,47 +290,76 @@ def _list_videos(folder: Path, flag: str) -> list[Path]:
     return videos
 
 
-def evaluate_t2v(
-    videos: str | os.PathLike,
-    metrics: Sequence[str] = METRICS,
-    prompts: str | os.PathLike | None = None,
-    real: str | os.PathLike | None = None,
-    clip_model: str | os.PathLike | None = None,
-    i3d_model: str | os.PathLike | None = None,
-    i3d_sha256: str | None = None,
-    num_frames: int = FVD_NUM_FRAMES,
-    sample_rate: int = 1,
-    resolution: int = FVD_RESOLUTION,
-    clip_frames: int = 0,
-    batch_size: int = 8,
-    subset_size: int | None = None,
-    device: str | None = None,
-    json_out: str | os.PathLike | None = None,
-    save_real_stats: str | os.PathLike | None = None,
-) -> T2VEvaluation:
+def _metric_list(text: str) -> list[str]:
+    """``--metrics clip_score,fvd`` -> ["clip_score", "fvd"] (checked by EvalT2VOptions)."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+@dataclass
+class EvalT2VOptions(Options):
+    """Every option of ``opensora-plan eval-t2v`` / :func:`evaluate_t2v`, with its default and checks."""
+
+    COMMAND: ClassVar[str] = "eval-t2v"
+
+    videos: str = option(help="folder of generated videos (searched recursively)")
+    metrics: list[str] = option(default_factory=lambda: list(METRICS), type=_metric_list,
+                                help="comma-separated: clip_score, fvd")
+    prompts: str | None = option(None, help="prompt source: the .txt given to 'sample' (line i <-> video 000i-...) "
+                                 "or a .json (data list [{path, cap}] or {file name: prompt}); unset: read back from "
+                                 "the file names")
+    real: str | None = option(None, help="real videos for FVD: a folder (recursive) or an .npz from "
+                              "--save_real_stats")
+    clip_model: str | None = option(None, help="local CLIP folder (CLIPModel + CLIPProcessor files)")
+    i3d_model: str | None = option(None, help="local I3D weights: pytorch-i3d rgb_imagenet.pt or StyleGAN-V "
+                                   "i3d_torchscript.pt")
+    i3d_sha256: str | None = option(None, help="expected sha256 of --i3d_model (checked before loading)")
+    num_frames: int = option(FVD_NUM_FRAMES, help="FVD clip length, from frame 0")
+    sample_rate: int = option(1, help="FVD clip: every n-th frame")
+    resolution: int = option(FVD_RESOLUTION, help="FVD frame size after resizing the short side + centre crop")
+    clip_frames: int = option(0, help="CLIP score: N evenly spaced frames (0 = all)")
+    batch_size: int = option(8, help="videos per I3D batch / frames per CLIP batch")
+    subset_size: int | None = option(None, help="use only the first N videos (sorted by path) of each set")
+    device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
+    json_out: str | None = option(None, help=f"where to write the results (unset: <videos>/{DEFAULT_JSON_NAME})")
+    save_real_stats: str | None = option(None, help="also save the real set's I3D mean/covariance to this .npz")
+
+    def __post_init__(self):
+        if isinstance(self.metrics, str):
+            self.metrics = _metric_list(self.metrics)
+        self.metrics = list(dict.fromkeys(m.strip() for m in self.metrics if m.strip()))
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ValueError(f"--metrics must be a comma-separated subset of {','.join(METRICS)}, got "
+                             f"{','.join(self.metrics) or 'nothing'}.")
+        for name, least in (("num_frames", 1), ("sample_rate", 1), ("resolution", 1), ("batch_size", 1),
+                            ("clip_frames", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name} must be at least {least}, got {getattr(self, name)}.")
+
+
+def evaluate_t2v(*args, **kwargs) -> T2VEvaluation:
     """CLIP score and/or FVD of the videos under ``videos`` (recursive); see the module doc.
 
     ``metrics``: any of ``clip_score`` (needs ``clip_model``) and ``fvd`` (needs ``i3d_model`` and
     ``real``: a folder of real videos or an ``.npz`` from ``save_real_stats``). ``subset_size``
     keeps the first N generated (and real) videos by path. Writes :meth:`T2VEvaluation.to_dict` to
     ``json_out`` (default ``<videos>/eval_t2v.json``). Unreadable videos, and videos too short for
-    the FVD clip, are skipped and listed.
+    the FVD clip, are skipped and listed. Takes an :class:`EvalT2VOptions`, or its fields (videos
+    positionally).
 
     Raises ValueError / FileNotFoundError for bad options, all checked before a model is loaded.
     """
+    o = EvalT2VOptions.of(*args, **kwargs)
+    (videos, metrics, prompts, real, clip_model, i3d_model, i3d_sha256, num_frames, sample_rate, resolution,
+     clip_frames, batch_size, subset_size, device, json_out, save_real_stats) = (getattr(o, k) for k in (
+        "videos", "metrics", "prompts", "real", "clip_model", "i3d_model", "i3d_sha256", "num_frames", "sample_rate",
+        "resolution", "clip_frames", "batch_size", "subset_size", "device", "json_out", "save_real_stats"))
     from ..data.video_io import VideoReader
     from ..models.i3d import load_i3d, min_i3d_input, sha256_of_file
     from ..utils import resolve_device
 
     # ---- validate everything cheap first
-    metrics = tuple(dict.fromkeys(m.strip() for m in metrics if m.strip()))
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise ValueError(f"--metrics must be a comma-separated subset of {','.join(METRICS)}, got {','.join(metrics) or 'nothing'}.")
-    for name, value, least in (("--num_frames", num_frames, 1), ("--sample_rate", sample_rate, 1),
-                               ("--resolution", resolution, 1), ("--batch_size", batch_size, 1), ("--clip_frames", clip_frames, 0)):
-        if value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}.")
+    metrics = tuple(metrics)  # checked by EvalT2VOptions
     videos_dir = Path(videos)
     generated = _list_videos(videos_dir, "--videos")
     check_output_file(json_out or videos_dir / DEFAULT_JSON_NAME, "--json_out")  # before any scoring

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
+from ..options import Options, option
 from ..utils import atomic_write_bytes
 from .reconstruct import check_num_frames, load_clip, load_vae, quality, reconstruct_video
 
@@ -96,28 +96,48 @@ def lpips_video(lpips, video: torch.Tensor, reconstruction: torch.Tensor, frames
     return total / a.shape[0]
 
 
-def evaluate_vae(
-    model_path: str | os.PathLike,
-    video_path: str | os.PathLike,
-    num_frames: int = 17,
-    sample_rate: int = 1,
-    resolution: int = 336,
-    crop_size: int | None = None,
-    lpips_path: Sequence[str | os.PathLike] | None = None,
-    subset_size: int | None = None,
-    device: str | None = None,
-    dtype: str = "fp32",
-    sample: bool = False,
-    seed: int = 0,
-    enable_tiling: bool = False,
-    tile_overlap_factor: float = 0.25,
-    json_out: str | os.PathLike | None = None,
-) -> EvaluationSummary:
+@dataclass
+class EvalVAEOptions(Options):
+    """Every option of ``opensora-plan eval-vae`` / :func:`evaluate_vae`, with its default and checks."""
+
+    COMMAND: ClassVar[str] = "eval-vae"
+
+    model_path: str = option(help="CausalVAE folder (config.json + weights)")
+    video_path: str = option(help="a video file or a folder of videos (recursive)")
+    num_frames: int = option(17, help="frames per clip from frame 0, 1 + 4k")
+    sample_rate: int = option(1, help="take every n-th frame")
+    resolution: int = option(336, help="the short side is resized to this many pixels (aspect kept)")
+    crop_size: int | None = option(None, help="centre crop to a square of this size after resizing")
+    lpips_path: list[str] | None = option(None, help="LPIPS weight file(s); without them LPIPS is not computed")
+    subset_size: int | None = option(None, help="evaluate only the first N videos (sorted by path)")
+    device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
+    dtype: str = option("fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
+    sample: bool = option(False, help="decode a posterior sample instead of the mean")
+    seed: int = option(0, help="seed for --sample")
+    enable_tiling: bool = option(False, help="spatial tiling")
+    tile_overlap_factor: float = option(0.25, help="tile overlap")
+    json_out: str | None = option(None, help="write the per-video scores and means here (JSON)")
+
+    def __post_init__(self):
+        for name in ("num_frames", "sample_rate", "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.subset_size is not None and self.subset_size < 1:
+            raise ValueError(f"--subset_size must be at least 1, got {self.subset_size}.")
+
+
+def evaluate_vae(*args, **kwargs) -> EvaluationSummary:
     """Score the CausalVAE at ``model_path`` on one video or every video under a folder (recursive).
 
     Unreadable or too-short videos are skipped and listed. ``subset_size`` keeps the first N videos
     (sorted by path). ``json_out`` receives :meth:`EvaluationSummary.to_dict`.
+    Takes an :class:`EvalVAEOptions`, or its fields (model_path, video_path positionally).
     """
+    o = EvalVAEOptions.of(*args, **kwargs)
+    (model_path, video_path, num_frames, sample_rate, resolution, crop_size, lpips_path, subset_size, device, dtype,
+     sample, seed, enable_tiling, tile_overlap_factor, json_out) = (getattr(o, k) for k in (
+        "model_path", "video_path", "num_frames", "sample_rate", "resolution", "crop_size", "lpips_path",
+        "subset_size", "device", "dtype", "sample", "seed", "enable_tiling", "tile_overlap_factor", "json_out"))
     from ..models.lpips import load_lpips
     from ..data.video_io import VIDEO_EXTENSIONS, list_videos
 

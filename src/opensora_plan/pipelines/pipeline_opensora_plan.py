@@ -55,8 +55,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from opensora_plan.models.layers import inference_weight_cache
 from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache, parse_cache_spec
-from opensora_plan.models.text_encoder import MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
-from opensora_plan.utils import check_finite
+from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
+from opensora_plan.utils import check_finite, valid_num_frames
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 f"expected {cfg.in_channels} (epsilon) or {2 * cfg.in_channels} (epsilon + learned variance)."
             )
         default_frames = t_factor * (cfg.video_length - 1) + 1
-        if (num_frames - 1) % t_factor != 0:
+        if not valid_num_frames(num_frames, t_factor):
             raise ValueError(
                 f"num_frames={num_frames} is not 1 + {t_factor}k, which the VAE needs; use {default_frames} "
                 f"(this model) or 1 (image mode)."
@@ -397,7 +397,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         clean_caption: bool = True,
         mask_feature: bool = True,
-        max_length: int = MAX_LENGTH,
+        max_length: int = MODEL_MAX_LENGTH,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(prompt_embeds (B, L, C), negative_prompt_embeds (B, L, C) or None)`` as the reference builds them.
 
@@ -452,7 +452,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         negative_prompt: str = "",
         do_classifier_free_guidance: bool = True,
         clean_caption: bool = True,
-        max_length: int = MAX_LENGTH,
+        max_length: int = MODEL_MAX_LENGTH,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Per-prompt conditioning: ``(prompt_embeds (B, L, C), prompt_mask (B, L), negative_embeds (B, L, C)
         or None, negative_mask (B, L) or None)``; masks are bool, True = attend.

@@ -25,6 +25,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -38,7 +39,8 @@ from ..data.transforms import (
 )
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_gif, write_video
 from ..metrics import psnr, ssim
-from ..utils import atomic_write_bytes, check_finite, check_output_folder, parse_dtype, resolve_device
+from ..options import Options, option
+from ..utils import atomic_write_bytes, check_finite, check_output_folder, parse_dtype, resolve_device, valid_num_frames
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def load_vae(
 
 def check_num_frames(num_frames: int, temporal_compression: int) -> None:
     """The CausalVAE takes 1 frame (an image) or 1 + k*temporal_compression frames."""
-    if num_frames < 1 or (num_frames - 1) % temporal_compression:
+    if not valid_num_frames(num_frames, temporal_compression):
         valid = ", ".join(str(1 + temporal_compression * k) for k in (0, 1, 4, 16))
         raise ValueError(
             f"--num_frames {num_frames} is not a length the VAE accepts; use 1 + {temporal_compression}k "
@@ -230,34 +232,62 @@ def _reconstruct_file(vae, source: Path, target: Path, gif: bool, fps: float | N
     )
 
 
-def reconstruct(
-    model_path: str | os.PathLike,
-    video_path: str | os.PathLike,
-    rec_path: str | os.PathLike,
-    num_frames: int = 65,
-    sample_rate: int = 1,
-    resolution: int = 512,
-    crop_size: int | None = None,
-    enable_tiling: bool = False,
-    tile_overlap_factor: float = 0.25,
-    temporal_chunk: int | None = None,
-    temporal_context: int | None = None,
-    temporal_mode: str = "lossless",
-    device: str | None = None,
-    dtype: str = "fp32",
-    sample: bool = False,
-    seed: int = 0,
-    gif: bool = False,
-    fps: float | None = None,
-    backend: str = "auto",
-) -> ReconstructionSummary:
+@dataclass
+class ReconstructOptions(Options):
+    """Every option of ``opensora-plan reconstruct`` / :func:`reconstruct`, with its default and checks."""
+
+    COMMAND: ClassVar[str] = "reconstruct"
+
+    model_path: str = option(help="CausalVAE folder (e.g. the release's vae/)")
+    video_path: str = option(help="input video, or a folder of mp4/avi/webm/mkv/mov")
+    rec_path: str = option(help="output .mp4 (file mode) or output folder")
+    num_frames: int = option(65, help="frames to reconstruct, 1 + 4k")
+    sample_rate: int = option(1, help="take every n-th frame from frame 0")
+    resolution: int = option(512, help="the short side is resized to this many pixels (aspect kept); "
+                             "then --crop_size, if given, centre-crops a square")
+    crop_size: int | None = option(None, help="centre crop to a square of this size after resizing")
+    enable_tiling: bool = option(False, help="spatial tiling (frames larger than 256 px)")
+    tile_overlap_factor: float = option(0.25, help="tile overlap")
+    temporal_chunk: int | None = option(0, help="decode this many latent frames at a time to bound memory (0: all "
+                                        "at once)")
+    temporal_mode: str = option("lossless", choices=["lossless", "approximate"],
+                                help="lossless: same output as decoding all at once; approximate: per-chunk GroupNorm")
+    temporal_context: int | None = option(None, help="approximate mode: latent frames of context decoded before each "
+                                          "chunk and dropped (unset: 4)")
+    device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
+    dtype: str = option("fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
+    sample: bool = option(False, help="decode a posterior sample instead of the mode")
+    seed: int = option(0, help="seed for --sample")
+    gif: bool = option(False, help="also write <name>.gif beside each mp4")
+    fps: float | None = option(None, help="output fps (unset: source fps / sample_rate)")
+    backend: str = option("auto", choices=["auto", "pyav", "decord"], help="video reader")
+
+    def __post_init__(self):
+        for name in ("num_frames", "sample_rate", "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.temporal_chunk is not None and self.temporal_chunk < 0:
+            raise ValueError(f"--temporal_chunk must be >= 0 (0: decode all at once), got {self.temporal_chunk}.")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"--fps must be positive, got {self.fps}.")
+
+
+def reconstruct(*args, **kwargs) -> ReconstructionSummary:
     """Reconstruct one video file or every video in a folder with the CausalVAE at ``model_path``.
 
     File mode: ``rec_path`` is the output ``.mp4`` (or a folder to put ``<name>.mp4`` in); any problem
     raises. Folder mode (``video_path`` is a folder): outputs go to ``rec_path/<name>.mp4``, unreadable
     or too-short videos are skipped and listed, and ``rec_path/metrics.json`` holds the summary.
     ``fps`` of the output defaults to the source fps divided by ``sample_rate``.
+    Takes a :class:`ReconstructOptions`, or its fields (model_path, video_path, rec_path positionally).
     """
+    o = ReconstructOptions.of(*args, **kwargs)
+    (model_path, video_path, rec_path, num_frames, sample_rate, resolution, crop_size, enable_tiling,
+     tile_overlap_factor, temporal_mode, temporal_context, device, dtype, sample, seed, gif, fps, backend) = (
+        getattr(o, k) for k in ("model_path", "video_path", "rec_path", "num_frames", "sample_rate", "resolution",
+                                "crop_size", "enable_tiling", "tile_overlap_factor", "temporal_mode",
+                                "temporal_context", "device", "dtype", "sample", "seed", "gif", "fps", "backend"))
+    temporal_chunk = o.temporal_chunk or None  # 0: decode all at once
     video_path, rec_path = Path(video_path), Path(rec_path)
     if not video_path.exists():
         raise FileNotFoundError(f"--video_path {video_path} does not exist; give a video file or a folder of videos.")

@@ -21,13 +21,18 @@ file name, is refused with a pointer to ``--prompt_file`` rather than sampled as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
+
+from opensora_plan.options import Options, option
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,178 @@ DEFAULT_TEXT_ENCODER = "DeepFloyd/t5-v1_1-xxl"
 
 FILE_NAME_SUFFIXES = (".txt", ".lst", ".list", ".csv", ".tsv", ".json", ".jsonl", ".prompts", ".text")
 TEXT_CONDITIONING = ("per_prompt", "reference")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+# The release's sampling settings (the reference's sample_t2v.sh), used for a model folder without a
+# demo.json; a demo model folder carries its own in demo.json (docs/demo.md).
+RELEASE_SAMPLE_DEFAULTS = {"version": "65x512x512", "text_encoder_name": DEFAULT_TEXT_ENCODER,
+                           "sample_method": "PNDM", "num_sampling_steps": 50, "guidance_scale": 7.5, "fps": 24.0}
+_SCHEDULERS = ("PNDM, DDIM, EulerDiscrete, DDPM, DPMSolverMultistep, DPMSolverSinglestep, HeunDiscrete, "
+               "EulerAncestralDiscrete, DEISMultistep, KDPM2AncestralDiscrete, UniPCMultistep")
+
+
+def _model_default(name: str) -> str:
+    """Help text of an option whose default comes from the model folder."""
+    return f"(default: the demo model's demo.json; a release folder: {RELEASE_SAMPLE_DEFAULTS[name]})"
+
+
+def parse_memory_budget(text: str) -> float | str | None:
+    """``--vae_memory_gb``: 'auto', 0 (never chunk: None) or a positive number of GiB."""
+    import argparse
+
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 or 'auto', got {text!r}")
+    return value or None
+
+
+@dataclass
+class SampleOptions(Options):
+    """Every option of ``opensora-plan sample`` / :func:`sample_t2v`, with its default and its check.
+
+    ``None`` for ``model_path`` means the shipped demo model; ``None`` for version, text_encoder_name,
+    fps, guidance_scale, num_sampling_steps and sample_method means "the model folder's own setting":
+    its ``demo.json`` (a demo model) or :data:`RELEASE_SAMPLE_DEFAULTS` (:meth:`resolve` fills them in).
+    """
+
+    COMMAND: ClassVar[str] = "sample"
+
+    prompt: str | None = option(None, positional=True, help="the prompt (or use --text_prompt)")
+    model_path: str | None = option(None, help="folder with the version folders and vae/ (unset: the shipped demo "
+                                    f"model, docs/demo.md; the release is {DEFAULT_MODEL_PATH}), or a train-t2v run "
+                                    "or checkpoint folder")
+    version: str | None = option(None, help=f"version folder under --model_path: {', '.join(VERSIONS)} "
+                                 + _model_default("version"))
+    text_encoder_name: str | None = option(None, help=f"local T5 folder ({DEFAULT_TEXT_ENCODER} layout) "
+                                           + _model_default("text_encoder_name"))
+    text_prompt: str | None = option(None, help="the prompt (always text, never a file name)")
+    prompt_file: str | None = option(None, help="a text file with one prompt per line (blank lines skipped)")
+    clean_caption: bool = option(True, flag="--no_clean_caption",
+                                 help="feed prompts as written (lower-cased) instead of the reference's caption "
+                                 "cleaning, which removes e.g. CJK characters, URLs and file names")
+    text_conditioning: str = option("per_prompt", choices=list(TEXT_CONDITIONING),
+                                    help="per_prompt: a prompt gets the same video alone and in any batch, and the "
+                                    "negative prompt keeps all its tokens; reference: the reference's batch rule "
+                                    "(padded to the token limit, padded positions attended to) and negative prompt "
+                                    "cut to the prompt's length")
+    negative_prompt: str = option("", help="negative prompt (empty, as the reference)", show_default=False)
+    ae: str = option(AE_NAMES[0], help=f"autoencoder name (only {AE_NAMES[0]})")
+    save_img_path: str = option("./sample_videos", help="output folder")
+    fps: float | None = option(None, help="frames per second of the mp4 " + _model_default("fps"))
+    gif: bool = option(False, help="also write <name>.gif beside each mp4")
+    guidance_scale: float | None = option(None, help="classifier-free guidance (1 disables it) "
+                                          + _model_default("guidance_scale"))
+    num_sampling_steps: int | None = option(None, help="scheduler steps " + _model_default("num_sampling_steps"))
+    sample_method: str | None = option(None, help=f"scheduler {_model_default('sample_method')}: {_SCHEDULERS}")
+    seed: int = option(0, help="seed; prompt i uses seed + i")
+    batch_size: int = option(1, help="prompts per denoising batch")
+    force_images: bool = option(False, help="image mode: 1 frame, temporal attention off (png)")
+    sp_size: int = option(1, help="sequence parallel: processes (of torchrun's) that split each video's tokens")
+    cfg_parallel: bool = option(False, help="two process groups run the unconditional and conditional halves of "
+                                "guidance (world = prompt groups x 2 x sp_size)")
+    enable_tiling: bool = option(False, help="decode in spatial tiles (for 512 px)")
+    tile_overlap_factor: float = option(0.25, help="tile overlap")
+    vae_memory_gb: float | str | None = option(
+        "auto", type=parse_memory_budget, help="VAE decode memory budget in GiB; a decode that would need more runs "
+        "losslessly in temporal chunks (same output). auto: the device's free memory; 0: never")
+    dtype: str = option("auto", choices=list(DTYPES), help="auto = fp16 on GPU (as the reference), fp32 on CPU")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 (unset: cuda when available)")
+    cache: str = option("none", help="step caching: none (exact), fast (the model's measured preset), teacache, "
+                        "first_block, or METHOD:THRESHOLD e.g. teacache:0.5 (docs/sampling.md)")
+    compile: bool = option(False, help="torch.compile the transformer blocks (pays a warm-up; docs/sampling.md)")
+    lora: str | None = option(None, help="LoRA adapter folder from train-t2v --lora_rank (pytorch_lora_weights"
+                              ".safetensors + adapter_config.json), applied to the transformer (needs peft)")
+    lora_scale: float = option(1.0, help="strength of the LoRA (0 = base model)")
+
+    def __post_init__(self):
+        from opensora_plan.models.step_cache import parse_cache_spec
+
+        given = [name for name, value in (("the prompt argument", self.prompt), ("--text_prompt", self.text_prompt),
+                                          ("--prompt_file", self.prompt_file)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"Give the prompt one way only, got {' and '.join(given)}.")
+        if self.gif and self.force_images:
+            raise ValueError("--gif needs videos but --force_images writes single-frame png images; drop one of "
+                             "the two.")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}.")
+        if self.sp_size < 1:
+            raise ValueError(f"--sp_size must be at least 1, got {self.sp_size}.")
+        if self.sp_size > 1 and self.force_images:
+            raise ValueError("--force_images samples one frame, which cannot be split over --sp_size processes; "
+                             "use --sp_size 1.")
+        if not 0 <= self.seed < 2**63 - 2**32:
+            raise ValueError(f"--seed must be a whole number from 0 to {2**63 - 2**32 - 1}, got {self.seed}.")
+        if self.guidance_scale is not None and (not self.guidance_scale >= 0 or math.isinf(self.guidance_scale)):
+            raise ValueError(f"--guidance_scale must be a finite number >= 0 (1 disables guidance), got "
+                             f"{self.guidance_scale}.")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"--fps must be positive, got {self.fps}.")
+        if self.num_sampling_steps is not None and self.num_sampling_steps < 1:
+            raise ValueError(f"--num_sampling_steps must be at least 1, got {self.num_sampling_steps}.")
+        if not 0.0 <= self.tile_overlap_factor < 1.0:
+            raise ValueError(f"--tile_overlap_factor must be in [0, 1), got {self.tile_overlap_factor}; the "
+                             "reference uses 0.25.")
+        parse_cache_spec(self.cache)  # --cache NAME or METHOD:THRESHOLD
+        if self.cache != "none" and self.sp_size > 1:
+            raise ValueError(f"--cache {self.cache} cannot run with --sp_size {self.sp_size} (the ranks would decide "
+                             "apart); use --cache none or --sp_size 1.")
+        if self.text_conditioning not in TEXT_CONDITIONING:
+            raise ValueError(f"--text_conditioning {self.text_conditioning} is not supported; use "
+                             f"{' or '.join(TEXT_CONDITIONING)}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype} is not supported; use one of {', '.join(DTYPES)}.")
+        if self.vae_memory_gb not in (None, "auto") and not (
+                isinstance(self.vae_memory_gb, (int, float)) and self.vae_memory_gb > 0):
+            raise ValueError(f"--vae_memory_gb must be a positive number of GiB or 'auto', got {self.vae_memory_gb!r}.")
+
+    def resolve(self) -> "SampleOptions":
+        """A copy with the model-dependent settings filled in (see :func:`resolve_sample_defaults`)."""
+        keys = ("version", "text_encoder_name", "sample_method", "num_sampling_steps", "guidance_scale", "fps")
+        resolved = resolve_sample_defaults(self.model_path, **{k: getattr(self, k) for k in keys})
+        return dataclasses.replace(self, **resolved)
+
+
+def resolve_sample_defaults(model_path: str | os.PathLike | None = None, **given) -> dict:
+    """Sampling settings with every ``None`` filled in from the model folder.
+
+    No ``model_path``: the shipped demo model and its ``demo.json`` settings. A folder holding a
+    ``demo.json`` (a ``demo train`` output): that file's settings. Any other folder (a real checkpoint):
+    :data:`RELEASE_SAMPLE_DEFAULTS`. Values given (not ``None``) always win.
+    Keys: model_path, version, text_encoder_name, sample_method, num_sampling_steps, guidance_scale, fps.
+    """
+    import warnings
+
+    from opensora_plan.demo.model import DEMO_INFO, default_model_path, load_demo_info
+    from opensora_plan.diffusion.schedulers import clips_sample
+
+    unknown = sorted(set(given) - set(RELEASE_SAMPLE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"sample_defaults got unknown options {unknown}; expected {sorted(RELEASE_SAMPLE_DEFAULTS)}.")
+    folder = Path(model_path) if model_path is not None else default_model_path()
+    if (folder / DEMO_INFO).is_file():
+        info = load_demo_info(folder)
+        defaults = {"version": info["version"], "text_encoder_name": str(folder / info["text_encoder"]),
+                    **{k: info[k] for k in ("sample_method", "num_sampling_steps", "guidance_scale", "fps")}}
+    elif model_path is None:
+        raise FileNotFoundError(f"The shipped demo model is missing from {folder}; reinstall opensora-plan or pass "
+                                f"--model_path (a release folder) and --text_encoder_name.")
+    else:
+        defaults = dict(RELEASE_SAMPLE_DEFAULTS)
+    options = {"model_path": str(folder) if model_path is None else model_path, **defaults}
+    options.update({k: v for k, v in given.items() if v is not None})
+    # The demo's scaled latents reach +-8: a scheduler that clips x0 to [-1, 1] (DDIM, DDPM as the reference
+    # builds them) turns every object the same colour (docs/demo.md).
+    if (folder / DEMO_INFO).is_file() and clips_sample(options["sample_method"]):
+        warnings.warn(
+            f"{options['sample_method']} clips the predicted latents to [-1, 1] (as the reference builds it); the "
+            f"demo model's latents reach +-8, so its videos lose their colours (docs/demo.md, 'Pick the scheduler "
+            f"with care'). Its default, {defaults['sample_method']}, does not clip.", UserWarning, stacklevel=3)
+    return options
 
 
 def read_prompts(text_prompt: str | None = None, prompt_file: str | os.PathLike | None = None,
@@ -164,11 +341,8 @@ def _save(path: Path, frames, fps: float) -> Path:
     return write_video(path, frames, fps)
 
 
-def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir, *,
-                 fps, guidance_scale, num_sampling_steps, seed, enable_tiling, tile_overlap_factor, negative_prompt,
-                 batch_size, force_images, cache, compile, clean_caption=True,
-                 text_conditioning="per_prompt", sp_group=None, cfg_group=None, writes=True, run=None, lora=None,
-                 lora_scale=1.0, vae_memory_gb=None) -> list[Path]:
+def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_name, scheduler, torch_dtype, device,
+                 rank, tag, out_dir, groups, run) -> list[Path]:
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
@@ -182,7 +356,7 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
     if run is not None:  # a train-t2v checkpoint (pipelines/training_run.py)
         from opensora_plan.pipelines.training_run import load_run_transformer
 
-        transformer = load_run_transformer(run, torch_dtype, device, lora_scale)
+        transformer = load_run_transformer(run, torch_dtype, device, opts.lora_scale)
     else:
         transformer = LatteT2V.from_pretrained(model_path / version, torch_dtype=torch_dtype, device=device)
     pipe = OpenSoraPlanPipeline(
@@ -194,52 +368,52 @@ def _sample_jobs(jobs, model_path, version, text_encoder_name, scheduler, torch_
         tokenizer=tokenizer,
     )
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
-    if lora is not None:
-        pipe.load_lora_weights(lora, lora_scale=lora_scale)
+    if opts.lora is not None:
+        pipe.load_lora_weights(opts.lora, lora_scale=opts.lora_scale)
         if any(p.dtype != torch_dtype for p in pipe.transformer.parameters()):
             pipe.transformer.to(torch_dtype)  # the adapters are stored in float32
     pipe.fast_cache_options = fast_cache_options(model_path)
-    pipe.enable_cache(cache)
-    if compile:
+    pipe.enable_cache(opts.cache)
+    if opts.compile:
         pipe.transformer.compile_blocks()
-    if sp_group is not None:
+    if groups["sp"] is not None:
         from opensora_plan.models.parallel import enable_sequence_parallel
 
-        enable_sequence_parallel(pipe.transformer, sp_group)
-    if cfg_group is not None:
+        enable_sequence_parallel(pipe.transformer, groups["sp"])
+    if groups["cfg"] is not None:
         from opensora_plan.models.parallel import enable_batch_parallel
 
-        enable_batch_parallel(pipe.transformer, cfg_group)  # [uncond; cond]: one half per rank
-    if enable_tiling:
-        pipe.enable_vae_tiling(tile_overlap_factor)
-    pipe.set_vae_memory_budget(vae_memory_gb)
+        enable_batch_parallel(pipe.transformer, groups["cfg"])  # [uncond; cond]: one half per rank
+    if opts.enable_tiling:
+        pipe.enable_vae_tiling(opts.tile_overlap_factor)
+    pipe.set_vae_memory_budget(opts.vae_memory_gb)
     pipe.set_progress_bar_config(disable=rank != 0 or not logger.isEnabledFor(logging.INFO))  # -q: no bars
-    num_frames = 1 if force_images else None
-    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    do_cfg = guidance_scale > 1.0
+    num_frames = 1 if opts.force_images else None
+    batches = [jobs[i : i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
+    do_cfg = opts.guidance_scale > 1.0
     # Encode every prompt of this rank, then free T5 before denoising (spec 4: ~9.5 GB in fp16).
-    encoded = [_encode_batch(pipe, [p for _, p in batch], negative_prompt, do_cfg, clean_caption, text_conditioning)
-               for batch in batches]
+    encoded = [_encode_batch(pipe, [p for _, p in batch], opts.negative_prompt, do_cfg, opts.clean_caption,
+                             opts.text_conditioning) for batch in batches]
     pipe.release_text_encoder()
 
     written = []
     for batch, (prompt_embeds, prompt_mask, negative_embeds, negative_mask) in zip(batches, encoded):
         # One generator per prompt, seeded as when the prompt is sampled alone: seed + its index.
-        generators = [torch.Generator("cpu").manual_seed(seed + index) for index, _ in batch]
+        generators = [torch.Generator("cpu").manual_seed(opts.seed + index) for index, _ in batch]
         videos = pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
             prompt_attention_mask=prompt_mask,
             negative_prompt_attention_mask=negative_mask,
             num_frames=num_frames,
-            num_inference_steps=num_sampling_steps,
-            guidance_scale=guidance_scale,
+            num_inference_steps=opts.num_sampling_steps,
+            guidance_scale=opts.guidance_scale,
             generator=generators,
         ).frames  # (B, T, H, W, 3) uint8
         for (index, prompt), frames in zip(batch, videos):
-            if not writes:
+            if not groups["writer"]:
                 continue
-            written.append(_save(out_dir / video_filename(index, prompt), frames, fps))
+            written.append(_save(out_dir / video_filename(index, prompt), frames, opts.fps))
             logger.info("%swrote %s", tag, written[-1])
     return written
 
@@ -253,39 +427,12 @@ def _encode_batch(pipe, prompts, negative_prompt, do_cfg, clean_caption, text_co
     return cond, None, uncond, None
 
 
-def sample_t2v(
-    text_prompt: str | None = None,
-    model_path: str | os.PathLike = DEFAULT_MODEL_PATH,
-    version: str = "65x512x512",
-    text_encoder_name: str | os.PathLike = DEFAULT_TEXT_ENCODER,
-    ae: str = AE_NAMES[0],
-    save_img_path: str | os.PathLike = "./sample_videos",
-    fps: float = 24,
-    guidance_scale: float = 7.5,
-    num_sampling_steps: int = 50,
-    sample_method: str = "PNDM",
-    seed: int = 0,
-    enable_tiling: bool = False,
-    tile_overlap_factor: float = 0.25,
-    dtype: str = "auto",
-    device: str | None = None,
-    negative_prompt: str = "",
-    batch_size: int = 1,
-    force_images: bool = False,
-    prompt_file: str | os.PathLike | None = None,
-    clean_caption: bool = True,
-    text_conditioning: str = "per_prompt",
-    cache: str = "none",
-    compile: bool = False,
-    sp_size: int = 1,
-    cfg_parallel: bool = False,
-    lora: str | os.PathLike | None = None,
-    lora_scale: float = 1.0,
-    vae_memory_gb: float | str | None = "auto",
-) -> list[Path]:
+def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
     """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
 
-    Prompts: ``text_prompt`` (one prompt) or ``prompt_file`` (one per line). Every option, prompt,
+    ``options``: a :class:`SampleOptions` (or its fields as keywords). Settings left ``None`` come from
+    the model folder (:meth:`SampleOptions.resolve`). Prompts: ``prompt`` / ``text_prompt`` (one prompt)
+    or ``prompt_file`` (one per line). ``gif``: also write ``<name>.gif`` beside each mp4. Every option, prompt,
     folder and config is checked before any model loads (ValueError / FileNotFoundError, one line).
     ``cache``: step caching, "none" (exact), "fast" (the model's preset) or a method of
     ``models.step_cache.CACHE_METHODS`` with its default threshold; ``compile``: torch.compile the
@@ -305,48 +452,34 @@ def sample_t2v(
     import torch
 
     from opensora_plan.diffusion.schedulers import create_scheduler
-    from opensora_plan.models.step_cache import parse_cache_spec
     from opensora_plan.models.text_encoder import preprocess_prompts
     from opensora_plan.utils import check_output_folder, parse_dtype, resolve_device
 
     # Everything cheap first: flags, prompts, folders, configs.
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
+    if options is None:
+        options = SampleOptions(**kwargs)  # keyword form: the fields of SampleOptions
+    elif kwargs:
+        raise TypeError(f"sample_t2v takes a SampleOptions or keywords, not both (got {sorted(kwargs)}).")
+    if options.prompt is None and options.text_prompt is None and options.prompt_file is None:
+        raise ValueError('No prompt given; run e.g. opensora-plan sample "a red circle moving left" '
+                         '(or --prompt_file).')
+    opts = options.resolve()
+    text_prompt = opts.prompt if opts.prompt is not None else opts.text_prompt
+    model_path, version, text_encoder_name, device = opts.model_path, opts.version, opts.text_encoder_name, opts.device
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    block = sp_size * (2 if cfg_parallel else 1)
-    if sp_size < 1 or world % block:
-        raise ValueError(f"--sp_size {sp_size}" + (" x 2 (--cfg_parallel)" if cfg_parallel else "") + f" must divide "
-                         f"the number of processes ({world}); launch with torchrun --nproc_per_node a multiple of "
-                         f"{block}.")
-    if cfg_parallel and guidance_scale <= 1.0:
-        raise ValueError(f"--cfg_parallel splits classifier-free guidance, which --guidance_scale {guidance_scale} "
-                         "turns off; use a scale > 1 or drop --cfg_parallel.")
-    if sp_size > 1 and force_images:
-        raise ValueError("--force_images samples one frame, which cannot be split over --sp_size processes; "
-                         "use --sp_size 1.")
-    if not 0 <= seed < 2**63 - 2**32:
-        raise ValueError(f"--seed must be a whole number from 0 to {2**63 - 2**32 - 1}, got {seed}.")
-    if not guidance_scale >= 0 or math.isinf(guidance_scale):  # also NaN
-        raise ValueError(f"--guidance_scale must be a finite number >= 0 (1 disables guidance), got {guidance_scale}.")
-    if fps <= 0:
-        raise ValueError(f"--fps must be positive, got {fps}.")
-    if num_sampling_steps < 1:
-        raise ValueError(f"--num_sampling_steps must be at least 1, got {num_sampling_steps}.")
-    if not 0.0 <= tile_overlap_factor < 1.0:
-        raise ValueError(f"--tile_overlap_factor must be in [0, 1), got {tile_overlap_factor}; the reference uses 0.25.")
-    parse_cache_spec(cache)  # --cache NAME or METHOD:THRESHOLD, checked before anything loads
-    if cache != "none" and sp_size > 1:
-        raise ValueError(f"--cache {cache} cannot run with --sp_size {sp_size} (the ranks would decide apart); "
-                         "use --cache none or --sp_size 1.")
-    if text_conditioning not in TEXT_CONDITIONING:
-        raise ValueError(f"--text_conditioning {text_conditioning} is not supported; use {' or '.join(TEXT_CONDITIONING)}.")
-    if vae_memory_gb not in (None, "auto") and not (isinstance(vae_memory_gb, (int, float)) and vae_memory_gb > 0):
-        raise ValueError(f"--vae_memory_gb must be a positive number of GiB or 'auto', got {vae_memory_gb!r}.")
-    scheduler = create_scheduler(sample_method)
-    prompts = read_prompts(text_prompt, prompt_file)
-    preprocess_prompts(prompts, clean=clean_caption, warn=False)  # a prompt that cleaning empties: error now
-    out_dir = check_output_folder(save_img_path, "--save_img_path")
-    suffix = ".png" if force_images else ".mp4"
+    block = opts.sp_size * (2 if opts.cfg_parallel else 1)
+    if world % block:
+        raise ValueError(f"--sp_size {opts.sp_size}" + (" x 2 (--cfg_parallel)" if opts.cfg_parallel else "")
+                         + f" must divide the number of processes ({world}); launch with torchrun "
+                         f"--nproc_per_node a multiple of {block}.")
+    if opts.cfg_parallel and opts.guidance_scale <= 1.0:
+        raise ValueError(f"--cfg_parallel splits classifier-free guidance, which --guidance_scale "
+                         f"{opts.guidance_scale} turns off; use a scale > 1 or drop --cfg_parallel.")
+    scheduler = create_scheduler(opts.sample_method)
+    prompts = read_prompts(text_prompt, opts.prompt_file)
+    preprocess_prompts(prompts, clean=opts.clean_caption, warn=False)  # a prompt that cleaning empties: error now
+    out_dir = check_output_folder(opts.save_img_path, "--save_img_path")
+    suffix = ".png" if opts.force_images else ".mp4"
     for index, prompt in enumerate(prompts):  # a planned file that is a folder would fail only after sampling
         target = out_dir / video_filename(index, prompt, suffix)
         if target.is_dir():
@@ -363,14 +496,14 @@ def sample_t2v(
             text_encoder_name = run.text_encoder
         print(f"Using {run.describe()}", flush=True)
     else:
-        _check_model_folders(model_path, version, ae, str(text_encoder_name))
-    if lora_scale != 1.0 and lora is None and (run is None or run.lora is None):
-        raise ValueError(f"--lora_scale {lora_scale} needs a LoRA: pass --lora or a LoRA run's checkpoint.")
-    if lora is not None:
+        _check_model_folders(model_path, version, opts.ae, str(text_encoder_name))
+    if opts.lora_scale != 1.0 and opts.lora is None and (run is None or run.lora is None):
+        raise ValueError(f"--lora_scale {opts.lora_scale} needs a LoRA: pass --lora or a LoRA run's checkpoint.")
+    if opts.lora is not None:
         from opensora_plan.models.lora import find_lora
 
-        if find_lora(lora) is None:
-            raise FileNotFoundError(f"--lora {lora} holds no pytorch_lora_weights.safetensors; give the adapter "
+        if find_lora(opts.lora) is None:
+            raise FileNotFoundError(f"--lora {opts.lora} holds no pytorch_lora_weights.safetensors; give the adapter "
                                     f"folder (e.g. runs/x/checkpoint-600/model).")
         if run is not None and run.lora is not None:
             raise ValueError(f"{model_path} is a LoRA run whose adapter is applied already; drop --lora "
@@ -378,12 +511,13 @@ def sample_t2v(
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)
-    torch_dtype = (torch.float16 if device.type == "cuda" else torch.float32) if dtype == "auto" else parse_dtype(dtype)
+    torch_dtype = ((torch.float16 if device.type == "cuda" else torch.float32) if opts.dtype == "auto"
+                   else parse_dtype(opts.dtype))
     groups = {"sp": None, "cfg": None, "dp_rank": rank, "dp_size": world_size, "writer": True}
     if block > 1:
         from opensora_plan.models.parallel import init_parallel_groups
 
-        groups = init_parallel_groups(sp_size, 2 if cfg_parallel else 1)
+        groups = init_parallel_groups(opts.sp_size, 2 if opts.cfg_parallel else 1)
     dp_rank, dp_size = groups["dp_rank"], groups["dp_size"]
     jobs = shard(list(enumerate(prompts)), dp_rank, dp_size)  # [(global index, prompt)]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -392,21 +526,20 @@ def sample_t2v(
     start = time.perf_counter()
     written = []
     if jobs:  # more processes than prompts leaves some ranks idle
-        written = _sample_jobs(
-            jobs, model_path, version, text_encoder_name, scheduler, torch_dtype, device, rank, tag, out_dir,
-            fps=fps, guidance_scale=guidance_scale, num_sampling_steps=num_sampling_steps, seed=seed,
-            enable_tiling=enable_tiling, tile_overlap_factor=tile_overlap_factor, negative_prompt=negative_prompt,
-            batch_size=batch_size, force_images=force_images, clean_caption=clean_caption,
-            text_conditioning=text_conditioning, cache=cache, compile=compile, sp_group=groups["sp"],
-            cfg_group=groups["cfg"], writes=groups["writer"], run=run, lora=lora, lora_scale=lora_scale,
-            vae_memory_gb=vae_memory_gb,
-        )
+        written = _sample_jobs(jobs, opts, model_path, version, text_encoder_name, scheduler, torch_dtype, device,
+                               rank, tag, out_dir, groups, run)
     elapsed = time.perf_counter() - start
     print(
-        f"{tag}Sampled {len(written)} video(s) with {version} ({sample_method}, {num_sampling_steps} steps) "
+        f"{tag}Sampled {len(written)} video(s) with {version} ({opts.sample_method}, {opts.num_sampling_steps} "
+        f"steps) "
         f"in {elapsed:.1f} s ({elapsed / max(len(written), 1):.1f} s per video) -> {out_dir}",
         flush=True,
     )
+    if opts.gif:
+        from opensora_plan.data.video_io import read_video, write_gif
+
+        for path in [p for p in written if p.suffix == ".mp4"]:
+            print(f"wrote {write_gif(path.with_suffix('.gif'), read_video(path)[0], opts.fps)}", flush=True)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -9,7 +9,7 @@ mixed-precision dtype. Either can be replaced by an ``opensora-plan extract`` ca
 (``--cached_features``). Caption dropout (``--cfg_dropout``) happens in the dataset, which hands over
 the empty string (or its cached embedding), the unconditional input used at sampling time.
 
-:func:`train_t2v` wires everything from the command-line options (:data:`T2V_DEFAULTS` lists them with
+:func:`train_t2v` wires everything from the command-line options (:class:`T2VTrainOptions` declares them with
 their defaults; reference flag names, spec section 6).
 """
 
@@ -18,80 +18,136 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import torch
 
+from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH
+from opensora_plan.options import option, option_fields
 from opensora_plan.train.trainer import Phase, TrainConfig, TrainTask, train
+from opensora_plan.utils import valid_num_frames
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_AE = ("CausalVAEModel_4x8x8",)
 
-# Every option of train-t2v with its default. None = required or unset. Reference names first.
-T2V_DEFAULTS: dict[str, Any] = {
+STAGE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train_t2v"
+TEMPORAL_COMPRESSION, SPATIAL_COMPRESSION = 4, 8  # CausalVAEModel_4x8x8
+
+
+@dataclass
+class T2VTrainOptions(TrainConfig):
+    """Every option of ``opensora-plan train-t2v`` (reference flag names, spec section 6), with its default.
+
+    The loop's options (output_dir, max_train_steps, batch, checkpointing, sharding, ...) are inherited
+    from :class:`~opensora_plan.train.trainer.TrainConfig`. Values are checked on construction (ValueError,
+    one sentence); the checks that need the file system run in :func:`validate_t2v_options`.
+    To add an option: one ``option(...)`` field here (and read it in :func:`build_t2v`).
+    """
+
+    COMMAND: ClassVar[str] = "train-t2v"
+    CONFIG: ClassVar[bool] = True
+    CONFIG_DIR: ClassVar[Path] = STAGE_CONFIG_DIR
+    GROUPS: ClassVar[tuple[str, ...]] = ("models", "LoRA fine-tuning (needs peft; docs/training.md)", "data",
+                                         "optimisation", "run")
+
     # models
-    "model": "LatteT2V-XL/122",
-    "text_encoder_name": None,
-    "ae": "CausalVAEModel_4x8x8",
-    "ae_path": None,
-    "pretrained": None,
-    "attention_mode": None,
+    model: str = option("LatteT2V-XL/122", help="LatteT2V size (e.g. LatteT2V-XL/122) or a LatteT2V config.json / "
+                        "folder", group="models")
+    text_encoder_name: str | None = option(None, help="local T5 folder (DeepFloyd/t5-v1_1-xxl layout)", group="models")
+    ae: str = option(SUPPORTED_AE[0], help="autoencoder type", group="models")
+    ae_path: str | None = option(None, help="CausalVAE folder (or a release folder with a vae/ subfolder)",
+                                 group="models")
+    pretrained: str | None = option(None, help="initial weights: LatteT2V folder, .safetensors, or Latte t2v.pt",
+                                    group="models")
+    attention_mode: str | None = option(None, choices=["xformers", "flash", "math"], help="recorded in the config",
+                                        group="models")
     # LoRA fine-tuning (peft): adapters on the attention / MLP projections, base frozen (models/lora.py)
-    "lora_rank": None,
-    "lora_alpha": None,
-    "lora_target_modules": None,
+    lora_rank: int | None = option(None, help="train rank-R LoRA adapters on a frozen --pretrained model",
+                                   group="LoRA fine-tuning (needs peft; docs/training.md)")
+    lora_alpha: float | None = option(None, help="LoRA alpha (unset: the rank, i.e. scaling 1)",
+                                      group="LoRA fine-tuning (needs peft; docs/training.md)")
+    lora_target_modules: list[str] | None = option(
+        None, help="projections to adapt (unset: to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2)",
+        group="LoRA fine-tuning (needs peft; docs/training.md)")
     # data
-    "dataset": "t2v",
-    "data_path": None,
-    "video_folder": None,
-    "cached_features": None,
-    "num_frames": 17,
-    "buckets": None,  # mixed shapes: a spec, preset or file (data/buckets.py); replaces num_frames / max_image_size
-    "sample_rate": 1,
-    "max_image_size": 256,
-    "use_image_num": 0,
-    "use_img_from_vid": False,
-    "model_max_length": 300,
-    "cfg_dropout": 0.1,
-    "dataloader_num_workers": 0,
+    dataset: str = option("t2v", help="dataset type", group="data")
+    data_path: str | None = option(None, help="JSON list of {'path': ..., 'cap': [...] or '...'}", group="data")
+    video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
+    cached_features: str | None = option(None, help="folder written by `opensora-plan extract` (T5 and/or VAE "
+                                         "cached)", group="data")
+    num_frames: int = option(17, help="pixel frames per clip, 1 + 4k (17 or 65 for the released stages)",
+                             group="data")
+    buckets: str | None = option(None, help="mixed shapes in one run: FRAMESxHEIGHTxWIDTH list (e.g. 17x256x256,"
+                                 "17x192x320,1x256x256), a preset (t2v_256, t2v_512) or a .json/.yaml file; replaces "
+                                 "--num_frames/--max_image_size; --train_batch_size is the first bucket's "
+                                 "(docs/training.md)", group="data")
+    sample_rate: int = option(1, help="temporal stride", group="data")
+    max_image_size: int = option(256, help="square frame size in pixels: the largest centred square is cropped, "
+                                 "then resized to this (and flipped at random)",
+                                 group="data")
+    use_image_num: int = option(0, help="joint-training images per clip", group="data")
+    use_img_from_vid: bool = option(False, help="accepted for the reference; images always come from the clip",
+                                    group="data")
+    model_max_length: int = option(MODEL_MAX_LENGTH, help="T5 tokens per caption", group="data")
+    cfg_dropout: float = option(0.1, help="caption dropout for guidance (0 = reference)", group="data")
     # optimisation
-    "train_batch_size": 1,
-    "gradient_accumulation_steps": 1,
-    "max_train_steps": None,
-    "learning_rate": 2e-5,
-    "lr_scheduler": "constant",
-    "lr_warmup_steps": 0,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_weight_decay": 1e-2,
-    "adam_epsilon": 1e-8,
-    "max_grad_norm": 1.0,
-    "mixed_precision": "bf16",
-    "gradient_checkpointing": False,
-    "allow_tf32": False,
-    "enable_tiling": False,
-    "compile": False,
-    "use_ema": False,
-    "ema_decay": 0.9999,
-    "sharding": "ddp",
-    "sp_size": 1,
-    "deepspeed_config": None,
-    "max_nonfinite_steps": 10,
-    "seed": 0,
-    # output
-    "output_dir": None,
-    "checkpointing_steps": 500,
-    "checkpoints_total_limit": None,
-    "resume_from_checkpoint": None,
-    "report_to": "tensorboard",
-    "validation_prompts": None,
-    "validation_prompt_file": None,
-    "validation_steps": None,
-    "validation_sampling_steps": 20,
-    "dry_run": False,  # validate data, models and options, print the plan, train nothing, write nothing
-}
+    learning_rate: float = option(2e-5, help="AdamW lr", group="optimisation")
+    adam_beta1: float = option(0.9, help="AdamW beta1", group="optimisation")
+    adam_beta2: float = option(0.999, help="AdamW beta2", group="optimisation")
+    adam_weight_decay: float = option(1e-2, help="AdamW weight decay", group="optimisation")
+    adam_epsilon: float = option(1e-8, help="AdamW epsilon", group="optimisation")
+    max_grad_norm: float = option(1.0, help="grad-norm clip", group="optimisation")
+    gradient_checkpointing: bool = option(False, help="recompute block activations in the backward pass",
+                                          group="optimisation")
+    enable_tiling: bool = option(False, help="tiled VAE encoding (stage 3)", group="optimisation")
+    # validation previews
+    validation_prompts: str | list[str] | None = option(None, help="a validation prompt (text, never a file name)",
+                                                        group="run")
+    validation_prompt_file: str | None = option(None, help="a text file with one validation prompt per line",
+                                                group="run")
+    validation_sampling_steps: int = option(20, help="denoising steps of validation videos", group="run")
+    dry_run: bool = option(False, help="check options, data (bucket histogram) and models, print parameter counts "
+                           "and a memory estimate, then exit without training or writing anything", group="run")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ae not in SUPPORTED_AE:
+            raise ValueError(f"--ae {self.ae} is not supported; use {SUPPORTED_AE[0]} (the v1.0.0 CausalVAE).")
+        if not self.cached_features:
+            if not valid_num_frames(self.num_frames, TEMPORAL_COMPRESSION):
+                raise ValueError(f"--num_frames {self.num_frames} is not a length the {self.ae} accepts; use 1 + "
+                                 f"{TEMPORAL_COMPRESSION}k (17 or 65 for the released stages).")
+            if self.max_image_size < SPATIAL_COMPRESSION or self.max_image_size % SPATIAL_COMPRESSION:
+                raise ValueError(f"--max_image_size {self.max_image_size} must be a positive multiple of "
+                                 f"{SPATIAL_COMPRESSION} (256 or 512 for the released stages).")
+        for key, low in (("sample_rate", 1), ("use_image_num", 0), ("model_max_length", 1),
+                         ("dataloader_num_workers", 0), ("max_nonfinite_steps", 1)):
+            if getattr(self, key) < low:
+                raise ValueError(f"--{key} must be at least {low}, got {getattr(self, key)}.")
+        if not 0.0 <= self.cfg_dropout <= 1.0:
+            raise ValueError(f"--cfg_dropout is a probability in [0, 1], got {self.cfg_dropout}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if self.lora_rank is None:
+            given = [k for k in ("lora_alpha", "lora_target_modules") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"--{given[0]} needs --lora_rank (the adapter rank, e.g. 16).")
+        else:
+            if not self.pretrained:
+                raise ValueError("--lora_rank trains adapters on a frozen base model; give that model with "
+                                 "--pretrained.")
+            if self.sharding != "ddp":
+                raise ValueError("--lora_rank is supported with --sharding ddp (the adapters are small); drop "
+                                 "--sharding.")
+
+
+# Every option with its default (None for the required output_dir / max_train_steps): derived from
+# T2VTrainOptions, kept for code and tests that merge option dicts.
+T2V_DEFAULTS: dict[str, Any] = {**{f.name: None for f in option_fields(T2VTrainOptions)},
+                                 **T2VTrainOptions.defaults()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +164,7 @@ class T2VTask(TrainTask):
     """
 
     def __init__(self, transformer, dataset, *, vae=None, tokenizer=None, text_encoder=None, use_image_num: int = 0,
-                 model_max_length: int = 300, learning_rate: float = 2e-5,
+                 model_max_length: int = MODEL_MAX_LENGTH, learning_rate: float = 2e-5,
                  adam_betas: tuple[float, float] = (0.9, 0.999), adam_weight_decay: float = 1e-2,
                  adam_epsilon: float = 1e-8, max_grad_norm: float | None = 1.0, validation_prompts: list[str] = (),
                  validation_sampling_steps: int = 20):
@@ -447,39 +503,23 @@ def _dataset(opts: dict):
                                video_folder=opts["video_folder"], cfg_dropout=opts["cfg_dropout"])
 
 
-STAGE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train_t2v"
-
-
 def load_stage_config(spec: str) -> dict:
-    """Options from a stage config: a JSON file, or the name of a shipped one (``stage1_17x256x256``, ...).
+    """Options from a config file (JSON or YAML), or the name of a shipped stage (``stage1_17x256x256``, ...).
 
-    Keys starting with ``_`` are comments; any other key must be a train-t2v option.
+    Keys starting with ``_`` are comments; any other key must be a train-t2v option (ValueError naming
+    the closest one otherwise).
     """
-    from opensora_plan.utils import read_config_file
+    from opensora_plan.options import read_options_file
 
-    options = read_config_file(spec, STAGE_CONFIG_DIR, "--config")
-    unknown = sorted(options.keys() - T2V_DEFAULTS.keys())
-    if unknown:
-        raise ValueError(f"--config {spec} has unknown options {unknown}; use train-t2v flag names (see --help).")
-    return options
+    return read_options_file(T2VTrainOptions, spec)
 
 
-def validate_t2v_options(opts: dict) -> None:
-    """The checks that need no model: values in range, lengths the VAE accepts, inputs that exist."""
+def validate_t2v_options(opts: Mapping) -> None:
+    """The checks that need the file system (values were checked by :class:`T2VTrainOptions`): inputs
+    that exist, an output folder that can be written, validation prompts read and cleaned."""
     from opensora_plan.utils import check_output_folder
 
     check_output_folder(opts["output_dir"], "--output_dir")
-    if opts["ae"] not in SUPPORTED_AE:
-        raise ValueError(f"--ae {opts['ae']} is not supported; use {SUPPORTED_AE[0]} (the v1.0.0 CausalVAE).")
-    temporal, spatial = 4, 8  # CausalVAEModel_4x8x8
-    if not opts["cached_features"]:
-        frames = opts["num_frames"]
-        if frames < 1 or (frames - 1) % temporal:
-            raise ValueError(f"--num_frames {frames} is not a length the {opts['ae']} accepts; use 1 + {temporal}k "
-                             "(17 or 65 for the released stages).")
-        if opts["max_image_size"] < spatial or opts["max_image_size"] % spatial:
-            raise ValueError(f"--max_image_size {opts['max_image_size']} must be a positive multiple of {spatial} "
-                             "(256 or 512 for the released stages).")
     if opts["buckets"]:
         from opensora_plan.data.buckets import parse_buckets
 
@@ -492,14 +532,6 @@ def validate_t2v_options(opts: dict) -> None:
             raise ValueError("--buckets with --sp_size > 1 is not supported (bucket lengths may not split over the "
                              "group); use --sp_size 1.")
         parse_buckets(opts["buckets"])  # a bad spec fails now, before any video is probed
-    for key, low in (("sample_rate", 1), ("use_image_num", 0), ("model_max_length", 1),
-                     ("dataloader_num_workers", 0), ("max_nonfinite_steps", 1)):
-        if opts[key] < low:
-            raise ValueError(f"--{key} must be at least {low}, got {opts[key]}.")
-    if not 0.0 <= opts["cfg_dropout"] <= 1.0:
-        raise ValueError(f"--cfg_dropout is a probability in [0, 1], got {opts['cfg_dropout']}.")
-    if opts["learning_rate"] <= 0:
-        raise ValueError(f"--learning_rate must be positive, got {opts['learning_rate']}.")
     for key in ("data_path", "cached_features", "ae_path", "pretrained", "text_encoder_name"):
         if opts[key] and not Path(opts[key]).exists():
             raise FileNotFoundError(f"--{key} {opts[key]} does not exist.")
@@ -511,18 +543,10 @@ def validate_t2v_options(opts: dict) -> None:
         if given is not None and opts["validation_prompt_file"]:
             raise ValueError("Give --validation_prompts or --validation_prompt_file, not both.")
         opts["validation_prompts"] = read_prompts(given, opts["validation_prompt_file"], "--validation_prompt_file")
-    if opts["lora_rank"] is None:
-        given = [k for k in ("lora_alpha", "lora_target_modules") if opts[k] is not None]
-        if given:
-            raise ValueError(f"--{given[0]} needs --lora_rank (the adapter rank, e.g. 16).")
-    else:
+    if opts["lora_rank"] is not None:
         from opensora_plan.models.lora import lora_config
 
         lora_config(opts["lora_rank"], opts["lora_alpha"], opts["lora_target_modules"])  # peft installed, values valid
-        if not opts["pretrained"]:
-            raise ValueError("--lora_rank trains adapters on a frozen base model; give that model with --pretrained.")
-        if opts["sharding"] != "ddp":
-            raise ValueError("--lora_rank is supported with --sharding ddp (the adapters are small); drop --sharding.")
     if opts["validation_prompts"]:
         # Validation previews clean captions as sampling does: a prompt emptied by it fails now, not after training.
         from opensora_plan.models.text_encoder import preprocess_texts
@@ -538,18 +562,13 @@ def validate_t2v_options(opts: dict) -> None:
                          f"PNDM sampler; use 4 or more.")
 
 
-def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
-    """Task and loop configuration from ``train-t2v`` options (missing keys take :data:`T2V_DEFAULTS`)."""
-    unknown = sorted(k for k in opts.keys() - T2V_DEFAULTS.keys() if not k.startswith("_"))
-    if unknown:
-        raise ValueError(f"Unknown train-t2v options {unknown}; see `opensora-plan train-t2v --help` for the names.")
-    opts = {**T2V_DEFAULTS, **opts}
-    for key in ("output_dir", "max_train_steps"):
-        if opts[key] is None:
-            raise ValueError(f"train-t2v needs --{key}; pass it on the command line or in the --config file.")
+def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]:
+    """Task and loop configuration from ``train-t2v`` options (a mapping: missing keys take the defaults)."""
+    if not isinstance(options, T2VTrainOptions):
+        options = T2VTrainOptions.from_mapping(options, source="train-t2v options")
+    opts = options.to_dict()
     loop_keys = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
-    config = TrainConfig(**{k: opts[k] for k in loop_keys}, extra={k: v for k, v in opts.items()
-                                                                    if k not in loop_keys and not k.startswith("_")})
+    config = options.loop_config()
     validate_t2v_options(opts)  # every cheap check before any model loads or any file is written
     dataset = _dataset(opts)
     buckets = getattr(dataset, "buckets", None)
@@ -636,14 +655,14 @@ def build_t2v(opts: dict) -> tuple[T2VTask, TrainConfig]:
     return task, config
 
 
-def train_t2v(opts: dict) -> dict:
+def train_t2v(options: T2VTrainOptions | Mapping) -> dict:
     """Build and run a text-to-video training; returns the trainer's summary.
 
     With ``dry_run``: build everything (options, data, models), train nothing, write nothing, and return
     :func:`dry_run_report` (``{"dry_run": True, "report": text, ...}``).
     """
-    task, config = build_t2v(opts)
-    if {**T2V_DEFAULTS, **opts}["dry_run"]:
+    task, config = build_t2v(options)
+    if config.extra["dry_run"]:
         return dry_run_report(task, config)
     return train(task, config)
 

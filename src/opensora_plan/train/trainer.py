@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from opensora_plan.train import checkpoint as ckpt
 from opensora_plan.train.ema import EMA
 from opensora_plan.train.sampler import ResumableSampler, SeededSamples, derive_seed
+from opensora_plan.options import Options, option
 from opensora_plan.utils import atomic_dir, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -144,32 +145,47 @@ class TrainTask:
 
 
 @dataclass
-class TrainConfig:
-    """Options of the generic loop (the task has its own). Names follow the reference's flags."""
+class TrainConfig(Options):
+    """Options of the generic loop (the task has its own). Names follow the reference's flags.
 
-    output_dir: str
-    max_train_steps: int
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    mixed_precision: str = "bf16"
-    seed: int = 0
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    dataloader_num_workers: int = 0
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    allow_tf32: bool = False
-    compile: bool = False
-    max_nonfinite_steps: int = 10
-    validation_steps: int | None = None
-    report_to: str = "tensorboard"
-    sharding: str = "ddp"  # "ddp" (replicated) or "fsdp2" (parameters, gradients and optimizer state sharded)
-    sp_size: int = 1  # sequence parallel group size: processes that split each sample's tokens
-    deepspeed_config: str | None = None  # with sharding "deepspeed": JSON file or shipped name (default zero2)
+    The one place where the loop's options are declared and defaulted: the commands' options classes
+    (``T2VTrainOptions``, ``VAETrainOptions``) inherit these fields, and hand a plain TrainConfig to
+    :func:`train` (:meth:`loop_config`).
+    """
+
+    output_dir: str = option(help="checkpoints, options.json, log.jsonl, tensorboard/", group="run")
+    max_train_steps: int = option(help="optimizer steps", group="optimisation")
+    train_batch_size: int = option(1, help="batch per process", group="optimisation")
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step", group="optimisation")
+    lr_scheduler: str = option("constant", help="diffusers schedule name", group="optimisation")
+    lr_warmup_steps: int = option(0, help="linear warm-up optimizer steps", group="optimisation")
+    mixed_precision: str = option("bf16", choices=list(MIXED_PRECISION), help="autocast dtype", group="optimisation")
+    seed: int = option(0, help="seed of weights, data order and noise", group="optimisation")
+    checkpointing_steps: int = option(500, help="write checkpoint-<step> every N optimizer steps", group="run")
+    checkpoints_total_limit: int | None = option(None, help="keep only the newest N checkpoints", group="run")
+    resume_from_checkpoint: str | None = option(None, help="'latest' or a checkpoint-<step> folder", group="run")
+    dataloader_num_workers: int = option(0, help="data-loading processes", group="data")
+    use_ema: bool = option(False, help="keep an EMA of the weights (saved as ema/)", group="optimisation")
+    ema_decay: float = option(0.9999, help="EMA weight of the old average", group="optimisation")
+    allow_tf32: bool = option(False, help="TF32 matmuls on Ampere+ GPUs", group="optimisation")
+    compile: bool = option(False, help="torch.compile the model", group="optimisation")
+    max_nonfinite_steps: int = option(10, help="stop after this many non-finite steps in a row", group="optimisation")
+    validation_steps: int | None = option(None, help="validate every N optimizer steps", group="run")
+    report_to: str = option("tensorboard", choices=["tensorboard", "none"], help="metrics sink besides log.jsonl",
+                            group="run")
+    sharding: str = option("ddp", choices=["ddp", "fsdp2", "deepspeed"],
+                           help="ddp (replicated), fsdp2 (sharded) or deepspeed (ZeRO, see --deepspeed_config)",
+                           group="optimisation")
+    sp_size: int = option(1, help="sequence parallel: processes that split each sample's frames/patches (world = "
+                          "dp x sp, see docs/training.md)", group="optimisation")
+    deepspeed_config: str | None = option(None, help="DeepSpeed JSON or shipped name: zero2 (default with --sharding "
+                                          "deepspeed), zero2_offload, zero3", group="optimisation")
     extra: dict = field(default_factory=dict)  # task options, only recorded in options.json
+
+    def loop_config(self, extra: dict | None = None) -> "TrainConfig":
+        """A plain :class:`TrainConfig` with this object's loop fields; ``extra``: task options to record."""
+        loop = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+        return TrainConfig(**loop, extra=dict(extra or {}))
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION:

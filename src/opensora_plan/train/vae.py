@@ -24,20 +24,99 @@ reference's Lightning loop counted two steps per batch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Dataset
 
 from ..data.datasets import SkippedVideos, VAEVideoDataset, collate_video_caption, load_video_entries
 from ..data.video_io import VIDEO_EXTENSIONS, list_videos
+from ..options import option
+from ..utils import valid_num_frames
 from .trainer import Phase, TrainConfig, TrainTask, train
 
 logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# The options
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAETrainOptions(TrainConfig):
+    """Every option of ``opensora-plan train-vae`` / :func:`train_vae`; defaults are the reference's
+    (train_causalvae.py). Loop options are inherited from :class:`~opensora_plan.train.trainer.TrainConfig`
+    (three get the reference's VAE defaults here); values are checked on construction (ValueError)."""
+
+    COMMAND: ClassVar[str] = "train-vae"
+    CONFIG: ClassVar[bool] = True
+    # Loop features the VAE task does not offer (its two optimizer phases): they keep TrainConfig's values.
+    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("lr_scheduler", "lr_warmup_steps", "use_ema", "ema_decay", "compile",
+                                              "sharding", "sp_size", "deepspeed_config")
+    GROUPS: ClassVar[tuple[str, ...]] = ("data", "model and loss", "optimisation", "run")
+
+    max_train_steps: int = option(100000, help="optimizer steps (batches)", group="optimisation")
+    checkpointing_steps: int = option(2000, help="write checkpoint-<step> every N optimizer steps", group="run")
+    validation_steps: int | None = option(500, help="with --validation_videos: PSNR/SSIM + image logs every N "
+                                          "optimizer steps", group="run")
+    # data
+    video_path: str | None = option(None, help="folder of videos, searched recursively (mp4/avi/webm/mkv)",
+                                    group="data")
+    data_path: str | None = option(None, help="JSON video list (the text-to-video dataset format; captions unused)",
+                                   group="data")
+    video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
+    num_frames: int = option(17, help="frames per clip: 1 (images) or 1 + 4k", group="data")
+    sample_rate: int = option(1, help="temporal stride of the clip window", group="data")
+    resolution: int = option(64, help="centre crop to a square of this many pixels; frames are NOT resized "
+                             "(reconstruct / eval-vae resize the short side to --resolution first)",
+                             group="data")
+    validation_videos: int = option(0, help="hold out the last N videos for PSNR/SSIM + image logs every "
+                                    "--validation_steps", group="data")
+    # model and loss
+    model_config: str | None = option(None, help="CausalVAE config.json (or its folder); random initialisation",
+                                      group="model and loss")
+    pretrained_model_path: str | None = option(None, help="CausalVAE folder to start from (e.g. convert "
+                                               "inflate-2d-vae output)", group="model and loss")
+    perceptual_weight: float = option(1.0, help="LPIPS weight; 0 trains without LPIPS", group="model and loss")
+    lpips_path: list[str] | None = option(None, help="LPIPS weight file(s): VGG16 features + LPIPS heads",
+                                          group="model and loss")
+    disc_start: int = option(2001, help="step (batches) at which the GAN term starts", group="model and loss")
+    disc_weight: float = option(0.5, help="weight of the adversarial term", group="model and loss")
+    kl_weight: float = option(1e-6, help="weight of the KL term", group="model and loss")
+    logvar_init: float = option(0.0, help="initial value of the learned log-variance", group="model and loss")
+    rec_loss: str = option("l1", choices=["l1", "l2"], help="pixel term: l1 (reference) or l2 (better on sparse "
+                           "frames, e.g. the demo's shapes)", group="model and loss")
+    # optimisation
+    learning_rate: float = option(1e-5, help="base lr (VAE, logvar, discriminator); VAE parameters named *time* "
+                                  "get --time_lr_multiplier x", group="optimisation")
+    time_lr_multiplier: float = option(10.0, help="lr factor of VAE parameters named *time*", group="optimisation")
+    max_grad_norm: float = option(1.0, help="grad-norm clip of both phases", group="optimisation")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("learning_rate", "time_lr_multiplier"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+        for name in ("kl_weight", "disc_weight", "perceptual_weight", "disc_start", "validation_videos"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("num_frames", "sample_rate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.rec_loss not in ("l1", "l2"):
+            raise ValueError(f"--rec_loss {self.rec_loss!r} is not supported; use 'l1' or 'l2'.")
+
+    def task_options(self) -> dict:
+        """The options of the VAE task (recorded as ``extra`` in options.json)."""
+        loop = {f.name for f in dataclasses.fields(TrainConfig)}
+        return {k: v for k, v in self.to_dict().items() if k not in loop}
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,42 +320,32 @@ def video_paths(video_path: str | os.PathLike | None, data_path: str | os.PathLi
     return [entry.path for entry in load_video_entries(data_path, video_folder)]
 
 
-def train_vae(
-    config: TrainConfig,
-    *,
-    model_config: str | None = None,
-    pretrained_model_path: str | None = None,
-    video_path: str | None = None,
-    data_path: str | None = None,
-    video_folder: str | None = None,
-    num_frames: int = 17,
-    sample_rate: int = 1,
-    resolution: int = 64,
-    learning_rate: float = 1e-5,
-    time_lr_multiplier: float = 10.0,
-    max_grad_norm: float = 1.0,
-    perceptual_weight: float = 1.0,
-    lpips_path: Sequence[str] | None = None,
-    disc_start: int = 2001,
-    disc_weight: float = 0.5,
-    kl_weight: float = 1e-6,
-    logvar_init: float = 0.0,
-    rec_loss: str = "l1",
-    validation_videos: int = 0,
-) -> dict:
-    """Build the VAE, loss and data, then run the shared trainer. Returns the trainer's summary."""
+def train_vae(options: VAETrainOptions | TrainConfig, **task_options) -> dict:
+    """Build the VAE, loss and data, then run the shared trainer. Returns the trainer's summary.
+
+    ``options``: a :class:`VAETrainOptions`, or (older form) a loop :class:`TrainConfig` plus the task's
+    options as keywords. Raises ValueError / FileNotFoundError (one line) before any work on bad input.
+    """
     from ..models.causalvae.losses import LPIPSWithDiscriminator
     from ..models.lpips import load_lpips
     from ..utils import check_output_folder
 
+    if not isinstance(options, VAETrainOptions):  # the older form: a loop TrainConfig + the task's keywords
+        loop = {f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+        options = VAETrainOptions(**loop, **task_options)
+    elif task_options:
+        raise TypeError(f"train_vae takes VAETrainOptions or a TrainConfig with keywords, not both "
+                        f"({sorted(task_options)}).")
+    config = options.loop_config(extra=options.task_options())
+    if not options.validation_videos:
+        config.validation_steps = None
+    (model_config, pretrained_model_path, video_path, data_path, video_folder, num_frames, sample_rate, resolution,
+     learning_rate, time_lr_multiplier, max_grad_norm, perceptual_weight, lpips_path, disc_start, disc_weight,
+     kl_weight, logvar_init, rec_loss, validation_videos) = (getattr(options, k) for k in (
+        "model_config", "pretrained_model_path", "video_path", "data_path", "video_folder", "num_frames",
+        "sample_rate", "resolution", "learning_rate", "time_lr_multiplier", "max_grad_norm", "perceptual_weight",
+        "lpips_path", "disc_start", "disc_weight", "kl_weight", "logvar_init", "rec_loss", "validation_videos"))
     check_output_folder(config.output_dir, "--output_dir")
-    for name, value in (("learning_rate", learning_rate), ("time_lr_multiplier", time_lr_multiplier)):
-        if not value > 0:
-            raise ValueError(f"--{name} must be positive, got {value}.")
-    for name, value in (("kl_weight", kl_weight), ("disc_weight", disc_weight), ("perceptual_weight", perceptual_weight),
-                        ("disc_start", disc_start)):
-        if not value >= 0:
-            raise ValueError(f"--{name} must be >= 0, got {value}.")
     paths = video_paths(video_path, data_path, video_folder)  # before any model loads
     if validation_videos >= len(paths):
         raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")
@@ -291,7 +360,7 @@ def train_vae(
     torch.manual_seed(config.seed)
     vae = build_vae(model_config, pretrained_model_path)
     step_t = vae.temporal_compression
-    if num_frames < 1 or (num_frames - 1) % step_t:
+    if not valid_num_frames(num_frames, step_t):
         raise ValueError(f"--num_frames {num_frames} is not a length the VAE accepts; use 1 (images) or 1 + {step_t}k (e.g. 9, 17).")
     if resolution % vae.spatial_compression or resolution < 32:
         raise ValueError(

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+from opensora_plan.options import Options, option
+from opensora_plan.pipelines.sample_t2v import RELEASE_SAMPLE_DEFAULTS
 
 from opensora_plan.ui.service import MAX_SEED, MAX_STEPS, GenerationRequest, VideoService, cache_presets
 
@@ -98,12 +103,35 @@ def build_app(service: VideoService):
     return app
 
 
-def serve(model_path: str | os.PathLike | None = None, version: str | None = None,
-          text_encoder_name: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 7860,
-          device: str | None = None, dtype: str = "auto", out_dir: str | os.PathLike | None = None) -> None:
-    """Load the model, then serve the page on ``http://host:port`` until interrupted."""
-    if not 0 < port < 65536:
-        raise ValueError(f"--port must be between 1 and 65535, got {port}.")
+@dataclass
+class ServeOptions(Options):
+    """Every option of ``opensora-plan serve`` / :func:`serve`, with its default and checks."""
+
+    COMMAND: ClassVar[str] = "serve"
+
+    model_path: str | None = option(None, help="demo or save_pretrained folder (model_index.json), or a release "
+                                    "folder with version folders and vae/ (unset: the shipped demo)")
+    version: str | None = option(None, help="version folder to load first (release folders; unset: "
+                                 f"{RELEASE_SAMPLE_DEFAULTS['version']})")
+    text_encoder_name: str | None = option(None, help="local T5 folder (needed for a release folder)")
+    host: str = option("127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    port: int = option(7860, help="port")
+    device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
+    dtype: str = option("auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = fp16 on GPU, fp32 on CPU")
+    out_dir: str | None = option(None, help="where the videos are written (unset: a temporary folder)")
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be between 1 and 65535, got {self.port}.")
+
+
+def serve(*args, **kwargs) -> None:
+    """Load the model, then serve the page on ``http://host:port`` until interrupted.
+
+    Takes a :class:`ServeOptions`, or its fields (model_path, version, ... positionally)."""
+    o = ServeOptions.of(*args, **kwargs)
+    model_path, version, text_encoder_name, host, port, device, dtype, out_dir = (
+        o.model_path, o.version, o.text_encoder_name, o.host, o.port, o.device, o.dtype, o.out_dir)
     _import_gradio()  # before loading a model: a missing extra fails at once
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     service = VideoService(model_path, version=version, text_encoder_name=text_encoder_name, device=device,

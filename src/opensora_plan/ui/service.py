@@ -90,14 +90,14 @@ class VideoService:
     def __init__(self, model_path: str | os.PathLike | None = None, version: str | None = None,
                  text_encoder_name: str | os.PathLike | None = None, device: str | None = None,
                  dtype: str = "auto", out_dir: str | os.PathLike | None = None):
-        from opensora_plan.demo.model import sample_defaults
+        from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
         from opensora_plan.diffusion.schedulers import scheduler_names
         from opensora_plan.utils import parse_dtype, resolve_device
 
         self.device = resolve_device(device)
         self.dtype = (torch.float16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" \
             else parse_dtype(dtype)
-        defaults = sample_defaults(model_path, version=version, text_encoder_name=text_encoder_name)
+        defaults = resolve_sample_defaults(model_path, version=version, text_encoder_name=text_encoder_name)
         self.folder = Path(defaults["model_path"])
         self.is_demo = (self.folder / "demo.json").is_file()
         self.defaults = defaults

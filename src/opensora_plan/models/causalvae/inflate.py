@@ -26,9 +26,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from ...options import Options, option
 from .model import CausalVAEModel
 
 logger = logging.getLogger(__name__)
@@ -166,6 +168,25 @@ def inflate_state_dict(state_2d: dict[str, torch.Tensor], model: CausalVAEModel)
         report.filled.append(key)
     report.not_filled = sorted(target.keys() - set(report.filled))
     return state, report
+
+
+@dataclass
+class InflateOptions(Options):
+    """Every option of ``opensora-plan convert inflate-2d-vae``."""
+
+    COMMAND: ClassVar[str] = "convert inflate-2d-vae"
+
+    vae_2d_path: str = option(help="diffusers AutoencoderKL folder (config.json + weights)")
+    output_dir: str = option(help="CausalVAE folder to write")
+    subfolder: str | None = option(None, help="e.g. 'vae' inside a Stable Diffusion folder")
+    model_config: str | None = option(None, help="CausalVAE config.json to inflate into (unset: derived from the "
+                                      "2-D config)")
+    verify_size: int = option(0, help="also compare both VAEs on a synthetic SIZExSIZE image and a static video "
+                              "(0: no check)")
+
+    def __post_init__(self):
+        if self.verify_size < 0:
+            raise ValueError(f"--verify_size must be >= 0, got {self.verify_size}.")
 
 
 def inflate_2d_vae(

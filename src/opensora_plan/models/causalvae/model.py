@@ -26,6 +26,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
+from ...utils import valid_num_frames
 from ..loading import load_pretrained
 from .modules import CausalConv3d, Decoder, Encoder
 from .streaming import stream_up_path
@@ -410,7 +411,7 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
             )
         frames, (height, width) = x.shape[2], x.shape[3:]
         step = self.temporal_compression
-        if (frames - 1) % step:
+        if not valid_num_frames(frames, step):
             valid = ", ".join(str(1 + step * k) for k in range(5))
             raise ValueError(
                 f"encode got {frames} frames; use 1 (an image) or 1+{step}k frames: {valid}, ..., {1 + step * 16}."

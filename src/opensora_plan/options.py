@@ -1,0 +1,345 @@
+"""One place for every option of a command: a dataclass whose fields carry default, help and CLI spelling.
+
+Each command has one options class (``SampleOptions`` beside ``sample_t2v``, ``T2VTrainOptions`` beside
+``train_t2v``, ...). A field is declared with :func:`option`::
+
+    @dataclass
+    class ReconstructOptions(Options):
+        COMMAND: ClassVar[str] = "reconstruct"
+        num_frames: int = option(65, help="frames to reconstruct, 1 + 4k")
+        enable_tiling: bool = option(False, help="spatial tiling")
+
+    def __post_init__(self):           # validation: ValueError with one sentence
+        ...
+
+:func:`add_options` turns the fields into argparse arguments (the default is appended to the help text
+from the field itself, so help cannot drift), and :func:`options_from_args` builds the object from the
+parsed flags. Only flags given on the command line are taken from argparse (every argument defaults to
+``argparse.SUPPRESS``); the rest come from the ``--config`` file when the class allows one
+(``CONFIG = True``), then from the field defaults: *default < config file < command line*.
+
+Config files are JSON (``.json``) or YAML (``.yaml`` / ``.yml``) mappings of field names to values;
+keys starting with ``_`` are comments. A run's ``options.json`` (written by the trainer) is accepted
+as a config too: its run record (task, world size, ...) is dropped and its ``extra`` section merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar
+
+# Keys the trainer adds to a run's options.json beside the options themselves (train/trainer.py).
+RUN_RECORD_KEYS = ("task", "task_options", "world_size", "distributed_type", "torch_version", "extra")
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, choices=None,
+           metavar: str | None = None, type=None, positional: bool = False, nargs=None,
+           group: str | None = None, show_default: bool = True, default_factory=dataclasses.MISSING):
+    """A dataclass field that is a command-line option.
+
+    ``default``: the one default of the option (omit it for a required option). ``help``: one phrase,
+    without the default (it is appended). ``flag``: the CLI spelling when it differs from ``--<field>``
+    (e.g. ``--no_clean_caption`` for ``clean_caption: bool = True``). ``type``: a converter for flag
+    text when the annotation is not a plain int/float/str (e.g. "auto" or a number). ``positional``: an
+    optional positional argument. ``group``: the ``--help`` section. ``show_default``: False when the
+    help text explains what an unset value means.
+    """
+    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "type": type,
+                "positional": positional, "nargs": nargs, "group": group, "show_default": show_default}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"option": metadata})
+
+
+class Options:
+    """Base class of the options dataclasses.
+
+    Class attributes: ``COMMAND`` (the command name, for messages), ``CONFIG`` (True: ``--config FILE``
+    is accepted), ``CONFIG_DIR`` (a folder of shipped config files, selectable by name), ``NOT_OPTIONS``
+    (inherited fields this command does not offer), ``GROUPS`` (the order of the --help sections). The
+    object also reads like a mapping (``opts["num_frames"]``, ``dict(opts)``), so code written for the
+    old option dicts keeps working.
+    """
+
+    COMMAND: ClassVar[str] = ""
+    CONFIG: ClassVar[bool] = False
+    CONFIG_DIR: ClassVar[Path | None] = None
+    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    GROUPS: ClassVar[tuple[str, ...]] = ()  # --help sections in this order (others follow in field order)
+
+    # ---- mapping view
+    def keys(self) -> list[str]:
+        return [f.name for f in option_fields(type(self))]
+
+    def __getitem__(self, name: str):
+        if name not in self.keys():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        """``{field: value}`` of every option (JSON-friendly when the values are)."""
+        return {name: getattr(self, name) for name in self.keys()}
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """``{field: default}`` of every option that has one (required options are left out)."""
+        out = {}
+        for f in option_fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+    @classmethod
+    def of(cls, *args, **kwargs):
+        """``args[0]`` when it already is a ``cls``, else ``cls(*args, **kwargs)``: lets a library entry point
+        take either the options object or its fields (leading ones positionally, in field order)."""
+        if args and isinstance(args[0], cls):
+            if len(args) > 1 or kwargs:
+                raise TypeError(f"Pass a {cls.__name__} or its fields as arguments, not both.")
+            return args[0]
+        return cls(*args, **kwargs)
+
+    @classmethod
+    def from_mapping(cls, values: typing.Mapping, source: str = "options"):
+        """Build from ``{field: value}`` (keys starting with ``_`` ignored); unknown keys and missing
+        required options are one-line ValueErrors."""
+        values = {k: v for k, v in values.items() if not str(k).startswith("_")}
+        check_known(cls, values, source)
+        missing = [f.name for f in option_fields(cls) if f.name not in values
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            where = " or in the --config file" if cls.CONFIG else ""
+            raise ValueError(f"{cls.COMMAND or cls.__name__} needs {_flag_of(cls, missing[0])}; pass it on the "
+                             f"command line{where}.")
+        return cls(**values)
+
+
+def option_fields(cls) -> list[dataclasses.Field]:
+    """The fields of ``cls`` that are command-line options, in declaration order."""
+    hidden = set(getattr(cls, "NOT_OPTIONS", ()))
+    return [f for f in dataclasses.fields(cls) if "option" in f.metadata and f.name not in hidden]
+
+
+def _flag_of(cls, name: str) -> str:
+    for f in option_fields(cls):
+        if f.name == name:
+            meta = f.metadata["option"]
+            return name if meta["positional"] else (meta["flag"] or f"--{name}")
+    return f"--{name}"
+
+
+def check_known(cls, values: typing.Mapping, source: str) -> None:
+    """ValueError naming the first unknown key and the closest valid option."""
+    names = [f.name for f in option_fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"see `opensora-plan {cls.COMMAND} --help`."
+            raise ValueError(f"{source} has an unknown option '{key}' for {cls.COMMAND or cls.__name__}; {hint}")
+
+
+# --------------------------------------------------------------------------------------------
+# argparse
+# --------------------------------------------------------------------------------------------
+
+
+def _resolved_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(annotation):
+    """(scalar type, is_list) of ``int``, ``float | None``, ``list[str] | None``, ..."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _base_type(args[0])
+        return None, False
+    if origin in (list, tuple):
+        inner = typing.get_args(annotation)
+        return (inner[0] if inner else str), True
+    return annotation, False
+
+
+def _format_default(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
+    """Add every option field of ``cls`` to ``parser``; values not given stay absent from the namespace.
+
+    bool fields become flags (``store_true``; ``store_false`` for a default-True field with a ``--no_``
+    flag; ``--x/--no-x`` when the class accepts a config file, so a flag can undo the file), list fields
+    take ``nargs="+"``, ``choices`` are checked by argparse, and the help text ends with the default.
+    """
+    hints = _resolved_types(cls)
+    groups: dict[str, Any] = {name: parser.add_argument_group(name) for name in cls.GROUPS}
+    if cls.CONFIG:
+        shipped = ""
+        if cls.CONFIG_DIR is not None:
+            names = sorted(p.stem for p in Path(cls.CONFIG_DIR).glob("*.json"))
+            shipped = f", or the name of a shipped one ({', '.join(names)})" if names else ""
+        parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                            help=f"options file: .json, .yaml or .yml{shipped}, or a run's options.json; its values "
+                                 "replace the defaults and flags given on the command line replace its values")
+    for f in option_fields(cls):
+        meta = f.metadata["option"]
+        target = parser
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        required = default is dataclasses.MISSING
+        help_text = meta["help"]
+        scalar, is_list = _base_type(hints[f.name])
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
+        if scalar is bool and not is_list:
+            flag = meta["flag"] or f"--{f.name}"
+            if default is True:
+                kwargs["action"] = "store_false"
+                if not (meta["flag"] or "").startswith("--no"):
+                    raise TypeError(f"{cls.__name__}.{f.name}: a default-True flag needs flag='--no_...'.")
+            elif cls.CONFIG:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["action"] = "store_true"
+            target.add_argument(flag, help=help_text, **kwargs)
+            continue
+        converter = meta["type"] or (scalar if scalar in (int, float, str) else None)
+        if converter is not None:
+            kwargs["type"] = converter
+        if meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]
+        if meta["metavar"] is not None:
+            kwargs["metavar"] = meta["metavar"]
+        if is_list and meta["type"] is None:  # a converter of its own parses the whole text (e.g. commas)
+            kwargs["nargs"] = meta["nargs"] or "+"
+        elif meta["nargs"] is not None:
+            kwargs["nargs"] = meta["nargs"]
+        if required:
+            help_text += "" if meta["positional"] else " (required)"
+        elif meta["show_default"] and default is not None:
+            shown = ",".join(map(str, default)) if is_list and meta["type"] else _format_default(default)
+            help_text += f" (default: {shown})"
+        if meta["positional"]:
+            kwargs.pop("dest")
+            if required:
+                kwargs.pop("default")
+            else:
+                kwargs.setdefault("nargs", "?")
+            target.add_argument(f.name, help=help_text, **kwargs)
+        else:
+            if required and not cls.CONFIG:
+                kwargs["required"] = True
+                kwargs.pop("default")
+            target.add_argument(meta["flag"] or f"--{f.name}", help=help_text, **kwargs)
+
+
+def given_options(cls, args: argparse.Namespace) -> dict:
+    """The options given on the command line (absent ones were suppressed by :func:`add_options`)."""
+    return {f.name: getattr(args, f.name) for f in option_fields(cls) if hasattr(args, f.name)}
+
+
+def options_from_args(cls, args: argparse.Namespace):
+    """``cls`` from field defaults < ``--config`` file (when given) < flags given on the command line."""
+    values = {}
+    config = getattr(args, "config", None) if cls.CONFIG else None
+    if config:
+        values.update(read_options_file(cls, config))
+    values.update(given_options(cls, args))
+    return cls.from_mapping(values, source="the command line")
+
+
+# --------------------------------------------------------------------------------------------
+# config files
+# --------------------------------------------------------------------------------------------
+
+
+def _config_path(cls, spec: str | os.PathLike) -> Path:
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if cls.CONFIG_DIR is not None:
+        shipped = Path(cls.CONFIG_DIR) / f"{str(spec).removesuffix('.json')}.json"
+        if shipped.is_file():
+            return shipped
+    if path.is_dir():
+        raise ValueError(f"--config {spec} is a folder; give a .json / .yaml file.")
+    names = sorted(p.stem for p in Path(cls.CONFIG_DIR).glob("*.json")) if cls.CONFIG_DIR else []
+    problem = f"is neither a file nor a shipped config ({', '.join(names)})" if names else "does not exist"
+    raise FileNotFoundError(f"--config {spec} {problem}; give a .json, .yaml or .yml file.")
+
+
+def read_options_file(cls, spec: str | os.PathLike) -> dict:
+    """``{field: value}`` from a JSON / YAML config file, a shipped config name, or a run's options.json.
+
+    Values are checked against the field types (a YAML ``2e-5`` string becomes the float it means);
+    an unknown key is a ValueError naming it and the closest option.
+    """
+    from opensora_plan.utils import read_json_file, read_text_file
+
+    path = _config_path(cls, spec)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(read_text_file(path, "--config file"))
+        except yaml.YAMLError as err:
+            problem = str(err).replace("\n", " ")
+            raise ValueError(f"--config file {path} is not valid YAML ({problem}); fix or replace the file.") from err
+    else:
+        data = read_json_file(path, "--config file")
+    if not isinstance(data, dict):
+        raise ValueError(f"--config file {path} holds a {type(data).__name__}; expected a mapping of option names "
+                         "to values.")
+    data = {k: v for k, v in data.items() if not str(k).startswith("_")}
+    if "task_options" in data:  # a run's options.json: its record is not options
+        extra = data.get("extra") or {}
+        data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS and k not in cls.NOT_OPTIONS}
+        data.update({k: v for k, v in extra.items() if not str(k).startswith("_")})
+    check_known(cls, data, f"--config file {path}")
+    hints = _resolved_types(cls)
+    return {k: _coerce(hints[k], v, k, path) for k, v in data.items()}
+
+
+def _coerce(annotation, value, name: str, path: Path):
+    """``value`` as the field's type, or a one-line ValueError (config files bypass argparse's types)."""
+    scalar, is_list = _base_type(annotation)
+    if value is None or scalar is None:
+        return value
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(scalar, v, name, path) for v in items]
+    problem = None
+    if scalar is bool:
+        if not isinstance(value, bool):
+            problem = "true or false"
+    elif scalar is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problem = "a whole number"
+    elif scalar is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                problem = "a number"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            problem = "a number"
+        else:
+            return float(value)
+    elif scalar is str:
+        if not isinstance(value, str):
+            problem = "text"
+    if problem:
+        raise ValueError(f"--config file {path}: '{name}' must be {problem}, got {value!r}.")
+    return value

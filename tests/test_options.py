@@ -1,0 +1,353 @@
+"""One place for every option (opensora_plan/options.py): the CLI is generated from the options dataclasses.
+
+Every command's --help lists every field; a flag not given takes the dataclass default (argparse holds none);
+--config files (JSON or YAML) sit between the defaults and the command line; unknown keys and bad values are
+one error line; a run's options.json fed back as --config reproduces the run's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from opensora_plan import cli
+from opensora_plan.options import Options, option, option_fields, options_from_args, read_options_file
+
+
+def _classes():
+    from opensora_plan.data.datasets import DataCheckOptions
+    from opensora_plan.data.features import ExtractOptions
+    from opensora_plan.demo.evaluate import DemoEvalOptions
+    from opensora_plan.demo.shapes import MakeDataOptions
+    from opensora_plan.demo.train import DemoTrainOptions
+    from opensora_plan.models.causalvae.inflate import InflateOptions
+    from opensora_plan.pipelines.evaluate_t2v import EvalT2VOptions
+    from opensora_plan.pipelines.evaluate_vae import EvalVAEOptions
+    from opensora_plan.pipelines.reconstruct import ReconstructOptions
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+    from opensora_plan.train.t2v import T2VTrainOptions
+    from opensora_plan.train.vae import VAETrainOptions
+    from opensora_plan.ui.app import ServeOptions
+
+    # (command words, options class, the smallest valid command line)
+    return [
+        (["sample"], SampleOptions, []),
+        (["train-t2v"], T2VTrainOptions, ["--output_dir", "out", "--max_train_steps", "3"]),
+        (["train-vae"], VAETrainOptions, ["--output_dir", "out"]),
+        (["reconstruct"], ReconstructOptions, ["--model_path", "m", "--video_path", "v", "--rec_path", "r"]),
+        (["eval-vae"], EvalVAEOptions, ["--model_path", "m", "--video_path", "v"]),
+        (["eval-t2v"], EvalT2VOptions, ["--videos", "v"]),
+        (["extract"], ExtractOptions, ["--data_path", "d", "--out", "o", "--ae_path", "vae"]),
+        (["data", "check"], DataCheckOptions, ["data.json"]),
+        (["serve"], ServeOptions, []),
+        (["demo", "make-data"], MakeDataOptions, ["--out", "o"]),
+        (["demo", "train"], DemoTrainOptions, ["--out", "o"]),
+        (["demo", "eval"], DemoEvalOptions, []),
+        (["convert", "inflate-2d-vae"], InflateOptions, ["--vae_2d_path", "a", "--output_dir", "b"]),
+    ]
+
+
+COMMANDS = _classes()
+IDS = [" ".join(words) for words, _, _ in COMMANDS]
+
+
+def _help(capsys, words) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*words, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _spelling(f: dataclasses.Field) -> str:
+    meta = f.metadata["option"]
+    return f.name if meta["positional"] else meta["flag"] or f"--{f.name}"
+
+
+@pytest.mark.parametrize("words, cls, required", COMMANDS, ids=IDS)
+def test_help_lists_every_field_with_its_default(capsys, words, cls, required):
+    text = _help(capsys, words)
+    flat = " ".join(text.split())  # argparse wraps lines
+    for f in option_fields(cls):
+        assert re.search(rf"(^|[\s\[]){re.escape(_spelling(f))}\b", text), f"{_spelling(f)} missing from {words} --help"
+        default = f.default
+        meta = f.metadata["option"]
+        if isinstance(default, (int, float, str)) and not isinstance(default, bool) and default != "" \
+                and meta["show_default"]:
+            assert f"(default: {default})" in flat, f"{f.name}: default {default!r} not shown"
+    for hidden in getattr(cls, "NOT_OPTIONS", ()):
+        assert f"--{hidden} " not in text and f"--{hidden}\n" not in text
+
+
+@pytest.mark.parametrize("words, cls, required", COMMANDS, ids=IDS)
+def test_a_flag_not_given_takes_the_dataclass_default_and_argparse_holds_none(words, cls, required):
+    args = cli.build_parser().parse_args([*words, *required])
+    given = {f.name for f in option_fields(cls) if hasattr(args, f.name)}
+    required_names = {f.name for f in option_fields(cls) if f.default is dataclasses.MISSING
+                      and f.default_factory is dataclasses.MISSING}
+    assert given <= required_names | {"ae_path"}, f"argparse filled in {given - required_names}"
+    built = options_from_args(cls, args)
+    defaults = cls.defaults()
+    for name, value in defaults.items():
+        if name not in given:
+            assert getattr(built, name) == value, name
+
+
+def test_cli_declares_no_option_itself():
+    source = Path(cli.__file__).read_text()
+    # only the logging flags and the package --version; every command's flags come from its options class
+    assert re.findall(r"add_argument\(\s*\"(--?[\w-]+)\"", source) == ["--version", "-v", "-q"]
+
+
+def test_release_sampling_defaults_live_in_the_sampling_code():
+    import opensora_plan.demo.model as demo_model
+    from opensora_plan.pipelines.sample_t2v import RELEASE_SAMPLE_DEFAULTS, SampleOptions
+
+    assert not hasattr(demo_model, "RELEASE_SAMPLE_DEFAULTS")
+    assert RELEASE_SAMPLE_DEFAULTS["sample_method"] == "PNDM" and RELEASE_SAMPLE_DEFAULTS["guidance_scale"] == 7.5
+    resolved = SampleOptions(model_path="/a/release/folder").resolve()  # no demo.json: the release's settings
+    assert {k: getattr(resolved, k) for k in RELEASE_SAMPLE_DEFAULTS} == RELEASE_SAMPLE_DEFAULTS
+    assert SampleOptions(model_path="/x", num_sampling_steps=7).resolve().num_sampling_steps == 7
+
+
+def test_one_token_limit_and_one_frame_rule():
+    from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH
+    from opensora_plan.train.t2v import T2VTrainOptions
+    from opensora_plan.utils import valid_num_frames
+
+    assert MODEL_MAX_LENGTH == 300 and T2VTrainOptions.defaults()["model_max_length"] == MODEL_MAX_LENGTH
+    assert [n for n in range(0, 20) if valid_num_frames(n)] == [1, 5, 9, 13, 17]
+    assert valid_num_frames(65) and not valid_num_frames(64) and valid_num_frames(7, temporal_compression=2)
+    import io
+    import tokenize
+
+    def numbers(path: Path) -> list[str]:  # number literals in the code (not in comments or docstrings)
+        tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+        return [t.string for t in tokens if t.type == tokenize.NUMBER]
+
+    src = Path(cli.__file__).parent
+    literal = [p.name for p in src.rglob("*.py") if "300" in numbers(p)]
+    assert literal == ["text_encoder.py"], f"the 300-token limit written as a literal in {literal}"
+
+
+# --------------------------------------------------------------------------------------------
+# --config files
+# --------------------------------------------------------------------------------------------
+
+
+def _capture(monkeypatch, module, name):
+    seen = {}
+
+    def fake(options):
+        seen["options"] = options
+        return {"step": 0, "skipped_steps": 0, "output_dir": "x"}
+
+    monkeypatch.setattr(module, name, fake)
+    return seen
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
+def test_config_file_sits_between_defaults_and_flags(tmp_path, monkeypatch, suffix):
+    import opensora_plan.train.t2v as t2v
+
+    seen = _capture(monkeypatch, t2v, "train_t2v")
+    values = {"learning_rate": 1e-4, "num_frames": 65, "train_batch_size": 4, "max_train_steps": 9,
+              "lora_target_modules": None, "gradient_checkpointing": True}
+    path = tmp_path / f"stage{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(values))
+    else:  # YAML 1.1 reads 1e-4 as text: the field type turns it into the float it means
+        path.write_text("learning_rate: 1e-4\nnum_frames: 65\ntrain_batch_size: 4\nmax_train_steps: 9\n"
+                        "lora_target_modules: null\ngradient_checkpointing: true\n# a comment\n")
+    assert cli.main(["train-t2v", "--config", str(path), "--num_frames", "17", "--no-gradient_checkpointing",
+                     "--output_dir", str(tmp_path / "run")]) == 0
+    options = seen["options"]
+    assert options.learning_rate == 1e-4 and isinstance(options.learning_rate, float)  # file over default
+    assert options.train_batch_size == 4 and options.max_train_steps == 9
+    assert options.num_frames == 17 and options.gradient_checkpointing is False  # flags over file
+    assert options.adam_weight_decay == t2v.T2VTrainOptions.defaults()["adam_weight_decay"]  # untouched default
+
+
+def test_train_vae_takes_a_config_file_too(tmp_path, monkeypatch):
+    import opensora_plan.train.vae as vae
+
+    seen = _capture(monkeypatch, vae, "train_vae")
+    (tmp_path / "vae.yaml").write_text("resolution: 128\nkl_weight: 1.0e-5\nlpips_path: [a.pth, b.pth]\n"
+                                       "checkpointing_steps: 7\n")
+    assert cli.main(["train-vae", "--config", str(tmp_path / "vae.yaml"), "--output_dir", str(tmp_path / "r"),
+                     "--checkpointing_steps", "3"]) == 0
+    options = seen["options"]
+    assert (options.resolution, options.kl_weight, options.lpips_path) == (128, 1e-5, ["a.pth", "b.pth"])
+    assert options.checkpointing_steps == 3  # the flag wins
+    assert vae.VAETrainOptions.defaults()["checkpointing_steps"] == 2000  # the VAE's own default, stated once
+
+
+def test_shipped_stage_names_still_work_and_parse_with_the_class():
+    from opensora_plan.train.t2v import T2VTrainOptions
+
+    from opensora_plan.train.t2v import STAGE_CONFIG_DIR
+
+    values = read_options_file(T2VTrainOptions, "stage3_65x512x512")
+    assert values["num_frames"] == 65 and values["enable_tiling"] is True
+    for path in sorted(STAGE_CONFIG_DIR.glob("*.json")):  # every shipped stage is a valid options file
+        T2VTrainOptions(output_dir="x", **read_options_file(T2VTrainOptions, path.stem))
+
+
+def _one_error_line(capsys, pattern: str) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and len(err.splitlines()) == 1, err
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("text, suffix, pattern", [
+    ('{"num_frame": 17}', ".json", r"unknown option 'num_frame' for train-t2v; did you mean 'num_frames'\?"),
+    ("learning_rat: 1.0e-4\n", ".yaml", r"unknown option 'learning_rat'.*did you mean 'learning_rate'\?"),
+    ("zzz_qqq: 1\n", ".yml", r"unknown option 'zzz_qqq'.*train-t2v --help"),
+    ('{"num_frames": "many"}', ".json", r"'num_frames' must be a whole number, got 'many'"),
+    ("- a\n- b\n", ".yaml", r"holds a list; expected a mapping"),
+    ("a: [1\n", ".yaml", r"is not valid YAML"),
+])
+def test_bad_config_files_are_one_error_line(tmp_path, capsys, text, suffix, pattern):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    assert cli.main(["train-t2v", "--config", str(path), "--output_dir", str(tmp_path / "run")]) == 1
+    _one_error_line(capsys, pattern)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_and_missing_required_option_are_one_line(tmp_path, capsys):
+    assert cli.main(["train-t2v", "--config", str(tmp_path / "nope.yaml")]) == 1
+    _one_error_line(capsys, r"--config .*nope\.yaml is neither a file nor a shipped config \(stage1_17x256x256")
+    (tmp_path / "c.yaml").write_text("num_frames: 17\n")
+    assert cli.main(["train-t2v", "--config", str(tmp_path / "c.yaml"), "--max_train_steps", "2"]) == 1
+    _one_error_line(capsys, r"train-t2v needs --output_dir; pass it on the command line or in the --config file")
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["train-t2v", "--output_dir", "{tmp}/r", "--max_train_steps", "1", "--cfg_dropout", "2"], r"--cfg_dropout"),
+    (["train-t2v", "--output_dir", "{tmp}/r", "--max_train_steps", "1", "--num_frames", "16"], r"1 \+ 4k"),
+    (["train-t2v", "--output_dir", "{tmp}/r", "--max_train_steps", "0"], r"--max_train_steps must be at least 1"),
+    (["train-vae", "--output_dir", "{tmp}/r", "--learning_rate", "0"], r"--learning_rate must be positive"),
+    (["sample", "a cat", "--batch_size", "0"], r"--batch_size must be at least 1"),
+    (["sample", "a cat", "--num_sampling_steps", "0"], r"--num_sampling_steps must be at least 1"),
+    (["reconstruct", "--model_path", "m", "--video_path", "v", "--rec_path", "r", "--num_frames", "0"],
+     r"--num_frames must be at least 1"),
+    (["extract", "--data_path", "d", "--out", "o", "--ae_path", "a", "--num_frames", "8"], r"1 \+ 4k"),
+    (["demo", "make-data", "--out", "{tmp}/d", "--num_videos", "0"], r"--num_videos must be at least 1"),
+    (["serve", "--port", "0"], r"--port must be between 1 and 65535"),
+    (["eval-t2v", "--videos", "v", "--metrics", "fvd,nope"], r"--metrics must be a comma-separated subset"),
+])
+def test_validation_errors_are_one_line_before_any_work(tmp_path, capsys, argv, pattern):
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 1
+    _one_error_line(capsys, pattern)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_object_reads_like_the_old_option_dict():
+    from opensora_plan.train.t2v import T2V_DEFAULTS, T2VTrainOptions
+
+    options = T2VTrainOptions(output_dir="o", max_train_steps=2)
+    assert dict(options)["num_frames"] == options["num_frames"] == 17
+    assert set(T2V_DEFAULTS) == set(options.keys()) and T2V_DEFAULTS["output_dir"] is None
+    with pytest.raises(ValueError, match="unknown option 'num_frame'.*'num_frames'"):
+        T2VTrainOptions.from_mapping({"output_dir": "o", "max_train_steps": 1, "num_frame": 17})
+
+
+def test_a_new_option_is_one_field(tmp_path):
+    """The machinery itself: bool flags, lists, choices, Optional, positional, custom converters, --no_ flags."""
+
+    @dataclasses.dataclass
+    class Toy(Options):
+        COMMAND = "toy"
+        CONFIG = True
+        name: str = option(positional=True, help="a name")
+        size: int = option(3, help="a size")
+        ratio: float | None = option(None, help="a ratio")
+        tags: list[str] | None = option(None, help="tags")
+        mode: str = option("a", choices=["a", "b"], help="a mode")
+        fast: bool = option(False, help="go fast")
+        clean: bool = option(True, flag="--no_clean", help="do not clean")
+
+    parser = argparse.ArgumentParser()
+    from opensora_plan.options import add_options
+
+    add_options(parser, Toy)
+    (tmp_path / "toy.yaml").write_text("size: 5\nfast: true\n")
+    args = parser.parse_args(["x", "--tags", "p", "q", "--no_clean", "--config", str(tmp_path / "toy.yaml"),
+                              "--size", "7"])
+    toy = options_from_args(Toy, args)
+    assert (toy.name, toy.size, toy.ratio, toy.tags, toy.mode, toy.fast, toy.clean) == ("x", 7, None, ["p", "q"],
+                                                                                       "a", True, False)
+    assert "(default: 3)" in parser.format_help() and "--fast, --no-fast" in parser.format_help()
+
+
+# --------------------------------------------------------------------------------------------
+# round trip: a run's options.json is a config file
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory, fixtures_dir):
+    from opensora_plan.data.video_io import write_video
+    from opensora_plan.demo.tiny_t5 import build_tiny_t5
+    from opensora_plan.models.causalvae import CausalVAEModel
+
+    root = tmp_path_factory.mktemp("options_run")
+    captions = ["a red ball", "waves on a beach"]
+    t5 = build_tiny_t5(root / "t5", captions, d_model=32)
+    torch.manual_seed(0)
+    vae = CausalVAEModel.from_config(json.loads((fixtures_dir / "causalvae_tiny_config" / "config.json").read_text()))
+    vae.save_pretrained(root / "vae")
+    frames = 1 + vae.temporal_compression
+    for i in range(2):
+        video = torch.zeros(frames, 32, 32, 3, dtype=torch.uint8)
+        video[:, 8:20, 4 + 4 * i: 16 + 4 * i] = 255
+        write_video(root / f"clip{i}.mp4", video, fps=8)
+    (root / "data.json").write_text(json.dumps([{"path": f"clip{i}.mp4", "cap": captions[i]} for i in range(2)]))
+    return root, t5, frames, 4 * vae.spatial_compression
+
+
+def test_a_runs_options_json_fed_back_as_config_gives_the_same_options(tiny_run_inputs, tmp_path):
+    root, t5, frames, size = tiny_run_inputs
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = [
+            "train-t2v", "--model", "LatteT2V-Tiny/122", "--text_encoder_name", str(t5), "--ae_path",
+            str(root / "vae"), "--data_path", str(root / "data.json"), "--num_frames", str(frames),
+            "--max_image_size", str(size), "--model_max_length", "8", "--max_train_steps", "1",
+            "--mixed_precision", "no", "--report_to", "none", "--learning_rate", "3e-4", "--cfg_dropout", "0.2",
+            "--use_ema", "--ema_decay", "0.9"]
+    assert cli.main([*argv, "--output_dir", str(first)]) == 0
+    assert cli.main(["train-t2v", "--config", str(first / "options.json"), "--output_dir", str(second)]) == 0
+    a, b = (json.loads((run / "options.json").read_text()) for run in (first, second))
+    for record in (a, b):
+        record.pop("output_dir")
+    assert a["extra"]["learning_rate"] == 3e-4 and a["extra"]["cfg_dropout"] == 0.2 and a["ema_decay"] == 0.9
+    assert a == b
+
+
+def test_a_vae_runs_options_json_fed_back_as_config_gives_the_same_options(tmp_path, fixtures_dir):
+    from opensora_plan.data.video_io import write_video
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(2):
+        write_video(clips / f"c{i}.mp4", torch.full((3, 40, 48, 3), 60 * (i + 1), dtype=torch.uint8), fps=8)
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = ["train-vae", "--video_path", str(clips), "--model_config",
+            str(fixtures_dir / "causalvae_tiny_config" / "config.json"), "--num_frames", "1", "--resolution", "32",
+            "--perceptual_weight", "0", "--kl_weight", "1e-4", "--max_train_steps", "1", "--checkpointing_steps",
+            "1", "--mixed_precision", "no", "--report_to", "none"]
+    assert cli.main([*argv, "--output_dir", str(first)]) == 0
+    assert cli.main(["train-vae", "--config", str(first / "options.json"), "--output_dir", str(second)]) == 0
+    a, b = (json.loads((run / "options.json").read_text()) for run in (first, second))
+    for record in (a, b):
+        record.pop("output_dir")
+    assert a["extra"]["kl_weight"] == 1e-4 and a["extra"]["resolution"] == 32 and a["checkpointing_steps"] == 1
+    assert a == b
