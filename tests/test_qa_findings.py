@@ -130,3 +130,26 @@ def test_sample_refuses_a_planned_output_that_is_a_folder_or_a_broken_link(tmp_p
     link.symlink_to(tmp_path / "nowhere")
     assert cli.main(["sample", "a red circle moving left", "--save_img_path", str(link)]) != 0
     assert "broken symbolic link" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- -v / -q
+
+
+@pytest.mark.parametrize("flag", ["-q", "-v"])
+def test_quiet_hides_every_progress_bar_and_verbose_adds_debug_lines(tmp_path, flag):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "opensora_plan", "sample", "a red circle moving left",
+                          "--num_sampling_steps", "4", "--save_img_path", str(tmp_path), flag],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Sampled 1 video" in run.stdout
+    if flag == "-q":  # neither the denoising bar nor transformers' "Loading weights" bar
+        assert "it/s" not in run.stderr and "Loading weights" not in run.stderr, run.stderr
+        assert "INFO" not in run.stderr
+    else:
+        assert "DEBUG opensora_plan.cli: opensora-plan sample" in run.stderr
+        assert "Denoising loop: 4 steps" in run.stderr

@@ -14,6 +14,9 @@ import os
 import sys
 
 
+logger = logging.getLogger("opensora_plan.cli")
+
+
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""
 
@@ -451,6 +454,8 @@ def _log_flags_after_commands(subparsers) -> None:
 # cores: the demo sample took 27-39 s with 2 spinning threads on the loaded 2-core machine, 3.4-5 s with
 # passive waiting (README, "Threads"). Set before torch loads; a value in the environment wins.
 _OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 class _OncePerMessage(logging.Filter):
     """Drop a warning that was already shown word for word (libraries repeat theirs on every reload)."""
 
@@ -472,10 +477,11 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})"
 
 
-def _route_dependency_noise(heavy: bool) -> None:
+def _route_dependency_noise(heavy: bool, quiet: bool) -> None:
     """One log format, one line per real problem: Python warnings (without their source line) and the
     diffusers / transformers loggers (which print through their own handlers) go through ``logging``,
-    and a repeated warning is shown once. ``heavy``: the command imports diffusers anyway."""
+    and a repeated warning is shown once; ``quiet`` also hides their progress bars (weight loading).
+    ``heavy``: the command imports diffusers anyway."""
     import warnings
 
     warnings.formatwarning = _format_warning
@@ -490,6 +496,8 @@ def _route_dependency_noise(heavy: bool) -> None:
         for library in (diffusers_logging, transformers_logging):
             library.disable_default_handler()
             library.enable_propagation()
+            if quiet:
+                library.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,7 +516,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _route_dependency_noise(heavy=args.command != "data")
+    _route_dependency_noise(heavy=args.command != "data", quiet=args.quiet)
+    if args.verbose:
+        import torch
+
+        for name in ("PIL", "matplotlib", "urllib3", "filelock", "fsspec", "httpx", "h5py"):
+            logging.getLogger(name).setLevel(logging.INFO)  # their DEBUG chatter is not about this run
+        logger.debug("opensora-plan %s: %s", args.command, {k: v for k, v in sorted(vars(args).items())
+                                                            if k not in ("func", "verbose", "quiet")})
+        logger.debug("torch %s, %d threads, OMP_NUM_THREADS=%s, cuda available: %s", torch.__version__,
+                     torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), torch.cuda.is_available())
     from opensora_plan.utils import NonFiniteError
 
     try:

@@ -43,6 +43,7 @@ import gc
 import inspect
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -694,6 +695,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         cache = self.transformer.step_cache
         if cache is not None:
             cache.reset(len(timesteps))
+        loop_start = time.perf_counter()
         # inference_weight_cache: weights cast/stacked once for the loop, as autocast does for F.linear
         with self.progress_bar(total=len(timesteps)) as progress, inference_weight_cache():
             for step_index, t in enumerate(timesteps):
@@ -727,6 +729,11 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                 progress.update()
 
+        loop_seconds = time.perf_counter() - loop_start
+        logger.debug("Denoising loop: %d steps of %s in %.2f s (%.1f ms/step); latents %s %s on %s, guidance %s.",
+                     len(timesteps), type(self.scheduler).__name__, loop_seconds,
+                     1000 * loop_seconds / max(len(timesteps), 1), tuple(latents.shape), latents.dtype,
+                     latents.device, guidance_scale)
         if cache is not None:
             logger.info("Step cache %s: ran the transformer blocks on %d of %d steps (%.0f%% skipped).", cache.name,
                         cache.stats.computed, len(timesteps), 100 * cache.stats.skipped_fraction)

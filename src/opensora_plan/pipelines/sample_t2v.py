@@ -513,6 +513,10 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
     rank, world_size, device = _distributed_setup(device)
     torch_dtype = ((torch.float16 if device.type == "cuda" else torch.float32) if opts.dtype == "auto"
                    else parse_dtype(opts.dtype))
+    if torch_dtype == torch.float16 and device.type == "cpu":
+        # Measured on this project's CPU (AVX512-BF16/AMX): the demo sample took ~12x longer in fp16.
+        logger.warning("--dtype fp16 on CPU runs on slow fallback kernels (about 12x slower than fp32 here); "
+                       "use --dtype bf16 or fp32 on CPU.")
     groups = {"sp": None, "cfg": None, "dp_rank": rank, "dp_size": world_size, "writer": True}
     if block > 1:
         from opensora_plan.models.parallel import init_parallel_groups
