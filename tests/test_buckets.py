@@ -520,3 +520,32 @@ def test_data_check_keeps_entry_numbers_when_some_entries_are_malformed(mixed, t
     plan = check_buckets(bad, TINY_SPEC, video_folder=root, progress=False)
     assert [(u["index"], Path(u["path"]).name) for u in plan.unfit] == [(8, "small.mp4")]
     assert sorted(i for m in plan.members for i in m) == [1, 2, 3, 4, 5, 6, 7, 9]
+
+
+# --------------------------------------------------------------------------------------------
+# QA findings (new-user pass over buckets and --dry_run)
+# --------------------------------------------------------------------------------------------
+
+
+def test_probing_many_images_in_threads_leaves_stderr_where_it_was(tmp_path):
+    """Images have no frame count in the header and go to the reader, which (with decord) redirects fd 2;
+    two threads doing that at once used to leave fd 2 on a deleted temporary file for good."""
+    import os
+
+    from PIL import Image
+
+    from opensora_plan.data.buckets import plan_buckets
+
+    paths = []
+    for i in range(24):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(_moving_square(1, 40, 40, shift=i % 8)[0].numpy()).save(paths[-1])
+    before = os.readlink("/proc/self/fd/2") if os.path.exists("/proc/self/fd/2") else None
+    stat_before = os.fstat(2)
+    for _ in range(3):
+        plan = plan_buckets(paths, parse_buckets("1x32x32"), progress=False)
+        assert len(plan.members[0]) == 24
+    stat_after = os.fstat(2)
+    assert (stat_after.st_dev, stat_after.st_ino) == (stat_before.st_dev, stat_before.st_ino)
+    if before is not None:
+        assert os.readlink("/proc/self/fd/2") == before

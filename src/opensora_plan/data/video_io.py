@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
@@ -400,7 +401,20 @@ def native_stderr_to_logging(name: str):
     decord's C++ core prints its own log lines (``[12:00:00] .../video_reader.cc:...``) straight to
     stderr; the reader raises a VideoReadError with the cause anyway, so the raw lines only go to the
     debug log (``opensora-plan -v``). Python's own ``sys.stderr`` is not touched.
+
+    File descriptor 2 belongs to the whole process: the block holds a module lock, so threads (bucket
+    probing opens readers in a pool) take turns. Without it two overlapping blocks restore each other's
+    redirection and leave fd 2 on a deleted temporary file for the rest of the process. While a block
+    runs, what *other* threads' native code writes to fd 2 goes to the debug log too.
     """
+    with _STDERR_LOCK:
+        yield from _redirect_native_stderr(name)
+
+
+_STDERR_LOCK = threading.RLock()  # re-entrant: a block may open another reader (same thread, nested dup2 is safe)
+
+
+def _redirect_native_stderr(name: str):
     fd = 2  # what C code writes to, whatever Python's sys.stderr has been replaced with
     try:
         os.fstat(fd)
