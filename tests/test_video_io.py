@@ -187,3 +187,21 @@ def test_list_videos_filters_by_extension(tmp_path):
     for name in ["b.mp4", "a.MKV", "c.webm", "notes.txt", "d.avi", "e.mov"]:
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in list_videos(tmp_path)] == ["a.MKV", "b.mp4", "c.webm", "d.avi", "e.mov"]
+
+
+@pytest.mark.parametrize("suffix, size", [(".jpg", 64), (".jpg", 24), (".png", 64), (".webp", 64)])
+def test_single_images_read_as_one_frame_videos(tmp_path, suffix, size):
+    """JPEGs over ~4 KB (FFmpeg's image2 demuxer) used to decode nothing after the reader's demux pass."""
+    from PIL import Image
+
+    pixels = (np.random.default_rng(0).random((size, size + 16, 3)) * 255).astype(np.uint8)  # noise: a large JPEG
+    path = tmp_path / f"image{suffix}"
+    Image.fromarray(pixels).save(path, quality=95)
+    with VideoReader(path) as reader:
+        assert (reader.num_frames, reader.height, reader.width) == (1, size, size + 16)
+        frames = reader.get_frames([0, 0])
+        assert frames.shape == (2, size, size + 16, 3) and torch.equal(frames[0], frames[1])
+        again = reader.get_frames([0])  # a second read reopens again
+    expected = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
+    # The picture PIL decodes (FFmpeg upsamples the noise's chroma differently, so compare by correlation).
+    assert np.corrcoef(again[0].float().flatten(), expected.float().flatten())[0, 1] > 0.9

@@ -202,14 +202,24 @@ class VideoReader:
         self.num_frames = len(pts)
         if pts:
             # The display matrix is only exposed on decoded frames: decode the first one.
-            self._container.seek(pts[0], stream=stream, backward=True, any_frame=False)
-            self.rotation = _pyav_rotation(self._container, stream)
+            self._seek_pyav(pts[0])
+            self.rotation = _pyav_rotation(self._container, self._stream)
             if self.rotation % 2:
                 self.height, self.width = self.width, self.height  # the displayed size
 
+    def _seek_pyav(self, target: int) -> None:
+        """Seek to the key frame at or before ``target``. Image files (FFmpeg's image2 / *_pipe demuxers,
+        one frame) are reopened instead: after the demux pass, seeking the image2 demuxer back to 0 left
+        decode() empty for JPEGs over ~4 KB (PyAV 18), which read as "the stream ended before frame 0"."""
+        if self._container.format.name == "image2" or self._container.format.name.endswith("_pipe"):
+            self._container.close()
+            self._container = av.open(str(self.path), mode="r")
+            self._stream = self._container.streams.video[0]
+        else:
+            self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
+
     def _get_frames_pyav(self, wanted: list[int]) -> dict[int, np.ndarray]:
         """Decode the sorted, unique frame indices ``wanted``; seek only when it saves decoding."""
-        container, stream = self._container, self._stream
         out: dict[int, np.ndarray] = {}
         decoder = None
         last_decoded = -1
@@ -218,8 +228,8 @@ class VideoReader:
             if decoder is None or last_decoded < self._key_index[index]:
                 # Seeking lands on the key frame before `target`; when we already decoded past that
                 # key frame it is cheaper to keep decoding forwards.
-                container.seek(target, stream=stream, backward=True, any_frame=False)
-                decoder = container.decode(stream)
+                self._seek_pyav(target)
+                decoder = self._container.decode(self._stream)
             for frame in decoder:
                 frame_index = self._index_of_pts.get(frame.pts, -1)
                 if frame_index == -1 or frame_index < index:
