@@ -115,7 +115,7 @@ def test_assignment_prefers_the_closest_aspect_then_the_longest():
 def test_too_short_names_the_frames_needed_and_ties_are_deterministic():
     buckets = parse_buckets("17x256x256,65x256x256")
     assert assign_bucket(ClipInfo(9, 512, 512), buckets) == (None, "too short: 9 frames < 17 needed")
-    assert assign_bucket(ClipInfo(9, 512, 512), buckets, sample_rate=2) == (None, "too short: 9 frames < 34 needed")
+    assert assign_bucket(ClipInfo(9, 512, 512), buckets, sample_rate=2) == (None, "too short: 9 frames < 33 needed")
     # Same aspect distance on both sides of a square clip: same frames and area, so the earlier bucket wins.
     tie = parse_buckets("17x192x320,17x320x192")
     assert assign_bucket(ClipInfo(17, 400, 400), tie) == (0, "")
@@ -549,3 +549,104 @@ def test_probing_many_images_in_threads_leaves_stderr_where_it_was(tmp_path):
     assert (stat_after.st_dev, stat_after.st_ino) == (stat_before.st_dev, stat_before.st_ino)
     if before is not None:
         assert os.readlink("/proc/self/fd/2") == before
+
+
+def _truncated_clip(path: Path, frames: int, height: int, width: int) -> None:
+    """An mp4 whose header (moov first) promises ``frames`` frames but whose data stops half way."""
+    import av
+
+    full = path.with_suffix(".full.mp4")
+    rng = np.random.default_rng(0)
+    with av.open(str(full), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):  # noise: every frame is large, so half the bytes is about half the frames
+            frame = av.VideoFrame.from_ndarray((rng.random((height, width, 3)) * 255).astype(np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = full.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    full.unlink()
+
+
+def test_data_check_buckets_agree_with_its_decode_pass(tmp_path, capsys):
+    """A file the decode pass finds unreadable (truncated: the header says 20 frames) is in no bucket,
+    counted once as unreadable; and with no clip in any bucket, data check fails."""
+    from opensora_plan.data.buckets import probe_clip
+
+    _truncated_clip(tmp_path / "cut.mp4", 20, 32, 32)
+    assert probe_clip(tmp_path / "cut.mp4").frames < 20  # counted as the reader counts, not from the header
+    write_video(tmp_path / "ok.mp4", _moving_square(9, 32, 32), fps=8)
+    (tmp_path / "data.json").write_text(json.dumps([{"path": "cut.mp4", "cap": "a"}, {"path": "ok.mp4", "cap": "b"}]))
+    code = cli.main(["data", "check", str(tmp_path / "data.json"), "--buckets", "9x32x32,5x32x32"])
+    out = capsys.readouterr().out
+    assert code == 1  # the truncated file is unreadable
+    assert "1 clips in buckets, 0 fit no bucket, 1 unreadable" in out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line[:1].isdigit() and "x" in line.split()[0]}
+    assert rows == {"9x32x32": "1", "5x32x32": "0"}
+
+
+def test_a_bucket_whose_clips_all_fail_is_left_out_before_training(tmp_path, caplog):
+    """The only clip of the 9-frame bucket cannot be decoded: build_t2v's check drops that bucket with a
+    warning (the run goes on with the others), instead of the run dying at its first batch of that bucket."""
+    write_video(tmp_path / "cut.mp4", _moving_square(9, 32, 32), fps=8)
+    for i in range(2):
+        write_video(tmp_path / f"ok{i}.mp4", _moving_square(5, 32, 32, shift=i), fps=8)
+    entries = [{"path": "cut.mp4", "cap": "a"}] + [{"path": f"ok{i}.mp4", "cap": "b"} for i in range(2)]
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    buckets = resolve_batch_sizes(parse_buckets("5x32x32,9x32x32"), 1)
+    dataset = BucketedVideoDataset(tmp_path / "data.json", buckets, random_flip=False, progress=False)
+    assert dataset.plan.members == [[1, 2], [0]]
+    (tmp_path / "cut.mp4").write_bytes(b"probed, then broken")  # what a probe passes and decoding fails
+    with caplog.at_level("WARNING"):
+        assert dataset.drop_unusable_buckets() == ["9x32x32"]
+    assert "Buckets ['9x32x32'] are left out" in caplog.text
+    assert dataset.plan.members == [[1, 2], []] and 0 not in dataset.bucket_of
+    assert [u["index"] for u in dataset.plan.unreadable] == [0]
+    sampler = BucketBatchSampler(dataset.plan.members, [b.batch_size for b in buckets], seed=0)
+    assert sampler.batches_per_bucket() == [2, 0]
+
+
+def test_a_failing_clip_is_replaced_by_one_of_another_bucket_in_this_buckets_shape(tmp_path):
+    write_video(tmp_path / "long.mp4", _moving_square(9, 48, 48), fps=8)
+    write_video(tmp_path / "short.mp4", _moving_square(5, 32, 48), fps=8)
+    (tmp_path / "data.json").write_text(json.dumps([{"path": "short.mp4", "cap": "a"}, {"path": "long.mp4", "cap": "b"}]))
+    buckets = resolve_batch_sizes(parse_buckets("5x32x48,9x32x32"), 1)
+    dataset = BucketedVideoDataset(tmp_path / "data.json", buckets, progress=False)
+    assert dataset.plan.members == [[0], [1]]
+    (tmp_path / "short.mp4").write_bytes(b"gone bad after probing")
+    used, clip, skipped = dataset.load_clip_or_substitute(0)
+    assert used == 1 and clip.shape == (3, 5, 32, 48) and [Path(s["path"]).name for s in skipped] == ["short.mp4"]
+    (tmp_path / "long.mp4").write_bytes(b"also bad")
+    from opensora_plan.data.datasets import NoUsableVideoError
+
+    with pytest.raises(NoUsableVideoError, match="fit bucket 5x32x48"):
+        dataset.load_clip_or_substitute(0)
+
+
+def test_image_buckets_take_images_whatever_the_sample_rate_and_clips_need_the_loaders_frames(tmp_path):
+    """A 1-frame bucket needs 1 frame at any stride; an F-frame bucket needs (F - 1) x stride + 1 frames,
+    exactly what the loader's window reads as F distinct frames sample_rate apart."""
+    from opensora_plan.data.buckets import needed_frames
+    from opensora_plan.data.transforms import temporal_window_indices
+
+    buckets = parse_buckets("5x32x32,1x32x32")
+    assert assign_bucket(ClipInfo(1, 32, 32), buckets, sample_rate=2) == (1, "")
+    assert assign_bucket(ClipInfo(9, 32, 32), buckets, sample_rate=2) == (0, "")
+    assert assign_bucket(ClipInfo(8, 32, 32), buckets, sample_rate=2) == (1, "")
+    assert assign_bucket(ClipInfo(1, 32, 32), parse_buckets("5x32x32"), 2) == (None, "too short: 1 frame < 9 needed")
+    for frames, rate in ((5, 2), (17, 3), (9, 1)):
+        total = needed_frames(frames, rate)
+        indices = temporal_window_indices(total, frames, rate)
+        assert indices == list(range(0, total, rate))  # distinct, exactly `rate` apart
+    write_video(tmp_path / "v.mp4", _moving_square(9, 32, 32), fps=8)
+    from PIL import Image
+
+    Image.fromarray(_moving_square(1, 32, 32)[0].numpy()).save(tmp_path / "i.jpg")
+    (tmp_path / "data.json").write_text(json.dumps([{"path": "v.mp4", "cap": "a"}, {"path": "i.jpg", "cap": "b"}]))
+    dataset = BucketedVideoDataset(tmp_path / "data.json", resolve_batch_sizes(buckets, 1), sample_rate=2,
+                                   progress=False)
+    assert dataset.plan.members == [[0], [1]] and not dataset.plan.unfit
+    assert dataset.load_clip(0).shape == (3, 5, 32, 32) and dataset.load_clip(1).shape == (3, 1, 32, 32)

@@ -8,7 +8,8 @@ Rules (checked by :func:`parse_buckets`): ``frames`` is 1 (images) or 1 + 4k (th
 compression), ``height`` / ``width`` are multiples of 16 (8 x the VAE's spatial compression x LatteT2V's
 patch size 2). Every clip is assigned once, at dataset construction, by :func:`assign_bucket`:
 
-1. candidates are the buckets the clip is long enough for (``frames x sample_rate`` source frames) and
+1. candidates are the buckets the clip is long enough for (``(frames - 1) x sample_rate + 1`` source
+   frames, :func:`needed_frames`: what the loader's window needs for distinct frames at that stride) and
    large enough for (clip height >= bucket height and clip width >= bucket width: clips are never
    upscaled; a clip too small for every bucket is left out with the reason "too small");
 2. among them, the closest aspect ratio wins (distance ``|log(w/h) - log(W/H)|``), then the most
@@ -31,7 +32,7 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -184,10 +185,20 @@ class ClipInfo:
     width: int
 
 
+def needed_frames(frames: int, sample_rate: int = 1) -> int:
+    """Source frames a clip needs for a ``frames``-frame bucket at ``sample_rate``: ``(frames - 1) x sample_rate + 1``.
+
+    That many frames give the loader's window (:func:`~opensora_plan.data.transforms.window_indices`)
+    ``frames`` distinct indices exactly ``sample_rate`` apart; an image bucket (1 frame) needs 1 frame
+    whatever the stride.
+    """
+    return (frames - 1) * sample_rate + 1
+
+
 def assign_bucket(clip: ClipInfo, buckets: list[Bucket], sample_rate: int = 1) -> tuple[int | None, str]:
     """``(bucket index, "")`` for the bucket ``clip`` trains in, or ``(None, reason)`` when none fits.
 
-    Reasons: ``"too short: 9 frames < 17 needed"`` (no bucket's ``frames x sample_rate`` fits) or
+    Reasons: ``"too short: 9 frames < 17 needed"`` (no bucket's :func:`needed_frames` fits) or
     ``"too small: 90x120 < 192x320 (HxW)"`` (long enough for some buckets, but smaller than all of
     them; the size named is the closest-aspect one). See the module docstring for the rule.
     """
@@ -197,10 +208,10 @@ def assign_bucket(clip: ClipInfo, buckets: list[Bucket], sample_rate: int = 1) -
         b = buckets[i]
         return abs(log_aspect - math.log(b.aspect)), -b.frames, -b.height * b.width, i
 
-    long_enough = [i for i, b in enumerate(buckets) if b.frames * sample_rate <= clip.frames]
+    long_enough = [i for i, b in enumerate(buckets) if needed_frames(b.frames, sample_rate) <= clip.frames]
     if not long_enough:
-        needed = min(b.frames for b in buckets) * sample_rate
-        return None, f"too short: {clip.frames} frames < {needed} needed"
+        needed = needed_frames(min(b.frames for b in buckets), sample_rate)
+        return None, f"too short: {clip.frames} frame{'s' if clip.frames != 1 else ''} < {needed} needed"
     fitting = [i for i in long_enough if buckets[i].height <= clip.height and buckets[i].width <= clip.width]
     if not fitting:
         nearest = buckets[min(long_enough, key=key)]
@@ -211,10 +222,10 @@ def assign_bucket(clip: ClipInfo, buckets: list[Bucket], sample_rate: int = 1) -
 def probe_clip(path: str | os.PathLike) -> ClipInfo:
     """Frames and displayed size (rotation applied) of a video; VideoReadError if unreadable.
 
-    Reads the container's frame count and decodes only the first frame (the display rotation is only
-    exposed there): about 3x faster than opening a :class:`VideoReader`, which demuxes the whole file.
-    Files whose header has no frame count (images, some streams) are opened with the reader. A header
-    count that turns out wrong is caught when the clip is loaded (it is then skipped and replaced).
+    Counts the frames as :class:`VideoReader` does (one demux pass over the packets, no decoding: a
+    truncated file whose header promises more frames is counted by what it holds) and decodes only the
+    first frame (the display rotation is only exposed there). Files whose header has no frame count
+    (images, some streams) are opened with the reader.
     """
     import av
 
@@ -227,6 +238,11 @@ def probe_clip(path: str | os.PathLike) -> ClipInfo:
             stream = container.streams.video[0]
             frames, height, width = stream.frames, stream.codec_context.height, stream.codec_context.width
             if frames > 0 and height > 0 and width > 0:
+                # The reader's count (packets with a timestamp), not the header's, which a cut file keeps.
+                frames = sum(1 for packet in container.demux(stream) if packet.size and packet.pts is not None)
+                if not frames:
+                    raise VideoReadError(f"Cannot read video {path}: it contains no frames.")
+                container.seek(0, stream=stream, backward=True, any_frame=False)
                 if _pyav_rotation(container, stream) % 2:
                     height, width = width, height
                 return ClipInfo(frames, height, width)
@@ -254,6 +270,14 @@ class BucketPlan:
     members: list[list[int]]
     unfit: list[dict]
     unreadable: list[dict]
+    infos: list = field(default_factory=list)  # per path: ClipInfo, or why it is unreadable
+
+    def fits(self, index: int, bucket: int, sample_rate: int = 1) -> bool:
+        """Whether entry ``index`` is long and large enough for bucket ``bucket`` (whatever its aspect)."""
+        info = self.infos[index] if index < len(self.infos) else None
+        b = self.buckets[bucket]
+        return (isinstance(info, ClipInfo) and needed_frames(b.frames, sample_rate) <= info.frames
+                and b.height <= info.height and b.width <= info.width)
 
     def histogram(self, world_size: int = 1) -> list[dict]:
         """One row per bucket: name, clips, batch size and batches per epoch per process (drop_last)."""
@@ -265,18 +289,26 @@ class BucketPlan:
         return rows
 
 
-def plan_buckets(paths: list[Path], buckets: list[Bucket], sample_rate: int = 1, progress: bool = True) -> BucketPlan:
-    """Probe every path once (a few threads, tqdm bar) and assign it; unreadable files are counted, never raised."""
+def plan_buckets(paths: list[Path], buckets: list[Bucket], sample_rate: int = 1, progress: bool = True,
+                 infos: list[ClipInfo | str] | None = None) -> BucketPlan:
+    """Probe every path once (a few threads, tqdm bar) and assign it; unreadable files are counted, never raised.
+
+    ``infos`` (one :class:`ClipInfo`, or the reason the file is unreadable, per path) skips the probing:
+    ``data check`` passes what its decode pass found, so its histogram agrees with its own report.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     members: list[list[int]] = [[] for _ in buckets]
     unfit, unreadable = [], []
-    # FFmpeg releases the GIL while it reads and decodes: threads overlap the files' I/O and decoding.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        infos = list(tqdm(pool.map(_probe_or_reason, paths), total=len(paths), desc="buckets", unit="video",
-                          disable=not progress))
+    if infos is None:
+        # FFmpeg releases the GIL while it reads and decodes: threads overlap the files' I/O and decoding.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            infos = list(tqdm(pool.map(_probe_or_reason, paths), total=len(paths), desc="buckets", unit="video",
+                              disable=not progress))
+    elif len(infos) != len(paths):
+        raise ValueError(f"Got {len(infos)} clip infos for {len(paths)} paths; give one per path.")
     for index, (path, info) in enumerate(zip(paths, infos)):
         if isinstance(info, str):  # why it is unreadable
             unreadable.append({"index": index, "path": str(path), "reason": info})
@@ -286,7 +318,7 @@ def plan_buckets(paths: list[Path], buckets: list[Bucket], sample_rate: int = 1,
             unfit.append({"index": index, "path": str(path), "reason": reason})
         else:
             members[choice].append(index)
-    return BucketPlan(buckets, members, unfit, unreadable)
+    return BucketPlan(buckets, members, unfit, unreadable, infos=list(infos))
 
 
 def format_bucket_report(plan: BucketPlan, world_size: int = 1) -> str:
@@ -348,14 +380,15 @@ class BucketedVideoDataset(VideoCaptionDataset):
             logger.warning("%d of %d videos fit no bucket and are left out (first: %s: %s).", len(self.plan.unfit),
                            len(self.entries), self.plan.unfit[0]["path"], self.plan.unfit[0]["reason"])
 
-    def load_clip(self, index: int) -> torch.Tensor:
-        """Entry ``index`` in its bucket's shape: (3, F_b + n, H_b, W_b); VideoReadError if unusable."""
+    def load_clip(self, index: int, bucket: int | None = None) -> torch.Tensor:
+        """Entry ``index`` in the shape of bucket ``bucket`` (default: its own): (3, F_b + n, H_b, W_b);
+        VideoReadError if unusable."""
         from .transforms import image_slot_indices, temporal_window_indices, video_bucket_transform
 
-        bucket = self.buckets[self.bucket_of[index]]
+        bucket = self.buckets[self.bucket_of[index] if bucket is None else bucket]
         entry = self.entries[index]
         with VideoReader(entry.path) as reader:
-            if reader.num_frames < bucket.frames * self.sample_rate:  # the file changed since it was probed
+            if reader.num_frames < needed_frames(bucket.frames, self.sample_rate):  # changed since it was probed
                 raise VideoReadError(f"Video {entry.path} is too short for bucket {bucket.name}: "
                                      f"{reader.num_frames} frames.")
             indices = temporal_window_indices(reader.num_frames, bucket.frames, self.sample_rate)
@@ -367,30 +400,80 @@ class BucketedVideoDataset(VideoCaptionDataset):
             video = torch.cat([video, images], dim=1)
         return video
 
+    def substitutes(self, index: int) -> list[int]:
+        """Entries tried for ``index``, in order: its bucket's members from ``index`` on (wrapping), then the
+        entries of other buckets that are long and large enough for this bucket (centre-cropped to its
+        aspect), in entry order. Deterministic, so a resumed run substitutes alike."""
+        bucket = self.bucket_of[index]
+        members = self.plan.members[bucket]
+        start = members.index(index)
+        own = members[start:] + members[:start]
+        others = [i for i in sorted(self.bucket_of) if self.bucket_of[i] != bucket
+                  and self.plan.fits(i, bucket, self.sample_rate)]
+        return own + others
+
     def load_clip_or_substitute(self, index: int) -> tuple[int, torch.Tensor, list[dict]]:
-        """``(used_index, clip, skipped)``: entry ``index`` or the next usable entry of the same bucket."""
+        """``(used_index, clip, skipped)``: entry ``index`` or the next usable entry of :meth:`substitutes`,
+        always in ``index``'s bucket shape. NoUsableVideoError only when no clip that fits the bucket loads."""
         if index not in self.bucket_of:
             raise IndexError(f"Entry {index} is in no bucket (unreadable or fits none); draw from plan.members.")
-        members = self.plan.members[self.bucket_of[index]]
-        start = members.index(index)
+        bucket = self.bucket_of[index]
         skipped = []
-        for offset in range(min(self.max_substitutions + 1, len(members))):
-            candidate = members[(start + offset) % len(members)]
+        for candidate in self.substitutes(index)[: self.max_substitutions + 1]:
             try:
-                return candidate, self.load_clip(candidate), skipped
+                return candidate, self.load_clip(candidate, bucket), skipped
             except VideoReadError as err:
                 logger.warning("skipping video: %s", err)
                 skipped.append({"path": str(self.entries[candidate].path), "reason": str(err)})
         raise NoUsableVideoError(
-            f"None of the {len(skipped)} videos of bucket {self.buckets[self.bucket_of[index]].name} tried for "
+            f"None of the {len(skipped)} videos that fit bucket {self.buckets[bucket].name} tried for "
             f"sample {index} is usable (last: {skipped[-1]['reason']}); run `opensora-plan data check "
             f"{self.data_path}` and fix or remove them.")
+
+    def drop_unusable_buckets(self) -> list[str]:
+        """Load one clip of every bucket (the first member that loads); a bucket with no loadable clip is
+        emptied with a warning, and the members that failed move to ``plan.unreadable``. Returns the
+        names of the dropped buckets. Raises ValueError when no bucket is left. Run before training so a
+        bucket whose files all fail cannot stop the run at its first batch."""
+        dropped = []
+        for b, members in enumerate(self.plan.members):
+            failed = []
+            for index in members[: self.max_substitutions + 1]:
+                try:
+                    self.load_clip(index)
+                    break
+                except VideoReadError as err:
+                    failed.append({"index": index, "path": str(self.entries[index].path), "reason": str(err)})
+            else:
+                if members:  # nothing in this bucket loads (or the first max_substitutions + 1 fail)
+                    dropped.append(self.buckets[b].name)
+            if failed:
+                bad = {item["index"] for item in failed}
+                self.plan.members[b] = [i for i in members if i not in bad]
+                self.plan.unreadable += failed
+                for i in bad:
+                    del self.bucket_of[i]
+                if self.buckets[b].name in dropped:
+                    for i in self.plan.members[b]:  # untried members of a dead bucket: left out too
+                        del self.bucket_of[i]
+                    self.plan.members[b] = []
+        if dropped:
+            logger.warning("Buckets %s are left out: none of their clips loads (%s).", dropped,
+                           self.plan.unreadable[-1]["reason"])
+        if not self.bucket_of:
+            raise ValueError(f"No clip of {self.data_path} loads in any bucket; run `opensora-plan data check "
+                             f"{self.data_path} --buckets ...` to see why.")
+        return dropped
 
 
 def check_buckets(data_path: str | os.PathLike, spec: str, base_batch_size: int = 1, sample_rate: int = 1,
                   video_folder: str | os.PathLike | None = None, world_size: int = 1,
-                  progress: bool = True) -> BucketPlan:
-    """The bucket plan of a dataset JSON (what ``data check --buckets`` prints); malformed entries are skipped."""
+                  progress: bool = True, infos: dict[int, ClipInfo | str] | None = None) -> BucketPlan:
+    """The bucket plan of a dataset JSON (what ``data check --buckets`` prints); malformed entries are skipped.
+
+    ``infos`` maps entry numbers to what ``data check``'s own pass found (a :class:`ClipInfo` or the
+    reason the video is unreadable); without it every video is probed.
+    """
     from .datasets import entry_problem, resolve_video_path
 
     data_path = Path(data_path)
@@ -398,7 +481,7 @@ def check_buckets(data_path: str | os.PathLike, spec: str, base_batch_size: int 
     raw = read_raw_entries(data_path)
     kept = [i for i, e in enumerate(raw) if entry_problem(e) is None]  # data check lists the malformed ones
     plan = plan_buckets([resolve_video_path(raw[i]["path"], data_path.parent, video_folder) for i in kept], buckets,
-                        sample_rate, progress=progress)
+                        sample_rate, progress=progress, infos=None if infos is None else [infos[i] for i in kept])
     plan.members = [[kept[i] for i in members] for members in plan.members]  # back to entry numbers
     for item in plan.unfit + plan.unreadable:
         item["index"] = kept[item["index"]]

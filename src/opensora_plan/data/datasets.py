@@ -392,7 +392,10 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
 
     from ..models.text_encoder import preprocess_texts
 
+    from .buckets import ClipInfo
+
     malformed, unreadable, emptied = [], [], []
+    infos = {}  # entry number -> ClipInfo or why unreadable: the bucket histogram uses this pass's findings
     frames, fps, heights, widths, durations = [], [], [], [], []
     words, tokens, per_entry = [], [], []
     for index, entry in enumerate(tqdm(raw, desc="data check", unit="video", disable=not progress)):
@@ -413,6 +416,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
             with VideoReader(path) as reader:
                 if decode:
                     _decode_every_frame(reader)
+                infos[index] = ClipInfo(reader.num_frames, reader.height, reader.width)
                 frames.append(reader.num_frames)
                 fps.append(reader.fps)
                 heights.append(reader.height)
@@ -420,6 +424,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
                 durations.append(reader.num_frames / reader.fps if reader.fps else 0.0)
         except VideoReadError as err:
             unreadable.append({"index": index, "path": str(path), "reason": str(err)})
+            infos[index] = str(err)
 
     report = {
         "data_path": str(data_path),
@@ -449,7 +454,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
         from .buckets import check_buckets
 
         plan = check_buckets(data_path, o.buckets, o.train_batch_size, sample_rate, video_folder=video_folder,
-                             progress=progress)
+                             progress=progress, infos=infos)
         report["buckets"] = {"histogram": plan.histogram(), "unfit": plan.unfit, "unreadable": plan.unreadable}
     if o.json_out:
         atomic_write_bytes(o.json_out, json.dumps(report, indent=2).encode("utf-8"))

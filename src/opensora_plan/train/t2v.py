@@ -572,9 +572,10 @@ def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]
     validate_t2v_options(opts)  # every cheap check before any model loads or any file is written
     dataset = _dataset(opts)
     buckets = getattr(dataset, "buckets", None)
-    if not getattr(dataset, "has_latents", False):
-        # NoUsableVideoError now when no video of the list is readable
-        dataset.load_clip_or_substitute(min(dataset.bucket_of) if buckets else 0)
+    if buckets:  # one clip of every bucket loads, or the bucket is left out (warning) before any model loads
+        dataset.drop_unusable_buckets()
+    elif not getattr(dataset, "has_latents", False):
+        dataset.load_clip_or_substitute(0)  # NoUsableVideoError now when no video of the list is readable
     cached = getattr(dataset, "has_latents", False), getattr(dataset, "has_text", False)
     vae = None if cached[0] else _load_vae(opts)
     tokenizer = text_encoder = None
