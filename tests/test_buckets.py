@@ -88,6 +88,22 @@ def test_batch_sizes_follow_the_token_budget_of_the_first_bucket_unless_given():
     assert [b.batch_size for b in buckets] == [4, 4, 1, 20, 1, 3]
 
 
+def test_token_budget_counts_the_joint_training_images_of_every_bucket():
+    """Each sample carries t + n latent frames: with n = 4 images, 17x256x256 is (5 + 4) x 256 tokens and
+    an image bucket (1 + 4) x 256, so the image bucket's batch is 4 x 9 // 5 = 7, not 4 x 5 // 1 = 20."""
+    spec = parse_buckets("17x256x256,1x256x256,65x256x256")
+    assert [b.batch_size for b in resolve_batch_sizes(spec, 4, use_image_num=4)] == [4, 7, 1]
+    assert spec[0].latent_tokens(use_image_num=4) == 9 * 16 * 16
+    assert [b.batch_size for b in resolve_batch_sizes(spec, 4)] == [4, 20, 1]
+
+
+def test_a_spec_file_batch_on_the_first_bucket_sets_the_budget(tmp_path):
+    (tmp_path / "b.yaml").write_text("- {frames: 17, height: 256, width: 256, batch_size: 2}\n"
+                                     "- {frames: 1, height: 256, width: 256}\n")
+    buckets = resolve_batch_sizes(parse_buckets(str(tmp_path / "b.yaml")), 8)  # --train_batch_size 8 is not used
+    assert [b.batch_size for b in buckets] == [2, 10]
+
+
 # --------------------------------------------------------------------------------------------
 # Assignment
 # --------------------------------------------------------------------------------------------
@@ -350,7 +366,8 @@ def _argv(mixed, models, out: Path, steps: int, *extra: str) -> list[str]:
 
 
 def test_bucket_training_resumes_exactly_and_sees_every_bucket(mixed, models, tmp_path):
-    """One epoch = 7 batches of 5 shapes; 4 steps + resume + 3 steps equals 7 straight steps bit for bit."""
+    """One epoch = 8 batches of 5 shapes (the image bucket's batch is 1: its image slot counts in the
+    token budget); 4 steps + resume + 3 steps equals 7 straight steps bit for bit."""
     from safetensors.torch import load_file
 
     full, part = tmp_path / "full", tmp_path / "part"

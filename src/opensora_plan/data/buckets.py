@@ -18,9 +18,10 @@ patch size 2). Every clip is assigned once, at dataset construction, by :func:`a
 The clip is then centre-cropped to the bucket's aspect ratio and resized to the bucket's size
 (:func:`~opensora_plan.data.transforms.video_bucket_transform`): content is never stretched.
 
-Batch sizes differ per bucket at (about) the same token budget: ``budget = base_batch x tokens of the
-first bucket`` and ``batch_b = max(1, floor(budget / tokens_b))``, where tokens are latent patches
-(``t x h/16 x w/16``); a ``batch_size`` in the spec file overrides it. The data order is
+Batch sizes differ per bucket at (about) the same token budget: ``budget = batch of the first bucket x
+its tokens`` and ``batch_b = max(1, floor(budget / tokens_b))``, where tokens are the latent patches of
+one sample (``(t + use_image_num) x h/16 x w/16``) and the first bucket's batch is its spec-file
+``batch_size``, else ``--train_batch_size``; a ``batch_size`` in the spec file overrides a bucket's. The data order is
 :class:`~opensora_plan.train.sampler.BucketBatchSampler`.
 """
 
@@ -75,9 +76,12 @@ class Bucket:
         """width / height."""
         return self.width / self.height
 
-    def latent_tokens(self, temporal: int = TEMPORAL_COMPRESSION, patch_pixels: int = SPATIAL_MULTIPLE) -> int:
-        """Latent patches of one sample: ``(1 + (frames - 1) / temporal) x (height / p) x (width / p)``."""
-        return ((self.frames - 1) // temporal + 1) * (self.height // patch_pixels) * (self.width // patch_pixels)
+    def latent_tokens(self, temporal: int = TEMPORAL_COMPRESSION, patch_pixels: int = SPATIAL_MULTIPLE,
+                      use_image_num: int = 0) -> int:
+        """Latent patches of one sample: ``(1 + (frames - 1) / temporal + use_image_num) x (height / p) x (width / p)``
+        (each joint-training image adds one latent frame at the bucket's size)."""
+        latent_frames = (self.frames - 1) // temporal + 1 + use_image_num
+        return latent_frames * (self.height // patch_pixels) * (self.width // patch_pixels)
 
 
 def _bucket_problem(frames, height, width, temporal: int, multiple: int) -> str | None:
@@ -159,16 +163,22 @@ def _read_spec_file(path: Path) -> list:
 
 
 def resolve_batch_sizes(buckets: list[Bucket], base_batch_size: int, temporal: int = TEMPORAL_COMPRESSION,
-                        patch_pixels: int = SPATIAL_MULTIPLE) -> list[Bucket]:
-    """Fill each bucket's batch size from the token budget ``base_batch_size x tokens(first bucket)``.
+                        patch_pixels: int = SPATIAL_MULTIPLE, use_image_num: int = 0) -> list[Bucket]:
+    """Fill each bucket's batch size from the token budget ``batch(first bucket) x tokens(first bucket)``.
 
-    ``batch_b = max(1, floor(budget / tokens_b))``; a batch size given in the spec is kept.
+    The first bucket's batch is its ``batch_size`` from the spec file, else ``base_batch_size``
+    (``--train_batch_size``). Tokens count every latent frame a sample carries, the ``use_image_num``
+    joint-training images included (:meth:`Bucket.latent_tokens`). ``batch_b = max(1, floor(budget /
+    tokens_b))``; a batch size given in the spec is kept.
     """
     if base_batch_size < 1:
         raise ValueError(f"The base batch size must be at least 1, got {base_batch_size}.")
-    budget = base_batch_size * buckets[0].latent_tokens(temporal, patch_pixels)
-    return [b if b.batch_size is not None
-            else replace(b, batch_size=max(1, budget // b.latent_tokens(temporal, patch_pixels))) for b in buckets]
+
+    def tokens(b: Bucket) -> int:
+        return b.latent_tokens(temporal, patch_pixels, use_image_num)
+
+    budget = (buckets[0].batch_size or base_batch_size) * tokens(buckets[0])
+    return [b if b.batch_size is not None else replace(b, batch_size=max(1, budget // tokens(b))) for b in buckets]
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,7 +478,8 @@ class BucketedVideoDataset(VideoCaptionDataset):
 
 def check_buckets(data_path: str | os.PathLike, spec: str, base_batch_size: int = 1, sample_rate: int = 1,
                   video_folder: str | os.PathLike | None = None, world_size: int = 1,
-                  progress: bool = True, infos: dict[int, ClipInfo | str] | None = None) -> BucketPlan:
+                  progress: bool = True, infos: dict[int, ClipInfo | str] | None = None,
+                  use_image_num: int = 0) -> BucketPlan:
     """The bucket plan of a dataset JSON (what ``data check --buckets`` prints); malformed entries are skipped.
 
     ``infos`` maps entry numbers to what ``data check``'s own pass found (a :class:`ClipInfo` or the
@@ -477,7 +488,7 @@ def check_buckets(data_path: str | os.PathLike, spec: str, base_batch_size: int 
     from .datasets import entry_problem, resolve_video_path
 
     data_path = Path(data_path)
-    buckets = resolve_batch_sizes(parse_buckets(spec), base_batch_size)
+    buckets = resolve_batch_sizes(parse_buckets(spec), base_batch_size, use_image_num=use_image_num)
     raw = read_raw_entries(data_path)
     kept = [i for i, e in enumerate(raw) if entry_problem(e) is None]  # data check lists the malformed ones
     plan = plan_buckets([resolve_video_path(raw[i]["path"], data_path.parent, video_folder) for i in kept], buckets,

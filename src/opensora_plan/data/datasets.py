@@ -336,7 +336,9 @@ class DataCheckOptions(Options):
     buckets: str | None = option(None, help="bucket spec, preset or file (as train-t2v --buckets): print the "
                                  "bucket histogram and the clips that fit no bucket, with why")
     train_batch_size: int = option(1, help="with --buckets: the first bucket's batch (sets the token budget of the "
-                                   "others)")
+                                   "others) unless the spec file gives it one")
+    use_image_num: int = option(0, help="with --buckets: joint-training images per clip (as train-t2v; they count "
+                                "in the token budget)")
     json_out: str | None = option(None, help="also write the full report as JSON here")
     decode: bool = option(True, flag="--no_decode", help="only open the videos (fast) instead of decoding every "
                           "frame; may pass files training skips")
@@ -349,6 +351,8 @@ class DataCheckOptions(Options):
         for name in ("num_frames", "sample_rate", "model_max_length", "train_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.use_image_num < 0:
+            raise ValueError(f"--use_image_num must be at least 0, got {self.use_image_num}.")
         if self.json_out:
             from ..utils import check_output_file
 
@@ -454,7 +458,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
         from .buckets import check_buckets
 
         plan = check_buckets(data_path, o.buckets, o.train_batch_size, sample_rate, video_folder=video_folder,
-                             progress=progress, infos=infos)
+                             progress=progress, infos=infos, use_image_num=o.use_image_num)
         report["buckets"] = {"histogram": plan.histogram(), "unfit": plan.unfit, "unreadable": plan.unreadable}
     if o.json_out:
         atomic_write_bytes(o.json_out, json.dumps(report, indent=2).encode("utf-8"))

@@ -479,7 +479,8 @@ def _dataset(opts: dict):
     if opts["buckets"]:
         from opensora_plan.data.buckets import BucketedVideoDataset, parse_buckets, resolve_batch_sizes
 
-        buckets = resolve_batch_sizes(parse_buckets(opts["buckets"]), opts["train_batch_size"])
+        buckets = resolve_batch_sizes(parse_buckets(opts["buckets"]), opts["train_batch_size"],
+                                      use_image_num=opts["use_image_num"])
         return BucketedVideoDataset(opts["data_path"], buckets, sample_rate=opts["sample_rate"],
                                     use_image_num=opts["use_image_num"], video_folder=opts["video_folder"],
                                     cfg_dropout=opts["cfg_dropout"])
