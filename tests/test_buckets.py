@@ -667,3 +667,36 @@ def test_image_buckets_take_images_whatever_the_sample_rate_and_clips_need_the_l
                                    progress=False)
     assert dataset.plan.members == [[0], [1]] and not dataset.plan.unfit
     assert dataset.load_clip(0).shape == (3, 5, 32, 32) and dataset.load_clip(1).shape == (3, 1, 32, 32)
+
+
+def test_an_empty_bucket_spec_is_an_error_not_ignored(mixed, models, tmp_path, capsys):
+    _, data, _ = mixed
+    assert cli.main(["data", "check", str(data), "--buckets", "", "--no_decode"]) != 0
+    err = capsys.readouterr().err
+    assert "empty bucket spec" in err and len(err.strip().splitlines()) == 1
+    argv = _argv(mixed, models, tmp_path / "o", 1, "--dry_run")
+    argv[argv.index("--buckets") + 1] = "  "
+    assert cli.main(argv) != 0
+    assert "empty bucket spec" in capsys.readouterr().err
+
+
+def test_model_name_is_checked_before_clips_are_probed(mixed, models, tmp_path, capsys, monkeypatch):
+    import opensora_plan.data.buckets as buckets_module
+
+    def no_probing(*args, **kwargs):
+        raise AssertionError("clips were probed before --model was checked")
+
+    monkeypatch.setattr(buckets_module, "plan_buckets", no_probing)
+    argv = _argv(mixed, models, tmp_path / "o", 1, "--dry_run")
+    argv[argv.index("--model") + 1] = "LatteT2V-Tiny"
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err
+    assert "--model LatteT2V-Tiny is neither a known size (LatteT2V-XL/122" in err and "LatteT2V-Tiny/122" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--num_frames", "65"), ("--max_image_size", "512")])
+def test_sizes_given_with_buckets_are_refused_not_ignored(mixed, models, tmp_path, capsys, flag, value):
+    assert cli.main(_argv(mixed, models, tmp_path / "o", 1, "--dry_run", flag, value)) != 0
+    err = capsys.readouterr().err
+    assert f"{flag} {value} is not used with --buckets" in err and len(err.strip().splitlines()) == 1

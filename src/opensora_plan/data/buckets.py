@@ -106,7 +106,8 @@ def parse_buckets(spec: str | os.PathLike, temporal: int = TEMPORAL_COMPRESSION,
     """
     text = str(spec).strip()
     if not text:
-        raise ValueError(f"--buckets is empty; give e.g. {PRESETS['t2v_256']!r} or a preset ({', '.join(PRESETS)}).")
+        raise ValueError(f"--buckets is an empty bucket spec; give e.g. {PRESETS['t2v_256']!r}, a preset "
+                         f"({', '.join(PRESETS)}) or a .json/.yaml file, or leave --buckets out.")
     if text in PRESETS:
         text = PRESETS[text]
     path = Path(text).expanduser()

@@ -344,10 +344,10 @@ class DataCheckOptions(Options):
                           "frame; may pass files training skips")
 
     def __post_init__(self):
-        if self.buckets:
+        if self.buckets is not None:
             from .buckets import parse_buckets
 
-            parse_buckets(self.buckets)  # a bad spec fails before the decode pass
+            parse_buckets(self.buckets)  # a bad (or empty) spec fails before the decode pass
         for name in ("num_frames", "sample_rate", "model_max_length", "train_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")

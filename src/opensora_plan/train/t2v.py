@@ -129,6 +129,16 @@ class T2VTrainOptions(TrainConfig):
                 raise ValueError(f"--{key} must be at least {low}, got {getattr(self, key)}.")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ValueError(f"--cfg_dropout is a probability in [0, 1], got {self.cfg_dropout}.")
+        if self.buckets is not None:
+            if not self.buckets.strip():
+                raise ValueError("--buckets is an empty bucket spec; give e.g. 17x256x256,1x256x256, a preset "
+                                 "(t2v_256, t2v_512) or a .json/.yaml file, or leave --buckets out.")
+            # The options cannot tell a value given as the default from no value: a non-default one is refused.
+            defaults = type(self).defaults()
+            ignored = [k for k in ("num_frames", "max_image_size") if getattr(self, k) != defaults[k]]
+            if ignored:
+                raise ValueError(f"--{ignored[0]} {getattr(self, ignored[0])} is not used with --buckets (each "
+                                 "bucket sets its frames and size); drop it or put that shape in --buckets.")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
         if self.lora_rank is None:
@@ -521,6 +531,7 @@ def validate_t2v_options(opts: Mapping) -> None:
     from opensora_plan.utils import check_output_folder
 
     check_output_folder(opts["output_dir"], "--output_dir")
+    _check_model_spec(opts["model"])  # before any clip is probed or model loaded
     if opts["buckets"]:
         from opensora_plan.data.buckets import parse_buckets
 
@@ -561,6 +572,17 @@ def validate_t2v_options(opts: Mapping) -> None:
         # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
         raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
                          f"PNDM sampler; use 4 or more.")
+
+
+def _check_model_spec(spec: str) -> None:
+    """FileNotFoundError unless ``spec`` is a LatteT2V size name or a config.json / folder holding one."""
+    from opensora_plan.models.latte import LATTE_CONFIGS
+
+    path = Path(spec)
+    if spec in LATTE_CONFIGS or path.is_file() or (path / "config.json").is_file():
+        return
+    raise FileNotFoundError(f"--model {spec} is neither a known size ({', '.join(LATTE_CONFIGS)}) nor a LatteT2V "
+                            "config.json or folder holding one.")
 
 
 def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]:
