@@ -700,3 +700,19 @@ def test_sizes_given_with_buckets_are_refused_not_ignored(mixed, models, tmp_pat
     assert cli.main(_argv(mixed, models, tmp_path / "o", 1, "--dry_run", flag, value)) != 0
     err = capsys.readouterr().err
     assert f"{flag} {value} is not used with --buckets" in err and len(err.strip().splitlines()) == 1
+
+
+def test_data_check_fails_when_no_clip_can_train_and_warns_about_idle_buckets(tmp_path, capsys):
+    for i in range(4):
+        write_video(tmp_path / f"v{i}.mp4", _moving_square(5, 32, 32 if i < 3 else 48, shift=i), fps=8)
+    (tmp_path / "data.json").write_text(json.dumps([{"path": f"v{i}.mp4", "cap": "a"} for i in range(4)]))
+    data = str(tmp_path / "data.json")
+    # Every file reads, but no clip is 9 frames long: training would stop at once, so data check fails.
+    assert cli.main(["data", "check", data, "--buckets", "9x32x32"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR        no bucket fills one batch" in out and "4 fit no bucket" in out
+    # Three square clips fill a batch of 3; the wide clip's bucket (batch 24 // 12 = 2 by the token budget)
+    # never trains: a warning, exit 0.
+    assert cli.main(["data", "check", data, "--buckets", "5x32x32,5x32x48", "--train_batch_size", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING      buckets ['5x32x48'] have fewer clips than one batch" in out and "ERROR" not in out

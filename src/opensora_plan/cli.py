@@ -160,7 +160,8 @@ def _run_data_check(args) -> int:
 
     report = check_dataset(options_from_args(DataCheckOptions, args))
     print(format_check_report(report))
-    return 1 if report["malformed"] or report["unreadable"] else 0
+    untrainable = "buckets" in report and not report["buckets"]["trainable"]  # training would fail at once
+    return 1 if report["malformed"] or report["unreadable"] or untrainable else 0
 
 
 def _add_extract(subparsers) -> None:

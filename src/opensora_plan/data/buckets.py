@@ -346,6 +346,13 @@ def format_bucket_table(rows: list[dict], unfit: list[dict], num_unreadable: int
         lines.append(f"{r['bucket']:<{width}}  {r['clips']:>6}  {batch:>5}  {r['batches_per_epoch']:>13}")
     assigned = sum(r["clips"] for r in rows)
     lines.append(f"{assigned} clips in buckets, {len(unfit)} fit no bucket, {num_unreadable} unreadable")
+    idle = [r["bucket"] for r in rows if r["clips"] and not r["batches_per_epoch"]]
+    if idle:
+        lines.append(f"WARNING      buckets {idle} have fewer clips than one batch: their clips are never trained "
+                     "(add data or give them a smaller batch_size)")
+    if not any(r["batches_per_epoch"] for r in rows):
+        lines.append("ERROR        no bucket fills one batch: training would stop before its first step (add data, "
+                     "change the buckets or lower --train_batch_size)")
     for item in unfit:
         lines.append(f"NO BUCKET    entry {item['index']} ({item['path']}): {item['reason']}")
     return "\n".join(lines)

@@ -459,7 +459,9 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
 
         plan = check_buckets(data_path, o.buckets, o.train_batch_size, sample_rate, video_folder=video_folder,
                              progress=progress, infos=infos, use_image_num=o.use_image_num)
-        report["buckets"] = {"histogram": plan.histogram(), "unfit": plan.unfit, "unreadable": plan.unreadable}
+        histogram = plan.histogram()
+        report["buckets"] = {"histogram": histogram, "unfit": plan.unfit, "unreadable": plan.unreadable,
+                             "trainable": any(r["batches_per_epoch"] for r in histogram)}
     if o.json_out:
         atomic_write_bytes(o.json_out, json.dumps(report, indent=2).encode("utf-8"))
     return report

@@ -753,9 +753,6 @@ def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
         task.batch_sampler(config.seed, 0, 1)  # ValueError when no bucket fills one batch
         lines += ["  " + line for line in format_bucket_report(dataset.plan).splitlines()]
         lines.append("  (batches per epoch for one process; with N processes each gets about 1/N of them)")
-        idle = [r["bucket"] for r in dataset.plan.histogram() if r["clips"] and not r["batches_per_epoch"]]
-        if idle:
-            lines.append(f"  buckets {idle} have fewer clips than one batch: their clips are never trained")
     else:
         lines.append(f"  {len(dataset)} samples, batch {config.train_batch_size} per process")
     counts = {"transformer": _param_counts(task.models["model"])}
