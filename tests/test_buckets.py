@@ -716,3 +716,26 @@ def test_data_check_fails_when_no_clip_can_train_and_warns_about_idle_buckets(tm
     assert cli.main(["data", "check", data, "--buckets", "5x32x32,5x32x48", "--train_batch_size", "3"]) == 0
     out = capsys.readouterr().out
     assert "WARNING      buckets ['5x32x48'] have fewer clips than one batch" in out and "ERROR" not in out
+
+
+def test_dry_run_checks_the_checkpoint_to_resume_and_lists_unreadable_files(mixed, models, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert cli.main(_argv(mixed, models, out, 1, "--dry_run", "--resume_from_checkpoint", "checkpoint-9")) != 0
+    err = capsys.readouterr().err
+    assert "--resume_from_checkpoint checkpoint-9" in err and "does not exist" in err
+    assert len(err.strip().splitlines()) == 1
+    assert cli.main(_argv(mixed, models, out, 1, "--dry_run", "--resume_from_checkpoint", "latest")) == 0
+    text = capsys.readouterr().out
+    assert f"resume: none: a fresh run (no checkpoint in {out} yet)" in text
+    assert "UNREADABLE   entry 9: Cannot read video" in text and "broken.mp4" in text
+    assert not out.exists()
+
+
+def test_run_summary_counts_the_videos_the_bucket_plan_left_out(mixed, models, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_argv(mixed, models, out, 1)) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "1 unreadable video left out by the bucket plan" in line and "1 video fit no bucket" in line
+    assert "no unreadable videos" not in line
+    assert cli.main(_argv(mixed, models, out, 2, "--resume_from_checkpoint", "latest")) == 0
+    assert "1 unreadable video left out by the bucket plan" in capsys.readouterr().out.strip().splitlines()[-1]

@@ -227,11 +227,17 @@ def _train_summary_line(summary: dict) -> str:
     steps = summary["skipped_steps"]
     parts = [f"trained to step {summary['step']}",
              f"{steps} optimizer step{'s' if steps != 1 else ''} skipped for a non-finite loss"]
+    left_out = summary.get("unreadable_videos_left_out", 0)  # by the bucket plan, before training
+    if left_out:
+        parts.append(f"{left_out} unreadable video{'s' if left_out != 1 else ''} left out by the bucket plan")
+    if summary.get("unfit_videos_left_out"):
+        unfit = summary["unfit_videos_left_out"]
+        parts.append(f"{unfit} video{'s' if unfit != 1 else ''} fit no bucket")
     if "skipped_video_reads" in summary:
         reads, files = summary["skipped_video_reads"], summary["skipped_video_files"]
         parts.append(f"{reads} sample{'s' if reads != 1 else ''} replaced because the video was unreadable "
                      f"({files} file{'s' if files != 1 else ''}, listed in the log)" if reads
-                     else "no unreadable videos")
+                     else "no sample replaced" if left_out else "no unreadable videos")
     return "; ".join(parts) + f"; checkpoints in {summary['output_dir']}"
 
 

@@ -364,7 +364,13 @@ class T2VTask(TrainTask):
         load_lora_weights_into(model, weights, str(folder))
 
     def run_report(self) -> dict:
-        return self.skipped.run_report()
+        """Samples replaced during the run, and with buckets the videos the plan left out at the start
+        (unreadable, or fitting no bucket; recomputed on resume, so a resumed run reports them too)."""
+        report = self.skipped.run_report()
+        plan = getattr(self.dataset, "plan", None)
+        if plan is not None:
+            report.update(unreadable_videos_left_out=len(plan.unreadable), unfit_videos_left_out=len(plan.unfit))
+        return report
 
     def epoch_report(self) -> dict:
         report = {}
@@ -532,6 +538,10 @@ def validate_t2v_options(opts: Mapping) -> None:
 
     check_output_folder(opts["output_dir"], "--output_dir")
     _check_model_spec(opts["model"])  # before any clip is probed or model loaded
+    if opts["resume_from_checkpoint"]:
+        from opensora_plan.train.checkpoint import resolve_resume
+
+        resolve_resume(opts["resume_from_checkpoint"], opts["output_dir"])  # a missing checkpoint fails now
     if opts["buckets"]:
         from opensora_plan.data.buckets import parse_buckets
 
@@ -746,12 +756,22 @@ def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
     lines = ["train-t2v --dry_run: nothing is trained and nothing is written to --output_dir.", "", "options:"]
     lines += [f"  {key} = {options[key]!r}" + ("  (not used: --buckets sets the sizes)" if key in unused else "")
               for key in sorted(options)]
+    from opensora_plan.train.checkpoint import resolve_resume
+
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)  # checked by validate_t2v_options
+    lines += ["", "resume: " + (f"from {resume}" if resume else "none: a fresh run" + (
+        f" (no checkpoint in {config.output_dir} yet)" if config.resume_from_checkpoint else ""))]
     lines += ["", "data:"]
     if bucketed:
         from opensora_plan.data.buckets import format_bucket_report
 
         task.batch_sampler(config.seed, 0, 1)  # ValueError when no bucket fills one batch
         lines += ["  " + line for line in format_bucket_report(dataset.plan).splitlines()]
+        unreadable = dataset.plan.unreadable
+        lines += [f"  UNREADABLE   entry {item['index']}: {item['reason']}" for item in unreadable[:10]]
+        if len(unreadable) > 10:
+            lines.append(f"  ... and {len(unreadable) - 10} more unreadable videos (`opensora-plan data check` lists "
+                         "them all)")
         lines.append("  (batches per epoch for one process; with N processes each gets about 1/N of them)")
     else:
         lines.append(f"  {len(dataset)} samples, batch {config.train_batch_size} per process")
