@@ -55,7 +55,7 @@ def test_spec_string_preset_json_and_yaml_parse_alike(tmp_path):
 
 
 @pytest.mark.parametrize("spec, phrase", [
-    ("", "is empty"),
+    ("", "empty bucket spec"),
     ("17x256", "is not FRAMESxHEIGHTxWIDTH"),
     ("t2v_999", "is not FRAMESxHEIGHTxWIDTH"),
     ("16x256x256", r"not 1 or 1 \+ 4k"),
@@ -739,3 +739,15 @@ def test_run_summary_counts_the_videos_the_bucket_plan_left_out(mixed, models, t
     assert "no unreadable videos" not in line
     assert cli.main(_argv(mixed, models, out, 2, "--resume_from_checkpoint", "latest")) == 0
     assert "1 unreadable video left out by the bucket plan" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_a_bad_yaml_or_json_spec_file_is_one_line_naming_file_and_line(tmp_path, capsys):
+    (tmp_path / "b.yaml").write_text("- {frames: 17, height: 256, width: 256}\n- {frames: 1, height: [256, width: 256}\n")
+    with pytest.raises(ValueError, match=r"b.yaml cannot be parsed \(line 2, column \d+: ") as err:
+        parse_buckets(str(tmp_path / "b.yaml"))
+    assert "\n" not in str(err.value)
+    (tmp_path / "b.json").write_text('[{"frames": 17,\n "height": 256 "width": 256}]')
+    with pytest.raises(ValueError, match=r"b.json cannot be parsed \(line 2, column \d+: Expecting ',' delimiter\)"):
+        parse_buckets(str(tmp_path / "b.json"))
+    assert cli.main(["data", "check", str(tmp_path / "x.json"), "--buckets", str(tmp_path / "b.yaml")]) != 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

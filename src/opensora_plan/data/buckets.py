@@ -91,7 +91,8 @@ def _bucket_problem(frames, height, width, temporal: int, multiple: int) -> str 
     if frames != 1 and (frames - 1) % temporal:
         return f"frames {frames} is not 1 or 1 + {temporal}k (e.g. 17, 65)"
     if height % multiple or width % multiple:
-        return f"height and width must be multiples of {multiple} (8 x the VAE's 8 x the patch size 2), got {height}x{width}"
+        return (f"height and width must be multiples of {multiple} pixels (the VAE shrinks each side 8x and "
+                f"LatteT2V cuts latents into 2x2 patches), got {height}x{width}")
     return None
 
 
@@ -155,12 +156,24 @@ def _read_spec_file(path: Path) -> list:
         else:
             data = json.loads(text)
     except Exception as err:
-        raise ValueError(f"--buckets file {path} cannot be parsed ({type(err).__name__}: {err}); fix the file.") from err
+        raise ValueError(f"--buckets file {path} cannot be parsed ({_parse_error_where(err)}); fix the file.") from None
     if isinstance(data, dict) and "buckets" in data:
         data = data["buckets"]
     if not isinstance(data, list) or not data:
         raise ValueError(f"--buckets file {path} must hold a non-empty list of {{frames, height, width}} objects.")
     return data
+
+
+def _parse_error_where(err: Exception) -> str:
+    """``line N, column M: what`` of a JSON or YAML parser error, on one line (YAML's own text spans five)."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"line {err.lineno}, column {err.colno}: {err.msg}"
+    mark = getattr(err, "problem_mark", None)
+    what = " ".join(str(getattr(err, "problem", None) or err).split())
+    if mark is not None:
+        context = getattr(err, "context", None)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}" + (f" ({context})" if context else "")
+    return f"{type(err).__name__}: {what}"
 
 
 def resolve_batch_sizes(buckets: list[Bucket], base_batch_size: int, temporal: int = TEMPORAL_COMPRESSION,
