@@ -751,3 +751,10 @@ def test_a_bad_yaml_or_json_spec_file_is_one_line_naming_file_and_line(tmp_path,
         parse_buckets(str(tmp_path / "b.json"))
     assert cli.main(["data", "check", str(tmp_path / "x.json"), "--buckets", str(tmp_path / "b.yaml")]) != 0
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_data_check_refuses_bucket_only_options_without_buckets(mixed, capsys):
+    _, data, _ = mixed
+    assert cli.main(["data", "check", str(data), "--train_batch_size", "4", "--no_decode"]) != 0
+    err = capsys.readouterr().err
+    assert "--train_batch_size is only used with --buckets" in err and len(err.strip().splitlines()) == 1

@@ -353,6 +353,12 @@ class DataCheckOptions(Options):
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.use_image_num < 0:
             raise ValueError(f"--use_image_num must be at least 0, got {self.use_image_num}.")
+        if self.buckets is None:  # a value other than the default can only have been given
+            defaults = type(self).defaults()
+            unused = [k for k in ("train_batch_size", "use_image_num") if getattr(self, k) != defaults[k]]
+            if unused:
+                raise ValueError(f"--{unused[0]} is only used with --buckets (it sets the buckets' batch sizes); add "
+                                 "--buckets or drop it.")
         if self.json_out:
             from ..utils import check_output_file
 
