@@ -758,3 +758,35 @@ def test_data_check_refuses_bucket_only_options_without_buckets(mixed, capsys):
     assert cli.main(["data", "check", str(data), "--train_batch_size", "4", "--no_decode"]) != 0
     err = capsys.readouterr().err
     assert "--train_batch_size is only used with --buckets" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bucket_trained_model_samples_at_another_buckets_shape(tmp_path):
+    """any_size=True: another bucket's length and size run with the position embeddings bucket training
+    uses (temporal one swapped for the call, spatial one on the new grid); the refusal stays the default."""
+    from tiny_t2v import TINY_VERSION, build_tiny_t2v
+
+    from opensora_plan.diffusion.schedulers import create_scheduler
+    from opensora_plan.models.causalvae import CausalVAEModel
+    from opensora_plan.models.latte import LatteT2V
+    from opensora_plan.models.text_encoder import load_t5
+    from opensora_plan.pipelines import OpenSoraPlanPipeline
+
+    model_path, t5_path = build_tiny_t2v(tmp_path)
+    tokenizer, text_encoder = load_t5(t5_path)
+    pipe = OpenSoraPlanPipeline(vae=CausalVAEModel.from_pretrained(model_path / "vae"),
+                                transformer=LatteT2V.from_pretrained(model_path / TINY_VERSION),
+                                scheduler=create_scheduler("DDIM"), text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    frames, height, width = pipe.default_size()
+    other = dict(num_frames=frames + 4, height=height, width=width + 16)
+    with pytest.raises(ValueError, match="does not match this transformer"):
+        pipe("a cat playing the piano", num_inference_steps=2, **other)
+    before = pipe.transformer.temp_pos_embed.clone()
+    video = pipe("a cat playing the piano", num_inference_steps=2, any_size=True, output_type="np",
+                 generator=torch.Generator().manual_seed(0), **other).frames
+    assert video.shape == (1, frames + 4, height, width + 16, 3) and np.isfinite(video).all()
+    assert pipe.transformer.config.video_length == (frames - 1) // 4 + 1  # restored after the call
+    assert torch.equal(pipe.transformer.temp_pos_embed, before)
+    image = pipe("a cat playing the piano", num_inference_steps=2, any_size=True, output_type="np", num_frames=1,
+                 height=height + 16, width=width).frames
+    assert image.shape == (1, 1, height + 16, width, 3)

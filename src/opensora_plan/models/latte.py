@@ -17,6 +17,7 @@ load with strict keys (``LatteT2V.from_pretrained``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import lru_cache
@@ -682,6 +683,30 @@ def get_1d_sincos_pos_embed(embed_dim: int, length: int, interpolation_scale: fl
     """(length, embed_dim) float32 CPU tensor for positions arange(length) / interpolation_scale."""
     positions = torch.arange(length, dtype=torch.float32, device="cpu") / interpolation_scale
     return _sincos_1d(embed_dim, positions).float()
+
+
+@contextlib.contextmanager
+def temporal_length(model, video_frames: int | None):
+    """Run the transformer on ``video_frames`` latent frames when they differ from its configured
+    ``video_length`` (training buckets of other durations; the pipeline's ``any_size``): the temporal
+    position embedding for that length is swapped in for this forward only (it is a constant buffer, so
+    backward is unaffected) and the configured length, which checkpoints record, is restored afterwards."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP / DeepSpeed / torch.compile wrappers
+        model = getattr(model, "module", None) or model._orig_mod
+    home = model.config.video_length
+    if video_frames is None or video_frames == home:
+        yield
+        return
+    device = model.temp_pos_embed.device
+    model._set_temporal_pos_embed(video_frames)
+    model.temp_pos_embed = model.temp_pos_embed.to(device)
+    model.register_to_config(video_length=video_frames)
+    try:
+        yield
+    finally:
+        model._set_temporal_pos_embed(home)
+        model.temp_pos_embed = model.temp_pos_embed.to(device)
+        model.register_to_config(video_length=home)
 
 
 #################################################################################

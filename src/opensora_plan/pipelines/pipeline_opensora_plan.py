@@ -54,6 +54,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from opensora_plan.models.latte import temporal_length
 from opensora_plan.models.layers import inference_weight_cache
 from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache, parse_cache_spec
 from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
@@ -294,8 +295,12 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         latents: torch.Tensor | None,
         output_type: str,
         num_videos_per_prompt: int = 1,
+        any_size: bool = False,
     ) -> None:
-        """Every check that can fail, before any model runs; each error says what to change."""
+        """Every check that can fail, before any model runs; each error says what to change.
+
+        ``any_size`` accepts every 1 + 4k frame count and every height / width divisible by the VAE's
+        compression x the patch size, not only the transformer's training size (bucket-trained models)."""
         cfg = self.transformer.config
         t_factor, s_factor = self.vae.temporal_compression, self.vae.spatial_compression
         patch = cfg.patch_size
@@ -317,7 +322,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 f"num_frames={num_frames} is not 1 + {t_factor}k, which the VAE needs; use {default_frames} "
                 f"(this model) or 1 (image mode)."
             )
-        if num_frames != 1 and (num_frames - 1) // t_factor + 1 != cfg.video_length:
+        if not any_size and num_frames != 1 and (num_frames - 1) // t_factor + 1 != cfg.video_length:
             raise ValueError(
                 f"num_frames={num_frames} does not match this transformer, which generates {default_frames} frames "
                 f"({cfg.video_length} latent frames); use num_frames={default_frames} or the version trained for "
@@ -327,7 +332,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         for name, value, default in (("height", height, default_h), ("width", width, default_w)):
             if value % (s_factor * patch) != 0:
                 raise ValueError(f"{name}={value} is not divisible by {s_factor * patch}; use {default} for this model.")
-            if value != default:
+            if value != default and not any_size:
                 raise ValueError(
                     f"{name}={value} does not match this transformer, trained at {default_h}x{default_w}; use "
                     f"{name}={default} or the version trained at that size."
@@ -616,8 +621,15 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
         text_conditioning: str = "per_prompt",
+        any_size: bool = False,
     ):
         """Generate videos; returns :class:`OpenSoraPlanPipelineOutput` (``.frames``) or a 1-tuple.
+
+        ``any_size=True`` lets ``num_frames`` / ``height`` / ``width`` differ from the training size (any
+        1 + 4k frames, sides divisible by 16 for the 4x8x8 VAE and patch 2), for models trained with
+        ``--buckets``: the position embeddings are computed as bucket training computes them (the spatial
+        one on the new grid at the training grid's scale, the temporal one for the new length, for this
+        call only). Other sizes on a model trained at one size give poorer videos.
 
         ``num_frames`` / ``height`` / ``width`` default to the transformer's training size
         (:meth:`default_size`); ``num_frames=1`` is image mode (temporal attention off, the reference's
@@ -647,7 +659,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                              f"{self._callback_tensor_inputs}.")
         self.check_inputs(
             prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-            prompt_embeds, negative_prompt_embeds, latents, output_type, num_videos_per_prompt,
+            prompt_embeds, negative_prompt_embeds, latents, output_type, num_videos_per_prompt, any_size,
         )
         self._interrupt = False
         self._check_text_options(text_conditioning, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
@@ -697,7 +709,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             cache.reset(len(timesteps))
         loop_start = time.perf_counter()
         # inference_weight_cache: weights cast/stacked once for the loop, as autocast does for F.linear
-        with self.progress_bar(total=len(timesteps)) as progress, inference_weight_cache():
+        # any_size: another length gets its temporal position embedding for this call (as bucket training).
+        length = temporal_length(self.transformer, latents.shape[2] if temporal else None)
+        with self.progress_bar(total=len(timesteps)) as progress, inference_weight_cache(), length:
             for step_index, t in enumerate(timesteps):
                 if self.interrupt:
                     break

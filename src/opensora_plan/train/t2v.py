@@ -15,7 +15,6 @@ their defaults; reference flag names, spec section 6).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -409,28 +408,12 @@ class T2VTask(TrainTask):
         transformer.sequence_parallel = sequence_parallel
 
 
-@contextlib.contextmanager
 def _temporal_length(model, video_frames: int | None):
-    """Run the transformer on ``video_frames`` latent frames when they differ from its configured
-    ``video_length`` (buckets of other durations): the temporal position embedding for that length is
-    swapped in for this forward only (it is a constant buffer, so backward is unaffected) and the
-    configured length, which checkpoints record, is restored afterwards."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP / DeepSpeed / torch.compile wrappers
-        model = getattr(model, "module", None) or model._orig_mod
-    home = model.config.video_length
-    if video_frames is None or video_frames == home:
-        yield
-        return
-    device = model.temp_pos_embed.device
-    model._set_temporal_pos_embed(video_frames)
-    model.temp_pos_embed = model.temp_pos_embed.to(device)
-    model.register_to_config(video_length=video_frames)
-    try:
-        yield
-    finally:
-        model._set_temporal_pos_embed(home)
-        model.temp_pos_embed = model.temp_pos_embed.to(device)
-        model.register_to_config(video_length=home)
+    """:func:`opensora_plan.models.latte.temporal_length`: the per-batch temporal embedding swap of buckets
+    of other durations (sampling at another length uses the same one)."""
+    from opensora_plan.models.latte import temporal_length
+
+    return temporal_length(model, video_frames)
 
 
 # --------------------------------------------------------------------------------------------
