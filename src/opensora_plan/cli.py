@@ -425,11 +425,17 @@ def _add_train_t2v(subparsers) -> None:
     run.add_argument("--checkpointing_steps", type=int, help="(default 500)")
     run.add_argument("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
     run.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint-<step> folder")
-    run.add_argument("--report_to", choices=["tensorboard", "none"])
+    run.add_argument("--report_to", choices=["tensorboard", "wandb", "none"],
+                     help="tensorboard (default), wandb (needs `pip install wandb`; WANDB_MODE=offline works) or none")
     run.add_argument("--validation_prompts", help="a validation prompt (text, never a file name)")
     run.add_argument("--validation_prompt_file", help="a text file with one validation prompt per line")
     run.add_argument("--validation_steps", type=int, help="sample the validation prompts every N steps")
     run.add_argument("--validation_sampling_steps", type=int, help="denoising steps of validation videos (20)")
+    run.add_argument("--validation_data_path", help="held-out clips (JSON list like --data_path, or an extract "
+                     "folder): diffusion loss at fixed timesteps and noise every --validation_steps, as val_loss")
+    run.add_argument("--validation_num_timesteps", type=int, help="fixed timesteps of the held-out loss (default 8)")
+    run.add_argument("--validation_sample_method", help="scheduler of the preview videos (default PNDM)")
+    run.add_argument("--validation_guidance_scale", type=float, help="guidance of the preview videos (default 7.5)")
     p.set_defaults(func=_run_train_t2v)
 
 
