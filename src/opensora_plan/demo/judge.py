@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from opensora_plan.demo.shapes import DIRECTIONS
+from opensora_plan.demo.shapes import ALL_COLOURS, COLOURS, DIRECTIONS
 
 OBJECT_LEVEL = 96  # a pixel whose brightest channel exceeds this belongs to the object
 DARK_LEVEL = 48  # a background pixel counts as black below this
-HUES = {"red": 0.0, "yellow": 60.0, "green": 120.0, "blue": 240.0}
+HUES = {"red": 0.0, "yellow": 60.0, "green": 120.0, "blue": 240.0, "magenta": 300.0}
 
 
 @dataclass
@@ -39,12 +39,13 @@ class Verdict:
         }
 
 
-def _classify_colour(rgb: np.ndarray) -> str:
+def _classify_colour(rgb: np.ndarray, colours=COLOURS) -> str:
     h, s, _ = colorsys.rgb_to_hsv(*(rgb / 255.0))
     if s < 0.35:
         return "white"
     hue = h * 360.0
-    return min(HUES, key=lambda name: min(abs(hue - HUES[name]), 360 - abs(hue - HUES[name])))
+    hues = {name: HUES[name] for name in colours if name in HUES}
+    return min(hues, key=lambda name: min(abs(hue - hues[name]), 360 - abs(hue - hues[name])))
 
 
 def _classify_shape(fill: float) -> str:
@@ -55,9 +56,13 @@ def _classify_shape(fill: float) -> str:
     return "triangle"
 
 
-def judge_video(frames: np.ndarray, min_travel: float = 0.1) -> Verdict:
+def judge_video(frames: np.ndarray, min_travel: float = 0.1, colours=COLOURS) -> Verdict:
     """Score uint8 frames (T, H, W, 3). ``min_travel``: smallest centroid travel, as a share of the
-    frame width, that counts as motion."""
+    frame width, that counts as motion. ``colours``: the names the colour is chosen from (default the
+    demo's five; add ``"magenta"`` of :data:`~opensora_plan.demo.shapes.NEW_COLOURS` to judge that word)."""
+    unknown = [c for c in colours if c not in ALL_COLOURS]
+    if unknown:
+        raise ValueError(f"judge_video cannot tell colours {unknown}; it knows {', '.join(ALL_COLOURS)}.")
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames (T, H, W, 3), got shape {frames.shape}.")
@@ -68,7 +73,7 @@ def judge_video(frames: np.ndarray, min_travel: float = 0.1) -> Verdict:
     if not present.any():
         return Verdict(None, None, None, bool((frames < DARK_LEVEL).all()), 0.0, (0.0, 0.0))
 
-    colour = _classify_colour(frames[masks].astype(np.float64).mean(axis=0))
+    colour = _classify_colour(frames[masks].astype(np.float64).mean(axis=0), colours)
 
     fills = []
     centroids = []

@@ -1,7 +1,8 @@
 """Synthetic captioned videos: one coloured shape on black, moving in a straight line.
 
 Caption form: ``a {colour} {shape} moving {direction}``. Every combination of the vocabulary
-(5 colours x 3 shapes x 4 directions = 60) is a valid prompt for the demo model.
+(5 colours x 3 shapes x 4 directions = 60) is a valid prompt for the demo model. :data:`NEW_COLOURS`
+are colours the demo model never saw, for fine-tuning it on a new word (docs/training.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (255, 255, 0),
     "white": (255, 255, 255),
 }
+# Not in the demo's training data: clips of these teach the shipped model a new word (LoRA demo).
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"magenta": (255, 0, 255)}
+ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
@@ -36,16 +40,16 @@ def caption(colour: str, shape: str, direction: str, template: str = TEMPLATES[0
     return template.format(colour=colour, shape=shape, direction=direction)
 
 
-def all_prompts() -> list[str]:
-    """The 60 canonical prompts, in a fixed order."""
-    return [caption(c, s, d) for c, s, d in itertools.product(COLOURS, SHAPES, DIRECTIONS)]
+def all_prompts(colours: list[str] | None = None) -> list[str]:
+    """The 60 canonical prompts (or those of ``colours``, e.g. ``["magenta"]``: 12), in a fixed order."""
+    return [caption(c, s, d) for c, s, d in itertools.product(colours or COLOURS, SHAPES, DIRECTIONS)]
 
 
 def parse_caption(text: str) -> tuple[str, str, str]:
     """(colour, shape, direction) named in a caption; ValueError when one is missing."""
     words = text.lower().replace(",", " ").split()
     found = []
-    for vocab, name in ((COLOURS, "colour"), (SHAPES, "shape"), (DIRECTIONS, "direction")):
+    for vocab, name in ((ALL_COLOURS, "colour"), (SHAPES, "shape"), (DIRECTIONS, "direction")):
         hits = [w for w in words if w in vocab]
         if not hits:
             raise ValueError(f"caption {text!r} names no {name}; expected one of {', '.join(vocab)}.")
@@ -81,7 +85,7 @@ def shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np
 def render(clip: Clip, num_frames: int, size: int) -> np.ndarray:
     """uint8 frames (T, size, size, 3) of ``clip``."""
     ux, uy = DIRECTIONS[clip.direction]
-    colour = np.array(COLOURS[clip.colour], dtype=np.uint8)
+    colour = np.array(ALL_COLOURS[clip.colour], dtype=np.uint8)
     frames = np.zeros((num_frames, size, size, 3), dtype=np.uint8)
     for i in range(num_frames):
         f = i / max(num_frames - 1, 1)
@@ -110,18 +114,23 @@ def random_clip(rng: np.random.Generator, colour: str, shape: str, direction: st
 
 
 def make_dataset(out: str | Path, num_videos: int, num_frames: int = 17, size: int = 64, fps: int = 8,
-                 seed: int = 0, paraphrases: bool = True) -> Path:
+                 seed: int = 0, paraphrases: bool = True, colours: list[str] | None = None) -> Path:
     """Write ``num_videos`` mp4 clips and ``data.json`` (the trainer's JSON format) under ``out``.
 
-    Combinations are cycled so every one of the 60 appears ``num_videos // 60`` times or more.
-    Returns the JSON path.
+    ``colours``: the colours to draw (default: the demo's five; :data:`NEW_COLOURS` names are allowed).
+    Combinations (colours x 3 shapes x 4 directions) are cycled so every one appears
+    ``num_videos // combinations`` times or more. Returns the JSON path.
     """
+    colours = list(COLOURS) if colours is None else list(colours)
+    unknown = [c for c in colours if c not in ALL_COLOURS]
+    if unknown or not colours:
+        raise ValueError(f"colours {unknown or colours} are not drawable; use some of {', '.join(ALL_COLOURS)}.")
     from opensora_plan.data.video_io import write_video
 
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    combos = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+    combos = list(itertools.product(colours, SHAPES, DIRECTIONS))
     entries = []
     width = max(5, int(math.log10(max(num_videos, 1))) + 1)
     for i in range(num_videos):
