@@ -205,10 +205,11 @@ def test_report_to_wandb_without_the_package_is_one_clear_error(monkeypatch, tmp
 
 
 def test_report_to_wandb_offline_logs_train_and_validation(assets, held_out, tmp_path, monkeypatch):  # noqa: F811
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(*build_t2v(_options(assets, held_out, tmp_path, 2, report_to="wandb")))
+    wandb.teardown()  # wandb's service process writes the records file asynchronously; wait for it
     runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
     assert len(runs) == 1
     # The offline record file holds each logged key and its value as JSON text (protobuf strings).
@@ -245,3 +246,13 @@ def test_cli_flags_reach_the_run(assets, held_out, tmp_path):  # noqa: F811
     assert len([k for k in records[0] if k.startswith("val_loss_t")]) == 3
     options = json.loads((tmp_path / "options.json").read_text())
     assert options["extra"]["validation_data_path"] == str(held_out)
+
+
+def test_a_resumed_run_logs_the_same_held_out_losses(assets, held_out, tmp_path):  # noqa: F811
+    full = _options(assets, held_out, tmp_path / "full", 4, checkpointing_steps=2, use_ema=True, ema_decay=0.5)
+    train(*build_t2v(full))
+    part = {**full, "output_dir": str(tmp_path / "part")}
+    train(*build_t2v({**part, "max_train_steps": 2}))
+    train(*build_t2v({**part, "resume_from_checkpoint": "latest"}))
+    assert [r["step"] for r in _val_records(tmp_path / "part")] == [0, 2, 4]
+    assert _val_records(tmp_path / "part") == _val_records(tmp_path / "full")

@@ -725,19 +725,19 @@ class Trainer:
                 timed_samples, timed_seconds = timed_samples + samples, timed_seconds + elapsed
             if self.is_main:
                 self._report_progress(progress, record, first_step_seconds, timed_samples, timed_seconds)
-            if self.step % cfg.checkpointing_steps == 0:
-                self.save_checkpoint()
-                last_saved = self.step
             due = bool(cfg.validation_steps) and (self.step % cfg.validation_steps == 0 or self.step == cfg.max_train_steps)
             if due and self.is_main:
                 record.update(self._validate() or {})
-            if self.is_main:
+            if self.is_main:  # before the checkpoint: a resumed run keeps the lines up to its step
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if self.writer is not None:
                     for key, value in record.items():
                         if key != "step" and isinstance(value, (int, float)) and not key.startswith("val_"):
                             self.writer.add_scalar(f"train/{key}", value, self.step)
+            if self.step % cfg.checkpointing_steps == 0:
+                self.save_checkpoint()
+                last_saved = self.step
         progress.close()
         if last_saved != self.step:
             self.save_checkpoint()
