@@ -101,3 +101,24 @@ def test_new_colour_is_drawn_judged_and_kept_out_of_the_demo_vocabulary(tmp_path
         make_dataset(tmp_path / "x", num_videos=1, colours=["purple"])
     with pytest.raises(ValueError, match="cannot tell colours"):
         judge_video(frames, colours=["purple"])
+
+
+def test_new_shape_is_drawn_and_told_apart_only_when_asked_for(tmp_path):
+    """diamond (NEW_SHAPES): rendered, judged as such when a candidate; the demo's 60 prompts never name it."""
+    from opensora_plan.demo.shapes import ALL_SHAPES, NEW_SHAPES, make_dataset
+
+    assert "diamond" in NEW_SHAPES and not any("diamond" in p for p in all_prompts())
+    assert len(all_prompts(shapes=["diamond"])) == 20 and parse_caption("a red diamond moving up")[1] == "diamond"
+    rng = np.random.default_rng(6)
+    for colour, shape, direction in itertools.product(COLOURS, ALL_SHAPES, DIRECTIONS):
+        frames = render(random_clip(rng, colour, shape, direction, 64), 17, 64)
+        verdict = judge_video(frames, shapes=ALL_SHAPES)
+        assert all(verdict.matches(colour, shape, direction).values()), (colour, shape, direction, verdict)
+        if shape != "diamond":  # the default judge (the demo's three shapes) is unchanged for them
+            assert judge_video(frames).shape == shape
+    data_json = make_dataset(tmp_path, num_videos=2, seed=7, shapes=["diamond"])
+    assert all(" diamond " in e["cap"][0] for e in json.loads(data_json.read_text()))
+    with pytest.raises(ValueError, match="not drawable"):
+        make_dataset(tmp_path / "x", num_videos=1, shapes=["star"])
+    with pytest.raises(ValueError, match="cannot tell shapes"):
+        judge_video(frames, shapes=["star"])

@@ -703,6 +703,8 @@ def _add_demo(subparsers) -> None:
     m.add_argument("--no_paraphrases", action="store_true", help="only the canonical caption per video")
     m.add_argument("--colours", nargs="+", default=None, help="colours to draw (default: the demo's five; "
                    "magenta is a word the shipped demo never saw, for fine-tuning)")
+    m.add_argument("--shapes", nargs="+", default=None, help="shapes to draw (default: circle square triangle; "
+                   "diamond is a word the shipped demo never saw)")
     m.set_defaults(func=_run_demo_make_data)
 
     t = sub.add_parser("train", help="train the demo model end to end (data, T5, train-vae, extract, train-t2v)",
@@ -730,6 +732,8 @@ def _add_demo(subparsers) -> None:
     e.add_argument("--cache", default="none", help="step caching as in `sample --cache` (default none)")
     e.add_argument("--colours", nargs="+", default=None, help="evaluate the prompts of these colours instead "
                    "(e.g. magenta, a word the shipped demo never saw; docs/training.md)")
+    e.add_argument("--shapes", nargs="+", default=None, help="evaluate the prompts of these shapes instead "
+                   "(e.g. diamond, a word the shipped demo never saw)")
     e.add_argument("--lora", default=None, help="LoRA adapter folder from train-t2v --lora_rank, applied to the model")
     e.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (default 1)")
     e.set_defaults(func=_run_demo_eval)
@@ -741,7 +745,7 @@ def _run_demo_make_data(args) -> int:
     if args.num_videos < 1:
         raise ValueError(f"--num_videos must be at least 1, got {args.num_videos}.")
     path = make_dataset(args.out, args.num_videos, num_frames=args.num_frames, size=args.size, seed=args.seed,
-                        paraphrases=not args.no_paraphrases, colours=args.colours)
+                        paraphrases=not args.no_paraphrases, colours=args.colours, shapes=args.shapes)
     print(f"wrote {args.num_videos} videos and {path}")
     return 0
 
@@ -765,7 +769,7 @@ def _run_demo_train(args) -> int:
 def _run_demo_eval(args) -> int:
     from opensora_plan.demo.evaluate import evaluate_demo, select_prompts, write_report
 
-    report = evaluate_demo(args.model_path, prompts=select_prompts(args.num_prompts, args.colours),
+    report = evaluate_demo(args.model_path, prompts=select_prompts(args.num_prompts, args.colours, args.shapes),
                            seeds=tuple(args.seeds), num_sampling_steps=args.num_sampling_steps,
                            guidance_scale=args.guidance_scale, sample_method=args.sample_method, device=args.device,
                            save_dir=args.save_dir, cache=args.cache, lora=args.lora, lora_scale=args.lora_scale)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from opensora_plan.demo.judge import judge_video
-from opensora_plan.demo.shapes import COLOURS, all_prompts, parse_caption
+from opensora_plan.demo.shapes import COLOURS, SHAPES, all_prompts, parse_caption
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,12 @@ class DemoEvalReport:
                 "denoise_cpu_seconds": self.denoise_cpu_seconds, "videos": self.videos}
 
 
-def select_prompts(num_prompts: int | None = None, colours: list[str] | None = None) -> list[str]:
+def select_prompts(num_prompts: int | None = None, colours: list[str] | None = None,
+                   shapes: list[str] | None = None) -> list[str]:
     """``num_prompts`` of the 60 canonical prompts, evenly spaced so every colour, shape and direction
-    appears when ``num_prompts >= 12``; all 60 when None. ``colours``: the prompts of those colours
-    instead (e.g. ``["magenta"]``, a word the shipped demo never saw)."""
-    prompts = all_prompts(colours)
+    appears when ``num_prompts >= 12``; all 60 when None. ``colours`` / ``shapes``: the prompts of those
+    colours / shapes instead (e.g. ``shapes=["diamond"]``, a word the shipped demo never saw)."""
+    prompts = all_prompts(colours, shapes)
     if num_prompts is None or num_prompts >= len(prompts):
         return prompts
     if num_prompts < 1:
@@ -129,7 +130,7 @@ def evaluate_demo(
     (``<prompt index>-<seed>-<prompt>.mp4``); otherwise they go to a temporary folder. ``cache`` and
     ``cache_options`` go to :meth:`OpenSoraPlanPipeline.enable_cache` ("none": exact sampling).
     ``lora``: a ``train-t2v --lora_rank`` adapter folder applied at ``lora_scale``. Colours are judged among
-    the demo's five plus any new colour the prompts name.
+    the demo's five plus any new colour the prompts name, shapes likewise.
     """
     from tqdm.auto import tqdm
 
@@ -150,6 +151,7 @@ def evaluate_demo(
     if lora:
         pipe.load_lora_weights(lora, lora_scale=lora_scale)
     colours = tuple(dict.fromkeys([*COLOURS, *(label[0] for label in labels)]))  # demo's five + new ones named
+    shapes = tuple(dict.fromkeys([*SHAPES, *(label[1] for label in labels)]))
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_cache(cache, **(cache_options or {}))
     steps = num_sampling_steps or info["num_sampling_steps"]
@@ -187,7 +189,7 @@ def evaluate_demo(
             for seed, frames in zip(seeds, videos):
                 slug = prompt.replace(" ", "_")
                 path = write_video(out_dir / f"{index:02d}-{seed}-{slug}.mp4", frames, fps=info.get("fps", 8))
-                verdict = judge_video(read_video(path)[0].numpy(), colours=colours)
+                verdict = judge_video(read_video(path)[0].numpy(), colours=colours, shapes=shapes)
                 report.videos.append({
                     "prompt": prompt, "seed": seed, "file": str(path) if save_dir else None,
                     "judged": {"colour": verdict.colour, "shape": verdict.shape, "direction": verdict.direction,

@@ -2,7 +2,8 @@
 
 Caption form: ``a {colour} {shape} moving {direction}``. Every combination of the vocabulary
 (5 colours x 3 shapes x 4 directions = 60) is a valid prompt for the demo model. :data:`NEW_COLOURS`
-are colours the demo model never saw, for fine-tuning it on a new word (docs/training.md).
+and :data:`NEW_SHAPES` are words the demo model never saw, for fine-tuning it on a new word
+(docs/training.md).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 NEW_COLOURS: dict[str, tuple[int, int, int]] = {"magenta": (255, 0, 255)}
 ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPES = ("diamond",)  # a square standing on a corner; not in the demo's training data either
+ALL_SHAPES = SHAPES + NEW_SHAPES
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 # Paraphrases used for training only; the canonical form is always one of them.
@@ -40,16 +43,17 @@ def caption(colour: str, shape: str, direction: str, template: str = TEMPLATES[0
     return template.format(colour=colour, shape=shape, direction=direction)
 
 
-def all_prompts(colours: list[str] | None = None) -> list[str]:
-    """The 60 canonical prompts (or those of ``colours``, e.g. ``["magenta"]``: 12), in a fixed order."""
-    return [caption(c, s, d) for c, s, d in itertools.product(colours or COLOURS, SHAPES, DIRECTIONS)]
+def all_prompts(colours: list[str] | None = None, shapes: list[str] | None = None) -> list[str]:
+    """The 60 canonical prompts, in a fixed order; ``colours`` / ``shapes`` replace the demo's vocabulary
+    (e.g. ``shapes=["diamond"]``: the 20 prompts of that word)."""
+    return [caption(c, s, d) for c, s, d in itertools.product(colours or COLOURS, shapes or SHAPES, DIRECTIONS)]
 
 
 def parse_caption(text: str) -> tuple[str, str, str]:
     """(colour, shape, direction) named in a caption; ValueError when one is missing."""
     words = text.lower().replace(",", " ").split()
     found = []
-    for vocab, name in ((ALL_COLOURS, "colour"), (SHAPES, "shape"), (DIRECTIONS, "direction")):
+    for vocab, name in ((ALL_COLOURS, "colour"), (ALL_SHAPES, "shape"), (DIRECTIONS, "direction")):
         hits = [w for w in words if w in vocab]
         if not hits:
             raise ValueError(f"caption {text!r} names no {name}; expected one of {', '.join(vocab)}.")
@@ -79,7 +83,9 @@ def shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np
         inside_y = (dy >= -radius) & (dy <= radius)
         half_width = radius * (dy + radius) / (2 * radius)
         return inside_y & (np.abs(dx) <= half_width)
-    raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}.")
+    if shape == "diamond":  # corners up, down, left and right
+        return np.abs(dx) + np.abs(dy) <= radius
+    raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(ALL_SHAPES)}.")
 
 
 def render(clip: Clip, num_frames: int, size: int) -> np.ndarray:
@@ -114,23 +120,29 @@ def random_clip(rng: np.random.Generator, colour: str, shape: str, direction: st
 
 
 def make_dataset(out: str | Path, num_videos: int, num_frames: int = 17, size: int = 64, fps: int = 8,
-                 seed: int = 0, paraphrases: bool = True, colours: list[str] | None = None) -> Path:
+                 seed: int = 0, paraphrases: bool = True, colours: list[str] | None = None,
+                 shapes: list[str] | None = None) -> Path:
     """Write ``num_videos`` mp4 clips and ``data.json`` (the trainer's JSON format) under ``out``.
 
-    ``colours``: the colours to draw (default: the demo's five; :data:`NEW_COLOURS` names are allowed).
-    Combinations (colours x 3 shapes x 4 directions) are cycled so every one appears
+    ``colours`` / ``shapes``: what to draw (default: the demo's five colours and three shapes;
+    :data:`NEW_COLOURS` / :data:`NEW_SHAPES` are allowed).
+    Combinations (colours x shapes x 4 directions) are cycled so every one appears
     ``num_videos // combinations`` times or more. Returns the JSON path.
     """
     colours = list(COLOURS) if colours is None else list(colours)
     unknown = [c for c in colours if c not in ALL_COLOURS]
     if unknown or not colours:
         raise ValueError(f"colours {unknown or colours} are not drawable; use some of {', '.join(ALL_COLOURS)}.")
+    shapes = list(SHAPES) if shapes is None else list(shapes)
+    unknown = [s for s in shapes if s not in ALL_SHAPES]
+    if unknown or not shapes:
+        raise ValueError(f"shapes {unknown or shapes} are not drawable; use some of {', '.join(ALL_SHAPES)}.")
     from opensora_plan.data.video_io import write_video
 
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    combos = list(itertools.product(colours, SHAPES, DIRECTIONS))
+    combos = list(itertools.product(colours, shapes, DIRECTIONS))
     entries = []
     width = max(5, int(math.log10(max(num_videos, 1))) + 1)
     for i in range(num_videos):

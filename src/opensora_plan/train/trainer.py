@@ -725,7 +725,8 @@ class Trainer:
                 timed_samples, timed_seconds = timed_samples + samples, timed_seconds + elapsed
             if self.is_main:
                 self._report_progress(progress, record, first_step_seconds, timed_samples, timed_seconds)
-            due = bool(cfg.validation_steps) and (self.step % cfg.validation_steps == 0 or self.step == cfg.max_train_steps)
+            last = self.step == cfg.max_train_steps
+            due = bool(cfg.validation_steps) and (self.step % cfg.validation_steps == 0 or last)
             if due and self.is_main:
                 record.update(self._validate() or {})
             if self.is_main:  # before the checkpoint: a resumed run keeps the lines up to its step
