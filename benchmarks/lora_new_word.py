@@ -33,6 +33,8 @@ WORDS = {  # the new word -> make_dataset / select_prompts arguments, preview pr
                                            "a red square moving right"]),
     "diamond": ({"shapes": ["diamond"]}, ["a red diamond moving left", "a blue diamond moving up",
                                           "a green square moving right"]),
+    "crimson": ({"colours": ["crimson"]}, ["a crimson circle moving left", "a crimson triangle moving up",
+                                           "a green square moving right"]),
 }
 
 

@@ -122,3 +122,12 @@ def test_new_shape_is_drawn_and_told_apart_only_when_asked_for(tmp_path):
         make_dataset(tmp_path / "x", num_videos=1, shapes=["star"])
     with pytest.raises(ValueError, match="cannot tell shapes"):
         judge_video(frames, shapes=["star"])
+
+
+def test_crimson_is_drawn_and_judged_as_the_demo_red():
+    from opensora_plan.demo.shapes import JUDGED_AS, NEW_COLOURS
+
+    assert "crimson" in NEW_COLOURS and JUDGED_AS["crimson"] == "red"
+    frames = render(random_clip(np.random.default_rng(8), "crimson", "square", "up", 64), 17, 64)
+    assert judge_video(frames).matches("red", "square", "up") == {
+        "colour": True, "shape": True, "direction": True, "background": True}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from opensora_plan.demo.judge import judge_video
-from opensora_plan.demo.shapes import COLOURS, SHAPES, all_prompts, parse_caption
+from opensora_plan.demo.shapes import COLOURS, JUDGED_AS, SHAPES, all_prompts, parse_caption
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ def evaluate_demo(
 
         check_output_folder(save_dir, "--save_dir")
     labels = [parse_caption(p) for p in prompts]  # fails early on a prompt outside the vocabulary
+    labels = [(JUDGED_AS.get(c, c), s, d) for c, s, d in labels]  # e.g. crimson is drawn (and judged) as red
     pipe, info = load_demo_pipeline(model_path, sample_method, device)
     if lora:
         pipe.load_lora_weights(lora, lora_scale=lora_scale)

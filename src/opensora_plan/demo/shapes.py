@@ -24,7 +24,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
 }
 # Not in the demo's training data: clips of these teach the shipped model a new word (LoRA demo).
-NEW_COLOURS: dict[str, tuple[int, int, int]] = {"magenta": (255, 0, 255)}
+# The demo VAE only reproduces its five colours: it decodes magenta as blue-purple or red (a LoRA on the
+# transformer cannot change that), crimson as red. The judge expects JUDGED_AS[word] for a word's videos.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"magenta": (255, 0, 255), "crimson": (220, 20, 60)}
+JUDGED_AS = {"crimson": "red"}
 ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 SHAPES = ("circle", "square", "triangle")
 NEW_SHAPES = ("diamond",)  # a square standing on a corner; not in the demo's training data either
