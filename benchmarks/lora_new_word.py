@@ -15,7 +15,7 @@ The demo model knows three shapes and five colours. ``--word diamond`` (shapes.N
 
 It prints the held-out loss per validation step and the before/after accuracies, and writes
 ``<out>/lora_new_word.json``. On the 2-core CPU with one thread the whole script takes about 20 minutes
-(docs/training.md has the measured results, for both words):
+(docs/training.md has the measured results for crimson, diamond and magenta):
 ``OMP_NUM_THREADS=1 python benchmarks/lora_new_word.py --out /tmp/lora_diamond --word diamond``.
 """
 
