@@ -256,3 +256,29 @@ def test_a_resumed_run_logs_the_same_held_out_losses(assets, held_out, tmp_path)
     train(*build_t2v({**part, "resume_from_checkpoint": "latest"}))
     assert [r["step"] for r in _val_records(tmp_path / "part")] == [0, 2, 4]
     assert _val_records(tmp_path / "part") == _val_records(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_validation_under_two_ddp_processes(assets, held_out, tmp_path):  # noqa: F811
+    """torchrun, 2 processes, EMA: the main process validates while the other waits; replicas stay identical
+    (the trainer checks their hashes at the end) and the baseline equals the one-process run's."""
+    import os
+    import subprocess
+
+    from test_train_t2v import _argv
+
+    flags = ["--use_image_num", "0", "--validation_data_path", str(held_out), "--validation_steps", "1",
+             "--use_ema", "--ema_decay", "0.5", "--train_batch_size", "1"]
+    argv = _argv(assets, tmp_path / "ddp", 2, *flags)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "opensora_plan", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = _val_records(tmp_path / "ddp")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert '"world_size": 2' in (tmp_path / "ddp" / "options.json").read_text()
+    train(*build_t2v(_cli_options(assets, tmp_path / "one", 1, **{
+        "use_image_num": 0, "validation_data_path": str(held_out), "validation_steps": 1, "use_ema": True,
+        "ema_decay": 0.5, "train_batch_size": 1, "learning_rate": 1e-3})))
+    assert _val_records(tmp_path / "one")[0] == records[0]
