@@ -192,3 +192,28 @@ def test_shipped_demo_meets_the_issue_targets_over_all_60_prompts():
     report = evaluate_demo(seeds=(0,), progress=False)
     acc = report.accuracy()
     assert acc["colour"] >= 0.95 and acc["direction"] >= 0.90 and acc["shape"] >= 0.80, acc
+
+
+def test_eval_applies_a_lora_and_judges_a_new_colour(tmp_path):
+    """demo eval --colours magenta --lora: the prompts of the new colour, the adapter applied (other videos)."""
+    pytest.importorskip("peft")
+    from opensora_plan.demo.evaluate import evaluate_demo, select_prompts
+    from opensora_plan.demo.model import default_model_path
+    from opensora_plan.models.latte import LatteT2V
+    from opensora_plan.models.lora import add_lora, lora_config, save_lora
+
+    transformer = LatteT2V.from_pretrained(default_model_path() / "17x64x64")
+    add_lora(transformer, lora_config(4))
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))  # a strong, non-zero update
+    save_lora(transformer, tmp_path / "adapter")
+    prompts = select_prompts(1, colours=["magenta"])
+    assert prompts == ["a magenta circle moving left"]
+    kwargs = dict(prompts=prompts, seeds=(0,), num_sampling_steps=2, progress=False)
+    base = evaluate_demo(save_dir=tmp_path / "base", **kwargs)
+    tuned = evaluate_demo(save_dir=tmp_path / "tuned", lora=tmp_path / "adapter", **kwargs)
+    assert base.settings["lora"] is None and tuned.settings["lora"] == str(tmp_path / "adapter")
+    base_file, tuned_file = base.videos[0]["file"], tuned.videos[0]["file"]
+    assert open(base_file, "rb").read() != open(tuned_file, "rb").read()

@@ -77,3 +77,57 @@ def test_make_dataset_writes_videos_and_trainer_json(tmp_path):
         assert entry["cap"][0] == f"a {colour} {shape} moving {direction}"
         # After H.264 the judge still reads the clip right.
         assert all(judge_video(np.asarray(frames)).matches(colour, shape, direction).values())
+
+
+def test_new_colour_is_drawn_judged_and_kept_out_of_the_demo_vocabulary(tmp_path):
+    """magenta (NEW_COLOURS) for the LoRA demo: rendered, judged when asked for, absent from the 60 prompts."""
+    from opensora_plan.data.video_io import read_video
+    from opensora_plan.demo.shapes import ALL_COLOURS, NEW_COLOURS, make_dataset
+
+    assert "magenta" in NEW_COLOURS and "magenta" not in COLOURS and not any("magenta" in p for p in all_prompts())
+    assert all_prompts(["magenta"])[0] == "a magenta circle moving left" and len(all_prompts(["magenta"])) == 12
+    assert parse_caption("a magenta square moves up") == ("magenta", "square", "up")
+    rng = np.random.default_rng(4)
+    for shape, direction in itertools.product(SHAPES, DIRECTIONS):
+        frames = render(random_clip(rng, "magenta", shape, direction, 64), 17, 64)
+        assert all(judge_video(frames, colours=ALL_COLOURS).matches("magenta", shape, direction).values())
+        assert judge_video(frames).colour in ("red", "blue")  # the demo's five only: the nearest hue
+    data_json = make_dataset(tmp_path, num_videos=3, seed=5, colours=["magenta"], paraphrases=False)
+    for entry in json.loads(data_json.read_text()):
+        assert entry["cap"][0].startswith("a magenta ") and len(entry["cap"]) == 1
+        frames = np.asarray(read_video(tmp_path / entry["path"])[0])
+        assert judge_video(frames, colours=[*COLOURS, "magenta"]).colour == "magenta"
+    with pytest.raises(ValueError, match="not drawable"):
+        make_dataset(tmp_path / "x", num_videos=1, colours=["purple"])
+    with pytest.raises(ValueError, match="cannot tell colours"):
+        judge_video(frames, colours=["purple"])
+
+
+def test_new_shape_is_drawn_and_told_apart_only_when_asked_for(tmp_path):
+    """diamond (NEW_SHAPES): rendered, judged as such when a candidate; the demo's 60 prompts never name it."""
+    from opensora_plan.demo.shapes import ALL_SHAPES, NEW_SHAPES, make_dataset
+
+    assert "diamond" in NEW_SHAPES and not any("diamond" in p for p in all_prompts())
+    assert len(all_prompts(shapes=["diamond"])) == 20 and parse_caption("a red diamond moving up")[1] == "diamond"
+    rng = np.random.default_rng(6)
+    for colour, shape, direction in itertools.product(COLOURS, ALL_SHAPES, DIRECTIONS):
+        frames = render(random_clip(rng, colour, shape, direction, 64), 17, 64)
+        verdict = judge_video(frames, shapes=ALL_SHAPES)
+        assert all(verdict.matches(colour, shape, direction).values()), (colour, shape, direction, verdict)
+        if shape != "diamond":  # the default judge (the demo's three shapes) is unchanged for them
+            assert judge_video(frames).shape == shape
+    data_json = make_dataset(tmp_path, num_videos=2, seed=7, shapes=["diamond"])
+    assert all(" diamond " in e["cap"][0] for e in json.loads(data_json.read_text()))
+    with pytest.raises(ValueError, match="not drawable"):
+        make_dataset(tmp_path / "x", num_videos=1, shapes=["star"])
+    with pytest.raises(ValueError, match="cannot tell shapes"):
+        judge_video(frames, shapes=["star"])
+
+
+def test_crimson_is_drawn_and_judged_as_the_demo_red():
+    from opensora_plan.demo.shapes import JUDGED_AS, NEW_COLOURS
+
+    assert "crimson" in NEW_COLOURS and JUDGED_AS["crimson"] == "red"
+    frames = render(random_clip(np.random.default_rng(8), "crimson", "square", "up", 64), 17, 64)
+    assert judge_video(frames).matches("red", "square", "up") == {
+        "colour": True, "shape": True, "direction": True, "background": True}

@@ -216,7 +216,7 @@ def test_validation_videos_are_written(assets, tmp_path):
     options = _cli_options(assets, tmp_path, 1, use_image_num=0, validation_prompts="a red ball rolls",
                            validation_steps=1, validation_sampling_steps=4, report_to="tensorboard")
     train(*build_t2v(options))
-    assert (tmp_path / "validation" / "step-1" / "00.mp4").stat().st_size > 0
+    assert (tmp_path / "validation" / "step-1" / "0000-a_red_ball_rolls.mp4").stat().st_size > 0
     with pytest.raises(ValueError, match="validation_sampling_steps"):
         build_t2v({**options, "validation_sampling_steps": 2})
 

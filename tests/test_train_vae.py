@@ -118,9 +118,10 @@ def test_train_vae_cli_video_clips_checkpoint_loads(tmp_path, video_folder, tiny
     # gradients would all be 0, is not run), on at the second
     assert log[0]["disc_factor"] == 0.0 and "discriminator_loss" not in log[0]
     assert log[1]["disc_factor"] == 1.0 and log[1]["d_weight"] > 0 and log[1]["discriminator_loss"] > 0
-    # held-out clip: PSNR/SSIM logged at step 2, reconstructions and scalars in TensorBoard
+    # held-out clip: PSNR/SSIM logged before training (the baseline) and at step 2, reconstructions and
+    # scalars in TensorBoard
     validation = [json.loads(line) for line in (out / "validation" / "validation.jsonl").read_text().splitlines()]
-    assert [v["step"] for v in validation] == [2] and validation[0]["psnr"] > 0
+    assert [v["step"] for v in validation] == [0, 2] and validation[1]["psnr"] > 0
     assert any((out / "tensorboard").iterdir())
     options = json.loads((out / "options.json").read_text())
     assert options["task"] == "VAETrainTask" and options["task_options"]["disc_start"] == 1

@@ -408,9 +408,10 @@ def _run_demo_eval(args) -> int:
     from opensora_plan.options import options_from_args
 
     o = options_from_args(DemoEvalOptions, args)
-    report = evaluate_demo(o.model_path, prompts=select_prompts(o.num_prompts), seeds=tuple(o.seeds),
-                           num_sampling_steps=o.num_sampling_steps, guidance_scale=o.guidance_scale,
-                           sample_method=o.sample_method, device=o.device, save_dir=o.save_dir, cache=o.cache)
+    report = evaluate_demo(o.model_path, prompts=select_prompts(o.num_prompts, o.colours, o.shapes),
+                           seeds=tuple(o.seeds), num_sampling_steps=o.num_sampling_steps,
+                           guidance_scale=o.guidance_scale, sample_method=o.sample_method, device=o.device,
+                           save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale)
     print(report.table())
     if o.json_out:
         write_report(report, o.json_out)

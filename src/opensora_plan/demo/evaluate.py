@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from opensora_plan.demo.judge import judge_video
-from opensora_plan.demo.shapes import all_prompts, parse_caption
+from opensora_plan.demo.shapes import COLOURS, JUDGED_AS, SHAPES, all_prompts, parse_caption
 from opensora_plan.options import Options, option
 
 logger = logging.getLogger(__name__)
@@ -73,16 +73,18 @@ class DemoEvalReport:
                 "denoise_cpu_seconds": self.denoise_cpu_seconds, "videos": self.videos}
 
 
-def select_prompts(num_prompts: int | None = None) -> list[str]:
+def select_prompts(num_prompts: int | None = None, colours: list[str] | None = None,
+                   shapes: list[str] | None = None) -> list[str]:
     """``num_prompts`` of the 60 canonical prompts, evenly spaced so every colour, shape and direction
-    appears when ``num_prompts >= 12``; all 60 when None."""
-    prompts = all_prompts()
+    appears when ``num_prompts >= 12``; all 60 when None. ``colours`` / ``shapes``: the prompts of those
+    colours / shapes instead (e.g. ``shapes=["diamond"]``, a word the shipped demo never saw)."""
+    prompts = all_prompts(colours, shapes)
     if num_prompts is None or num_prompts >= len(prompts):
         return prompts
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be at least 1, got {num_prompts}.")
     # Stride 7 is coprime with 60 and with the 4 directions / 12 prompts per colour: a spread sample.
-    return [prompts[(7 * k) % len(prompts)] for k in range(num_prompts)]
+    return [prompts[(7 * k) % len(prompts)] for k in range(num_prompts)]  # 7: coprime with 60 and 12
 
 
 def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_method: str | None = None,
@@ -128,6 +130,12 @@ class DemoEvalOptions(Options):
     json_out: str | None = option(None, help="write the per-video verdicts and accuracies here")
     device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
     cache: str = option("none", help="step caching as in `sample --cache`")
+    colours: list[str] | None = option(None, help="evaluate the prompts of these colours instead (e.g. magenta, a "
+                                       "word the shipped demo never saw; docs/training.md)", show_default=False)
+    shapes: list[str] | None = option(None, help="evaluate the prompts of these shapes instead (e.g. diamond, a "
+                                      "word the shipped demo never saw)", show_default=False)
+    lora: str | None = option(None, help="LoRA adapter folder from train-t2v --lora_rank, applied to the model")
+    lora_scale: float = option(1.0, help="strength of the LoRA")
 
 
 def evaluate_demo(
@@ -142,12 +150,16 @@ def evaluate_demo(
     progress: bool = True,
     cache: str = "none",
     cache_options: dict | None = None,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
 ) -> DemoEvalReport:
     """Sample every prompt with every seed, judge the videos, return the report.
 
     Sampling settings default to the model's ``demo.json``. ``save_dir`` keeps the mp4 files
     (``<prompt index>-<seed>-<prompt>.mp4``); otherwise they go to a temporary folder. ``cache`` and
     ``cache_options`` go to :meth:`OpenSoraPlanPipeline.enable_cache` ("none": exact sampling).
+    ``lora``: a ``train-t2v --lora_rank`` adapter folder applied at ``lora_scale``. Colours are judged among
+    the demo's five plus any new colour the prompts name, shapes likewise.
     """
     from tqdm.auto import tqdm
 
@@ -164,7 +176,12 @@ def evaluate_demo(
 
         check_output_folder(save_dir, "--save_dir")
     labels = [parse_caption(p) for p in prompts]  # fails early on a prompt outside the vocabulary
+    labels = [(JUDGED_AS.get(c, c), s, d) for c, s, d in labels]  # e.g. crimson is drawn (and judged) as red
     pipe, info = load_demo_pipeline(model_path, sample_method, device)
+    if lora:
+        pipe.load_lora_weights(lora, lora_scale=lora_scale)
+    colours = tuple(dict.fromkeys([*COLOURS, *(label[0] for label in labels)]))  # demo's five + new ones named
+    shapes = tuple(dict.fromkeys([*SHAPES, *(label[1] for label in labels)]))
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_cache(cache, **(cache_options or {}))
     steps = num_sampling_steps or info["num_sampling_steps"]
@@ -172,6 +189,7 @@ def evaluate_demo(
     settings = {"model_path": str(model_path or "shipped demo"), "version": info["version"],
                 "sample_method": sample_method or info["sample_method"], "num_sampling_steps": steps,
                 "guidance_scale": scale, "seeds": list(seeds), "num_prompts": len(prompts),
+                "lora": str(lora) if lora else None, "lora_scale": lora_scale if lora else None,
                 "cache": pipe.transformer.step_cache.options() if pipe.transformer.step_cache else "none"}
     report = DemoEvalReport(settings)
     order = {p: i for i, p in enumerate(all_prompts())}
@@ -201,7 +219,7 @@ def evaluate_demo(
             for seed, frames in zip(seeds, videos):
                 slug = prompt.replace(" ", "_")
                 path = write_video(out_dir / f"{index:02d}-{seed}-{slug}.mp4", frames, fps=info.get("fps", 8))
-                verdict = judge_video(read_video(path)[0].numpy())
+                verdict = judge_video(read_video(path)[0].numpy(), colours=colours, shapes=shapes)
                 report.videos.append({
                     "prompt": prompt, "seed": seed, "file": str(path) if save_dir else None,
                     "judged": {"colour": verdict.colour, "shape": verdict.shape, "direction": verdict.direction,

@@ -1,7 +1,9 @@
 """Synthetic captioned videos: one coloured shape on black, moving in a straight line.
 
 Caption form: ``a {colour} {shape} moving {direction}``. Every combination of the vocabulary
-(5 colours x 3 shapes x 4 directions = 60) is a valid prompt for the demo model.
+(5 colours x 3 shapes x 4 directions = 60) is a valid prompt for the demo model. :data:`NEW_COLOURS`
+and :data:`NEW_SHAPES` are words the demo model never saw, for fine-tuning it on a new word
+(docs/training.md).
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (255, 255, 0),
     "white": (255, 255, 255),
 }
+# Not in the demo's training data: clips of these teach the shipped model a new word (LoRA demo).
+# The demo VAE only reproduces its five colours: it decodes magenta as blue-purple or red (a LoRA on the
+# transformer cannot change that), crimson as red. The judge expects JUDGED_AS[word] for a word's videos.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"magenta": (255, 0, 255), "crimson": (220, 20, 60)}
+JUDGED_AS = {"crimson": "red"}
+ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPES = ("diamond",)  # a square standing on a corner; not in the demo's training data either
+ALL_SHAPES = SHAPES + NEW_SHAPES
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 # Paraphrases used for training only; the canonical form is always one of them.
@@ -39,16 +49,17 @@ def caption(colour: str, shape: str, direction: str, template: str = TEMPLATES[0
     return template.format(colour=colour, shape=shape, direction=direction)
 
 
-def all_prompts() -> list[str]:
-    """The 60 canonical prompts, in a fixed order."""
-    return [caption(c, s, d) for c, s, d in itertools.product(COLOURS, SHAPES, DIRECTIONS)]
+def all_prompts(colours: list[str] | None = None, shapes: list[str] | None = None) -> list[str]:
+    """The 60 canonical prompts, in a fixed order; ``colours`` / ``shapes`` replace the demo's vocabulary
+    (e.g. ``shapes=["diamond"]``: the 20 prompts of that word)."""
+    return [caption(c, s, d) for c, s, d in itertools.product(colours or COLOURS, shapes or SHAPES, DIRECTIONS)]
 
 
 def parse_caption(text: str) -> tuple[str, str, str]:
     """(colour, shape, direction) named in a caption; ValueError when one is missing."""
     words = text.lower().replace(",", " ").split()
     found = []
-    for vocab, name in ((COLOURS, "colour"), (SHAPES, "shape"), (DIRECTIONS, "direction")):
+    for vocab, name in ((ALL_COLOURS, "colour"), (ALL_SHAPES, "shape"), (DIRECTIONS, "direction")):
         hits = [w for w in words if w in vocab]
         if not hits:
             raise ValueError(f"caption {text!r} names no {name}; expected one of {', '.join(vocab)}.")
@@ -78,13 +89,15 @@ def shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np
         inside_y = (dy >= -radius) & (dy <= radius)
         half_width = radius * (dy + radius) / (2 * radius)
         return inside_y & (np.abs(dx) <= half_width)
-    raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}.")
+    if shape == "diamond":  # corners up, down, left and right
+        return np.abs(dx) + np.abs(dy) <= radius
+    raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(ALL_SHAPES)}.")
 
 
 def render(clip: Clip, num_frames: int, size: int) -> np.ndarray:
     """uint8 frames (T, size, size, 3) of ``clip``."""
     ux, uy = DIRECTIONS[clip.direction]
-    colour = np.array(COLOURS[clip.colour], dtype=np.uint8)
+    colour = np.array(ALL_COLOURS[clip.colour], dtype=np.uint8)
     frames = np.zeros((num_frames, size, size, 3), dtype=np.uint8)
     for i in range(num_frames):
         f = i / max(num_frames - 1, 1)
@@ -119,34 +132,48 @@ class MakeDataOptions(Options):
     COMMAND: ClassVar[str] = "demo make-data"
 
     out: str = option(help="output folder (videos/ and data.json)")
-    num_videos: int = option(360, help="videos; the 60 combinations are cycled")
+    num_videos: int = option(360, help="videos; the combinations are cycled")
     num_frames: int = option(17, help="frames per video")
     size: int = option(64, help="frame size in pixels, square")
     fps: int = option(8, help="frames per second of the mp4 files")
     seed: int = option(0, help="seed of positions, sizes and speeds")
     paraphrases: bool = option(True, flag="--no_paraphrases", help="only the canonical caption per video")
+    colours: list[str] | None = option(None, help="colours to draw (unset: the demo's five; magenta and crimson are "
+                                       "words the shipped demo never saw, for fine-tuning)", show_default=False)
+    shapes: list[str] | None = option(None, help="shapes to draw (unset: circle square triangle; diamond is a word "
+                                      "the shipped demo never saw)", show_default=False)
 
     def __post_init__(self):
         for name in ("num_videos", "num_frames", "size", "fps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name, given, known in (("colours", self.colours, ALL_COLOURS), ("shapes", self.shapes, ALL_SHAPES)):
+            if given is not None:
+                unknown = [v for v in given if v not in known]
+                if unknown or not given:
+                    raise ValueError(f"--{name} {' '.join(unknown or given) or '(none)'}: not drawable; use some of "
+                                     f"{', '.join(known)}.")
 
 
 def make_dataset(*args, **kwargs) -> Path:
     """Write ``num_videos`` mp4 clips and ``data.json`` (the trainer's JSON format) under ``out``.
 
-    Combinations are cycled so every one of the 60 appears ``num_videos // 60`` times or more.
+    ``colours`` / ``shapes``: what to draw (default: the demo's five colours and three shapes;
+    :data:`NEW_COLOURS` / :data:`NEW_SHAPES` are allowed). Combinations (colours x shapes x 4
+    directions) are cycled so every one appears ``num_videos // combinations`` times or more.
     Returns the JSON path. Takes a :class:`MakeDataOptions`, or its fields (out, num_videos, ... positionally).
     """
     o = MakeDataOptions.of(*args, **kwargs)
     out, num_videos, num_frames, size, fps, seed, paraphrases = (
         o.out, o.num_videos, o.num_frames, o.size, o.fps, o.seed, o.paraphrases)
+    colours = list(COLOURS) if o.colours is None else list(o.colours)
+    shapes = list(SHAPES) if o.shapes is None else list(o.shapes)
     from opensora_plan.data.video_io import write_video
 
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    combos = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+    combos = list(itertools.product(colours, shapes, DIRECTIONS))
     entries = []
     width = max(5, int(math.log10(max(num_videos, 1))) + 1)
     for i in range(num_videos):

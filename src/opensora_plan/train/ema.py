@@ -6,6 +6,9 @@ called by the trainer after each successful optimizer step and the average is sa
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 
@@ -49,6 +52,33 @@ class EMA:
         for name, value in self.shadow.items():
             state[name] = value.to(state[name].dtype)
         return state
+
+    @contextlib.contextmanager
+    def applied_to(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Run the body with the averaged values in ``model``'s parameters, then put the trained ones back exactly.
+
+        No second copy of the model is made: each parameter's storage is exchanged with its shadow tensor
+        (same dtype and device: a pointer swap, no copy), so the trained values come back bit for bit.
+        A parameter stored in another dtype than the fp32 shadow (e.g. bf16 under DeepSpeed) gets a cast
+        copy of its average for the duration. The optimizer keeps its ``Parameter`` objects, so the body
+        must not step it. Raises ValueError when ``model`` lacks an averaged parameter.
+        """
+        params = dict(model.named_parameters())
+        missing = self.shadow.keys() - params.keys()
+        if missing:
+            raise ValueError(f"EMA.applied_to got a model without the averaged parameters {sorted(missing)[:4]}; pass "
+                             f"the unwrapped model the EMA was created from.")
+        trained: dict[str, torch.Tensor] = {}
+        try:
+            for name, shadow in self.shadow.items():
+                param = params[name]
+                trained[name] = param.data
+                same = shadow.dtype == param.dtype and shadow.device == param.device and shadow.shape == param.shape
+                param.data = shadow if same else shadow.to(param.device, param.dtype)
+            yield model
+        finally:
+            for name, data in trained.items():
+                params[name].data = data
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": self.shadow}

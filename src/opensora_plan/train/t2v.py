@@ -108,6 +108,13 @@ class T2VTrainOptions(TrainConfig):
     validation_prompt_file: str | None = option(None, help="a text file with one validation prompt per line",
                                                 group="run")
     validation_sampling_steps: int = option(20, help="denoising steps of validation videos", group="run")
+    validation_sample_method: str = option("PNDM", help="scheduler of the preview videos", group="run")
+    validation_guidance_scale: float = option(7.5, help="guidance of the preview videos", group="run")
+    # held-out loss at fixed timesteps and fixed noise (T2VTask.held_out_loss)
+    validation_data_path: str | None = option(None, help="held-out clips (JSON list like --data_path, or an extract "
+                                              "folder): diffusion loss at fixed timesteps and noise every "
+                                              "--validation_steps, as val_loss", group="run")
+    validation_num_timesteps: int = option(8, help="fixed timesteps of the held-out loss", group="run")
     dry_run: bool = option(False, help="check options, data (bucket histogram) and models, print parameter counts "
                            "and a memory estimate, then exit without training or writing anything", group="run")
 
@@ -176,7 +183,9 @@ class T2VTask(TrainTask):
                  model_max_length: int = MODEL_MAX_LENGTH, learning_rate: float = 2e-5,
                  adam_betas: tuple[float, float] = (0.9, 0.999), adam_weight_decay: float = 1e-2,
                  adam_epsilon: float = 1e-8, max_grad_norm: float | None = 1.0, validation_prompts: list[str] = (),
-                 validation_sampling_steps: int = 20):
+                 validation_sampling_steps: int = 20, validation_data=None, validation_num_timesteps: int = 8,
+                 validation_batch_size: int = 1, validation_sample_method: str = "PNDM",
+                 validation_guidance_scale: float = 7.5, seed: int = 0):
         from opensora_plan.data.datasets import SkippedVideos, collate_video_caption
         from opensora_plan.diffusion import GaussianDiffusion
 
@@ -195,6 +204,13 @@ class T2VTask(TrainTask):
         self.max_grad_norm = max_grad_norm
         self.validation_prompts = list(validation_prompts or [])
         self.validation_sampling_steps = validation_sampling_steps
+        self.validation_sample_method = validation_sample_method
+        self.validation_guidance_scale = validation_guidance_scale
+        self.validation_data = validation_data  # held-out dataset (cfg_dropout 0) or None
+        self.validation_num_timesteps = validation_num_timesteps
+        self.validation_batch_size = validation_batch_size
+        self.seed = seed
+        self._held_out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # encoded once
         self.diffusion = GaussianDiffusion()
         self.skipped = SkippedVideos()
         self.device = torch.device("cpu")
@@ -380,32 +396,124 @@ class T2VTask(TrainTask):
 
     # ---------------------------------------------------------------- validation
 
-    @torch.no_grad()
-    def validate(self, step: int, models: dict, folder: Path, writer) -> None:
-        """Sample one video per ``--validation_prompts`` entry with the current weights (seeded; PNDM, CFG 7.5)."""
-        if not self.validation_prompts or self.vae is None or self.text_encoder is None:
-            return
-        from opensora_plan.data.video_io import write_video
-        from opensora_plan.diffusion.schedulers import create_scheduler
-        from opensora_plan.pipelines.pipeline_opensora_plan import OpenSoraPlanPipeline
+    def validation_timesteps(self) -> torch.Tensor:
+        """The K fixed timesteps of the held-out loss: midpoints of K equal bins of [0, T), int64 (K,)."""
+        k, total = self.validation_num_timesteps, self.diffusion.num_timesteps
+        return ((torch.arange(k, dtype=torch.float64) + 0.5) * total / k).long()
 
+    @torch.no_grad()
+    def held_out_features(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per held-out clip: ``(latents (1, C, t, h, w), text (1, L, D), mask (1, L))``, encoded on first use.
+
+        Clip ``i`` is read, cropped and encoded (posterior sample) under the RNG seeded from ``(seed, i)``, with its
+        first caption and no caption dropout, so the features are the same in every run with the same seed.
+        """
+        if self._held_out is None:
+            from opensora_plan.train.sampler import derive_seed
+
+            held_out = []
+            for index in range(len(self.validation_data)):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derive_seed(self.seed, 7, index))  # 7: a tag that keeps this stream apart
+                    sample = self.validation_data[index]
+                    if "latents" in sample:
+                        latents = sample["latents"][None].to(self.device, torch.float32)  # (1, C, t + n, h, w)
+                    else:
+                        latents = self.encode_video(sample["video"][None])
+                    if "text_emb" in sample:
+                        text, mask = sample["text_emb"][None, 0], sample["text_mask"][None, 0]  # (1, L, D), (1, L)
+                    else:
+                        caption = self.validation_data.entries[sample["index"]].captions[0]
+                        text, mask = self.encode_captions([[caption]])
+                        text, mask = text[:, 0], mask[:, 0]
+                frames = latents.shape[2] - getattr(self.validation_data, "use_image_num", 0)
+                held_out.append((latents[:, :, :frames], text.to(self.device), mask.to(self.device)))
+            self._held_out = held_out
+        return self._held_out
+
+    @torch.no_grad()
+    def held_out_loss(self, transformer) -> dict[str, float]:
+        """Mean IDDPM loss of ``transformer`` over the held-out clips at :meth:`validation_timesteps`.
+
+        The noise of (clip ``i``, timestep ``t``) comes from a generator seeded with ``(seed, i, t)`` (the global
+        RNG is not used), so for fixed weights the value is exactly reproducible and comparable across steps and
+        runs. Returns ``val_loss`` (hybrid: MSE + VLB), ``val_mse``, ``val_vb`` and ``val_loss_t<t>`` per timestep.
+        """
+        from opensora_plan.train.sampler import derive_seed
+
+        timesteps = self.validation_timesteps().to(self.device)
+        totals = {"loss": torch.zeros(len(timesteps)), "mse": torch.zeros(len(timesteps)),
+                  "vb": torch.zeros(len(timesteps))}
+        features = self.held_out_features()
+        for index, (latents, text, mask) in enumerate(features):
+            noise = torch.stack([
+                torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                    derive_seed(self.seed, 7, index, int(t))), dtype=torch.float32)
+                for t in timesteps.tolist()]).to(self.device)  # (K, C, t, h, w)
+            for chunk in range(0, len(timesteps), self.validation_batch_size):
+                t = timesteps[chunk: chunk + self.validation_batch_size]  # (b,)
+                b = len(t)
+
+                def model_fn(x_t, t_):
+                    return transformer(x_t, t_, encoder_hidden_states=text.expand(b, -1, -1),
+                                       encoder_attention_mask=mask.expand(b, -1), use_image_num=0, return_dict=False)[0]
+
+                terms = self.diffusion.training_losses(model_fn, latents.expand(b, -1, -1, -1, -1), t,
+                                                       noise[chunk: chunk + b])
+                for key in totals:
+                    totals[key][chunk: chunk + b] += terms[key].float().cpu()
+        means = {key: value / len(features) for key, value in totals.items()}  # (K,) each
+        metrics = {f"val_{key}": float(value.mean()) for key, value in means.items()}
+        width = len(str(self.diffusion.num_timesteps - 1))
+        metrics.update({f"val_loss_t{int(t):0{width}d}": float(v) for t, v in zip(timesteps.tolist(), means["loss"])})
+        return metrics
+
+    @torch.no_grad()
+    def validate(self, step: int, models: dict, folder: Path, writer) -> dict | None:
+        """Held-out loss (``--validation_data_path``) and preview videos (``--validation_prompts``).
+
+        Previews: one video per prompt (seed = prompt index; ``--validation_sample_method``,
+        ``--validation_guidance_scale``, ``--validation_sampling_steps``) written to
+        ``folder/step-<step>/<index>-<prompt words>.mp4`` and, first/middle/last frame, to the writer.
+        The trainer swaps the EMA weights in beforehand when the run keeps an EMA.
+        """
+        if self.validation_data is None and not self.validation_prompts:
+            return None
         transformer = models["model"].module if hasattr(models["model"], "module") else models["model"]
         was_training = transformer.training
         transformer.eval()
         sequence_parallel, transformer.sequence_parallel = transformer.sequence_parallel, None  # main process only
-        pipe = OpenSoraPlanPipeline(vae=self.vae, transformer=transformer, scheduler=create_scheduler(),
+        try:
+            metrics = self.held_out_loss(transformer) if self.validation_data is not None else {}
+            if self.validation_prompts and self.vae is not None and self.text_encoder is not None:
+                self._write_previews(transformer, step, folder, writer)
+        finally:
+            transformer.train(was_training)
+            transformer.sequence_parallel = sequence_parallel
+        return metrics
+
+    def _write_previews(self, transformer, step: int, folder: Path, writer) -> None:
+        from opensora_plan.data.video_io import write_video
+        from opensora_plan.diffusion.schedulers import create_scheduler
+        from opensora_plan.pipelines.pipeline_opensora_plan import OpenSoraPlanPipeline
+        from opensora_plan.pipelines.sample_t2v import video_filename
+
+        pipe = OpenSoraPlanPipeline(vae=self.vae, transformer=transformer,
+                                    scheduler=create_scheduler(self.validation_sample_method),
                                     text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        pipe.set_progress_bar_config(disable=True)
         out = folder / f"step-{step}"
         for i, prompt in enumerate(self.validation_prompts):
             generator = torch.Generator(self.device).manual_seed(i)
             with torch.autocast(self.device.type, enabled=False):
-                video = pipe(prompt, num_inference_steps=self.validation_sampling_steps, generator=generator).frames[0]
-            write_video(out / f"{i:02d}.mp4", video, fps=24)
+                video = pipe(prompt, num_inference_steps=self.validation_sampling_steps,
+                             guidance_scale=self.validation_guidance_scale, generator=generator).frames[0]
+            path = write_video(out / video_filename(i, prompt), video, fps=24)  # (T, H, W, 3) uint8
             if writer is not None:  # first, middle and last frame (add_video would need moviepy)
                 picks = [0, video.shape[0] // 2, video.shape[0] - 1]
                 writer.add_images(f"validation/{i:02d}", video[picks].permute(0, 3, 1, 2), step)
-        transformer.train(was_training)
-        transformer.sequence_parallel = sequence_parallel
+                if hasattr(writer, "add_video_file"):
+                    writer.add_video_file(f"validation/{i:02d}", path, step)
 
 
 def _temporal_length(model, video_frames: int | None):
@@ -503,6 +611,29 @@ def _dataset(opts: dict):
                                video_folder=opts["video_folder"], cfg_dropout=opts["cfg_dropout"])
 
 
+def _validation_dataset(opts: dict):
+    """The held-out set of ``--validation_data_path``: an ``extract`` cache folder or a JSON video list.
+
+    Read without augmentation or caption dropout; a JSON list resolves relative paths as ``--data_path``
+    does (``--video_folder``, else the JSON's folder). None without the option.
+    """
+    path = opts["validation_data_path"]
+    if not path:
+        return None
+    if Path(path).is_dir():
+        from opensora_plan.data.features import CachedFeatureDataset
+
+        dataset = CachedFeatureDataset(path, cfg_dropout=0.0)
+    else:
+        from opensora_plan.data.datasets import VideoCaptionDataset
+
+        dataset = VideoCaptionDataset(path, opts["num_frames"], opts["max_image_size"], sample_rate=opts["sample_rate"],
+                                      video_folder=opts["video_folder"], cfg_dropout=0.0, random_flip=False)
+    if len(dataset) == 0:
+        raise ValueError(f"--validation_data_path {path} holds no clips; give a JSON list with at least one video.")
+    return dataset
+
+
 def load_stage_config(spec: str) -> dict:
     """Options from a config file (JSON or YAML), or the name of a shipped stage (``stage1_17x256x256``, ...).
 
@@ -537,7 +668,7 @@ def validate_t2v_options(opts: Mapping) -> None:
             raise ValueError("--buckets with --sp_size > 1 is not supported (bucket lengths may not split over the "
                              "group); use --sp_size 1.")
         parse_buckets(opts["buckets"])  # a bad spec fails now, before any video is probed
-    for key in ("data_path", "cached_features", "ae_path", "pretrained", "text_encoder_name"):
+    for key in ("data_path", "cached_features", "ae_path", "pretrained", "text_encoder_name", "validation_data_path"):
         if opts[key] and not Path(opts[key]).exists():
             raise FileNotFoundError(f"--{key} {opts[key]} does not exist.")
     if isinstance(opts["validation_prompts"], str) or opts["validation_prompt_file"]:
@@ -561,6 +692,21 @@ def validate_t2v_options(opts: Mapping) -> None:
                 raise ValueError(f"Validation prompt {prompt!r} is empty after caption cleaning (it removes CJK "
                                  "characters, URLs, HTML, ...) and would preview the unconditional video; write it "
                                  "in English.")
+    if opts["validation_data_path"] and not opts["validation_steps"]:
+        raise ValueError("--validation_data_path needs --validation_steps (how often to compute the held-out loss, "
+                         "e.g. 100).")
+    if not 1 <= opts["validation_num_timesteps"] <= 1000:
+        raise ValueError(f"--validation_num_timesteps must be in [1, 1000] (the diffusion has 1000 steps), got "
+                         f"{opts['validation_num_timesteps']}.")
+    if opts["validation_guidance_scale"] < 0:
+        raise ValueError(f"--validation_guidance_scale must be >= 0, got {opts['validation_guidance_scale']}.")
+    if opts["validation_prompts"]:
+        from opensora_plan.diffusion.schedulers import create_scheduler
+
+        try:
+            create_scheduler(opts["validation_sample_method"])
+        except ValueError as err:
+            raise ValueError(f"--validation_sample_method: {err}") from None
     if opts["validation_prompts"] and opts["validation_sampling_steps"] < 4:
         # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
         raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
@@ -593,9 +739,12 @@ def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]
     elif not getattr(dataset, "has_latents", False):
         dataset.load_clip_or_substitute(0)  # NoUsableVideoError now when no video of the list is readable
     cached = getattr(dataset, "has_latents", False), getattr(dataset, "has_text", False)
-    vae = None if cached[0] else _load_vae(opts)
+    held_out = _validation_dataset(opts)
+    held_out_needs = (held_out is not None and not getattr(held_out, "has_latents", False),
+                      held_out is not None and not getattr(held_out, "has_text", False))
+    vae = None if cached[0] and not held_out_needs[0] else _load_vae(opts)
     tokenizer = text_encoder = None
-    if not cached[1] or opts["validation_prompts"]:
+    if not cached[1] or opts["validation_prompts"] or held_out_needs[1]:
         from opensora_plan.models.text_encoder import load_t5
 
         if not opts["text_encoder_name"]:
@@ -659,7 +808,10 @@ def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]
         model_max_length=opts["model_max_length"], learning_rate=opts["learning_rate"],
         adam_betas=(opts["adam_beta1"], opts["adam_beta2"]), adam_weight_decay=opts["adam_weight_decay"],
         adam_epsilon=opts["adam_epsilon"], max_grad_norm=opts["max_grad_norm"], validation_prompts=prompts,
-        validation_sampling_steps=opts["validation_sampling_steps"],
+        validation_sampling_steps=opts["validation_sampling_steps"], validation_data=held_out,
+        validation_num_timesteps=opts["validation_num_timesteps"], validation_batch_size=opts["train_batch_size"],
+        validation_sample_method=opts["validation_sample_method"],
+        validation_guidance_scale=opts["validation_guidance_scale"], seed=opts["seed"],
     )
     # What `sample --model_path <checkpoint>` needs to find the run's models again (absolute paths); a
     # feature cache names the VAE / T5 it was extracted with.

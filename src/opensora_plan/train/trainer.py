@@ -13,8 +13,14 @@ The loop owns everything else:
 * optimisation: gradient accumulation, grad-norm clipping, LR schedule (diffusers ``get_scheduler``,
   stepped once per optimizer step, not once per process), EMA updated after every optimizer step,
   non-finite losses skipped and counted (a clear error after ``max_nonfinite_steps`` in a row);
-* bookkeeping: ``options.json``, ``log.jsonl`` (one line per optimizer step), TensorBoard, tqdm,
-  atomic ``checkpoint-<step>`` folders (:mod:`opensora_plan.train.checkpoint`) and exact resume.
+* bookkeeping: ``options.json``, ``log.jsonl`` (one line per optimizer step), TensorBoard or W&B
+  (``report_to``), tqdm (step, loss, samples/s, ETA; the first step's time, warm-up / compile, is reported
+  on its own as ``first_step_seconds`` and left out of samples/s and the ETA), atomic
+  ``checkpoint-<step>`` folders (:mod:`opensora_plan.train.checkpoint`) and exact resume;
+* validation (``validation_steps``): ``task.validate`` before the first step (a baseline), every N steps and
+  after the last one, on the main process, with the EMA weights swapped in place (no copy of the model) and
+  the RNG state restored afterwards, so a run trains bit-identically with or without validation; the
+  metrics it returns (``val_loss``, ...) go into that step's ``log.jsonl`` line and the writer.
 
 Exact resume rests on three things: the data order is a seeded function of ``(seed, epoch, position)``
 (:mod:`opensora_plan.train.sampler`), every micro-batch reseeds the RNGs from
@@ -57,6 +63,7 @@ from opensora_plan.utils import atomic_dir, atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = {"no": "no", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+REPORT_TO = ("tensorboard", "wandb", "none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +139,13 @@ class TrainTask:
         """Restore what :meth:`save_model` wrote into ``model`` when resuming; default: strict full load."""
         ckpt.load_model_folder_weights(model, folder)
 
-    def validate(self, step: int, models: dict[str, torch.nn.Module], folder: Path, writer) -> None:
-        """Optional validation (e.g. sample videos from fixed prompts) into ``folder``; main process only."""
+    def validate(self, step: int, models: dict[str, torch.nn.Module], folder: Path, writer) -> dict | None:
+        """Optional validation (e.g. sample videos from fixed prompts) into ``folder``; main process only.
+
+        Runs with the EMA weights in the models when the run keeps an EMA, and with the training RNG
+        saved and restored around it. Returns ``{name: float}`` (e.g. ``{"val_loss": ...}``) for the loop to
+        log in ``log.jsonl`` and the writer, or None.
+        """
 
     def epoch_report(self) -> dict:
         """Called at the end of every epoch; e.g. ``{"skipped": [...bad files...]}``. Reset for the next epoch."""
@@ -171,8 +183,8 @@ class TrainConfig(Options):
     compile: bool = option(False, help="torch.compile the model", group="optimisation")
     max_nonfinite_steps: int = option(10, help="stop after this many non-finite steps in a row", group="optimisation")
     validation_steps: int | None = option(None, help="validate every N optimizer steps", group="run")
-    report_to: str = option("tensorboard", choices=["tensorboard", "none"], help="metrics sink besides log.jsonl",
-                            group="run")
+    report_to: str = option("tensorboard", choices=list(REPORT_TO), help="metrics sink besides log.jsonl (wandb: "
+                            "needs `pip install wandb`; WANDB_MODE=offline works)", group="run")
     sharding: str = option("ddp", choices=["ddp", "fsdp2", "deepspeed"],
                            help="ddp (replicated), fsdp2 (sharded) or deepspeed (ZeRO, see --deepspeed_config)",
                            group="optimisation")
@@ -213,8 +225,12 @@ class TrainConfig(Options):
         if self.sp_size > 1 and self.sharding == "fsdp2":
             raise ValueError("--sp_size > 1 with --sharding fsdp2 is not supported (untested); use --sharding ddp "
                              "or deepspeed.")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ValueError(f"--report_to {self.report_to!r} is not supported; use 'tensorboard' or 'none'.")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"--report_to {self.report_to!r} is not supported; use one of {', '.join(REPORT_TO)}.")
+        if self.report_to == "wandb":
+            require_wandb()
+        if self.validation_steps is not None and self.validation_steps < 1:
+            raise ValueError(f"--validation_steps must be at least 1, got {self.validation_steps}.")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay is the weight of the old EMA in (0, 1), e.g. 0.9999; got {self.ema_decay}.")
         if self.lr_warmup_steps < 0:
@@ -224,6 +240,46 @@ class TrainConfig(Options):
         names = [t.value for t in SchedulerType]
         if self.lr_scheduler not in names:  # checked here, before any model loads
             raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not supported; use one of {', '.join(names)}.")
+
+
+def require_wandb() -> None:
+    """ValueError (one line) when ``--report_to wandb`` is asked for but the package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError("--report_to wandb needs the wandb package, which is not installed; run `pip install wandb` "
+                         "or use --report_to tensorboard.")
+
+
+class WandbWriter:
+    """The part of TensorBoard's ``SummaryWriter`` the loop and the tasks use, sent to Weights & Biases.
+
+    ``add_scalar`` / ``add_images`` log at the given optimizer step (the x axis of every chart); set
+    ``WANDB_MODE=offline`` to keep the run on disk (``<output_dir>/wandb/``).
+    """
+
+    def __init__(self, output_dir: Path, config: dict):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "opensora-plan"), dir=str(output_dir),
+                              name=output_dir.name, config=config)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.run.log({tag: value}, step=step)
+
+    def add_images(self, tag: str, images: torch.Tensor, step: int) -> None:
+        """``images`` (N, 3, H, W): uint8, or float in [0, 1] (as ``SummaryWriter.add_images``)."""
+        if images.dtype != torch.uint8:
+            images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        pictures = images.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+        self.run.log({tag: [self.wandb.Image(p) for p in pictures]}, step=step)
+
+    def add_video_file(self, tag: str, path: Path, step: int) -> None:
+        self.run.log({tag: self.wandb.Video(str(path), format="mp4")}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -656,14 +712,25 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            elif cfg.report_to == "wandb":
+                self.writer = WandbWriter(self.output_dir, dataclasses.asdict(cfg))
         self.accelerator.wait_for_everyone()
         for model in self.wrapped.values():
             model.train()
 
         batches = self._batches()
-        progress = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not self.is_main, desc="train")
         log_path = self.output_dir / "log.jsonl"
+        if cfg.validation_steps and self.step == 0 and self.is_main:
+            # A baseline before any update: the first point of the held-out loss curve.
+            baseline = self._validate()
+            if baseline:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": 0, **baseline}) + "\n")
+        progress = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not self.is_main, desc="train",
+                        unit="step", dynamic_ncols=True)
         last_saved = self.step if resumed_from is not None else None
+        first_step_seconds = None  # the first step of this process: warm-up / compile, reported on its own
+        timed_samples, timed_seconds = 0, 0.0  # the later steps, for samples/s
         while self.step < cfg.max_train_steps:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
@@ -690,20 +757,26 @@ class Trainer:
                 record["tokens_per_s"] = tokens / elapsed
             record["epoch"] = self.epoch
             record["skipped_steps"] = self.skipped_total
+            if first_step_seconds is None:
+                first_step_seconds = record["first_step_seconds"] = elapsed
+            else:
+                timed_samples, timed_seconds = timed_samples + samples, timed_seconds + elapsed
             if self.is_main:
+                self._report_progress(progress, record, first_step_seconds, timed_samples, timed_seconds)
+            last = self.step == cfg.max_train_steps
+            due = bool(cfg.validation_steps) and (self.step % cfg.validation_steps == 0 or last)
+            if due and self.is_main:
+                record.update(self._validate() or {})
+            if self.is_main:  # before the checkpoint: a resumed run keeps the lines up to its step
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if self.writer is not None:
                     for key, value in record.items():
-                        if key != "step" and isinstance(value, (int, float)):
+                        if key != "step" and isinstance(value, (int, float)) and not key.startswith("val_"):
                             self.writer.add_scalar(f"train/{key}", value, self.step)
-                progress.update(1)
-                progress.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2g}", sps=f"{record['samples_per_s']:.3g}")
             if self.step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint()
                 last_saved = self.step
-            if cfg.validation_steps and self.step % cfg.validation_steps == 0 and self.is_main:
-                self.task.validate(self.step, self.wrapped, self.output_dir / "validation", self.writer)
         progress.close()
         if last_saved != self.step:
             self.save_checkpoint()
@@ -711,8 +784,48 @@ class Trainer:
             self.writer.close()
         replicas = self._check_replicas()
         self.accelerator.wait_for_everyone()
-        return {"step": self.step, "skipped_steps": self.skipped_total, "output_dir": str(self.output_dir),
-                "weights_sha256": replicas, **self.task.run_report()}
+        summary = {"step": self.step, "skipped_steps": self.skipped_total, "output_dir": str(self.output_dir),
+                   "weights_sha256": replicas, "first_step_seconds": first_step_seconds,
+                   "samples_per_s": timed_samples / timed_seconds if timed_seconds else None}
+        return {**summary, **self.task.run_report()}
+
+    def _report_progress(self, progress, record: dict, first_step_seconds: float, timed_samples: int,
+                         timed_seconds: float) -> None:
+        """tqdm: step / total, loss, samples/s and ETA, both without the first (warm-up / compile) step."""
+        if "first_step_seconds" in record:
+            progress.write(f"first step (warm-up/compile): {first_step_seconds:.1f} s", file=progress.fp)
+            logger.info("First step (warm-up/compile): %.1f s", first_step_seconds)
+            # Restart tqdm's clock after the first step, so its rate and ETA exclude the warm-up.
+            progress.reset(total=self.config.max_train_steps)
+            progress.initial = progress.n = progress.last_print_n = self.step
+        else:
+            progress.update(1)
+        postfix = {"loss": f"{record['loss']:.4g}", "lr": f"{record['lr']:.2g}"}
+        if timed_seconds:
+            postfix["samples/s"] = f"{timed_samples / timed_seconds:.3g}"
+        progress.set_postfix(postfix)
+
+    def _validate(self) -> dict:
+        """``task.validate`` on the main process: EMA weights swapped in (no copy), the RNG untouched.
+
+        Returns the task's metrics (e.g. ``val_loss``) after writing them to the writer as ``val/<name>``.
+        """
+        rng = ckpt.capture_rng_state()
+        ema_model = self._unwrap(self.wrapped[self.task.ema_model_name]) if self.ema is not None else None
+        swap = self.ema.applied_to(ema_model) if ema_model is not None else contextlib.nullcontext()
+        try:
+            with swap:
+                metrics = self.task.validate(self.step, self.wrapped, self.output_dir / "validation", self.writer)
+        finally:
+            ckpt.restore_rng_state(rng)
+        metrics = {key: float(value) for key, value in (metrics or {}).items()}
+        if metrics:
+            logger.info("Validation at step %d: %s", self.step,
+                        ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, self.step)
+        return metrics
 
     def _check_replicas(self) -> str | None:
         """With data parallel replicas, check that every process ends with bit-identical weights."""
