@@ -34,6 +34,9 @@ SUPPORTED_AE = ("CausalVAEModel_4x8x8",)
 
 STAGE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train_t2v"
 TEMPORAL_COMPRESSION, SPATIAL_COMPRESSION = 4, 8  # CausalVAEModel_4x8x8
+# The held-out loss draws its fixed noise from this seed, never from --seed: runs with other seeds compare
+# the same noise (T2VTask.held_out_loss).
+VALIDATION_SEED = 0
 
 
 @dataclass
@@ -385,6 +388,9 @@ class T2VTask(TrainTask):
         plan = getattr(self.dataset, "plan", None)
         if plan is not None:
             report.update(unreadable_videos_left_out=len(plan.unreadable), unfit_videos_left_out=len(plan.unfit))
+        if self.validation_data is not None:
+            report.update(held_out_clips=len(self.validation_data),
+                          held_out_unreadable=len(getattr(self.validation_data, "unreadable", [])))
         return report
 
     def epoch_report(self) -> dict:
@@ -405,8 +411,9 @@ class T2VTask(TrainTask):
     def held_out_features(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per held-out clip: ``(latents (1, C, t, h, w), text (1, L, D), mask (1, L))``, encoded on first use.
 
-        Clip ``i`` is read, cropped and encoded (posterior sample) under the RNG seeded from ``(seed, i)``, with its
-        first caption and no caption dropout, so the features are the same in every run with the same seed.
+        Clip ``i`` is read, cropped and encoded (posterior sample) under the RNG seeded from ``i`` alone (not the
+        training ``--seed``), with its first caption and no caption dropout, so the features are the same in
+        every run.
         """
         if self._held_out is None:
             from opensora_plan.train.sampler import derive_seed
@@ -414,7 +421,7 @@ class T2VTask(TrainTask):
             held_out = []
             for index in range(len(self.validation_data)):
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(derive_seed(self.seed, 7, index))  # 7: a tag that keeps this stream apart
+                    torch.manual_seed(derive_seed(VALIDATION_SEED, 7, index))  # 7: a tag that keeps this stream apart
                     sample = self.validation_data[index]
                     if "latents" in sample:
                         latents = sample["latents"][None].to(self.device, torch.float32)  # (1, C, t + n, h, w)
@@ -435,9 +442,11 @@ class T2VTask(TrainTask):
     def held_out_loss(self, transformer) -> dict[str, float]:
         """Mean IDDPM loss of ``transformer`` over the held-out clips at :meth:`validation_timesteps`.
 
-        The noise of (clip ``i``, timestep ``t``) comes from a generator seeded with ``(seed, i, t)`` (the global
-        RNG is not used), so for fixed weights the value is exactly reproducible and comparable across steps and
-        runs. Returns ``val_loss`` (hybrid: MSE + VLB), ``val_mse``, ``val_vb`` and ``val_loss_t<t>`` per timestep.
+        The noise of (clip ``i``, timestep ``t``) comes from a generator seeded with ``(i, t)`` only (the global RNG
+        and the training ``--seed`` are not used), so for fixed weights the value is exactly reproducible and
+        comparable across steps and runs (a seed sweep, LoRA vs full fine-tuning). Returns ``val_loss`` (hybrid:
+        MSE + VLB), ``val_mse``, ``val_vb``, ``val_loss_t<t>`` per timestep and ``val_clips`` (how many held-out
+        clips the mean is over).
         """
         from opensora_plan.train.sampler import derive_seed
 
@@ -448,7 +457,7 @@ class T2VTask(TrainTask):
         for index, (latents, text, mask) in enumerate(features):
             noise = torch.stack([
                 torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
-                    derive_seed(self.seed, 7, index, int(t))), dtype=torch.float32)
+                    derive_seed(VALIDATION_SEED, 7, index, int(t))), dtype=torch.float32)
                 for t in timesteps.tolist()]).to(self.device)  # (K, C, t, h, w)
             for chunk in range(0, len(timesteps), self.validation_batch_size):
                 t = timesteps[chunk: chunk + self.validation_batch_size]  # (b,)
@@ -466,6 +475,7 @@ class T2VTask(TrainTask):
         metrics = {f"val_{key}": float(value.mean()) for key, value in means.items()}
         width = len(str(self.diffusion.num_timesteps - 1))
         metrics.update({f"val_loss_t{int(t):0{width}d}": float(v) for t, v in zip(timesteps.tolist(), means["loss"])})
+        metrics["val_clips"] = len(features)  # held-out clips averaged (unreadable ones are left out, never replaced)
         return metrics
 
     @torch.no_grad()
@@ -624,11 +634,33 @@ def _validation_dataset(opts: dict):
         from opensora_plan.data.features import CachedFeatureDataset
 
         dataset = CachedFeatureDataset(path, cfg_dropout=0.0)
+        dataset.unreadable = []
     else:
         from opensora_plan.data.datasets import VideoCaptionDataset
+        from opensora_plan.data.video_io import VideoReadError
 
+        # max_substitutions=0: a held-out clip is never replaced by another (that would reweight the loss).
         dataset = VideoCaptionDataset(path, opts["num_frames"], opts["max_image_size"], sample_rate=opts["sample_rate"],
-                                      video_folder=opts["video_folder"], cfg_dropout=0.0, random_flip=False)
+                                      video_folder=opts["video_folder"], cfg_dropout=0.0, random_flip=False,
+                                      max_substitutions=0)
+        readable, unreadable = [], []
+        for index, entry in enumerate(dataset.entries):  # read as the loss will: unreadable entries are dropped
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    dataset.load_clip(index)
+                readable.append(entry)
+            except VideoReadError as err:
+                unreadable.append({"index": index, "path": str(entry.path), "reason": str(err)})
+        if dataset.entries and not readable:
+            raise ValueError(f"--validation_data_path {path}: none of its {len(unreadable)} videos can be read "
+                             f"(first: {unreadable[0]['reason']}); run `opensora-plan data check {path}`.")
+        if unreadable:
+            listed = "; ".join(f"entry {u['index']}: {u['path']}" for u in unreadable[:10])
+            more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+            logger.warning("--validation_data_path: %d of %d held-out videos are unreadable and left out of the "
+                           "held-out loss (%s%s).", len(unreadable), len(dataset.entries), listed, more)
+        dataset.entries = readable
+        dataset.unreadable = unreadable
     if len(dataset) == 0:
         raise ValueError(f"--validation_data_path {path} holds no clips; give a JSON list with at least one video.")
     return dataset
