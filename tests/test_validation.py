@@ -205,6 +205,25 @@ def test_report_to_wandb_without_the_package_is_one_clear_error(monkeypatch, tmp
         TrainConfig(output_dir=str(tmp_path), max_train_steps=1, report_to="wandb")
 
 
+def test_report_to_wandb_without_a_login_is_one_clear_error_before_any_model_loads(assets, held_out, tmp_path,  # noqa: F811
+                                                                                  monkeypatch):
+    """QA 3: no `wandb login`, no WANDB_API_KEY, no netrc, WANDB_MODE unset -> one line naming the fixes."""
+    wandb = pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+    try:
+        with pytest.raises(ValueError, match=r"no W&B login found; run `wandb login`.*WANDB_MODE=offline"):
+            build_t2v(_options(assets, held_out, tmp_path / "run", 1, report_to="wandb"))
+    finally:
+        wandb.teardown()  # the look-up set up wandb's process-wide settings for this environment
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")  # offline needs no login
+    TrainConfig(output_dir=str(tmp_path), max_train_steps=1, report_to="wandb")
+
+
 def test_report_to_wandb_offline_logs_train_and_validation(assets, held_out, tmp_path, monkeypatch):  # noqa: F811
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -243,12 +243,26 @@ class TrainConfig(Options):
 
 
 def require_wandb() -> None:
-    """ValueError (one line) when ``--report_to wandb`` is asked for but the package is missing."""
+    """ValueError (one line) when ``--report_to wandb`` is asked for but the package is missing, or when no
+    W&B credentials are found (``wandb login``, ``WANDB_API_KEY`` or netrc, as ``wandb.login(prompt=False)``
+    looks for them) and ``WANDB_MODE`` is not offline/disabled; checked before any model loads."""
     import importlib.util
 
     if importlib.util.find_spec("wandb") is None:
         raise ValueError("--report_to wandb needs the wandb package, which is not installed; run `pip install wandb` "
                          "or use --report_to tensorboard.")
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    import wandb
+
+    advice = ("run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run on disk, or use "
+              "--report_to tensorboard.")
+    try:
+        logged_in = wandb.login(prompt=False, verify=False)  # wandb's own look-up; no network, no prompt
+    except Exception as err:  # e.g. AuthenticationError for a malformed WANDB_API_KEY
+        raise ValueError(f"--report_to wandb: {err}; {advice}") from None
+    if not logged_in:
+        raise ValueError(f"--report_to wandb: no W&B login found; {advice}")
 
 
 class WandbWriter:
