@@ -248,9 +248,10 @@ def test_progress_reports_the_first_step_separately(assets, tmp_path, caplog, ca
     # samples/s of the run leaves the first step out: 2 steps x batch 2 over their own time.
     later = sum(2 / r["samples_per_s"] for r in log[1:])
     assert summary["samples_per_s"] == pytest.approx(4 / later, rel=1e-6)
-    assert any("First step (warm-up/compile)" in r.getMessage() for r in caplog.records)
-    err = capsys.readouterr().err  # the bar and its notes go to stderr
-    assert "first step (warm-up/compile):" in err and "3/3" in err and "samples/s" in err
+    # The first step's time is reported once (QA 7): one log line, not also written on the bar.
+    assert sum("first step (warm-up/compile)" in r.getMessage().lower() for r in caplog.records) == 1
+    err = capsys.readouterr().err  # the bar goes to stderr
+    assert "first step (warm-up/compile)" not in err.lower() and "3/3" in err and "samples/s" in err
 
 
 def test_cli_flags_reach_the_run(assets, held_out, tmp_path):  # noqa: F811
@@ -295,6 +296,7 @@ def test_validation_under_two_ddp_processes(assets, held_out, tmp_path):  # noqa
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("replicas hold identical weights") == 1  # the main process says it (QA 14b)
     records = _val_records(tmp_path / "ddp")
     assert [r["step"] for r in records] == [0, 1, 2]
     assert '"world_size": 2' in (tmp_path / "ddp" / "options.json").read_text()
@@ -332,3 +334,57 @@ def test_unreadable_held_out_videos_are_left_out_never_replaced(assets, held_out
     with pytest.raises(ValueError, match="none of its 3 videos can be read"):
         train_t2v(_options(assets, all_bad, out, 1))
     assert not out.exists() or not any(out.iterdir())  # no options.json, log.jsonl, pretrained_report.json
+
+
+def test_dry_run_reads_the_held_out_data_and_prints_a_validation_section(assets, held_out, tmp_path):  # noqa: F811
+    """QA 2: --dry_run reads the held-out list as the training list is read and summarises validation."""
+    from opensora_plan.train.t2v import dry_run_report
+
+    root = held_out.parent
+    entries = json.loads(held_out.read_text())
+    mixed = root / "held_out_dry.json"
+    mixed.write_text(json.dumps([*entries, {"path": "gone.mp4", "cap": ["x"]}]))
+    out = tmp_path / "run"
+    options = _options(assets, mixed, out, 10, validation_steps=5, validation_prompts="a red ball", dry_run=True)
+    report = train_t2v(options)["report"]
+    assert ("validation: 2 held-out clips (1 unreadable), loss at 4 timesteps every 5 steps; 1 preview prompts"
+            in report)
+    assert "UNREADABLE held-out entry 2" in report and "gone.mp4" in report
+    assert not out.exists() or not any(out.iterdir())
+    task, config = build_t2v(_cli_options(assets, tmp_path / "none", 1, use_image_num=0))
+    assert "validation: none" in dry_run_report(task, config)["report"]
+
+
+class _RecordingWriter:
+    def __init__(self):
+        self.tags = []
+
+    def add_images(self, tag, images, step):
+        self.tags.append(tag)
+
+    def add_video_file(self, tag, path, step):
+        self.tags.append(tag)
+
+
+def test_previews_use_the_runs_model_max_length_and_distinct_writer_keys(assets, tmp_path, monkeypatch):  # noqa: F811
+    """QA 11: prompts are encoded at --model_max_length (as the captions were); QA 12: frames and the mp4 go to
+    the writer under distinct keys."""
+    import opensora_plan.pipelines.pipeline_opensora_plan as pipeline_module
+
+    lengths = []
+    real = pipeline_module.encode_texts
+
+    def spy(tokenizer, text_encoder, texts, max_length, *args, **kwargs):
+        lengths.append(max_length)
+        return real(tokenizer, text_encoder, texts, max_length, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "encode_texts", spy)
+    options = _cli_options(assets, tmp_path / "run", 1, use_image_num=0, model_max_length=12,
+                           validation_prompts="a red ball rolls", validation_steps=1, validation_sampling_steps=4,
+                           validation_sample_method="DDIM", validation_guidance_scale=3.0)
+    task, _ = build_t2v(options)
+    writer = _RecordingWriter()
+    task.validate(3, task.models, tmp_path / "validation", writer)
+    assert lengths and set(lengths) == {12}
+    assert writer.tags == ["validation/00/frames", "validation/00/video"]
+    assert (tmp_path / "validation" / "step-3" / "0000-a_red_ball_rolls.mp4").is_file()

@@ -484,7 +484,9 @@ class T2VTask(TrainTask):
 
         Previews: one video per prompt (seed = prompt index; ``--validation_sample_method``,
         ``--validation_guidance_scale``, ``--validation_sampling_steps``) written to
-        ``folder/step-<step>/<index>-<prompt words>.mp4`` and, first/middle/last frame, to the writer.
+        ``folder/step-<step>/<index>-<prompt words>.mp4`` and, first/middle/last frame, to the writer
+        (``validation/<index>/frames``; W&B also gets the mp4 as ``validation/<index>/video``). Prompts are
+        encoded at the run's ``model_max_length``.
         The trainer swaps the EMA weights in beforehand when the run keeps an EMA.
         """
         if self.validation_data is None and not self.validation_prompts:
@@ -516,14 +518,18 @@ class T2VTask(TrainTask):
         for i, prompt in enumerate(self.validation_prompts):
             generator = torch.Generator(self.device).manual_seed(i)
             with torch.autocast(self.device.type, enabled=False):
-                video = pipe(prompt, num_inference_steps=self.validation_sampling_steps,
+                # Encoded at the run's --model_max_length (what the model was trained with), not the pipeline's 300.
+                embeds, negative = pipe.encode_prompt(prompt, "", self.validation_guidance_scale > 1.0,
+                                                      max_length=self.model_max_length)
+                video = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative,
+                             num_inference_steps=self.validation_sampling_steps,
                              guidance_scale=self.validation_guidance_scale, generator=generator).frames[0]
             path = write_video(out / video_filename(i, prompt), video, fps=24)  # (T, H, W, 3) uint8
             if writer is not None:  # first, middle and last frame (add_video would need moviepy)
                 picks = [0, video.shape[0] // 2, video.shape[0] - 1]
-                writer.add_images(f"validation/{i:02d}", video[picks].permute(0, 3, 1, 2), step)
+                writer.add_images(f"validation/{i:02d}/frames", video[picks].permute(0, 3, 1, 2), step)
                 if hasattr(writer, "add_video_file"):
-                    writer.add_video_file(f"validation/{i:02d}", path, step)
+                    writer.add_video_file(f"validation/{i:02d}/video", path, step)
 
 
 def _temporal_length(model, video_frames: int | None):
@@ -914,6 +920,21 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:10.3f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:10.3f} MiB"
 
 
+def _validation_summary(task: T2VTask, config: TrainConfig) -> str:
+    """One line: held-out clips read (unreadable ones left out), timesteps, how often; preview prompts."""
+    prompts = len(task.validation_prompts)
+    if task.validation_data is None and not prompts:
+        return "validation: none (no --validation_data_path or --validation_prompts)"
+    every = f"every {config.validation_steps} steps" if config.validation_steps else "never (no --validation_steps)"
+    if task.validation_data is None:
+        held = "no held-out loss"
+    else:
+        unreadable = len(getattr(task.validation_data, "unreadable", []))
+        held = (f"{len(task.validation_data)} held-out clips ({unreadable} unreadable), loss at "
+                f"{task.validation_num_timesteps} timesteps")
+    return f"validation: {held} {every}; {prompts} preview prompts"
+
+
 def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
     """The resolved options, data plan (bucket histogram), parameter counts and memory estimate, as text and dict."""
     options = {**{k: getattr(config, k) for k in TrainConfig.__dataclass_fields__ if k != "extra"}, **config.extra}
@@ -942,6 +963,10 @@ def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
         lines.append("  (batches per epoch for one process; with N processes each gets about 1/N of them)")
     else:
         lines.append(f"  {len(dataset)} samples, batch {config.train_batch_size} per process")
+    lines += ["", _validation_summary(task, config)]
+    held_out = task.validation_data
+    for item in getattr(held_out, "unreadable", [])[:10]:
+        lines.append(f"  UNREADABLE held-out entry {item['index']}: {item['reason']}")
     counts = {"transformer": _param_counts(task.models["model"])}
     if task.vae is not None:
         counts["vae"] = _param_counts(task.vae)

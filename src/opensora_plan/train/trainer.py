@@ -807,8 +807,7 @@ class Trainer:
                          timed_seconds: float) -> None:
         """tqdm: step / total, loss, samples/s and ETA, both without the first (warm-up / compile) step."""
         if "first_step_seconds" in record:
-            progress.write(f"first step (warm-up/compile): {first_step_seconds:.1f} s", file=progress.fp)
-            logger.info("First step (warm-up/compile): %.1f s", first_step_seconds)
+            logger.info("First step (warm-up/compile): %.1f s", first_step_seconds)  # once (not also on the bar)
             # Restart tqdm's clock after the first step, so its rate and ETA exclude the warm-up.
             progress.reset(total=self.config.max_train_steps)
             progress.initial = progress.n = progress.last_print_n = self.step
@@ -859,7 +858,8 @@ class Trainer:
                 f"The {self.world_size} processes ended with different weights (sha256 per rank: {digests}); "
                 f"data parallel replicas diverged, which points at a non-deterministic or rank-dependent model."
             )
-        logger.info("All %d replicas hold identical weights (sha256 %s).", self.world_size, digests[0][:16])
+        if self.is_main:
+            logger.info("All %d replicas hold identical weights (sha256 %s).", self.world_size, digests[0][:16])
         return digests[0]
 
 
