@@ -388,3 +388,21 @@ def test_previews_use_the_runs_model_max_length_and_distinct_writer_keys(assets,
     assert lengths and set(lengths) == {12}
     assert writer.tags == ["validation/00/frames", "validation/00/video"]
     assert (tmp_path / "validation" / "step-3" / "0000-a_red_ball_rolls.mp4").is_file()
+
+
+def test_validation_prompts_takes_several_prompts_after_one_flag(assets, tmp_path, capsys):  # noqa: F811
+    """QA 4: `--validation_prompts "a" "b"` previews both (it used to take one prompt)."""
+    from test_train_t2v import _argv
+
+    from opensora_plan import cli
+
+    out = tmp_path / "run"
+    assert cli.main(_argv(assets, out, 4, "--use_image_num", "0", "--validation_steps", "2", "--dry_run",
+                          "--validation_prompts", "a red ball rolls", "waves on a beach")) == 0
+    assert "every 2 steps; 2 preview prompts" in capsys.readouterr().out
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls\n")
+    with pytest.raises(ValueError, match="not both"):
+        build_t2v(_cli_options(assets, out, 1, validation_prompts=["a", "b"], validation_prompt_file=str(prompts)))
+    with pytest.raises(ValueError, match="looks like a file name"):
+        build_t2v(_cli_options(assets, out, 1, validation_prompts=["a red ball", "prompts.txt"]))

@@ -106,8 +106,9 @@ class T2VTrainOptions(TrainConfig):
                                           group="optimisation")
     enable_tiling: bool = option(False, help="tiled VAE encoding (stage 3)", group="optimisation")
     # validation previews
-    validation_prompts: str | list[str] | None = option(None, help="a validation prompt (text, never a file name)",
-                                                        group="run")
+    validation_prompts: str | list[str] | None = option(None, nargs="+", metavar="PROMPT",
+                                                        help="validation prompts, one or more after the flag "
+                                                        "(text, never a file name; quote each)", group="run")
     validation_prompt_file: str | None = option(None, help="a text file with one validation prompt per line",
                                                 group="run")
     validation_sampling_steps: int = option(20, help="denoising steps of validation videos", group="run")
@@ -709,14 +710,19 @@ def validate_t2v_options(opts: Mapping) -> None:
     for key in ("data_path", "cached_features", "ae_path", "pretrained", "text_encoder_name", "validation_data_path"):
         if opts[key] and not Path(opts[key]).exists():
             raise FileNotFoundError(f"--{key} {opts[key]} does not exist.")
-    if isinstance(opts["validation_prompts"], str) or opts["validation_prompt_file"]:
+    if opts["validation_prompts"] or opts["validation_prompt_file"]:
         # A prompt is text, a prompt file has its own flag: never guess which (sample_t2v.read_prompts).
         from opensora_plan.pipelines.sample_t2v import read_prompts
 
-        given = opts["validation_prompts"] if isinstance(opts["validation_prompts"], str) else None
-        if given is not None and opts["validation_prompt_file"]:
+        given = opts["validation_prompts"]
+        if given and opts["validation_prompt_file"]:
             raise ValueError("Give --validation_prompts or --validation_prompt_file, not both.")
-        opts["validation_prompts"] = read_prompts(given, opts["validation_prompt_file"], "--validation_prompt_file")
+        if opts["validation_prompt_file"]:
+            opts["validation_prompts"] = read_prompts(None, opts["validation_prompt_file"], "--validation_prompt_file")
+        else:
+            given = [given] if isinstance(given, str) else list(given)
+            opts["validation_prompts"] = [p for text in given for p in read_prompts(text, None,
+                                                                                    "--validation_prompt_file")]
     if opts["lora_rank"] is not None:
         from opensora_plan.models.lora import lora_config
 
