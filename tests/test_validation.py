@@ -406,3 +406,17 @@ def test_validation_prompts_takes_several_prompts_after_one_flag(assets, tmp_pat
         build_t2v(_cli_options(assets, out, 1, validation_prompts=["a", "b"], validation_prompt_file=str(prompts)))
     with pytest.raises(ValueError, match="looks like a file name"):
         build_t2v(_cli_options(assets, out, 1, validation_prompts=["a red ball", "prompts.txt"]))
+
+
+def test_a_resumed_run_that_adds_validation_gets_a_baseline_at_the_resume_step(assets, held_out, tmp_path):  # noqa: F811
+    """QA 13: 2 steps without validation, then resume with --validation_data_path: val_loss at 2 (the resumed
+    weights), 4 and at the end; a resume of a run that already validates adds no extra baseline."""
+    plain = _cli_options(assets, tmp_path, 2, use_image_num=0, checkpointing_steps=2)
+    train(*build_t2v(plain))
+    train(*build_t2v(_options(assets, held_out, tmp_path, 5, checkpointing_steps=2, resume_from_checkpoint="latest")))
+    records = _val_records(tmp_path)
+    assert [r["step"] for r in records] == [2, 4, 5]
+    task, _ = build_t2v(_options(assets, held_out, tmp_path / "check", 1))
+    model = task.models["model"].eval()
+    model.load_state_dict(_weights(tmp_path, 2))
+    assert task.held_out_loss(model)["val_loss"] == pytest.approx(records[0]["val_loss"], rel=1e-6)

@@ -17,8 +17,8 @@ The loop owns everything else:
   (``report_to``), tqdm (step, loss, samples/s, ETA; the first step's time, warm-up / compile, is reported
   on its own as ``first_step_seconds`` and left out of samples/s and the ETA), atomic
   ``checkpoint-<step>`` folders (:mod:`opensora_plan.train.checkpoint`) and exact resume;
-* validation (``validation_steps``): ``task.validate`` before the first step (a baseline), every N steps and
-  after the last one, on the main process, with the EMA weights swapped in place (no copy of the model) and
+* validation (``validation_steps``): ``task.validate`` before the first step (a baseline; on resume, at the
+  resume step when the log holds no validation record yet), every N steps and after the last one, on the main process, with the EMA weights swapped in place (no copy of the model) and
   the RNG state restored afterwards, so a run trains bit-identically with or without validation; the
   metrics it returns (``val_loss``, ...) go into that step's ``log.jsonl`` line and the writer.
 
@@ -494,6 +494,14 @@ class Trainer:
         )
         atomic_write_bytes(self.output_dir / "options.json", json.dumps(options, indent=2, default=str).encode())
 
+    @staticmethod
+    def _log_has_validation(path: Path) -> bool:
+        """Whether ``log.jsonl`` already holds a validation record (``val_*`` keys)."""
+        if not path.is_file():
+            return False
+        return any(key.startswith("val_") for line in path.read_text().splitlines() if line.strip()
+                   for key in json.loads(line))
+
     def _prepare_log(self) -> None:
         """Keep ``log.jsonl`` lines up to the resumed step (a crash may have logged steps after the checkpoint)."""
         path = self.output_dir / "log.jsonl"
@@ -734,12 +742,13 @@ class Trainer:
 
         batches = self._batches()
         log_path = self.output_dir / "log.jsonl"
-        if cfg.validation_steps and self.step == 0 and self.is_main:
-            # A baseline before any update: the first point of the held-out loss curve.
+        if cfg.validation_steps and self.is_main and (self.step == 0 or not self._log_has_validation(log_path)):
+            # A baseline before any update: the first point of the held-out loss curve. A resumed run whose
+            # log has no validation yet (validation added on resume) gets its baseline at the resume step.
             baseline = self._validate()
             if baseline:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": 0, **baseline}) + "\n")
+                    f.write(json.dumps({"step": self.step, **baseline}) + "\n")
         progress = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not self.is_main, desc="train",
                         unit="step", dynamic_ncols=True)
         last_saved = self.step if resumed_from is not None else None
