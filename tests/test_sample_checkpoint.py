@@ -91,3 +91,29 @@ def test_sample_a_lora_checkpoint_and_lora_flag(assets, tmp_path, capsys):  # no
     assert not torch.equal(direct, base_video)
     assert cli.main(["sample", PROMPT, "--model_path", str(by_hand), *hand, "--lora", str(tmp_path)]) == 1
     assert "holds no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+    # QA 10: --lora takes the run or checkpoint folder too (as --model_path does) and says which adapter.
+    capsys.readouterr()
+    assert torch.equal(_sample(tmp_path / "lora_run_flag", by_hand, *hand, "--lora", str(run)), direct)
+    assert "trained (no EMA in this run) LoRA adapter from" in capsys.readouterr().out
+    # --model_path <checkpoint>/model of a LoRA run: what to pass instead, not "Version folder ... does not exist".
+    assert cli.main(["sample", PROMPT, "--model_path", str(run / "checkpoint-2" / "model")]) == 1
+    err = capsys.readouterr().err
+    assert "is the LoRA adapter of" in err and "Version folder" not in err
+
+
+def test_lora_flag_prefers_the_ema_adapter_of_a_checkpoint(tmp_path):
+    from opensora_plan.models.lora import LORA_WEIGHT_NAME
+    from opensora_plan.pipelines.training_run import resolve_lora_adapter
+    from opensora_plan.train.checkpoint import STATE_NAME
+
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    for folder in ("model", "ema"):
+        (checkpoint / folder).mkdir(parents=True)
+        (checkpoint / folder / LORA_WEIGHT_NAME).write_bytes(b"")
+    (checkpoint / STATE_NAME).write_bytes(b"")
+    (tmp_path / "run" / "options.json").write_text("{}")
+    for given in (tmp_path / "run", checkpoint):
+        folder, which = resolve_lora_adapter(given)
+        assert folder == checkpoint / "ema" and which.startswith("EMA LoRA adapter")
+    assert resolve_lora_adapter(checkpoint / "model")[0] == checkpoint / "model"  # the non-EMA adapter
+    assert resolve_lora_adapter(tmp_path) is None

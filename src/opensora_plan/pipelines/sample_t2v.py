@@ -127,8 +127,9 @@ class SampleOptions(Options):
     cache: str = option("none", help="step caching: none (exact), fast (the model's measured preset), teacache, "
                         "first_block, or METHOD:THRESHOLD e.g. teacache:0.5 (docs/sampling.md)")
     compile: bool = option(False, help="torch.compile the transformer blocks (pays a warm-up; docs/sampling.md)")
-    lora: str | None = option(None, help="LoRA adapter folder from train-t2v --lora_rank (pytorch_lora_weights"
-                              ".safetensors + adapter_config.json), applied to the transformer (needs peft)")
+    lora: str | None = option(None, help="LoRA adapter from train-t2v --lora_rank, applied to the transformer (needs "
+                              "peft): a run or checkpoint folder (its ema/ adapter preferred, else model/) or an "
+                              "adapter folder such as <checkpoint>/model")
     lora_scale: float = option(1.0, help="strength of the LoRA (0 = base model)")
 
     def __post_init__(self):
@@ -496,18 +497,27 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
             text_encoder_name = run.text_encoder
         print(f"Using {run.describe()}", flush=True)
     else:
+        from opensora_plan.pipelines.training_run import checkpoint_subfolder_hint
+
+        hint = checkpoint_subfolder_hint(model_path)
+        if hint is not None:
+            raise ValueError(hint)
         _check_model_folders(model_path, version, opts.ae, str(text_encoder_name))
     if opts.lora_scale != 1.0 and opts.lora is None and (run is None or run.lora is None):
         raise ValueError(f"--lora_scale {opts.lora_scale} needs a LoRA: pass --lora or a LoRA run's checkpoint.")
     if opts.lora is not None:
-        from opensora_plan.models.lora import find_lora
+        from opensora_plan.pipelines.training_run import resolve_lora_adapter
 
-        if find_lora(opts.lora) is None:
-            raise FileNotFoundError(f"--lora {opts.lora} holds no pytorch_lora_weights.safetensors; give the adapter "
-                                    f"folder (e.g. runs/x/checkpoint-600/model).")
+        resolved = resolve_lora_adapter(opts.lora)
+        if resolved is None:
+            raise FileNotFoundError(f"--lora {opts.lora} holds no pytorch_lora_weights.safetensors; give a "
+                                    f"train-t2v --lora_rank run or checkpoint folder, or an adapter folder (e.g. "
+                                    f"runs/x/checkpoint-600/model).")
         if run is not None and run.lora is not None:
             raise ValueError(f"{model_path} is a LoRA run whose adapter is applied already; drop --lora "
                              f"(use --lora_scale to scale it).")
+        print(f"Using the {resolved[1]}", flush=True)
+        opts = dataclasses.replace(opts, lora=str(resolved[0]))  # the adapter folder itself
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)

@@ -131,3 +131,44 @@ def load_run_transformer(run: TrainingRunModels, torch_dtype: torch.dtype, devic
     if any(p.dtype != torch_dtype for p in transformer.parameters()):
         transformer.to(torch_dtype)
     return transformer.eval()
+
+
+def resolve_lora_adapter(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """``sample --lora``: the adapter folder at ``path`` and a phrase saying which one, or None if there is none.
+
+    A ``train-t2v --lora_rank`` run folder resolves to its latest checkpoint, a checkpoint folder to its
+    ``ema/`` adapter when the run kept an EMA, else ``model/`` (as ``--model_path`` does); give
+    ``<checkpoint>/model`` for the non-EMA adapter. Any other path: the folder itself or its ``model/`` /
+    ``lora/`` (:func:`opensora_plan.models.lora.find_lora`).
+    """
+    from opensora_plan.models.lora import LORA_WEIGHT_NAME, find_lora
+    from opensora_plan.train.checkpoint import STATE_NAME, list_checkpoints
+
+    path = Path(path)
+    checkpoint = path if (path / STATE_NAME).is_file() else None
+    if checkpoint is None and (path / OPTIONS_NAME).is_file() and list_checkpoints(path):
+        checkpoint = list_checkpoints(path)[-1]
+    if checkpoint is not None:
+        for folder, which in (("ema", "EMA"), ("model", "trained (no EMA in this run)")):
+            if (checkpoint / folder / LORA_WEIGHT_NAME).is_file():
+                return checkpoint / folder, f"{which} LoRA adapter from {checkpoint / folder}"
+        return None
+    found = find_lora(path)
+    return (found, f"LoRA adapter from {found}") if found is not None else None
+
+
+def checkpoint_subfolder_hint(path: str | os.PathLike) -> str | None:
+    """For ``--model_path <checkpoint>/model`` (or ``ema/``): a message saying what to pass instead; else None."""
+    from opensora_plan.models.lora import LORA_WEIGHT_NAME
+    from opensora_plan.train.checkpoint import STATE_NAME
+
+    path = Path(path)
+    if path.name not in ("model", "ema") or not (path.parent / STATE_NAME).is_file():
+        return None
+    checkpoint = path.parent
+    if (path / LORA_WEIGHT_NAME).is_file():
+        return (f"--model_path {path} is the LoRA adapter of {checkpoint}, not a model folder; sample the run with "
+                f"--model_path {checkpoint} (its EMA adapter when it has one, on the run's base), or apply this "
+                f"adapter to the base with --model_path <base> --lora {path}.")
+    return (f"--model_path {path} is the {path.name}/ weights folder of {checkpoint}; pass --model_path "
+            f"{checkpoint} (the EMA weights are preferred when the run kept them).")
