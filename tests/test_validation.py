@@ -420,3 +420,24 @@ def test_a_resumed_run_that_adds_validation_gets_a_baseline_at_the_resume_step(a
     model = task.models["model"].eval()
     model.load_state_dict(_weights(tmp_path, 2))
     assert task.held_out_loss(model)["val_loss"] == pytest.approx(records[0]["val_loss"], rel=1e-6)
+
+
+def test_previews_default_to_the_demo_models_sampling_settings(tmp_path):
+    """QA 9: --pretrained the shipped demo (its version folder or the folder itself) -> previews use its
+    demo.json sampler / steps / guidance unless the --validation_* flags are given; else PNDM, 20, 7.5."""
+    from opensora_plan.demo.model import default_model_path, load_demo_info
+    from opensora_plan.train.t2v import T2V_DEFAULTS, validate_t2v_options
+
+    demo = default_model_path()
+    info = load_demo_info(demo)
+    base = {**T2V_DEFAULTS, "output_dir": str(tmp_path / "run"), "model": str(demo / info["version"]),
+            "validation_prompts": ["a red circle moving left"], "validation_steps": 10}
+    for pretrained in (demo / info["version"], demo):
+        opts = {**base, "pretrained": str(pretrained), "validation_sampling_steps": 10}
+        validate_t2v_options(opts)
+        assert (opts["validation_sample_method"], opts["validation_sampling_steps"],
+                opts["validation_guidance_scale"]) == (info["sample_method"], 10, info["guidance_scale"])
+    opts = {**base, "pretrained": None, "model": "LatteT2V-XL/122"}
+    validate_t2v_options(opts)
+    assert (opts["validation_sample_method"], opts["validation_sampling_steps"],
+            opts["validation_guidance_scale"]) == ("PNDM", 20, 7.5)

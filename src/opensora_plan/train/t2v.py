@@ -111,9 +111,15 @@ class T2VTrainOptions(TrainConfig):
                                                         "(text, never a file name; quote each)", group="run")
     validation_prompt_file: str | None = option(None, help="a text file with one validation prompt per line",
                                                 group="run")
-    validation_sampling_steps: int = option(20, help="denoising steps of validation videos", group="run")
-    validation_sample_method: str = option("PNDM", help="scheduler of the preview videos", group="run")
-    validation_guidance_scale: float = option(7.5, help="guidance of the preview videos", group="run")
+    validation_sampling_steps: int | None = option(None, help="denoising steps of validation videos (default: "
+                                                   "the demo's demo.json when --pretrained is the demo model, "
+                                                   "else 20)", group="run", show_default=False)
+    validation_sample_method: str | None = option(None, help="scheduler of the preview videos (default: the "
+                                                  "demo's demo.json when --pretrained is the demo model, else "
+                                                  "PNDM)", group="run", show_default=False)
+    validation_guidance_scale: float | None = option(None, help="guidance of the preview videos (default: the "
+                                                     "demo's demo.json when --pretrained is the demo model, else "
+                                                     "7.5)", group="run", show_default=False)
     # held-out loss at fixed timesteps and fixed noise (T2VTask.held_out_loss)
     validation_data_path: str | None = option(None, help="held-out clips (JSON list like --data_path, or an extract "
                                               "folder): diffusion loss at fixed timesteps and noise every "
@@ -684,9 +690,34 @@ def load_stage_config(spec: str) -> dict:
     return read_options_file(T2VTrainOptions, spec)
 
 
+# Preview settings when neither the flags nor a demo model's demo.json give them.
+PREVIEW_DEFAULTS = {"validation_sampling_steps": 20, "validation_sample_method": "PNDM",
+                    "validation_guidance_scale": 7.5}
+_DEMO_KEYS = {"validation_sampling_steps": "num_sampling_steps", "validation_sample_method": "sample_method",
+              "validation_guidance_scale": "guidance_scale"}
+
+
+def preview_defaults(pretrained: str | None) -> tuple[dict, str | None]:
+    """``(settings, demo.json path or None)``: the preview sampler / steps / guidance of a base model.
+
+    A ``--pretrained`` folder holding a ``demo.json``, or whose parent does (the shipped demo's ``17x64x64/``),
+    gives that file's ``sample_method`` / ``num_sampling_steps`` / ``guidance_scale`` (what ``sample`` uses for
+    it); anything else :data:`PREVIEW_DEFAULTS`.
+    """
+    from opensora_plan.demo.model import DEMO_INFO, load_demo_info
+
+    if pretrained and Path(pretrained).is_dir():
+        for folder in (Path(pretrained), Path(pretrained).parent):
+            if (folder / DEMO_INFO).is_file():
+                info = load_demo_info(folder)
+                return {key: info[demo_key] for key, demo_key in _DEMO_KEYS.items()}, str(folder / DEMO_INFO)
+    return dict(PREVIEW_DEFAULTS), None
+
+
 def validate_t2v_options(opts: Mapping) -> None:
     """The checks that need the file system (values were checked by :class:`T2VTrainOptions`): inputs
-    that exist, an output folder that can be written, validation prompts read and cleaned."""
+    that exist, an output folder that can be written, validation prompts read and cleaned, unset preview
+    settings filled in (:func:`preview_defaults`)."""
     from opensora_plan.utils import check_output_folder
 
     check_output_folder(opts["output_dir"], "--output_dir")
@@ -736,6 +767,12 @@ def validate_t2v_options(opts: Mapping) -> None:
                 raise ValueError(f"Validation prompt {prompt!r} is empty after caption cleaning (it removes CJK "
                                  "characters, URLs, HTML, ...) and would preview the unconditional video; write it "
                                  "in English.")
+    if any(opts[key] is None for key in PREVIEW_DEFAULTS):
+        defaults, source = preview_defaults(opts["pretrained"])
+        filled = {key: defaults[key] for key in PREVIEW_DEFAULTS if opts[key] is None}
+        opts.update(filled)
+        if source and opts["validation_prompts"]:
+            logger.info("Preview settings from %s: %s.", source, ", ".join(f"--{k} {v}" for k, v in filled.items()))
     if opts["validation_data_path"] and not opts["validation_steps"]:
         raise ValueError("--validation_data_path needs --validation_steps (how often to compute the held-out loss, "
                          "e.g. 100).")
