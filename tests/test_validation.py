@@ -205,8 +205,7 @@ def test_report_to_wandb_without_the_package_is_one_clear_error(monkeypatch, tmp
         TrainConfig(output_dir=str(tmp_path), max_train_steps=1, report_to="wandb")
 
 
-def test_report_to_wandb_without_a_login_is_one_clear_error_before_any_model_loads(assets, held_out, tmp_path,  # noqa: F811
-                                                                                  monkeypatch):
+def test_report_to_wandb_without_a_login_is_one_clear_error(assets, held_out, tmp_path, monkeypatch):  # noqa: F811
     """QA 3: no `wandb login`, no WANDB_API_KEY, no netrc, WANDB_MODE unset -> one line naming the fixes."""
     wandb = pytest.importorskip("wandb")
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
@@ -408,7 +407,7 @@ def test_validation_prompts_takes_several_prompts_after_one_flag(assets, tmp_pat
         build_t2v(_cli_options(assets, out, 1, validation_prompts=["a red ball", "prompts.txt"]))
 
 
-def test_a_resumed_run_that_adds_validation_gets_a_baseline_at_the_resume_step(assets, held_out, tmp_path):  # noqa: F811
+def test_a_resumed_run_that_adds_validation_gets_a_baseline(assets, held_out, tmp_path):  # noqa: F811
     """QA 13: 2 steps without validation, then resume with --validation_data_path: val_loss at 2 (the resumed
     weights), 4 and at the end; a resume of a run that already validates adds no extra baseline."""
     plain = _cli_options(assets, tmp_path, 2, use_image_num=0, checkpointing_steps=2)

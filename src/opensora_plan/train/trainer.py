@@ -18,8 +18,9 @@ The loop owns everything else:
   on its own as ``first_step_seconds`` and left out of samples/s and the ETA), atomic
   ``checkpoint-<step>`` folders (:mod:`opensora_plan.train.checkpoint`) and exact resume;
 * validation (``validation_steps``): ``task.validate`` before the first step (a baseline; on resume, at the
-  resume step when the log holds no validation record yet), every N steps and after the last one, on the main process, with the EMA weights swapped in place (no copy of the model) and
-  the RNG state restored afterwards, so a run trains bit-identically with or without validation; the
+  resume step when the log holds no validation record yet), every N steps and after the last one, on the
+  main process, with the EMA weights swapped in place (no copy of the model) and the RNG state restored
+  afterwards, so a run trains bit-identically with or without validation; the
   metrics it returns (``val_loss``, ...) go into that step's ``log.jsonl`` line and the writer.
 
 Exact resume rests on three things: the data order is a seeded function of ``(seed, epoch, position)``
