@@ -351,3 +351,125 @@ def test_a_vae_runs_options_json_fed_back_as_config_gives_the_same_options(tmp_p
         record.pop("output_dir")
     assert a["extra"]["kl_weight"] == 1e-4 and a["extra"]["resolution"] == 32 and a["checkpointing_steps"] == 1
     assert a == b
+
+
+# ---- QA pass on the options machinery (the numbers are the QA report's findings)
+
+
+@pytest.mark.parametrize("key, expected", [("max_train_steps", "a whole number"), ("seed", "a whole number"),
+                                           ("output_dir", "text")])
+def test_null_for_an_option_that_has_a_value_is_one_line(tmp_path, capsys, key, expected):  # QA 2
+    from opensora_plan.train.t2v import T2VTrainOptions
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{key}: null\n")
+    argv = ["train-t2v", "--config", str(path), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1"]
+    argv = [a for i, a in enumerate(argv) if not (a == f"--{key}" or (i and argv[i - 1] == f"--{key}"))]
+    assert cli.main(argv) == 1
+    _one_error_line(capsys, rf"{key}: null is not allowed; expected {expected}")
+    values = {"output_dir": "o", "max_train_steps": 1, key: None}
+    with pytest.raises(ValueError, match=rf"{key}: null is not allowed"):
+        T2VTrainOptions(**values)
+    # null for an option whose default is None means "unset"
+    path.write_text("checkpoints_total_limit: null\nresume_from_checkpoint: null\n")
+    assert read_options_file(T2VTrainOptions, path) == {"checkpoints_total_limit": None, "resume_from_checkpoint": None}
+
+
+@pytest.mark.parametrize("words, cls, required", COMMANDS, ids=IDS)
+def test_every_float_option_refuses_nan_and_inf(words, cls, required):  # QA 4
+    hints = dataclasses.fields(cls)
+    import typing
+
+    from opensora_plan.options import _base_type
+
+    types_ = typing.get_type_hints(cls)
+    floats = [f.name for f in option_fields(cls) if _base_type(types_[f.name])[0] is float]
+    base = {f.name: "x" for f in option_fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    base.update({k: v for k, v in {"max_train_steps": 1}.items() if k in base})
+    assert hints
+    for name in floats:
+        for bad in (float("nan"), float("inf"), "-inf", 1e400):
+            with pytest.raises(ValueError, match=rf"'{name}' must be a finite number"):
+                cls(**{**base, name: bad})
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"learning_rate": -1.0}, r"--learning_rate must be positive"),
+    ({"adam_beta1": 1.0}, r"--adam_beta1 must be in \[0, 1\)"),
+    ({"adam_beta2": -0.1}, r"--adam_beta2 must be in \[0, 1\)"),
+    ({"adam_epsilon": 0.0}, r"--adam_epsilon must be positive"),
+    ({"max_grad_norm": 0.0}, r"--max_grad_norm must be positive"),
+    ({"learning_rate": "nan"}, r"'learning_rate' must be a finite number"),
+    ({"model_max_length": 513}, r"--model_max_length 513 is more than T5's tokenizer handles \(512"),
+    ({"seed": -5}, r"--seed must be a whole number from 0 to"),
+    ({"seed": 99999999999999999999}, r"--seed must be a whole number from 0 to"),
+    ({"checkpoints_total_limit": 0}, r"--checkpoints_total_limit must be at least 1"),
+    ({"ema_decay": 0.99}, r"--ema_decay 0.99 has no effect without --use_ema"),
+    ({"validation_prompts": "a cat"}, r"--validation_prompts has no effect without --validation_steps"),
+])
+def test_train_t2v_refuses_values_torch_would_refuse_before_writing(tmp_path, capsys, change, pattern):  # QA 4, 5, 11, 20
+    argv = ["train-t2v", "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--dry_run"]
+    for key, value in change.items():
+        argv += [f"--{key}", str(value)]
+    assert cli.main(argv) == 1
+    _one_error_line(capsys, pattern)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seed_rule_is_shared_by_every_command():  # QA 11
+    from opensora_plan.demo.evaluate import DemoEvalOptions
+    from opensora_plan.demo.shapes import MakeDataOptions
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+    from opensora_plan.train.vae import VAETrainOptions
+
+    for build in (lambda s: SampleOptions(seed=s), lambda s: VAETrainOptions(output_dir="o", seed=s),
+                  lambda s: MakeDataOptions(out="o", seed=s), lambda s: DemoEvalOptions(seeds=[0, s])):
+        with pytest.raises(ValueError, match=r"must be a whole number from 0 to 9223372032559808511, got -1"):
+            build(-1)
+        with pytest.raises(ValueError, match=r"from 0 to .*got 9223372036854775807"):
+            build(2**63 - 1)
+
+
+@pytest.mark.parametrize("values, pattern", [
+    ({"num_sampling_steps": "5"}, r"sample: 'num_sampling_steps' must be a whole number, got '5'"),
+    ({"num_sampling_steps": 5.5}, r"'num_sampling_steps' must be a whole number, got 5.5"),
+    ({"gif": "no"}, r"'gif' must be true or false, got 'no'"),
+    ({"seed": True}, r"'seed' must be a whole number, got True"),
+    ({"guidance_scale": "high"}, r"'guidance_scale' must be a number, got 'high'"),
+    ({"save_img_path": 3}, r"'save_img_path' must be text, got 3"),
+])
+def test_python_options_classes_check_types_as_config_files_do(values, pattern):  # QA 6
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+
+    with pytest.raises(ValueError, match=pattern):
+        SampleOptions(**values)
+
+
+def test_python_options_convert_to_the_field_types():  # QA 6
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+    from opensora_plan.train.vae import VAETrainOptions
+
+    o = SampleOptions(guidance_scale=7, save_img_path=Path("out"), tile_overlap_factor="0.5")
+    assert o.guidance_scale == 7.0 and type(o.guidance_scale) is float and o.save_img_path == "out"
+    assert o.tile_overlap_factor == 0.5
+    v = VAETrainOptions(output_dir="o", lpips_path=("a", "b"))
+    assert v.lpips_path == ["a", "b"]
+
+
+def test_every_entry_point_takes_a_dict_and_names_the_command_once(tmp_path):  # QA 7
+    from opensora_plan.pipelines.sample_t2v import sample_t2v
+    from opensora_plan.train.t2v import train_t2v
+    from opensora_plan.train.vae import train_vae
+
+    for run, command, base in ((sample_t2v, "sample", {}), (train_vae, "train-vae", {"output_dir": str(tmp_path)}),
+                               (train_t2v, "train-t2v", {"output_dir": str(tmp_path), "max_train_steps": 1})):
+        with pytest.raises(ValueError) as err:
+            run({**base, "bogus": 1})
+        assert str(err.value).startswith(f"unknown option 'bogus' for {command};"), err.value
+        assert str(err.value).count(command) == 1 + ("--help" in str(err.value))
+    with pytest.raises(ValueError, match="--seed must be a whole number"):
+        sample_t2v({"seed": -1})
+    with pytest.raises(ValueError, match="--learning_rate must be positive"):
+        train_vae({"output_dir": str(tmp_path / "r"), "learning_rate": 0.0})
+    assert list(tmp_path.iterdir()) == []

@@ -30,6 +30,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import ClassVar
 
 from opensora_plan.options import Options, option
@@ -148,8 +149,6 @@ class SampleOptions(Options):
         if self.sp_size > 1 and self.force_images:
             raise ValueError("--force_images samples one frame, which cannot be split over --sp_size processes; "
                              "use --sp_size 1.")
-        if not 0 <= self.seed < 2**63 - 2**32:
-            raise ValueError(f"--seed must be a whole number from 0 to {2**63 - 2**32 - 1}, got {self.seed}.")
         if self.guidance_scale is not None and (not self.guidance_scale >= 0 or math.isinf(self.guidance_scale)):
             raise ValueError(f"--guidance_scale must be a finite number >= 0 (1 disables guidance), got "
                              f"{self.guidance_scale}.")
@@ -427,10 +426,10 @@ def _encode_batch(pipe, prompts, negative_prompt, do_cfg, clean_caption, text_co
     return cond, None, uncond, None
 
 
-def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
+def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list[Path]:
     """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
 
-    ``options``: a :class:`SampleOptions` (or its fields as keywords). Settings left ``None`` come from
+    ``options``: a :class:`SampleOptions`, a dict of its fields, or its fields as keywords. Settings left ``None`` come from
     the model folder (:meth:`SampleOptions.resolve`). Prompts: ``prompt`` / ``text_prompt`` (one prompt)
     or ``prompt_file`` (one per line). ``gif``: also write ``<name>.gif`` beside each mp4. Every option, prompt,
     folder and config is checked before any model loads (ValueError / FileNotFoundError, one line).
@@ -458,6 +457,8 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
     # Everything cheap first: flags, prompts, folders, configs.
     if options is None:
         options = SampleOptions(**kwargs)  # keyword form: the fields of SampleOptions
+    elif not isinstance(options, SampleOptions):
+        options = SampleOptions.of(options, **kwargs)  # a mapping of its fields
     elif kwargs:
         raise TypeError(f"sample_t2v takes a SampleOptions or keywords, not both (got {sorted(kwargs)}).")
     if options.prompt is None and options.text_prompt is None and options.prompt_file is None:

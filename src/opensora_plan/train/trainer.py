@@ -233,6 +233,14 @@ class TrainConfig(Options):
             raise ValueError(f"--validation_steps must be at least 1, got {self.validation_steps}.")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay is the weight of the old EMA in (0, 1), e.g. 0.9999; got {self.ema_decay}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"--checkpoints_total_limit must be at least 1 (keep the newest N checkpoints), got "
+                             f"{self.checkpoints_total_limit}; leave it out to keep every checkpoint.")
+        # Values with no effect: the options cannot tell a value given as the default from no value, so a
+        # value that differs from the default is refused.
+        if not self.use_ema and self.ema_decay != _field_default(type(self), "ema_decay"):
+            raise ValueError(f"--ema_decay {self.ema_decay} has no effect without --use_ema; add --use_ema or drop "
+                             "--ema_decay.")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
         from diffusers.optimization import SchedulerType
@@ -240,6 +248,24 @@ class TrainConfig(Options):
         names = [t.value for t in SchedulerType]
         if self.lr_scheduler not in names:  # checked here, before any model loads
             raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not supported; use one of {', '.join(names)}.")
+
+
+def check_adamw(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8,
+                weight_decay: float = 0.0, max_grad_norm: float | None = 1.0) -> None:
+    """ValueError (one line) for AdamW settings torch would refuse or that cannot train: learning_rate > 0,
+    0 <= beta1, beta2 < 1, epsilon > 0, weight_decay >= 0, max_grad_norm > 0 (None: no clipping)."""
+    checks = (("learning_rate", learning_rate, learning_rate > 0, "positive"),
+              ("adam_beta1", beta1, 0 <= beta1 < 1, "in [0, 1)"), ("adam_beta2", beta2, 0 <= beta2 < 1, "in [0, 1)"),
+              ("adam_epsilon", epsilon, epsilon > 0, "positive"),
+              ("adam_weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+              ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "positive"))
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"--{name} must be {expected}, got {value}.")
+
+
+def _field_default(cls, name: str):
+    return cls.__dataclass_fields__[name].default
 
 
 def require_wandb() -> None:

@@ -30,6 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -39,7 +40,7 @@ from ..data.datasets import SkippedVideos, VAEVideoDataset, collate_video_captio
 from ..data.video_io import VIDEO_EXTENSIONS, list_videos
 from ..options import option
 from ..utils import valid_num_frames
-from .trainer import Phase, TrainConfig, TrainTask, train
+from .trainer import Phase, check_adamw, TrainConfig, TrainTask, train
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class VAETrainOptions(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_adamw(self.learning_rate, max_grad_norm=self.max_grad_norm)
         for name in ("learning_rate", "time_lr_multiplier"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
@@ -320,16 +322,20 @@ def video_paths(video_path: str | os.PathLike | None, data_path: str | os.PathLi
     return [entry.path for entry in load_video_entries(data_path, video_folder)]
 
 
-def train_vae(options: VAETrainOptions | TrainConfig, **task_options) -> dict:
+def train_vae(options: VAETrainOptions | TrainConfig | Mapping, **task_options) -> dict:
     """Build the VAE, loss and data, then run the shared trainer. Returns the trainer's summary.
 
-    ``options``: a :class:`VAETrainOptions`, or (older form) a loop :class:`TrainConfig` plus the task's
+    ``options``: a :class:`VAETrainOptions` (or a dict of its fields), or (older form) a loop :class:`TrainConfig` plus the task's
     options as keywords. Raises ValueError / FileNotFoundError (one line) before any work on bad input.
     """
     from ..models.causalvae.losses import LPIPSWithDiscriminator
     from ..models.lpips import load_lpips
     from ..utils import check_output_folder
 
+    if isinstance(options, Mapping):
+        if task_options:
+            raise TypeError("train_vae takes a dict of VAETrainOptions fields or keywords, not both.")
+        options = VAETrainOptions.from_mapping(options)
     if not isinstance(options, VAETrainOptions):  # the older form: a loop TrainConfig + the task's keywords
         loop = {f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
         options = VAETrainOptions(**loop, **task_options)
