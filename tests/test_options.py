@@ -473,3 +473,26 @@ def test_every_entry_point_takes_a_dict_and_names_the_command_once(tmp_path):  #
     with pytest.raises(ValueError, match="--learning_rate must be positive"):
         train_vae({"output_dir": str(tmp_path / "r"), "learning_rate": 0.0})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400", "nan", "-1"])
+def test_sample_refuses_a_non_finite_vae_memory_budget_up_front(tmp_path, capsys, text):  # QA 3, 8
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "a cat", "--vae_memory_gb", text, "--save_img_path", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "expected a finite number of GiB >= 0 (0: never chunk) or 'auto'" in err and "positive" not in err
+    with pytest.raises(ValueError, match=r"--vae_memory_gb must be a finite number of GiB >= 0 \(0: never chunk\)"):
+        SampleOptions(vae_memory_gb=float(text))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vae_memory_gb_zero_means_never_in_the_api_and_the_cli():  # QA 8
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+
+    assert SampleOptions(vae_memory_gb=0).vae_memory_gb is None
+    assert SampleOptions(vae_memory_gb=0.0).vae_memory_gb is None
+    args = cli.build_parser(["sample"]).parse_args(["sample", "--vae_memory_gb", "0"])
+    assert options_from_args(SampleOptions, args).vae_memory_gb is None
+    assert SampleOptions(vae_memory_gb=1.5).vae_memory_gb == 1.5

@@ -60,7 +60,7 @@ def _model_default(name: str) -> str:
 
 
 def parse_memory_budget(text: str) -> float | str | None:
-    """``--vae_memory_gb``: 'auto', 0 (never chunk: None) or a positive number of GiB."""
+    """``--vae_memory_gb``: 'auto', 0 (never chunk: None) or a positive finite number of GiB."""
     import argparse
 
     if text == "auto":
@@ -69,8 +69,9 @@ def parse_memory_budget(text: str) -> float | str | None:
         value = float(text)
     except ValueError:
         value = -1.0
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 or 'auto', got {text!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number of GiB >= 0 (0: never chunk) or 'auto', got "
+                                         f"{text!r}")
     return value or None
 
 
@@ -168,9 +169,13 @@ class SampleOptions(Options):
                              f"{' or '.join(TEXT_CONDITIONING)}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype} is not supported; use one of {', '.join(DTYPES)}.")
-        if self.vae_memory_gb not in (None, "auto") and not (
-                isinstance(self.vae_memory_gb, (int, float)) and self.vae_memory_gb > 0):
-            raise ValueError(f"--vae_memory_gb must be a positive number of GiB or 'auto', got {self.vae_memory_gb!r}.")
+        if self.vae_memory_gb not in (None, "auto"):
+            if isinstance(self.vae_memory_gb, bool) or not isinstance(self.vae_memory_gb, (int, float)) or not (
+                    self.vae_memory_gb >= 0 and math.isfinite(self.vae_memory_gb)):
+                raise ValueError(f"--vae_memory_gb must be a finite number of GiB >= 0 (0: never chunk) or 'auto', "
+                                 f"got {self.vae_memory_gb!r}.")
+            if self.vae_memory_gb == 0:  # 0 = never chunk, as on the command line
+                object.__setattr__(self, "vae_memory_gb", None)
 
     def resolve(self) -> "SampleOptions":
         """A copy with the model-dependent settings filled in (see :func:`resolve_sample_defaults`)."""

@@ -344,7 +344,7 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
     def set_decode_memory_budget(self, gib: float | str | None) -> None:
         """Switch to lossless temporal chunking for decodes that would not fit in ``gib`` GiB.
 
-        ``gib``: a positive number of GiB, ``"auto"`` (the compute device's free memory at decode time:
+        ``gib``: a positive finite number of GiB, ``"auto"`` (the compute device's free memory at decode time:
         ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` on Linux CPUs), or None (off, the
         default). At each ``decode`` without explicit temporal chunking, the plain decode's need is
         estimated with :func:`estimate_decode_memory` (per tile when tiling applies); above the
@@ -352,10 +352,12 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
         latent frame) and one INFO line says so. The output is the same either way (lossless).
 
         Raises:
-            ValueError: a budget that is not positive, ``"auto"`` or None.
+            ValueError: a budget that is not a positive finite number, ``"auto"`` or None.
         """
-        if gib is not None and gib != "auto" and not (isinstance(gib, (int, float)) and gib > 0):
-            raise ValueError(f"The VAE decode memory budget must be a positive number of GiB, 'auto' or None; got {gib!r}.")
+        if gib is not None and gib != "auto" and not (
+                isinstance(gib, (int, float)) and not isinstance(gib, bool) and gib > 0 and math.isfinite(gib)):
+            raise ValueError(f"The VAE decode memory budget must be a positive finite number of GiB, 'auto' or None; "
+                             f"got {gib!r}.")
         self.decode_memory_budget = gib
 
     def _budget_bytes(self, device: torch.device) -> int | None:
