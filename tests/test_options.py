@@ -8,6 +8,7 @@ one error line; a run's options.json fed back as --config reproduces the run's o
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import json
 import re
@@ -496,3 +497,46 @@ def test_vae_memory_gb_zero_means_never_in_the_api_and_the_cli():  # QA 8
     args = cli.build_parser(["sample"]).parse_args(["sample", "--vae_memory_gb", "0"])
     assert options_from_args(SampleOptions, args).vae_memory_gb is None
     assert SampleOptions(vae_memory_gb=1.5).vae_memory_gb == 1.5
+
+
+@pytest.mark.parametrize("size", [7, 18, 21])
+def test_demo_make_data_refuses_a_size_the_renderer_cannot_draw_before_writing(tmp_path, capsys, size):  # QA 12
+    assert cli.main(["demo", "make-data", "--out", str(tmp_path / "dd"), "--num_videos", "2", "--size", str(size)]) == 1
+    _one_error_line(capsys, rf"--size must be an even number of pixels >= 20 .*got {size}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quiet_hides_every_progress_bar(tmp_path, capsys):  # QA 1
+    from opensora_plan.demo.shapes import make_dataset
+    from opensora_plan.utils import progress_bar, progress_disabled
+
+    data = make_dataset(tmp_path / "d", num_videos=2, num_frames=5, size=20)
+    assert cli.main(["data", "check", str(data)]) == 0
+    assert "data check:" in capsys.readouterr().err  # the bar, without -q
+    assert cli.main(["data", "check", str(data), "-q"]) == 0
+    assert "data check:" not in capsys.readouterr().err
+    assert not progress_disabled()  # main() restores the environment for the next caller
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        assert progress_bar(range(3), disable=False).disable  # explicit disable=False cannot bring a bar back
+    finally:
+        del os.environ["TQDM_DISABLE"]
+
+
+@pytest.mark.slow
+def test_quiet_training_prints_no_bar_and_no_deepspeed_warning(tmp_path):  # QA 1
+    import subprocess
+    import sys
+
+    from opensora_plan.demo.shapes import make_dataset
+
+    make_dataset(tmp_path / "d", num_videos=2, num_frames=9, size=32)
+    config = Path(cli.__file__).parent / "assets" / "demo" / "vae" / "config.json"
+    argv = [sys.executable, "-m", "opensora_plan", "train-vae", "--output_dir", str(tmp_path / "run"),
+            "--max_train_steps", "1", "--video_path", str(tmp_path / "d" / "videos"), "--model_config", str(config),
+            "--num_frames", "9", "--resolution", "32", "--perceptual_weight", "0", "--mixed_precision", "no",
+            "--report_to", "none", "-q"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr  # no bar, no "first step" line, no DeepSpeed accelerator warning
+    assert done.stdout.startswith("trained to step 1")

@@ -534,8 +534,13 @@ def main(argv: list[str] | None = None) -> int:
                                                             if k not in ("func", "verbose", "quiet")})
         logger.debug("torch %s, %d threads, OMP_NUM_THREADS=%s, cuda available: %s", torch.__version__,
                      torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), torch.cuda.is_available())
-    from opensora_plan.utils import NonFiniteError
+    from opensora_plan.utils import PROGRESS_ENV, NonFiniteError
 
+    # -q hides every progress bar: ours (utils.progress_bar) and the libraries' (tqdm reads TQDM_DISABLE).
+    # Each torchrun process parses -q itself; the variable is restored afterwards for callers of main().
+    saved = os.environ.get(PROGRESS_ENV)
+    if args.quiet:
+        os.environ[PROGRESS_ENV] = "1"
     try:
         return int(args.func(args) or 0)
     except (UserError, OSError, ValueError, NonFiniteError) as err:  # OSError: a path the system refused
@@ -543,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if args.quiet:
+            if saved is None:
+                os.environ.pop(PROGRESS_ENV, None)
+            else:
+                os.environ[PROGRESS_ENV] = saved
 
 
 if __name__ == "__main__":

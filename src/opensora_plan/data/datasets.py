@@ -382,7 +382,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
     """
     import json
 
-    from tqdm.auto import tqdm
+    from opensora_plan.utils import progress_bar
 
     from ..utils import atomic_write_bytes
 
@@ -408,7 +408,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
     infos = {}  # entry number -> ClipInfo or why unreadable: the bucket histogram uses this pass's findings
     frames, fps, heights, widths, durations = [], [], [], [], []
     words, tokens, per_entry = [], [], []
-    for index, entry in enumerate(tqdm(raw, desc="data check", unit="video", disable=not progress)):
+    for index, entry in enumerate(progress_bar(raw, desc="data check", unit="video", disable=not progress)):
         problem = entry_problem(entry)
         if problem is not None:
             malformed.append({"index": index, "problem": problem})

@@ -161,7 +161,7 @@ def evaluate_demo(
     ``lora``: a ``train-t2v --lora_rank`` adapter folder applied at ``lora_scale``. Colours are judged among
     the demo's five plus any new colour the prompts name, shapes likewise.
     """
-    from tqdm.auto import tqdm
+    from opensora_plan.utils import progress_bar
 
     from opensora_plan.data.video_io import read_video, write_video
 
@@ -199,7 +199,7 @@ def evaluate_demo(
         out_dir = Path(save_dir) if save_dir else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for k, (prompt, (colour, shape, direction)) in enumerate(
-                tqdm(list(zip(prompts, labels)), desc="demo eval", unit="prompt", disable=not progress)):
+                progress_bar(list(zip(prompts, labels)), desc="demo eval", unit="prompt", disable=not progress)):
             index = order.get(prompt, k)
             embeds, negative = pipe.encode_prompt(prompt, do_classifier_free_guidance=scale > 1.0)  # (1, L, C)
             n = len(seeds)

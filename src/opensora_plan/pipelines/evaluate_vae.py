@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
+from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
 from ..utils import atomic_write_bytes
@@ -161,7 +161,7 @@ def evaluate_vae(*args, **kwargs) -> EvaluationSummary:
         resolution=resolution, crop_size=crop_size, dtype=dtype, sample=sample, seed=seed,
         enable_tiling=enable_tiling, lpips=bool(lpips_path),
     ))
-    for source in tqdm(sources, desc="eval-vae", unit="video"):
+    for source in progress_bar(sources, desc="eval-vae", unit="video"):
         try:
             video, _ = load_clip(source, num_frames, sample_rate, resolution, crop_size,
                                  spatial_multiple=vae.spatial_compression)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
+from opensora_plan.utils import progress_bar
 
 from ..data.transforms import (
     center_crop,
@@ -324,7 +324,7 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
                         crop_size=crop_size, backend=backend)
 
     summary = ReconstructionSummary()
-    for source, target in tqdm(list(zip(sources, targets)), desc="reconstruct", unit="video",
+    for source, target in progress_bar(list(zip(sources, targets)), desc="reconstruct", unit="video",
                                disable=not folder_mode):
         try:
             result = _reconstruct_file(vae, source, target, gif, fps, sample, generator, clip_options)

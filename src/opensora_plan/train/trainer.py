@@ -264,6 +264,19 @@ def check_adamw(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, 
             raise ValueError(f"--{name} must be {expected}, got {value}.")
 
 
+def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without its DDP / DataParallel / torch.compile wrappers (any nesting)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def _field_default(cls, name: str):
     return cls.__dataclass_fields__[name].default
 
@@ -370,8 +383,13 @@ class Trainer:
         self.engines: dict[str, Any] = {}  # phase name -> DeepSpeed engine (--sharding deepspeed)
 
     def _unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The task's module under DDP / torch.compile wrappers (state-dict keys without ``_orig_mod.``)."""
-        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        """The task's module under DDP / torch.compile wrappers (state-dict keys without ``_orig_mod.``).
+
+        Accelerate's ``unwrap_model`` imports DeepSpeed whenever it is installed (and DeepSpeed prints a
+        "Setting accelerator to CPU" warning on import), so it is used only with ``--sharding deepspeed``."""
+        if self.config.sharding == "deepspeed":
+            return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        return unwrap_module(model)
 
     # ---------------------------------------------------------------- setup
 
@@ -724,7 +742,7 @@ class Trainer:
     # ---------------------------------------------------------------- run
 
     def run(self) -> dict:
-        from tqdm.auto import tqdm
+        from opensora_plan.utils import progress_bar
 
         cfg = self.config
         if self.is_main:
@@ -752,7 +770,7 @@ class Trainer:
             if baseline:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": 0, **baseline}) + "\n")
-        progress = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not self.is_main, desc="train",
+        progress = progress_bar(total=cfg.max_train_steps, initial=self.step, disable=not self.is_main, desc="train",
                         unit="step", dynamic_ncols=True)
         last_saved = self.step if resumed_from is not None else None
         first_step_seconds = None  # the first step of this process: warm-up / compile, reported on its own
@@ -819,7 +837,8 @@ class Trainer:
                          timed_seconds: float) -> None:
         """tqdm: step / total, loss, samples/s and ETA, both without the first (warm-up / compile) step."""
         if "first_step_seconds" in record:
-            progress.write(f"first step (warm-up/compile): {first_step_seconds:.1f} s", file=progress.fp)
+            if not progress.disable:  # -q: no bar, no line
+                progress.write(f"first step (warm-up/compile): {first_step_seconds:.1f} s", file=progress.fp)
             logger.info("First step (warm-up/compile): %.1f s", first_step_seconds)
             # Restart tqdm's clock after the first step, so its rate and ETA exclude the warm-up.
             progress.reset(total=self.config.max_train_steps)

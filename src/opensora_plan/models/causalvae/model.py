@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from tqdm.auto import tqdm
+from opensora_plan.utils import progress_bar
 
 from ...utils import valid_num_frames
 from ..loading import load_pretrained
@@ -535,7 +535,7 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
 
     def _tiles(self, height: int, width: int, stride: int, what: str):
         starts = [(i, j) for i in range(0, height, stride) for j in range(0, width, stride)]
-        return tqdm(starts, desc=what, leave=False, disable=len(starts) < 8)
+        return progress_bar(starts, desc=what, leave=False, disable=len(starts) < 8)
 
     def _tiled_encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         size = self.tile_sample_min_size
@@ -586,7 +586,7 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
         frames = z.shape[2]
         trunk = self.decoder.trunk(self.post_quant_conv(z))  # (B, C_top, t, h, w)
         pieces = []
-        for start in tqdm(range(0, frames, chunk), desc="decode chunks", leave=False,
+        for start in progress_bar(range(0, frames, chunk), desc="decode chunks", leave=False,
                           disable=math.ceil(frames / chunk) < 3):
             end = min(start + chunk, frames)
             first = max(0, start - context)
