@@ -540,3 +540,102 @@ def test_quiet_training_prints_no_bar_and_no_deepspeed_warning(tmp_path):  # QA 
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "", done.stderr  # no bar, no "first step" line, no DeepSpeed accelerator warning
     assert done.stdout.startswith("trained to step 1")
+
+
+@pytest.mark.parametrize("text, suffix, pattern", [
+    ("", ".yaml", r"holds nothing; expected a mapping of option names to values"),
+    ("# only a comment\n", ".yml", r"holds nothing; expected a mapping"),
+    ("- a\n- b\n", ".yml", r"holds a list; expected a mapping of option names to values"),
+    ("17\n", ".yaml", r"holds a single number; expected a mapping"),
+    ('max_train_steps = 1\n', ".toml", r"suffix '.toml'.*use .json, .yaml or .yml"),
+])
+def test_empty_list_and_unknown_format_config_files_are_one_line(tmp_path, capsys, text, suffix, pattern):  # QA 18
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    assert cli.main(["train-t2v", "--config", str(path), "--output_dir", str(tmp_path / "run"),
+                     "--max_train_steps", "1"]) == 1
+    line = _one_error_line(capsys, pattern)
+    assert "NoneType" not in line
+
+
+def test_repeated_config_is_refused(tmp_path, capsys):  # QA 19
+    (tmp_path / "a.yaml").write_text("seed: 1\n")
+    (tmp_path / "b.yml").write_text("seed: 2\n")
+    with pytest.raises(SystemExit):
+        cli.main(["train-t2v", "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yml"),
+                  "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1"])
+    assert "--config given twice" in capsys.readouterr().err
+
+
+def _vae_run_record(tmp_path, **changes) -> Path:
+    from opensora_plan.train.vae import VAETrainOptions
+
+    values = {**VAETrainOptions(output_dir=str(tmp_path / "old")).loop_config().to_dict(), "extra": {"num_frames": 9}}
+    values.update(task="VAETrainTask", task_options={}, world_size=1, **changes)
+    path = tmp_path / "options.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def test_a_run_record_of_another_command_says_which_command_wrote_it(tmp_path, capsys):  # QA 16
+    path = _vae_run_record(tmp_path)
+    assert cli.main(["train-t2v", "--config", str(path), "--max_train_steps", "1"]) == 1
+    _one_error_line(capsys, r"options.json written by train-vae; use it with `opensora-plan train-vae --config`")
+    assert cli.main(["sample", "a cat", "--config", str(path)]) == 1
+    _one_error_line(capsys, r"written by train-vae")
+
+
+def test_train_vae_keys_it_does_not_offer(tmp_path, capsys):  # QA 15
+    from opensora_plan.train.vae import VAETrainOptions
+
+    assert read_options_file(VAETrainOptions, _vae_run_record(tmp_path))["num_frames"] == 9  # fixed values pass
+    path = _vae_run_record(tmp_path, use_ema=True)  # edited
+    with pytest.raises(ValueError, match=r"train-vae does not offer --use_ema; its value must stay False"):
+        read_options_file(VAETrainOptions, path)
+    (tmp_path / "hand.yaml").write_text("lr_scheduler: cosine\n")
+    with pytest.raises(ValueError, match=r"train-vae does not offer --lr_scheduler"):
+        read_options_file(VAETrainOptions, tmp_path / "hand.yaml")
+
+
+@pytest.mark.parametrize("words, cls, required", [c for c in COMMANDS if c[0][0] in (
+    "sample", "reconstruct", "extract", "eval-vae", "eval-t2v", "data")], ids=lambda c: str(c))
+def test_every_command_that_runs_takes_a_config_file(tmp_path, words, cls, required):  # QA 10
+    assert cls.CONFIG
+    name = next(f.name for f in option_fields(cls) if not f.metadata["option"]["positional"]
+                and f.metadata["option"]["choices"] is None and _base_type_of(cls, f.name) is int)
+    (tmp_path / "c.yaml").write_text(f"{name}: 5\n")
+    args = cli.build_parser(words).parse_args(words + required + ["--config", str(tmp_path / "c.yaml")])
+    assert getattr(options_from_args(cls, args), name) == 5
+
+
+def _base_type_of(cls, name):
+    import typing
+
+    from opensora_plan.options import _base_type
+
+    return _base_type(typing.get_type_hints(cls)[name])[0]
+
+
+@pytest.mark.parametrize("argv, shown, hint", [
+    (["train-t2v", "--output_dir", "o", "--max_train 1"], "opensora-plan train-t2v", None),
+    (["train-t2v", "--output_dir", "o", "--max_train", "1"], "opensora-plan train-t2v", "--max_train_steps"),
+    (["sample", "a cat", "--num_sampling_step", "3"], "opensora-plan sample", "--num_sampling_steps"),
+    (["data", "check", "d.json", "--num_frame", "17"], "opensora-plan data check", "--num_frames"),
+])
+def test_unknown_or_abbreviated_flags_get_the_subcommands_usage(capsys, argv, shown, hint):  # QA 22, 25
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith(f"usage: {shown} "), err
+    assert f"{shown}: error: unrecognized arguments" in err
+    if hint:
+        assert f"did you mean {hint}?" in err
+
+
+def test_boolean_flags_show_their_default_in_help(capsys):  # QA 26
+    help_text = " ".join(_help(capsys, ["sample"]).split())
+    assert re.search(r"--gif, --no-gif also write <name>.gif beside each mp4 \(default: off\)", help_text)
+    assert re.search(r"--no_clean_caption .*\(default: off, i\.e\. clean_caption on\)", help_text)
+    help_text = " ".join(_help(capsys, ["train-t2v"]).split())
+    assert re.search(r"--use_ema, --no-use_ema keep an EMA of the weights \(saved as ema/\) \(default: off\)", help_text)

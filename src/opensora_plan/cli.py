@@ -429,18 +429,57 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opensora-plan",
         description="Open-Sora-Plan v1.0.0 text-to-video: sampling, reconstruction, training.",
+        allow_abbrev=False,  # --max_train 1 is not --max_train_steps 1 (every sub-parser inherits the class below)
     )
     from opensora_plan import __version__
 
     parser.add_argument("--version", action="version", version=f"opensora-plan {__version__}",
                         help="print the package version and exit")
     _log_flags(parser, default=False)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, add in sorted(globals().items()):
         if name.startswith("_add_") and callable(add):
             add(subparsers)
     _log_flags_after_commands(subparsers)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """Sub-command parsers: no abbreviated flags; their own sub-commands are made of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", _Parser)
+        return super().add_subparsers(**kwargs)
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)sub-command parser that ``args`` went through (``data check`` -> its parser)."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, action.dest, None) if action is not None else None
+        if chosen is None or chosen not in action.choices:
+            return parser
+        parser = action.choices[chosen]
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, but unknown flags are reported by the sub-command's parser (its usage line)
+    with the closest flag it has."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _command_parser(parser, args)
+        flags = [s for a in command._actions for s in a.option_strings]
+        first = unknown[0]
+        close = difflib.get_close_matches(first.split("=")[0], flags, n=1) if first.startswith("-") else []
+        hint = f"; did you mean {close[0]}?" if close else f"; see {command.prog} --help"
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
 
 
 def _log_flags(parser: argparse.ArgumentParser, default) -> None:
@@ -513,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.verbose and args.quiet:
         parser.error("-v/--verbose and -q/--quiet exclude each other; give one.")
     logging.basicConfig(

@@ -42,6 +42,9 @@ SEED_LIMIT = 2**63 - 2**32
 
 # Keys the trainer adds to a run's options.json beside the options themselves (train/trainer.py).
 RUN_RECORD_KEYS = ("task", "task_options", "world_size", "distributed_type", "torch_version", "extra")
+# The command that writes a run's options.json, by its "task" record.
+RUN_TASK_COMMANDS = {"T2VTask": "train-t2v", "VAETrainTask": "train-vae"}
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, choices=None,
@@ -164,6 +167,10 @@ def check_known(cls, values: typing.Mapping, source: str | None) -> None:
     """ValueError naming the first unknown key and the closest valid option."""
     names = [f.name for f in option_fields(cls)]
     for key in values:
+        if key in getattr(cls, "NOT_OPTIONS", ()):
+            where = f"{source}: " if source else ""
+            raise ValueError(f"{where}{cls.COMMAND or cls.__name__} does not offer --{key} (it keeps a fixed value); "
+                             f"remove '{key}'.")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"see `opensora-plan {cls.COMMAND} --help`."
@@ -246,7 +253,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         if cls.CONFIG_DIR is not None:
             names = sorted(p.stem for p in Path(cls.CONFIG_DIR).glob("*.json"))
             shipped = f", or the name of a shipped one ({', '.join(names)})" if names else ""
-        parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+        parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", action=_OnceAction,
                             help=f"options file: .json, .yaml or .yml{shipped}, or a run's options.json; its values "
                                  "replace the defaults and flags given on the command line replace its values")
     for f in option_fields(cls):
@@ -272,6 +279,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["action"] = "store_true"
+            if meta["show_default"]:  # the flag is off unless given (a --no_ flag turns a default-on field off)
+                help_text += " (default: off)" if default is not True else f" (default: off, i.e. {f.name} on)"
             target.add_argument(flag, help=help_text, **kwargs)
             continue
         converter = meta["type"] or (scalar if scalar in (int, float, str) else None)
@@ -304,6 +313,16 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             target.add_argument(meta["flag"] or f"--{f.name}", help=help_text, **kwargs)
 
 
+class _OnceAction(argparse.Action):
+    """``store``, but giving the option twice is an error (two --config files would silently drop one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}); give one "
+                         "file (merge them, or put the other values on the command line).")
+        setattr(namespace, self.dest, values)
+
+
 def given_options(cls, args: argparse.Namespace) -> dict:
     """The options given on the command line (absent ones were suppressed by :func:`add_options`)."""
     return {f.name: getattr(args, f.name) for f in option_fields(cls) if hasattr(args, f.name)}
@@ -327,6 +346,9 @@ def options_from_args(cls, args: argparse.Namespace):
 def _config_path(cls, spec: str | os.PathLike) -> Path:
     path = Path(spec)
     if path.is_file():
+        if path.suffix.lower() not in CONFIG_SUFFIXES:
+            raise ValueError(f"--config {spec} has the suffix '{path.suffix}', which is not a config format here; use "
+                             ".json, .yaml or .yml.")
         return path
     if cls.CONFIG_DIR is not None:
         shipped = Path(cls.CONFIG_DIR) / f"{str(spec).removesuffix('.json')}.json"
@@ -358,12 +380,25 @@ def read_options_file(cls, spec: str | os.PathLike) -> dict:
             raise ValueError(f"--config file {path} is not valid YAML ({problem}); fix or replace the file.") from err
     else:
         data = read_json_file(path, "--config file")
+    if data is None:
+        raise ValueError(f"--config file {path} holds nothing; expected a mapping of option names to values.")
     if not isinstance(data, dict):
-        raise ValueError(f"--config file {path} holds a {type(data).__name__}; expected a mapping of option names "
-                         "to values.")
+        kind = {list: "a list", str: "a single text", int: "a single number", float: "a single number",
+                bool: "a single true/false"}.get(type(data), f"a {type(data).__name__}")
+        raise ValueError(f"--config file {path} holds {kind}; expected a mapping of option names to values.")
     data = {k: v for k, v in data.items() if not str(k).startswith("_")}
     if "task_options" in data:  # a run's options.json: its record is not options
+        writer = RUN_TASK_COMMANDS.get(str(data.get("task")))
+        if writer is not None and writer != cls.COMMAND:
+            raise ValueError(f"--config file {path} is a run's options.json written by {writer}; use it with "
+                             f"`opensora-plan {writer} --config`, or give a {cls.COMMAND} options file.")
         extra = data.get("extra") or {}
+        fixed = {f.name: f.default for f in dataclasses.fields(cls) if f.name in cls.NOT_OPTIONS}
+        changed = [k for k in fixed if k in data and data[k] != fixed[k]]
+        if changed:  # recorded by the loop, but this command does not offer them: only their fixed value passes
+            key = changed[0]
+            raise ValueError(f"--config file {path}: {cls.COMMAND} does not offer --{key}; its value must stay "
+                             f"{fixed[key]!r} (the run recorded it), got {data[key]!r}.")
         data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS and k not in cls.NOT_OPTIONS}
         data.update({k: v for k, v in extra.items() if not str(k).startswith("_")})
     check_known(cls, data, f"--config file {path}")

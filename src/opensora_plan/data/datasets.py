@@ -326,6 +326,7 @@ class DataCheckOptions(Options):
     """Every option of ``opensora-plan data check`` / :func:`check_dataset`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "data check"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     data_path: str = option(positional=True, help="dataset JSON list")
     video_folder: str | None = option(None, help="base folder for relative paths (unset: the JSON's folder)")

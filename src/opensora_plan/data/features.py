@@ -133,6 +133,7 @@ class ExtractOptions(Options):
     """Every option of ``opensora-plan extract`` / :func:`extract_features`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "extract"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     data_path: str = option(help="dataset JSON list")
     out_dir: str = option(flag="--out", help="output folder of the cache")

@@ -300,6 +300,7 @@ class EvalT2VOptions(Options):
     """Every option of ``opensora-plan eval-t2v`` / :func:`evaluate_t2v`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "eval-t2v"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     videos: str = option(help="folder of generated videos (searched recursively)")
     metrics: list[str] = option(default_factory=lambda: list(METRICS), type=_metric_list,

@@ -101,6 +101,7 @@ class EvalVAEOptions(Options):
     """Every option of ``opensora-plan eval-vae`` / :func:`evaluate_vae`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "eval-vae"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     model_path: str = option(help="CausalVAE folder (config.json + weights)")
     video_path: str = option(help="a video file or a folder of videos (recursive)")

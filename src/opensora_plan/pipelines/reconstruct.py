@@ -237,6 +237,7 @@ class ReconstructOptions(Options):
     """Every option of ``opensora-plan reconstruct`` / :func:`reconstruct`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "reconstruct"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     model_path: str = option(help="CausalVAE folder (e.g. the release's vae/)")
     video_path: str = option(help="input video, or a folder of mp4/avi/webm/mkv/mov")

@@ -85,6 +85,7 @@ class SampleOptions(Options):
     """
 
     COMMAND: ClassVar[str] = "sample"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     prompt: str | None = option(None, positional=True, help="the prompt (or use --text_prompt)")
     model_path: str | None = option(None, help="folder with the version folders and vae/ (unset: the shipped demo "
