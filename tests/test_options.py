@@ -639,3 +639,30 @@ def test_boolean_flags_show_their_default_in_help(capsys):  # QA 26
     assert re.search(r"--no_clean_caption .*\(default: off, i\.e\. clean_caption on\)", help_text)
     help_text = " ".join(_help(capsys, ["train-t2v"]).split())
     assert re.search(r"--use_ema, --no-use_ema keep an EMA of the weights \(saved as ema/\) \(default: off\)", help_text)
+
+
+def test_a_folder_holding_a_run_is_refused_without_resume(tmp_path, capsys, monkeypatch):  # QA 13
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "options.json").write_text("{}")
+    for command in (["train-t2v", "--max_train_steps", "1"], ["train-vae"]):
+        assert cli.main(command + ["--output_dir", str(run)]) == 1
+        _one_error_line(capsys, r"--output_dir .*run already holds a run \(options.json\); use --resume_from_checkpoint "
+                                r"latest to continue it, or another --output_dir")
+    (run / "options.json").unlink()
+    (run / "checkpoint-2").mkdir()
+    assert cli.main(["train-vae", "--output_dir", str(run)]) == 1
+    _one_error_line(capsys, r"already holds a run \(checkpoint-2\)")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2"]
+
+
+def test_options_json_records_paths_absolute(tmp_path, monkeypatch):  # QA 14
+    from opensora_plan.train.trainer import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.json").write_text("[]")
+    out = absolute_paths({"output_dir": "runs/x", "data_path": "data.json", "model": "17x256x256",
+                          "resume_from_checkpoint": "latest", "lpips_path": ["data.json"], "num_frames": 17})
+    assert out == {"output_dir": str(tmp_path / "runs" / "x"), "data_path": str(tmp_path / "data.json"),
+                   "model": "17x256x256", "resume_from_checkpoint": "latest",
+                   "lpips_path": [str(tmp_path / "data.json")], "num_frames": 17}

@@ -25,7 +25,7 @@ import torch
 
 from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, T5_MAX_LENGTH
 from opensora_plan.options import option, option_fields
-from opensora_plan.train.trainer import Phase, check_adamw, TrainConfig, TrainTask, train
+from opensora_plan.train.trainer import Phase, check_adamw, check_new_run_folder, TrainConfig, TrainTask, train
 from opensora_plan.utils import valid_num_frames
 
 logger = logging.getLogger(__name__)
@@ -656,6 +656,7 @@ def validate_t2v_options(opts: Mapping) -> None:
     from opensora_plan.utils import check_output_folder
 
     check_output_folder(opts["output_dir"], "--output_dir")
+    check_new_run_folder(opts["output_dir"], opts["resume_from_checkpoint"])
     _check_model_spec(opts["model"])  # before any clip is probed or model loaded
     if opts["resume_from_checkpoint"]:
         from opensora_plan.train.checkpoint import resolve_resume

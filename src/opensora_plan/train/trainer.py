@@ -264,6 +264,42 @@ def check_adamw(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, 
             raise ValueError(f"--{name} must be {expected}, got {value}.")
 
 
+# Options that name files or folders: options.json records them absolute, so `--config <run>/options.json`
+# works from any directory. Names that may also be presets (model sizes, bucket presets, DeepSpeed config
+# names, resume "latest") are made absolute only when they name an existing path.
+PATH_OPTIONS = ("output_dir", "data_path", "video_folder", "video_path", "cached_features", "validation_data_path",
+                "validation_prompt_file", "ae_path", "pretrained", "text_encoder_name", "model", "model_config",
+                "pretrained_model_path", "lpips_path", "buckets", "deepspeed_config", "resume_from_checkpoint")
+
+
+def absolute_paths(options: dict) -> dict:
+    """A copy of ``options`` with the relative paths of :data:`PATH_OPTIONS` made absolute (resolved)."""
+    def absolute(key: str, value):
+        if isinstance(value, list):
+            return [absolute(key, v) for v in value]
+        if not isinstance(value, str) or not value or os.path.isabs(value):
+            return value
+        if key == "output_dir" or os.path.exists(value):
+            return str(Path(value).resolve())
+        return value
+
+    return {k: absolute(k, v) if k in PATH_OPTIONS else v for k, v in options.items()}
+
+
+def check_new_run_folder(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> None:
+    """ValueError (one line) when ``output_dir`` already holds a run (options.json or checkpoint-*) and
+    ``resume_from_checkpoint`` is not given: a new run would overwrite its options.json and mix its logs."""
+    if resume_from_checkpoint:
+        return
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return
+    held = [p.name for p in [folder / "options.json"] if p.exists()] + sorted(p.name for p in folder.glob("checkpoint-*"))
+    if held:
+        raise ValueError(f"--output_dir {folder} already holds a run ({held[0]}); use --resume_from_checkpoint latest to "
+                         "continue it, or another --output_dir.")
+
+
 def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` without its DDP / DataParallel / torch.compile wrappers (any nesting)."""
     from torch._dynamo.eval_frame import OptimizedModule
@@ -514,7 +550,8 @@ class Trainer:
             ckpt.restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
 
     def _write_options(self) -> None:
-        options = dataclasses.asdict(self.config)
+        options = absolute_paths(dataclasses.asdict(self.config))
+        options["extra"] = absolute_paths(options.get("extra") or {})
         options.update(
             task=type(self.task).__name__,
             task_options=self.task.options(),

@@ -40,7 +40,7 @@ from ..data.datasets import SkippedVideos, VAEVideoDataset, collate_video_captio
 from ..data.video_io import VIDEO_EXTENSIONS, list_videos
 from ..options import option
 from ..utils import valid_num_frames
-from .trainer import Phase, check_adamw, TrainConfig, TrainTask, train
+from .trainer import Phase, check_adamw, check_new_run_folder, TrainConfig, TrainTask, train
 
 logger = logging.getLogger(__name__)
 
@@ -352,6 +352,7 @@ def train_vae(options: VAETrainOptions | TrainConfig | Mapping, **task_options) 
         "sample_rate", "resolution", "learning_rate", "time_lr_multiplier", "max_grad_norm", "perceptual_weight",
         "lpips_path", "disc_start", "disc_weight", "kl_weight", "logvar_init", "rec_loss", "validation_videos"))
     check_output_folder(config.output_dir, "--output_dir")
+    check_new_run_folder(config.output_dir, config.resume_from_checkpoint)
     paths = video_paths(video_path, data_path, video_folder)  # before any model loads
     if validation_videos >= len(paths):
         raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")
