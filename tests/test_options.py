@@ -666,3 +666,30 @@ def test_options_json_records_paths_absolute(tmp_path, monkeypatch):  # QA 14
     assert out == {"output_dir": str(tmp_path / "runs" / "x"), "data_path": str(tmp_path / "data.json"),
                    "model": "17x256x256", "resume_from_checkpoint": "latest",
                    "lpips_path": [str(tmp_path / "data.json")], "num_frames": 17}
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["demo", "eval", "--num_sampling_steps", "0"], r"--num_sampling_steps must be at least 1, got 0"),
+    (["demo", "eval", "--num_prompts", "61"], r"--num_prompts must be from 1 to 60 .*got 61; leave it out"),
+    (["demo", "eval", "--num_prompts", "21", "--shapes", "diamond"], r"--num_prompts must be from 1 to 20"),
+    (["demo", "eval", "--cache", "bogus"], r"bogus"),
+    (["demo", "eval", "--lora_scale", "0.5"], r"--lora_scale has no effect without --lora"),
+    (["reconstruct", "--model_path", "m", "--video_path", "v", "--rec_path", "r", "--seed", "3"],
+     r"--seed 3 has no effect without --sample"),
+    (["reconstruct", "--model_path", "m", "--video_path", "v", "--rec_path", "r", "--temporal_context", "2"],
+     r"--temporal_context is used only by --temporal_mode approximate"),
+    (["train-vae", "--output_dir", "{tmp}/r", "--model_config", "c.json", "--pretrained_model_path", "p"],
+     r"--model_config has no effect with --pretrained_model_path"),
+    (["data", "check", "d.json", "--num_frames", "18"], r"--num_frames 18 is not a length the CausalVAE accepts"),
+])
+def test_values_without_effect_and_out_of_range_are_refused_before_work(tmp_path, capsys, argv, pattern):  # QA 9, 20, 21
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 1
+    _one_error_line(capsys, pattern)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_eval_zero_steps_is_not_the_default_in_the_library():  # QA 9
+    from opensora_plan.demo.evaluate import evaluate_demo
+
+    with pytest.raises(ValueError, match="num_sampling_steps must be at least 1, got 0"):
+        evaluate_demo(prompts=["a red circle moving left"], seeds=(0,), num_sampling_steps=0, device="cpu")

@@ -181,7 +181,7 @@ def test_preview_videos_are_mp4_files_with_the_clip_length(assets, tmp_path):  #
     frames = read_video(folder / "step-2" / files[0])[0]
     assert frames.shape[0] == sizes["num_frames"] and frames.shape[1] == sizes["max_image_size"]
     with pytest.raises(ValueError, match="validation_sample_method"):
-        build_t2v({**options, "validation_sample_method": "NoSuchScheduler"})
+        build_t2v({**options, "validation_sample_method": "NoSuchScheduler", "output_dir": str(tmp_path / "other")})
 
 
 def test_bad_validation_options_fail_before_any_model_loads(assets, held_out, tmp_path):  # noqa: F811

@@ -37,6 +37,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ..utils import valid_num_frames
 from .transforms import center_crop, image_slot_indices, temporal_window_indices, video_train_transform, window_indices
 from ..models.text_encoder import MODEL_MAX_LENGTH
 from ..options import Options, option
@@ -354,6 +355,9 @@ class DataCheckOptions(Options):
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.use_image_num < 0:
             raise ValueError(f"--use_image_num must be at least 0, got {self.use_image_num}.")
+        if self.num_frames is not None and not valid_num_frames(self.num_frames):
+            raise ValueError(f"--num_frames {self.num_frames} is not a length the CausalVAE accepts (training would "
+                             "refuse it); use 1 + 4k, e.g. 17 or 65.")
         if self.buckets is None:  # a value other than the default can only have been given
             defaults = type(self).defaults()
             unused = [k for k in ("train_batch_size", "use_image_num") if getattr(self, k) != defaults[k]]

@@ -271,6 +271,13 @@ class ReconstructOptions(Options):
             raise ValueError(f"--temporal_chunk must be >= 0 (0: decode all at once), got {self.temporal_chunk}.")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"--fps must be positive, got {self.fps}.")
+        # Values with no effect are refused (a value equal to the default cannot be told from no value).
+        if not self.sample and self.seed != 0:
+            raise ValueError(f"--seed {self.seed} has no effect without --sample (the posterior mode is decoded); add "
+                             "--sample or drop --seed.")
+        if self.temporal_context is not None and self.temporal_mode != "approximate":
+            raise ValueError("--temporal_context is used only by --temporal_mode approximate (lossless decoding needs "
+                             "no context); add --temporal_mode approximate or drop --temporal_context.")
 
 
 def reconstruct(*args, **kwargs) -> ReconstructionSummary:

@@ -112,6 +112,9 @@ class VAETrainOptions(TrainConfig):
         for name in ("num_frames", "sample_rate"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.model_config and self.pretrained_model_path:
+            raise ValueError("--model_config has no effect with --pretrained_model_path (the folder's config.json is "
+                             "used); drop one of the two.")
         if self.rec_loss not in ("l1", "l2"):
             raise ValueError(f"--rec_loss {self.rec_loss!r} is not supported; use 'l1' or 'l2'.")
 
