@@ -693,3 +693,15 @@ def test_demo_eval_zero_steps_is_not_the_default_in_the_library():  # QA 9
 
     with pytest.raises(ValueError, match="num_sampling_steps must be at least 1, got 0"):
         evaluate_demo(prompts=["a red circle moving left"], seeds=(0,), num_sampling_steps=0, device="cpu")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["reconstruct", "--model_path", "{tmp}/nope", "--video_path", "{tmp}/v.mp4", "--rec_path", "{tmp}/r"],
+     "--model_path"),
+    (["eval-vae", "--model_path", "{tmp}/nope", "--video_path", "{tmp}"], "--model_path"),
+])
+def test_a_missing_vae_folder_names_the_flag_and_the_kind(tmp_path, capsys, argv, flag):  # QA 28
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 1
+    line = _one_error_line(capsys, rf"{flag} .*nope does not exist; expected a CausalVAE folder with config.json and "
+                                   r"diffusion_pytorch_model.safetensors \(e.g. the vae/ folder")
+    assert "version folder" not in line

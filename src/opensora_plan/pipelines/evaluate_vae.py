@@ -141,6 +141,9 @@ def evaluate_vae(*args, **kwargs) -> EvaluationSummary:
         "subset_size", "device", "dtype", "sample", "seed", "enable_tiling", "tile_overlap_factor", "json_out"))
     from ..models.lpips import load_lpips
     from ..data.video_io import VIDEO_EXTENSIONS, list_videos
+    from ..models.loading import resolve_model_folder
+
+    resolve_model_folder(model_path, kind="CausalVAE", flag="--model_path")  # before any video is read
 
     video_path = Path(video_path)
     if not video_path.exists():

@@ -296,6 +296,9 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
                                 "crop_size", "enable_tiling", "tile_overlap_factor", "temporal_mode",
                                 "temporal_context", "device", "dtype", "sample", "seed", "gif", "fps", "backend"))
     temporal_chunk = o.temporal_chunk or None  # 0: decode all at once
+    from ..models.loading import resolve_model_folder
+
+    resolve_model_folder(model_path, kind="CausalVAE", flag="--model_path")  # before any video is read
     video_path, rec_path = Path(video_path), Path(rec_path)
     if not video_path.exists():
         raise FileNotFoundError(f"--video_path {video_path} does not exist; give a video file or a folder of videos.")

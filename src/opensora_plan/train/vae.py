@@ -277,6 +277,9 @@ def build_vae(model_config: str | os.PathLike | None, pretrained_model_path: str
     from ..models.causalvae import CausalVAEModel
 
     if pretrained_model_path:
+        from ..models.loading import resolve_model_folder
+
+        resolve_model_folder(pretrained_model_path, kind="CausalVAE", flag="--pretrained_model_path")
         return CausalVAEModel.from_pretrained(pretrained_model_path)
     if not model_config:
         raise ValueError("train-vae needs --model_config (a CausalVAE config.json) or --pretrained_model_path (a VAE folder).")
