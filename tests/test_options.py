@@ -705,3 +705,14 @@ def test_a_missing_vae_folder_names_the_flag_and_the_kind(tmp_path, capsys, argv
     line = _one_error_line(capsys, rf"{flag} .*nope does not exist; expected a CausalVAE folder with config.json and "
                                    r"diffusion_pytorch_model.safetensors \(e.g. the vae/ folder")
     assert "version folder" not in line
+
+
+def test_sampling_docs_match_the_help(capsys):  # QA 29, 30
+    docs = (Path(__file__).parents[1] / "docs" / "sampling.md").read_text()
+    assert "--text_prompt prompts.txt" not in docs and "--prompt_file prompts.txt" in docs
+    help_text = " ".join(_help(capsys, ["sample"]).split())
+    assert "a release folder: 24)" in help_text and "24.0" not in help_text
+    assert "| `--fps` | the demo's `demo.json` (8) | 24 |" in docs
+    assert "(unset: cuda when available)" in help_text and "| `--device` | unset: cuda when available |" in docs
+    assert "0: never" in help_text and "`0`: never" in docs
+    assert "| `--config` |" in docs

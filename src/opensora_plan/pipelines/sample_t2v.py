@@ -56,7 +56,9 @@ _SCHEDULERS = ("PNDM, DDIM, EulerDiscrete, DDPM, DPMSolverMultistep, DPMSolverSi
 
 def _model_default(name: str) -> str:
     """Help text of an option whose default comes from the model folder."""
-    return f"(default: the demo model's demo.json; a release folder: {RELEASE_SAMPLE_DEFAULTS[name]})"
+    value = RELEASE_SAMPLE_DEFAULTS[name]
+    shown = f"{value:g}" if isinstance(value, float) else value  # 24, not 24.0
+    return f"(default: the demo model's demo.json; a release folder: {shown})"
 
 
 def parse_memory_budget(text: str) -> float | str | None:
