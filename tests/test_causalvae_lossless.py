@@ -213,8 +213,8 @@ def test_budget_auto_and_errors(two_level_vae):
             assert torch.equal(vae.decode(z).sample, _decode(vae, z))
     finally:
         vae.set_decode_memory_budget(None)
-    for bad in (0, -1.5, "lots"):
-        with pytest.raises(ValueError, match="positive number of GiB, 'auto' or None"):
+    for bad in (0, -1.5, "lots", float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="positive finite number of GiB, 'auto' or None"):
             vae.set_decode_memory_budget(bad)
 
 

@@ -276,7 +276,7 @@ def test_data_check_reports_counts_stats_and_every_problem(clips, capsys):
     ]
     path = write_json(clips, entries)
     out = clips / "report.json"
-    assert cli.main(["data", "check", str(path), "--num_frames", "8", "--json_out", str(out)]) == 1
+    assert cli.main(["data", "check", str(path), "--num_frames", "9", "--json_out", str(out)]) == 1
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["entries"] == 5 and report["readable"] == 2

@@ -8,6 +8,7 @@ one error line; a run's options.json fed back as --config reproduces the run's o
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import json
 import re
@@ -351,3 +352,360 @@ def test_a_vae_runs_options_json_fed_back_as_config_gives_the_same_options(tmp_p
         record.pop("output_dir")
     assert a["extra"]["kl_weight"] == 1e-4 and a["extra"]["resolution"] == 32 and a["checkpointing_steps"] == 1
     assert a == b
+
+
+# ---- QA pass on the options machinery (the numbers are the QA report's findings)
+
+
+@pytest.mark.parametrize("key, expected", [("max_train_steps", "a whole number"), ("seed", "a whole number"),
+                                           ("output_dir", "text")])
+def test_null_for_an_option_that_has_a_value_is_one_line(tmp_path, capsys, key, expected):  # QA 2
+    from opensora_plan.train.t2v import T2VTrainOptions
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{key}: null\n")
+    argv = ["train-t2v", "--config", str(path), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1"]
+    argv = [a for i, a in enumerate(argv) if not (a == f"--{key}" or (i and argv[i - 1] == f"--{key}"))]
+    assert cli.main(argv) == 1
+    _one_error_line(capsys, rf"{key}: null is not allowed; expected {expected}")
+    values = {"output_dir": "o", "max_train_steps": 1, key: None}
+    with pytest.raises(ValueError, match=rf"{key}: null is not allowed"):
+        T2VTrainOptions(**values)
+    # null for an option whose default is None means "unset"
+    path.write_text("checkpoints_total_limit: null\nresume_from_checkpoint: null\n")
+    assert read_options_file(T2VTrainOptions, path) == {"checkpoints_total_limit": None, "resume_from_checkpoint": None}
+
+
+@pytest.mark.parametrize("words, cls, required", COMMANDS, ids=IDS)
+def test_every_float_option_refuses_nan_and_inf(words, cls, required):  # QA 4
+    floats = [f.name for f in option_fields(cls) if _base_type_of(cls, f.name) is float]
+    base = {f.name: "x" for f in option_fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    base.update({k: v for k, v in {"max_train_steps": 1}.items() if k in base})
+    for name in floats:
+        for bad in (float("nan"), float("inf"), "-inf", 1e400):
+            with pytest.raises(ValueError, match=rf"'{name}' must be a finite number"):
+                cls(**{**base, name: bad})
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"learning_rate": -1.0}, r"--learning_rate must be positive"),
+    ({"adam_beta1": 1.0}, r"--adam_beta1 must be in \[0, 1\)"),
+    ({"adam_beta2": -0.1}, r"--adam_beta2 must be in \[0, 1\)"),
+    ({"adam_epsilon": 0.0}, r"--adam_epsilon must be positive"),
+    ({"max_grad_norm": 0.0}, r"--max_grad_norm must be positive"),
+    ({"learning_rate": "nan"}, r"'learning_rate' must be a finite number"),
+    ({"model_max_length": 513}, r"--model_max_length 513 is more than T5's tokenizer handles \(512"),
+    ({"seed": -5}, r"--seed must be a whole number from 0 to"),
+    ({"seed": 99999999999999999999}, r"--seed must be a whole number from 0 to"),
+    ({"checkpoints_total_limit": 0}, r"--checkpoints_total_limit must be at least 1"),
+    ({"ema_decay": 0.99}, r"--ema_decay 0.99 has no effect without --use_ema"),
+    ({"validation_prompts": "a cat"}, r"--validation_prompts has no effect without --validation_steps"),
+])
+def test_train_t2v_refuses_values_torch_would_refuse_before_writing(tmp_path, capsys, change, pattern):  # QA 4, 5, 11, 20
+    argv = ["train-t2v", "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--dry_run"]
+    for key, value in change.items():
+        argv += [f"--{key}", str(value)]
+    assert cli.main(argv) == 1
+    _one_error_line(capsys, pattern)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seed_rule_is_shared_by_every_command():  # QA 11
+    from opensora_plan.demo.evaluate import DemoEvalOptions
+    from opensora_plan.demo.shapes import MakeDataOptions
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+    from opensora_plan.train.vae import VAETrainOptions
+
+    for build in (lambda s: SampleOptions(seed=s), lambda s: VAETrainOptions(output_dir="o", seed=s),
+                  lambda s: MakeDataOptions(out="o", seed=s), lambda s: DemoEvalOptions(seeds=[0, s])):
+        with pytest.raises(ValueError, match=r"must be a whole number from 0 to 9223372032559808511, got -1"):
+            build(-1)
+        with pytest.raises(ValueError, match=r"from 0 to .*got 9223372036854775807"):
+            build(2**63 - 1)
+
+
+@pytest.mark.parametrize("values, pattern", [
+    ({"num_sampling_steps": "5"}, r"sample: 'num_sampling_steps' must be a whole number, got '5'"),
+    ({"num_sampling_steps": 5.5}, r"'num_sampling_steps' must be a whole number, got 5.5"),
+    ({"gif": "no"}, r"'gif' must be true or false, got 'no'"),
+    ({"seed": True}, r"'seed' must be a whole number, got True"),
+    ({"guidance_scale": "high"}, r"'guidance_scale' must be a number, got 'high'"),
+    ({"save_img_path": 3}, r"'save_img_path' must be text, got 3"),
+])
+def test_python_options_classes_check_types_as_config_files_do(values, pattern):  # QA 6
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+
+    with pytest.raises(ValueError, match=pattern):
+        SampleOptions(**values)
+
+
+def test_python_options_convert_to_the_field_types():  # QA 6
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+    from opensora_plan.train.vae import VAETrainOptions
+
+    o = SampleOptions(guidance_scale=7, save_img_path=Path("out"), tile_overlap_factor="0.5")
+    assert o.guidance_scale == 7.0 and type(o.guidance_scale) is float and o.save_img_path == "out"
+    assert o.tile_overlap_factor == 0.5
+    v = VAETrainOptions(output_dir="o", lpips_path=("a", "b"))
+    assert v.lpips_path == ["a", "b"]
+
+
+def test_every_entry_point_takes_a_dict_and_names_the_command_once(tmp_path):  # QA 7
+    from opensora_plan.pipelines.sample_t2v import sample_t2v
+    from opensora_plan.train.t2v import train_t2v
+    from opensora_plan.train.vae import train_vae
+
+    for run, command, base in ((sample_t2v, "sample", {}), (train_vae, "train-vae", {"output_dir": str(tmp_path)}),
+                               (train_t2v, "train-t2v", {"output_dir": str(tmp_path), "max_train_steps": 1})):
+        with pytest.raises(ValueError) as err:
+            run({**base, "bogus": 1})
+        assert str(err.value).startswith(f"unknown option 'bogus' for {command};"), err.value
+        assert str(err.value).count(command) == 1 + ("--help" in str(err.value))
+    with pytest.raises(ValueError, match="--seed must be a whole number"):
+        sample_t2v({"seed": -1})
+    with pytest.raises(ValueError, match="--learning_rate must be positive"):
+        train_vae({"output_dir": str(tmp_path / "r"), "learning_rate": 0.0})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400", "nan", "-1"])
+def test_sample_refuses_a_non_finite_vae_memory_budget_up_front(tmp_path, capsys, text):  # QA 3, 8
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "a cat", "--vae_memory_gb", text, "--save_img_path", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "expected a finite number of GiB >= 0 (0: never chunk) or 'auto'" in err and "positive" not in err
+    with pytest.raises(ValueError, match=r"--vae_memory_gb must be a finite number of GiB >= 0 \(0: never chunk\)"):
+        SampleOptions(vae_memory_gb=float(text))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vae_memory_gb_zero_means_never_in_the_api_and_the_cli():  # QA 8
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+
+    assert SampleOptions(vae_memory_gb=0).vae_memory_gb is None
+    assert SampleOptions(vae_memory_gb=0.0).vae_memory_gb is None
+    args = cli.build_parser(["sample"]).parse_args(["sample", "--vae_memory_gb", "0"])
+    assert options_from_args(SampleOptions, args).vae_memory_gb is None
+    assert SampleOptions(vae_memory_gb=1.5).vae_memory_gb == 1.5
+
+
+@pytest.mark.parametrize("size", [7, 18, 21])
+def test_demo_make_data_refuses_a_size_the_renderer_cannot_draw_before_writing(tmp_path, capsys, size):  # QA 12
+    assert cli.main(["demo", "make-data", "--out", str(tmp_path / "dd"), "--num_videos", "2", "--size", str(size)]) == 1
+    _one_error_line(capsys, rf"--size must be an even number of pixels >= 20 .*got {size}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quiet_hides_every_progress_bar(tmp_path, capsys):  # QA 1
+    from opensora_plan.demo.shapes import make_dataset
+    from opensora_plan.utils import progress_bar, progress_disabled
+
+    data = make_dataset(tmp_path / "d", num_videos=2, num_frames=5, size=20)
+    assert cli.main(["data", "check", str(data)]) == 0
+    assert "data check:" in capsys.readouterr().err  # the bar, without -q
+    assert cli.main(["data", "check", str(data), "-q"]) == 0
+    assert "data check:" not in capsys.readouterr().err
+    assert not progress_disabled()  # main() restores the environment for the next caller
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        assert progress_bar(range(3), disable=False).disable  # explicit disable=False cannot bring a bar back
+    finally:
+        del os.environ["TQDM_DISABLE"]
+
+
+@pytest.mark.slow
+def test_quiet_training_prints_no_bar_and_no_deepspeed_warning(tmp_path):  # QA 1
+    import subprocess
+    import sys
+
+    from opensora_plan.demo.shapes import make_dataset
+
+    make_dataset(tmp_path / "d", num_videos=2, num_frames=9, size=32)
+    config = Path(cli.__file__).parent / "assets" / "demo" / "vae" / "config.json"
+    argv = [sys.executable, "-m", "opensora_plan", "train-vae", "--output_dir", str(tmp_path / "run"),
+            "--max_train_steps", "1", "--video_path", str(tmp_path / "d" / "videos"), "--model_config", str(config),
+            "--num_frames", "9", "--resolution", "32", "--perceptual_weight", "0", "--mixed_precision", "no",
+            "--report_to", "none", "-q"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr  # no bar, no "first step" line, no DeepSpeed accelerator warning
+    assert done.stdout.startswith("trained to step 1")
+
+
+@pytest.mark.parametrize("text, suffix, pattern", [
+    ("", ".yaml", r"holds nothing; expected a mapping of option names to values"),
+    ("# only a comment\n", ".yml", r"holds nothing; expected a mapping"),
+    ("- a\n- b\n", ".yml", r"holds a list; expected a mapping of option names to values"),
+    ("17\n", ".yaml", r"holds a single number; expected a mapping"),
+    ('max_train_steps = 1\n', ".toml", r"suffix '.toml'.*use .json, .yaml or .yml"),
+])
+def test_empty_list_and_unknown_format_config_files_are_one_line(tmp_path, capsys, text, suffix, pattern):  # QA 18
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    assert cli.main(["train-t2v", "--config", str(path), "--output_dir", str(tmp_path / "run"),
+                     "--max_train_steps", "1"]) == 1
+    line = _one_error_line(capsys, pattern)
+    assert "NoneType" not in line
+
+
+def test_repeated_config_is_refused(tmp_path, capsys):  # QA 19
+    (tmp_path / "a.yaml").write_text("seed: 1\n")
+    (tmp_path / "b.yml").write_text("seed: 2\n")
+    with pytest.raises(SystemExit):
+        cli.main(["train-t2v", "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yml"),
+                  "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1"])
+    assert "--config given twice" in capsys.readouterr().err
+
+
+def _vae_run_record(tmp_path, **changes) -> Path:
+    from opensora_plan.train.vae import VAETrainOptions
+
+    values = {**VAETrainOptions(output_dir=str(tmp_path / "old")).loop_config().to_dict(), "extra": {"num_frames": 9}}
+    values.update(task="VAETrainTask", task_options={}, world_size=1, **changes)
+    path = tmp_path / "options.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def test_a_run_record_of_another_command_says_which_command_wrote_it(tmp_path, capsys):  # QA 16
+    path = _vae_run_record(tmp_path)
+    assert cli.main(["train-t2v", "--config", str(path), "--max_train_steps", "1"]) == 1
+    _one_error_line(capsys, r"options.json written by train-vae; use it with `opensora-plan train-vae --config`")
+    assert cli.main(["sample", "a cat", "--config", str(path)]) == 1
+    _one_error_line(capsys, r"written by train-vae")
+
+
+def test_train_vae_keys_it_does_not_offer(tmp_path, capsys):  # QA 15
+    from opensora_plan.train.vae import VAETrainOptions
+
+    assert read_options_file(VAETrainOptions, _vae_run_record(tmp_path))["num_frames"] == 9  # fixed values pass
+    path = _vae_run_record(tmp_path, use_ema=True)  # edited
+    with pytest.raises(ValueError, match=r"train-vae does not offer --use_ema; its value must stay False"):
+        read_options_file(VAETrainOptions, path)
+    (tmp_path / "hand.yaml").write_text("lr_scheduler: cosine\n")
+    with pytest.raises(ValueError, match=r"train-vae does not offer --lr_scheduler"):
+        read_options_file(VAETrainOptions, tmp_path / "hand.yaml")
+
+
+@pytest.mark.parametrize("words, cls, required", [c for c in COMMANDS if c[0][0] in (
+    "sample", "reconstruct", "extract", "eval-vae", "eval-t2v", "data")], ids=lambda c: str(c))
+def test_every_command_that_runs_takes_a_config_file(tmp_path, words, cls, required):  # QA 10
+    assert cls.CONFIG
+    name = next(f.name for f in option_fields(cls) if not f.metadata["option"]["positional"]
+                and f.metadata["option"]["choices"] is None and _base_type_of(cls, f.name) is int)
+    (tmp_path / "c.yaml").write_text(f"{name}: 5\n")
+    args = cli.build_parser(words).parse_args(words + required + ["--config", str(tmp_path / "c.yaml")])
+    assert getattr(options_from_args(cls, args), name) == 5
+
+
+def _base_type_of(cls, name):
+    import typing
+
+    from opensora_plan.options import _base_type
+
+    return _base_type(typing.get_type_hints(cls)[name])[0]
+
+
+@pytest.mark.parametrize("argv, shown, hint", [
+    (["train-t2v", "--output_dir", "o", "--max_train 1"], "opensora-plan train-t2v", None),
+    (["train-t2v", "--output_dir", "o", "--max_train", "1"], "opensora-plan train-t2v", "--max_train_steps"),
+    (["sample", "a cat", "--num_sampling_step", "3"], "opensora-plan sample", "--num_sampling_steps"),
+    (["data", "check", "d.json", "--num_frame", "17"], "opensora-plan data check", "--num_frames"),
+])
+def test_unknown_or_abbreviated_flags_get_the_subcommands_usage(capsys, argv, shown, hint):  # QA 22, 25
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith(f"usage: {shown} "), err
+    assert f"{shown}: error: unrecognized arguments" in err
+    if hint:
+        assert f"did you mean {hint}?" in err
+
+
+def test_boolean_flags_show_their_default_in_help(capsys):  # QA 26
+    help_text = " ".join(_help(capsys, ["sample"]).split())
+    assert re.search(r"--gif, --no-gif also write <name>.gif beside each mp4 \(default: off\)", help_text)
+    assert re.search(r"--no_clean_caption .*\(default: off, i\.e\. clean_caption on\)", help_text)
+    help_text = " ".join(_help(capsys, ["train-t2v"]).split())
+    assert re.search(r"--use_ema, --no-use_ema keep an EMA of the weights \(saved as ema/\) \(default: off\)", help_text)
+
+
+def test_a_folder_holding_a_run_is_refused_without_resume(tmp_path, capsys, monkeypatch):  # QA 13
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "options.json").write_text("{}")
+    for command in (["train-t2v", "--max_train_steps", "1"], ["train-vae"]):
+        assert cli.main(command + ["--output_dir", str(run)]) == 1
+        _one_error_line(capsys, r"--output_dir .*run already holds a run \(options.json\); use --resume_from_checkpoint "
+                                r"latest to continue it, or another --output_dir")
+    (run / "options.json").unlink()
+    (run / "checkpoint-2").mkdir()
+    assert cli.main(["train-vae", "--output_dir", str(run)]) == 1
+    _one_error_line(capsys, r"already holds a run \(checkpoint-2\)")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2"]
+
+
+def test_options_json_records_paths_absolute(tmp_path, monkeypatch):  # QA 14
+    from opensora_plan.train.trainer import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.json").write_text("[]")
+    out = absolute_paths({"output_dir": "runs/x", "data_path": "data.json", "model": "17x256x256",
+                          "resume_from_checkpoint": "latest", "lpips_path": ["data.json"], "num_frames": 17})
+    assert out == {"output_dir": str(tmp_path / "runs" / "x"), "data_path": str(tmp_path / "data.json"),
+                   "model": "17x256x256", "resume_from_checkpoint": "latest",
+                   "lpips_path": [str(tmp_path / "data.json")], "num_frames": 17}
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["demo", "eval", "--num_sampling_steps", "0"], r"--num_sampling_steps must be at least 1, got 0"),
+    (["demo", "eval", "--num_prompts", "61"], r"--num_prompts must be from 1 to 60 .*got 61; leave it out"),
+    (["demo", "eval", "--num_prompts", "21", "--shapes", "diamond"], r"--num_prompts must be from 1 to 20"),
+    (["demo", "eval", "--cache", "bogus"], r"bogus"),
+    (["demo", "eval", "--lora_scale", "0.5"], r"--lora_scale has no effect without --lora"),
+    (["reconstruct", "--model_path", "m", "--video_path", "v", "--rec_path", "r", "--seed", "3"],
+     r"--seed 3 has no effect without --sample"),
+    (["reconstruct", "--model_path", "m", "--video_path", "v", "--rec_path", "r", "--temporal_context", "2"],
+     r"--temporal_context is used only by --temporal_mode approximate"),
+    (["train-vae", "--output_dir", "{tmp}/r", "--model_config", "c.json", "--pretrained_model_path", "p"],
+     r"--model_config has no effect with --pretrained_model_path"),
+    (["data", "check", "d.json", "--num_frames", "18"], r"--num_frames 18 is not a length the CausalVAE accepts"),
+])
+def test_values_without_effect_and_out_of_range_are_refused_before_work(tmp_path, capsys, argv, pattern):  # QA 9, 20, 21
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 1
+    _one_error_line(capsys, pattern)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_eval_zero_steps_is_not_the_default_in_the_library():  # QA 9
+    from opensora_plan.demo.evaluate import evaluate_demo
+
+    with pytest.raises(ValueError, match="num_sampling_steps must be at least 1, got 0"):
+        evaluate_demo(prompts=["a red circle moving left"], seeds=(0,), num_sampling_steps=0, device="cpu")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["reconstruct", "--model_path", "{tmp}/nope", "--video_path", "{tmp}/v.mp4", "--rec_path", "{tmp}/r"],
+     "--model_path"),
+    (["eval-vae", "--model_path", "{tmp}/nope", "--video_path", "{tmp}"], "--model_path"),
+])
+def test_a_missing_vae_folder_names_the_flag_and_the_kind(tmp_path, capsys, argv, flag):  # QA 28
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 1
+    line = _one_error_line(capsys, rf"{flag} .*nope does not exist; expected a CausalVAE folder with config.json and "
+                                   r"diffusion_pytorch_model.safetensors \(e.g. the vae/ folder")
+    assert "version folder" not in line
+
+
+def test_sampling_docs_match_the_help(capsys):  # QA 29, 30
+    docs = (Path(__file__).parents[1] / "docs" / "sampling.md").read_text()
+    assert "--text_prompt prompts.txt" not in docs and "--prompt_file prompts.txt" in docs
+    help_text = " ".join(_help(capsys, ["sample"]).split())
+    assert "a release folder: 24)" in help_text and "24.0" not in help_text
+    assert "| `--fps` | the demo's `demo.json` (8) | 24 |" in docs
+    assert "(unset: cuda when available)" in help_text and "| `--device` | unset: cuda when available |" in docs
+    assert "0: never" in help_text and "`0`: never" in docs
+    assert "| `--config` |" in docs

@@ -218,7 +218,7 @@ def test_validation_videos_are_written(assets, tmp_path):
     train(*build_t2v(options))
     assert (tmp_path / "validation" / "step-1" / "0000-a_red_ball_rolls.mp4").stat().st_size > 0
     with pytest.raises(ValueError, match="validation_sampling_steps"):
-        build_t2v({**options, "validation_sampling_steps": 2})
+        build_t2v({**options, "validation_sampling_steps": 2, "output_dir": str(tmp_path / "other")})
 
 
 @pytest.mark.parametrize("images", [0, 2])

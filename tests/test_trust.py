@@ -653,10 +653,11 @@ def test_validation_prompts_are_never_guessed_from_file_names(t2v_inputs, capsys
 
     (t2v_inputs / "val.txt").write_text("a red ball\n\nwaves\n")
     opts = {**T2V_DEFAULTS, "output_dir": str(t2v_inputs / "run"), "data_path": str(t2v_inputs / "data.json"),
-            "validation_prompt_file": str(t2v_inputs / "val.txt")}
+            "validation_prompt_file": str(t2v_inputs / "val.txt"), "validation_steps": 1}
     validate_t2v_options(opts)
     assert opts["validation_prompts"] == ["a red ball", "waves"]
-    assert cli.main(_t2v_argv(t2v_inputs, "--validation_prompts", str(t2v_inputs / "val.txt"))) == 1
+    assert cli.main(_t2v_argv(t2v_inputs, "--validation_prompts", str(t2v_inputs / "val.txt"),
+                              "--validation_steps", "1")) == 1
     _one_error_line(capsys, r"names an existing file.*--validation_prompt_file")
 
 

@@ -182,7 +182,7 @@ def test_preview_videos_are_mp4_files_with_the_clip_length(assets, tmp_path):  #
     frames = read_video(folder / "step-2" / files[0])[0]
     assert frames.shape[0] == sizes["num_frames"] and frames.shape[1] == sizes["max_image_size"]
     with pytest.raises(ValueError, match="validation_sample_method"):
-        build_t2v({**options, "validation_sample_method": "NoSuchScheduler"})
+        build_t2v({**options, "validation_sample_method": "NoSuchScheduler", "output_dir": str(tmp_path / "other")})
 
 
 def test_bad_validation_options_fail_before_any_model_loads(assets, held_out, tmp_path):  # noqa: F811
@@ -440,3 +440,12 @@ def test_previews_default_to_the_demo_models_sampling_settings(tmp_path):
     validate_t2v_options(opts)
     assert (opts["validation_sample_method"], opts["validation_sampling_steps"],
             opts["validation_guidance_scale"]) == ("PNDM", 20, 7.5)
+
+
+def test_run_summary_line_names_the_held_out_clips_used():
+    from opensora_plan import cli
+
+    summary = {"step": 4, "skipped_steps": 0, "output_dir": "runs/x", "held_out_clips": 2, "held_out_unreadable": 3}
+    line = cli._train_summary_line(summary)
+    assert "held-out loss over 2 clips (3 unreadable left out)" in line
+    assert "held-out" not in cli._train_summary_line({"step": 4, "skipped_steps": 0, "output_dir": "runs/x"})

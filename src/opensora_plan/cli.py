@@ -238,6 +238,10 @@ def _train_summary_line(summary: dict) -> str:
         parts.append(f"{reads} sample{'s' if reads != 1 else ''} replaced because the video was unreadable "
                      f"({files} file{'s' if files != 1 else ''}, listed in the log)" if reads
                      else "no sample replaced" if left_out else "no unreadable videos")
+    if "held_out_clips" in summary:  # --validation_data_path: what the held-out loss averaged over
+        unreadable = summary.get("held_out_unreadable", 0)
+        parts.append(f"held-out loss over {summary['held_out_clips']} clip{'s' if summary['held_out_clips'] != 1 else ''}"
+                     + (f" ({unreadable} unreadable left out)" if unreadable else ""))
     return "; ".join(parts) + f"; checkpoints in {summary['output_dir']}"
 
 
@@ -429,18 +433,57 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opensora-plan",
         description="Open-Sora-Plan v1.0.0 text-to-video: sampling, reconstruction, training.",
+        allow_abbrev=False,  # --max_train 1 is not --max_train_steps 1 (every sub-parser inherits the class below)
     )
     from opensora_plan import __version__
 
     parser.add_argument("--version", action="version", version=f"opensora-plan {__version__}",
                         help="print the package version and exit")
     _log_flags(parser, default=False)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, add in sorted(globals().items()):
         if name.startswith("_add_") and callable(add):
             add(subparsers)
     _log_flags_after_commands(subparsers)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """Sub-command parsers: no abbreviated flags; their own sub-commands are made of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", _Parser)
+        return super().add_subparsers(**kwargs)
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)sub-command parser that ``args`` went through (``data check`` -> its parser)."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, action.dest, None) if action is not None else None
+        if chosen is None or chosen not in action.choices:
+            return parser
+        parser = action.choices[chosen]
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, but unknown flags are reported by the sub-command's parser (its usage line)
+    with the closest flag it has."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _command_parser(parser, args)
+        flags = [s for a in command._actions for s in a.option_strings]
+        first = unknown[0]
+        close = difflib.get_close_matches(first.split("=")[0], flags, n=1) if first.startswith("-") else []
+        hint = f"; did you mean {close[0]}?" if close else f"; see {command.prog} --help"
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
 
 
 def _log_flags(parser: argparse.ArgumentParser, default) -> None:
@@ -513,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.verbose and args.quiet:
         parser.error("-v/--verbose and -q/--quiet exclude each other; give one.")
     logging.basicConfig(
@@ -534,8 +577,13 @@ def main(argv: list[str] | None = None) -> int:
                                                             if k not in ("func", "verbose", "quiet")})
         logger.debug("torch %s, %d threads, OMP_NUM_THREADS=%s, cuda available: %s", torch.__version__,
                      torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), torch.cuda.is_available())
-    from opensora_plan.utils import NonFiniteError
+    from opensora_plan.utils import PROGRESS_ENV, NonFiniteError
 
+    # -q hides every progress bar: ours (utils.progress_bar) and the libraries' (tqdm reads TQDM_DISABLE).
+    # Each torchrun process parses -q itself; the variable is restored afterwards for callers of main().
+    saved = os.environ.get(PROGRESS_ENV)
+    if args.quiet:
+        os.environ[PROGRESS_ENV] = "1"
     try:
         return int(args.func(args) or 0)
     except (UserError, OSError, ValueError, NonFiniteError) as err:  # OSError: a path the system refused
@@ -543,6 +591,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if args.quiet:
+            if saved is None:
+                os.environ.pop(PROGRESS_ENV, None)
+            else:
+                os.environ[PROGRESS_ENV] = saved
 
 
 if __name__ == "__main__":

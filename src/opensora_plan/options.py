@@ -30,12 +30,21 @@ import dataclasses
 import difflib
 import os
 import types
+import math
+import numbers
 import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
+# Seeds: 0 <= seed < SEED_LIMIT for every command (sample adds the prompt index, so the limit leaves room
+# below torch.manual_seed's 2**63 - 1 and numpy's seed % 2**32 stays defined).
+SEED_LIMIT = 2**63 - 2**32
+
 # Keys the trainer adds to a run's options.json beside the options themselves (train/trainer.py).
 RUN_RECORD_KEYS = ("task", "task_options", "world_size", "distributed_type", "torch_version", "extra")
+# The command that writes a run's options.json, by its "task" record.
+RUN_TASK_COMMANDS = {"T2VTask": "train-t2v", "VAETrainTask": "train-vae"}
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, choices=None,
@@ -70,6 +79,23 @@ class Options:
     CONFIG_DIR: ClassVar[Path | None] = None
     NOT_OPTIONS: ClassVar[tuple[str, ...]] = ()
     GROUPS: ClassVar[tuple[str, ...]] = ()  # --help sections in this order (others follow in field order)
+    NONFINITE_OK: ClassVar[tuple[str, ...]] = ()  # float options that may be nan / inf (none so far)
+
+    def __init_subclass__(cls, **kwargs):
+        """Every options class checks and converts its values to the field types before its own
+        ``__post_init__`` runs (the same rules as a --config file: one ValueError line per bad value)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_types", False):
+            def __post_init__(self, _own=own):
+                check_types(self)
+                _own(self)
+
+            __post_init__._checks_types = True
+            __post_init__.__doc__ = own.__doc__
+            cls.__post_init__ = __post_init__
+        elif own is None and "__post_init__" not in {k for c in cls.__mro__[1:] for k in c.__dict__}:
+            cls.__post_init__ = check_types
 
     # ---- mapping view
     def keys(self) -> list[str]:
@@ -97,18 +123,21 @@ class Options:
 
     @classmethod
     def of(cls, *args, **kwargs):
-        """``args[0]`` when it already is a ``cls``, else ``cls(*args, **kwargs)``: lets a library entry point
-        take either the options object or its fields (leading ones positionally, in field order)."""
-        if args and isinstance(args[0], cls):
+        """``args[0]`` when it already is a ``cls`` (or a mapping of its fields: :meth:`from_mapping`), else
+        ``cls(*args, **kwargs)``: lets a library entry point take the options object, a dict, or its fields
+        (leading ones positionally, in field order)."""
+        if args and (isinstance(args[0], cls) or isinstance(args[0], typing.Mapping)):
             if len(args) > 1 or kwargs:
-                raise TypeError(f"Pass a {cls.__name__} or its fields as arguments, not both.")
-            return args[0]
+                raise TypeError(f"Pass a {cls.__name__} (or a dict of its fields) or its fields as arguments, "
+                                "not both.")
+            return args[0] if isinstance(args[0], cls) else cls.from_mapping(args[0], source=None)
         return cls(*args, **kwargs)
 
     @classmethod
-    def from_mapping(cls, values: typing.Mapping, source: str = "options"):
-        """Build from ``{field: value}`` (keys starting with ``_`` ignored); unknown keys and missing
-        required options are one-line ValueErrors."""
+    def from_mapping(cls, values: typing.Mapping, source: str | None = None):
+        """Build from ``{field: value}`` (keys starting with ``_`` ignored); unknown keys ("unknown option
+        'bogus' for train-t2v", ``source`` names where they came from), missing required options and bad
+        values are one-line ValueErrors."""
         values = {k: v for k, v in values.items() if not str(k).startswith("_")}
         check_known(cls, values, source)
         missing = [f.name for f in option_fields(cls) if f.name not in values
@@ -134,14 +163,51 @@ def _flag_of(cls, name: str) -> str:
     return f"--{name}"
 
 
-def check_known(cls, values: typing.Mapping, source: str) -> None:
+def check_known(cls, values: typing.Mapping, source: str | None) -> None:
     """ValueError naming the first unknown key and the closest valid option."""
     names = [f.name for f in option_fields(cls)]
     for key in values:
+        if key in getattr(cls, "NOT_OPTIONS", ()):
+            where = f"{source}: " if source else ""
+            raise ValueError(f"{where}{cls.COMMAND or cls.__name__} does not offer --{key} (it keeps a fixed value); "
+                             f"remove '{key}'.")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"see `opensora-plan {cls.COMMAND} --help`."
-            raise ValueError(f"{source} has an unknown option '{key}' for {cls.COMMAND or cls.__name__}; {hint}")
+            where = f"{source} has an unknown option" if source else "unknown option"
+            raise ValueError(f"{where} '{key}' for {cls.COMMAND or cls.__name__}; {hint}")
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    cached = cls.__dict__.get("_TYPE_HINTS")
+    if cached is None:
+        cached = typing.get_type_hints(cls)
+        cls._TYPE_HINTS = cached
+    return cached
+
+
+def check_types(options: "Options") -> None:
+    """Convert every option of ``options`` to its field type in place (int -> float, path -> str, tuple ->
+    list), or raise a one-line ValueError: wrong type (``"5"`` for a whole number, ``"no"`` for a flag,
+    ``True`` for a number, ``5.5`` steps), ``None`` for an option that has a value, or nan / inf for a
+    float option (unless the class lists it in ``NONFINITE_OK``)."""
+    cls = type(options)
+    hints = _type_hints(cls)
+    for f in option_fields(cls):
+        value = getattr(options, f.name)
+        converted = _coerce(hints[f.name], value, f.name, f"{cls.COMMAND or cls.__name__}",
+                            allow_none=f.default is None, allow_nonfinite=f.name in cls.NONFINITE_OK)
+        if converted is not value:
+            object.__setattr__(options, f.name, converted)
+        if f.name in ("seed", "seeds") and converted is not None:
+            for seed in converted if isinstance(converted, list) else [converted]:
+                check_seed(seed, _flag_of(cls, f.name))
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """The one seed rule of every command: a whole number from 0 to ``SEED_LIMIT - 1`` (ValueError)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{flag} must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +216,7 @@ def check_known(cls, values: typing.Mapping, source: str) -> None:
 
 
 def _resolved_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return _type_hints(cls)
 
 
 def _base_type(annotation):
@@ -187,7 +253,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         if cls.CONFIG_DIR is not None:
             names = sorted(p.stem for p in Path(cls.CONFIG_DIR).glob("*.json"))
             shipped = f", or the name of a shipped one ({', '.join(names)})" if names else ""
-        parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+        parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", action=_OnceAction,
                             help=f"options file: .json, .yaml or .yml{shipped}, or a run's options.json; its values "
                                  "replace the defaults and flags given on the command line replace its values")
     for f in option_fields(cls):
@@ -213,6 +279,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["action"] = "store_true"
+            if meta["show_default"]:  # the flag is off unless given (a --no_ flag turns a default-on field off)
+                help_text += " (default: off)" if default is not True else f" (default: off, i.e. {f.name} on)"
             target.add_argument(flag, help=help_text, **kwargs)
             continue
         converter = meta["type"] or (scalar if scalar in (int, float, str) else None)
@@ -245,6 +313,16 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             target.add_argument(meta["flag"] or f"--{f.name}", help=help_text, **kwargs)
 
 
+class _OnceAction(argparse.Action):
+    """``store``, but giving the option twice is an error (two --config files would silently drop one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}); give one "
+                         "file (merge them, or put the other values on the command line).")
+        setattr(namespace, self.dest, values)
+
+
 def given_options(cls, args: argparse.Namespace) -> dict:
     """The options given on the command line (absent ones were suppressed by :func:`add_options`)."""
     return {f.name: getattr(args, f.name) for f in option_fields(cls) if hasattr(args, f.name)}
@@ -268,6 +346,9 @@ def options_from_args(cls, args: argparse.Namespace):
 def _config_path(cls, spec: str | os.PathLike) -> Path:
     path = Path(spec)
     if path.is_file():
+        if path.suffix.lower() not in CONFIG_SUFFIXES:
+            raise ValueError(f"--config {spec} has the suffix '{path.suffix}', which is not a config format here; use "
+                             ".json, .yaml or .yml.")
         return path
     if cls.CONFIG_DIR is not None:
         shipped = Path(cls.CONFIG_DIR) / f"{str(spec).removesuffix('.json')}.json"
@@ -299,47 +380,88 @@ def read_options_file(cls, spec: str | os.PathLike) -> dict:
             raise ValueError(f"--config file {path} is not valid YAML ({problem}); fix or replace the file.") from err
     else:
         data = read_json_file(path, "--config file")
+    if data is None:
+        raise ValueError(f"--config file {path} holds nothing; expected a mapping of option names to values.")
     if not isinstance(data, dict):
-        raise ValueError(f"--config file {path} holds a {type(data).__name__}; expected a mapping of option names "
-                         "to values.")
+        kind = {list: "a list", str: "a single text", int: "a single number", float: "a single number",
+                bool: "a single true/false"}.get(type(data), f"a {type(data).__name__}")
+        raise ValueError(f"--config file {path} holds {kind}; expected a mapping of option names to values.")
     data = {k: v for k, v in data.items() if not str(k).startswith("_")}
     if "task_options" in data:  # a run's options.json: its record is not options
+        writer = RUN_TASK_COMMANDS.get(str(data.get("task")))
+        if writer is not None and writer != cls.COMMAND:
+            raise ValueError(f"--config file {path} is a run's options.json written by {writer}; use it with "
+                             f"`opensora-plan {writer} --config`, or give a {cls.COMMAND} options file.")
         extra = data.get("extra") or {}
+        fixed = {f.name: f.default for f in dataclasses.fields(cls) if f.name in cls.NOT_OPTIONS}
+        changed = [k for k in fixed if k in data and data[k] != fixed[k]]
+        if changed:  # recorded by the loop, but this command does not offer them: only their fixed value passes
+            key = changed[0]
+            raise ValueError(f"--config file {path}: {cls.COMMAND} does not offer --{key}; its value must stay "
+                             f"{fixed[key]!r} (the run recorded it), got {data[key]!r}.")
         data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS and k not in cls.NOT_OPTIONS}
         data.update({k: v for k, v in extra.items() if not str(k).startswith("_")})
     check_known(cls, data, f"--config file {path}")
     hints = _resolved_types(cls)
-    return {k: _coerce(hints[k], v, k, path) for k, v in data.items()}
+    defaults = {f.name: f.default for f in option_fields(cls)}
+    return {k: _coerce(hints[k], v, k, path, allow_none=defaults.get(k) is None,
+                       allow_nonfinite=k in cls.NONFINITE_OK) for k, v in data.items()}
 
 
-def _coerce(annotation, value, name: str, path: Path):
-    """``value`` as the field's type, or a one-line ValueError (config files bypass argparse's types)."""
+_EXPECTED = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
+
+
+def _coerce(annotation, value, name: str, where, allow_none: bool = False, allow_nonfinite: bool = False):
+    """``value`` as the field's type, or a one-line ValueError naming ``where`` (a config file path or the
+    command) and the option. ``None`` passes only for an Optional field (or ``allow_none``)."""
     scalar, is_list = _base_type(annotation)
-    if value is None or scalar is None:
+    if scalar is None:
         return value
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation)
+    prefix = f"--config file {where}: " if isinstance(where, Path) else f"{where}: "
+    if value is None:
+        if optional or allow_none:
+            return value
+        expected = f"a list of {_EXPECTED.get(scalar, scalar.__name__)}" if is_list else _EXPECTED.get(
+            scalar, scalar.__name__)
+        raise ValueError(f"{prefix}{name}: null is not allowed; expected {expected}.")
     if is_list:
-        items = value if isinstance(value, list) else [value]
-        return [_coerce(scalar, v, name, path) for v in items]
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            items = [value]
+        else:
+            items = list(value)
+        return [_coerce(scalar, v, name, where, allow_nonfinite=allow_nonfinite) for v in items]
     problem = None
     if scalar is bool:
         if not isinstance(value, bool):
             problem = "true or false"
     elif scalar is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             problem = "a whole number"
+        elif type(value) is not int:
+            return int(value)
     elif scalar is float:
+        number = None
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 problem = "a number"
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
             problem = "a number"
         else:
-            return float(value)
+            number = value if type(value) is float else float(value)
+        if number is not None:
+            if not allow_nonfinite and not math.isfinite(number):
+                problem = "a finite number"
+            else:
+                return number
     elif scalar is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if not isinstance(value, str):
             problem = "text"
     if problem:
-        raise ValueError(f"--config file {path}: '{name}' must be {problem}, got {value!r}.")
+        raise ValueError(f"{prefix}'{name}' must be {problem}, got {value!r}.")
     return value

@@ -182,3 +182,22 @@ def read_json_file(path: str | os.PathLike, what: str):
 def valid_num_frames(num_frames: int, temporal_compression: int = 4) -> bool:
     """The CausalVAE's frame rule: 1 frame (an image) or 1 + k * ``temporal_compression`` frames (17, 65, ...)."""
     return num_frames >= 1 and (num_frames - 1) % temporal_compression == 0
+
+
+# Progress bars: `-q` turns every bar of this project off through tqdm's own switch, the environment
+# variable TQDM_DISABLE (tqdm >= 4.66 reads it as the default of `disable`, so bars of diffusers /
+# transformers go too, and processes started from this one inherit it). Bars of this project pass
+# `disable=` explicitly, which would override the variable, hence progress_bar() below.
+PROGRESS_ENV = "TQDM_DISABLE"
+
+
+def progress_disabled() -> bool:
+    """True when progress bars are switched off (``-q``: ``TQDM_DISABLE=1`` in the environment)."""
+    return os.environ.get(PROGRESS_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def progress_bar(iterable=None, *, disable: bool = False, **kwargs):
+    """``tqdm.auto.tqdm(iterable, **kwargs)``, also disabled when :func:`progress_disabled` (``-q``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=bool(disable) or progress_disabled(), **kwargs)

@@ -322,14 +322,14 @@ def plan_buckets(paths: list[Path], buckets: list[Bucket], sample_rate: int = 1,
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
+    from opensora_plan.utils import progress_bar
 
     members: list[list[int]] = [[] for _ in buckets]
     unfit, unreadable = [], []
     if infos is None:
         # FFmpeg releases the GIL while it reads and decodes: threads overlap the files' I/O and decoding.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            infos = list(tqdm(pool.map(_probe_or_reason, paths), total=len(paths), desc="buckets", unit="video",
+            infos = list(progress_bar(pool.map(_probe_or_reason, paths), total=len(paths), desc="buckets", unit="video",
                               disable=not progress))
     elif len(infos) != len(paths):
         raise ValueError(f"Got {len(infos)} clip infos for {len(paths)} paths; give one per path.")

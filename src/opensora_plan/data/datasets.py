@@ -37,6 +37,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ..utils import valid_num_frames
 from .transforms import center_crop, image_slot_indices, temporal_window_indices, video_train_transform, window_indices
 from ..models.text_encoder import MODEL_MAX_LENGTH
 from ..options import Options, option
@@ -326,6 +327,7 @@ class DataCheckOptions(Options):
     """Every option of ``opensora-plan data check`` / :func:`check_dataset`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "data check"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     data_path: str = option(positional=True, help="dataset JSON list")
     video_folder: str | None = option(None, help="base folder for relative paths (unset: the JSON's folder)")
@@ -353,6 +355,9 @@ class DataCheckOptions(Options):
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.use_image_num < 0:
             raise ValueError(f"--use_image_num must be at least 0, got {self.use_image_num}.")
+        if self.num_frames is not None and not valid_num_frames(self.num_frames):
+            raise ValueError(f"--num_frames {self.num_frames} is not a length the CausalVAE accepts (training would "
+                             "refuse it); use 1 + 4k, e.g. 17 or 65.")
         if self.buckets is None:  # a value other than the default can only have been given
             defaults = type(self).defaults()
             unused = [k for k in ("train_batch_size", "use_image_num") if getattr(self, k) != defaults[k]]
@@ -382,7 +387,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
     """
     import json
 
-    from tqdm.auto import tqdm
+    from opensora_plan.utils import progress_bar
 
     from ..utils import atomic_write_bytes
 
@@ -408,7 +413,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
     infos = {}  # entry number -> ClipInfo or why unreadable: the bucket histogram uses this pass's findings
     frames, fps, heights, widths, durations = [], [], [], [], []
     words, tokens, per_entry = [], [], []
-    for index, entry in enumerate(tqdm(raw, desc="data check", unit="video", disable=not progress)):
+    for index, entry in enumerate(progress_bar(raw, desc="data check", unit="video", disable=not progress)):
         problem = entry_problem(entry)
         if problem is not None:
             malformed.append({"index": index, "problem": problem})

@@ -42,7 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
 from ..utils import atomic_write_bytes, check_finite, parse_dtype, resolve_device, valid_num_frames
@@ -133,6 +133,7 @@ class ExtractOptions(Options):
     """Every option of ``opensora-plan extract`` / :func:`extract_features`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "extract"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     data_path: str = option(help="dataset JSON list")
     out_dir: str = option(flag="--out", help="output folder of the cache")
@@ -242,7 +243,7 @@ def extract_features(*args, progress: bool = True, **kwargs) -> dict:
         atomic_write_bytes(out_dir / NULL_TEXT_FILE, safetensors_save({"text": null}))
 
     written = 0
-    bar = tqdm(total=sum(min(shard_size, len(entries) - k * shard_size) for k in todo), desc="extract",
+    bar = progress_bar(total=sum(min(shard_size, len(entries) - k * shard_size) for k in todo), desc="extract",
                unit="video", disable=not progress)
     for shard in todo:
         tensors, present, captions, skipped = {}, [], {}, []

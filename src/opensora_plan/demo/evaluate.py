@@ -137,6 +137,22 @@ class DemoEvalOptions(Options):
     lora: str | None = option(None, help="LoRA adapter folder from train-t2v --lora_rank, applied to the model")
     lora_scale: float = option(1.0, help="strength of the LoRA")
 
+    def __post_init__(self):
+        from opensora_plan.models.step_cache import parse_cache_spec
+
+        if self.num_sampling_steps is not None and self.num_sampling_steps < 1:
+            raise ValueError(f"--num_sampling_steps must be at least 1, got {self.num_sampling_steps}.")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ValueError(f"--guidance_scale must be >= 0 (1 disables guidance), got {self.guidance_scale}.")
+        if self.num_prompts is not None:
+            available = len(all_prompts(self.colours, self.shapes))
+            if not 1 <= self.num_prompts <= available:
+                raise ValueError(f"--num_prompts must be from 1 to {available} (the prompts there are), got "
+                                 f"{self.num_prompts}; leave it out to evaluate all {available}.")
+        parse_cache_spec(self.cache)  # a bad --cache fails before any weights load
+        if self.lora is None and self.lora_scale != 1.0:
+            raise ValueError("--lora_scale has no effect without --lora; add --lora or drop --lora_scale.")
+
 
 def evaluate_demo(
     model_path: str | os.PathLike | None = None,
@@ -161,9 +177,8 @@ def evaluate_demo(
     ``lora``: a ``train-t2v --lora_rank`` adapter folder applied at ``lora_scale``. Colours are judged among
     the demo's five plus any new colour the prompts name, shapes likewise.
     """
-    from tqdm.auto import tqdm
-
     from opensora_plan.data.video_io import read_video, write_video
+    from opensora_plan.utils import progress_bar
 
     prompts = list(prompts) if prompts is not None else all_prompts()
     if not prompts or not seeds:
@@ -184,7 +199,9 @@ def evaluate_demo(
     shapes = tuple(dict.fromkeys([*SHAPES, *(label[1] for label in labels)]))
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_cache(cache, **(cache_options or {}))
-    steps = num_sampling_steps or info["num_sampling_steps"]
+    steps = info["num_sampling_steps"] if num_sampling_steps is None else num_sampling_steps
+    if steps < 1:
+        raise ValueError(f"num_sampling_steps must be at least 1, got {steps}.")
     scale = info["guidance_scale"] if guidance_scale is None else guidance_scale
     settings = {"model_path": str(model_path or "shipped demo"), "version": info["version"],
                 "sample_method": sample_method or info["sample_method"], "num_sampling_steps": steps,
@@ -199,7 +216,7 @@ def evaluate_demo(
         out_dir = Path(save_dir) if save_dir else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for k, (prompt, (colour, shape, direction)) in enumerate(
-                tqdm(list(zip(prompts, labels)), desc="demo eval", unit="prompt", disable=not progress)):
+                progress_bar(list(zip(prompts, labels)), desc="demo eval", unit="prompt", disable=not progress)):
             index = order.get(prompt, k)
             embeds, negative = pipe.encode_prompt(prompt, do_classifier_free_guidance=scale > 1.0)  # (1, L, C)
             n = len(seeds)

@@ -107,6 +107,11 @@ def render(clip: Clip, num_frames: int, size: int) -> np.ndarray:
     return frames
 
 
+# The smallest frame random_clip can fit a moving shape in: radius <= 0.25 size and distance <= 0.4 size
+# leave 0.1 size for the start range, which needs 2 px (1 px margin each side); H.264 needs even sizes.
+MIN_SIZE = 20
+
+
 def random_clip(rng: np.random.Generator, colour: str, shape: str, direction: str, size: int) -> Clip:
     """Random size, speed and start such that the shape stays inside the frame the whole time."""
     # Large objects (23-32 px across at 64 px, 3-4 latent pixels at 8x VAE compression): a small one on
@@ -147,6 +152,9 @@ class MakeDataOptions(Options):
         for name in ("num_videos", "num_frames", "size", "fps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.size < MIN_SIZE or self.size % 2:
+            raise ValueError(f"--size must be an even number of pixels >= {MIN_SIZE} (a moving shape has to fit, and "
+                             f"H.264 needs even sizes), got {self.size}.")
         for name, given, known in (("colours", self.colours, ALL_COLOURS), ("shapes", self.shapes, ALL_SHAPES)):
             if given is not None:
                 unknown = [v for v in given if v not in known]

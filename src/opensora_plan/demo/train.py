@@ -334,7 +334,7 @@ def train_demo(out: str | os.PathLike, recipe: DemoRecipe | None = None, stages:
             train_config = TrainConfig(output_dir=str(output_dir), max_train_steps=steps,
                                        train_batch_size=recipe.vae_batch_size, mixed_precision=mp, seed=recipe.seed,
                                        checkpointing_steps=max(steps // 6, 1), report_to="none", extra=options,
-                                       resume_from_checkpoint="latest" if any(output_dir.glob("checkpoint-*")) else None)
+                                       resume_from_checkpoint="latest")  # latest: a fresh run when none
             return _train_once(output_dir, steps, lambda: train_vae(train_config, **options))
 
         # Stage 1 on short clips (and optionally centre crops), stage 2 on whole clips: GroupNorm statistics
@@ -379,7 +379,7 @@ def train_demo(out: str | os.PathLike, recipe: DemoRecipe | None = None, stages:
             "learning_rate": recipe.t2v_learning_rate, "lr_scheduler": recipe.t2v_lr_scheduler,
             "lr_warmup_steps": min(recipe.t2v_lr_warmup_steps, recipe.t2v_steps - 1), "mixed_precision": mp,
             "use_ema": True, "ema_decay": recipe.t2v_ema_decay,
-            "resume_from_checkpoint": "latest" if any(t2v_run.glob("checkpoint-*")) else None,
+            "resume_from_checkpoint": "latest",  # a fresh run when there is no checkpoint yet
             "seed": recipe.seed, "checkpointing_steps": max(recipe.t2v_steps // 8, 1), "report_to": "none",
             "output_dir": str(t2v_run),
         }))

@@ -61,13 +61,20 @@ def component_folder(path: Path, class_name: str) -> Path | None:
     return path / folders.get(names[0], names[0])
 
 
-def resolve_model_folder(path: str | os.PathLike, subfolder: str | None = None) -> Path:
-    """The folder holding ``config.json`` and weights, with one clear error when it is not there."""
+def resolve_model_folder(path: str | os.PathLike, subfolder: str | None = None, kind: str | None = None,
+                         flag: str | None = None) -> Path:
+    """The folder holding ``config.json`` and weights, with one clear error when it is not there.
+
+    ``kind``: the model class in the message ("CausalVAE", "LatteT2V"); ``flag``: the option that named
+    the folder (``--model_path``). Raises FileNotFoundError."""
     folder = Path(path) / subfolder if subfolder else Path(path)
     if not folder.is_dir():
+        example = {None: " (e.g. a version folder of LanguageBind/Open-Sora-Plan-v1.0.0)",
+                   "LatteT2V": " (e.g. a version folder of LanguageBind/Open-Sora-Plan-v1.0.0)",
+                   "CausalVAE": " (e.g. the vae/ folder of LanguageBind/Open-Sora-Plan-v1.0.0)"}.get(kind, "")
         raise FileNotFoundError(
-            f"Model folder {folder} does not exist; expected a folder with {CONFIG_NAME} and "
-            f"{WEIGHT_NAMES[0]} (e.g. a version folder of LanguageBind/Open-Sora-Plan-v1.0.0)."
+            f"{flag + ' ' if flag else 'Model folder '}{folder} does not exist; expected a {kind + ' ' if kind else ''}"
+            f"folder with {CONFIG_NAME} and {WEIGHT_NAMES[0]}{example}."
         )
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder / CONFIG_NAME} is missing; a model folder needs its {CONFIG_NAME}.")
@@ -172,7 +179,8 @@ def load_pretrained(
     config_overrides.pop("dtype", None)
     if subfolder is None:  # a pipeline folder given for one of its components (DiffusionPipeline loading)
         path = component_folder(Path(path), cls.__name__) or path
-    folder = resolve_model_folder(path, subfolder)
+    kind = {"CausalVAEModel": "CausalVAE"}.get(cls.__name__, cls.__name__)
+    folder = resolve_model_folder(path, subfolder, kind=kind)
     weights = find_weights(folder)
     config = cls.load_config(str(folder))
     config.update(config_overrides)

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_MAX_LENGTH = 300  # tokens per prompt, as the reference's sampler and trainer (the one place of this number)
 MAX_LENGTH = MODEL_MAX_LENGTH  # the older name
+# T5 v1.1's tokenizer limit (model_max_length 512 of DeepFloyd/t5-v1_1-xxl): the most tokens a caption may get.
+T5_MAX_LENGTH = 512
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 

@@ -34,7 +34,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
 from ..utils import atomic_write_bytes, check_output_file, read_text_file
@@ -300,6 +300,7 @@ class EvalT2VOptions(Options):
     """Every option of ``opensora-plan eval-t2v`` / :func:`evaluate_t2v`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "eval-t2v"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     videos: str = option(help="folder of generated videos (searched recursively)")
     metrics: list[str] = option(default_factory=lambda: list(METRICS), type=_metric_list,
@@ -421,7 +422,7 @@ def evaluate_t2v(*args, **kwargs) -> T2VEvaluation:
     generated_features = _I3DFeatures(i3d, device, batch_size) if i3d is not None else None
 
     # ---- generated videos: CLIP score per video, I3D features of the FVD clip
-    for path in tqdm(generated, desc="eval-t2v generated", unit="video"):
+    for path in progress_bar(generated, desc="eval-t2v generated", unit="video"):
         try:
             with VideoReader(path) as reader:
                 total = reader.num_frames
@@ -451,7 +452,7 @@ def evaluate_t2v(*args, **kwargs) -> T2VEvaluation:
         fake = generated_features.features()
         if real_stats is None:
             real_features = _I3DFeatures(i3d, device, batch_size)
-            for path in tqdm(real_videos, desc="eval-t2v real", unit="video"):
+            for path in progress_bar(real_videos, desc="eval-t2v real", unit="video"):
                 try:
                     with VideoReader(path) as reader:
                         indices = fvd_clip_indices(reader.num_frames, num_frames, sample_rate)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
+from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
 from ..utils import atomic_write_bytes
@@ -101,6 +101,7 @@ class EvalVAEOptions(Options):
     """Every option of ``opensora-plan eval-vae`` / :func:`evaluate_vae`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "eval-vae"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     model_path: str = option(help="CausalVAE folder (config.json + weights)")
     video_path: str = option(help="a video file or a folder of videos (recursive)")
@@ -140,6 +141,9 @@ def evaluate_vae(*args, **kwargs) -> EvaluationSummary:
         "subset_size", "device", "dtype", "sample", "seed", "enable_tiling", "tile_overlap_factor", "json_out"))
     from ..models.lpips import load_lpips
     from ..data.video_io import VIDEO_EXTENSIONS, list_videos
+    from ..models.loading import resolve_model_folder
+
+    resolve_model_folder(model_path, kind="CausalVAE", flag="--model_path")  # before any video is read
 
     video_path = Path(video_path)
     if not video_path.exists():
@@ -161,7 +165,7 @@ def evaluate_vae(*args, **kwargs) -> EvaluationSummary:
         resolution=resolution, crop_size=crop_size, dtype=dtype, sample=sample, seed=seed,
         enable_tiling=enable_tiling, lpips=bool(lpips_path),
     ))
-    for source in tqdm(sources, desc="eval-vae", unit="video"):
+    for source in progress_bar(sources, desc="eval-vae", unit="video"):
         try:
             video, _ = load_clip(source, num_frames, sample_rate, resolution, crop_size,
                                  spatial_multiple=vae.spatial_compression)

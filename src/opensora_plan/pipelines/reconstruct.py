@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
+from opensora_plan.utils import progress_bar
 
 from ..data.transforms import (
     center_crop,
@@ -237,6 +237,7 @@ class ReconstructOptions(Options):
     """Every option of ``opensora-plan reconstruct`` / :func:`reconstruct`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "reconstruct"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     model_path: str = option(help="CausalVAE folder (e.g. the release's vae/)")
     video_path: str = option(help="input video, or a folder of mp4/avi/webm/mkv/mov")
@@ -270,6 +271,13 @@ class ReconstructOptions(Options):
             raise ValueError(f"--temporal_chunk must be >= 0 (0: decode all at once), got {self.temporal_chunk}.")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"--fps must be positive, got {self.fps}.")
+        # Values with no effect are refused (a value equal to the default cannot be told from no value).
+        if not self.sample and self.seed != 0:
+            raise ValueError(f"--seed {self.seed} has no effect without --sample (the posterior mode is decoded); add "
+                             "--sample or drop --seed.")
+        if self.temporal_context is not None and self.temporal_mode != "approximate":
+            raise ValueError("--temporal_context is used only by --temporal_mode approximate (lossless decoding needs "
+                             "no context); add --temporal_mode approximate or drop --temporal_context.")
 
 
 def reconstruct(*args, **kwargs) -> ReconstructionSummary:
@@ -288,6 +296,9 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
                                 "crop_size", "enable_tiling", "tile_overlap_factor", "temporal_mode",
                                 "temporal_context", "device", "dtype", "sample", "seed", "gif", "fps", "backend"))
     temporal_chunk = o.temporal_chunk or None  # 0: decode all at once
+    from ..models.loading import resolve_model_folder
+
+    resolve_model_folder(model_path, kind="CausalVAE", flag="--model_path")  # before any video is read
     video_path, rec_path = Path(video_path), Path(rec_path)
     if not video_path.exists():
         raise FileNotFoundError(f"--video_path {video_path} does not exist; give a video file or a folder of videos.")
@@ -324,7 +335,7 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
                         crop_size=crop_size, backend=backend)
 
     summary = ReconstructionSummary()
-    for source, target in tqdm(list(zip(sources, targets)), desc="reconstruct", unit="video",
+    for source, target in progress_bar(list(zip(sources, targets)), desc="reconstruct", unit="video",
                                disable=not folder_mode):
         try:
             result = _reconstruct_file(vae, source, target, gif, fps, sample, generator, clip_options)

@@ -30,6 +30,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import ClassVar
 
 from opensora_plan.options import Options, option
@@ -55,11 +56,13 @@ _SCHEDULERS = ("PNDM, DDIM, EulerDiscrete, DDPM, DPMSolverMultistep, DPMSolverSi
 
 def _model_default(name: str) -> str:
     """Help text of an option whose default comes from the model folder."""
-    return f"(default: the demo model's demo.json; a release folder: {RELEASE_SAMPLE_DEFAULTS[name]})"
+    value = RELEASE_SAMPLE_DEFAULTS[name]
+    shown = f"{value:g}" if isinstance(value, float) else value  # 24, not 24.0
+    return f"(default: the demo model's demo.json; a release folder: {shown})"
 
 
 def parse_memory_budget(text: str) -> float | str | None:
-    """``--vae_memory_gb``: 'auto', 0 (never chunk: None) or a positive number of GiB."""
+    """``--vae_memory_gb``: 'auto', 0 (never chunk: None) or a positive finite number of GiB."""
     import argparse
 
     if text == "auto":
@@ -68,8 +71,9 @@ def parse_memory_budget(text: str) -> float | str | None:
         value = float(text)
     except ValueError:
         value = -1.0
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 or 'auto', got {text!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number of GiB >= 0 (0: never chunk) or 'auto', got "
+                                         f"{text!r}")
     return value or None
 
 
@@ -83,6 +87,7 @@ class SampleOptions(Options):
     """
 
     COMMAND: ClassVar[str] = "sample"
+    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
     prompt: str | None = option(None, positional=True, help="the prompt (or use --text_prompt)")
     model_path: str | None = option(None, help="folder with the version folders and vae/ (unset: the shipped demo "
@@ -149,8 +154,6 @@ class SampleOptions(Options):
         if self.sp_size > 1 and self.force_images:
             raise ValueError("--force_images samples one frame, which cannot be split over --sp_size processes; "
                              "use --sp_size 1.")
-        if not 0 <= self.seed < 2**63 - 2**32:
-            raise ValueError(f"--seed must be a whole number from 0 to {2**63 - 2**32 - 1}, got {self.seed}.")
         if self.guidance_scale is not None and (not self.guidance_scale >= 0 or math.isinf(self.guidance_scale)):
             raise ValueError(f"--guidance_scale must be a finite number >= 0 (1 disables guidance), got "
                              f"{self.guidance_scale}.")
@@ -170,9 +173,13 @@ class SampleOptions(Options):
                              f"{' or '.join(TEXT_CONDITIONING)}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype} is not supported; use one of {', '.join(DTYPES)}.")
-        if self.vae_memory_gb not in (None, "auto") and not (
-                isinstance(self.vae_memory_gb, (int, float)) and self.vae_memory_gb > 0):
-            raise ValueError(f"--vae_memory_gb must be a positive number of GiB or 'auto', got {self.vae_memory_gb!r}.")
+        if self.vae_memory_gb not in (None, "auto"):
+            if isinstance(self.vae_memory_gb, bool) or not isinstance(self.vae_memory_gb, (int, float)) or not (
+                    self.vae_memory_gb >= 0 and math.isfinite(self.vae_memory_gb)):
+                raise ValueError(f"--vae_memory_gb must be a finite number of GiB >= 0 (0: never chunk) or 'auto', "
+                                 f"got {self.vae_memory_gb!r}.")
+            if self.vae_memory_gb == 0:  # 0 = never chunk, as on the command line
+                object.__setattr__(self, "vae_memory_gb", None)
 
     def resolve(self) -> "SampleOptions":
         """A copy with the model-dependent settings filled in (see :func:`resolve_sample_defaults`)."""
@@ -428,10 +435,10 @@ def _encode_batch(pipe, prompts, negative_prompt, do_cfg, clean_caption, text_co
     return cond, None, uncond, None
 
 
-def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
+def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list[Path]:
     """Sample one video per prompt into ``save_img_path``; returns the files this process wrote.
 
-    ``options``: a :class:`SampleOptions` (or its fields as keywords). Settings left ``None`` come from
+    ``options``: a :class:`SampleOptions`, a dict of its fields, or its fields as keywords. Settings left ``None`` come from
     the model folder (:meth:`SampleOptions.resolve`). Prompts: ``prompt`` / ``text_prompt`` (one prompt)
     or ``prompt_file`` (one per line). ``gif``: also write ``<name>.gif`` beside each mp4. Every option, prompt,
     folder and config is checked before any model loads (ValueError / FileNotFoundError, one line).
@@ -459,6 +466,8 @@ def sample_t2v(options: SampleOptions | None = None, **kwargs) -> list[Path]:
     # Everything cheap first: flags, prompts, folders, configs.
     if options is None:
         options = SampleOptions(**kwargs)  # keyword form: the fields of SampleOptions
+    elif not isinstance(options, SampleOptions):
+        options = SampleOptions.of(options, **kwargs)  # a mapping of its fields
     elif kwargs:
         raise TypeError(f"sample_t2v takes a SampleOptions or keywords, not both (got {sorted(kwargs)}).")
     if options.prompt is None and options.text_prompt is None and options.prompt_file is None:

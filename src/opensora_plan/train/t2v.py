@@ -23,9 +23,9 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH
+from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, T5_MAX_LENGTH
 from opensora_plan.options import option, option_fields
-from opensora_plan.train.trainer import Phase, TrainConfig, TrainTask, train
+from opensora_plan.train.trainer import Phase, check_adamw, check_new_run_folder, TrainConfig, TrainTask, train
 from opensora_plan.utils import valid_num_frames
 
 logger = logging.getLogger(__name__)
@@ -155,8 +155,13 @@ class T2VTrainOptions(TrainConfig):
             if ignored:
                 raise ValueError(f"--{ignored[0]} {getattr(self, ignored[0])} is not used with --buckets (each "
                                  "bucket sets its frames and size); drop it or put that shape in --buckets.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        check_adamw(self.learning_rate, self.adam_beta1, self.adam_beta2, self.adam_epsilon, self.adam_weight_decay,
+                    self.max_grad_norm)
+        if self.model_max_length > T5_MAX_LENGTH:
+            raise ValueError(f"--model_max_length {self.model_max_length} is more than T5's tokenizer handles "
+                             f"({T5_MAX_LENGTH} tokens; the release uses {MODEL_MAX_LENGTH}); use at most "
+                             f"{T5_MAX_LENGTH}.")
+
         if self.lora_rank is None:
             given = [k for k in ("lora_alpha", "lora_target_modules") if getattr(self, k) is not None]
             if given:
@@ -721,6 +726,7 @@ def validate_t2v_options(opts: Mapping) -> None:
     from opensora_plan.utils import check_output_folder
 
     check_output_folder(opts["output_dir"], "--output_dir")
+    check_new_run_folder(opts["output_dir"], opts["resume_from_checkpoint"])
     _check_model_spec(opts["model"])  # before any clip is probed or model loaded
     if opts["resume_from_checkpoint"]:
         from opensora_plan.train.checkpoint import resolve_resume
@@ -776,6 +782,11 @@ def validate_t2v_options(opts: Mapping) -> None:
     if opts["validation_data_path"] and not opts["validation_steps"]:
         raise ValueError("--validation_data_path needs --validation_steps (how often to compute the held-out loss, "
                          "e.g. 100).")
+    if not opts["validation_steps"]:  # previews run only every --validation_steps
+        given = [k for k in ("validation_prompt_file", "validation_prompts") if opts[k]]
+        if given:
+            raise ValueError(f"--{given[0]} has no effect without --validation_steps; add --validation_steps N "
+                             f"(preview every N optimizer steps) or drop --{given[0]}.")
     if not 1 <= opts["validation_num_timesteps"] <= 1000:
         raise ValueError(f"--validation_num_timesteps must be in [1, 1000] (the diffusion has 1000 steps), got "
                          f"{opts['validation_num_timesteps']}.")
@@ -808,7 +819,7 @@ def _check_model_spec(spec: str) -> None:
 def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]:
     """Task and loop configuration from ``train-t2v`` options (a mapping: missing keys take the defaults)."""
     if not isinstance(options, T2VTrainOptions):
-        options = T2VTrainOptions.from_mapping(options, source="train-t2v options")
+        options = T2VTrainOptions.from_mapping(options)
     opts = options.to_dict()
     loop_keys = {f for f in TrainConfig.__dataclass_fields__ if f != "extra"}
     config = options.loop_config()

@@ -234,6 +234,14 @@ class TrainConfig(Options):
             raise ValueError(f"--validation_steps must be at least 1, got {self.validation_steps}.")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay is the weight of the old EMA in (0, 1), e.g. 0.9999; got {self.ema_decay}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"--checkpoints_total_limit must be at least 1 (keep the newest N checkpoints), got "
+                             f"{self.checkpoints_total_limit}; leave it out to keep every checkpoint.")
+        # Values with no effect: the options cannot tell a value given as the default from no value, so a
+        # value that differs from the default is refused.
+        if not self.use_ema and self.ema_decay != _field_default(type(self), "ema_decay"):
+            raise ValueError(f"--ema_decay {self.ema_decay} has no effect without --use_ema; add --use_ema or drop "
+                             "--ema_decay.")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
         from diffusers.optimization import SchedulerType
@@ -241,6 +249,73 @@ class TrainConfig(Options):
         names = [t.value for t in SchedulerType]
         if self.lr_scheduler not in names:  # checked here, before any model loads
             raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not supported; use one of {', '.join(names)}.")
+
+
+def check_adamw(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8,
+                weight_decay: float = 0.0, max_grad_norm: float | None = 1.0) -> None:
+    """ValueError (one line) for AdamW settings torch would refuse or that cannot train: learning_rate > 0,
+    0 <= beta1, beta2 < 1, epsilon > 0, weight_decay >= 0, max_grad_norm > 0 (None: no clipping)."""
+    checks = (("learning_rate", learning_rate, learning_rate > 0, "positive"),
+              ("adam_beta1", beta1, 0 <= beta1 < 1, "in [0, 1)"), ("adam_beta2", beta2, 0 <= beta2 < 1, "in [0, 1)"),
+              ("adam_epsilon", epsilon, epsilon > 0, "positive"),
+              ("adam_weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+              ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "positive"))
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"--{name} must be {expected}, got {value}.")
+
+
+# Options that name files or folders: options.json records them absolute, so `--config <run>/options.json`
+# works from any directory. Names that may also be presets (model sizes, bucket presets, DeepSpeed config
+# names, resume "latest") are made absolute only when they name an existing path.
+PATH_OPTIONS = ("output_dir", "data_path", "video_folder", "video_path", "cached_features", "validation_data_path",
+                "validation_prompt_file", "ae_path", "pretrained", "text_encoder_name", "model", "model_config",
+                "pretrained_model_path", "lpips_path", "buckets", "deepspeed_config", "resume_from_checkpoint")
+
+
+def absolute_paths(options: dict) -> dict:
+    """A copy of ``options`` with the relative paths of :data:`PATH_OPTIONS` made absolute (resolved)."""
+    def absolute(key: str, value):
+        if isinstance(value, list):
+            return [absolute(key, v) for v in value]
+        if not isinstance(value, str) or not value or os.path.isabs(value):
+            return value
+        if key == "output_dir" or os.path.exists(value):
+            return str(Path(value).resolve())
+        return value
+
+    return {k: absolute(k, v) if k in PATH_OPTIONS else v for k, v in options.items()}
+
+
+def check_new_run_folder(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> None:
+    """ValueError (one line) when ``output_dir`` already holds a run (options.json or checkpoint-*) and
+    ``resume_from_checkpoint`` is not given: a new run would overwrite its options.json and mix its logs."""
+    if resume_from_checkpoint:
+        return
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return
+    held = [p.name for p in [folder / "options.json"] if p.exists()] + sorted(p.name for p in folder.glob("checkpoint-*"))
+    if held:
+        raise ValueError(f"--output_dir {folder} already holds a run ({held[0]}); use --resume_from_checkpoint latest to "
+                         "continue it, or another --output_dir.")
+
+
+def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without its DDP / DataParallel / torch.compile wrappers (any nesting)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _field_default(cls, name: str):
+    return cls.__dataclass_fields__[name].default
 
 
 def require_wandb() -> None:
@@ -359,8 +434,13 @@ class Trainer:
         self.engines: dict[str, Any] = {}  # phase name -> DeepSpeed engine (--sharding deepspeed)
 
     def _unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The task's module under DDP / torch.compile wrappers (state-dict keys without ``_orig_mod.``)."""
-        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        """The task's module under DDP / torch.compile wrappers (state-dict keys without ``_orig_mod.``).
+
+        Accelerate's ``unwrap_model`` imports DeepSpeed whenever it is installed (and DeepSpeed prints a
+        "Setting accelerator to CPU" warning on import), so it is used only with ``--sharding deepspeed``."""
+        if self.config.sharding == "deepspeed":
+            return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        return unwrap_module(model)
 
     # ---------------------------------------------------------------- setup
 
@@ -485,7 +565,8 @@ class Trainer:
             ckpt.restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
 
     def _write_options(self) -> None:
-        options = dataclasses.asdict(self.config)
+        options = absolute_paths(dataclasses.asdict(self.config))
+        options["extra"] = absolute_paths(options.get("extra") or {})
         options.update(
             task=type(self.task).__name__,
             task_options=self.task.options(),
@@ -721,7 +802,7 @@ class Trainer:
     # ---------------------------------------------------------------- run
 
     def run(self) -> dict:
-        from tqdm.auto import tqdm
+        from opensora_plan.utils import progress_bar
 
         cfg = self.config
         if self.is_main:
@@ -750,7 +831,7 @@ class Trainer:
             if baseline:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": self.step, **baseline}) + "\n")
-        progress = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not self.is_main, desc="train",
+        progress = progress_bar(total=cfg.max_train_steps, initial=self.step, disable=not self.is_main, desc="train",
                         unit="step", dynamic_ncols=True)
         last_saved = self.step if resumed_from is not None else None
         first_step_seconds = None  # the first step of this process: warm-up / compile, reported on its own

@@ -30,6 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -39,7 +40,7 @@ from ..data.datasets import SkippedVideos, VAEVideoDataset, collate_video_captio
 from ..data.video_io import VIDEO_EXTENSIONS, list_videos
 from ..options import option
 from ..utils import valid_num_frames
-from .trainer import Phase, TrainConfig, TrainTask, train
+from .trainer import Phase, check_adamw, check_new_run_folder, TrainConfig, TrainTask, train
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class VAETrainOptions(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_adamw(self.learning_rate, max_grad_norm=self.max_grad_norm)
         for name in ("learning_rate", "time_lr_multiplier"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
@@ -110,6 +112,9 @@ class VAETrainOptions(TrainConfig):
         for name in ("num_frames", "sample_rate"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.model_config and self.pretrained_model_path:
+            raise ValueError("--model_config has no effect with --pretrained_model_path (the folder's config.json is "
+                             "used); drop one of the two.")
         if self.rec_loss not in ("l1", "l2"):
             raise ValueError(f"--rec_loss {self.rec_loss!r} is not supported; use 'l1' or 'l2'.")
 
@@ -272,6 +277,9 @@ def build_vae(model_config: str | os.PathLike | None, pretrained_model_path: str
     from ..models.causalvae import CausalVAEModel
 
     if pretrained_model_path:
+        from ..models.loading import resolve_model_folder
+
+        resolve_model_folder(pretrained_model_path, kind="CausalVAE", flag="--pretrained_model_path")
         return CausalVAEModel.from_pretrained(pretrained_model_path)
     if not model_config:
         raise ValueError("train-vae needs --model_config (a CausalVAE config.json) or --pretrained_model_path (a VAE folder).")
@@ -320,16 +328,20 @@ def video_paths(video_path: str | os.PathLike | None, data_path: str | os.PathLi
     return [entry.path for entry in load_video_entries(data_path, video_folder)]
 
 
-def train_vae(options: VAETrainOptions | TrainConfig, **task_options) -> dict:
+def train_vae(options: VAETrainOptions | TrainConfig | Mapping, **task_options) -> dict:
     """Build the VAE, loss and data, then run the shared trainer. Returns the trainer's summary.
 
-    ``options``: a :class:`VAETrainOptions`, or (older form) a loop :class:`TrainConfig` plus the task's
+    ``options``: a :class:`VAETrainOptions` (or a dict of its fields), or (older form) a loop :class:`TrainConfig` plus the task's
     options as keywords. Raises ValueError / FileNotFoundError (one line) before any work on bad input.
     """
     from ..models.causalvae.losses import LPIPSWithDiscriminator
     from ..models.lpips import load_lpips
     from ..utils import check_output_folder
 
+    if isinstance(options, Mapping):
+        if task_options:
+            raise TypeError("train_vae takes a dict of VAETrainOptions fields or keywords, not both.")
+        options = VAETrainOptions.from_mapping(options)
     if not isinstance(options, VAETrainOptions):  # the older form: a loop TrainConfig + the task's keywords
         loop = {f.name: getattr(options, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
         options = VAETrainOptions(**loop, **task_options)
@@ -346,6 +358,7 @@ def train_vae(options: VAETrainOptions | TrainConfig, **task_options) -> dict:
         "sample_rate", "resolution", "learning_rate", "time_lr_multiplier", "max_grad_norm", "perceptual_weight",
         "lpips_path", "disc_start", "disc_weight", "kl_weight", "logvar_init", "rec_loss", "validation_videos"))
     check_output_folder(config.output_dir, "--output_dir")
+    check_new_run_folder(config.output_dir, config.resume_from_checkpoint)
     paths = video_paths(video_path, data_path, video_folder)  # before any model loads
     if validation_videos >= len(paths):
         raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")

@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from tqdm.auto import tqdm
+from opensora_plan.utils import progress_bar
 
 from ...utils import valid_num_frames
 from ..loading import load_pretrained
@@ -344,7 +344,7 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
     def set_decode_memory_budget(self, gib: float | str | None) -> None:
         """Switch to lossless temporal chunking for decodes that would not fit in ``gib`` GiB.
 
-        ``gib``: a positive number of GiB, ``"auto"`` (the compute device's free memory at decode time:
+        ``gib``: a positive finite number of GiB, ``"auto"`` (the compute device's free memory at decode time:
         ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` on Linux CPUs), or None (off, the
         default). At each ``decode`` without explicit temporal chunking, the plain decode's need is
         estimated with :func:`estimate_decode_memory` (per tile when tiling applies); above the
@@ -352,10 +352,12 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
         latent frame) and one INFO line says so. The output is the same either way (lossless).
 
         Raises:
-            ValueError: a budget that is not positive, ``"auto"`` or None.
+            ValueError: a budget that is not a positive finite number, ``"auto"`` or None.
         """
-        if gib is not None and gib != "auto" and not (isinstance(gib, (int, float)) and gib > 0):
-            raise ValueError(f"The VAE decode memory budget must be a positive number of GiB, 'auto' or None; got {gib!r}.")
+        if gib is not None and gib != "auto" and not (
+                isinstance(gib, (int, float)) and not isinstance(gib, bool) and gib > 0 and math.isfinite(gib)):
+            raise ValueError(f"The VAE decode memory budget must be a positive finite number of GiB, 'auto' or None; "
+                             f"got {gib!r}.")
         self.decode_memory_budget = gib
 
     def _budget_bytes(self, device: torch.device) -> int | None:
@@ -533,7 +535,7 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
 
     def _tiles(self, height: int, width: int, stride: int, what: str):
         starts = [(i, j) for i in range(0, height, stride) for j in range(0, width, stride)]
-        return tqdm(starts, desc=what, leave=False, disable=len(starts) < 8)
+        return progress_bar(starts, desc=what, leave=False, disable=len(starts) < 8)
 
     def _tiled_encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         size = self.tile_sample_min_size
@@ -584,7 +586,7 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
         frames = z.shape[2]
         trunk = self.decoder.trunk(self.post_quant_conv(z))  # (B, C_top, t, h, w)
         pieces = []
-        for start in tqdm(range(0, frames, chunk), desc="decode chunks", leave=False,
+        for start in progress_bar(range(0, frames, chunk), desc="decode chunks", leave=False,
                           disable=math.ceil(frames / chunk) < 3):
             end = min(start + chunk, frames)
             first = max(0, start - context)
