@@ -153,3 +153,13 @@ def test_quiet_hides_every_progress_bar_and_verbose_adds_debug_lines(tmp_path, f
     else:
         assert "DEBUG opensora_plan.cli: opensora-plan sample" in run.stderr
         assert "Denoising loop: 4 steps" in run.stderr
+
+
+def test_pndm_step_count_is_checked_before_any_model_loads_or_folder_is_made(tmp_path):
+    from opensora_plan.pipelines.sample_t2v import sample_t2v
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="at least 4 steps"):
+        sample_t2v(prompt="a red circle moving left", sample_method="PNDM", num_sampling_steps=3,
+                   save_img_path=str(out), model_path=str(tmp_path / "no_model_here"))
+    assert not out.exists()

@@ -254,7 +254,9 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             names = sorted(p.stem for p in Path(cls.CONFIG_DIR).glob("*.json"))
             shipped = f", or the name of a shipped one ({', '.join(names)})" if names else ""
         parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", action=_OnceAction,
-                            help=f"options file: .json, .yaml or .yml{shipped}, or a run's options.json; its values "
+                            help=f"options file: .json, .yaml or .yml{shipped}"
+                                 + (", or a run's options.json" if cls.COMMAND in RUN_TASK_COMMANDS.values() else "")
+                                 + "; its values "
                                  "replace the defaults and flags given on the command line replace its values")
     for f in option_fields(cls):
         meta = f.metadata["option"]

@@ -38,7 +38,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..utils import valid_num_frames
-from .transforms import center_crop, image_slot_indices, temporal_window_indices, video_train_transform, window_indices
+from .transforms import (center_crop, image_slot_indices, temporal_window_indices, video_bucket_transform,
+                         video_train_transform, window_indices)
 from ..models.text_encoder import MODEL_MAX_LENGTH
 from ..options import Options, option
 from .video_io import VideoReader, VideoReadError
@@ -146,6 +147,9 @@ class VideoCaptionDataset(Dataset):
             video is used and short ones repeat frames, as the reference does.
         random_flip: horizontal flip with p = 0.5 (the reference always flips at random).
         max_substitutions: how many following indices to try before giving up on a sample.
+        frame_size: (height, width) output frames instead of the ``max_image_size`` square: centred crop
+            to that aspect ratio, then resize (``transforms.video_bucket_transform``; never upscaled, a
+            smaller video is unusable). Used for a bucketed run's held-out clips.
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class VideoCaptionDataset(Dataset):
         min_frames: int = 1,
         random_flip: bool = True,
         max_substitutions: int = 100,
+        frame_size: tuple[int, int] | None = None,
     ):
         if num_frames < 1 or sample_rate < 1 or max_image_size < 1:
             raise ValueError(
@@ -182,6 +187,7 @@ class VideoCaptionDataset(Dataset):
         self.min_frames = min_frames
         self.random_flip = random_flip
         self.max_substitutions = max_substitutions
+        self.frame_size = frame_size
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -197,7 +203,13 @@ class VideoCaptionDataset(Dataset):
             indices = temporal_window_indices(reader.num_frames, self.num_frames, self.sample_rate)
             frames = reader.get_frames(indices)  # (T, H, W, 3) uint8
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        video = video_train_transform(frames, self.max_image_size, flip)  # (3, T, S, S)
+        if self.frame_size is None:
+            video = video_train_transform(frames, self.max_image_size, flip)  # (3, T, S, S)
+        else:
+            try:
+                video = video_bucket_transform(frames, *self.frame_size, flip)  # (3, T, H, W)
+            except ValueError as err:  # smaller than the frame size: never upscaled
+                raise VideoReadError(f"Video {entry.path}: {err}") from None
         if self.use_image_num:
             # Images come from the already transformed clip (same crop and flip), as the reference.
             images = video[:, image_slot_indices(self.num_frames, self.use_image_num)]  # (3, n, S, S)

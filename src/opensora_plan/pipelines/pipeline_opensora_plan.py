@@ -88,6 +88,17 @@ class OpenSoraPlanPipelineOutput(BaseOutput):
         return self.frames
 
 
+
+def check_scheduler_steps(scheduler, num_inference_steps: int) -> None:
+    """ValueError when ``scheduler`` cannot run ``num_inference_steps`` steps: diffusers' PNDM builds its
+    Runge-Kutta warm-up from the last 4 timesteps and fails below that."""
+    prk_order = getattr(scheduler, "pndm_order", 0) if not scheduler.config.get("skip_prk_steps") else 0
+    if num_inference_steps < prk_order:
+        raise ValueError(
+            f"PNDM with Runge-Kutta warm-up needs at least {prk_order} steps, got {num_inference_steps}; "
+            f"use more steps or another sample method (e.g. DDIM)."
+        )
+
 class OpenSoraPlanPipeline(DiffusionPipeline):
     """Open-Sora-Plan v1.0.0 text-to-video pipeline (LatteT2V + CausalVAE 4x8x8 + T5).
 
@@ -339,13 +350,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 )
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
-        prk_order = getattr(self.scheduler, "pndm_order", 0) if not self.scheduler.config.get("skip_prk_steps") else 0
-        if num_inference_steps < prk_order:
-            # diffusers' PNDM builds its Runge-Kutta warm-up from the last 4 timesteps and fails below that.
-            raise ValueError(
-                f"PNDM with Runge-Kutta warm-up needs at least {prk_order} steps, got {num_inference_steps}; "
-                f"use more steps or another sample method (e.g. DDIM)."
-            )
+        check_scheduler_steps(self.scheduler, num_inference_steps)
         if not guidance_scale >= 0 or guidance_scale == float("inf"):  # also NaN
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1 disables guidance), got {guidance_scale}.")
         if (prompt is None) == (prompt_embeds is None):

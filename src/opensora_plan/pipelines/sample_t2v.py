@@ -486,6 +486,9 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
         raise ValueError(f"--cfg_parallel splits classifier-free guidance, which --guidance_scale "
                          f"{opts.guidance_scale} turns off; use a scale > 1 or drop --cfg_parallel.")
     scheduler = create_scheduler(opts.sample_method)
+    from opensora_plan.pipelines.pipeline_opensora_plan import check_scheduler_steps
+
+    check_scheduler_steps(scheduler, opts.num_sampling_steps)  # before any model loads or folder is made
     prompts = read_prompts(text_prompt, opts.prompt_file)
     preprocess_prompts(prompts, clean=opts.clean_caption, warn=False)  # a prompt that cleaning empties: error now
     out_dir = check_output_folder(opts.save_img_path, "--save_img_path")
@@ -554,7 +557,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     elapsed = time.perf_counter() - start
     print(
         f"{tag}Sampled {len(written)} video(s) with {version} ({opts.sample_method}, {opts.num_sampling_steps} "
-        f"steps) "
+        f"step{'' if opts.num_sampling_steps == 1 else 's'}) "
         f"in {elapsed:.1f} s ({elapsed / max(len(written), 1):.1f} s per video) -> {out_dir}",
         flush=True,
     )

@@ -658,9 +658,17 @@ def _validation_dataset(opts: dict):
         from opensora_plan.data.video_io import VideoReadError
 
         # max_substitutions=0: a held-out clip is never replaced by another (that would reweight the loss).
-        dataset = VideoCaptionDataset(path, opts["num_frames"], opts["max_image_size"], sample_rate=opts["sample_rate"],
+        # With --buckets the held-out clips are read at the first bucket's shape: the model's own grid
+        # (its sample_size / video_length), cropped to that aspect and never upscaled.
+        frames, size, frame_size = opts["num_frames"], opts["max_image_size"], None
+        if opts["buckets"]:
+            from opensora_plan.data.buckets import parse_buckets
+
+            first = parse_buckets(opts["buckets"])[0]
+            frames, size, frame_size = first.frames, max(first.height, first.width), (first.height, first.width)
+        dataset = VideoCaptionDataset(path, frames, size, sample_rate=opts["sample_rate"],
                                       video_folder=opts["video_folder"], cfg_dropout=0.0, random_flip=False,
-                                      max_substitutions=0)
+                                      max_substitutions=0, frame_size=frame_size)
         readable, unreadable = [], []
         for index, entry in enumerate(dataset.entries):  # read as the loss will: unreadable entries are dropped
             try:
@@ -986,7 +994,7 @@ def _validation_summary(task: T2VTask, config: TrainConfig) -> str:
         unreadable = len(getattr(task.validation_data, "unreadable", []))
         held = (f"{len(task.validation_data)} held-out clips ({unreadable} unreadable), loss at "
                 f"{task.validation_num_timesteps} timesteps")
-    return f"validation: {held} {every}; {prompts} preview prompts"
+    return f"validation: {held} {every}; {prompts} preview prompt{'' if prompts == 1 else 's'}"
 
 
 def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
