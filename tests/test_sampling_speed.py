@@ -222,3 +222,24 @@ def test_compiled_blocks_match_eager():
         model.compile_blocks()
         compiled = model(x, t, captions).sample
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.py is the one script a lent GPU runs; a broken script would waste that time."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["row"] for r in result["denoising"]] == ["eager", "eager + cache teacache 0.1", "compiled",
+                                                       "compiled + cache teacache 0.1"]
+    assert all(r["step_s"] > 0 for r in result["denoising"])
+    assert {r["mode"] for r in result["vae"]} == {"full", "lossless", "approximate", "tiling"}
