@@ -163,3 +163,29 @@ def test_pndm_step_count_is_checked_before_any_model_loads_or_folder_is_made(tmp
         sample_t2v(prompt="a red circle moving left", sample_method="PNDM", num_sampling_steps=3,
                    save_img_path=str(out), model_path=str(tmp_path / "no_model_here"))
     assert not out.exists()
+
+
+def test_sample_cli_takes_another_size_for_bucket_trained_models(tmp_path):
+    import subprocess
+    import sys
+
+    import av
+
+    run = subprocess.run([sys.executable, "-m", "opensora_plan", "sample", "a red circle moving left", "--num_frames",
+                          "9", "--height", "48", "--width", "80", "--num_sampling_steps", "4", "--save_img_path",
+                          str(tmp_path), "-q"], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    (video,) = tmp_path.glob("*.mp4")
+    with av.open(str(video)) as container:
+        frames = [f for f in container.decode(video=0)]
+    assert (len(frames), frames[0].height, frames[0].width) == (9, 48, 80)
+
+
+@pytest.mark.parametrize("fields, message", [({"num_frames": 8}, "1 \\+ 4k"), ({"height": 40}, "multiple of 16"),
+                                             ({"force_images": True, "num_frames": 9}, "drop --num_frames")])
+def test_sample_size_flags_are_checked_before_any_work(tmp_path, fields, message):
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+
+    with pytest.raises(ValueError, match=message):
+        SampleOptions(prompt="a red circle", save_img_path=str(tmp_path / "out"), **fields)

@@ -119,6 +119,13 @@ class SampleOptions(Options):
     seed: int = option(0, help="seed; prompt i uses seed + i")
     batch_size: int = option(1, help="prompts per denoising batch")
     force_images: bool = option(False, help="image mode: 1 frame, temporal attention off (png)")
+    num_frames: int | None = option(None, help="video frames (1 + 4k) other than the model's own; for models "
+                                    "trained with --buckets at several sizes (unset: the model's)",
+                                    show_default=False)
+    height: int | None = option(None, help="video height in pixels, a multiple of 16, other than the model's; "
+                                "for bucket-trained models (unset: the model's)", show_default=False)
+    width: int | None = option(None, help="video width in pixels, a multiple of 16, other than the model's; for "
+                               "bucket-trained models (unset: the model's)", show_default=False)
     sp_size: int = option(1, help="sequence parallel: processes (of torchrun's) that split each video's tokens")
     cfg_parallel: bool = option(False, help="two process groups run the unconditional and conditional halves of "
                                 "guidance (world = prompt groups x 2 x sp_size)")
@@ -144,6 +151,18 @@ class SampleOptions(Options):
                                           ("--prompt_file", self.prompt_file)) if value is not None]
         if len(given) > 1:
             raise ValueError(f"Give the prompt one way only, got {' and '.join(given)}.")
+        from opensora_plan.utils import valid_num_frames  # here: utils imports torch, --help stays fast
+
+        if self.num_frames is not None and not valid_num_frames(self.num_frames, 4):
+            raise ValueError(f"--num_frames {self.num_frames} is not a length the CausalVAE makes; use 1 + 4k "
+                             "(e.g. 9, 17, 65).")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value % 16):
+                raise ValueError(f"--{name} {value} must be a positive multiple of 16 (the VAE's 8 x the patch "
+                                 "size 2).")
+        if self.force_images and self.num_frames not in (None, 1):
+            raise ValueError(f"--force_images samples 1 frame; drop --num_frames {self.num_frames}.")
         if self.gif and self.force_images:
             raise ValueError("--gif needs videos but --force_images writes single-frame png images; drop one of "
                              "the two.")
@@ -396,7 +415,9 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
         pipe.enable_vae_tiling(opts.tile_overlap_factor)
     pipe.set_vae_memory_budget(opts.vae_memory_gb)
     pipe.set_progress_bar_config(disable=rank != 0 or not logger.isEnabledFor(logging.INFO))  # -q: no bars
-    num_frames = 1 if opts.force_images else None
+    num_frames = 1 if opts.force_images else opts.num_frames
+    # A size other than the model's own (bucket-trained models): the pipeline's any_size path.
+    any_size = any(v is not None for v in (opts.num_frames, opts.height, opts.width))
     batches = [jobs[i : i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
     do_cfg = opts.guidance_scale > 1.0
     # Encode every prompt of this rank, then free T5 before denoising (spec 4: ~9.5 GB in fp16).
@@ -414,6 +435,9 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
             prompt_attention_mask=prompt_mask,
             negative_prompt_attention_mask=negative_mask,
             num_frames=num_frames,
+            height=opts.height,
+            width=opts.width,
+            any_size=any_size,
             num_inference_steps=opts.num_sampling_steps,
             guidance_scale=opts.guidance_scale,
             generator=generators,
