@@ -97,6 +97,13 @@ class Options:
         elif own is None and "__post_init__" not in {k for c in cls.__mro__[1:] for k in c.__dict__}:
             cls.__post_init__ = check_types
 
+    def require_at_least(self, low: int, *names: str) -> None:
+        """ValueError (one line) for the first field of ``names`` below ``low``; unset (None) fields pass."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{_flag_of(type(self), name)} must be at least {low}, got {value}.")
+
     # ---- mapping view
     def keys(self) -> list[str]:
         return [f.name for f in option_fields(type(self))]

@@ -362,9 +362,7 @@ class DataCheckOptions(Options):
             from .buckets import parse_buckets
 
             parse_buckets(self.buckets)  # a bad (or empty) spec fails before the decode pass
-        for name in ("num_frames", "sample_rate", "model_max_length", "train_batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        self.require_at_least(1, "num_frames", "sample_rate", "model_max_length", "train_batch_size")
         if self.use_image_num < 0:
             raise ValueError(f"--use_image_num must be at least 0, got {self.use_image_num}.")
         if self.num_frames is not None and not valid_num_frames(self.num_frames):

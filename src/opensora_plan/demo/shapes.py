@@ -149,9 +149,7 @@ class MakeDataOptions(Options):
                                       "the shipped demo never saw)", show_default=False)
 
     def __post_init__(self):
-        for name in ("num_videos", "num_frames", "size", "fps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        self.require_at_least(1, "num_videos", "num_frames", "size", "fps")
         if self.size < MIN_SIZE or self.size % 2:
             raise ValueError(f"--size must be an even number of pixels >= {MIN_SIZE} (a moving shape has to fit, and "
                              f"H.264 needs even sizes), got {self.size}.")

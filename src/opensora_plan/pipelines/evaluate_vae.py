@@ -120,11 +120,7 @@ class EvalVAEOptions(Options):
     json_out: str | None = option(None, help="write the per-video scores and means here (JSON)")
 
     def __post_init__(self):
-        for name in ("num_frames", "sample_rate", "resolution"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        if self.subset_size is not None and self.subset_size < 1:
-            raise ValueError(f"--subset_size must be at least 1, got {self.subset_size}.")
+        self.require_at_least(1, "num_frames", "sample_rate", "resolution", "subset_size")
 
 
 def evaluate_vae(*args, **kwargs) -> EvaluationSummary:

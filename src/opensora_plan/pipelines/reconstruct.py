@@ -264,9 +264,7 @@ class ReconstructOptions(Options):
     backend: str = option("auto", choices=["auto", "pyav", "decord"], help="video reader")
 
     def __post_init__(self):
-        for name in ("num_frames", "sample_rate", "resolution"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        self.require_at_least(1, "num_frames", "sample_rate", "resolution")
         if self.temporal_chunk is not None and self.temporal_chunk < 0:
             raise ValueError(f"--temporal_chunk must be >= 0 (0: decode all at once), got {self.temporal_chunk}.")
         if self.fps is not None and not self.fps > 0:

@@ -139,10 +139,8 @@ class T2VTrainOptions(TrainConfig):
             if self.max_image_size < SPATIAL_COMPRESSION or self.max_image_size % SPATIAL_COMPRESSION:
                 raise ValueError(f"--max_image_size {self.max_image_size} must be a positive multiple of "
                                  f"{SPATIAL_COMPRESSION} (256 or 512 for the released stages).")
-        for key, low in (("sample_rate", 1), ("use_image_num", 0), ("model_max_length", 1),
-                         ("dataloader_num_workers", 0), ("max_nonfinite_steps", 1)):
-            if getattr(self, key) < low:
-                raise ValueError(f"--{key} must be at least {low}, got {getattr(self, key)}.")
+        self.require_at_least(1, "sample_rate", "model_max_length", "max_nonfinite_steps")
+        self.require_at_least(0, "use_image_num", "dataloader_num_workers")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ValueError(f"--cfg_dropout is a probability in [0, 1], got {self.cfg_dropout}.")
         if self.buckets is not None:

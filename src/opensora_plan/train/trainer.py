@@ -205,9 +205,8 @@ class TrainConfig(Options):
             raise ValueError(
                 f"--mixed_precision {self.mixed_precision!r} is not supported; use one of {', '.join(MIXED_PRECISION)}."
             )
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        self.require_at_least(1, "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                              "checkpointing_steps")
         if self.sharding not in ("ddp", "fsdp2", "deepspeed"):
             raise ValueError(f"--sharding {self.sharding!r} is not supported; use 'ddp', 'fsdp2' or 'deepspeed'.")
         if self.sharding != "ddp" and self.compile:

@@ -109,9 +109,7 @@ class VAETrainOptions(TrainConfig):
         for name in ("kl_weight", "disc_weight", "perceptual_weight", "disc_start", "validation_videos"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        for name in ("num_frames", "sample_rate"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        self.require_at_least(1, "num_frames", "sample_rate")
         if self.model_config and self.pretrained_model_path:
             raise ValueError("--model_config has no effect with --pretrained_model_path (the folder's config.json is "
                              "used); drop one of the two.")
