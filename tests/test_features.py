@@ -246,7 +246,7 @@ def test_extract_command(setup, tmp_path, capsys):
 
 
 def test_data_check_counts_caption_tokens_with_a_t5_folder(setup):
-    from opensora_plan.data.datasets import check_dataset
+    from opensora_plan.data.check import check_dataset
     from opensora_plan.models.text_encoder import load_tokenizer
 
     tokenizer = load_tokenizer(setup / "t5")

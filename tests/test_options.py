@@ -22,7 +22,7 @@ from opensora_plan.options import Options, option, option_fields, options_from_a
 
 
 def _classes():
-    from opensora_plan.data.datasets import DataCheckOptions
+    from opensora_plan.data.check import DataCheckOptions
     from opensora_plan.data.features import ExtractOptions
     from opensora_plan.demo.evaluate import DemoEvalOptions
     from opensora_plan.demo.shapes import MakeDataOptions

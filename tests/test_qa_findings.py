@@ -108,7 +108,7 @@ def test_train_vae_rejects_nonsense_before_any_work(tmp_path, change, message):
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
-    from opensora_plan.data import datasets
+    from opensora_plan.data import check as datasets
 
     monkeypatch.setattr(datasets, "check_dataset", lambda *a, **k: pytest.fail("the decode pass ran"))
     data = tmp_path / "data.json"

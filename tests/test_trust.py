@@ -105,7 +105,8 @@ def test_rotated_video_comes_back_in_display_orientation_from_every_backend(tmp_
 
 
 def test_data_check_reports_the_size_training_reads(tmp_path):
-    from opensora_plan.data.datasets import VideoCaptionDataset, check_dataset
+    from opensora_plan.data.check import check_dataset
+    from opensora_plan.data.datasets import VideoCaptionDataset
 
     _rotated_mp4(tmp_path / "phone.mp4", 90, frames=9)
     data = tmp_path / "data.json"
@@ -618,7 +619,7 @@ def test_decord_log_lines_do_not_reach_the_terminal(tmp_path, capfd, caplog):
 
 
 def test_data_check_lists_captions_that_cleaning_empties(tmp_path):
-    from opensora_plan.data.datasets import check_dataset, format_check_report
+    from opensora_plan.data.check import check_dataset, format_check_report
 
     write_video(tmp_path / "a.mp4", _smooth_frames(0, t=5), fps=8)
     data = tmp_path / "data.json"

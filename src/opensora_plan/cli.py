@@ -150,12 +150,12 @@ def _add_data(subparsers) -> None:
         "decoded with the reader training uses, so what passes is what training reads (sizes are the displayed "
         "ones, rotation applied). Exit code 1 when any entry is malformed or any video unreadable.",
     )
-    _generate_options(c, "data", lambda: _import("opensora_plan.data.datasets", "DataCheckOptions"))
+    _generate_options(c, "data", lambda: _import("opensora_plan.data.check", "DataCheckOptions"))
     c.set_defaults(func=_run_data_check)
 
 
 def _run_data_check(args) -> int:
-    from opensora_plan.data.datasets import DataCheckOptions, check_dataset, format_check_report
+    from opensora_plan.data.check import DataCheckOptions, check_dataset, format_check_report
     from opensora_plan.options import options_from_args
 
     report = check_dataset(options_from_args(DataCheckOptions, args))

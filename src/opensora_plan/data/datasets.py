@@ -32,16 +32,19 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from ..utils import valid_num_frames
-from .transforms import (center_crop, image_slot_indices, temporal_window_indices, video_bucket_transform,
-                         video_train_transform, window_indices)
-from ..models.text_encoder import MODEL_MAX_LENGTH
-from ..options import Options, option
+from .transforms import (
+    center_crop,
+    image_slot_indices,
+    temporal_window_indices,
+    video_bucket_transform,
+    video_train_transform,
+    window_indices,
+)
 from .video_io import VideoReader, VideoReadError
 
 logger = logging.getLogger(__name__)
@@ -317,230 +320,6 @@ class SkippedVideos:
     def reset(self) -> None:
         self.counts.clear()
         self.reasons.clear()
-
-
-# --------------------------------------------------------------------------------------------
-# `opensora-plan data check`: look at a dataset before spending GPU time on it
-# --------------------------------------------------------------------------------------------
-
-
-def _stats(values: list[float]) -> dict | None:
-    """min / median / max of a list (None when empty)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-    return {"min": ordered[0], "median": median, "max": ordered[-1]}
-
-
-@dataclass
-class DataCheckOptions(Options):
-    """Every option of ``opensora-plan data check`` / :func:`check_dataset`, with its default and checks."""
-
-    COMMAND: ClassVar[str] = "data check"
-    CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
-
-    data_path: str = option(positional=True, help="dataset JSON list")
-    video_folder: str | None = option(None, help="base folder for relative paths (unset: the JSON's folder)")
-    text_encoder_name: str | None = option(None, help="local T5 folder: also count caption tokens")
-    num_frames: int | None = option(None, help="also count videos shorter than this window")
-    sample_rate: int = option(1, help="window stride for --num_frames")
-    model_max_length: int = option(MODEL_MAX_LENGTH, help="token limit to report against")
-    buckets: str | None = option(None, help="bucket spec, preset or file (as train-t2v --buckets): print the "
-                                 "bucket histogram and the clips that fit no bucket, with why")
-    train_batch_size: int = option(1, help="with --buckets: the first bucket's batch (sets the token budget of the "
-                                   "others) unless the spec file gives it one")
-    use_image_num: int = option(0, help="with --buckets: joint-training images per clip (as train-t2v; they count "
-                                "in the token budget)")
-    json_out: str | None = option(None, help="also write the full report as JSON here")
-    decode: bool = option(True, flag="--no_decode", help="only open the videos (fast) instead of decoding every "
-                          "frame; may pass files training skips")
-
-    def __post_init__(self):
-        if self.buckets is not None:
-            from .buckets import parse_buckets
-
-            parse_buckets(self.buckets)  # a bad (or empty) spec fails before the decode pass
-        self.require_at_least(1, "num_frames", "sample_rate", "model_max_length", "train_batch_size")
-        if self.use_image_num < 0:
-            raise ValueError(f"--use_image_num must be at least 0, got {self.use_image_num}.")
-        if self.num_frames is not None and not valid_num_frames(self.num_frames):
-            raise ValueError(f"--num_frames {self.num_frames} is not a length the CausalVAE accepts (training would "
-                             "refuse it); use 1 + 4k, e.g. 17 or 65.")
-        if self.buckets is None:  # a value other than the default can only have been given
-            defaults = type(self).defaults()
-            unused = [k for k in ("train_batch_size", "use_image_num") if getattr(self, k) != defaults[k]]
-            if unused:
-                raise ValueError(f"--{unused[0]} is only used with --buckets (it sets the buckets' batch sizes); add "
-                                 "--buckets or drop it.")
-        if self.json_out:
-            from ..utils import check_output_file
-
-            check_output_file(self.json_out, "--json_out")  # before the decode pass, not after it
-
-
-def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
-    """Open every video of a dataset JSON and summarise it (all problems listed, nothing raised for them).
-
-    With ``decode`` (default) every frame of every video is decoded with the reader training uses, so a
-    video passes only when training can read all of it: a partly decodable file (truncated, corrupt
-    packets) is listed as unreadable with the number of frames that decode. ``decode=False`` only
-    opens the files (fast, but may pass files that training then skips).
-
-    Reports entry count, malformed entries, readable / unreadable videos (with reasons), frames, fps,
-    resolution and duration (min / median / max), caption counts and lengths in words, and in tokens
-    when a T5 folder is given (with how many exceed ``model_max_length`` and will be truncated). With
-    ``num_frames``, also how many videos are shorter than one sampling window (their frames repeat).
-    Takes a :class:`DataCheckOptions`, or its fields (data_path positionally); with ``json_out`` the
-    report is also written there as JSON (the path is checked when the options are built).
-    """
-    import json
-
-    from opensora_plan.utils import progress_bar
-
-    from ..utils import atomic_write_bytes
-
-    o = DataCheckOptions.of(*args, **kwargs)
-    (data_path, video_folder, text_encoder_name, num_frames, sample_rate, model_max_length, decode) = (
-        getattr(o, k) for k in ("data_path", "video_folder", "text_encoder_name", "num_frames", "sample_rate",
-                                "model_max_length", "decode"))
-    data_path = Path(data_path)
-    raw = read_raw_entries(data_path)
-    if not raw:  # the same rule as training (load_video_entries): an empty list is not a dataset
-        raise ValueError(f"Dataset file {data_path} lists no videos; add at least one entry.")
-    tokenizer = None
-    if text_encoder_name is not None:
-        from ..models.text_encoder import load_tokenizer
-
-        tokenizer = load_tokenizer(text_encoder_name)
-
-    from ..models.text_encoder import preprocess_texts
-
-    from .buckets import ClipInfo
-
-    malformed, unreadable, emptied = [], [], []
-    infos = {}  # entry number -> ClipInfo or why unreadable: the bucket histogram uses this pass's findings
-    frames, fps, heights, widths, durations = [], [], [], [], []
-    words, tokens, per_entry = [], [], []
-    for index, entry in enumerate(progress_bar(raw, desc="data check", unit="video", disable=not progress)):
-        problem = entry_problem(entry)
-        if problem is not None:
-            malformed.append({"index": index, "problem": problem})
-            continue
-        captions = [entry["cap"]] if isinstance(entry["cap"], str) else entry["cap"]
-        per_entry.append(len(captions))
-        words += [len(c.split()) for c in captions]
-        # Training cleans captions as the reference; one that cleaning empties trains as the unconditional input.
-        emptied += [{"index": index, "caption": c} for c, cleaned in zip(captions, preprocess_texts(captions))
-                    if c.strip() and not cleaned]
-        if tokenizer is not None:
-            tokens += [len(ids) for ids in tokenizer(captions, add_special_tokens=True).input_ids]
-        path = resolve_video_path(entry["path"], data_path.parent, video_folder)
-        try:
-            with VideoReader(path) as reader:
-                if decode:
-                    _decode_every_frame(reader)
-                infos[index] = ClipInfo(reader.num_frames, reader.height, reader.width)
-                frames.append(reader.num_frames)
-                fps.append(reader.fps)
-                heights.append(reader.height)
-                widths.append(reader.width)
-                durations.append(reader.num_frames / reader.fps if reader.fps else 0.0)
-        except VideoReadError as err:
-            unreadable.append({"index": index, "path": str(path), "reason": str(err)})
-            infos[index] = str(err)
-
-    report = {
-        "data_path": str(data_path),
-        "entries": len(raw),
-        "malformed": malformed,
-        "readable": len(frames),
-        "unreadable": unreadable,
-        "frames": _stats(frames),
-        "fps": _stats(fps),
-        "height": _stats(heights),
-        "width": _stats(widths),
-        "duration_s": _stats(durations),
-        "captions": {
-            "total": len(words),
-            "per_entry": _stats(per_entry),
-            "words": _stats(words),
-            "tokens": _stats(tokens),
-            "over_max_length": sum(t > model_max_length for t in tokens) if tokenizer is not None else None,
-            "model_max_length": model_max_length,
-            "emptied_by_cleaning": emptied,
-        },
-    }
-    if num_frames is not None:
-        report["shorter_than_window"] = sum(f < num_frames * sample_rate for f in frames)
-        report["window_frames"] = num_frames * sample_rate
-    if o.buckets:
-        from .buckets import check_buckets
-
-        plan = check_buckets(data_path, o.buckets, o.train_batch_size, sample_rate, video_folder=video_folder,
-                             progress=progress, infos=infos, use_image_num=o.use_image_num)
-        histogram = plan.histogram()
-        report["buckets"] = {"histogram": histogram, "unfit": plan.unfit, "unreadable": plan.unreadable,
-                             "trainable": any(r["batches_per_epoch"] for r in histogram)}
-    if o.json_out:
-        atomic_write_bytes(o.json_out, json.dumps(report, indent=2).encode("utf-8"))
-    return report
-
-
-def _decode_every_frame(reader: VideoReader, chunk: int = 16) -> None:
-    """Decode all frames, ``chunk`` at a time; VideoReadError saying how far decoding got when one fails."""
-    for start in range(0, reader.num_frames, chunk):
-        try:
-            reader.get_frames(range(start, min(start + chunk, reader.num_frames)))
-        except VideoReadError as err:
-            end = min(start + chunk, reader.num_frames) - 1
-            raise VideoReadError(f"{err}; only frames before {start} of {reader.num_frames} are known to decode (the "
-                                 f"failure is in frames {start}..{end}), and training skips this file whenever a clip "
-                                 "needs them: re-encode or remove it") from err
-
-
-def format_check_report(report: dict) -> str:
-    """The ``data check`` report as readable lines."""
-
-    def fmt(stats, unit=""):
-        if stats is None:
-            return "n/a"
-        return " / ".join(f"{stats[k]:.4g}{unit}" for k in ("min", "median", "max")) + "  (min / median / max)"
-
-    caps = report["captions"]
-    lines = [
-        f"dataset      {report['data_path']}",
-        f"entries      {report['entries']}  (malformed: {len(report['malformed'])})",
-        f"videos       {report['readable']} readable, {len(report['unreadable'])} unreadable",
-        f"frames       {fmt(report['frames'])}",
-        f"fps          {fmt(report['fps'])}",
-        f"height       {fmt(report['height'], ' px')}",
-        f"width        {fmt(report['width'], ' px')}",
-        f"duration     {fmt(report['duration_s'], ' s')}",
-        f"captions     {caps['total']} in all, per entry {fmt(caps['per_entry'])}",
-        f"  words      {fmt(caps['words'])}",
-    ]
-    if caps["tokens"] is not None:
-        lines.append(f"  tokens     {fmt(caps['tokens'])}; {caps['over_max_length']} longer than "
-                     f"{caps['model_max_length']} (truncated)")
-    if caps.get("emptied_by_cleaning"):
-        lines.append(f"  cleaning   {len(caps['emptied_by_cleaning'])} captions become empty after caption cleaning "
-                     "(e.g. CJK-only) and would train as the unconditional caption:")
-        lines += [f"             entry {item['index']}: {item['caption']!r}" for item in caps["emptied_by_cleaning"][:10]]
-    if "shorter_than_window" in report:
-        lines.append(f"short        {report['shorter_than_window']} videos have fewer than {report['window_frames']} "
-                     f"frames (frames are repeated)")
-    for item in report["malformed"]:
-        lines.append(f"MALFORMED    entry {item['index']}: {item['problem']}")
-    for item in report["unreadable"]:
-        lines.append(f"UNREADABLE   entry {item['index']}: {item['reason']}")
-    if "buckets" in report:
-        from .buckets import format_bucket_table
-
-        b = report["buckets"]
-        lines += ["", format_bucket_table(b["histogram"], b["unfit"], len(b["unreadable"]))]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Where the shipped demo model lives, and the sampling defaults a demo model folder carries.
+"""The demo model's folder file, ``demo.json``: the sampling defaults of ``pipelines/model_folder.py`` plus a
+record of how the model was trained.
 
 A demo model folder (``opensora_plan/assets/demo``, or ``<out>/model`` of ``demo train``) has the
 release layout plus ``demo.json``::
@@ -7,6 +8,9 @@ release layout plus ``demo.json``::
     vae/           CausalVAE folder
     text_encoder/  T5 encoder + spiece.model (the DeepFloyd/t5-v1_1-xxl file set)
     demo.json      {"version", "text_encoder", "sample_method", "num_sampling_steps", "guidance_scale", "fps", ...}
+
+Where the shipped model lives and what its file means for sampling are library matters
+(:mod:`opensora_plan.pipelines.model_folder`); they are re-exported here for the demo's own code.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEMO_INFO = "demo.json"
+from opensora_plan.pipelines.model_folder import (
+    DEMO_INFO,
+    default_model_path,
+    fast_cache_options,
+)
 
-
-def default_model_path() -> Path:
-    """The demo model shipped inside the package (``opensora_plan/assets/demo``)."""
-    return Path(__file__).resolve().parents[1] / "assets" / "demo"
+__all__ = ["DEMO_INFO", "default_model_path", "fast_cache_options", "load_demo_info", "sample_defaults"]
 
 
 def load_demo_info(model_path: str | os.PathLike) -> dict:
-    """``demo.json`` of a demo model folder: ``version``, ``text_encoder`` (relative folder) and sampling defaults."""
+    """``demo.json`` of a demo model folder as written: ``version``, ``text_encoder`` (relative folder), sampling
+    defaults and the training record."""
     path = Path(model_path) / DEMO_INFO
     if not path.is_file():
         raise FileNotFoundError(f"{model_path} has no {DEMO_INFO}; give a folder written by `opensora-plan demo train` "
@@ -31,17 +37,6 @@ def load_demo_info(model_path: str | os.PathLike) -> dict:
     from opensora_plan.utils import read_json_file
 
     return read_json_file(path, "Demo info")
-
-
-def fast_cache_options(model_path: str | os.PathLike | None) -> dict:
-    """What ``--cache fast`` means for a model folder: its demo.json "cache_fast" (calibrated on that
-    model, docs/demo.md) or, for other folders, ``models.step_cache.FAST_CACHE``."""
-    from opensora_plan.models.step_cache import FAST_CACHE
-
-    folder = Path(model_path) if model_path is not None else default_model_path()
-    if (folder / DEMO_INFO).is_file():
-        return dict(load_demo_info(folder).get("cache_fast", FAST_CACHE))
-    return dict(FAST_CACHE)
 
 
 def sample_defaults(model_path: str | os.PathLike | None = None, **given) -> dict:

@@ -58,6 +58,7 @@ from opensora_plan.models.latte import temporal_length
 from opensora_plan.models.layers import inference_weight_cache
 from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache, parse_cache_spec
 from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
+from opensora_plan.pipelines.model_folder import fast_cache_options, load_sampling_config
 from opensora_plan.utils import check_finite, valid_num_frames
 
 logger = logging.getLogger(__name__)
@@ -115,8 +116,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         self.register_modules(
             vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
-        # What enable_cache("fast") means; None: the loaded folder's own preset (a demo.json "cache_fast"),
-        # else models.step_cache.FAST_CACHE. Code that builds the pipeline by hand may set it.
+        # What enable_cache("fast") means; None: the loaded folder's own preset ("cache_fast" of its
+        # sampling_config.json or demo.json, pipelines/model_folder.py), else models.step_cache.FAST_CACHE.
+        # Code that builds the pipeline by hand may set it.
         self.fast_cache_options: dict | None = None
         self._interrupt = False
 
@@ -162,9 +164,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             text_encoder=t5,
             tokenizer=tokenizer,
         )
-        if (root / "demo.json").is_file():  # a demo folder: its calibrated "fast" cache preset
-            from opensora_plan.demo.model import fast_cache_options
-
+        if load_sampling_config(root) is not None:  # the folder's own "fast" cache preset (e.g. the demo's)
             pipe.fast_cache_options = fast_cache_options(root)
         return pipe
 
@@ -176,8 +176,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         """Skip the transformer blocks on denoising steps where they would change little.
 
         ``method``: "none" (exact, same as :meth:`disable_cache`), "fast" (this model's measured
-        preset: ``self.fast_cache_options``, else the loaded folder's ``demo.json`` "cache_fast", else
-        ``models.step_cache.FAST_CACHE``), or one of ``models.step_cache.CACHE_METHODS``
+        preset: ``self.fast_cache_options``, else the loaded folder's "cache_fast" (its ``sampling_config.json``
+        or ``demo.json``), else ``models.step_cache.FAST_CACHE``), or one of ``models.step_cache.CACHE_METHODS``
         ("teacache", "first_block") with its options, e.g. ``threshold=0.1``. Raises ValueError for
         an unknown method or option. See docs/sampling.md for what each costs in quality.
         """
@@ -198,8 +198,6 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             return dict(self.fast_cache_options)
         folder = self.config.get("_name_or_path")  # set by from_pretrained
         if folder and os.path.isdir(folder):
-            from opensora_plan.demo.model import fast_cache_options
-
             return fast_cache_options(folder)
         return dict(FAST_CACHE)
 

@@ -34,22 +34,19 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from opensora_plan.options import Options, option
+from opensora_plan.pipelines.model_folder import (DEFAULT_TEXT_ENCODER, RELEASE_SAMPLE_DEFAULTS, default_model_path,
+                                                  fast_cache_options, load_sampling_config)
 
 logger = logging.getLogger(__name__)
 
 VERSIONS = ("17x256x256", "65x256x256", "65x512x512")
 AE_NAMES = ("CausalVAEModel_4x8x8",)
 DEFAULT_MODEL_PATH = "LanguageBind/Open-Sora-Plan-v1.0.0"
-DEFAULT_TEXT_ENCODER = "DeepFloyd/t5-v1_1-xxl"
 
 
 FILE_NAME_SUFFIXES = (".txt", ".lst", ".list", ".csv", ".tsv", ".json", ".jsonl", ".prompts", ".text")
 TEXT_CONDITIONING = ("per_prompt", "reference")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-# The release's sampling settings (the reference's sample_t2v.sh), used for a model folder without a
-# demo.json; a demo model folder carries its own in demo.json (docs/demo.md).
-RELEASE_SAMPLE_DEFAULTS = {"version": "65x512x512", "text_encoder_name": DEFAULT_TEXT_ENCODER,
-                           "sample_method": "PNDM", "num_sampling_steps": 50, "guidance_scale": 7.5, "fps": 24.0}
 _SCHEDULERS = ("PNDM, DDIM, EulerDiscrete, DDPM, DPMSolverMultistep, DPMSolverSinglestep, HeunDiscrete, "
                "EulerAncestralDiscrete, DEISMultistep, KDPM2AncestralDiscrete, UniPCMultistep")
 
@@ -58,7 +55,7 @@ def _model_default(name: str) -> str:
     """Help text of an option whose default comes from the model folder."""
     value = RELEASE_SAMPLE_DEFAULTS[name]
     shown = f"{value:g}" if isinstance(value, float) else value  # 24, not 24.0
-    return f"(default: the demo model's demo.json; a release folder: {shown})"
+    return f"(default: the model folder's sampling_config.json, or a demo's demo.json; a release folder: {shown})"
 
 
 def parse_memory_budget(text: str) -> float | str | None:
@@ -83,7 +80,8 @@ class SampleOptions(Options):
 
     ``None`` for ``model_path`` means the shipped demo model; ``None`` for version, text_encoder_name,
     fps, guidance_scale, num_sampling_steps and sample_method means "the model folder's own setting":
-    its ``demo.json`` (a demo model) or :data:`RELEASE_SAMPLE_DEFAULTS` (:meth:`resolve` fills them in).
+    its ``sampling_config.json`` (or a demo model's ``demo.json``), else :data:`RELEASE_SAMPLE_DEFAULTS`
+    (:meth:`resolve` fills them in; docs/sampling.md).
     """
 
     COMMAND: ClassVar[str] = "sample"
@@ -208,36 +206,32 @@ class SampleOptions(Options):
 
 
 def resolve_sample_defaults(model_path: str | os.PathLike | None = None, **given) -> dict:
-    """Sampling settings with every ``None`` filled in from the model folder.
+    """Sampling settings with every ``None`` filled in: flag > model folder file > release defaults.
 
-    No ``model_path``: the shipped demo model and its ``demo.json`` settings. A folder holding a
-    ``demo.json`` (a ``demo train`` output): that file's settings. Any other folder (a real checkpoint):
+    No ``model_path``: the shipped demo model. The folder's ``sampling_config.json`` (or a demo model's
+    ``demo.json``, :func:`~opensora_plan.pipelines.model_folder.load_sampling_config`) gives what it sets;
+    what it does not set, or a folder without such a file (a release checkpoint), comes from
     :data:`RELEASE_SAMPLE_DEFAULTS`. Values given (not ``None``) always win.
     Keys: model_path, version, text_encoder_name, sample_method, num_sampling_steps, guidance_scale, fps.
     """
     import warnings
 
-    from opensora_plan.demo.model import DEMO_INFO, default_model_path, load_demo_info
     from opensora_plan.diffusion.schedulers import clips_sample
 
     unknown = sorted(set(given) - set(RELEASE_SAMPLE_DEFAULTS))
     if unknown:
         raise ValueError(f"sample_defaults got unknown options {unknown}; expected {sorted(RELEASE_SAMPLE_DEFAULTS)}.")
     folder = Path(model_path) if model_path is not None else default_model_path()
-    if (folder / DEMO_INFO).is_file():
-        info = load_demo_info(folder)
-        defaults = {"version": info["version"], "text_encoder_name": str(folder / info["text_encoder"]),
-                    **{k: info[k] for k in ("sample_method", "num_sampling_steps", "guidance_scale", "fps")}}
-    elif model_path is None:
+    config = load_sampling_config(folder)
+    if config is None and model_path is None:
         raise FileNotFoundError(f"The shipped demo model is missing from {folder}; reinstall opensora-plan or pass "
                                 f"--model_path (a release folder) and --text_encoder_name.")
-    else:
-        defaults = dict(RELEASE_SAMPLE_DEFAULTS)
+    defaults = {**RELEASE_SAMPLE_DEFAULTS, **(config.sample_defaults() if config is not None else {})}
     options = {"model_path": str(folder) if model_path is None else model_path, **defaults}
     options.update({k: v for k, v in given.items() if v is not None})
     # The demo's scaled latents reach +-8: a scheduler that clips x0 to [-1, 1] (DDIM, DDPM as the reference
     # builds them) turns every object the same colour (docs/demo.md).
-    if (folder / DEMO_INFO).is_file() and clips_sample(options["sample_method"]):
+    if config is not None and config.is_demo and clips_sample(options["sample_method"]):
         warnings.warn(
             f"{options['sample_method']} clips the predicted latents to [-1, 1] (as the reference builds it); the "
             f"demo model's latents reach +-8, so its videos lose their colours (docs/demo.md, 'Pick the scheduler "
@@ -373,7 +367,6 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
     """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
     import torch
 
-    from opensora_plan.demo.model import fast_cache_options
     from opensora_plan.models.causalvae import CausalVAEModel
     from opensora_plan.models.latte import LatteT2V
     from opensora_plan.models.text_encoder import load_t5

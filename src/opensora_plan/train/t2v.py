@@ -112,14 +112,14 @@ class T2VTrainOptions(TrainConfig):
     validation_prompt_file: str | None = option(None, help="a text file with one validation prompt per line",
                                                 group="run")
     validation_sampling_steps: int | None = option(None, help="denoising steps of validation videos (default: "
-                                                   "the demo's demo.json when --pretrained is the demo model, "
+                                                   "the --pretrained folder's sampling_config.json or demo.json, "
                                                    "else 20)", group="run", show_default=False)
     validation_sample_method: str | None = option(None, help="scheduler of the preview videos (default: the "
-                                                  "demo's demo.json when --pretrained is the demo model, else "
+                                                  "--pretrained folder's sampling_config.json or demo.json, else "
                                                   "PNDM)", group="run", show_default=False)
     validation_guidance_scale: float | None = option(None, help="guidance of the preview videos (default: the "
-                                                     "demo's demo.json when --pretrained is the demo model, else "
-                                                     "7.5)", group="run", show_default=False)
+                                                     "--pretrained folder's sampling_config.json or demo.json, "
+                                                     "else 7.5)", group="run", show_default=False)
     # held-out loss at fixed timesteps and fixed noise (T2VTask.held_out_loss)
     validation_data_path: str | None = option(None, help="held-out clips (JSON list like --data_path, or an extract "
                                               "folder): diffusion loss at fixed timesteps and noise every "
@@ -701,27 +701,30 @@ def load_stage_config(spec: str) -> dict:
     return read_options_file(T2VTrainOptions, spec)
 
 
-# Preview settings when neither the flags nor a demo model's demo.json give them.
+# Preview settings when neither the flags nor the base model's folder file (sampling_config.json / demo.json) give them.
 PREVIEW_DEFAULTS = {"validation_sampling_steps": 20, "validation_sample_method": "PNDM",
                     "validation_guidance_scale": 7.5}
-_DEMO_KEYS = {"validation_sampling_steps": "num_sampling_steps", "validation_sample_method": "sample_method",
-              "validation_guidance_scale": "guidance_scale"}
+_SAMPLING_KEYS = {"validation_sampling_steps": "num_sampling_steps", "validation_sample_method": "sample_method",
+                  "validation_guidance_scale": "guidance_scale"}
 
 
 def preview_defaults(pretrained: str | None) -> tuple[dict, str | None]:
-    """``(settings, demo.json path or None)``: the preview sampler / steps / guidance of a base model.
+    """``(settings, path of the folder file read or None)``: the preview sampler / steps / guidance of a base model.
 
-    A ``--pretrained`` folder holding a ``demo.json``, or whose parent does (the shipped demo's ``17x64x64/``),
-    gives that file's ``sample_method`` / ``num_sampling_steps`` / ``guidance_scale`` (what ``sample`` uses for
-    it); anything else :data:`PREVIEW_DEFAULTS`.
+    A ``--pretrained`` folder with a sampling file (``pipelines/model_folder.py``: its ``sampling_config.json`` or
+    a demo's ``demo.json``), or whose parent has one (the shipped demo's ``17x64x64/``), gives that file's
+    ``sample_method`` / ``num_sampling_steps`` / ``guidance_scale`` (what ``sample`` uses for it); what it does not
+    give, or anything else, :data:`PREVIEW_DEFAULTS`.
     """
-    from opensora_plan.demo.model import DEMO_INFO, load_demo_info
+    from opensora_plan.pipelines.model_folder import load_sampling_config
 
     if pretrained and Path(pretrained).is_dir():
         for folder in (Path(pretrained), Path(pretrained).parent):
-            if (folder / DEMO_INFO).is_file():
-                info = load_demo_info(folder)
-                return {key: info[demo_key] for key, demo_key in _DEMO_KEYS.items()}, str(folder / DEMO_INFO)
+            config = load_sampling_config(folder)
+            if config is not None:
+                given = config.sample_defaults()
+                return ({key: given.get(name, PREVIEW_DEFAULTS[key]) for key, name in _SAMPLING_KEYS.items()},
+                        str(config.path))
     return dict(PREVIEW_DEFAULTS), None
 
 

@@ -90,8 +90,9 @@ class VideoService:
     def __init__(self, model_path: str | os.PathLike | None = None, version: str | None = None,
                  text_encoder_name: str | os.PathLike | None = None, device: str | None = None,
                  dtype: str = "auto", out_dir: str | os.PathLike | None = None):
-        from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
         from opensora_plan.diffusion.schedulers import scheduler_names
+        from opensora_plan.pipelines.model_folder import DEMO_INFO, load_sampling_config
+        from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
         from opensora_plan.utils import parse_dtype, resolve_device
 
         self.device = resolve_device(device)
@@ -99,7 +100,8 @@ class VideoService:
             else parse_dtype(dtype)
         defaults = resolve_sample_defaults(model_path, version=version, text_encoder_name=text_encoder_name)
         self.folder = Path(defaults["model_path"])
-        self.is_demo = (self.folder / "demo.json").is_file()
+        self.is_demo = (self.folder / DEMO_INFO).is_file()
+        self.sampling_config = load_sampling_config(self.folder)  # None: a folder without one (release defaults)
         self.defaults = defaults
         self.scheduler_names = scheduler_names()
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="opensora-plan-serve-"))
@@ -160,13 +162,10 @@ class VideoService:
         return t * (config["video_length"] - 1) + 1, size[0] * s, size[1] * s
 
     def example_prompts(self) -> list[str]:
-        """Prompts the model knows: the demo's vocabulary, or a few general ones for a release model."""
-        if self.is_demo:
-            from opensora_plan.demo.shapes import caption
-
-            return [caption(*c) for c in (("red", "circle", "left"), ("blue", "square", "up"),
-                                          ("yellow", "triangle", "right"), ("green", "circle", "down"),
-                                          ("white", "square", "left"))]
+        """Prompts the model knows: its folder file's ``example_prompts`` (the demo's vocabulary), or a few general
+        ones for a release model."""
+        if self.sampling_config is not None and self.sampling_config.example_prompts:
+            return list(self.sampling_config.example_prompts)
         return ["a dog running on the beach at sunset", "a drone shot of waves crashing on a rocky coast",
                 "a red car driving through a snowy forest", "time lapse of clouds over a mountain lake"]
 
@@ -199,9 +198,9 @@ class VideoService:
 
     def _pipeline_for(self, request: GenerationRequest):
         """A pipeline sharing the loaded models, with the request's scheduler (nothing shared is changed)."""
-        from opensora_plan.demo.model import fast_cache_options
         from opensora_plan.diffusion.schedulers import create_scheduler
         from opensora_plan.pipelines import OpenSoraPlanPipeline
+        from opensora_plan.pipelines.model_folder import fast_cache_options
 
         self._use_version(request.version)
         base = self._base

@@ -1,0 +1,179 @@
+"""What a model folder says about how to sample it, and where the shipped model lives.
+
+A model folder (the release layout, a ``save_pretrained`` folder, a ``train-t2v`` run or checkpoint, a demo
+model, a distilled student) may carry its sampling defaults in ``sampling_config.json`` beside its weights:
+what ``model_index.json`` is to diffusers' components, this file is to sampling, like transformers'
+``generation_config.json``. Every field is optional; docs/sampling.md documents them::
+
+    {
+      "version": "17x64x64",                  the transformer folder to sample with
+      "text_encoder": "text_encoder",         T5 folder, relative to the model folder (or absolute)
+      "sample_method": "EulerAncestralDiscrete",
+      "num_sampling_steps": 50,
+      "guidance_scale": 3.0,
+      "fps": 8,
+      "cache_fast": {"method": "teacache", "threshold": 0.8},   what --cache fast means for this model
+      "example_prompts": ["a red circle moving left"],          prompts it knows (serve shows them)
+      "stages": {"interpolate": {"model_path": "amt", "factor": 2},   post-processing models it ships with
+                 "upscale": {"model_path": "rgt", "scale": 2}}
+    }
+
+A demo model folder (``demo train``'s ``model/``, the shipped ``assets/demo``) writes the same fields into
+``demo.json``, which also records how it was trained; a folder without ``sampling_config.json`` but with a
+``demo.json`` is read from that file (old demo folders keep loading). :func:`load_sampling_config` is the
+one reader; a setting the file does not give falls back to :data:`RELEASE_SAMPLE_DEFAULTS`, and a flag or
+argument given by the caller wins over both (flag > folder file > release defaults).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SAMPLING_CONFIG = "sampling_config.json"
+DEMO_INFO = "demo.json"  # a demo model's sampling file, which also records its training
+
+DEFAULT_TEXT_ENCODER = "DeepFloyd/t5-v1_1-xxl"
+# The release's sampling settings (the reference's sample_t2v.sh), for a folder whose file does not give them.
+RELEASE_SAMPLE_DEFAULTS = {"version": "65x512x512", "text_encoder_name": DEFAULT_TEXT_ENCODER,
+                           "sample_method": "PNDM", "num_sampling_steps": 50, "guidance_scale": 7.5, "fps": 24.0}
+
+# Post-processing stages a folder may ship with, and the one whole-number factor each takes (besides model_path).
+STAGES = {"interpolate": "factor", "upscale": "scale"}
+# demo.json was written before example_prompts existed: these are the prompts of the demo's vocabulary that
+# `serve` showed for it (demo/shapes.caption; tests/test_model_folder.py keeps the two equal).
+DEMO_EXAMPLE_PROMPTS = ("a red circle moving left", "a blue square moving up", "a yellow triangle moving right",
+                        "a green circle moving down", "a white square moving left")
+# Keys demo.json carries besides the sampling fields: its training record, read by nothing here.
+_DEMO_RECORD_KEYS = ("trained_with", "training_seconds", "stage_seconds", "machine", "note", "cache_fast_note")
+
+
+def default_model_path() -> Path:
+    """The demo model shipped inside the package (``opensora_plan/assets/demo``): the default ``--model_path``."""
+    return Path(__file__).resolve().parents[1] / "assets" / "demo"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The sampling defaults of one model folder; ``None`` where the file does not give a setting.
+
+    ``text_encoder`` and every stage's ``model_path`` are resolved against the folder. ``path`` is the file read.
+    """
+
+    path: Path
+    version: str | None = None
+    text_encoder: str | None = None
+    sample_method: str | None = None
+    num_sampling_steps: int | None = None
+    guidance_scale: float | None = None
+    fps: float | None = None
+    cache_fast: dict | None = None
+    example_prompts: tuple[str, ...] | None = None
+    stages: dict = field(default_factory=dict)
+
+    @property
+    def is_demo(self) -> bool:
+        """A demo model (its file is ``demo.json``): shapes on black, latents that reach +-8."""
+        return self.path.name == DEMO_INFO
+
+    def sample_defaults(self) -> dict:
+        """The settings of ``sample`` this file gives, under ``SampleOptions`` names (unset ones left out)."""
+        values = {"version": self.version, "text_encoder_name": self.text_encoder, "sample_method": self.sample_method,
+                  "num_sampling_steps": self.num_sampling_steps, "guidance_scale": self.guidance_scale,
+                  "fps": self.fps}
+        return {key: value for key, value in values.items() if value is not None}
+
+
+def sampling_config_file(folder: str | os.PathLike) -> Path | None:
+    """The folder's ``sampling_config.json``, else its ``demo.json``, else None."""
+    for name in (SAMPLING_CONFIG, DEMO_INFO):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def load_sampling_config(folder: str | os.PathLike | None) -> SamplingConfig | None:
+    """The sampling defaults ``folder`` carries (None for the shipped demo), or None when it has no file.
+
+    A field of the wrong type or range is a ValueError naming the file and the field; so is an unknown
+    field of ``sampling_config.json`` (keys starting with ``_`` are comments).
+    """
+    folder = Path(folder) if folder is not None else default_model_path()
+    path = sampling_config_file(folder)
+    if path is None:
+        return None
+    # here, not at the top: utils imports torch, and sample --help reads this module
+    from opensora_plan.utils import read_json_file
+
+    data = read_json_file(path, "Sampling config")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds {type(data).__name__}, not an object; write the fields as in "  # noqa: TRY004
+                         "docs/sampling.md.")
+    known = {f for f in SamplingConfig.__dataclass_fields__ if f != "path"}
+    ignored = _DEMO_RECORD_KEYS if path.name == DEMO_INFO else ()
+    unknown = sorted(k for k in data if k not in known and k not in ignored and not k.startswith("_"))
+    if unknown and path.name == SAMPLING_CONFIG:
+        raise ValueError(f"{path} has unknown fields {unknown}; expected some of {sorted(known)} (docs/sampling.md).")
+
+    def check(name, ok, expected):
+        if name in data and not ok(data[name]):
+            raise ValueError(f"{path}: {name} must be {expected}, got {data[name]!r}.")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for name in ("version", "text_encoder", "sample_method"):
+        check(name, lambda v: isinstance(v, str) and v != "", "a non-empty string")
+    check("num_sampling_steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+          "a whole number >= 1")
+    check("guidance_scale", lambda v: number(v) and v >= 0, "a finite number >= 0")
+    check("fps", lambda v: number(v) and v > 0, "a positive number")
+    check("cache_fast", lambda v: isinstance(v, dict) and isinstance(v.get("method"), str),
+          'an object with a "method" (e.g. {"method": "teacache", "threshold": 0.1})')
+    check("example_prompts", lambda v: isinstance(v, list) and v and all(isinstance(p, str) and p.strip() for p in v),
+          "a non-empty list of prompts")
+    check("stages", lambda v: isinstance(v, dict), f"an object with some of {sorted(STAGES)}")
+    stages = {name: _stage(path, name, spec) for name, spec in data.get("stages", {}).items()}
+    example_prompts = data.get("example_prompts")
+    if example_prompts is None and path.name == DEMO_INFO:
+        example_prompts = DEMO_EXAMPLE_PROMPTS
+    return SamplingConfig(
+        path=path,
+        version=data.get("version"),
+        text_encoder=str(folder / data["text_encoder"]) if "text_encoder" in data else None,
+        sample_method=data.get("sample_method"),
+        num_sampling_steps=data.get("num_sampling_steps"),
+        guidance_scale=data.get("guidance_scale"),
+        fps=data.get("fps"),
+        cache_fast=dict(data["cache_fast"]) if "cache_fast" in data else None,
+        example_prompts=tuple(example_prompts) if example_prompts is not None else None,
+        stages=stages,
+    )
+
+
+def _stage(path: Path, name: str, spec) -> dict:
+    """One post-processing stage, its ``model_path`` resolved against the folder of ``path``."""
+    if name not in STAGES:
+        raise ValueError(f"{path}: unknown stage {name!r} in stages; expected some of {sorted(STAGES)}.")
+    factor = STAGES[name]
+    if not isinstance(spec, dict) or not isinstance(spec.get("model_path"), str) or not spec["model_path"]:
+        raise ValueError(f'{path}: stages.{name} must be an object with a "model_path" (a folder, relative to the '
+                         f'model folder), got {spec!r}.')
+    unknown = sorted(set(spec) - {"model_path", factor})
+    if unknown:
+        raise ValueError(f"{path}: stages.{name} has unknown fields {unknown}; expected model_path and {factor}.")
+    value = spec.get(factor, 2)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ValueError(f"{path}: stages.{name}.{factor} must be a whole number >= 2, got {value!r}.")
+    return {"model_path": str(path.parent / spec["model_path"]), factor: value}
+
+
+def fast_cache_options(model_path: str | os.PathLike | None) -> dict:
+    """What ``--cache fast`` means for a model folder (None: the shipped demo): its file's ``cache_fast``
+    (calibrated on that model, docs/demo.md) or, for other folders, ``models.step_cache.FAST_CACHE``."""
+    from opensora_plan.models.step_cache import FAST_CACHE
+
+    config = load_sampling_config(model_path)
+    return dict(config.cache_fast if config is not None and config.cache_fast is not None else FAST_CACHE)
