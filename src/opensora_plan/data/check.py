@@ -95,18 +95,15 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
     from ..utils import atomic_write_bytes
 
     o = DataCheckOptions.of(*args, **kwargs)
-    (data_path, video_folder, text_encoder_name, num_frames, sample_rate, model_max_length, decode) = (
-        getattr(o, k) for k in ("data_path", "video_folder", "text_encoder_name", "num_frames", "sample_rate",
-                                "model_max_length", "decode"))
-    data_path = Path(data_path)
+    data_path = Path(o.data_path)
     raw = read_raw_entries(data_path)
     if not raw:  # the same rule as training (load_video_entries): an empty list is not a dataset
         raise ValueError(f"Dataset file {data_path} lists no videos; add at least one entry.")
     tokenizer = None
-    if text_encoder_name is not None:
+    if o.text_encoder_name is not None:
         from ..models.text_encoder import load_tokenizer
 
-        tokenizer = load_tokenizer(text_encoder_name)
+        tokenizer = load_tokenizer(o.text_encoder_name)
 
     from ..models.text_encoder import preprocess_texts
 
@@ -127,10 +124,10 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
                     if c.strip() and not cleaned]
         if tokenizer is not None:
             tokens += [len(ids) for ids in tokenizer(captions, add_special_tokens=True).input_ids]
-        path = resolve_video_path(entry["path"], data_path.parent, video_folder)
+        path = resolve_video_path(entry["path"], data_path.parent, o.video_folder)
         try:
             with VideoReader(path) as reader:
-                if decode:
+                if o.decode:
                     _decode_every_frame(reader)
                 infos[index] = ClipInfo(reader.num_frames, reader.height, reader.width)
                 frames.append(reader.num_frames)
@@ -158,16 +155,16 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
             "per_entry": _stats(per_entry),
             "words": _stats(words),
             "tokens": _stats(tokens),
-            "over_max_length": sum(t > model_max_length for t in tokens) if tokenizer is not None else None,
-            "model_max_length": model_max_length,
+            "over_max_length": sum(t > o.model_max_length for t in tokens) if tokenizer is not None else None,
+            "model_max_length": o.model_max_length,
             "emptied_by_cleaning": emptied,
         },
     }
-    if num_frames is not None:
-        report["shorter_than_window"] = sum(f < num_frames * sample_rate for f in frames)
-        report["window_frames"] = num_frames * sample_rate
+    if o.num_frames is not None:
+        report["shorter_than_window"] = sum(f < o.num_frames * o.sample_rate for f in frames)
+        report["window_frames"] = o.num_frames * o.sample_rate
     if o.buckets:
-        plan = check_buckets(data_path, o.buckets, o.train_batch_size, sample_rate, video_folder=video_folder,
+        plan = check_buckets(data_path, o.buckets, o.train_batch_size, o.sample_rate, video_folder=o.video_folder,
                              progress=progress, infos=infos, use_image_num=o.use_image_num)
         histogram = plan.histogram()
         report["buckets"] = {"histogram": histogram, "unfit": plan.unfit, "unreadable": plan.unreadable,

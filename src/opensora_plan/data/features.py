@@ -174,28 +174,23 @@ def extract_features(*args, progress: bool = True, **kwargs) -> dict:
     Takes an :class:`ExtractOptions`, or its fields (data_path, out_dir positionally).
     """
     o = ExtractOptions.of(*args, **kwargs)
-    (data_path, out_dir, video_folder, text_encoder_name, ae_path, num_frames, sample_rate, max_image_size,
-     use_image_num, model_max_length, shard_size, text_dtype, enable_tiling, clean_captions, device) = (
-        getattr(o, k) for k in ("data_path", "out_dir", "video_folder", "text_encoder_name", "ae_path", "num_frames",
-                                "sample_rate", "max_image_size", "use_image_num", "model_max_length", "shard_size",
-                                "text_dtype", "enable_tiling", "clean_captions", "device"))
-    entries = load_video_entries(data_path, video_folder)
-    out_dir = Path(out_dir)
+    entries = load_video_entries(o.data_path, o.video_folder)
+    out_dir = Path(o.out_dir)
     settings = {
         "format": CACHE_FORMAT,
-        "text_encoder": str(text_encoder_name) if text_encoder_name else None,
-        "ae": str(ae_path) if ae_path else None,
-        "num_frames": num_frames,
-        "sample_rate": sample_rate,
-        "max_image_size": max_image_size,
-        "use_image_num": use_image_num,
-        "model_max_length": model_max_length,
-        "shard_size": shard_size,
-        "text_dtype": text_dtype if text_encoder_name else None,
-        "clean_captions": clean_captions,
+        "text_encoder": str(o.text_encoder_name) if o.text_encoder_name else None,
+        "ae": str(o.ae_path) if o.ae_path else None,
+        "num_frames": o.num_frames,
+        "sample_rate": o.sample_rate,
+        "max_image_size": o.max_image_size,
+        "use_image_num": o.use_image_num,
+        "model_max_length": o.model_max_length,
+        "shard_size": o.shard_size,
+        "text_dtype": o.text_dtype if o.text_encoder_name else None,
+        "clean_captions": o.clean_captions,
     }
     fingerprint = dataset_fingerprint(entries, settings)
-    num_shards = (len(entries) + shard_size - 1) // shard_size
+    num_shards = (len(entries) + o.shard_size - 1) // o.shard_size
 
     meta_path = out_dir / META_FILE
     if meta_path.is_file():
@@ -215,53 +210,53 @@ def extract_features(*args, progress: bool = True, **kwargs) -> dict:
     logger.info("extract: %d entries in %d shards, %d to compute, %d already done", len(entries), num_shards,
                 len(todo), num_shards - len(todo))
 
-    if not todo and meta_path.is_file() and (text_encoder_name is None or (out_dir / NULL_TEXT_FILE).is_file()):
+    if not todo and meta_path.is_file() and (o.text_encoder_name is None or (out_dir / NULL_TEXT_FILE).is_file()):
         return extraction_summary(out_dir, len(entries), num_shards, written=0)
 
-    device = resolve_device(device)
+    device = resolve_device(o.device)
     tokenizer = text_encoder = vae = None
     scaling_factor = None
-    if text_encoder_name is not None:
+    if o.text_encoder_name is not None:
         from ..models.text_encoder import load_t5, preprocess_texts
 
-        tokenizer, text_encoder = load_t5(text_encoder_name, torch_dtype=parse_dtype(text_dtype), device=device)
-    if ae_path is not None:
+        tokenizer, text_encoder = load_t5(o.text_encoder_name, torch_dtype=parse_dtype(o.text_dtype), device=device)
+    if o.ae_path is not None:
         from ..models.causalvae import CausalVAEModel
 
         # The VAE stays in float32, as in the reference trainer.
-        vae = CausalVAEModel.from_pretrained(ae_path, device=device).eval().requires_grad_(False)
-        vae.enable_tiling(enable_tiling)
+        vae = CausalVAEModel.from_pretrained(o.ae_path, device=device).eval().requires_grad_(False)
+        vae.enable_tiling(o.enable_tiling)
         scaling_factor = float(vae.config.scaling_factor)
 
     meta = {"settings": settings, "fingerprint": fingerprint, "num_entries": len(entries), "num_shards": num_shards,
-            "data_path": str(Path(data_path).resolve()),
-            "video_folder": str(video_folder) if video_folder is not None else None,
+            "data_path": str(Path(o.data_path).resolve()),
+            "video_folder": str(o.video_folder) if o.video_folder is not None else None,
             "scaling_factor": scaling_factor}
     atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
     if text_encoder is not None and not (out_dir / NULL_TEXT_FILE).is_file():
-        (null,) = encode_captions_trimmed(tokenizer, text_encoder, [""], model_max_length)
+        (null,) = encode_captions_trimmed(tokenizer, text_encoder, [""], o.model_max_length)
         atomic_write_bytes(out_dir / NULL_TEXT_FILE, safetensors_save({"text": null}))
 
     written = 0
-    bar = progress_bar(total=sum(min(shard_size, len(entries) - k * shard_size) for k in todo), desc="extract",
+    bar = progress_bar(total=sum(min(o.shard_size, len(entries) - k * o.shard_size) for k in todo), desc="extract",
                unit="video", disable=not progress)
     for shard in todo:
         tensors, present, captions, skipped = {}, [], {}, []
-        for index in range(shard * shard_size, min((shard + 1) * shard_size, len(entries))):
+        for index in range(shard * o.shard_size, min((shard + 1) * o.shard_size, len(entries))):
             entry = entries[index]
             if vae is not None:
                 try:
-                    video = cached_clip(entry.path, num_frames, sample_rate, max_image_size, use_image_num)
+                    video = cached_clip(entry.path, o.num_frames, o.sample_rate, o.max_image_size, o.use_image_num)
                 except VideoReadError as err:
                     logger.warning("extract: skipping entry %d: %s", index, err)
                     skipped.append({"index": index, "path": str(entry.path), "reason": str(err)})
                     bar.update()
                     continue
-                mean, logvar = encode_latent_posterior(vae, video, num_frames)
+                mean, logvar = encode_latent_posterior(vae, video, o.num_frames)
                 tensors[f"{index}.latent_mean"], tensors[f"{index}.latent_logvar"] = mean, logvar
             if text_encoder is not None:
-                texts = preprocess_texts(list(entry.captions), clean=clean_captions)
-                for j, emb in enumerate(encode_captions_trimmed(tokenizer, text_encoder, texts, model_max_length)):
+                texts = preprocess_texts(list(entry.captions), clean=o.clean_captions)
+                for j, emb in enumerate(encode_captions_trimmed(tokenizer, text_encoder, texts, o.model_max_length)):
                     tensors[f"{index}.text.{j}"] = emb
             present.append(index)
             captions[str(index)] = list(entry.captions)

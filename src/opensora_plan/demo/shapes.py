@@ -170,24 +170,22 @@ def make_dataset(*args, **kwargs) -> Path:
     Returns the JSON path. Takes a :class:`MakeDataOptions`, or its fields (out, num_videos, ... positionally).
     """
     o = MakeDataOptions.of(*args, **kwargs)
-    out, num_videos, num_frames, size, fps, seed, paraphrases = (
-        o.out, o.num_videos, o.num_frames, o.size, o.fps, o.seed, o.paraphrases)
     colours = list(COLOURS) if o.colours is None else list(o.colours)
     shapes = list(SHAPES) if o.shapes is None else list(o.shapes)
     from opensora_plan.data.video_io import write_video
 
-    out = Path(out)
+    out = Path(o.out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(o.seed)
     combos = list(itertools.product(colours, shapes, DIRECTIONS))
     entries = []
-    width = max(5, int(math.log10(max(num_videos, 1))) + 1)
-    for i in range(num_videos):
+    width = max(5, int(math.log10(max(o.num_videos, 1))) + 1)
+    for i in range(o.num_videos):
         colour, shape, direction = combos[i % len(combos)]
-        clip = random_clip(rng, colour, shape, direction, size)
+        clip = random_clip(rng, colour, shape, direction, o.size)
         rel = f"videos/{i:0{width}d}.mp4"
-        write_video(out / rel, render(clip, num_frames, size), fps=fps)
-        caps = [caption(colour, shape, direction, t) for t in (TEMPLATES if paraphrases else TEMPLATES[:1])]
+        write_video(out / rel, render(clip, o.num_frames, o.size), fps=o.fps)
+        caps = [caption(colour, shape, direction, t) for t in (TEMPLATES if o.paraphrases else TEMPLATES[:1])]
         entries.append({"path": rel, "cap": caps})
     data_json = out / "data.json"
     data_json.write_text(json.dumps(entries, indent=1))

@@ -351,75 +351,72 @@ def evaluate_t2v(*args, **kwargs) -> T2VEvaluation:
     Raises ValueError / FileNotFoundError for bad options, all checked before a model is loaded.
     """
     o = EvalT2VOptions.of(*args, **kwargs)
-    (videos, metrics, prompts, real, clip_model, i3d_model, i3d_sha256, num_frames, sample_rate, resolution,
-     clip_frames, batch_size, subset_size, device, json_out, save_real_stats) = (getattr(o, k) for k in (
-        "videos", "metrics", "prompts", "real", "clip_model", "i3d_model", "i3d_sha256", "num_frames", "sample_rate",
-        "resolution", "clip_frames", "batch_size", "subset_size", "device", "json_out", "save_real_stats"))
     from ..data.video_io import VideoReader
     from ..models.i3d import load_i3d, min_i3d_input, sha256_of_file
     from ..utils import resolve_device
 
     # ---- validate everything cheap first
-    metrics = tuple(metrics)  # checked by EvalT2VOptions
-    videos_dir = Path(videos)
+    metrics = tuple(o.metrics)  # checked by EvalT2VOptions
+    videos_dir = Path(o.videos)
     generated = _list_videos(videos_dir, "--videos")
-    check_output_file(json_out or videos_dir / DEFAULT_JSON_NAME, "--json_out")  # before any scoring
-    if subset_size:
-        generated = generated[:subset_size]
+    check_output_file(o.json_out or videos_dir / DEFAULT_JSON_NAME, "--json_out")  # before any scoring
+    if o.subset_size:
+        generated = generated[:o.subset_size]
     prompt_of: dict[Path, str] = {}
     if "clip_score" in metrics:
-        if not clip_model:
+        if not o.clip_model:
             raise ValueError("--metrics clip_score needs --clip_model, a local CLIP folder (docs/evaluation.md).")
-        if prompts is None:
+        if o.prompts is None:
             logger.warning("No --prompts given: prompts are read back from the file names (punctuation, case and "
                            "anything past 80 characters are lost); pass the prompt file given to 'sample' for exact prompts.")
-        prompt_of = resolve_prompts(generated, prompts)
+        prompt_of = resolve_prompts(generated, o.prompts)
     real_videos: list[Path] = []
     real_stats = None
-    stats_settings = _stats_settings(num_frames, sample_rate, resolution)
+    stats_settings = _stats_settings(o.num_frames, o.sample_rate, o.resolution)
     if "fvd" in metrics:
-        if not i3d_model:
+        if not o.i3d_model:
             raise ValueError("--metrics fvd needs --i3d_model, a local I3D weight file (docs/evaluation.md).")
-        if not real:
+        if not o.real:
             raise ValueError("--metrics fvd needs --real, a folder of real videos or a statistics .npz.")
         min_frames, min_pixels = min_i3d_input()
-        if num_frames < min_frames or resolution < min_pixels:
+        if o.num_frames < min_frames or o.resolution < min_pixels:
             raise ValueError(f"FVD needs --num_frames >= {min_frames} and --resolution >= {min_pixels} (the I3D's "
                              f"head); the standard protocol is {FVD_NUM_FRAMES} frames at {FVD_RESOLUTION}.")
-        real_path = Path(real)
+        real_path = Path(o.real)
         if real_path.suffix == ".npz":
             if not real_path.is_file():
                 raise FileNotFoundError(f"--real {real_path} does not exist; give a folder of videos or a statistics .npz.")
             real_stats = load_real_stats(real_path, stats_settings)
         else:
             real_videos = _list_videos(real_path, "--real")
-            if subset_size:
-                real_videos = real_videos[:subset_size]
-        if not Path(i3d_model).is_file():
-            raise FileNotFoundError(f"--i3d_model {i3d_model} does not exist; see docs/evaluation.md for the weights.")
-    elif save_real_stats:
+            if o.subset_size:
+                real_videos = real_videos[:o.subset_size]
+        if not Path(o.i3d_model).is_file():
+            raise FileNotFoundError(f"--i3d_model {o.i3d_model} does not exist; see docs/evaluation.md for the "
+                                    "weights.")
+    elif o.save_real_stats:
         raise ValueError("--save_real_stats needs --metrics fvd and --real DIR.")
-    if save_real_stats and real_stats is not None:
+    if o.save_real_stats and real_stats is not None:
         raise ValueError("--save_real_stats needs --real to be a folder of videos, not already an .npz.")
 
     # ---- load the models
-    device = resolve_device(device)
+    device = resolve_device(o.device)
     scorer = i3d = None
     if "clip_score" in metrics:
         from ..models.clip import CLIPScorer
 
-        scorer = CLIPScorer.from_folder(clip_model, device=device, batch_size=max(batch_size, 1))
+        scorer = CLIPScorer.from_folder(o.clip_model, device=device, batch_size=max(o.batch_size, 1))
     if "fvd" in metrics:
-        i3d = load_i3d(i3d_model, device=device, expected_sha256=i3d_sha256)
+        i3d = load_i3d(o.i3d_model, device=device, expected_sha256=o.i3d_sha256)
 
     summary = T2VEvaluation(settings=dict(
-        videos=str(videos_dir), metrics=list(metrics), prompts=str(prompts) if prompts else "file names",
-        real=str(real) if real else None, clip_model=str(clip_model) if clip_model else None,
-        i3d_model=str(i3d_model) if i3d_model else None,
-        i3d_sha256=sha256_of_file(i3d_model) if i3d_model and "fvd" in metrics else None,
-        clip_frames=clip_frames, batch_size=batch_size, device=str(device), **stats_settings,
+        videos=str(videos_dir), metrics=list(metrics), prompts=str(o.prompts) if o.prompts else "file names",
+        real=str(o.real) if o.real else None, clip_model=str(o.clip_model) if o.clip_model else None,
+        i3d_model=str(o.i3d_model) if o.i3d_model else None,
+        i3d_sha256=sha256_of_file(o.i3d_model) if o.i3d_model and "fvd" in metrics else None,
+        clip_frames=o.clip_frames, batch_size=o.batch_size, device=str(device), **stats_settings,
     ))
-    generated_features = _I3DFeatures(i3d, device, batch_size) if i3d is not None else None
+    generated_features = _I3DFeatures(i3d, device, o.batch_size) if i3d is not None else None
 
     # ---- generated videos: CLIP score per video, I3D features of the FVD clip
     for path in progress_bar(generated, desc="eval-t2v generated", unit="video"):
@@ -433,15 +430,15 @@ def evaluate_t2v(*args, **kwargs) -> T2VEvaluation:
             continue
         result = VideoResult(path=str(path), prompt=prompt_of.get(path), total_frames=total)
         if scorer is not None:
-            chosen = clip_frame_indices(total, clip_frames)
+            chosen = clip_frame_indices(total, o.clip_frames)
             result.clip_score = float(scorer.frame_scores(frames[chosen], result.prompt).mean())
             result.clip_frames = len(chosen)
         if generated_features is not None:
-            indices = fvd_clip_indices(total, num_frames, sample_rate)
+            indices = fvd_clip_indices(total, o.num_frames, o.sample_rate)
             if indices is None:
-                summary.skipped.append((str(path), _too_short(total, num_frames, sample_rate)))
+                summary.skipped.append((str(path), _too_short(total, o.num_frames, o.sample_rate)))
             else:
-                generated_features.add(fvd_preprocess(frames[indices], resolution))
+                generated_features.add(fvd_preprocess(frames[indices], o.resolution))
                 result.in_fvd = True
         summary.videos.append(result)
 
@@ -451,27 +448,29 @@ def evaluate_t2v(*args, **kwargs) -> T2VEvaluation:
 
         fake = generated_features.features()
         if real_stats is None:
-            real_features = _I3DFeatures(i3d, device, batch_size)
+            real_features = _I3DFeatures(i3d, device, o.batch_size)
             for path in progress_bar(real_videos, desc="eval-t2v real", unit="video"):
                 try:
                     with VideoReader(path) as reader:
-                        indices = fvd_clip_indices(reader.num_frames, num_frames, sample_rate)
+                        indices = fvd_clip_indices(reader.num_frames, o.num_frames, o.sample_rate)
                         if indices is None:
-                            summary.skipped.append((str(path), _too_short(reader.num_frames, num_frames, sample_rate)))
+                            summary.skipped.append((str(path), _too_short(reader.num_frames, o.num_frames,
+                                                                          o.sample_rate)))
                             continue
                         clip = reader.get_frames(indices)
                 except ValueError as err:
                     logger.warning("skipping %s: %s", path, err)
                     summary.skipped.append((str(path), str(err)))
                     continue
-                real_features.add(fvd_preprocess(clip, resolution))
+                real_features.add(fvd_preprocess(clip, o.resolution))
             real_array = real_features.features()
             if len(real_array) < 2:
-                raise ValueError(f"FVD needs at least 2 usable real videos, got {len(real_array)} under --real {real}.")
+                raise ValueError(f"FVD needs at least 2 usable real videos, got {len(real_array)} under --real "
+                                 f"{o.real}.")
             mu_real, sigma_real = gaussian_statistics(real_array)
             num_real = len(real_array)
-            if save_real_stats:
-                with open(save_real_stats, "wb") as f:
+            if o.save_real_stats:
+                with open(o.save_real_stats, "wb") as f:
                     np.savez(f, mu=mu_real, sigma=sigma_real, num_videos=num_real, **stats_settings)
         else:
             mu_real, sigma_real, num_real = real_stats
@@ -480,7 +479,7 @@ def evaluate_t2v(*args, **kwargs) -> T2VEvaluation:
         summary.fvd = frechet_distance(*gaussian_statistics(fake), mu_real, sigma_real)
         summary.fvd_num_generated, summary.fvd_num_real = len(fake), num_real
 
-    json_path = Path(json_out) if json_out else videos_dir / DEFAULT_JSON_NAME
+    json_path = Path(o.json_out) if o.json_out else videos_dir / DEFAULT_JSON_NAME
     summary.settings["json_out"] = str(json_path)
     atomic_write_bytes(json_path, json.dumps(summary.to_dict(), indent=2).encode())
     return summary

@@ -131,51 +131,47 @@ def evaluate_vae(*args, **kwargs) -> EvaluationSummary:
     Takes an :class:`EvalVAEOptions`, or its fields (model_path, video_path positionally).
     """
     o = EvalVAEOptions.of(*args, **kwargs)
-    (model_path, video_path, num_frames, sample_rate, resolution, crop_size, lpips_path, subset_size, device, dtype,
-     sample, seed, enable_tiling, tile_overlap_factor, json_out) = (getattr(o, k) for k in (
-        "model_path", "video_path", "num_frames", "sample_rate", "resolution", "crop_size", "lpips_path",
-        "subset_size", "device", "dtype", "sample", "seed", "enable_tiling", "tile_overlap_factor", "json_out"))
     from ..models.lpips import load_lpips
     from ..data.video_io import VIDEO_EXTENSIONS, list_videos
     from ..models.loading import resolve_model_folder
 
-    resolve_model_folder(model_path, kind="CausalVAE", flag="--model_path")  # before any video is read
+    resolve_model_folder(o.model_path, kind="CausalVAE", flag="--model_path")  # before any video is read
 
-    video_path = Path(video_path)
+    video_path = Path(o.video_path)
     if not video_path.exists():
         raise FileNotFoundError(f"--video_path {video_path} does not exist; give a video file or a folder of videos.")
     sources = list_videos(video_path, recursive=True) if video_path.is_dir() else [video_path]
-    if subset_size:
-        sources = sources[:subset_size]
+    if o.subset_size:
+        sources = sources[:o.subset_size]
     if not sources:
         raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) under {video_path}; point --video_path at a folder of videos.")
-    lpips = load_lpips(lpips_path, device=None) if lpips_path else None
-    vae = load_vae(model_path, device, dtype, enable_tiling, tile_overlap_factor)
-    check_num_frames(num_frames, vae.temporal_compression)
+    lpips = load_lpips(o.lpips_path, device=None) if o.lpips_path else None
+    vae = load_vae(o.model_path, o.device, o.dtype, o.enable_tiling, o.tile_overlap_factor)
+    check_num_frames(o.num_frames, vae.temporal_compression)
     if lpips is not None:
         lpips.to(vae.device)
-    generator = torch.Generator(device=vae.device).manual_seed(seed) if sample else None
+    generator = torch.Generator(device=vae.device).manual_seed(o.seed) if o.sample else None
 
     summary = EvaluationSummary(settings=dict(
-        model_path=str(model_path), video_path=str(video_path), num_frames=num_frames, sample_rate=sample_rate,
-        resolution=resolution, crop_size=crop_size, dtype=dtype, sample=sample, seed=seed,
-        enable_tiling=enable_tiling, lpips=bool(lpips_path),
+        model_path=str(o.model_path), video_path=str(video_path), num_frames=o.num_frames, sample_rate=o.sample_rate,
+        resolution=o.resolution, crop_size=o.crop_size, dtype=o.dtype, sample=o.sample, seed=o.seed,
+        enable_tiling=o.enable_tiling, lpips=bool(o.lpips_path),
     ))
     for source in progress_bar(sources, desc="eval-vae", unit="video"):
         try:
-            video, _ = load_clip(source, num_frames, sample_rate, resolution, crop_size,
+            video, _ = load_clip(source, o.num_frames, o.sample_rate, o.resolution, o.crop_size,
                                  spatial_multiple=vae.spatial_compression)
         except ValueError as err:  # VideoReadError or too few frames: a bad input, not a bad run
             logger.warning("skipping %s: %s", source, err)
             summary.skipped.append((str(source), str(err)))
             continue
-        reconstruction = reconstruct_video(vae, video, sample=sample, generator=generator)  # (3, T, H, W)
+        reconstruction = reconstruct_video(vae, video, sample=o.sample, generator=generator)  # (3, T, H, W)
         psnr_db, ssim_value = quality(video, reconstruction)
         summary.scores.append(VideoScore(
             path=str(source), num_frames=video.shape[1], height=video.shape[2], width=video.shape[3],
             psnr=psnr_db, ssim=ssim_value,
             lpips=lpips_video(lpips, video, reconstruction) if lpips is not None else None,
         ))
-    if json_out:
-        atomic_write_bytes(json_out, json.dumps(summary.to_dict(), indent=2).encode())
+    if o.json_out:
+        atomic_write_bytes(o.json_out, json.dumps(summary.to_dict(), indent=2).encode())
     return summary

@@ -288,16 +288,11 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
     Takes a :class:`ReconstructOptions`, or its fields (model_path, video_path, rec_path positionally).
     """
     o = ReconstructOptions.of(*args, **kwargs)
-    (model_path, video_path, rec_path, num_frames, sample_rate, resolution, crop_size, enable_tiling,
-     tile_overlap_factor, temporal_mode, temporal_context, device, dtype, sample, seed, gif, fps, backend) = (
-        getattr(o, k) for k in ("model_path", "video_path", "rec_path", "num_frames", "sample_rate", "resolution",
-                                "crop_size", "enable_tiling", "tile_overlap_factor", "temporal_mode",
-                                "temporal_context", "device", "dtype", "sample", "seed", "gif", "fps", "backend"))
     temporal_chunk = o.temporal_chunk or None  # 0: decode all at once
     from ..models.loading import resolve_model_folder
 
-    resolve_model_folder(model_path, kind="CausalVAE", flag="--model_path")  # before any video is read
-    video_path, rec_path = Path(video_path), Path(rec_path)
+    resolve_model_folder(o.model_path, kind="CausalVAE", flag="--model_path")  # before any video is read
+    video_path, rec_path = Path(o.video_path), Path(o.rec_path)
     if not video_path.exists():
         raise FileNotFoundError(f"--video_path {video_path} does not exist; give a video file or a folder of videos.")
     folder_mode = video_path.is_dir()
@@ -322,21 +317,21 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
         if target.resolve() == video_path.resolve():
             raise ValueError(f"--rec_path {target} is the input video itself; choose another output path.")
         sources, targets = [video_path], [target]
-    if gif and any(t.with_suffix(".gif") == s for s, t in zip(sources, targets)):
+    if o.gif and any(t.with_suffix(".gif") == s for s, t in zip(sources, targets)):
         raise ValueError("--gif would overwrite an input .gif; choose another --rec_path.")
 
-    vae = load_vae(model_path, device, dtype, enable_tiling, tile_overlap_factor, temporal_chunk, temporal_context,
-                   temporal_mode)
-    check_num_frames(num_frames, vae.temporal_compression)
-    generator = torch.Generator(device=vae.device).manual_seed(seed) if sample else None
-    clip_options = dict(num_frames=num_frames, sample_rate=sample_rate, resolution=resolution,
-                        crop_size=crop_size, backend=backend)
+    vae = load_vae(o.model_path, o.device, o.dtype, o.enable_tiling, o.tile_overlap_factor, temporal_chunk,
+                   o.temporal_context, o.temporal_mode)
+    check_num_frames(o.num_frames, vae.temporal_compression)
+    generator = torch.Generator(device=vae.device).manual_seed(o.seed) if o.sample else None
+    clip_options = dict(num_frames=o.num_frames, sample_rate=o.sample_rate, resolution=o.resolution,
+                        crop_size=o.crop_size, backend=o.backend)
 
     summary = ReconstructionSummary()
     for source, target in progress_bar(list(zip(sources, targets)), desc="reconstruct", unit="video",
                                disable=not folder_mode):
         try:
-            result = _reconstruct_file(vae, source, target, gif, fps, sample, generator, clip_options)
+            result = _reconstruct_file(vae, source, target, o.gif, o.fps, o.sample, generator, clip_options)
         except ValueError as err:  # VideoReadError, too few frames, crop too large: a bad input file
             if not folder_mode:
                 raise

@@ -349,42 +349,42 @@ def train_vae(options: VAETrainOptions | TrainConfig | Mapping, **task_options) 
     config = options.loop_config(extra=options.task_options())
     if not options.validation_videos:
         config.validation_steps = None
-    (model_config, pretrained_model_path, video_path, data_path, video_folder, num_frames, sample_rate, resolution,
-     learning_rate, time_lr_multiplier, max_grad_norm, perceptual_weight, lpips_path, disc_start, disc_weight,
-     kl_weight, logvar_init, rec_loss, validation_videos) = (getattr(options, k) for k in (
-        "model_config", "pretrained_model_path", "video_path", "data_path", "video_folder", "num_frames",
-        "sample_rate", "resolution", "learning_rate", "time_lr_multiplier", "max_grad_norm", "perceptual_weight",
-        "lpips_path", "disc_start", "disc_weight", "kl_weight", "logvar_init", "rec_loss", "validation_videos"))
     check_output_folder(config.output_dir, "--output_dir")
     check_new_run_folder(config.output_dir, config.resume_from_checkpoint)
-    paths = video_paths(video_path, data_path, video_folder)  # before any model loads
-    if validation_videos >= len(paths):
-        raise ValueError(f"--validation_videos {validation_videos} leaves no training videos out of {len(paths)}; lower it.")
-    if perceptual_weight > 0 and not lpips_path:
+    paths = video_paths(options.video_path, options.data_path, options.video_folder)  # before any model loads
+    if options.validation_videos >= len(paths):
+        raise ValueError(f"--validation_videos {options.validation_videos} leaves no training videos out of "
+                         f"{len(paths)}; lower it.")
+    if options.perceptual_weight > 0 and not options.lpips_path:
         raise ValueError(
             "--perceptual_weight > 0 needs LPIPS weights: pass --lpips_path FILE [FILE ...] (VGG16 features + "
             "LPIPS heads, see docs/vae_training.md), or train without the perceptual term with --perceptual_weight 0."
         )
-    perceptual = load_lpips(lpips_path) if perceptual_weight > 0 else None
+    perceptual = load_lpips(options.lpips_path) if options.perceptual_weight > 0 else None
     # Fresh weights (VAE from a config, discriminator) are a function of --seed: runs are repeatable
     # and every process of a multi-process run starts from the same weights.
     torch.manual_seed(config.seed)
-    vae = build_vae(model_config, pretrained_model_path)
+    vae = build_vae(options.model_config, options.pretrained_model_path)
     step_t = vae.temporal_compression
-    if not valid_num_frames(num_frames, step_t):
-        raise ValueError(f"--num_frames {num_frames} is not a length the VAE accepts; use 1 (images) or 1 + {step_t}k (e.g. 9, 17).")
-    if resolution % vae.spatial_compression or resolution < 32:
+    if not valid_num_frames(options.num_frames, step_t):
+        raise ValueError(f"--num_frames {options.num_frames} is not a length the VAE accepts; use 1 (images) or "
+                         f"1 + {step_t}k (e.g. 9, 17).")
+    if options.resolution % vae.spatial_compression or options.resolution < 32:
         raise ValueError(
-            f"--resolution {resolution} must be a multiple of {vae.spatial_compression} and at least 32 "
+            f"--resolution {options.resolution} must be a multiple of {vae.spatial_compression} and at least 32 "
             "(the PatchGAN needs 32 px); e.g. 64 or 256."
         )
-    loss = LPIPSWithDiscriminator(perceptual, disc_start=disc_start, logvar_init=logvar_init, kl_weight=kl_weight,
-                                  perceptual_weight=perceptual_weight, disc_weight=disc_weight, rec_loss=rec_loss)
-    if pretrained_model_path:
-        load_pretrained_loss_state(loss, pretrained_model_path)
-    train_paths, held_out = paths[: len(paths) - validation_videos], paths[len(paths) - validation_videos:]
-    dataset = VAEVideoDataset(train_paths, num_frames, resolution, sample_rate)
-    validation = VAEVideoDataset(held_out, num_frames, resolution, sample_rate, deterministic=True) if held_out else None
-    task = VAETrainTask(vae, loss, dataset, learning_rate=learning_rate, time_lr_multiplier=time_lr_multiplier,
-                        max_grad_norm=max_grad_norm, validation=validation)
+    loss = LPIPSWithDiscriminator(perceptual, disc_start=options.disc_start, logvar_init=options.logvar_init,
+                                  kl_weight=options.kl_weight, perceptual_weight=options.perceptual_weight,
+                                  disc_weight=options.disc_weight, rec_loss=options.rec_loss)
+    if options.pretrained_model_path:
+        load_pretrained_loss_state(loss, options.pretrained_model_path)
+    split = len(paths) - options.validation_videos
+    train_paths, held_out = paths[:split], paths[split:]
+    dataset = VAEVideoDataset(train_paths, options.num_frames, options.resolution, options.sample_rate)
+    validation = VAEVideoDataset(held_out, options.num_frames, options.resolution, options.sample_rate,
+                                 deterministic=True) if held_out else None
+    task = VAETrainTask(vae, loss, dataset, learning_rate=options.learning_rate,
+                        time_lr_multiplier=options.time_lr_multiplier, max_grad_norm=options.max_grad_norm,
+                        validation=validation)
     return train(task, config)

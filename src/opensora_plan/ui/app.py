@@ -130,13 +130,12 @@ def serve(*args, **kwargs) -> None:
 
     Takes a :class:`ServeOptions`, or its fields (model_path, version, ... positionally)."""
     o = ServeOptions.of(*args, **kwargs)
-    model_path, version, text_encoder_name, host, port, device, dtype, out_dir = (
-        o.model_path, o.version, o.text_encoder_name, o.host, o.port, o.device, o.dtype, o.out_dir)
     _import_gradio()  # before loading a model: a missing extra fails at once
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    service = VideoService(model_path, version=version, text_encoder_name=text_encoder_name, device=device,
-                           dtype=dtype, out_dir=out_dir)
+    service = VideoService(o.model_path, version=o.version, text_encoder_name=o.text_encoder_name, device=o.device,
+                           dtype=o.dtype, out_dir=o.out_dir)
     app = build_app(service)
-    print(f"opensora-plan serve: http://{host}:{port} (model {service.folder}, version {service.version})", flush=True)
-    app.launch(server_name=host, server_port=port, share=False, show_error=True, allowed_paths=[str(service.out_dir)],
-               quiet=True)
+    print(f"opensora-plan serve: http://{o.host}:{o.port} (model {service.folder}, version {service.version})",
+          flush=True)
+    app.launch(server_name=o.host, server_port=o.port, share=False, show_error=True,
+               allowed_paths=[str(service.out_dir)], quiet=True)
