@@ -23,6 +23,16 @@ A demo model folder (``demo train``'s ``model/``, the shipped ``assets/demo``) w
 ``demo.json`` is read from that file (old demo folders keep loading). :func:`load_sampling_config` is the
 one reader; a setting the file does not give falls back to :data:`RELEASE_SAMPLE_DEFAULTS`, and a flag or
 argument given by the caller wins over both (flag > folder file > release defaults).
+
+What kind of folder a path is, and where each kind is resolved:
+
+- release layout (``<version>/`` LatteT2V folders + ``vae/``, the T5 elsewhere): :func:`version_folders`;
+  ``sample`` checks it in ``sample_t2v._check_model_folders``;
+- ``save_pretrained`` / diffusers folder (``model_index.json``): ``models.loading.component_folder``;
+- ``train-t2v`` run or ``checkpoint-<step>`` folder, LoRA runs included: ``pipelines.training_run``
+  (``is_training_output``, ``resolve_training_output``, ``resolve_lora_adapter``);
+- demo model: the release layout + ``demo.json`` (and ``model_index.json``); the shipped one is
+  :func:`default_model_path`.
 """
 
 from __future__ import annotations
@@ -48,6 +58,18 @@ DEMO_EXAMPLE_PROMPTS = ("a red circle moving left", "a blue square moving up", "
                         "a green circle moving down", "a white square moving left")
 # Keys demo.json carries besides the sampling fields: its training record, read by nothing here.
 _DEMO_RECORD_KEYS = ("trained_with", "training_seconds", "stage_seconds", "machine", "note", "cache_fast_note")
+
+
+def version_folders(folder: str | os.PathLike) -> list[str]:
+    """Sub-folders holding a LatteT2V ``config.json`` (the release's version folders), sorted."""
+    import json
+
+    found = []
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        config = sub / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("_class_name") == "LatteT2V":
+            found.append(sub.name)
+    return found
 
 
 def default_model_path() -> Path:

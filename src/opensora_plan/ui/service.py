@@ -69,16 +69,6 @@ class GenerationResult:
         return f"{self.request.prompt} (seed {self.seed})"
 
 
-def _versions_in(folder: Path) -> list[str]:
-    """Sub-folders holding a LatteT2V ``config.json`` (the release's version folders)."""
-    found = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        config = sub / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("_class_name") == "LatteT2V":
-            found.append(sub.name)
-    return found
-
-
 class VideoService:
     """Holds the models of one folder and turns :class:`GenerationRequest` into mp4 + gif files.
 
@@ -132,7 +122,9 @@ class VideoService:
         if not self.folder.is_dir():
             raise FileNotFoundError(f"--model_path {self.folder} does not exist; give the shipped demo (leave it "
                                     f"out), a save_pretrained folder or a release folder.")
-        self.versions = _versions_in(self.folder)
+        from opensora_plan.pipelines.model_folder import version_folders
+
+        self.versions = version_folders(self.folder)
         version = version or self.defaults["version"]
         if version not in self.versions:
             raise FileNotFoundError(f"Version {version} is not in {self.folder} (found: "
