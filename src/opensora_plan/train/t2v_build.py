@@ -1,5 +1,5 @@
-"""Building a text-to-video run from its options: the transformer, the VAE, the training data and the
-held-out data (what :func:`~opensora_plan.train.t2v.build_t2v` wires into a :class:`~opensora_plan.train.t2v.T2VTask`)."""
+"""Building a text-to-video run from its options: the transformer, the VAE, the training data and the held-out
+data (what :func:`~opensora_plan.train.t2v.build_t2v` wires into a :class:`~opensora_plan.train.t2v.T2VTask`)."""
 
 from __future__ import annotations
 

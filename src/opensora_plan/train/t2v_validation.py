@@ -17,7 +17,7 @@ import torch
 VALIDATION_SEED = 0
 
 
-# Preview settings when neither the flags nor the base model's folder file (sampling_config.json / demo.json) give them.
+# Preview settings when neither the flags nor the base model's folder file (sampling_config.json, demo.json) set them.
 PREVIEW_DEFAULTS = {"validation_sampling_steps": 20, "validation_sample_method": "PNDM",
                     "validation_guidance_scale": 7.5}
 _SAMPLING_KEYS = {"validation_sampling_steps": "num_sampling_steps", "validation_sample_method": "sample_method",
