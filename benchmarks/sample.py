@@ -138,7 +138,7 @@ def bench_step(version, dtype_name, backend, args, device) -> dict:
     timestep = torch.full((2,), 500, device=device)
     _reset_peak(device)
     with _attention_backend(backend):
-        seconds = _timed(lambda: model(latents, timestep, text), device, args.repeat)
+        seconds = _timed(lambda m=model: m(latents, timestep, text), device, args.repeat)
     peak = _peak_gib(device)
     del model
     return dict(version=version, dtype=dtype_name, backend=backend, step_s=seconds, peak_gib=peak)

@@ -18,7 +18,6 @@ from opensora_plan.models.latte import (
     LATTE_CONFIGS,
     LatteT2V,
     build_latte,
-    get_1d_sincos_pos_embed,
     get_2d_sincos_pos_embed,
     latte_config,
 )
