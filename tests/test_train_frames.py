@@ -1,0 +1,204 @@
+"""train-vfi (AMT) and train-sr (RGT) on the shared trainer: triplets / LR-HR pairs from videos, the losses,
+training, held-out PSNR in log.jsonl, options.json, and exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opensora_plan.cli import main
+from opensora_plan.data.datasets import NoUsableVideoError
+from opensora_plan.data.frames import SRPairDataset, TripletDataset, bicubic_degradation
+from opensora_plan.data.video_io import list_videos, write_video
+from opensora_plan.train.losses_frames import census_loss, charbonnier_loss
+from opensora_plan.train.sampler import SeededSamples
+
+SIZE = 48  # video frames are SIZE x SIZE
+LEVEL = 16  # grey level added per frame: frame k = 2 * x + LEVEL * k (k identifies the frame)
+FRAMES = 9
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
+def _frames(count: int, shift: int = 0) -> torch.Tensor:
+    """Grey frames (count, SIZE, SIZE, 3): a horizontal ramp plus LEVEL * frame index (+ a vertical ramp)."""
+    x = torch.arange(SIZE).view(1, 1, SIZE)
+    y = torch.arange(SIZE).view(1, SIZE, 1)
+    k = torch.arange(count).view(count, 1, 1)
+    grey = 2 * x + (y % 7) * shift + LEVEL * k
+    return grey.clamp(0, 255).to(torch.uint8).unsqueeze(-1).expand(count, SIZE, SIZE, 3).contiguous()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    """Three lossless clips whose frames encode their index, one 2-frame clip and one corrupt file."""
+    root = tmp_path_factory.mktemp("frame_videos")
+    for i in range(3):
+        write_video(root / f"clip{i}.mp4", _frames(FRAMES, shift=i), fps=8, crf=0)
+    write_video(root / "short.mp4", _frames(2), fps=8, crf=0)
+    (root / "broken.mp4").write_bytes(b"not a video")
+    return root
+
+
+def _clips(videos: Path) -> list[Path]:
+    return [p for p in list_videos(videos) if p.name.startswith("clip")]
+
+
+# --------------------------------------------------------------------------------------------
+# datasets
+# --------------------------------------------------------------------------------------------
+
+
+def test_triplets_have_the_target_frame_exactly_in_the_middle(videos):
+    dataset = TripletDataset(_clips(videos), crop_size=32, max_frame_gap=3)
+    samples = SeededSamples(dataset, seed=0)
+    gaps = set()
+    for epoch in range(4):
+        for index in range(len(dataset)):
+            s = samples[(epoch, index)]
+            assert s["img0"].shape == s["imgt"].shape == s["img1"].shape == (3, 32, 32)
+            # same crop, flips and channel order for all three: the middle frame is the pixel-wise mean
+            assert (s["img0"] + s["img1"] - 2 * s["imgt"]).abs().max() < 4.5 / 255  # video coding: +-1 level
+            # frame k carries LEVEL * k on top of the same ramp: img1 - img0 = 2 * gap levels (either time order)
+            step = (s["img1"] - s["img0"]).mean().item() * 255 / LEVEL
+            assert abs(abs(step) - 2 * s["gap"]) < 0.05, (step, s["gap"])
+            assert 1 <= s["gap"] <= 3 and s["start"] + 2 * s["gap"] < FRAMES
+            gaps.add(s["gap"])
+    assert gaps == {1, 2, 3}
+    # a sample is a pure function of its (epoch, index) key
+    again = SeededSamples(dataset, seed=0)[(1, 2)]
+    first = samples[(1, 2)]
+    assert all(torch.equal(first[k], again[k]) for k in ("img0", "imgt", "img1"))
+    other = SeededSamples(dataset, seed=1)[(1, 2)]
+    assert any(not torch.equal(first[k], other[k]) for k in ("img0", "imgt", "img1")) or first["gap"] != other["gap"]
+
+
+def test_held_out_triplet_is_the_middle_one_centre_cropped(videos):
+    dataset = TripletDataset(_clips(videos)[:1], crop_size=32, max_frame_gap=2, deterministic=True)
+    s = dataset[0]
+    assert (s["gap"], s["start"]) == (2, 2)  # frames 2, 4, 6 of 9
+    expected = _frames(FRAMES)[[2, 4, 6], 8:40, 8:40].permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(torch.stack([s["img0"], s["imgt"], s["img1"]]), expected, atol=2.5 / 255)
+
+
+def test_unreadable_and_too_short_videos_are_skipped_and_counted(videos):
+    paths = sorted(list_videos(videos))  # broken.mp4, clip0..2, short.mp4
+    dataset = TripletDataset(paths, crop_size=32)
+    sample = dataset[0]  # broken.mp4 -> clip0
+    assert sample["index"] == 1 and "Cannot read video" in sample["skipped"][0]["reason"]
+    sample = dataset[len(paths) - 1]  # short.mp4 -> (wraps) broken.mp4 -> clip0
+    reasons = [s["reason"] for s in sample["skipped"]]
+    assert "too short for a triplet: 2 frame(s)" in reasons[0] and len(reasons) == 2 and sample["index"] == 1
+    with pytest.raises(NoUsableVideoError, match="smaller than the 64x64 crop"):
+        TripletDataset(_clips(videos)[:1], crop_size=64)[0]
+
+
+def test_sr_pairs_are_bicubic_downscales_of_the_hr_crops(videos):
+    dataset = SRPairDataset(_clips(videos), scale=2, crop_size=32)
+    samples = SeededSamples(dataset, seed=0)
+    for index in range(len(dataset)):
+        s = samples[(0, index)]
+        assert s["hr"].shape == (3, 32, 32) and s["lr"].shape == (3, 16, 16)
+        # flips / transposes commute with the bicubic downscale; the LR was made from the whole frame, so
+        # compare away from the crop border (where the whole frame's neighbours enter)
+        lr = bicubic_degradation(s["hr"].unsqueeze(0), 2)[0]
+        assert (lr - s["lr"])[:, 2:-2, 2:-2].abs().max() <= 1.01 / 255
+        assert torch.equal(s["lr"], (s["lr"] * 255).round() / 255)  # 8-bit levels, like an image file
+    with pytest.raises(ValueError, match="multiple of the scale 2"):
+        SRPairDataset(_clips(videos), scale=2, crop_size=31)
+
+
+def test_losses_are_zero_for_a_perfect_prediction_and_census_ignores_brightness():
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 24, 24)
+    assert charbonnier_loss(image, image).item() == pytest.approx(1e-3)  # sqrt(eps)
+    assert census_loss(image, image).item() == 0.0
+    assert census_loss(image + 0.1, image).item() < 1e-6  # a brightness shift keeps every census sign
+    assert census_loss(image.flip(-1), image).item() > 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def rgt_config(tmp_path_factory) -> Path:
+    pytest.importorskip("opensora_plan.models.rgt")
+    path = tmp_path_factory.mktemp("rgt") / "tiny_rgt.json"
+    path.write_text(json.dumps({"upscale": 2, "depth": [1, 1], "embed_dim": 32, "num_heads": [2, 2],
+                                "split_size": [4, 8]}))
+    return path
+
+
+def test_train_sr_cli_lowers_the_held_out_loss_and_logs_psnr_ssim(tmp_path, videos, rgt_config):
+    out = tmp_path / "sr"
+    args = ["train-sr", "--video_path", str(videos), "--model_config", str(rgt_config), "--crop_size", "32",
+            "--max_train_steps", "20", "--train_batch_size", "2", "--learning_rate", "5e-4", "--validation_videos", "1",
+            "--validation_steps", "20", "--mixed_precision", "no", "--report_to", "none", "--output_dir", str(out)]
+    assert main(args) == 0
+    log = _log(out)
+    validation = [r for r in log if "val_psnr" in r]
+    assert [r["step"] for r in validation] == [0, 20]  # baseline, then the last step
+    assert validation[1]["val_loss"] < validation[0]["val_loss"]
+    assert validation[1]["val_psnr"] > validation[0]["val_psnr"] and 0 < validation[1]["val_ssim"] <= 1
+    options = json.loads((out / "options.json").read_text())
+    assert options["task"] == "SRTrainTask" and options["extra"]["degradation"] == "bicubic"
+    assert options["task_options"]["num_validation_videos"] == 1
+    from opensora_plan.models.rgt import RGTModel
+
+    RGTModel.from_pretrained(out / "checkpoint-20" / "model")
+    # the run's options.json is a --config file of the command that wrote it
+    assert main(["train-sr", "--config", str(out / "options.json"), "--max_train_steps", "21",
+                 "--resume_from_checkpoint", "latest"]) == 0
+    assert _log(out)[-1]["step"] == 21
+
+
+def test_train_sr_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path, videos, rgt_config):
+    from opensora_plan.train.sr import train_sr
+
+    def run(out: Path, steps: int, **extra):
+        return train_sr({"video_path": str(videos), "model_config": str(rgt_config), "crop_size": 32,
+                         "max_train_steps": steps, "checkpointing_steps": 2, "train_batch_size": 2, "use_ema": True,
+                         "ema_decay": 0.5, "learning_rate": 1e-3, "mixed_precision": "no", "report_to": "none",
+                         "seed": 5, "output_dir": str(out), **extra})
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(full, 4)
+    run(part, 2)
+    run(part, 4, resume_from_checkpoint="latest")
+    keys = ("loss", "grad_norm", "lr")
+    assert [[r[k] for k in keys] for r in _log(full)] == [[r[k] for k in keys] for r in _log(part)]
+    for name in ("model", "ema"):
+        a, b = _weights(full / "checkpoint-4" / name), _weights(part / "checkpoint-4" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_user_errors_are_one_line_before_any_work(tmp_path, videos, capsys):
+    base = ["--video_path", str(videos), "--output_dir", str(tmp_path / "x"), "--max_train_steps", "1"]
+    assert main(["train-sr", *base]) == 1
+    assert "train-sr needs --model_config" in capsys.readouterr().err
+    assert main(["train-vfi", *base, "--model_config", "m", "--validation_videos", "1", "--validation_data",
+                 str(videos)]) == 1
+    assert "give one" in capsys.readouterr().err
+    assert main(["train-vfi", *base, "--model_config", "m", "--max_frame_gap", "0"]) == 1
+    assert "--max_frame_gap must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
