@@ -17,8 +17,8 @@ from opensora_plan.data.video_io import list_videos, write_video
 from opensora_plan.train.losses_frames import census_loss, charbonnier_loss
 from opensora_plan.train.sampler import SeededSamples
 
-SIZE = 48  # video frames are SIZE x SIZE
-LEVEL = 16  # grey level added per frame: frame k = 2 * x + LEVEL * k (k identifies the frame)
+SIZE = 80  # video frames are SIZE x SIZE
+LEVEL = 16  # grey level added per frame: frame k = x + LEVEL * k (k identifies the frame)
 FRAMES = 9
 
 
@@ -35,7 +35,7 @@ def _frames(count: int, shift: int = 0) -> torch.Tensor:
     x = torch.arange(SIZE).view(1, 1, SIZE)
     y = torch.arange(SIZE).view(1, SIZE, 1)
     k = torch.arange(count).view(count, 1, 1)
-    grey = 2 * x + (y % 7) * shift + LEVEL * k
+    grey = x + (y % 7) * shift + LEVEL * k
     return grey.clamp(0, 255).to(torch.uint8).unsqueeze(-1).expand(count, SIZE, SIZE, 3).contiguous()
 
 
@@ -47,6 +47,14 @@ def videos(tmp_path_factory) -> Path:
         write_video(root / f"clip{i}.mp4", _frames(FRAMES, shift=i), fps=8, crf=0)
     write_video(root / "short.mp4", _frames(2), fps=8, crf=0)
     (root / "broken.mp4").write_bytes(b"not a video")
+    return root
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    """A folder with one held-out clip (another pattern than the training clips)."""
+    root = tmp_path_factory.mktemp("held_out")
+    write_video(root / "held.mp4", _frames(FRAMES, shift=3), fps=8, crf=0)
     return root
 
 
@@ -87,7 +95,7 @@ def test_held_out_triplet_is_the_middle_one_centre_cropped(videos):
     dataset = TripletDataset(_clips(videos)[:1], crop_size=32, max_frame_gap=2, deterministic=True)
     s = dataset[0]
     assert (s["gap"], s["start"]) == (2, 2)  # frames 2, 4, 6 of 9
-    expected = _frames(FRAMES)[[2, 4, 6], 8:40, 8:40].permute(0, 3, 1, 2).float() / 255
+    expected = _frames(FRAMES)[[2, 4, 6], 24:56, 24:56].permute(0, 3, 1, 2).float() / 255
     assert torch.allclose(torch.stack([s["img0"], s["imgt"], s["img1"]]), expected, atol=2.5 / 255)
 
 
@@ -99,8 +107,8 @@ def test_unreadable_and_too_short_videos_are_skipped_and_counted(videos):
     sample = dataset[len(paths) - 1]  # short.mp4 -> (wraps) broken.mp4 -> clip0
     reasons = [s["reason"] for s in sample["skipped"]]
     assert "too short for a triplet: 2 frame(s)" in reasons[0] and len(reasons) == 2 and sample["index"] == 1
-    with pytest.raises(NoUsableVideoError, match="smaller than the 64x64 crop"):
-        TripletDataset(_clips(videos)[:1], crop_size=64)[0]
+    with pytest.raises(NoUsableVideoError, match="smaller than the 96x96 crop"):
+        TripletDataset(_clips(videos)[:1], crop_size=96)[0]
 
 
 def test_sr_pairs_are_bicubic_downscales_of_the_hr_crops(videos):
@@ -149,47 +157,85 @@ def rgt_config(tmp_path_factory) -> Path:
     return path
 
 
-def test_train_sr_cli_lowers_the_held_out_loss_and_logs_psnr_ssim(tmp_path, videos, rgt_config):
-    out = tmp_path / "sr"
-    args = ["train-sr", "--video_path", str(videos), "--model_config", str(rgt_config), "--crop_size", "32",
-            "--max_train_steps", "20", "--train_batch_size", "2", "--learning_rate", "5e-4", "--validation_videos", "1",
-            "--validation_steps", "20", "--mixed_precision", "no", "--report_to", "none", "--output_dir", str(out)]
-    assert main(args) == 0
-    log = _log(out)
-    validation = [r for r in log if "val_psnr" in r]
-    assert [r["step"] for r in validation] == [0, 20]  # baseline, then the last step
+@pytest.fixture(scope="module")
+def amt_size() -> str:
+    amt = pytest.importorskip("opensora_plan.models.amt")
+    assert "AMT-Tiny" in amt.AMT_CONFIGS
+    return "AMT-Tiny"
+
+
+# command, model option, crop: the smallest crops the tiny models take (AMT: sides >= 64, multiples of 16)
+TASKS = {"train-vfi": ("amt_size", 64), "train-sr": ("rgt_config", 32)}
+
+
+def _args(command: str, model: str, videos: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [command, "--video_path", str(videos), "--model_config", str(model), "--crop_size", str(TASKS[command][1]),
+            "--max_train_steps", str(steps), "--train_batch_size", "2", "--mixed_precision", "no", "--report_to",
+            "none", "--output_dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("command, steps, lr", [("train-vfi", 8, "1e-3"), ("train-sr", 30, "3e-4")])
+def test_training_lowers_the_held_out_loss_and_logs_psnr_ssim(request, tmp_path, videos, held_out, command, steps, lr):
+    model = request.getfixturevalue(TASKS[command][0])
+    out = tmp_path / "run"
+    assert main(_args(command, model, videos, out, steps, "--learning_rate", lr, "--validation_data", str(held_out),
+                      "--validation_steps", str(steps))) == 0
+    validation = [r for r in _log(out) if "val_psnr" in r]
+    assert [r["step"] for r in validation] == [0, steps]  # the baseline, then the last step
     assert validation[1]["val_loss"] < validation[0]["val_loss"]
     assert validation[1]["val_psnr"] > validation[0]["val_psnr"] and 0 < validation[1]["val_ssim"] <= 1
+    assert (out / "validation" / "validation.jsonl").is_file()
     options = json.loads((out / "options.json").read_text())
-    assert options["task"] == "SRTrainTask" and options["extra"]["degradation"] == "bicubic"
+    assert options["task"] == {"train-vfi": "VFITrainTask", "train-sr": "SRTrainTask"}[command]
     assert options["task_options"]["num_validation_videos"] == 1
-    from opensora_plan.models.rgt import RGTModel
-
-    RGTModel.from_pretrained(out / "checkpoint-20" / "model")
-    # the run's options.json is a --config file of the command that wrote it
-    assert main(["train-sr", "--config", str(out / "options.json"), "--max_train_steps", "21",
+    assert options["extra"]["crop_size"] == TASKS[command][1]
+    # the run's options.json is a --config file of the command that wrote it; resuming goes on from the last step
+    assert main([command, "--config", str(out / "options.json"), "--max_train_steps", str(steps + 1),
                  "--resume_from_checkpoint", "latest"]) == 0
-    assert _log(out)[-1]["step"] == 21
+    assert _log(out)[-1]["step"] == steps + 1
 
 
-def test_train_sr_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path, videos, rgt_config):
-    from opensora_plan.train.sr import train_sr
-
-    def run(out: Path, steps: int, **extra):
-        return train_sr({"video_path": str(videos), "model_config": str(rgt_config), "crop_size": 32,
-                         "max_train_steps": steps, "checkpointing_steps": 2, "train_batch_size": 2, "use_ema": True,
-                         "ema_decay": 0.5, "learning_rate": 1e-3, "mixed_precision": "no", "report_to": "none",
-                         "seed": 5, "output_dir": str(out), **extra})
-
+@pytest.mark.parametrize("command", list(TASKS))
+def test_resume_matches_the_uninterrupted_run_bit_for_bit(request, tmp_path, videos, command):
+    model = request.getfixturevalue(TASKS[command][0])
+    ema = ["--use_ema", "--ema_decay", "0.5", "--checkpointing_steps", "2", "--seed", "5"]
     full, part = tmp_path / "full", tmp_path / "part"
-    run(full, 4)
-    run(part, 2)
-    run(part, 4, resume_from_checkpoint="latest")
+    assert main(_args(command, model, videos, full, 3, *ema)) == 0
+    assert main(_args(command, model, videos, part, 2, *ema)) == 0
+    assert main(_args(command, model, videos, part, 3, *ema, "--resume_from_checkpoint", "latest")) == 0
     keys = ("loss", "grad_norm", "lr")
     assert [[r[k] for k in keys] for r in _log(full)] == [[r[k] for k in keys] for r in _log(part)]
     for name in ("model", "ema"):
-        a, b = _weights(full / "checkpoint-4" / name), _weights(part / "checkpoint-4" / name)
+        a, b = _weights(full / "checkpoint-3" / name), _weights(part / "checkpoint-3" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_fine_tuning_starts_from_official_checkpoint_files(tmp_path, videos, amt_size, rgt_config):
+    """amt-g.pth holds {"state_dict": ...}, RGT_x2.pth {"params"/"params_ema": ...}; --model_config names a
+    non-default architecture of such a file."""
+    from opensora_plan.models.amt import AMTModel, build_amt
+    from opensora_plan.models.rgt import RGTModel
+
+    torch.manual_seed(1)
+    amt = build_amt(amt_size)
+    rgt = RGTModel.from_config(json.loads(rgt_config.read_text()))
+    official = {"train-vfi": (amt, {"state_dict": amt.state_dict()}, amt_size, AMTModel),
+                "train-sr": (rgt, {"params_ema": rgt.state_dict()}, rgt_config, RGTModel)}
+    for command, (model, payload, config, cls) in official.items():
+        path = tmp_path / f"{command}.pth"
+        torch.save(payload, path)
+        out = tmp_path / command
+        args = _args(command, config, videos, out, 1, "--pretrained", str(path), "--learning_rate", "1e-3")
+        assert main(args) == 0
+        tuned = cls.from_pretrained(out / "checkpoint-1" / "model").state_dict()
+        start = model.state_dict()
+        assert tuned.keys() <= start.keys()
+        changed = [k for k in tuned if not torch.equal(tuned[k], start[k])]
+        assert changed, command  # one AdamW step moved the weights loaded from the file
+        # a run's folder fine-tunes further (save_pretrained layout)
+        again = tmp_path / f"{command}-again"
+        folder_args = [a for a in _args(command, config, videos, again, 1) if a not in ("--model_config", str(config))]
+        assert main([*folder_args, "--pretrained", str(out / "checkpoint-1" / "model")]) == 0
 
 
 def test_user_errors_are_one_line_before_any_work(tmp_path, videos, capsys):

@@ -59,8 +59,9 @@ class FrameTrainOptions(TrainConfig):
     validation_videos: int = option(0, help="hold out the last N training videos for validation instead",
                                     group="data")
     # model
-    model_config: str | None = option(None, help="a named size of the model's registry or a JSON config file; "
-                                      "random initialisation", group="model and loss")
+    model_config: str | None = option(None, help="a named size of the model's registry or a JSON config file: "
+                                      "random initialisation, or the architecture of an official --pretrained file",
+                                      group="model and loss")
     pretrained: str | None = option(None, help="weights to start from: an official checkpoint file or a "
                                     "save_pretrained folder (e.g. checkpoint-<step>/model of a run)",
                                     group="model and loss")
@@ -78,14 +79,37 @@ class FrameTrainOptions(TrainConfig):
             raise ValueError(f"--validation_videos must be >= 0, got {self.validation_videos}.")
         if self.validation_data and self.validation_videos:
             raise ValueError("--validation_data and --validation_videos both choose the held-out clips; give one.")
-        if self.model_config and self.pretrained:
-            raise ValueError("--model_config has no effect with --pretrained (the weights fix the architecture); "
-                             "drop one of the two.")
 
     def task_options(self) -> dict:
         """The options of the task (recorded as ``extra`` in options.json)."""
         loop = {f.name for f in dataclasses.fields(TrainConfig)}
         return {k: v for k, v in self.to_dict().items() if k not in loop}
+
+
+def model_config_arg(model_config: str | None, registry: dict, kind: str) -> dict | str | None:
+    """``--model_config`` as a registry name (kept as the name) or the dict of a JSON file (an official
+    ``{"network_g": {...}}`` is unwrapped); None stays None."""
+    if model_config is None or model_config in registry:
+        return model_config
+    path = Path(model_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"--model_config {model_config} is neither a {kind} size ({', '.join(registry)}) nor a "
+                                "JSON config file.")
+    from ..utils import read_json_file
+
+    config = read_json_file(path, "--model_config")
+    return config.get("network_g", config)
+
+
+def check_pretrained(pretrained: str, model_config: str | None, what: str) -> Path:
+    """``--pretrained`` as a Path after checking it exists and that ``--model_config`` goes only with a file."""
+    path = Path(pretrained)
+    if not path.exists():
+        raise FileNotFoundError(f"--pretrained {path} does not exist; give {what} or a save_pretrained folder.")
+    if path.is_dir() and model_config:
+        raise ValueError(f"--model_config has no effect with the folder --pretrained {path} (its config.json fixes "
+                         "the architecture); drop --model_config.")
+    return path
 
 
 def prepare_frame_run(options: FrameTrainOptions) -> tuple[TrainConfig, list[Path], list[Path]]:

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from ..data.frames import DEGRADATIONS, SRPairDataset
 from ..options import option
-from .frame_task import FrameTrainOptions, FrameTrainTask, prepare_frame_run
+from .frame_task import (
+    FrameTrainOptions,
+    FrameTrainTask,
+    check_pretrained,
+    model_config_arg,
+    prepare_frame_run,
+)
 from .losses_frames import l1_loss
 from .trainer import train
 
@@ -62,26 +67,19 @@ class SRTrainTask(FrameTrainTask):
 
 
 def build_sr_model(model_config: str | None, pretrained: str | None) -> torch.nn.Module:
-    """RGT from ``--pretrained`` (an official ``RGT_x2.pth`` / ``RGT_x4.pth`` or a save_pretrained folder) or from
-    ``--model_config`` (a registry name such as ``RGT-x2``, or a JSON config: RGTModel fields or an official
-    ``{"network_g": {...}}``), randomly initialised from the current torch seed."""
-    from ..models.rgt import RGT_CONFIGS, RGTModel, load_rgt
+    """RGT from ``--pretrained`` (an official ``RGT_x2.pth`` / ``RGT_x4.pth``, whose architecture ``--model_config``
+    names when it is not the released RGT, e.g. ``RGT-S-x2``; or a save_pretrained folder) or from
+    ``--model_config`` alone (a registry name such as ``RGT-x2``, or a JSON config: RGTModel fields or an
+    official ``{"network_g": {...}}``), randomly initialised from the current torch seed."""
+    from ..models.rgt import RGT_CONFIGS, RGTModel
 
+    config = model_config_arg(model_config, RGT_CONFIGS, "RGT")
     if pretrained:
-        if not Path(pretrained).exists():
-            raise FileNotFoundError(f"--pretrained {pretrained} does not exist; give an official RGT_x2.pth / RGT_x4.pth "
-                                    "or a save_pretrained folder.")
-        return load_rgt(pretrained)
-    if model_config in RGT_CONFIGS:
-        return RGTModel.from_config(RGT_CONFIGS[model_config])
-    path = Path(model_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"--model_config {model_config} is neither an RGT size ({', '.join(RGT_CONFIGS)}) nor "
-                                "a JSON config file.")
-    from ..utils import read_json_file
-
-    config = read_json_file(path, "--model_config")
-    return RGTModel.from_config(config.get("network_g", config))
+        path = check_pretrained(pretrained, model_config, "an official RGT_x2.pth / RGT_x4.pth")
+        if path.is_dir():
+            return RGTModel.from_pretrained(path)
+        return RGTModel.from_official_checkpoint(path, config=config)
+    return RGTModel.from_config(RGT_CONFIGS[config] if isinstance(config, str) else config)
 
 
 def train_sr(options: SRTrainOptions | Mapping, build_model=build_sr_model) -> dict:
@@ -99,10 +97,18 @@ def train_sr(options: SRTrainOptions | Mapping, build_model=build_sr_model) -> d
     if options.crop_size % scale:
         raise ValueError(f"--crop_size {options.crop_size} must be a multiple of the model's scale {scale}; e.g. "
                          f"{max(scale, options.crop_size // scale * scale)}.")
+    side = options.crop_size // scale
+    for training in (True, False):  # RGT refuses sides its recursion cannot reduce (training and validation)
+        try:
+            model.train(training).check_size(side, side)
+        except ValueError as err:
+            raise ValueError(f"--crop_size {options.crop_size} gives {side} px LR crops, too small: {err}") from None
     dataset = SRPairDataset(paths, scale, options.crop_size, options.degradation)
     validation = SRPairDataset(held_out, scale, options.crop_size, options.degradation,
                                deterministic=True) if held_out else None
     task = SRTrainTask(model, dataset, validation, learning_rate=options.learning_rate,
                        betas=(options.adam_beta1, options.adam_beta2), weight_decay=options.adam_weight_decay,
                        max_grad_norm=options.max_grad_norm)
+    if validation is not None:
+        task.held_out_samples()  # read (and checked) once, before the first step
     return train(task, config)

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from ..data.frames import TripletDataset
 from ..options import option
-from .frame_task import FrameTrainOptions, FrameTrainTask, prepare_frame_run
+from .frame_task import (
+    FrameTrainOptions,
+    FrameTrainTask,
+    check_pretrained,
+    model_config_arg,
+    prepare_frame_run,
+)
 from .losses_frames import amt_loss
 from .trainer import train
 
@@ -74,27 +79,20 @@ class VFITrainTask(FrameTrainTask):
 
 
 def build_vfi_model(model_config: str | None, pretrained: str | None) -> torch.nn.Module:
-    """AMT from ``--pretrained`` (an official ``amt-g.pth`` or a save_pretrained folder) or from ``--model_config``
-    (a registry name such as ``AMT-G``, or a JSON config of the model's fields), randomly initialised from the
-    current torch seed."""
-    # TODO(merge amt): the names below are models/amt's public API as planned on branch `amt`; check them
-    # against that branch when merging (registry AMT_CONFIGS, class AMTModel, loader load_amt).
-    from ..models.amt import AMT_CONFIGS, AMTModel, load_amt
+    """AMT from ``--pretrained`` (the official ``amt-g.pth``, whose architecture ``--model_config`` names when it
+    is not AMT-G; or a save_pretrained folder) or from ``--model_config`` alone (a registry name such as
+    ``AMT-G``, or a JSON config of AMTModel's fields), randomly initialised from the current torch seed."""
+    from ..models.amt import AMT_CONFIGS, AMTModel
 
+    config = model_config_arg(model_config, AMT_CONFIGS, "AMT")
+    if isinstance(config, str):
+        config = AMT_CONFIGS[config]
     if pretrained:
-        if not Path(pretrained).exists():
-            raise FileNotFoundError(f"--pretrained {pretrained} does not exist; give an official amt-*.pth or a "
-                                    "save_pretrained folder.")
-        return load_amt(pretrained)
-    if model_config in AMT_CONFIGS:
-        return AMTModel.from_config(AMT_CONFIGS[model_config])
-    path = Path(model_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"--model_config {model_config} is neither an AMT size ({', '.join(AMT_CONFIGS)}) nor "
-                                "a JSON config file.")
-    from ..utils import read_json_file
-
-    return AMTModel.from_config(read_json_file(path, "--model_config"))
+        path = check_pretrained(pretrained, model_config, "the official amt-g.pth")
+        if path.is_dir():
+            return AMTModel.from_pretrained(path)
+        return AMTModel.from_official_checkpoint(path, **(config or {}))
+    return AMTModel.from_config(config)
 
 
 def train_vfi(options: VFITrainOptions | Mapping, build_model=build_vfi_model) -> dict:
@@ -108,10 +106,17 @@ def train_vfi(options: VFITrainOptions | Mapping, build_model=build_vfi_model) -
     config, paths, held_out = prepare_frame_run(options)
     torch.manual_seed(config.seed)  # fresh weights are a function of --seed (and the same on every process)
     model = build_model(options.model_config, options.pretrained)
+    if hasattr(model, "check_size"):  # AMT processes sides that are multiples of 16 and large enough
+        try:
+            model.check_size(options.crop_size, options.crop_size)
+        except ValueError as err:
+            raise ValueError(f"--crop_size {options.crop_size} does not fit the model: {err}") from None
     dataset = TripletDataset(paths, options.crop_size, options.max_frame_gap)
     validation = TripletDataset(held_out, options.crop_size, options.max_frame_gap,
                                 deterministic=True) if held_out else None
     task = VFITrainTask(model, dataset, validation, learning_rate=options.learning_rate,
                         betas=(options.adam_beta1, options.adam_beta2), weight_decay=options.adam_weight_decay,
                         max_grad_norm=options.max_grad_norm)
+    if validation is not None:
+        task.held_out_samples()  # read (and checked) once, before the first step
     return train(task, config)
