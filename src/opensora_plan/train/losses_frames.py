@@ -5,7 +5,7 @@ AMT (Li et al., CVPR 2023, arXiv 2304.09790; upstream ``MCG-NKU/AMT`` ``losses/l
 
     L = 1.0 * Charbonnier(imgt_pred, imgt) + 1.0 * Census(imgt_pred, imgt) + w_flow * MultiFlowDistill(...)
 
-with ``w_flow`` = 0.005 (AMT-G, AMT-L) or 0.002 (AMT-S). The third term distils optical flow: each of AMT's
+with ``w_flow`` = 0.005 (AMT-G) or 0.002 (AMT-L, AMT-S). The third term distils optical flow: each of AMT's
 multiple predicted flow fields (every decoder level, upsampled) is pulled towards the flows ``t->0`` and
 ``t->1`` of a pretrained flow *teacher* (upstream precomputes them with LiteFlowNet over Vimeo90K) by an
 adaptive Charbonnier loss weighted by ``exp(-0.3 * EPE)`` of the finest prediction.
@@ -16,7 +16,7 @@ weights are available to this project (and no teacher model is implemented), so 
 Charbonnier + census only: the photometric part of the published objective. Runs therefore differ from the
 paper's recipe in this term; fine-tuning an official ``amt-g.pth`` starts from flows that were distilled.
 
-RGT (Chen et al., ICCV 2023; upstream ``options/train/train_RGT_x2.yml``) trains with plain L1 (mean):
+RGT (Chen et al., ICLR 2024; upstream ``options/train/train_RGT_x2.yml``) trains with plain L1 (mean):
 :func:`l1_loss`.
 """
 
