@@ -247,4 +247,6 @@ def test_user_errors_are_one_line_before_any_work(tmp_path, videos, capsys):
     assert "give one" in capsys.readouterr().err
     assert main(["train-vfi", *base, "--model_config", "m", "--max_frame_gap", "0"]) == 1
     assert "--max_frame_gap must be at least 1" in capsys.readouterr().err
+    assert main(["train-sr", *base, "--model_config", "m", "--validation_steps", "10"]) == 1
+    assert "--validation_steps 10 has no effect without held-out clips" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -77,6 +77,10 @@ class FrameTrainOptions(TrainConfig):
         self.require_at_least(1, "crop_size")
         if self.validation_videos < 0:
             raise ValueError(f"--validation_videos must be >= 0, got {self.validation_videos}.")
+        if not (self.validation_data or self.validation_videos) and \
+                self.validation_steps != type(self).__dataclass_fields__["validation_steps"].default:
+            raise ValueError(f"--validation_steps {self.validation_steps} has no effect without held-out clips; add "
+                             "--validation_data or --validation_videos, or drop --validation_steps.")
         if self.validation_data and self.validation_videos:
             raise ValueError("--validation_data and --validation_videos both choose the held-out clips; give one.")
 
