@@ -250,3 +250,21 @@ def test_user_errors_are_one_line_before_any_work(tmp_path, videos, capsys):
     assert main(["train-sr", *base, "--model_config", "m", "--validation_steps", "10"]) == 1
     assert "--validation_steps 10 has no effect without held-out clips" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun_keep_identical_replicas(tmp_path, videos, held_out, amt_size):
+    """DDP over gloo for train-vfi (AMT has the more involved graph); the trainer compares replica hashes."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "opensora_plan.cli", *_args("train-vfi", amt_size, videos, out, 2, "--validation_data", str(held_out),
+                                           "--validation_steps", "2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replicas hold identical weights" in result.stderr
+    assert [r["step"] for r in _log(out)] == [0, 1, 2] and "val_psnr" in _log(out)[-1]
