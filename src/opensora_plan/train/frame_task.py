@@ -104,7 +104,7 @@ def model_config_arg(model_config: str | None, registry: dict, kind: str) -> dic
     config = read_json_file(path, "--model_config")
     if not isinstance(config, dict):  # a user error: one ValueError line, as every option check
         found = type(config).__name__
-        raise ValueError(f"--model_config {path} must hold a JSON object of {kind} fields, got a {found}.")  # noqa: TRY004
+        raise ValueError(f"--model_config {path} must hold a JSON object of {kind} fields, got a {found}.")
     return config.get("network_g", config)
 
 
