@@ -52,15 +52,6 @@ class VFITrainOptions(FrameTrainOptions):
         self.require_at_least(1, "max_frame_gap")
 
 
-def middle_frame(output) -> torch.Tensor:
-    """The predicted middle frame of an AMT output: a tensor, or a dict / object holding ``imgt_pred``."""
-    if torch.is_tensor(output):
-        return output
-    if isinstance(output, Mapping):
-        return output["imgt_pred"]
-    return output.imgt_pred
-
-
 class VFITrainTask(FrameTrainTask):
     """``model(img0, img1, embt)`` -> the middle frame, against ``imgt``; Charbonnier + census."""
 
@@ -68,7 +59,7 @@ class VFITrainTask(FrameTrainTask):
         device = next(model.parameters()).device
         img0, img1 = batch["img0"].to(device), batch["img1"].to(device)  # (B, 3, S, S)
         embt = torch.full((img0.shape[0], 1, 1, 1), MIDDLE, device=device, dtype=img0.dtype)
-        return middle_frame(model(img0, img1, embt)), batch["imgt"].to(device)
+        return model(img0, img1, embt).imgt_pred, batch["imgt"].to(device)  # AMTOutput; (B, 3, S, S) each
 
     def objective(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         return amt_loss(prediction, target)
