@@ -83,6 +83,9 @@ def test_triplets_have_the_target_frame_exactly_in_the_middle(videos):
             assert 1 <= s["gap"] <= 3 and s["start"] + 2 * s["gap"] < FRAMES
             gaps.add(s["gap"])
     assert gaps == {1, 2, 3}
+    # several samples per video and epoch: sample i comes from video i mod 3
+    repeated = TripletDataset(_clips(videos), crop_size=32, samples_per_video=2)
+    assert len(repeated) == 6 and [repeated[i]["index"] for i in (0, 4, 5)] == [0, 1, 2]
     # a sample is a pure function of its (epoch, index) key
     again = SeededSamples(dataset, seed=0)[(1, 2)]
     first = samples[(1, 2)]
@@ -198,7 +201,7 @@ def test_training_lowers_the_held_out_loss_and_logs_psnr_ssim(request, tmp_path,
 @pytest.mark.parametrize("command", list(TASKS))
 def test_resume_matches_the_uninterrupted_run_bit_for_bit(request, tmp_path, videos, command):
     model = request.getfixturevalue(TASKS[command][0])
-    ema = ["--use_ema", "--ema_decay", "0.5", "--checkpointing_steps", "2", "--seed", "5"]
+    ema = ["--use_ema", "--ema_decay", "0.5", "--checkpointing_steps", "2", "--seed", "5", "--samples_per_video", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(_args(command, model, videos, full, 3, *ema)) == 0
     assert main(_args(command, model, videos, part, 2, *ema)) == 0

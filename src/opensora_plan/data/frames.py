@@ -16,6 +16,9 @@ which the task counts with :class:`~opensora_plan.data.datasets.SkippedVideos`.
   crop (HR ``crop_size``, LR ``crop_size / scale``) and BasicSR's ``augment`` (RGT's training data
   pipeline): horizontal flip, vertical flip, transpose, each p 0.5.
 
+An epoch holds ``samples_per_video`` samples of every video (sample i from video ``i % num_videos``), so a
+few long clips still fill large batches.
+
 Randomness: every draw of a sample comes from one ``torch.Generator`` seeded by a single draw from torch's
 global RNG, which :class:`~opensora_plan.train.sampler.SeededSamples` seeds from ``(seed, epoch, index)``:
 a sample is a pure function of its key (exact resume; any number of loader workers). ``deterministic=True``
@@ -74,7 +77,9 @@ class _VideoFrames(Dataset):
     """Shared part: paths, crop size, sizes checks, skip-and-substitute, the per-sample generator."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], crop_size: int, deterministic: bool,
-                 max_substitutions: int):
+                 max_substitutions: int, samples_per_video: int = 1):
+        if samples_per_video < 1:
+            raise ValueError(f"samples_per_video must be at least 1, got {samples_per_video}.")
         if not paths:
             raise ValueError(f"{type(self).__name__} got no videos; point --video_path or --data_path at some videos.")
         if crop_size < 1:
@@ -83,9 +88,10 @@ class _VideoFrames(Dataset):
         self.crop_size = crop_size
         self.deterministic = deterministic
         self.max_substitutions = max_substitutions
+        self.samples_per_video = samples_per_video
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.paths) * self.samples_per_video
 
     def _check_size(self, reader: VideoReader, path: Path) -> None:
         if min(reader.height, reader.width) < self.crop_size:
@@ -97,7 +103,8 @@ class _VideoFrames(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         generator = None if self.deterministic else _sample_generator()
-        used, sample, skipped = first_usable(index, self.paths, lambda i: self.load(i, generator),
+        video = index % len(self.paths)  # sample i of an epoch comes from video i mod the number of videos
+        used, sample, skipped = first_usable(video, self.paths, lambda i: self.load(i, generator),
                                              self.max_substitutions)
         return {**sample, "index": used, "skipped": skipped}
 
@@ -117,8 +124,8 @@ class TripletDataset(_VideoFrames):
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], crop_size: int = 224, max_frame_gap: int = 1,
-                 deterministic: bool = False, max_substitutions: int = 100):
-        super().__init__(paths, crop_size, deterministic, max_substitutions)
+                 deterministic: bool = False, max_substitutions: int = 100, samples_per_video: int = 1):
+        super().__init__(paths, crop_size, deterministic, max_substitutions, samples_per_video)
         if max_frame_gap < 1:
             raise ValueError(f"max_frame_gap must be at least 1, got {max_frame_gap}.")
         self.max_frame_gap = max_frame_gap
@@ -208,8 +215,9 @@ class SRPairDataset(_VideoFrames):
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], scale: int = 2, crop_size: int = 128,
-                 degradation: str = "bicubic", deterministic: bool = False, max_substitutions: int = 100):
-        super().__init__(paths, crop_size, deterministic, max_substitutions)
+                 degradation: str = "bicubic", deterministic: bool = False, max_substitutions: int = 100,
+                 samples_per_video: int = 1):
+        super().__init__(paths, crop_size, deterministic, max_substitutions, samples_per_video)
         if scale < 1 or crop_size % scale:
             raise ValueError(f"crop_size {crop_size} must be a multiple of the scale {scale}.")
         if degradation not in DEGRADATIONS:

@@ -54,6 +54,8 @@ class FrameTrainOptions(TrainConfig):
     data_path: str | None = option(None, help="JSON video list (the text-to-video dataset format; captions unused)",
                                    group="data")
     video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
+    samples_per_video: int = option(1, help="samples (random triplets / crops) drawn from every video per epoch; "
+                                    "raise it for a few long clips", group="data")
     validation_data: str | None = option(None, help="held-out videos for validation: a folder or a JSON video list",
                                          group="data")
     validation_videos: int = option(0, help="hold out the last N training videos for validation instead",
@@ -74,7 +76,7 @@ class FrameTrainOptions(TrainConfig):
         super().__post_init__()
         check_adamw(self.learning_rate, self.adam_beta1, self.adam_beta2, weight_decay=self.adam_weight_decay,
                     max_grad_norm=self.max_grad_norm)
-        self.require_at_least(1, "crop_size")
+        self.require_at_least(1, "crop_size", "samples_per_video")
         if self.validation_videos < 0:
             raise ValueError(f"--validation_videos must be >= 0, got {self.validation_videos}.")
         if not (self.validation_data or self.validation_videos) and \
@@ -204,8 +206,9 @@ class FrameTrainTask(TrainTask):
             "adam_betas": list(self.betas),
             "adam_weight_decay": self.weight_decay,
             "max_grad_norm": self.max_grad_norm,
-            "num_videos": len(self.dataset),
-            "num_validation_videos": len(self.validation) if self.validation is not None else 0,
+            "num_videos": len(self.dataset.paths),
+            "samples_per_epoch": len(self.dataset),
+            "num_validation_videos": len(self.validation.paths) if self.validation is not None else 0,
             "model_class": type(self.models["model"]).__name__,
             "model_config": dict(getattr(self.models["model"], "config", {}) or {}),
         }
@@ -229,14 +232,14 @@ class FrameTrainTask(TrainTask):
         so no clip counts twice)."""
         if self._held_out is None:
             self._held_out = []
-            for index in range(len(self.validation)):
+            for index in range(len(self.validation.paths)):
                 try:
                     self._held_out.append(self.validation.load(index, None))
                 except VideoReadError as err:
                     logger.warning("held-out video left out of validation: %s", err)
                     self.held_out_unreadable.append({"path": str(self.validation.paths[index]), "reason": str(err)})
             if not self._held_out:
-                raise ValueError(f"None of the {len(self.validation)} held-out videos is usable (last: "
+                raise ValueError(f"None of the {len(self.validation.paths)} held-out videos is usable (last: "
                                  f"{self.held_out_unreadable[-1]['reason']}); fix --validation_data or "
                                  "--validation_videos.")
         return self._held_out

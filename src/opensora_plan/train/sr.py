@@ -103,7 +103,8 @@ def train_sr(options: SRTrainOptions | Mapping, build_model=build_sr_model) -> d
             model.train(training).check_size(side, side)
         except ValueError as err:
             raise ValueError(f"--crop_size {options.crop_size} gives {side} px LR crops, too small: {err}") from None
-    dataset = SRPairDataset(paths, scale, options.crop_size, options.degradation)
+    dataset = SRPairDataset(paths, scale, options.crop_size, options.degradation,
+                            samples_per_video=options.samples_per_video)
     validation = SRPairDataset(held_out, scale, options.crop_size, options.degradation,
                                deterministic=True) if held_out else None
     task = SRTrainTask(model, dataset, validation, learning_rate=options.learning_rate,

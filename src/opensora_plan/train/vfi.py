@@ -102,7 +102,8 @@ def train_vfi(options: VFITrainOptions | Mapping, build_model=build_vfi_model) -
             model.check_size(options.crop_size, options.crop_size)
         except ValueError as err:
             raise ValueError(f"--crop_size {options.crop_size} does not fit the model: {err}") from None
-    dataset = TripletDataset(paths, options.crop_size, options.max_frame_gap)
+    dataset = TripletDataset(paths, options.crop_size, options.max_frame_gap,
+                             samples_per_video=options.samples_per_video)
     validation = TripletDataset(held_out, options.crop_size, options.max_frame_gap,
                                 deterministic=True) if held_out else None
     task = VFITrainTask(model, dataset, validation, learning_rate=options.learning_rate,
