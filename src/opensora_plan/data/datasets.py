@@ -32,7 +32,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -280,7 +280,8 @@ class NoUsableVideoError(ValueError):
     """Every video a sample could fall back to is unreadable or too short (training cannot start or go on)."""
 
 
-def first_usable(index: int, paths: Sequence[Path], load, max_substitutions: int = 100) -> tuple[int, Any, list[dict]]:
+def first_usable(index: int, paths: Sequence[Path], load,
+                 max_substitutions: int = 100) -> tuple[int, object, list[dict]]:
     """``(used_index, load(used_index), skipped)``: ``index``, or when ``load`` raises VideoReadError for it, the
     next index that loads (index + 1, + 2, ..., wrapping; at most ``max_substitutions`` others). ``skipped``
     lists ``{"path", "reason"}`` of the videos passed over, for :class:`SkippedVideos`. NoUsableVideoError
