@@ -32,8 +32,10 @@ def _classes():
     from opensora_plan.pipelines.evaluate_vae import EvalVAEOptions
     from opensora_plan.pipelines.reconstruct import ReconstructOptions
     from opensora_plan.pipelines.sample_t2v import SampleOptions
+    from opensora_plan.train.sr import SRTrainOptions
     from opensora_plan.train.t2v import T2VTrainOptions
     from opensora_plan.train.vae import VAETrainOptions
+    from opensora_plan.train.vfi import VFITrainOptions
     from opensora_plan.ui.app import ServeOptions
 
     # (command words, options class, the smallest valid command line)
@@ -51,6 +53,8 @@ def _classes():
         (["demo", "train"], DemoTrainOptions, ["--out", "o"]),
         (["demo", "eval"], DemoEvalOptions, []),
         (["convert", "inflate-2d-vae"], InflateOptions, ["--vae_2d_path", "a", "--output_dir", "b"]),
+        (["train-vfi"], VFITrainOptions, ["--output_dir", "out", "--max_train_steps", "3"]),
+        (["train-sr"], SRTrainOptions, ["--output_dir", "out", "--max_train_steps", "3"]),
     ]
 
 

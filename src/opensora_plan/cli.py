@@ -267,6 +267,51 @@ def _run_train_vae(args) -> int:
     return 0
 
 
+def _add_train_vfi(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-vfi",
+        help="train / fine-tune AMT frame interpolation (Charbonnier + census on middle frames)",
+        description="Train AMT on (frame f, f+g, f+2g) triplets of a folder of videos or a JSON video list, from "
+        "scratch (--model_config) or from amt-g.pth (--pretrained). --config takes an options file (JSON or YAML, or "
+        "a run's options.json); flags given on the command line replace its values. See docs/training_frames.md.",
+    )
+    _generate_options(p, "train-vfi", lambda: _import("opensora_plan.train.vfi", "VFITrainOptions"))
+    p.set_defaults(func=_run_train_vfi)
+
+
+def _run_train_vfi(args) -> int:
+    from opensora_plan.options import options_from_args
+    from opensora_plan.train import vfi
+
+    summary = vfi.train_vfi(options_from_args(vfi.VFITrainOptions, args))
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
+        print(_train_summary_line(summary))
+    return 0
+
+
+def _add_train_sr(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-sr",
+        help="train / fine-tune RGT super-resolution (L1 on bicubic-degraded video frames)",
+        description="Train RGT on (LR, HR) crops of video frames from a folder of videos or a JSON video list, LR made "
+        "by --degradation, from scratch (--model_config) or from RGT_x2.pth (--pretrained). --config takes an options "
+        "file (JSON or YAML, or a run's options.json); flags given on the command line replace its values. See "
+        "docs/training_frames.md.",
+    )
+    _generate_options(p, "train-sr", lambda: _import("opensora_plan.train.sr", "SRTrainOptions"))
+    p.set_defaults(func=_run_train_sr)
+
+
+def _run_train_sr(args) -> int:
+    from opensora_plan.options import options_from_args
+    from opensora_plan.train import sr
+
+    summary = sr.train_sr(options_from_args(sr.SRTrainOptions, args))
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
+        print(_train_summary_line(summary))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # eval-vae / convert
 # --------------------------------------------------------------------------------------------

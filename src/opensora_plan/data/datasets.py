@@ -283,6 +283,26 @@ class NoUsableVideoError(ValueError):
     """Every video a sample could fall back to is unreadable or too short (training cannot start or go on)."""
 
 
+def first_usable(index: int, paths: Sequence[Path], load,
+                 max_substitutions: int = 100) -> tuple[int, object, list[dict]]:
+    """``(used_index, load(used_index), skipped)``: ``index``, or when ``load`` raises VideoReadError for it, the
+    next index that loads (index + 1, + 2, ..., wrapping; at most ``max_substitutions`` others). ``skipped``
+    lists ``{"path", "reason"}`` of the videos passed over, for :class:`SkippedVideos`. NoUsableVideoError
+    when none of them loads."""
+    skipped = []
+    for offset in range(min(max_substitutions + 1, len(paths))):
+        candidate = (index + offset) % len(paths)
+        try:
+            return candidate, load(candidate), skipped
+        except VideoReadError as err:
+            logger.warning("skipping video: %s", err)
+            skipped.append({"path": str(paths[candidate]), "reason": str(err)})
+    raise NoUsableVideoError(
+        f"None of the {len(skipped)} videos tried for sample {index} is usable (all unreadable or too small; "
+        f"last: {skipped[-1]['reason']}); check the data with `opensora-plan data check`."
+    )
+
+
 class SkippedVideos:
     """Accumulates ``batch["skipped"]`` over an epoch and summarises it (count, distinct paths, reasons).
 
@@ -373,15 +393,5 @@ class VAEVideoDataset(Dataset):
         return (video * 2.0 - 1.0).contiguous()
 
     def __getitem__(self, index: int) -> dict:
-        skipped = []
-        for offset in range(min(self.max_substitutions + 1, len(self))):
-            candidate = (index + offset) % len(self)
-            try:
-                return {"video": self.load_clip(candidate), "index": candidate, "skipped": skipped}
-            except VideoReadError as err:
-                logger.warning("skipping video: %s", err)
-                skipped.append({"path": str(self.paths[candidate]), "reason": str(err)})
-        raise NoUsableVideoError(
-            f"None of the {len(skipped)} videos tried for sample {index} is usable (all unreadable or too small; "
-            f"last: {skipped[-1]['reason']}); check the data with `opensora-plan data check`."
-        )
+        used, video, skipped = first_usable(index, self.paths, self.load_clip, self.max_substitutions)
+        return {"video": video, "index": used, "skipped": skipped}
