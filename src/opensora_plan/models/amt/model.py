@@ -211,11 +211,11 @@ class AMTModel(ModelMixin, ConfigMixin):
     def _update(self, low: UpdateBlock, high: UpdateBlock, corr: BidirCorrelation, coords: torch.Tensor,
                 embt: torch.Tensor, factor: int, flow0: torch.Tensor, flow1: torch.Tensor, ft: torch.Tensor):
         """The two updates after an intermediate decoder at 1/(8/factor): "low" on correlation samples at 1/8,
-        "high" at the level's own resolution on the same samples bilinearly up-sampled."""
+        "high" at the level's own resolution on the same samples bilinearly up-sampled (inside the block)."""
         samples, flow = self._lookup(corr, coords, flow0, flow1, embt, downsample=factor)  # (B, K, h/8, w/8)
         delta_ft, delta_flow = low(ft, flow, samples)
         flow0, flow1, ft = flow0 + delta_flow[:, :2], flow1 + delta_flow[:, 2:], ft + delta_ft
-        delta_ft, delta_flow = high(ft, torch.cat([flow0, flow1], dim=1), resize(samples, float(factor)))
+        delta_ft, delta_flow = high(ft, torch.cat([flow0, flow1], dim=1), samples, corr_upsample=float(factor))
         return flow0 + delta_flow[:, 0:2], flow1 + delta_flow[:, 2:4], ft + delta_ft
 
     # ----------------------------------------------------------------------- loading

@@ -35,11 +35,20 @@ class UpdateBlock(nn.Module):
         self.flow_head = _conv_pair(hidden_dim, hidden_dim, 4)
         self.lrelu = nn.LeakyReLU(0.1, inplace=True)
 
-    def forward(self, feature: torch.Tensor, flow: torch.Tensor, corr: torch.Tensor):
-        """feature (B, C, s*h, s*w), flow (B, 4, h, w), corr (B, K, h, w) -> deltas (B, C, s*h, s*w), (B, 4, s*h, s*w)."""
+    def forward(self, feature: torch.Tensor, flow: torch.Tensor, corr: torch.Tensor, corr_upsample: float | None = None):
+        """feature (B, C, s*h, s*w), flow (B, 4, h, w), corr (B, K, h, w) -> deltas (B, C, s*h, s*w), (B, 4, s*h, s*w).
+
+        ``corr_upsample`` u: ``corr`` is at 1/u of the flow's resolution and is bilinearly up-sampled by u (the
+        official "high" blocks). The up-sampling is applied after the 1x1 ``convc1`` instead of before: both are
+        linear and the bilinear weights sum to 1, so the result is the same (to float rounding) with the 1x1
+        convolution on u^2 times fewer pixels and fewer channels to up-sample (K=392 -> corr_dim=256 for AMT-G).
+        """
         if self.scale_factor is not None:
             feature = resize(feature, 1 / self.scale_factor)  # (B, C, h, w)
-        cor = self.lrelu(self.convc2(self.lrelu(self.convc1(corr))))  # (B, corr_dim2, h, w)
+        cor = self.convc1(corr)  # (B, corr_dim, h/u, w/u)
+        if corr_upsample is not None:
+            cor = resize(cor, corr_upsample)  # (B, corr_dim, h, w)
+        cor = self.lrelu(self.convc2(self.lrelu(cor)))  # (B, corr_dim2, h, w)
         flo = self.lrelu(self.convf2(self.lrelu(self.convf1(flow))))  # (B, flow_dim, h, w)
         motion = self.lrelu(self.conv(torch.cat([cor, flo], dim=1)))  # (B, fc_dim, h, w)
         hidden = self.gru(torch.cat([motion, flow, feature], dim=1))  # (B, hidden_dim, h, w)
