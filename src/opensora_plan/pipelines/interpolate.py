@@ -146,8 +146,23 @@ def interpolate_video(model, frames: torch.Tensor, factor: int = 2, *, batch_siz
     video = frames.permute(0, 3, 1, 2).float() / 255.0 if is_uint8 else frames.float()  # (T, 3, H, W)
     padding = padding_for(model, video.shape[-2], video.shape[-1], scale_factor)
     passes = int(math.log2(factor))
+    previous_chunk = model.corr_chunk_size
     model.set_correlation_chunk(corr_chunk)
+    try:
+        result = _double(model, video, padding, passes, batch_size, scale_factor, device, amp_dtype, progress)
+    finally:
+        model.set_correlation_chunk(previous_chunk)
+    return to_uint8(result, quantize) if is_uint8 else result
 
+
+def _double(model, video: torch.Tensor, padding: Padding, passes: int, batch_size: int, scale_factor: float,
+            device: torch.device, amp_dtype: torch.dtype, progress: bool) -> torch.Tensor:
+    """``passes`` doubling passes over (T, 3, H, W) floats -> (2^passes (T - 1) + 1, 3, H, W) on the CPU.
+
+    Works through ``batch_size`` source intervals at a time: the frames between two source frames depend only
+    on those two, so doing every pass for a few intervals equals the official pass-by-pass order over the
+    whole video, with only those intervals' frames on the device."""
+    factor = 2**passes
     intervals = video.shape[0] - 1
     outputs = [video[:1]]
     bar = progress_bar(total=intervals * (factor - 1), desc="interpolate", unit="pair", disable=not progress)
@@ -169,8 +184,7 @@ def interpolate_video(model, frames: torch.Tensor, factor: int = 2, *, batch_siz
             chunk = merged
         outputs.append(padding.unpad(chunk[1:]).cpu())
     bar.close()
-    result = torch.cat(outputs, 0)  # (factor * (T - 1) + 1, 3, H, W)
-    return to_uint8(result, quantize) if is_uint8 else result
+    return torch.cat(outputs, 0)  # (factor * (T - 1) + 1, 3, H, W)
 
 
 def load_interpolation_model(model_path: str | os.PathLike, device: str | torch.device | None = None):
@@ -221,7 +235,7 @@ class InterpolateOptions(Options):
     dtype: str = option("fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype (bf16/fp16: CUDA only)")
     scale_factor: float = option(1.0, help="estimate flows on frames resized by this factor (16/k: 1, 0.5, ...); "
                                  "the warp stays at full size")
-    corr_chunk: int = option(4096, help="correlation chunk in source pixels at 1/8 size; bounds memory, same "
+    corr_chunk: int = option(1024, help="correlation chunk in source pixels at 1/8 size; bounds memory, same "
                              "output (0: the whole volume at once)")
     quantize: str = option("round", choices=list(QUANTIZE_MODES), help="float -> uint8: round, or truncate as "
                            "the official driver does (parity)")
