@@ -302,6 +302,13 @@ def interpolate(*args, **kwargs) -> list[InterpolationResult]:
     if not model_path.exists():
         raise FileNotFoundError(f"--model_path {model_path} does not exist; give the official amt-g.pth or a "
                                 "save_pretrained folder.")
+    for source in sources:  # headers only: a bad input fails before the model loads
+        with VideoReader(source, backend=o.backend) as reader:
+            if len(reader) < 2:
+                raise ValueError(f"{source} has {len(reader)} frame(s); interpolation needs at least 2.")
+            if reader.width % 2 or reader.height % 2:
+                raise ValueError(f"{source} is {reader.width}x{reader.height}; the H.264 output needs even sides, "
+                                 "so crop or pad it to an even size first.")
     model = load_interpolation_model(model_path, o.device)
     results = []
     for source, target in progress_bar(list(zip(sources, targets)), desc="videos", unit="video",
