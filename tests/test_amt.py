@@ -299,3 +299,19 @@ def test_interpolate_command_errors_are_one_line_before_the_model_loads(tiny_set
     assert code != 0
     err = capsys.readouterr().err
     assert pattern in err.strip().splitlines()[-1]  # one error line (argparse prints its usage above it)
+
+
+def test_interpolate_folder_mode_writes_one_video_per_input_beside_the_folder(tiny_setup):
+    import shutil
+
+    from opensora_plan.pipelines.interpolate import interpolate
+
+    folder = tiny_setup / "videos"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(tiny_setup / "clip.mp4", folder / "one.mp4")
+    shutil.copy(tiny_setup / "clip.mp4", folder / "two.mp4")
+    results = interpolate(str(folder), model_path=str(tiny_setup / "amt"), quantize="truncate")
+    assert [r.output_path for r in results] == [str(tiny_setup / "videos_x2" / n) for n in ("one.mp4", "two.mp4")]
+    assert all(r.num_frames_out == 2 * (r.num_frames_in - 1) + 1 for r in results)
+    with pytest.raises(ValueError, match="is the input folder"):
+        interpolate(str(folder), model_path=str(tiny_setup / "amt"), output=str(folder))
