@@ -30,6 +30,7 @@ def _classes():
     from opensora_plan.models.causalvae.inflate import InflateOptions
     from opensora_plan.pipelines.evaluate_t2v import EvalT2VOptions
     from opensora_plan.pipelines.evaluate_vae import EvalVAEOptions
+    from opensora_plan.pipelines.interpolate import InterpolateOptions
     from opensora_plan.pipelines.reconstruct import ReconstructOptions
     from opensora_plan.pipelines.sample_t2v import SampleOptions
     from opensora_plan.train.sr import SRTrainOptions
@@ -44,6 +45,7 @@ def _classes():
         (["train-t2v"], T2VTrainOptions, ["--output_dir", "out", "--max_train_steps", "3"]),
         (["train-vae"], VAETrainOptions, ["--output_dir", "out"]),
         (["reconstruct"], ReconstructOptions, ["--model_path", "m", "--video_path", "v", "--rec_path", "r"]),
+        (["interpolate"], InterpolateOptions, ["in.mp4", "--model_path", "m"]),
         (["eval-vae"], EvalVAEOptions, ["--model_path", "m", "--video_path", "v"]),
         (["eval-t2v"], EvalT2VOptions, ["--videos", "v"]),
         (["extract"], ExtractOptions, ["--data_path", "d", "--out", "o", "--ae_path", "vae"]),
@@ -95,7 +97,7 @@ def test_a_flag_not_given_takes_the_dataclass_default_and_argparse_holds_none(wo
     given = {f.name for f in option_fields(cls) if hasattr(args, f.name)}
     required_names = {f.name for f in option_fields(cls) if f.default is dataclasses.MISSING
                       and f.default_factory is dataclasses.MISSING}
-    assert given <= required_names | {"ae_path"}, f"argparse filled in {given - required_names}"
+    assert given <= required_names | {"ae_path", "model_path"}, f"argparse filled in {given - required_names}"
     built = options_from_args(cls, args)
     defaults = cls.defaults()
     for name, value in defaults.items():

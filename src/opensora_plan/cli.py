@@ -78,6 +78,32 @@ def _run_reconstruct(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# interpolate (AMT frame interpolation)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_interpolate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "interpolate",
+        help="raise a video's frame rate 2/4/8x with AMT frame interpolation (AMT-G, CC BY-NC 4.0)",
+        description="Insert frames between every two frames of a video (or every video in a folder) with AMT: "
+        "m frames become factor*(m-1)+1, written as H.264 mp4 at the input fps x factor. AMT-G's weights "
+        "(amt-g.pth) are licensed CC BY-NC 4.0: non-commercial use only.",
+    )
+    _generate_options(p, "interpolate", lambda: _import("opensora_plan.pipelines.interpolate", "InterpolateOptions"))
+    p.set_defaults(func=_run_interpolate)
+
+
+def _run_interpolate(args) -> int:
+    from opensora_plan.options import options_from_args
+    from opensora_plan.pipelines.interpolate import InterpolateOptions, interpolate
+
+    for r in interpolate(options_from_args(InterpolateOptions, args)):
+        print(f"{r.output_path}: {r.num_frames_in} -> {r.num_frames_out} frames at {r.fps:g} fps  ({r.seconds:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # sample (text-to-video)
 # --------------------------------------------------------------------------------------------
 

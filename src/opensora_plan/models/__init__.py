@@ -1,8 +1,10 @@
-"""Models: CausalVAE 4x8x8 (``causalvae/``) and the LatteT2V denoiser (``latte.py``)."""
+"""Models: CausalVAE 4x8x8 (``causalvae/``), the LatteT2V denoiser (``latte.py``) and AMT frame interpolation
+(``amt/``)."""
 
 import importlib
 
 _EXPORTS = {
+    "AMTModel": "opensora_plan.models.amt",
     "CausalVAEModel": "opensora_plan.models.causalvae",
     "LatteT2V": "opensora_plan.models.latte",
 }
