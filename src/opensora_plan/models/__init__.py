@@ -1,10 +1,11 @@
-"""Models: CausalVAE 4x8x8 (``causalvae/``) and the LatteT2V denoiser (``latte.py``)."""
+"""Models: CausalVAE 4x8x8 (``causalvae/``), the LatteT2V denoiser (``latte.py``) and RGT super-resolution (``rgt.py``)."""
 
 import importlib
 
 _EXPORTS = {
     "CausalVAEModel": "opensora_plan.models.causalvae",
     "LatteT2V": "opensora_plan.models.latte",
+    "RGTModel": "opensora_plan.models.rgt",
 }
 
 __all__ = list(_EXPORTS)
