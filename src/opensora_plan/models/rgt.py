@@ -77,7 +77,7 @@ def shift_mask(window_h: int, window_w: int, height: int, width: int,
     must not attend to each other. Cached per size: the official code recomputes it on every call.
     """
     def bands(size: int, window: int) -> torch.Tensor:
-        labels = torch.zeros(size, dtype=torch.long)
+        labels = torch.zeros(size, dtype=torch.long, device="cpu")  # never a meta tensor in the cache
         labels[size - window:] = 1
         labels[size - window // 2:] = 2
         return labels
@@ -85,10 +85,9 @@ def shift_mask(window_h: int, window_w: int, height: int, width: int,
     region = bands(height, window_h)[:, None] * 3 + bands(width, window_w)[None, :]  # (H, W)
     region = rearrange(region, "(nh wh) (nw ww) -> (nh nw) (wh ww)", wh=window_h, ww=window_w)  # (nW, N)
     different = region[:, None, :] != region[:, :, None]  # (nW, N, N)
-    return torch.zeros(different.shape).masked_fill(different, -100.0).to(device)
+    return torch.zeros(different.shape, device="cpu").masked_fill(different, -100.0).to(device)
 
 
-@functools.lru_cache(maxsize=8)
 def relative_position_offsets(window_h: int, window_w: int) -> torch.Tensor:
     """Every (dy, dx) offset inside a window, dy-major: ((2wh-1)*(2ww-1), 2) float32 (the ``rpe_biases``)."""
     dy = torch.arange(1 - window_h, window_h)
@@ -155,7 +154,7 @@ class WindowAttention(nn.Module):
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.pos = DynamicPosBias(dim // 4, num_heads)
         # Stored in the official files (and ours); deterministic.
-        self.register_buffer("rpe_biases", relative_position_offsets(window_h, window_w).clone())
+        self.register_buffer("rpe_biases", relative_position_offsets(window_h, window_w))
         # Recomputed, never saved (the official files hold it; checked on loading).
         self.register_buffer("relative_position_index", relative_position_index(window_h, window_w), persistent=False)
 
@@ -418,7 +417,7 @@ class RGTModel(ModelMixin, ConfigMixin):
         drop_path_rate: float = 0.1,
         use_chk: bool = False,
         upsampler: str = "pixelshuffle",
-        type: str = "RGT",  # noqa: A002 - the official config's key
+        type: str = "RGT",  # the official network_g names the architecture here
     ):
         super().__init__()
         requested = {"resi_connection": resi_connection, "upsampler": upsampler, "drop_rate": drop_rate,
@@ -443,7 +442,8 @@ class RGTModel(ModelMixin, ConfigMixin):
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         # Deep features: residual groups on tokens.
         self.before_RG = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.LayerNorm(embed_dim))
-        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()  # stochastic depth grows with depth
+        total = sum(depth)  # stochastic depth grows linearly with the block index
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         starts = [sum(depth[:i]) for i in range(len(depth))]
         self.layers = nn.ModuleList([
             ResidualGroup(embed_dim, depth[i], group=i, drop_paths=rates[starts[i]:starts[i] + depth[i]],
@@ -510,7 +510,7 @@ class RGTModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        **config_overrides) -> "RGTModel":
+                        **config_overrides) -> RGTModel:
         """Load a ``save_pretrained`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), strictly."""
         return load_pretrained(cls, path, subfolder=subfolder, torch_dtype=torch_dtype, device=device,
                                **config_overrides)
@@ -537,7 +537,7 @@ class RGTModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_official_checkpoint(cls, path: str | os.PathLike, config: dict | str | None = None,
                                  torch_dtype: torch.dtype | None = None,
-                                 device: str | torch.device | None = None) -> "RGTModel":
+                                 device: str | torch.device | None = None) -> RGTModel:
         """Load an official basicsr file (``RGT_x2.pth``, ``RGT_x4.pth``: ``{"params": ...}`` / ``params_ema``).
 
         ``params_ema`` is preferred when present and a leading ``module.`` is stripped (basicsr's loader).
@@ -553,7 +553,7 @@ class RGTModel(ModelMixin, ConfigMixin):
                     "e.g. RGT_x2.pth / RGT_x4.pth)")
         try:
             payload = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # garbage, a video, a pickle with objects: all "not this kind of file"
+        except Exception as err:  # noqa: BLE001 - garbage, a video, a pickle with objects: all "not this file"
             raise ValueError(f"{path} is not {expected} ({type(err).__name__}).") from None
         state = None
         if isinstance(payload, dict):
@@ -608,7 +608,7 @@ def load_rgt(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
 # groups, RGT-S 6; both 6 blocks per group, width 180, 6 heads, split [8, 32], mlp_ratio 2, c_ratio 0.5.
 # Open-Sora-Plan v1.0.0 uses RGT-x2 and RGT-x4.
 
-_RGT = dict(depth=[6] * 8, num_heads=[6] * 8, embed_dim=180, mlp_ratio=2.0, split_size=[8, 32], c_ratio=0.5)
+_RGT = {"depth": [6] * 8, "num_heads": [6] * 8, "embed_dim": 180, "mlp_ratio": 2.0, "split_size": [8, 32], "c_ratio": 0.5}
 _RGT_S = dict(_RGT, depth=[6] * 6, num_heads=[6] * 6)
 
 RGT_CONFIGS: dict[str, dict] = {
