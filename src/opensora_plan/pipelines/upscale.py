@@ -44,9 +44,10 @@ TILE_MULTIPLE = 32
 #: Smallest tile: RG-SA needs >= 16 px; below 64 px the overlap would cover most of the tile.
 MIN_TILE = 64
 #: Peak working memory of one forward of the released RGT (width 180), bytes per input pixel per frame,
-#: excluding the weights: measured with benchmarks/upscale.py (CPU float32, peak RSS of 128- and 256-px
-#: frames; the x4 head adds the 4x-resolution features). Half precision halves it.
-BYTES_PER_PIXEL = {2: 26_000, 3: 30_000, 4: 36_000}
+#: excluding the weights. x2: measured with benchmarks/upscale.py (CPU float32, peak RSS: 82 MiB at 64x64,
+#: 326 MiB at 128x128, i.e. 21 KB/px), rounded up; x3/x4: that plus the larger reconstruction head
+#: (64 channels at 3x/4x, 256 at 2x), estimated. Half precision halves it.
+BYTES_PER_PIXEL = {2: 24_000, 3: 28_000, 4: 32_000}
 
 
 # --------------------------------------------------------------------------------------------
