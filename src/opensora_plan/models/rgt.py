@@ -169,12 +169,13 @@ class WindowAttention(nn.Module):
         q, k, v = (windows_partition(t, self.window_h, self.window_w) for t in qkv)  # (B, nW, heads, N, d)
         num_windows, n, d = q.shape[1], q.shape[3], q.shape[4]
         bias = self.position_bias().to(q.dtype)  # (heads, N, N)
+        # 4-D masks: PyTorch's fused CPU kernel takes them (a 3-D mask falls back to the slower math path).
         if mask is None:  # one bias for every window: windows fold into the batch
             q, k, v = (t.reshape(batch * num_windows, self.num_heads, n, d) for t in (q, k, v))
-            attn_mask = bias
+            attn_mask = bias[None]  # (1, heads, N, N)
         else:  # a mask per window: windows fold into the heads, the batch broadcasts
             q, k, v = (t.reshape(batch, num_windows * self.num_heads, n, d) for t in (q, k, v))
-            attn_mask = (mask.to(q.dtype)[:, None] + bias[None]).reshape(num_windows * self.num_heads, n, n)
+            attn_mask = (mask.to(q.dtype)[:, None] + bias[None]).reshape(1, num_windows * self.num_heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         out = out.view(batch, num_windows, self.num_heads, n, d)
         return windows_merge(out, self.window_h, self.window_w, height, width)  # (B, H, W, C)
@@ -263,7 +264,10 @@ class RG_SA(nn.Module):
         v = self.v(summary)  # (B, n, C)
         v = v + rearrange(self.cpe(rearrange(v, "b (h w) c -> b c h w", h=reduced_h)), "b c h w -> b (h w) c")
         v = rearrange(v, "b n (heads d) -> b heads n d", heads=self.num_heads)  # (B, heads, n, C/heads)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, C/heads)
+        # Plain attention over the few summary tokens: q/k and v have different head widths, which the fused
+        # SDPA kernels do not take (its math fallback is slower than these three operations).
+        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (B, heads, N, n)
+        out = attn @ v  # (B, heads, N, C/heads)
         return self.proj(rearrange(out, "b heads n d -> b n (heads d)"))  # (B, N, C)
 
 

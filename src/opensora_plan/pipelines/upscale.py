@@ -298,6 +298,7 @@ def _read(source: Path) -> tuple[torch.Tensor, float | None]:
 def _write(target: Path, frames: torch.Tensor, fps: float | None) -> None:
     from ..utils import atomic_path
 
+    target.parent.mkdir(parents=True, exist_ok=True)
     if target.suffix.lower() == ".mp4":
         write_video(target, frames, fps or 30.0)
         return
