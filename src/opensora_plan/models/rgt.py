@@ -47,8 +47,9 @@ MIN_SIDE = 16
 #: Config keys accepted for compatibility with the official ``network_g`` but without effect here.
 IGNORED_CONFIG_KEYS = ("type", "img_size")  # img_size only sizes the official files' stored shift masks
 #: Official constructor values that only training variants use; anything else is refused.
-REQUIRED_CONFIG_VALUES = {"resi_connection": "1conv", "upsampler": "pixelshuffle", "drop_rate": 0.0,
-                          "attn_drop_rate": 0.0, "type": "RGT"}
+REQUIRED_CONFIG_VALUES = {"upsampler": "pixelshuffle", "drop_rate": 0.0, "attn_drop_rate": 0.0, "type": "RGT"}
+#: The two residual convolutions of the official class (``resi_connection``); the released models use 1conv.
+RESIDUAL_CONVS = ("1conv", "3conv")
 
 
 #################################################################################
@@ -336,12 +337,21 @@ class Block(nn.Module):
         return out + x * self.gamma  # (B, N, C)
 
 
+def residual_conv(dim: int, kind: str) -> nn.Module:
+    """The convolution closing a residual group and the body: one 3x3 conv, or a 3x3-1x1-3x3 bottleneck (dim/4)."""
+    if kind == "1conv":
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    return nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(dim // 4, dim // 4, 1),
+                         nn.LeakyReLU(0.2), nn.Conv2d(dim // 4, dim, 3, 1, 1))
+
+
 class ResidualGroup(nn.Module):
-    def __init__(self, dim: int, depth: int, group: int, drop_paths: list[float], **block_args):
+    def __init__(self, dim: int, depth: int, group: int, drop_paths: list[float], resi_connection: str,
+                 **block_args):
         super().__init__()
         self.blocks = nn.ModuleList([Block(dim, drop_path=drop_paths[i], group=group, index=i, **block_args)
                                      for i in range(depth)])
-        self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+        self.conv = residual_conv(dim, resi_connection)
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -424,8 +434,7 @@ class RGTModel(ModelMixin, ConfigMixin):
         type: str = "RGT",  # the official network_g names the architecture here
     ):
         super().__init__()
-        requested = {"resi_connection": resi_connection, "upsampler": upsampler, "drop_rate": drop_rate,
-                     "attn_drop_rate": attn_drop_rate, "type": type}
+        requested = {"upsampler": upsampler, "drop_rate": drop_rate, "attn_drop_rate": attn_drop_rate, "type": type}
         for key, value in requested.items():
             if value != REQUIRED_CONFIG_VALUES[key]:
                 raise ValueError(f"RGT config {key}={value!r} is not supported; the released models use "
@@ -433,11 +442,14 @@ class RGTModel(ModelMixin, ConfigMixin):
         if len(depth) != len(num_heads):
             raise ValueError(f"RGT depth {list(depth)} and num_heads {list(num_heads)} must have one entry per "
                              "residual group; give both the same length.")
-        if len(split_size) != 2 or any(s < 2 or s % 2 for s in split_size):
-            raise ValueError(f"RGT split_size {list(split_size)} must be two even window sides (released: [8, 32]).")
-        if any(h < 2 or h % 2 for h in num_heads) or embed_dim % 2:
-            raise ValueError(f"RGT num_heads {list(num_heads)} and embed_dim {embed_dim} must be even (L-SA splits "
-                             "both in halves).")
+        if resi_connection not in RESIDUAL_CONVS:
+            raise ValueError(f"RGT resi_connection {resi_connection!r} is not one of {', '.join(RESIDUAL_CONVS)}.")
+        if len(split_size) != 2 or min(split_size) < 2 or max(split_size) % min(split_size):
+            raise ValueError(f"RGT split_size {list(split_size)} must be two window sides >= 2, the longer a multiple "
+                             "of the shorter (released: [8, 32]).")
+        if embed_dim % 2 or any(h < 2 or (embed_dim // 2) % (h // 2) for h in num_heads):
+            raise ValueError(f"RGT embed_dim {embed_dim} must be even and its half divisible by half of every "
+                             f"num_heads {list(num_heads)} (L-SA splits channels and heads in halves).")
         self.upscale, self.img_range = upscale, img_range
         mean = torch.tensor(RGB_MEAN) if in_chans == 3 else torch.zeros(in_chans)
         self.register_buffer("mean", mean.view(1, in_chans, 1, 1), persistent=False)  # not in the official files
@@ -452,10 +464,10 @@ class RGTModel(ModelMixin, ConfigMixin):
         self.layers = nn.ModuleList([
             ResidualGroup(embed_dim, depth[i], group=i, drop_paths=rates[starts[i]:starts[i] + depth[i]],
                           num_heads=num_heads[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                          split_size=tuple(split_size), c_ratio=c_ratio)
+                          split_size=tuple(split_size), c_ratio=c_ratio, resi_connection=resi_connection)
             for i in range(len(depth))])
         self.norm = nn.LayerNorm(embed_dim)
-        self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
+        self.conv_after_body = residual_conv(embed_dim, resi_connection)
         # Reconstruction.
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1), nn.LeakyReLU())
         self.upsample = Upsample(upscale, NUM_FEAT)

@@ -44,10 +44,10 @@ TILE_MULTIPLE = 32
 #: Smallest tile: RG-SA needs >= 16 px; below 64 px the overlap would cover most of the tile.
 MIN_TILE = 64
 #: Peak working memory of one forward of the released RGT (width 180), bytes per input pixel per frame,
-#: excluding the weights. x2: measured with benchmarks/upscale.py (CPU float32, peak RSS: 82 MiB at 64x64,
-#: 326 MiB at 128x128, i.e. 21 KB/px), rounded up; x3/x4: that plus the larger reconstruction head
+#: excluding the weights. x2: measured with benchmarks/upscale.py (CPU float32, peak RSS: 260 MiB at 128x128,
+#: 1101 MiB at 256x256, i.e. 17 KB/px), rounded up; x3/x4: that plus the larger reconstruction head
 #: (64 channels at 3x/4x, 256 at 2x), estimated. Half precision halves it.
-BYTES_PER_PIXEL = {2: 24_000, 3: 28_000, 4: 32_000}
+BYTES_PER_PIXEL = {2: 20_000, 3: 24_000, 4: 28_000}
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +150,13 @@ def tile_size_for_budget(memory_gb: float, scale: int, batch_size: int = 1, weig
 # --------------------------------------------------------------------------------------------
 
 
+def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    if dtype != torch.float32 and device.type != "cuda":
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+        raise ValueError(f"--dtype {name} runs under CUDA autocast only; on {device} use fp32 (or --device cuda).")
+
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) float -> (..., H, W, 3) uint8: clamp to [0, 1], x255, round (basicsr's tensor2img)."""
     return (x.float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
@@ -175,7 +182,8 @@ def upscale_frames(model, frames: torch.Tensor | np.ndarray, batch_size: int = 4
     model.check_size(*smallest)  # before any work
     device = next(model.parameters()).device
     dtype = parse_dtype(dtype)
-    autocast = dtype != torch.float32 and device.type == "cuda"
+    _check_dtype(dtype, device)
+    autocast = dtype != torch.float32
     outputs = []
     starts = range(0, frames.shape[0], batch_size)
     with progress_bar(total=frames.shape[0], desc="upscale", unit="frame", disable=not progress) as bar:
@@ -212,7 +220,7 @@ class UpscaleOptions(Options):
     sr_memory_gb: float | None = option(None, help="memory budget of one network call, chooses the tile size "
                                         "(unset: 80%% of free GPU memory on CUDA, 4 GB on CPU)")
     device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
-    dtype: str = option("fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16: CUDA autocast (CPU stays fp32)")
+    dtype: str = option("fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16: CUDA autocast (weights stay fp32; CUDA only)")
     fps: float | None = option(None, help="output fps of videos (unset: the source fps)")
 
     def __post_init__(self):
@@ -318,6 +326,7 @@ def upscale(*args, **kwargs) -> list[UpscaleResult]:
                                 "save_pretrained folder.")
     pairs = plan_outputs(Path(o.input), Path(o.output))
     device, dtype = resolve_device(o.device), parse_dtype(o.dtype)
+    _check_dtype(dtype, device)
 
     from ..models.rgt import load_rgt
 
@@ -332,7 +341,7 @@ def upscale(*args, **kwargs) -> list[UpscaleResult]:
             budget = 0.8 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 4.0
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         tile_size = tile_size_for_budget(budget, model.upscale, o.batch_size, weights,
-                                         half_precision=dtype != torch.float32 and device.type == "cuda")
+                                         half_precision=dtype != torch.float32)
         logger.info("Tiles of at most %d px (overlap %d) for a %.1f GB budget at batch size %d", tile_size,
                     o.tile_overlap, budget, o.batch_size)
     results = []
