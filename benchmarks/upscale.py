@@ -145,6 +145,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="*", default=[256, 512], help="input sides (x2 output); none: skip")
     p.add_argument("--tile", type=int, default=192, help="tile side of the tiled runs (input px)")
     p.add_argument("--overlap", type=int, default=48, help="tile overlap (input px)")
+    p.add_argument("--modes", nargs="+", default=["whole", "blend", "chop"], choices=["whole", "blend", "chop"],
+                   help="untiled, blended tiles, official hard paste (whole is always run: the PSNR reference)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -169,7 +171,7 @@ def main() -> None:
         for size in args.sizes:
             results = {}
             for mode in ("whole", "blend", "chop"):
-                if mode == "blend" and size <= args.tile:
+                if (mode == "blend" and size <= args.tile) or (mode != "whole" and mode not in args.modes):
                     continue
                 path = os.path.join(tmp, f"{mode}{size}.pt")
                 results[mode] = run_worker(args, mode, size, path)

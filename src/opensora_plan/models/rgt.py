@@ -199,9 +199,9 @@ class L_SA(nn.Module):
         self.split_size, self.shifted = tuple(split_size), shifted
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        short, long = self.split_size
-        self.attns = nn.ModuleList([WindowAttention(dim // 2, num_heads // 2, short, long, qk_scale),
-                                    WindowAttention(dim // 2, num_heads // 2, long, short, qk_scale)])
+        first, second = self.split_size  # released: 8 x 32 windows for the first half, 32 x 8 for the second
+        self.attns = nn.ModuleList([WindowAttention(dim // 2, num_heads // 2, first, second, qk_scale),
+                                    WindowAttention(dim // 2, num_heads // 2, second, first, qk_scale)])
         self.get_v = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)  # locality complementary module on v
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -265,10 +265,12 @@ class RG_SA(nn.Module):
         v = self.v(summary)  # (B, n, C)
         v = v + rearrange(self.cpe(rearrange(v, "b (h w) c -> b c h w", h=reduced_h)), "b c h w -> b (h w) c")
         v = rearrange(v, "b n (heads d) -> b heads n d", heads=self.num_heads)  # (B, heads, n, C/heads)
-        # Plain attention over the few summary tokens: q/k and v have different head widths, which the fused
-        # SDPA kernels do not take (its math fallback is slower than these three operations).
-        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (B, heads, N, n)
-        out = attn @ v  # (B, heads, N, C/heads)
+        # The fused SDPA kernels need one head width for q, k and v (here q/k C'/heads, v C/heads): zero-padding
+        # the narrower ones leaves every dot product unchanged, and the fused kernel never holds the
+        # (N, n) score matrix, which grows with the square of the frame area (6.4 GB at 512x512 for x2).
+        width = max(q.shape[-1], v.shape[-1])
+        q, k, v_padded = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v_padded, scale=self.scale)[..., :v.shape[-1]]  # (B, heads, N, C/heads)
         return self.proj(rearrange(out, "b heads n d -> b n (heads d)"))  # (B, N, C)
 
 
