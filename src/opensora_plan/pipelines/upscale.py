@@ -45,7 +45,7 @@ TILE_MULTIPLE = 32
 MIN_TILE = 64
 #: Peak working memory of one forward of the released RGT (width 180), bytes per input pixel per frame,
 #: excluding the weights. x2: measured with benchmarks/upscale.py (CPU float32, peak RSS: 260 MiB at 128x128,
-#: 1101 MiB at 256x256, i.e. 17 KB/px), rounded up; x3/x4: that plus the larger reconstruction head
+#: 1032 MiB at 256x256, i.e. 16 KB/px), rounded up; x3/x4: that plus the larger reconstruction head
 #: (64 channels at 3x/4x, 256 at 2x), estimated. Half precision halves it.
 BYTES_PER_PIXEL = {2: 20_000, 3: 24_000, 4: 28_000}
 
