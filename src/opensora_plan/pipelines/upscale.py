@@ -342,6 +342,7 @@ def upscale(*args, **kwargs) -> list[UpscaleResult]:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         tile_size = tile_size_for_budget(budget, model.upscale, o.batch_size, weights,
                                          half_precision=dtype != torch.float32)
+        tile_size = max(tile_size, -(-2 * o.tile_overlap // TILE_MULTIPLE) * TILE_MULTIPLE)  # room for the overlap
         logger.info("Tiles of at most %d px (overlap %d) for a %.1f GB budget at batch size %d", tile_size,
                     o.tile_overlap, budget, o.batch_size)
     results = []
