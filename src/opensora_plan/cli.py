@@ -104,6 +104,32 @@ def _run_interpolate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# upscale (RGT super-resolution of videos and images)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_upscale(subparsers) -> None:
+    p = subparsers.add_parser(
+        "upscale",
+        help="super-resolve videos or images x2 / x4 with RGT",
+        description="Upscale a video, an image (png/jpg) or a folder of them with RGT (an official RGT_x2.pth / "
+        "RGT_x4.pth or a save_pretrained folder). Large frames run in overlapping, blended tiles sized from "
+        "--sr_memory_gb.",
+    )
+    _generate_options(p, "upscale", lambda: _import("opensora_plan.pipelines.upscale", "UpscaleOptions"))
+    p.set_defaults(func=_run_upscale)
+
+
+def _run_upscale(args) -> int:
+    from opensora_plan.options import options_from_args
+    from opensora_plan.pipelines.upscale import UpscaleOptions, upscale
+
+    for r in upscale(options_from_args(UpscaleOptions, args)):
+        print(f"{r.output_path}: {r.num_frames} frame(s) {r.width}x{r.height} ({r.seconds:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # sample (text-to-video)
 # --------------------------------------------------------------------------------------------
 
