@@ -42,7 +42,9 @@ def test_the_shipped_demo_is_read_through_its_demo_json():
                                         "text_encoder_name": str(default_model_path() / info["text_encoder"]),
                                         "num_sampling_steps": info["num_sampling_steps"],
                                         "guidance_scale": info["guidance_scale"], "fps": info["fps"]}
-    assert config.cache_fast == info["cache_fast"] and config.stages == {}
+    assert config.cache_fast == info["cache_fast"]
+    assert config.stages == {name: {**spec, "model_path": str(default_model_path() / spec["model_path"])}
+                             for name, spec in info["stages"].items()}
 
 
 def test_the_demo_example_prompts_are_the_demo_vocabulary():
@@ -167,3 +169,16 @@ def test_previews_read_the_base_models_sampling_config(tmp_path):
     for pretrained in (folder, folder / "17x64x64"):  # the folder or one of its version folders
         assert preview_defaults(str(pretrained)) == ({**PREVIEW_DEFAULTS, "validation_sample_method": "EulerDiscrete",
                                                       "validation_guidance_scale": 2.0}, str(folder / SAMPLING_CONFIG))
+
+
+# ----------------------------------------------------------------------------- the shipped demo's upscaler
+
+def test_shipped_stage_is_the_default_upscaler():
+    from opensora_plan.models.rgt import RGTModel
+    from opensora_plan.pipelines.model_folder import shipped_stage
+
+    stage = shipped_stage("upscale")
+    assert stage == {"model_path": str(default_model_path() / "upscaler"), "scale": 2}
+    assert stage == load_sampling_config(None).stages["upscale"]
+    model = RGTModel.from_pretrained(stage["model_path"])
+    assert model.upscale == stage["scale"]

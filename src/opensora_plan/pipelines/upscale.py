@@ -34,6 +34,7 @@ import torch
 
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, write_video
 from ..options import Options, option
+from .model_folder import shipped_stage
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -210,8 +211,12 @@ class UpscaleOptions(Options):
     CONFIG: ClassVar[bool] = True
 
     input: str = option(positional=True, help="a video (mp4/avi/webm/mkv/mov), an image (png/jpg) or a folder of them")
-    model_path: str = option(help="RGT weights: an official RGT_x2.pth / RGT_x4.pth, or a save_pretrained folder")
-    output: str = option(help="output file (one input: .mp4 for a video, .png/.jpg for an image) or folder")
+    model_path: str | None = option(None, help="RGT weights: an official RGT_x2.pth / RGT_x4.pth, or a save_pretrained "
+                                    "folder (unset: the small x2 model the shipped demo lists in its demo.json "
+                                    "stages, trained on the demo's shapes only; docs/demo.md)", show_default=False)
+    output: str | None = option(None, help="output file (one input: .mp4 for a video, .png/.jpg for an image) or "
+                                "folder (unset: <input>_x<scale>.mp4 / .png beside a file, <input>_x<scale>/ for a "
+                                "folder)", show_default=False)
     scale: int | None = option(None, choices=[2, 3, 4], help="expected upscale factor; refused when the model's "
                                "differs (unset: the model's)")
     batch_size: int = option(4, help="frames per network call")
@@ -293,6 +298,16 @@ def plan_outputs(input_path: Path, output: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def default_output(input_path: Path, scale: int) -> Path:
+    """Where ``upscale`` writes when ``--output`` is unset: ``<stem>_x<scale>.mp4`` (a video) or
+    ``<stem>_x<scale><suffix>`` (an image) beside the input, ``<input>_x<scale>/`` for a folder (as
+    ``interpolate`` names its ``_x<factor>`` outputs)."""
+    if input_path.is_dir():
+        return input_path.parent / f"{input_path.name}_x{scale}"
+    suffix = ".mp4" if _kind(input_path) == "video" else input_path.suffix.lower()
+    return input_path.with_name(f"{input_path.stem}_x{scale}{suffix}")
+
+
 def _read(source: Path) -> tuple[torch.Tensor, float | None]:
     if _kind(source) == "image":
         from PIL import Image
@@ -320,11 +335,13 @@ def _write(target: Path, frames: torch.Tensor, fps: float | None) -> None:
 def upscale(*args, **kwargs) -> list[UpscaleResult]:
     """Upscale a video, an image or a folder of them with RGT. Takes :class:`UpscaleOptions` or its fields."""
     o = UpscaleOptions.of(*args, **kwargs)
-    model_path = Path(o.model_path)
+    model_path = Path(o.model_path if o.model_path is not None else shipped_stage("upscale")["model_path"])
     if not model_path.exists():
         raise FileNotFoundError(f"--model_path {model_path} does not exist; give RGT_x2.pth / RGT_x4.pth or a "
                                 "save_pretrained folder.")
-    pairs = plan_outputs(Path(o.input), Path(o.output))
+    source = Path(o.input)
+    # the default output is named after the scale: the model's when --scale is unset, known once it loads
+    pairs = plan_outputs(source, default_output(source, o.scale or 2) if o.output is None else Path(o.output))
     device, dtype = resolve_device(o.device), parse_dtype(o.dtype)
     _check_dtype(dtype, device)
 
@@ -345,6 +362,8 @@ def upscale(*args, **kwargs) -> list[UpscaleResult]:
         tile_size = max(tile_size, -(-2 * o.tile_overlap // TILE_MULTIPLE) * TILE_MULTIPLE)  # room for the overlap
         logger.info("Tiles of at most %d px (overlap %d) for a %.1f GB budget at batch size %d", tile_size,
                     o.tile_overlap, budget, o.batch_size)
+    if o.output is None and o.scale is None and model.upscale != 2:  # named for x2 above, before the model loaded
+        pairs = plan_outputs(source, default_output(source, model.upscale))
     results = []
     for source, target in pairs:
         start = time.perf_counter()
