@@ -98,9 +98,14 @@ def _run_interpolate(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.pipelines.interpolate import InterpolateOptions, interpolate
 
-    for r in interpolate(options_from_args(InterpolateOptions, args)):
+    results = interpolate(options_from_args(InterpolateOptions, args))
+    for r in results:
         print(f"{r.output_path}: {r.num_frames_in} -> {r.num_frames_out} frames at {r.fps:g} fps  ({r.seconds:.1f} s)")
-    return 0
+    if results.skipped:
+        print(f"skipped {len(results.skipped)} file(s):")
+        for path, reason in results.skipped:
+            print(f"  {path}: {reason}")
+    return 0 if results else 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,29 @@ def upscale_frames(model, frames: torch.Tensor | np.ndarray, batch_size: int = 4
     return torch.cat(outputs)
 
 
+def model_scale(model_path: str | os.PathLike) -> int | None:
+    """The upscale factor of an RGT ``save_pretrained`` folder, read from its ``config.json`` (nothing loads);
+    None for an official ``.pth`` file, whose factor is known once it is loaded (:func:`check_scale`)."""
+    import json
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text()).get("upscale", 2)
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{config} is not an RGT config.json ({err}); give a save_pretrained RGT folder.") from None
+    return int(value)
+
+
+def check_scale(scale: int, model_scale: int | None, model_path: str | os.PathLike, flag: str = "--model_path",
+                scale_flag: str = "--scale") -> None:
+    """ValueError when an RGT model's factor differs from the one asked for."""
+    if model_scale is not None and model_scale != scale:
+        raise ValueError(f"{flag} {model_path} is an x{model_scale} model but {scale_flag} is {scale}; give the "
+                         f"x{scale} weights or {scale_flag} {model_scale}.")
+
+
 # --------------------------------------------------------------------------------------------
 # Whole runs
 # --------------------------------------------------------------------------------------------
@@ -298,7 +322,8 @@ def _read(source: Path) -> tuple[torch.Tensor, float | None]:
         from PIL import Image
 
         with Image.open(source) as image:
-            return torch.from_numpy(np.asarray(image.convert("RGB"))).unsqueeze(0), None  # (1, H, W, 3)
+            # np.array copies: PIL's buffer is read-only and torch warns about a non-writable array
+            return torch.from_numpy(np.array(image.convert("RGB"))).unsqueeze(0), None  # (1, H, W, 3)
     with VideoReader(source) as reader:
         return reader.get_frames(range(reader.num_frames)), reader.fps
 
@@ -331,9 +356,8 @@ def upscale(*args, **kwargs) -> list[UpscaleResult]:
     from ..models.rgt import load_rgt
 
     model = load_rgt(model_path, device=device)  # float32 weights; half precision through autocast
-    if o.scale is not None and o.scale != model.upscale:
-        raise ValueError(f"--model_path {model_path} is an x{model.upscale} model but --scale is {o.scale}; give the "
-                         f"x{o.scale} weights or --scale {model.upscale}.")
+    if o.scale is not None:
+        check_scale(o.scale, model.upscale, model_path)
     tile_size = o.tile_size
     if tile_size is None:
         budget = o.sr_memory_gb
