@@ -286,3 +286,16 @@ def test_judge_is_size_and_length_agnostic():
         verdict = judge_video(frames)
         assert (verdict.colour, verdict.shape, verdict.direction, verdict.background_clean) == (
             expected.colour, expected.shape, expected.direction, expected.background_clean)
+
+
+def test_demo_eval_judges_post_processed_videos(setup, tmp_path):
+    from opensora_plan.demo.evaluate import evaluate_demo
+
+    report = evaluate_demo(prompts=["a red circle moving left"], seeds=(0,), num_sampling_steps=2, device="cpu",
+                           save_dir=tmp_path, progress=False, interpolate=2, upscale=2,
+                           interpolate_model=setup["root"] / "amt", upscale_model=setup["root"] / "rgt_x2")
+    video, fps = read_video(report.videos[0]["file"])
+    assert tuple(video.shape[:3]) == (33, 128, 128) and fps == pytest.approx(2 * 8)
+    assert "judged after interpolate x2, then upscale x2" in report.table()
+    with pytest.raises(ValueError, match="--interpolate 2 needs --interpolate_model for now: the shipped demo"):
+        evaluate_demo(prompts=["a red circle moving left"], seeds=(0,), interpolate=2, device="cpu")

@@ -517,7 +517,9 @@ def _run_demo_eval(args) -> int:
     report = evaluate_demo(o.model_path, prompts=select_prompts(o.num_prompts, o.colours, o.shapes),
                            seeds=tuple(o.seeds), num_sampling_steps=o.num_sampling_steps,
                            guidance_scale=o.guidance_scale, sample_method=o.sample_method, device=o.device,
-                           save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale)
+                           save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale,
+                           interpolate=o.interpolate, upscale=o.upscale, interpolate_model=o.interpolate_model,
+                           upscale_model=o.upscale_model)
     print(report.table())
     if o.json_out:
         write_report(report, o.json_out)
