@@ -198,6 +198,22 @@ def upscale_frames(model, frames: torch.Tensor | np.ndarray, batch_size: int = 4
     return torch.cat(outputs)
 
 
+def auto_tile_size(model, batch_size: int = 4, tile_overlap: int = 32, memory_gb: float | None = None,
+                   half_precision: bool = False) -> int:
+    """The tile side for ``model``'s device: from ``memory_gb`` (unset: 80% of free GPU memory on CUDA, 4 GB on
+    CPU), at least twice the overlap (one log line says what was chosen)."""
+    device = next(model.parameters()).device
+    budget = memory_gb
+    if budget is None:
+        budget = 0.8 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 4.0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tile_size = tile_size_for_budget(budget, model.upscale, batch_size, weights, half_precision=half_precision)
+    tile_size = max(tile_size, -(-2 * tile_overlap // TILE_MULTIPLE) * TILE_MULTIPLE)  # room for the overlap
+    logger.info("Tiles of at most %d px (overlap %d) for a %.1f GB budget at batch size %d", tile_size,
+                tile_overlap, budget, batch_size)
+    return tile_size
+
+
 def model_scale(model_path: str | os.PathLike) -> int | None:
     """The upscale factor of an RGT ``save_pretrained`` folder, read from its ``config.json`` (nothing loads);
     None for an official ``.pth`` file, whose factor is known once it is loaded (:func:`check_scale`)."""
@@ -360,15 +376,7 @@ def upscale(*args, **kwargs) -> list[UpscaleResult]:
         check_scale(o.scale, model.upscale, model_path)
     tile_size = o.tile_size
     if tile_size is None:
-        budget = o.sr_memory_gb
-        if budget is None:
-            budget = 0.8 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 4.0
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        tile_size = tile_size_for_budget(budget, model.upscale, o.batch_size, weights,
-                                         half_precision=dtype != torch.float32)
-        tile_size = max(tile_size, -(-2 * o.tile_overlap // TILE_MULTIPLE) * TILE_MULTIPLE)  # room for the overlap
-        logger.info("Tiles of at most %d px (overlap %d) for a %.1f GB budget at batch size %d", tile_size,
-                    o.tile_overlap, budget, o.batch_size)
+        tile_size = auto_tile_size(model, o.batch_size, o.tile_overlap, o.sr_memory_gb, dtype != torch.float32)
     results = []
     for source, target in pairs:
         start = time.perf_counter()
