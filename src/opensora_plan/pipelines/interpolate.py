@@ -234,8 +234,8 @@ class InterpolateOptions(Options):
 
     input: str = option(help="input video, or a folder of videos", positional=True)
     model_path: str | None = option(None, help="AMT weights: the official amt-g.pth, or a save_pretrained folder "
-                                    "(unset: the model the shipped demo lists in its demo.json stages, when it "
-                                    "lists one)", show_default=False)
+                                    "(unset: the small model the shipped demo lists in its demo.json stages, "
+                                    "trained on the demo's shapes only; docs/demo.md)", show_default=False)
     output: str | None = option(None, help="output .mp4 (one input video) or folder (unset: <input>_x<factor>.mp4 "
                                 "beside a video, <input>_x<factor>/ for a folder)", show_default=False)
     factor: int = option(2, choices=list(FACTORS), help="frame-rate multiplier: 2^n (m - 1) + 1 frames from m")
