@@ -297,5 +297,6 @@ def test_demo_eval_judges_post_processed_videos(setup, tmp_path):
     video, fps = read_video(report.videos[0]["file"])
     assert tuple(video.shape[:3]) == (33, 128, 128) and fps == pytest.approx(2 * 8)
     assert "judged after interpolate x2, then upscale x2" in report.table()
-    with pytest.raises(ValueError, match="--interpolate 2 needs --interpolate_model for now: the shipped demo"):
-        evaluate_demo(prompts=["a red circle moving left"], seeds=(0,), interpolate=2, device="cpu")
+    with pytest.raises(FileNotFoundError, match="missing does not exist; give --interpolate_model"):
+        evaluate_demo(prompts=["a red circle moving left"], seeds=(0,), interpolate=2, device="cpu",
+                      interpolate_model=tmp_path / "missing")
