@@ -233,15 +233,24 @@ def test_call_defaults_come_from_the_folder_file_else_the_release(setup, tmp_pat
 # --------------------------------------------------------------------------------------------
 
 
-def test_service_offers_and_validates_the_stages(setup):
-    from opensora_plan.ui.service import GenerationRequest, VideoService
+@pytest.fixture(scope="module")
+def services(setup):
+    """(a service of a folder without stages, one of the staged folder with an x4 --upscale_model)."""
+    from opensora_plan.ui.service import VideoService
 
     bare = VideoService(setup["model_path"], version=TINY_VERSION, text_encoder_name=setup["t5"], device="cpu")
+    service = VideoService(setup["staged"], version=TINY_VERSION, text_encoder_name=setup["t5"], device="cpu",
+                           upscale_model=setup["root"] / "rgt_x4")  # the flag wins over the folder's x2
+    return bare, service
+
+
+def test_service_offers_and_validates_the_stages(services):
+    from opensora_plan.ui.service import GenerationRequest
+
+    bare, service = services
     assert bare.interpolation_choices() == [1] and bare.upscale_choices() == [1]
     with pytest.raises(ValueError, match=r"Interpolation 2x is not available; .* \(start serve with --interpolate_model"):
         bare.validate(GenerationRequest("a cat", interpolate=2, scheduler="DDIM"))
-    service = VideoService(setup["staged"], version=TINY_VERSION, text_encoder_name=setup["t5"], device="cpu",
-                           upscale_model=setup["root"] / "rgt_x4")  # the flag wins over the folder's x2
     assert service.interpolation_choices() == [1, 2, 4] and service.upscale_choices() == [1, 4]
     with pytest.raises(ValueError, match="Upscaling 2x is not available; choose off or 4x"):
         service.validate(GenerationRequest("a cat", upscale=2, scheduler="DDIM"))
@@ -250,6 +259,21 @@ def test_service_offers_and_validates_the_stages(setup):
     assert (result.num_frames, result.height, result.width) == (33, 64, 64)
     assert result.fps == pytest.approx(2 * service.defaults["fps"])
     assert read_video(result.mp4)[0].shape[0] == 33
+
+
+def test_page_shows_the_stage_choices_only_when_the_service_has_them(services):
+    pytest.importorskip("gradio")
+    from opensora_plan.ui.app import build_app
+
+    def dropdowns(service):
+        app = build_app(service)
+        return {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None) in ("interpolate", "upscale")}
+
+    bare, service = services
+    assert not any(d.visible for d in dropdowns(bare).values())
+    shown = dropdowns(service)
+    assert [c[0] for c in shown["interpolate"].choices] == ["off", "2x", "4x"] and shown["interpolate"].visible
+    assert [c[0] for c in shown["upscale"].choices] == ["off", "4x"] and shown["upscale"].visible
 
 
 # --------------------------------------------------------------------------------------------
