@@ -33,6 +33,10 @@ What kind of folder a path is, and where each kind is resolved:
   (``is_training_output``, ``resolve_training_output``, ``resolve_lora_adapter``);
 - demo model: the release layout + ``demo.json`` (and ``model_index.json``); the shipped one is
   :func:`default_model_path`.
+
+A post-processing stage's model (``stages``: frame interpolation, super-resolution) is resolved in one place,
+:func:`stage_model` (a flag or argument > the folder's ``stages`` entry), for ``sample``, ``interpolate``,
+``serve``, ``demo eval`` and ``OpenSoraPlanPipeline.load_stages``.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ class SampleOptions(Options):
                               "adapter folder such as <checkpoint>/model")
     lora_scale: float = option(1.0, help="strength of the LoRA (0 = base model)")
     interpolate: int = option(1, choices=list(INTERPOLATE_FACTORS), group="post-processing",
-                              help="frame interpolation (AMT) after the VAE decode: 2^n (m - 1) + 1 frames from m, "
+                              help="frame interpolation (AMT) after the VAE decode: N (m - 1) + 1 frames from m, "
                               "written at fps x N (1: off)")
     upscale: int = option(1, choices=list(UPSCALE_FACTORS), group="post-processing",
                           help="super-resolution (RGT) after the interpolation: sides x S (1: off)")
