@@ -173,12 +173,11 @@ def test_previews_read_the_base_models_sampling_config(tmp_path):
 
 # ----------------------------------------------------------------------------- the shipped demo's upscaler
 
-def test_shipped_stage_is_the_default_upscaler():
+def test_the_shipped_demo_upscaler_is_the_stage_model_default():
     from opensora_plan.models.rgt import RGTModel
-    from opensora_plan.pipelines.model_folder import shipped_stage
+    from opensora_plan.pipelines.model_folder import stage_model
 
-    stage = shipped_stage("upscale")
+    stage = load_sampling_config(None).stages["upscale"]
     assert stage == {"model_path": str(default_model_path() / "upscaler"), "scale": 2}
-    assert stage == load_sampling_config(None).stages["upscale"]
-    model = RGTModel.from_pretrained(stage["model_path"])
-    assert model.upscale == stage["scale"]
+    assert stage_model("upscale") == default_model_path() / "upscaler"
+    assert RGTModel.from_pretrained(stage["model_path"]).upscale == stage["scale"]

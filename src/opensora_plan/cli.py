@@ -98,9 +98,14 @@ def _run_interpolate(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.pipelines.interpolate import InterpolateOptions, interpolate
 
-    for r in interpolate(options_from_args(InterpolateOptions, args)):
+    results = interpolate(options_from_args(InterpolateOptions, args))
+    for r in results:
         print(f"{r.output_path}: {r.num_frames_in} -> {r.num_frames_out} frames at {r.fps:g} fps  ({r.seconds:.1f} s)")
-    return 0
+    if results.skipped:
+        print(f"skipped {len(results.skipped)} file(s):")
+        for path, reason in results.skipped:
+            print(f"  {path}: {reason}")
+    return 0 if results else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,7 +517,9 @@ def _run_demo_eval(args) -> int:
     report = evaluate_demo(o.model_path, prompts=select_prompts(o.num_prompts, o.colours, o.shapes),
                            seeds=tuple(o.seeds), num_sampling_steps=o.num_sampling_steps,
                            guidance_scale=o.guidance_scale, sample_method=o.sample_method, device=o.device,
-                           save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale)
+                           save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale,
+                           interpolate=o.interpolate, upscale=o.upscale, interpolate_model=o.interpolate_model,
+                           upscale_model=o.upscale_model)
     print(report.table())
     if o.json_out:
         write_report(report, o.json_out)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,6 @@ import torch
 
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, write_video
 from ..options import Options, option
-from .model_folder import shipped_stage
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,45 @@ def upscale_frames(model, frames: torch.Tensor | np.ndarray, batch_size: int = 4
     return torch.cat(outputs)
 
 
+def auto_tile_size(model, batch_size: int = 4, tile_overlap: int = 32, memory_gb: float | None = None,
+                   half_precision: bool = False) -> int:
+    """The tile side for ``model``'s device: from ``memory_gb`` (unset: 80% of free GPU memory on CUDA, 4 GB on
+    CPU), at least twice the overlap (one log line says what was chosen)."""
+    device = next(model.parameters()).device
+    budget = memory_gb
+    if budget is None:
+        budget = 0.8 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 4.0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tile_size = tile_size_for_budget(budget, model.upscale, batch_size, weights, half_precision=half_precision)
+    tile_size = max(tile_size, -(-2 * tile_overlap // TILE_MULTIPLE) * TILE_MULTIPLE)  # room for the overlap
+    logger.info("Tiles of at most %d px (overlap %d) for a %.1f GB budget at batch size %d", tile_size,
+                tile_overlap, budget, batch_size)
+    return tile_size
+
+
+def model_scale(model_path: str | os.PathLike) -> int | None:
+    """The upscale factor of an RGT ``save_pretrained`` folder, read from its ``config.json`` (nothing loads);
+    None for an official ``.pth`` file, whose factor is known once it is loaded (:func:`check_scale`)."""
+    import json
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text()).get("upscale", 2)
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{config} is not an RGT config.json ({err}); give a save_pretrained RGT folder.") from None
+    return int(value)
+
+
+def check_scale(scale: int, model_scale: int | None, model_path: str | os.PathLike, flag: str = "--model_path",
+                scale_flag: str = "--scale") -> None:
+    """ValueError when an RGT model's factor differs from the one asked for."""
+    if model_scale is not None and model_scale != scale:
+        raise ValueError(f"{flag} {model_path} is an x{model_scale} model but {scale_flag} is {scale}; give the "
+                         f"x{scale} weights or {scale_flag} {model_scale}.")
+
+
 # --------------------------------------------------------------------------------------------
 # Whole runs
 # --------------------------------------------------------------------------------------------
@@ -313,7 +352,8 @@ def _read(source: Path) -> tuple[torch.Tensor, float | None]:
         from PIL import Image
 
         with Image.open(source) as image:
-            return torch.from_numpy(np.asarray(image.convert("RGB"))).unsqueeze(0), None  # (1, H, W, 3)
+            # np.array copies: PIL's buffer is read-only and torch warns about a non-writable array
+            return torch.from_numpy(np.array(image.convert("RGB"))).unsqueeze(0), None  # (1, H, W, 3)
     with VideoReader(source) as reader:
         return reader.get_frames(range(reader.num_frames)), reader.fps
 
@@ -334,35 +374,27 @@ def _write(target: Path, frames: torch.Tensor, fps: float | None) -> None:
 
 def upscale(*args, **kwargs) -> list[UpscaleResult]:
     """Upscale a video, an image or a folder of them with RGT. Takes :class:`UpscaleOptions` or its fields."""
+    from .model_folder import stage_model
+
     o = UpscaleOptions.of(*args, **kwargs)
-    model_path = Path(o.model_path if o.model_path is not None else shipped_stage("upscale")["model_path"])
-    if not model_path.exists():
-        raise FileNotFoundError(f"--model_path {model_path} does not exist; give RGT_x2.pth / RGT_x4.pth or a "
-                                "save_pretrained folder.")
+    model_path = stage_model("upscale", o.model_path, None, "--model_path", "upscale")  # unset: the shipped demo's
     source = Path(o.input)
-    # the default output is named after the scale: the model's when --scale is unset, known once it loads
-    pairs = plan_outputs(source, default_output(source, o.scale or 2) if o.output is None else Path(o.output))
+    # an unset --output is named after the scale: --scale, else the folder's config.json, else (a .pth) x2 until
+    # the model has loaded
+    scale = o.scale or model_scale(model_path) or 2
+    pairs = plan_outputs(source, default_output(source, scale) if o.output is None else Path(o.output))
     device, dtype = resolve_device(o.device), parse_dtype(o.dtype)
     _check_dtype(dtype, device)
 
     from ..models.rgt import load_rgt
 
     model = load_rgt(model_path, device=device)  # float32 weights; half precision through autocast
-    if o.scale is not None and o.scale != model.upscale:
-        raise ValueError(f"--model_path {model_path} is an x{model.upscale} model but --scale is {o.scale}; give the "
-                         f"x{o.scale} weights or --scale {model.upscale}.")
+    if o.scale is not None:
+        check_scale(o.scale, model.upscale, model_path)
     tile_size = o.tile_size
     if tile_size is None:
-        budget = o.sr_memory_gb
-        if budget is None:
-            budget = 0.8 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 4.0
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        tile_size = tile_size_for_budget(budget, model.upscale, o.batch_size, weights,
-                                         half_precision=dtype != torch.float32)
-        tile_size = max(tile_size, -(-2 * o.tile_overlap // TILE_MULTIPLE) * TILE_MULTIPLE)  # room for the overlap
-        logger.info("Tiles of at most %d px (overlap %d) for a %.1f GB budget at batch size %d", tile_size,
-                    o.tile_overlap, budget, o.batch_size)
-    if o.output is None and o.scale is None and model.upscale != 2:  # named for x2 above, before the model loaded
+        tile_size = auto_tile_size(model, o.batch_size, o.tile_overlap, o.sr_memory_gb, dtype != torch.float32)
+    if o.output is None and o.scale is None and model.upscale != 2:  # an official .pth: its scale known only now
         pairs = plan_outputs(source, default_output(source, model.upscale))
     results = []
     for source, target in pairs:
