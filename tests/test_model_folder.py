@@ -181,3 +181,6 @@ def test_the_shipped_demo_upscaler_is_the_stage_model_default():
     assert stage == {"model_path": str(default_model_path() / "upscaler"), "scale": 2}
     assert stage_model("upscale") == default_model_path() / "upscaler"
     assert RGTModel.from_pretrained(stage["model_path"]).upscale == stage["scale"]
+    assert sorted(p.name for p in (default_model_path() / "upscaler").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
+    assert (default_model_path() / "upscaler" / "diffusion_pytorch_model.safetensors").stat().st_size < 3 * 2**20
