@@ -281,8 +281,28 @@ def test_interpolate_command_writes_factor_times_frames_at_factor_times_fps(tiny
         assert len(reader) == 9 and reader.fps == pytest.approx(32)
 
 
+def test_interpolate_command_without_model_path_uses_the_shipped_demo_model(tmp_path, capsys):
+    """No --model_path: the interpolation model the shipped demo lists in demo.json's stages (a rendered clip of
+    the demo's world, as `sample` writes them)."""
+    import numpy as np
+
+    from opensora_plan import cli
+    from opensora_plan.data.video_io import VideoReader, write_video
+    from opensora_plan.demo.shapes import random_clip, render
+    from opensora_plan.pipelines.model_folder import default_model_path, load_sampling_config
+
+    stage = load_sampling_config(None).stages["interpolate"]
+    assert stage == {"model_path": str(default_model_path() / "interpolation"), "factor": 2}
+    clip = random_clip(np.random.default_rng(0), "red", "circle", "left", 64)
+    write_video(tmp_path / "clip.mp4", render(clip, 5, 64), 8)
+    assert cli.main(["-q", "interpolate", str(tmp_path / "clip.mp4"), "--device", "cpu"]) == 0
+    assert "5 -> 9 frames at 16 fps" in capsys.readouterr().out
+    with VideoReader(tmp_path / "clip_x2.mp4") as reader:
+        assert len(reader) == 9 and reader.fps == pytest.approx(16)
+
+
 @pytest.mark.parametrize("extra, pattern", [
-    ([], "needs --model_path for now"),
+    (["--fps", "0"], "--fps must be positive"),
     (["--model_path", "{root}/amt", "--output", "{root}/clip.mp4"], "would overwrite an input"),
     (["--model_path", "{root}/amt", "--factor", "3"], "invalid choice"),
     (["--model_path", "{root}/amt", "--scale_factor", "0.3"], "--scale_factor must be 16/k"),

@@ -90,6 +90,17 @@ def test_make_data_command_writes_judgeable_videos_and_the_trainer_json(tmp_path
             ("colour", "shape", "direction", "background"), True)
 
 
+def test_make_data_lossless_writes_the_rendered_frames_exactly(tmp_path):
+    from opensora_plan.data.video_io import read_video
+    from opensora_plan.demo.shapes import random_clip, render
+
+    assert cli.main(["demo", "make-data", "--out", str(tmp_path), "--num_videos", "1", "--num_frames", "5",
+                     "--seed", "3", "--lossless"]) == 0
+    clip = random_clip(np.random.default_rng(3), "red", "circle", next(iter(DIRECTIONS)), 64)  # combination 0
+    frames, _ = read_video(tmp_path / "videos" / "00000.mp4")
+    assert np.array_equal(frames.numpy(), render(clip, 5, 64))
+
+
 # --------------------------------------------------------------------------------------------
 # demo eval
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,16 @@ def test_the_shipped_demo_is_read_through_its_demo_json():
                                         "text_encoder_name": str(default_model_path() / info["text_encoder"]),
                                         "num_sampling_steps": info["num_sampling_steps"],
                                         "guidance_scale": info["guidance_scale"], "fps": info["fps"]}
-    assert config.cache_fast == info["cache_fast"] and config.stages == {}
+    assert config.cache_fast == info["cache_fast"]
+    assert config.stages == {"interpolate": {"model_path": str(default_model_path() / "interpolation"), "factor": 2}}
+
+
+def test_shipped_stage_is_the_default_interpolation_model():
+    from opensora_plan.pipelines.model_folder import shipped_stage
+
+    assert shipped_stage("interpolate") == load_sampling_config(None).stages["interpolate"]
+    with pytest.raises(ValueError, match="lists no upscale model"):
+        shipped_stage("upscale")
 
 
 def test_the_demo_example_prompts_are_the_demo_vocabulary():

@@ -151,6 +151,17 @@ def test_write_accepts_torch_and_gif_reads_back(tmp_path):
     assert burned_index(decoded) == list(range(6))  # 256-colour palette: pixels approximate, order exact
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lossless_write_reads_back_bit_exact(tmp_path, backend):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (5, 32, 48, 3), dtype=np.uint8)  # saturated colours: yuv420p would blur them
+    path = write_video(tmp_path / "exact.mp4", frames, fps=8, lossless=True)
+    decoded, fps = read_video(path, backend=backend)
+    assert fps == 8 and np.array_equal(decoded.numpy(), frames)
+    lossy, _ = read_video(write_video(tmp_path / "lossy.mp4", frames, fps=8, crf=0), backend=backend)
+    assert not np.array_equal(lossy.numpy(), frames)  # crf 0 alone keeps yuv420p's halved colour planes
+
+
 def test_write_video_rejects_bad_frames(tmp_path):
     with pytest.raises(ValueError, match="even frame size"):
         write_video(tmp_path / "odd.mp4", np.zeros((2, 33, 32, 3), np.uint8), fps=8)

@@ -342,13 +342,15 @@ def _fps_fraction(fps: float) -> Fraction:
 
 
 def write_video(
-    path: str | os.PathLike, frames, fps: float, crf: int = 18, preset: str = "veryfast"
+    path: str | os.PathLike, frames, fps: float, crf: int = 18, preset: str = "veryfast", lossless: bool = False
 ) -> Path:
     """Write uint8 frames ``(T, H, W, 3)`` (numpy or torch) as an H.264 yuv420p mp4; returns the path.
 
-    ``crf`` is x264's quality (0 = lossless, 18 = visually lossless, 23 = x264's default).
+    ``crf`` is x264's quality (0 = lossless luma, 18 = visually lossless, 23 = x264's default).
     H and W must be even (yuv420p halves the chroma planes). Identical frames give identical bytes
     (:data:`X264_DETERMINISTIC`; no creation time or other run-dependent metadata is written).
+    ``lossless``: RGB H.264 instead (libx264rgb, crf 0): the frames read back bit-exact (yuv420p halves the
+    colour resolution, which blurs every coloured edge), in files that fewer players open; for training data.
     """
     frames = _as_uint8_frames(frames)
     _, height, width, _ = frames.shape
@@ -359,9 +361,9 @@ def write_video(
         )
     path = Path(path)
     with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=_fps_fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset, **X264_DETERMINISTIC}
+        stream = container.add_stream("libx264rgb" if lossless else "libx264", rate=_fps_fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24" if lossless else "yuv420p"
+        stream.options = {"crf": "0" if lossless else str(crf), "preset": preset, **X264_DETERMINISTIC}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

@@ -143,6 +143,8 @@ class MakeDataOptions(Options):
     fps: int = option(8, help="frames per second of the mp4 files")
     seed: int = option(0, help="seed of positions, sizes and speeds")
     paraphrases: bool = option(True, flag="--no_paraphrases", help="only the canonical caption per video")
+    lossless: bool = option(False, help="bit-exact RGB H.264 (libx264rgb, crf 0) instead of yuv420p crf 18, whose "
+                            "halved colour resolution blurs every edge: for training frame models (train-vfi)")
     colours: list[str] | None = option(None, help="colours to draw (unset: the demo's five; magenta and crimson are "
                                        "words the shipped demo never saw, for fine-tuning)", show_default=False)
     shapes: list[str] | None = option(None, help="shapes to draw (unset: circle square triangle; diamond is a word "
@@ -184,7 +186,7 @@ def make_dataset(*args, **kwargs) -> Path:
         colour, shape, direction = combos[i % len(combos)]
         clip = random_clip(rng, colour, shape, direction, o.size)
         rel = f"videos/{i:0{width}d}.mp4"
-        write_video(out / rel, render(clip, o.num_frames, o.size), fps=o.fps)
+        write_video(out / rel, render(clip, o.num_frames, o.size), fps=o.fps, lossless=o.lossless)
         caps = [caption(colour, shape, direction, t) for t in (TEMPLATES if o.paraphrases else TEMPLATES[:1])]
         entries.append({"path": rel, "cap": caps})
     data_json = out / "data.json"

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_video
 from ..options import Options, option
+from .model_folder import shipped_stage
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ class InterpolateOptions(Options):
 
     input: str = option(help="input video, or a folder of videos", positional=True)
     model_path: str | None = option(None, help="AMT weights: the official amt-g.pth, or a save_pretrained folder "
-                                    "(required for now)", show_default=False)
+                                    "(unset: the small model the shipped demo lists in its demo.json stages, "
+                                    "trained on the demo's shapes only; docs/demo.md)", show_default=False)
     output: str | None = option(None, help="output .mp4 (one input video) or folder (unset: <input>_x<factor>.mp4 "
                                 "beside a video, <input>_x<factor>/ for a folder)", show_default=False)
     factor: int = option(2, choices=list(FACTORS), help="frame-rate multiplier: 2^n (m - 1) + 1 frames from m")
@@ -242,9 +244,6 @@ class InterpolateOptions(Options):
     backend: str = option("auto", choices=["auto", "pyav", "decord"], help="video reader")
 
     def __post_init__(self):
-        if self.model_path is None:
-            raise ValueError("interpolate needs --model_path for now (the official amt-g.pth file or a "
-                             "save_pretrained folder); a shipped demo model will come later.")
         self.require_at_least(1, "batch_size")
         self.require_at_least(0, "corr_chunk")
         if self.fps is not None and not self.fps > 0:
@@ -298,7 +297,7 @@ def interpolate(*args, **kwargs) -> list[InterpolationResult]:
     """
     o = InterpolateOptions.of(*args, **kwargs)
     sources, targets = _plan_outputs(Path(o.input), Path(o.output) if o.output else None, o.factor)
-    model_path = Path(o.model_path)
+    model_path = Path(o.model_path if o.model_path is not None else shipped_stage("interpolate")["model_path"])
     if not model_path.exists():
         raise FileNotFoundError(f"--model_path {model_path} does not exist; give the official amt-g.pth or a "
                                 "save_pretrained folder.")

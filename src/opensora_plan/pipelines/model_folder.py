@@ -57,7 +57,8 @@ STAGES = {"interpolate": "factor", "upscale": "scale"}
 DEMO_EXAMPLE_PROMPTS = ("a red circle moving left", "a blue square moving up", "a yellow triangle moving right",
                         "a green circle moving down", "a white square moving left")
 # Keys demo.json carries besides the sampling fields: its training record, read by nothing here.
-_DEMO_RECORD_KEYS = ("trained_with", "training_seconds", "stage_seconds", "machine", "note", "cache_fast_note")
+_DEMO_RECORD_KEYS = ("trained_with", "training_seconds", "stage_seconds", "machine", "note", "cache_fast_note",
+                     "interpolation_trained_with")
 
 
 def version_folders(folder: str | os.PathLike) -> list[str]:
@@ -190,6 +191,18 @@ def _stage(path: Path, name: str, spec) -> dict:
     if not isinstance(value, int) or isinstance(value, bool) or value < 2:
         raise ValueError(f"{path}: stages.{name}.{factor} must be a whole number >= 2, got {value!r}.")
     return {"model_path": str(path.parent / spec["model_path"]), factor: value}
+
+
+def shipped_stage(name: str) -> dict:
+    """The shipped demo's ``stages[name]`` entry (``model_path`` resolved): the model a post-processing command
+    (``interpolate``) uses when no ``--model_path`` is given. ValueError when the shipped demo lists none."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}.")
+    config = load_sampling_config(None)
+    if config is None or name not in config.stages:
+        raise ValueError(f"The shipped demo ({default_model_path()}) lists no {name} model in its stages; give "
+                         "--model_path.")
+    return dict(config.stages[name])
 
 
 def fast_cache_options(model_path: str | os.PathLike | None) -> dict:
