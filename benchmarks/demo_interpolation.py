@@ -5,7 +5,8 @@
     no training or validation set used), drops every other frame (17 frames left), interpolates them back with
     ``interpolate_video(..., factor=2)`` and prints the PSNR of the 16 predicted frames of each clip against the
     true ones, next to the PSNR of the linear blend of the two neighbours ((f[i-1] + f[i+1]) / 2), and the gain.
-    PSNR is per frame (uint8 frames / 255), averaged over the frames of all clips.
+    PSNR is per frame (uint8 frames / 255), averaged over the frames of all clips. The same clips are then
+    measured once more through yuv420p mp4 files (inputs and truth), as a user's mp4 would be.
 (b) The demo judge: samples the shipped text-to-video demo on the 60 prompts (seed 0, noise seeded as
     ``demo eval`` does; ``demo.evaluate.evaluate_demo`` writes each mp4), then interpolates every video read back
     from its mp4 (17 -> 33 frames, written to mp4 and read back, the path a user's video takes) and judges both:
@@ -40,15 +41,25 @@ from opensora_plan.pipelines.model_folder import shipped_stage
 HELD_OUT_SEED = 2026  # training clips: make-data --seed 1, validation clips: --seed 1001
 
 
-def held_out_psnr(model, num_clips: int, seed: int, num_frames: int = 33, size: int = 64) -> dict:
-    """PSNR (dB) of the interpolated odd frames and of the neighbours' blend against the rendered truth."""
+def _mp4_round_trip(frames: torch.Tensor, folder: Path) -> torch.Tensor:
+    """The frames as an H.264 yuv420p mp4 (write_video's default, what `sample` writes) reads them back."""
+    return read_video(write_video(folder / "clip.mp4", frames, fps=8))[0]
+
+
+def held_out_psnr(model, num_clips: int, seed: int, num_frames: int = 33, size: int = 64, mp4: bool = False) -> dict:
+    """PSNR (dB) of the interpolated odd frames and of the neighbours' blend against the rendered truth.
+
+    ``mp4``: the kept frames and the truth each go through a yuv420p mp4 first (halved colour resolution)."""
     rng = np.random.default_rng(seed)
     combos = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
     model_values, blend_values = [], []
+    folder = Path(tempfile.mkdtemp())
     for i in range(num_clips):
         clip = random_clip(rng, *combos[i % len(combos)], size)
         truth = torch.from_numpy(render(clip, num_frames, size))  # (T, H, W, 3) uint8
         kept = truth[::2]  # (T // 2 + 1, H, W, 3): every other frame dropped
+        if mp4:
+            truth, kept = _mp4_round_trip(truth, folder), _mp4_round_trip(kept, folder)
         out = interpolate_video(model, kept, factor=2, progress=False)  # (T, H, W, 3) uint8, rounded
         target = truth[1::2].float() / 255
         predicted = out[1::2].float() / 255
@@ -108,6 +119,9 @@ def main() -> None:
         print(f"| gain | **{r['model'] - r['blend']:+.2f}** | {r['model_median'] - r['blend_median']:+.2f} |")
         print(f"model better than the blend on {r['model_wins']:.1%} of the frames; target: gain >= +3 dB "
               f"({'met' if r['model'] - r['blend'] >= 3 else 'NOT met'})")
+        m = held_out_psnr(model, args.num_clips, args.seed, mp4=True)
+        print(f"the same clips through yuv420p mp4 files (kept frames and truth each written and read back): "
+              f"AMT {m['model']:.2f} dB, blend {m['blend']:.2f} dB, gain {m['model'] - m['blend']:+.2f} dB")
     if args.num_prompts:
         prompts = select_prompts(args.num_prompts)
         before, after, sample_s, interp_s = judge_before_after(model, prompts, args.sample_seed)
