@@ -87,6 +87,12 @@ def judge_before_after(model, prompts: list[str], seed: int) -> tuple[dict, dict
             path = write_video(Path(tmp) / "x2" / Path(video["file"]).name, out, fps=fps * 2)
             verdict = judge_video(read_video(path)[0].numpy())
             after.append(verdict.matches(*parse_caption(video["prompt"])))
+            changed = [a for a in ATTRIBUTES if after[-1][a] != video["correct"][a]]
+            if changed:  # name every video whose verdict interpolation changed
+                was = video["judged"]
+                print(f"  {video['prompt']!r}: {', '.join(changed)} changed; judged {was['colour']}/{was['shape']}/"
+                      f"{was['direction']} as sampled, {verdict.colour}/{verdict.shape}/{verdict.direction} "
+                      f"(background clean: {verdict.background_clean}) after x2")
         interpolate_seconds = time.perf_counter() - start
     n = len(after)
     after_acc = {a: sum(v[a] for v in after) / n for a in ATTRIBUTES}
