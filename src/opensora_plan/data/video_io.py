@@ -350,7 +350,8 @@ def write_video(
     H and W must be even (yuv420p halves the chroma planes). Identical frames give identical bytes
     (:data:`X264_DETERMINISTIC`; no creation time or other run-dependent metadata is written).
     ``lossless``: RGB H.264 instead (libx264rgb, crf 0): the frames read back bit-exact (yuv420p halves the
-    colour resolution, which blurs every coloured edge), in files that fewer players open; for training data.
+    colour resolution, which blurs every coloured edge), in files that fewer players open (decord fails on some
+    sizes; the ``auto`` reader then falls back to PyAV); for training data.
     """
     frames = _as_uint8_frames(frames)
     _, height, width, _ = frames.shape
