@@ -36,7 +36,7 @@ from opensora_plan.demo.judge import judge_video
 from opensora_plan.demo.shapes import COLOURS, DIRECTIONS, SHAPES, parse_caption, random_clip, render
 from opensora_plan.metrics import psnr
 from opensora_plan.pipelines.interpolate import interpolate_video, load_interpolation_model
-from opensora_plan.pipelines.model_folder import shipped_stage
+from opensora_plan.pipelines.model_folder import stage_model
 
 HELD_OUT_SEED = 2026  # training clips: make-data --seed 1, validation clips: --seed 1001
 
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--num_prompts", type=int, default=60, help="prompts for (b); 0 skips (b)")
     parser.add_argument("--sample_seed", type=int, default=0, help="demo eval seed of the sampled videos")
     args = parser.parse_args()
-    model_path = args.model_path or shipped_stage("interpolate")["model_path"]
+    model_path = stage_model("interpolate", args.model_path)
     model = load_interpolation_model(model_path, device="cpu")
     params = sum(p.numel() for p in model.parameters())
     print(f"model {model_path} ({params:,} parameters); {platform.processor() or platform.machine()}, "

@@ -46,12 +46,10 @@ def test_the_shipped_demo_is_read_through_its_demo_json():
     assert config.stages == {"interpolate": {"model_path": str(default_model_path() / "interpolation"), "factor": 2}}
 
 
-def test_shipped_stage_is_the_default_interpolation_model():
-    from opensora_plan.pipelines.model_folder import shipped_stage
+def test_stage_model_defaults_to_the_shipped_demo_interpolation_model():
+    from opensora_plan.pipelines.model_folder import stage_model
 
-    assert shipped_stage("interpolate") == load_sampling_config(None).stages["interpolate"]
-    with pytest.raises(ValueError, match="lists no upscale model"):
-        shipped_stage("upscale")
+    assert stage_model("interpolate") == default_model_path() / "interpolation"
 
 
 def test_the_demo_example_prompts_are_the_demo_vocabulary():

@@ -34,6 +34,7 @@ def _classes():
     from opensora_plan.pipelines.reconstruct import ReconstructOptions
     from opensora_plan.pipelines.sample_t2v import SampleOptions
     from opensora_plan.train.sr import SRTrainOptions
+    from opensora_plan.pipelines.upscale import UpscaleOptions
     from opensora_plan.train.t2v import T2VTrainOptions
     from opensora_plan.train.vae import VAETrainOptions
     from opensora_plan.train.vfi import VFITrainOptions
@@ -46,6 +47,7 @@ def _classes():
         (["train-vae"], VAETrainOptions, ["--output_dir", "out"]),
         (["reconstruct"], ReconstructOptions, ["--model_path", "m", "--video_path", "v", "--rec_path", "r"]),
         (["interpolate"], InterpolateOptions, ["in.mp4", "--model_path", "m"]),
+        (["upscale"], UpscaleOptions, ["in.mp4", "--model_path", "m", "--output", "o"]),
         (["eval-vae"], EvalVAEOptions, ["--model_path", "m", "--video_path", "v"]),
         (["eval-t2v"], EvalT2VOptions, ["--videos", "v"]),
         (["extract"], ExtractOptions, ["--data_path", "d", "--out", "o", "--ae_path", "vae"]),

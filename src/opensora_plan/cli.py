@@ -98,8 +98,39 @@ def _run_interpolate(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.pipelines.interpolate import InterpolateOptions, interpolate
 
-    for r in interpolate(options_from_args(InterpolateOptions, args)):
+    results = interpolate(options_from_args(InterpolateOptions, args))
+    for r in results:
         print(f"{r.output_path}: {r.num_frames_in} -> {r.num_frames_out} frames at {r.fps:g} fps  ({r.seconds:.1f} s)")
+    if results.skipped:
+        print(f"skipped {len(results.skipped)} file(s):")
+        for path, reason in results.skipped:
+            print(f"  {path}: {reason}")
+    return 0 if results else 1
+
+
+# --------------------------------------------------------------------------------------------
+# upscale (RGT super-resolution of videos and images)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_upscale(subparsers) -> None:
+    p = subparsers.add_parser(
+        "upscale",
+        help="super-resolve videos or images x2 / x4 with RGT",
+        description="Upscale a video, an image (png/jpg) or a folder of them with RGT (an official RGT_x2.pth / "
+        "RGT_x4.pth or a save_pretrained folder). Large frames run in overlapping, blended tiles sized from "
+        "--sr_memory_gb.",
+    )
+    _generate_options(p, "upscale", lambda: _import("opensora_plan.pipelines.upscale", "UpscaleOptions"))
+    p.set_defaults(func=_run_upscale)
+
+
+def _run_upscale(args) -> int:
+    from opensora_plan.options import options_from_args
+    from opensora_plan.pipelines.upscale import UpscaleOptions, upscale
+
+    for r in upscale(options_from_args(UpscaleOptions, args)):
+        print(f"{r.output_path}: {r.num_frames} frame(s) {r.width}x{r.height} ({r.seconds:.1f} s)")
     return 0
 
 
@@ -486,7 +517,9 @@ def _run_demo_eval(args) -> int:
     report = evaluate_demo(o.model_path, prompts=select_prompts(o.num_prompts, o.colours, o.shapes),
                            seeds=tuple(o.seeds), num_sampling_steps=o.num_sampling_steps,
                            guidance_scale=o.guidance_scale, sample_method=o.sample_method, device=o.device,
-                           save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale)
+                           save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale,
+                           interpolate=o.interpolate, upscale=o.upscale, interpolate_model=o.interpolate_model,
+                           upscale_model=o.upscale_model)
     print(report.table())
     if o.json_out:
         write_report(report, o.json_out)

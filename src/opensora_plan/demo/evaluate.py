@@ -59,6 +59,10 @@ class DemoEvalReport:
                  f"{len(self.settings['seeds'])} seeds), {self.settings['sample_method']} "
                  f"{self.settings['num_sampling_steps']} steps, guidance {self.settings['guidance_scale']}, "
                  f"{self.seconds:.0f} s ({self.denoise_seconds:.1f} s denoising)"]
+        post = [f"{name} x{self.settings.get(name, 1)}" for name in ("interpolate", "upscale")
+                if self.settings.get(name, 1) != 1]
+        if post:
+            lines.append(f"  judged after {', then '.join(post)}")
         cache = self.settings.get("cache", "none")
         if cache != "none":
             lines.append(f"  cache {cache}: blocks skipped on {self.settings.get('skipped_fraction', 0):.0%} of forwards")
@@ -136,6 +140,14 @@ class DemoEvalOptions(Options):
                                       "word the shipped demo never saw)", show_default=False)
     lora: str | None = option(None, help="LoRA adapter folder from train-t2v --lora_rank, applied to the model")
     lora_scale: float = option(1.0, help="strength of the LoRA")
+    interpolate: int = option(1, choices=[1, 2, 4, 8], help="judge the videos after frame interpolation x N, as "
+                              "sample --interpolate writes them (1: off)")
+    upscale: int = option(1, choices=[1, 2, 4], help="judge the videos after super-resolution x S, as sample "
+                          "--upscale writes them (1: off)")
+    interpolate_model: str | None = option(None, show_default=False, help="AMT weights for --interpolate (unset: "
+                                           "the demo folder's stages.interpolate)")
+    upscale_model: str | None = option(None, show_default=False, help="RGT weights for --upscale (unset: the demo "
+                                       "folder's stages.upscale)")
 
     def __post_init__(self):
         from opensora_plan.models.step_cache import parse_cache_spec
@@ -152,6 +164,10 @@ class DemoEvalOptions(Options):
         parse_cache_spec(self.cache)  # a bad --cache fails before any weights load
         if self.lora is None and self.lora_scale != 1.0:
             raise ValueError("--lora_scale has no effect without --lora; add --lora or drop --lora_scale.")
+        for name in ("interpolate", "upscale"):
+            if getattr(self, f"{name}_model") is not None and getattr(self, name) == 1:
+                raise ValueError(f"--{name}_model has no effect without --{name}; add --{name} or drop "
+                                 f"--{name}_model.")
 
 
 def evaluate_demo(
@@ -168,6 +184,10 @@ def evaluate_demo(
     cache_options: dict | None = None,
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
+    interpolate: int = 1,
+    upscale: int = 1,
+    interpolate_model: str | os.PathLike | None = None,
+    upscale_model: str | os.PathLike | None = None,
 ) -> DemoEvalReport:
     """Sample every prompt with every seed, judge the videos, return the report.
 
@@ -175,7 +195,9 @@ def evaluate_demo(
     (``<prompt index>-<seed>-<prompt>.mp4``); otherwise they go to a temporary folder. ``cache`` and
     ``cache_options`` go to :meth:`OpenSoraPlanPipeline.enable_cache` ("none": exact sampling).
     ``lora``: a ``train-t2v --lora_rank`` adapter folder applied at ``lora_scale``. Colours are judged among
-    the demo's five plus any new colour the prompts name, shapes likewise.
+    the demo's five plus any new colour the prompts name, shapes likewise. ``interpolate`` / ``upscale`` (1: off)
+    judge the videos after those post-processing stages (as ``sample --interpolate N --upscale S`` writes them);
+    their models come from ``interpolate_model`` / ``upscale_model``, else the demo folder's ``stages``.
     """
     from opensora_plan.data.video_io import read_video, write_video
     from opensora_plan.utils import progress_bar
@@ -192,7 +214,19 @@ def evaluate_demo(
         check_output_folder(save_dir, "--save_dir")
     labels = [parse_caption(p) for p in prompts]  # fails early on a prompt outside the vocabulary
     labels = [(JUDGED_AS.get(c, c), s, d) for c, s, d in labels]  # e.g. crimson is drawn (and judged) as red
+    from opensora_plan.pipelines.model_folder import stage_model
+
+    stages = {name: stage_model(name, given, model_path, f"--{name}_model", f"--{name} {factor}")
+              for name, given, factor in (("interpolate", interpolate_model, interpolate),
+                                          ("upscale", upscale_model, upscale)) if factor != 1}
+    if "upscale" in stages:
+        from opensora_plan.pipelines.upscale import check_scale, model_scale
+
+        check_scale(upscale, model_scale(stages["upscale"]), stages["upscale"], "--upscale_model", "--upscale")
     pipe, info = load_demo_pipeline(model_path, sample_method, device)
+    if stages:
+        pipe.load_stages(stages.get("interpolate"), stages.get("upscale"))
+        pipe.check_stages(interpolate, upscale, None)  # an official .pth of another factor
     if lora:
         pipe.load_lora_weights(lora, lora_scale=lora_scale)
     colours = tuple(dict.fromkeys([*COLOURS, *(label[0] for label in labels)]))  # demo's five + new ones named
@@ -207,7 +241,8 @@ def evaluate_demo(
                 "sample_method": sample_method or info["sample_method"], "num_sampling_steps": steps,
                 "guidance_scale": scale, "seeds": list(seeds), "num_prompts": len(prompts),
                 "lora": str(lora) if lora else None, "lora_scale": lora_scale if lora else None,
-                "cache": pipe.transformer.step_cache.options() if pipe.transformer.step_cache else "none"}
+                "cache": pipe.transformer.step_cache.options() if pipe.transformer.step_cache else "none",
+                "interpolate": interpolate, "upscale": upscale}
     report = DemoEvalReport(settings)
     order = {p: i for i, p in enumerate(all_prompts())}
     start = time.perf_counter()
@@ -232,10 +267,10 @@ def evaluate_demo(
             if pipe.cache_stats is not None:
                 skipped += pipe.cache_stats.skipped
                 forwards += pipe.cache_stats.computed + pipe.cache_stats.skipped
-            videos = pipe.decode_latents(latents)  # (n, T, H, W, 3) uint8
+            videos = pipe.decode_latents(latents, interpolate, upscale)  # (n, T', H', W', 3) uint8
             for seed, frames in zip(seeds, videos):
                 slug = prompt.replace(" ", "_")
-                path = write_video(out_dir / f"{index:02d}-{seed}-{slug}.mp4", frames, fps=info.get("fps", 8))
+                path = write_video(out_dir / f"{index:02d}-{seed}-{slug}.mp4", frames, fps=info.get("fps", 8) * interpolate)
                 verdict = judge_video(read_video(path)[0].numpy(), colours=colours, shapes=shapes)
                 report.videos.append({
                     "prompt": prompt, "seed": seed, "file": str(path) if save_dir else None,

@@ -20,6 +20,7 @@ from opensora_plan.demo.shapes import ALL_COLOURS, ALL_SHAPES, COLOURS, DIRECTIO
 
 OBJECT_LEVEL = 96  # a pixel whose brightest channel exceeds this belongs to the object
 DARK_LEVEL = 48  # a background pixel counts as black below this
+DEMO_SIZE = 64  # the demo's frame side: pixel thresholds below are set for it and scale with the frame
 HUES = {"red": 0.0, "yellow": 60.0, "green": 120.0, "blue": 240.0, "magenta": 300.0}
 
 
@@ -70,7 +71,8 @@ def judge_video(frames: np.ndarray, min_travel: float = 0.1, colours=COLOURS, sh
     """Score uint8 frames (T, H, W, 3). ``min_travel``: smallest centroid travel, as a share of the
     frame width, that counts as motion. ``colours``: the names the colour is chosen from (default the
     demo's five; add ``"magenta"`` of :data:`~opensora_plan.demo.shapes.NEW_COLOURS` to judge that word);
-    ``shapes`` likewise (add ``"diamond"``)."""
+    ``shapes`` likewise (add ``"diamond"``). Any size and length (e.g. after ``--upscale`` / ``--interpolate``):
+    travel is a share of the width, the pixel thresholds (smallest object, halo margin) scale with the frame side."""
     unknown = [c for c in colours if c not in ALL_COLOURS]
     if unknown:
         raise ValueError(f"judge_video cannot tell colours {unknown}; it knows {', '.join(ALL_COLOURS)}.")
@@ -81,9 +83,10 @@ def judge_video(frames: np.ndarray, min_travel: float = 0.1, colours=COLOURS, sh
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames (T, H, W, 3), got shape {frames.shape}.")
     t, height, width, _ = frames.shape
+    scale = max(height, width) / DEMO_SIZE  # 1 at the demo's 64 px, 2 after --upscale 2
     masks = frames.max(axis=-1) > OBJECT_LEVEL  # (T, H, W)
     areas = masks.reshape(t, -1).sum(axis=1)
-    present = areas >= 4
+    present = areas >= 4 * max(scale, 1) ** 2
     if not present.any():
         return Verdict(None, None, None, bool((frames < DARK_LEVEL).all()), 0.0, (0.0, 0.0))
 
@@ -110,10 +113,11 @@ def judge_video(frames: np.ndarray, min_travel: float = 0.1, colours=COLOURS, sh
         unit = (int(np.sign(dx)), 0) if abs(dx) >= abs(dy) else (0, int(np.sign(dy)))
         direction = next(name for name, u in DIRECTIONS.items() if u == unit)
 
-    # Background: pixels away from the object (a 2-px margin tolerates codec/decoder halos).
+    # Background: pixels away from the object (a 2-px margin at 64 px tolerates codec/decoder halos).
+    margin = max(2, round(2 * scale))
     grown = masks.copy()
     for axis in (1, 2):
-        for shift in (-2, -1, 1, 2):
+        for shift in [s for s in range(-margin, margin + 1) if s]:
             grown |= np.roll(masks, shift, axis=axis)
     background = frames.max(axis=-1)[~grown]
     clean = bool(background.size == 0 or (background < DARK_LEVEL).mean() >= 0.98)

@@ -1,5 +1,5 @@
-"""Models: CausalVAE 4x8x8 (``causalvae/``), the LatteT2V denoiser (``latte.py``) and AMT frame interpolation
-(``amt/``)."""
+"""Models: CausalVAE 4x8x8 (``causalvae/``), the LatteT2V denoiser (``latte.py``), AMT frame interpolation
+(``amt/``) and RGT super-resolution (``rgt.py``)."""
 
 import importlib
 
@@ -7,6 +7,7 @@ _EXPORTS = {
     "AMTModel": "opensora_plan.models.amt",
     "CausalVAEModel": "opensora_plan.models.causalvae",
     "LatteT2V": "opensora_plan.models.latte",
+    "RGTModel": "opensora_plan.models.rgt",
 }
 
 __all__ = list(_EXPORTS)

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_video
 from ..options import Options, option
-from .model_folder import shipped_stage
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -217,6 +216,15 @@ class InterpolationResult:
     seconds: float
 
 
+class InterpolationResults(list):
+    """The :class:`InterpolationResult` of every written video (a list), and ``skipped``: ``(path, reason)`` of
+    every input of a folder that could not be interpolated (unreadable, fewer than 2 frames, odd sides)."""
+
+    def __init__(self, results=(), skipped=()):
+        super().__init__(results)
+        self.skipped: list[tuple[str, str]] = list(skipped)
+
+
 @dataclass
 class InterpolateOptions(Options):
     """Every option of ``opensora-plan interpolate`` / :func:`interpolate`, with its default and checks."""
@@ -289,33 +297,47 @@ def _plan_outputs(source: Path, output: Path | None, factor: int) -> tuple[list[
     return sources, targets
 
 
-def interpolate(*args, **kwargs) -> list[InterpolationResult]:
+def _check_input(reader: VideoReader, source: Path) -> None:
+    """A video interpolation can take: at least 2 frames, even sides (H.264); ValueError otherwise."""
+    if len(reader) < 2:
+        raise ValueError(f"{source} has {len(reader)} frame(s); interpolation needs at least 2.")
+    if reader.width % 2 or reader.height % 2:
+        raise ValueError(f"{source} is {reader.width}x{reader.height}; the H.264 output needs even sides, "
+                         "so crop or pad it to an even size first.")
+
+
+def interpolate(*args, **kwargs) -> InterpolationResults:
     """Interpolate one video file or every video in a folder; returns one result per written video.
 
     Takes an :class:`InterpolateOptions`, or its fields (``input`` positionally). Every option and output
-    path is checked before the model loads.
+    path is checked before the model loads; a bad single input is an error, while in a folder a bad video
+    (unreadable, fewer than 2 frames, odd sides) is skipped and listed in the result's ``skipped``.
     """
+    from .model_folder import stage_model
+
     o = InterpolateOptions.of(*args, **kwargs)
     sources, targets = _plan_outputs(Path(o.input), Path(o.output) if o.output else None, o.factor)
-    model_path = Path(o.model_path if o.model_path is not None else shipped_stage("interpolate")["model_path"])
-    if not model_path.exists():
-        raise FileNotFoundError(f"--model_path {model_path} does not exist; give the official amt-g.pth or a "
-                                "save_pretrained folder.")
-    for source in sources:  # headers only: a bad input fails before the model loads
-        with VideoReader(source, backend=o.backend) as reader:
-            if len(reader) < 2:
-                raise ValueError(f"{source} has {len(reader)} frame(s); interpolation needs at least 2.")
-            if reader.width % 2 or reader.height % 2:
-                raise ValueError(f"{source} is {reader.width}x{reader.height}; the H.264 output needs even sides, "
-                                 "so crop or pad it to an even size first.")
+    model_path = stage_model("interpolate", o.model_path, None, "--model_path", "interpolate")
+    folder_mode = Path(o.input).is_dir()
+    if not folder_mode:  # headers only: a bad input fails before the model loads
+        with VideoReader(sources[0], backend=o.backend) as reader:
+            _check_input(reader, sources[0])
     model = load_interpolation_model(model_path, o.device)
-    results = []
+    results = InterpolationResults()
     for source, target in progress_bar(list(zip(sources, targets)), desc="videos", unit="video",
                                        disable=len(sources) == 1):
         start = time.perf_counter()
-        with VideoReader(source, backend=o.backend) as reader:
-            frames = reader.get_frames(range(len(reader)))  # (T, H, W, 3) uint8
-            source_fps = reader.fps or 30.0
+        try:
+            with VideoReader(source, backend=o.backend) as reader:
+                _check_input(reader, source)
+                frames = reader.get_frames(range(len(reader)))  # (T, H, W, 3) uint8
+                source_fps = reader.fps or 30.0
+        except ValueError as err:  # VideoReadError, too few frames, odd sides: a bad input file
+            if not folder_mode:
+                raise
+            logger.warning("skipping %s: %s", source, err)
+            results.skipped.append((str(source), str(err)))
+            continue
         out = interpolate_video(model, frames, o.factor, batch_size=o.batch_size, scale_factor=o.scale_factor,
                                 dtype=o.dtype, quantize=o.quantize, corr_chunk=o.corr_chunk or None)
         fps = o.fps or source_fps * o.factor
@@ -326,5 +348,5 @@ def interpolate(*args, **kwargs) -> list[InterpolationResult]:
     return results
 
 
-__all__ = ["InterpolateOptions", "InterpolationResult", "Padding", "interpolate", "interpolate_video",
+__all__ = ["InterpolateOptions", "InterpolationResult", "InterpolationResults", "Padding", "interpolate", "interpolate_video",
            "load_interpolation_model", "num_output_frames", "padding_for", "to_uint8"]

@@ -33,6 +33,10 @@ What kind of folder a path is, and where each kind is resolved:
   (``is_training_output``, ``resolve_training_output``, ``resolve_lora_adapter``);
 - demo model: the release layout + ``demo.json`` (and ``model_index.json``); the shipped one is
   :func:`default_model_path`.
+
+A post-processing stage's model (``stages``: frame interpolation, super-resolution) is resolved in one place,
+:func:`stage_model` (a flag or argument > the folder's ``stages`` entry), for ``sample``, ``interpolate``,
+``serve``, ``demo eval`` and ``OpenSoraPlanPipeline.load_stages``.
 """
 
 from __future__ import annotations
@@ -193,18 +197,6 @@ def _stage(path: Path, name: str, spec) -> dict:
     return {"model_path": str(path.parent / spec["model_path"]), factor: value}
 
 
-def shipped_stage(name: str) -> dict:
-    """The shipped demo's ``stages[name]`` entry (``model_path`` resolved): the model a post-processing command
-    (``interpolate``) uses when no ``--model_path`` is given. ValueError when the shipped demo lists none."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}.")
-    config = load_sampling_config(None)
-    if config is None or name not in config.stages:
-        raise ValueError(f"The shipped demo ({default_model_path()}) lists no {name} model in its stages; give "
-                         "--model_path.")
-    return dict(config.stages[name])
-
-
 def fast_cache_options(model_path: str | os.PathLike | None) -> dict:
     """What ``--cache fast`` means for a model folder (None: the shipped demo): its file's ``cache_fast``
     (calibrated on that model, docs/demo.md) or, for other folders, ``models.step_cache.FAST_CACHE``."""
@@ -212,3 +204,37 @@ def fast_cache_options(model_path: str | os.PathLike | None) -> dict:
 
     config = load_sampling_config(model_path)
     return dict(config.cache_fast if config is not None and config.cache_fast is not None else FAST_CACHE)
+
+
+def stage_model(name: str, model_path: str | os.PathLike | None = None, folder: str | os.PathLike | None = None,
+                flag: str = "--model_path", needed_for: str | None = None) -> Path:
+    """Where the model of post-processing stage ``name`` ("interpolate" or "upscale") is: the one place every
+    command (``sample``, ``interpolate``, ``upscale``, ``serve``, ``demo eval``) and the pipeline resolve it.
+
+    ``model_path`` given (a flag or argument) wins; else the ``stages[name]`` entry of ``folder``'s sampling file
+    (``folder`` None: the shipped demo's ``demo.json``). Neither: one ValueError naming ``flag`` (``needed_for``
+    says what asked for the stage). A path that does not exist: FileNotFoundError. Nothing is loaded.
+    """
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}.")
+    what = {"interpolate": "AMT (frame interpolation): the official amt-g.pth or a save_pretrained folder",
+            "upscale": "RGT (super-resolution): the official RGT_x2.pth / RGT_x4.pth or a save_pretrained folder"}[name]
+    source = flag
+    if model_path is None:
+        config = load_sampling_config(folder)
+        if config is None or name not in config.stages:
+            # the shipped demo may list one later (it is trained separately), hence "for now"
+            where = "for now: the shipped demo" if folder is None else f"here: {folder}"
+            raise ValueError(f"{needed_for or 'This'} needs {flag} {where} lists no {name} model in the stages of "
+                             f"its sampling file; give {flag} ({what}).")
+        model_path, source = config.stages[name]["model_path"], f"stages.{name} of {config.path}"
+    path = Path(model_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: {path} does not exist; give {flag} ({what}).")
+    return path
+
+
+def folder_stages(folder: str | os.PathLike | None) -> dict:
+    """``stages`` of a model folder's sampling file (None: the shipped demo); ``{}`` when it has none."""
+    config = load_sampling_config(folder)
+    return dict(config.stages) if config is not None else {}

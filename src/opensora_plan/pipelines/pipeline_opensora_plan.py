@@ -58,7 +58,7 @@ from opensora_plan.models.latte import temporal_length
 from opensora_plan.models.layers import inference_weight_cache
 from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache, parse_cache_spec
 from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
-from opensora_plan.pipelines.model_folder import fast_cache_options, load_sampling_config
+from opensora_plan.pipelines.model_folder import RELEASE_SAMPLE_DEFAULTS, fast_cache_options, load_sampling_config
 from opensora_plan.utils import check_finite, valid_num_frames
 
 logger = logging.getLogger(__name__)
@@ -104,18 +104,26 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
     """Open-Sora-Plan v1.0.0 text-to-video pipeline (LatteT2V + CausalVAE 4x8x8 + T5).
 
     ``text_encoder`` and ``tokenizer`` may be ``None`` when ``prompt_embeds`` are given (e.g. after
-    :meth:`release_text_encoder`).
+    :meth:`release_text_encoder`). ``frame_interpolator`` (an ``AMTModel``) and ``upscaler`` (an ``RGTModel``)
+    are optional post-processing stages run after the VAE decode when ``__call__`` asks for an
+    ``interpolation_factor`` / ``upscale_factor`` above 1; they are None unless passed in, loaded with
+    :meth:`load_stages` (the folder's ``stages``) or saved in a ``save_pretrained`` folder.
     """
 
-    _optional_components = ["text_encoder", "tokenizer"]
+    _optional_components = ["text_encoder", "tokenizer", "frame_interpolator", "upscaler"]
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
-    def __init__(self, vae, transformer, scheduler, text_encoder=None, tokenizer=None):
+    def __init__(self, vae, transformer, scheduler, text_encoder=None, tokenizer=None, frame_interpolator=None,
+                 upscaler=None):
         super().__init__()
         self.register_modules(
-            vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+            vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+            frame_interpolator=frame_interpolator, upscaler=upscaler,
         )
+        # The model folder this pipeline was loaded from (from_release sets it; from_pretrained records it as
+        # config._name_or_path): its sampling file gives the call's defaults and the stages of load_stages().
+        self.model_folder: str | None = None
         # What enable_cache("fast") means; None: the loaded folder's own preset ("cache_fast" of its
         # sampling_config.json or demo.json, pipelines/model_folder.py), else models.step_cache.FAST_CACHE.
         # Code that builds the pipeline by hand may set it.
@@ -166,7 +174,50 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         )
         if load_sampling_config(root) is not None:  # the folder's own "fast" cache preset (e.g. the demo's)
             pipe.fast_cache_options = fast_cache_options(root)
+        pipe.model_folder = str(root)
         return pipe
+
+    # ----------------------------------------------------------------------------------------
+    # The model folder's sampling file: call defaults and post-processing stages
+    # ----------------------------------------------------------------------------------------
+
+    def _folder(self) -> str | None:
+        folder = self.model_folder or self.config.get("_name_or_path")  # from_release / from_pretrained
+        return folder if folder and os.path.isdir(folder) else None
+
+    def sampling_defaults(self) -> dict:
+        """``{"num_inference_steps", "guidance_scale"}`` that ``__call__`` uses when not given: the loaded
+        folder's ``sampling_config.json`` (or a demo's ``demo.json``), else the release's (50, 7.5)."""
+        folder = self._folder()
+        config = load_sampling_config(folder) if folder is not None else None
+        given = config.sample_defaults() if config is not None else {}
+        merged = {**RELEASE_SAMPLE_DEFAULTS, **given}
+        return {"num_inference_steps": merged["num_sampling_steps"], "guidance_scale": merged["guidance_scale"]}
+
+    def load_stages(self, interpolation_model: str | os.PathLike | None = None,
+                    upscale_model: str | os.PathLike | None = None, device: str | torch.device | None = None):
+        """Load the post-processing models: each one given here, else the one the loaded folder's sampling file
+        lists in ``stages`` (``pipelines/model_folder.stage_model``); a stage neither names stays as it is.
+
+        Explicit, not part of ``from_pretrained``: loading a folder never loads models you did not ask for.
+        ``interpolation_model``: an official ``amt-g.pth`` or a ``save_pretrained`` AMT folder;
+        ``upscale_model``: ``RGT_x2.pth`` / ``RGT_x4.pth`` or a ``save_pretrained`` RGT folder. ``device``:
+        unset, the pipeline's. Returns the pipeline; then call it with ``interpolation_factor`` / ``upscale_factor``.
+        """
+        from opensora_plan.models.rgt import load_rgt
+        from opensora_plan.pipelines.interpolate import load_interpolation_model
+        from opensora_plan.pipelines.model_folder import folder_stages, stage_model
+
+        device = torch.device(device) if device is not None else self.device
+        folder = self._folder()
+        listed = folder_stages(folder) if folder is not None else {}
+        if interpolation_model is not None or "interpolate" in listed:
+            path = stage_model("interpolate", interpolation_model, folder, "interpolation_model")
+            self.register_modules(frame_interpolator=load_interpolation_model(path, device))
+        if upscale_model is not None or "upscale" in listed:
+            path = stage_model("upscale", upscale_model, folder, "upscale_model")
+            self.register_modules(upscaler=load_rgt(path, device=device))
+        return self
 
     # ----------------------------------------------------------------------------------------
     # Step caching
@@ -582,12 +633,65 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         return [[Image.fromarray(frame) for frame in (clip * 255).round().astype("uint8")] for clip in video]
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Diffusion latents -> uint8 video (B, T, H, W, 3) on CPU.
+    def decode_latents(self, latents: torch.Tensor, interpolation_factor: int = 1,
+                       upscale_factor: int = 1) -> torch.Tensor:
+        """Diffusion latents -> uint8 video (B, T', H', W', 3) on CPU, through the post-processing stages asked
+        for (:meth:`run_stages`; none by default: T' = T, H' = H).
 
         ``(x / 2 + 0.5)`` clamped to [0, 1] times 255, cast by truncation (not rounding) as the reference.
         """
-        return self.postprocess_video(self.decode_latents_float(latents), "uint8")  # (B, T, H, W, C)
+        self.check_stages(interpolation_factor, upscale_factor, None)
+        video = self.run_stages(self.decode_latents_float(latents), interpolation_factor, upscale_factor)
+        return self.postprocess_video(video, "uint8")  # (B, T', H', W', C)
+
+    def check_stages(self, interpolation_factor: int, upscale_factor: int, num_frames: int | None) -> None:
+        """ValueError unless the post-processing asked for can run: the factors' values, the models loaded, an
+        upscaler of that factor, more than one frame to interpolate."""
+        from opensora_plan.pipelines.interpolate import FACTORS
+
+        if interpolation_factor != 1:
+            if interpolation_factor not in FACTORS:
+                raise ValueError(f"interpolation_factor must be 1 (off) or one of {', '.join(map(str, FACTORS))}, "
+                                 f"got {interpolation_factor!r}.")
+            if self.frame_interpolator is None:
+                raise ValueError(f"interpolation_factor={interpolation_factor} needs a frame_interpolator (AMT); "
+                                 "call pipe.load_stages(interpolation_model=...) or pass frame_interpolator=.")
+            if num_frames == 1:
+                raise ValueError("interpolation_factor > 1 needs a video, but num_frames=1 samples an image; use "
+                                 "interpolation_factor=1.")
+        if upscale_factor != 1:
+            if isinstance(upscale_factor, bool) or upscale_factor not in (2, 3, 4):
+                raise ValueError(f"upscale_factor must be 1 (off), 2, 3 or 4, got {upscale_factor!r}.")
+            if self.upscaler is None:
+                raise ValueError(f"upscale_factor={upscale_factor} needs an upscaler (RGT); call "
+                                 "pipe.load_stages(upscale_model=...) or pass upscaler=.")
+            if self.upscaler.upscale != upscale_factor:
+                raise ValueError(f"upscale_factor={upscale_factor} but the upscaler is an x{self.upscaler.upscale} "
+                                 f"model; use upscale_factor={self.upscaler.upscale} or load x{upscale_factor} weights.")
+
+    @torch.no_grad()
+    def run_stages(self, video: torch.Tensor, interpolation_factor: int = 1, upscale_factor: int = 1) -> torch.Tensor:
+        """Decoded float video (B, T, C, H, W) in about [-1, 1] -> frame interpolation (``frame_interpolator``,
+        T -> factor (T - 1) + 1 frames), then super-resolution (``upscaler``, H x factor), in that order: the
+        interpolation runs at the low resolution, where it is cheaper. Returns the same layout and range, on
+        the input's device; factors of 1 skip a stage (the input comes back unchanged)."""
+        if interpolation_factor == 1 and upscale_factor == 1:
+            return video
+        from opensora_plan.pipelines.interpolate import interpolate_video
+        from opensora_plan.pipelines.upscale import auto_tile_size, upscale_frames
+
+        progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)  # set_progress_bar_config
+        # the upscale command's tiles: sized from the device's free memory (4 GB on the CPU), blended
+        tile_size = auto_tile_size(self.upscaler) if upscale_factor != 1 else None
+        outputs = []
+        for clip in video:  # (T, C, H, W)
+            frames = (clip.float() / 2 + 0.5).clamp(0, 1)  # [0, 1], as the stage models expect
+            if interpolation_factor != 1:
+                frames = interpolate_video(self.frame_interpolator, frames, interpolation_factor, progress=progress)
+            if upscale_factor != 1:
+                frames = upscale_frames(self.upscaler, frames, tile_size=tile_size, progress=progress)
+            outputs.append(frames * 2 - 1)  # back to the decoder's range
+        return torch.stack(outputs).to(video.device)  # (B, T', C, H', W')
 
     @property
     def interrupt(self) -> bool:
@@ -606,8 +710,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -625,6 +729,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         negative_prompt_attention_mask: torch.Tensor | None = None,
         text_conditioning: str = "per_prompt",
         any_size: bool = False,
+        interpolation_factor: int = 1,
+        upscale_factor: int = 1,
     ):
         """Generate videos; returns :class:`OpenSoraPlanPipelineOutput` (``.frames``) or a 1-tuple.
 
@@ -648,8 +754,17 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         batch, given the same generator) or ``"reference"`` (the reference's batch and negative-prompt
         quirks, see the module docstring). ``prompt_attention_mask`` / ``negative_prompt_attention_mask``
         (B, L), 1 = attend, go with embeddings from :meth:`encode_prompt_with_masks`.
+        ``num_inference_steps`` / ``guidance_scale`` None: the loaded folder's sampling file
+        (``sampling_config.json`` or a demo's ``demo.json``), else the release's 50 / 7.5 (:meth:`sampling_defaults`).
+        ``interpolation_factor`` (2, 4, 8; 1 = off) and ``upscale_factor`` (the upscaler's 2 or 4; 1 = off) run the
+        ``frame_interpolator`` then the ``upscaler`` after the VAE decode, for every ``output_type`` but "latent"
+        (:meth:`run_stages`, :meth:`load_stages`): factor (T - 1) + 1 frames (play them at fps x factor), sides x
+        upscale_factor.
         Raises :class:`~opensora_plan.utils.NonFiniteError` when the latents or the video become NaN/inf.
         """
+        defaults = self.sampling_defaults() if num_inference_steps is None or guidance_scale is None else {}
+        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         default_frames, default_h, default_w = self.default_size()
         num_frames = default_frames if num_frames is None else num_frames
         height = default_h if height is None else height
@@ -664,6 +779,10 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
             prompt_embeds, negative_prompt_embeds, latents, output_type, num_videos_per_prompt, any_size,
         )
+        self.check_stages(interpolation_factor, upscale_factor, num_frames)
+        if output_type == "latent" and (interpolation_factor, upscale_factor) != (1, 1):
+            raise ValueError("output_type='latent' returns the latents undecoded, so interpolation_factor and "
+                             "upscale_factor cannot apply; use another output_type or factors of 1.")
         self._interrupt = False
         self._check_text_options(text_conditioning, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
                                  negative_prompt_attention_mask)
@@ -757,7 +876,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         if output_type == "latent":
             video = latents
         else:
-            video = self.postprocess_video(self.decode_latents_float(latents), output_type)
+            video = self.run_stages(self.decode_latents_float(latents), interpolation_factor, upscale_factor)
+            video = self.postprocess_video(video, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
@@ -794,8 +914,10 @@ def _register_with_diffusers() -> None:
     """
     import diffusers
 
+    import opensora_plan.models.amt.model  # noqa: F401  (the optional frame_interpolator)
     import opensora_plan.models.causalvae.model  # noqa: F401
     import opensora_plan.models.latte  # noqa: F401
+    import opensora_plan.models.rgt  # noqa: F401  (the optional upscaler)
 
     if getattr(diffusers, OpenSoraPlanPipeline.__name__, None) is None:
         setattr(diffusers, OpenSoraPlanPipeline.__name__, OpenSoraPlanPipeline)

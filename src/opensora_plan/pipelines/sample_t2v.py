@@ -40,6 +40,8 @@ from opensora_plan.pipelines.model_folder import (DEFAULT_TEXT_ENCODER, RELEASE_
 logger = logging.getLogger(__name__)
 
 VERSIONS = ("17x256x256", "65x256x256", "65x512x512")
+INTERPOLATE_FACTORS = (1, 2, 4, 8)  # 1: off; else pipelines.interpolate.FACTORS
+UPSCALE_FACTORS = (1, 2, 4)  # 1: off; the released RGT scales
 AE_NAMES = ("CausalVAEModel_4x8x8",)
 DEFAULT_MODEL_PATH = "LanguageBind/Open-Sora-Plan-v1.0.0"
 
@@ -141,6 +143,18 @@ class SampleOptions(Options):
                               "peft): a run or checkpoint folder (its ema/ adapter preferred, else model/) or an "
                               "adapter folder such as <checkpoint>/model")
     lora_scale: float = option(1.0, help="strength of the LoRA (0 = base model)")
+    interpolate: int = option(1, choices=list(INTERPOLATE_FACTORS), group="post-processing",
+                              help="frame interpolation (AMT) after the VAE decode: N (m - 1) + 1 frames from m, "
+                              "written at fps x N (1: off)")
+    upscale: int = option(1, choices=list(UPSCALE_FACTORS), group="post-processing",
+                          help="super-resolution (RGT) after the interpolation: sides x S (1: off)")
+    interpolate_model: str | None = option(None, group="post-processing", show_default=False,
+                                           help="AMT weights for --interpolate: the official amt-g.pth or a "
+                                           "save_pretrained folder (unset: the model folder's stages.interpolate, "
+                                           "docs/sampling.md)")
+    upscale_model: str | None = option(None, group="post-processing", show_default=False,
+                                       help="RGT weights for --upscale: the official RGT_x2.pth / RGT_x4.pth or a "
+                                       "save_pretrained folder (unset: the model folder's stages.upscale)")
 
     def __post_init__(self):
         from opensora_plan.models.step_cache import parse_cache_spec
@@ -161,6 +175,14 @@ class SampleOptions(Options):
                                  "size 2).")
         if self.force_images and self.num_frames not in (None, 1):
             raise ValueError(f"--force_images samples 1 frame; drop --num_frames {self.num_frames}.")
+        if self.force_images and self.interpolate != 1:
+            raise ValueError(f"--interpolate {self.interpolate} needs videos but --force_images samples single images; "
+                             "drop one of the two (--upscale works on images).")
+        for flag, model, factor in (("interpolate", self.interpolate_model, self.interpolate),
+                                    ("upscale", self.upscale_model, self.upscale)):
+            if model is not None and factor == 1:
+                raise ValueError(f"--{flag}_model has no effect without --{flag} (2 or more); add --{flag} or drop "
+                                 f"--{flag}_model.")
         if self.gif and self.force_images:
             raise ValueError("--gif needs videos but --force_images writes single-frame png images; drop one of "
                              "the two.")
@@ -362,10 +384,50 @@ def _save(path: Path, frames, fps: float) -> Path:
     return write_video(path, frames, fps)
 
 
+def plan_stages(opts: SampleOptions, model_path: str | os.PathLike | None) -> dict[str, Path]:
+    """The post-processing models ``opts`` asks for: ``{"interpolate": path, "upscale": path}`` (stages that are
+    on). Flag > the model folder's ``stages`` (``model_folder.stage_model``); one-line errors naming the flag
+    for a missing model or path, and for a ``save_pretrained`` RGT folder of another factor than ``--upscale``
+    (read from its config.json; an official .pth is checked right after it loads). Loads nothing."""
+    from opensora_plan.pipelines.model_folder import stage_model
+
+    stages = {}
+    for name, flag, factor in (("interpolate", "--interpolate_model", opts.interpolate),
+                               ("upscale", "--upscale_model", opts.upscale)):
+        if factor != 1:
+            stages[name] = stage_model(name, getattr(opts, f"{name}_model"), model_path, flag,
+                                       f"--{name} {factor}")
+    if "upscale" in stages:
+        from opensora_plan.pipelines.upscale import check_scale, model_scale
+
+        check_scale(opts.upscale, model_scale(stages["upscale"]), stages["upscale"], "--upscale_model", "--upscale")
+    return stages
+
+
+def _load_stages(stages: dict[str, Path], opts: SampleOptions, device) -> dict:
+    """The stage models as pipeline components (``frame_interpolator``, ``upscaler``), in float32 on ``device``."""
+    models = {}
+    if "interpolate" in stages:
+        from opensora_plan.pipelines.interpolate import load_interpolation_model
+
+        models["frame_interpolator"] = load_interpolation_model(stages["interpolate"], device)
+    if "upscale" in stages:
+        from opensora_plan.models.rgt import load_rgt
+        from opensora_plan.pipelines.upscale import check_scale
+
+        models["upscaler"] = load_rgt(stages["upscale"], device=device)
+        check_scale(opts.upscale, models["upscaler"].upscale, stages["upscale"], "--upscale_model", "--upscale")
+    return models
+
+
 def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_name, scheduler, torch_dtype, device,
-                 rank, tag, out_dir, groups, run) -> list[Path]:
-    """Load the three models, encode this rank's prompts, free T5, denoise and write each video."""
+                 rank, tag, out_dir, groups, run, stages) -> tuple[list[Path], tuple]:
+    """Load the models (the small stage models first: a wrong one fails before the big ones load), encode this
+    rank's prompts, free T5, denoise, post-process and write each video. Returns the files and the last
+    video's (T, H, W) as written."""
     import torch
+
+    stage_models = _load_stages(stages, opts, device)
 
     from opensora_plan.models.causalvae import CausalVAEModel
     from opensora_plan.models.latte import LatteT2V
@@ -386,6 +448,7 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
         scheduler=scheduler,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
+        **stage_models,
     )
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
     if opts.lora is not None:
@@ -418,7 +481,7 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
                              opts.text_conditioning) for batch in batches]
     pipe.release_text_encoder()
 
-    written = []
+    written, shape = [], ()
     for batch, (prompt_embeds, prompt_mask, negative_embeds, negative_mask) in zip(batches, encoded):
         # One generator per prompt, seeded as when the prompt is sampled alone: seed + its index.
         generators = [torch.Generator("cpu").manual_seed(opts.seed + index) for index, _ in batch]
@@ -434,13 +497,16 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
             num_inference_steps=opts.num_sampling_steps,
             guidance_scale=opts.guidance_scale,
             generator=generators,
-        ).frames  # (B, T, H, W, 3) uint8
+            interpolation_factor=opts.interpolate,
+            upscale_factor=opts.upscale,
+        ).frames  # (B, T, H, W, 3) uint8, after the stages
         for (index, prompt), frames in zip(batch, videos):
             if not groups["writer"]:
                 continue
-            written.append(_save(out_dir / video_filename(index, prompt), frames, opts.fps))
+            written.append(_save(out_dir / video_filename(index, prompt), frames, opts.fps * opts.interpolate))
+            shape = tuple(frames.shape[:3])
             logger.info("%swrote %s", tag, written[-1])
-    return written
+    return written, shape
 
 
 def _encode_batch(pipe, prompts, negative_prompt, do_cfg, clean_caption, text_conditioning):
@@ -547,6 +613,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
                              f"(use --lora_scale to scale it).")
         print(f"Using the {resolved[1]}", flush=True)
         opts = dataclasses.replace(opts, lora=str(resolved[0]))  # the adapter folder itself
+    stages = plan_stages(opts, model_path)  # stage model paths and the upscaler's factor, before any model loads
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)
@@ -569,20 +636,26 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     start = time.perf_counter()
     written = []
     if jobs:  # more processes than prompts leaves some ranks idle
-        written = _sample_jobs(jobs, opts, model_path, version, text_encoder_name, scheduler, torch_dtype, device,
-                               rank, tag, out_dir, groups, run)
+        written, shape = _sample_jobs(jobs, opts, model_path, version, text_encoder_name, scheduler, torch_dtype,
+                                      device, rank, tag, out_dir, groups, run, stages)
     elapsed = time.perf_counter() - start
+    fps = opts.fps * opts.interpolate  # interpolation keeps the duration
+    size = ""
+    if written:
+        steps = [f"--{name} {getattr(opts, name)}" for name in ("interpolate", "upscale") if getattr(opts, name) != 1]
+        size = (f"; {shape[0]} frame{'' if shape[0] == 1 else 's'} {shape[2]}x{shape[1]}"
+                + (f" at {fps:g} fps" if shape[0] > 1 else "") + (f" (after {', '.join(steps)})" if steps else ""))
     print(
         f"{tag}Sampled {len(written)} video(s) with {version} ({opts.sample_method}, {opts.num_sampling_steps} "
         f"step{'' if opts.num_sampling_steps == 1 else 's'}) "
-        f"in {elapsed:.1f} s ({elapsed / max(len(written), 1):.1f} s per video) -> {out_dir}",
+        f"in {elapsed:.1f} s ({elapsed / max(len(written), 1):.1f} s per video) -> {out_dir}{size}",
         flush=True,
     )
     if opts.gif:
         from opensora_plan.data.video_io import read_video, write_gif
 
         for path in [p for p in written if p.suffix == ".mp4"]:
-            print(f"wrote {write_gif(path.with_suffix('.gif'), read_video(path)[0], opts.fps)}", flush=True)
+            print(f"wrote {write_gif(path.with_suffix('.gif'), read_video(path)[0], fps)}", flush=True)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -1,7 +1,8 @@
 """The Gradio page of ``opensora-plan serve``.
 
 One column of settings (prompt, negative prompt, version, steps, guidance, seed or random, scheduler,
-caching preset when one exists), a progress bar per denoising step, the video with mp4 and gif
+caching preset when one exists, frame interpolation and upscaling when the model folder has those stages or
+``--interpolate_model`` / ``--upscale_model`` give them), a progress bar per denoising step, the video with mp4 and gif
 downloads, and a gallery of this page's results. Requests go through Gradio's queue one at a time
 (``default_concurrency_limit=1``): a second user waits in line instead of sharing the CPU/GPU.
 """
@@ -41,11 +42,18 @@ def build_app(service: VideoService):
               "yellow, white; circle, square, triangle; left, right, up, down). Other prompts give blobs."
               if service.is_demo else f"Model folder: `{service.folder}`.")
 
-    def generate(prompt, negative_prompt, version, steps, guidance, seed, random_seed, scheduler, cache, gallery,
-                 progress=gr.Progress()):
+    def labels(choices: list[int]) -> list[str]:  # [1, 2, 4] -> ["off", "2x", "4x"]
+        return ["off", *(f"{c}x" for c in choices[1:])]
+
+    def factor(label) -> int:  # "off" -> 1, "2x" -> 2
+        return 1 if label in (None, "off") else int(str(label).rstrip("x"))
+
+    def generate(prompt, negative_prompt, version, steps, guidance, seed, random_seed, scheduler, cache, interpolate,
+                 upscale, gallery, progress=gr.Progress()):
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, version=version,
                                     num_inference_steps=steps, guidance_scale=guidance,
-                                    seed=None if random_seed else seed, scheduler=scheduler, cache=cache)
+                                    seed=None if random_seed else seed, scheduler=scheduler, cache=cache,
+                                    interpolate=factor(interpolate), upscale=factor(upscale))
         progress(0, desc="denoising")
         try:
             result = service.generate(request, on_step=lambda done, total: progress((done, total), desc="denoising"))
@@ -84,6 +92,13 @@ def build_app(service: VideoService):
                 presets = cache_presets()
                 cache = gr.Dropdown(presets, value=presets[0], label="Step caching (fast: about 2x, docs/sampling.md)",
                                     elem_id="cache")
+                interpolations, upscales = labels(service.interpolation_choices()), labels(service.upscale_choices())
+                with gr.Row():  # shown only when the folder (or a flag) gives the stage's model
+                    interpolate = gr.Dropdown(interpolations, value="off", elem_id="interpolate",
+                                              label="Frame interpolation (AMT, fps x N)",
+                                              visible=len(interpolations) > 1)
+                    upscale = gr.Dropdown(upscales, value="off", label="Upscaling (RGT)", elem_id="upscale",
+                                          visible=len(upscales) > 1)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(service.example_prompts(), inputs=[prompt], label="Examples")
             with gr.Column(scale=1):
@@ -93,10 +108,10 @@ def build_app(service: VideoService):
                 gallery = gr.Gallery(label="This session", columns=4, height="auto", elem_id="gallery")
         version.change(describe, inputs=version, outputs=size)
         button.click(generate, inputs=[prompt, negative, version, steps, guidance, seed, random_seed, scheduler,
-                                       cache, history],
+                                       cache, interpolate, upscale, history],
                      outputs=[video, files, info, seed, gallery, history])
         prompt.submit(generate, inputs=[prompt, negative, version, steps, guidance, seed, random_seed, scheduler,
-                                        cache, history],
+                                        cache, interpolate, upscale, history],
                       outputs=[video, files, info, seed, gallery, history])
     # One generation at a time; others wait in the queue (and see their place in it).
     app.queue(default_concurrency_limit=1, max_size=32)
@@ -119,6 +134,12 @@ class ServeOptions(Options):
     device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
     dtype: str = option("auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = fp16 on GPU, fp32 on CPU")
     out_dir: str | None = option(None, help="where the videos are written (unset: a temporary folder)")
+    interpolate_model: str | None = option(None, show_default=False, help="AMT weights (amt-g.pth or a "
+                                           "save_pretrained folder) offered as 2x/4x frame interpolation (unset: the "
+                                           "model folder's stages.interpolate, if any)")
+    upscale_model: str | None = option(None, show_default=False, help="RGT weights (RGT_x2.pth / RGT_x4.pth or a "
+                                       "save_pretrained folder) offered as upscaling (unset: the model folder's "
+                                       "stages.upscale, if any)")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -133,7 +154,8 @@ def serve(*args, **kwargs) -> None:
     _import_gradio()  # before loading a model: a missing extra fails at once
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     service = VideoService(o.model_path, version=o.version, text_encoder_name=o.text_encoder_name, device=o.device,
-                           dtype=o.dtype, out_dir=o.out_dir)
+                           dtype=o.dtype, out_dir=o.out_dir, interpolate_model=o.interpolate_model,
+                           upscale_model=o.upscale_model)
     app = build_app(service)
     print(f"opensora-plan serve: http://{o.host}:{o.port} (model {service.folder}, version {service.version})",
           flush=True)

@@ -48,6 +48,8 @@ class GenerationRequest:
     seed: int | None = None  # None: a random seed, reported back
     scheduler: str = "PNDM"
     cache: str = "none"
+    interpolate: int = 1  # frame interpolation factor after the decode (1: off); VideoService.interpolation_choices
+    upscale: int = 1  # super-resolution factor after that (1: off); VideoService.upscale_choices
 
 
 @dataclass
@@ -73,13 +75,16 @@ class VideoService:
     """Holds the models of one folder and turns :class:`GenerationRequest` into mp4 + gif files.
 
     ``model_path`` None is the shipped demo. ``text_encoder_name`` is needed for a release folder (a
-    local DeepFloyd/t5-v1_1-xxl copy). Raises ``FileNotFoundError`` / ``ValueError`` with one line
+    local DeepFloyd/t5-v1_1-xxl copy). ``interpolate_model`` / ``upscale_model``: post-processing models
+    (AMT / RGT) offered to requests; unset, the folder's sampling file ``stages`` (if any; flag > folder).
+    They load when a request first asks for them. Raises ``FileNotFoundError`` / ``ValueError`` with one line
     when the folder is not usable.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, version: str | None = None,
                  text_encoder_name: str | os.PathLike | None = None, device: str | None = None,
-                 dtype: str = "auto", out_dir: str | os.PathLike | None = None):
+                 dtype: str = "auto", out_dir: str | os.PathLike | None = None,
+                 interpolate_model: str | os.PathLike | None = None, upscale_model: str | os.PathLike | None = None):
         from opensora_plan.diffusion.schedulers import scheduler_names
         from opensora_plan.pipelines.model_folder import DEMO_INFO, load_sampling_config
         from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
@@ -97,7 +102,50 @@ class VideoService:
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="opensora-plan-serve-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._count = 0
+        self._stage_paths = self._find_stages(interpolate_model, upscale_model)  # checked before the big models
+        self._stage_models: dict = {}
         self._load(version, text_encoder_name)
+
+    def _find_stages(self, interpolate_model, upscale_model) -> dict:
+        """``{"interpolate": path, "upscale": path}`` of the stages available: flag > the folder's ``stages``."""
+        from opensora_plan.pipelines.model_folder import folder_stages, stage_model
+
+        listed = folder_stages(self.folder)
+        paths = {}
+        for name, given in (("interpolate", interpolate_model), ("upscale", upscale_model)):
+            if given is not None or name in listed:
+                paths[name] = stage_model(name, given, self.folder, f"--{name}_model")
+        if "upscale" in paths:
+            from opensora_plan.pipelines.upscale import model_scale
+
+            self._upscale_scale = model_scale(paths["upscale"])  # None for a .pth: known once loaded
+        return paths
+
+    def interpolation_choices(self) -> list[int]:
+        """Frame interpolation factors a request may ask for: [1] (off) or [1, 2, 4] with an AMT model."""
+        return [1, 2, 4] if "interpolate" in self._stage_paths else [1]
+
+    def upscale_choices(self) -> list[int]:
+        """Super-resolution factors a request may ask for: [1] (off) or [1, the RGT model's factor]."""
+        if "upscale" not in self._stage_paths:
+            return [1]
+        if self._upscale_scale is None:  # an official .pth: its factor is in its weights
+            self._upscale_scale = self._stage_model("upscaler").upscale
+        return [1, self._upscale_scale]
+
+    def _stage_model(self, component: str):
+        """The loaded ``frame_interpolator`` / ``upscaler`` (loaded on first use, then kept)."""
+        if component not in self._stage_models:
+            if component == "frame_interpolator":
+                from opensora_plan.pipelines.interpolate import load_interpolation_model
+
+                model = load_interpolation_model(self._stage_paths["interpolate"], self.device)
+            else:
+                from opensora_plan.models.rgt import load_rgt
+
+                model = load_rgt(self._stage_paths["upscale"], device=self.device)
+            self._stage_models[component] = model
+        return self._stage_models[component]
 
     # ----------------------------------------------------------------------------------------
     # Loading
@@ -183,6 +231,15 @@ class VideoService:
             raise ValueError(f"Unknown scheduler {request.scheduler!r}; choose one of {', '.join(self.scheduler_names)}.")
         if request.cache not in cache_presets():
             raise ValueError(f"Unknown caching preset {request.cache!r}; choose one of {', '.join(cache_presets())}.")
+        for name, label, choices, flag in (
+                ("interpolate", "Interpolation", self.interpolation_choices(), "--interpolate_model"),
+                ("upscale", "Upscaling", self.upscale_choices(), "--upscale_model")):
+            value = getattr(request, name)
+            if value not in choices:
+                offered = ", ".join(f"{c}x" for c in choices[1:])
+                raise ValueError(f"{label} {value}x is not available; " + (
+                    f"choose off or {offered}." if offered else f"this model folder has no {name} stage (start "
+                    f"serve with {flag}, or list one in the folder's stages)."))
         from dataclasses import replace
 
         return replace(request, version=version, num_inference_steps=int(steps),
@@ -196,8 +253,13 @@ class VideoService:
 
         self._use_version(request.version)
         base = self._base
+        stages = {}
+        if request.interpolate != 1:
+            stages["frame_interpolator"] = self._stage_model("frame_interpolator")
+        if request.upscale != 1:
+            stages["upscaler"] = self._stage_model("upscaler")
         pipe = OpenSoraPlanPipeline(vae=base.vae, transformer=base.transformer, scheduler=create_scheduler(
-            request.scheduler), text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+            request.scheduler), text_encoder=base.text_encoder, tokenizer=base.tokenizer, **stages)
         pipe.set_progress_bar_config(disable=True)
         pipe.fast_cache_options = fast_cache_options(self.folder)
         pipe.enable_cache(request.cache)  # the transformer is shared: every request sets (or clears) its cache
@@ -227,9 +289,10 @@ class VideoService:
         frames = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
                       num_inference_steps=total, guidance_scale=request.guidance_scale,
                       generator=torch.Generator("cpu").manual_seed(seed), output_type="uint8",
-                      callback_on_step_end=callback).frames[0]  # (T, H, W, 3) uint8
+                      callback_on_step_end=callback, interpolation_factor=request.interpolate,
+                      upscale_factor=request.upscale).frames[0]  # (T, H, W, 3) uint8, after the stages
         seconds = time.perf_counter() - start
-        fps = float(self.defaults["fps"])
+        fps = float(self.defaults["fps"]) * request.interpolate  # interpolation keeps the duration
         self._count += 1
         name = video_filename(self._count, request.prompt, max_chars=60)
         mp4 = write_video(self.out_dir / name, frames, fps)

@@ -1,0 +1,289 @@
+"""RGT super-resolution: parity with the official network and test path, loading, tiles, the `upscale` command.
+
+Parity against ``rgt_tiny_*`` (the official code's outputs on CPU float32, random weights; README tolerances:
+atol 1e-5 / rtol 1e-4, uint8 within 1 with >= 99.9 % equal). Every size comes from the stored tensors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from opensora_plan import cli
+from opensora_plan.metrics import psnr
+from opensora_plan.models import RGTModel
+from opensora_plan.models.rgt import build_rgt, recursion_depth, rgt_config, shift_mask
+from opensora_plan.pipelines.upscale import (
+    plan_outputs,
+    tile_size_for_budget,
+    upscale_frames,
+    upscale_official_chop,
+    upscale_tensor,
+)
+
+ATOL, RTOL = 1e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir):
+    """(model with the fixture weights, fixture tensors, network_g config)."""
+    config = json.loads((fixtures_dir / "rgt_tiny_config.json").read_text())["network_g"]
+    model = RGTModel.from_config(config).eval()
+    model.load_state_dict(load_file(fixtures_dir / "rgt_tiny_weights.safetensors"), strict=True)
+    return model, load_file(fixtures_dir / "rgt_tiny_io.safetensors"), config
+
+
+def as_float(u8: torch.Tensor) -> torch.Tensor:
+    return u8.float() / 255  # the official drivers' conversion (fixtures README)
+
+
+def official_state_dict(model: RGTModel) -> dict[str, torch.Tensor]:
+    """What an official basicsr file holds: our state dict plus the recomputed index/mask buffers."""
+    return {**model.state_dict(), **model.official_buffers()}
+
+
+# --------------------------------------------------------------------------------------------
+# Parity
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source, target", [("in.x_aligned_u8", "out.net_aligned"), ("in.x_big_u8", "out.net_big"),
+                                            ("in.x_odd_u8", "out.test_odd")])
+def test_forward_matches_official(tiny, source, target):
+    model, io, _ = tiny
+    with torch.no_grad():
+        out = model(as_float(io[source]))
+    torch.testing.assert_close(out, io[target], atol=ATOL, rtol=RTOL)
+
+
+def test_uint8_frames_round_like_basicsr_tensor2img(tiny):
+    model, io, _ = tiny
+    frames = io["in.x_odd_u8"].permute(0, 2, 3, 1)  # (T, H, W, 3)
+    out = upscale_frames(model, frames, progress=False)[0].int()  # (sH, sW, 3)
+    expected = io["out.test_odd_hwc_u8"].int()
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max() <= 1
+    assert (out == expected).float().mean() >= 0.999
+
+
+def test_official_chop_matches_reference_tiled_output(tiny):
+    model, io, _ = tiny
+    out = upscale_official_chop(model, as_float(io["in.x_chop_u8"]))
+    torch.testing.assert_close(out, io["out.test_chop"], atol=ATOL, rtol=RTOL)
+
+
+def test_shift_masks_and_index_match_the_official_definition():
+    # Swin's region labelling at -window and -window/2 from the bottom/right edge, -100 across regions.
+    mask = shift_mask(8, 32, 64, 64)
+    assert mask.shape == (16, 256, 256) and set(mask.unique().tolist()) == {-100.0, 0.0}
+    assert mask[0].abs().sum() == 0  # a window away from the bottom/right edge sees one region
+    assert mask[-1].ne(0).any()
+
+
+def test_recursion_depth_rule():
+    assert recursion_depth(16, 16, training=False) == 2  # floor of 2 at test time
+    assert recursion_depth(1023, 64, training=False) == 2
+    assert recursion_depth(1024, 64, training=False) == 3  # 1/64 once a side reaches 1024
+    assert recursion_depth(64, 64, training=True) == 2
+
+
+def test_sides_below_16_are_refused_with_one_error(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="at least 16 px"):
+        model(torch.rand(1, 3, 15, 40))
+    with pytest.raises(ValueError, match="at least 64 px"):  # depth 3 needs the other side >= 64
+        model.check_size(1024, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip_stores_no_recomputed_buffers(tiny, tmp_path):
+    model, io, _ = tiny
+    model.save_pretrained(tmp_path / "rgt")
+    stored = load_file(tmp_path / "rgt" / "diffusion_pytorch_model.safetensors")
+    assert not [k for k in stored if k.endswith(("relative_position_index", "attn_mask_0", "attn_mask_1"))]
+    assert any(k.endswith("rpe_biases") for k in stored)
+    loaded = RGTModel.from_pretrained(tmp_path / "rgt")
+    assert not loaded.training
+    x = as_float(io["in.x_big_u8"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+def test_official_checkpoint_loads_with_buffers_module_prefix_and_ema(tiny, tmp_path):
+    model, io, config = tiny
+    state = {f"module.{k}": v for k, v in official_state_dict(model).items()}
+    noise = {k: v + 1 if v.is_floating_point() and "params" in k else v for k, v in state.items()}
+    path = tmp_path / "RGT_tiny.pth"
+    torch.save({"params": noise, "params_ema": state}, path)  # params_ema is preferred
+    loaded = RGTModel.from_official_checkpoint(path, config=config)
+    x = as_float(io["in.x_big_u8"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), io["out.net_big"], atol=ATOL, rtol=RTOL)
+    assert not loaded.training
+
+
+def test_official_checkpoint_scale_comes_from_the_keys(tiny, tmp_path):
+    model, _, config = tiny
+    path = tmp_path / "x2.pth"
+    torch.save({"params": official_state_dict(model)}, path)
+    scale, other = model.upscale, 4 if model.upscale != 4 else 2
+    with pytest.raises(ValueError, match=f"holds x{scale} weights but the config asks for upscale {other}"):
+        RGTModel.from_official_checkpoint(path, config=dict(config, upscale=other))
+    unscaled = {k: v for k, v in config.items() if k != "upscale"}
+    assert RGTModel.from_official_checkpoint(path, config=unscaled).upscale == scale
+
+
+def test_official_checkpoint_errors_are_one_line(tiny, tmp_path):
+    model, _, config = tiny
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"state_dict": {"a": torch.zeros(1)}}, wrong)
+    with pytest.raises(ValueError, match=r"not an official RGT checkpoint .*found \['state_dict'\]"):
+        RGTModel.from_official_checkpoint(wrong)
+    tampered = official_state_dict(model)
+    mask_key = max(k for k in tampered if k.endswith(("attn_mask_0", "relative_position_index")))
+    tampered[mask_key] = torch.zeros_like(tampered[mask_key])
+    torch.save({"params": tampered}, wrong)
+    with pytest.raises(ValueError, match=f"buffer {mask_key} differs"):
+        RGTModel.from_official_checkpoint(wrong, config=config)
+    extra = dict(official_state_dict(model), **{"extra.weight": torch.zeros(1)})
+    torch.save({"params": extra}, wrong)
+    with pytest.raises(ValueError, match="unexpected keys 1 \\(extra.weight\\)"):
+        RGTModel.from_official_checkpoint(wrong, config=config)
+
+
+@pytest.mark.parametrize("name", ["RGT_x2", "RGT_x4"])
+def test_full_size_build_matches_manifest_key_for_key(manifests_dir, name):
+    manifest = json.loads((manifests_dir / f"{name}.json").read_text())
+    with torch.device("meta"):
+        model = RGTModel.from_config(manifest["network_g"])
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    ours.update({k: list(v) for k, v in model.official_buffer_shapes().items()})
+    assert ours == manifest["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == manifest["total_parameters"]
+    assert model.upscale == manifest["network_g"]["upscale"]
+
+
+def test_registry_sizes_build_on_meta():
+    with torch.device("meta"):
+        small = build_rgt("RGT-S-x3")
+    assert len(small.layers) == 6 and small.upscale == 3
+    assert rgt_config("RGT-x4")["depth"] == [6] * 8
+
+
+def test_3conv_residual_connection_has_the_official_keys():
+    with torch.device("meta"):
+        model = RGTModel(depth=[2], num_heads=[4], embed_dim=64, resi_connection="3conv")
+    keys = model.state_dict().keys()
+    assert {"layers.0.conv.0.weight", "layers.0.conv.2.weight", "layers.0.conv.4.weight",
+            "conv_after_body.4.bias"} <= keys
+    with pytest.raises(ValueError, match="resi_connection '2conv' is not one of 1conv, 3conv"):
+        RGTModel(depth=[2], num_heads=[4], embed_dim=64, resi_connection="2conv")
+
+
+# --------------------------------------------------------------------------------------------
+# Tiles
+# --------------------------------------------------------------------------------------------
+
+
+class _Nearest(torch.nn.Module):
+    """A purely local x2 'model': tiles must reproduce it exactly (checks the blending arithmetic)."""
+
+    upscale = 2
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def test_blended_tiles_of_a_local_model_are_exact():
+    x = torch.rand(2, 3, 150, 97)
+    torch.testing.assert_close(upscale_tensor(_Nearest(), x, 64, 16), _Nearest()(x), atol=1e-6, rtol=0)
+
+
+def test_blended_tiles_match_the_whole_frame_above_50_db(tiny):
+    model, io, _ = tiny
+    # A smooth synthetic 256x256 frame (the fixture's aligned input, enlarged): RG-SA attends to a summary of
+    # the whole tile, so large tiles are needed for 50 dB with these random weights.
+    frame = F.interpolate(as_float(io["in.x_aligned_u8"][:1]), size=(256, 256), mode="bicubic").clamp(0, 1)
+    with torch.no_grad():
+        whole = model(frame).clamp(0, 1)
+    tiled = upscale_tensor(model, frame, tile_size=224, tile_overlap=64).clamp(0, 1)  # set A: 57.7 dB
+    hard_paste = upscale_official_chop(model, frame).clamp(0, 1)  # set A: 39.7 dB
+    assert psnr(tiled, whole) >= 50
+    assert psnr(tiled, whole) > psnr(hard_paste, whole) + 5
+
+
+def test_tile_size_follows_the_memory_budget():
+    sizes = [tile_size_for_budget(gb, scale=2) for gb in (0.5, 2, 8)]
+    assert sizes == sorted(sizes) and all(s % 32 == 0 and s >= 64 for s in sizes)
+    assert tile_size_for_budget(2, scale=4) <= tile_size_for_budget(2, scale=2)
+
+
+# --------------------------------------------------------------------------------------------
+# upscale command
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rgt") / "rgt"
+    tiny[0].save_pretrained(folder)
+    return folder
+
+
+def test_upscale_command_video_and_image(tiny, tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from opensora_plan.data.video_io import VideoReader, write_video
+
+    scale = tiny[0].upscale
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "clip.mp4", rng.integers(0, 255, (3, 32, 48, 3), dtype=np.uint8), fps=8)
+    Image.fromarray(rng.integers(0, 255, (20, 36, 3), dtype=np.uint8)).save(tmp_path / "still.png")
+    code = cli.main(["upscale", str(tmp_path / "clip.mp4"), "--model_path", str(tiny_dir), "--output",
+                     str(tmp_path / "out" / "big.mp4"), "--scale", str(scale), "--batch_size", "2", "-q"])
+    assert code == 0
+    with VideoReader(tmp_path / "out" / "big.mp4") as reader:
+        assert (reader.num_frames, reader.height, reader.width) == (3, 32 * scale, 48 * scale)
+    assert cli.main(["upscale", str(tmp_path / "still.png"), "--model_path", str(tiny_dir), "--output",
+                     str(tmp_path / "out"), "--tile_size", "64", "-q"]) == 0
+    with Image.open(tmp_path / "out" / "still.png") as image:
+        assert image.size == (36 * scale, 20 * scale)
+
+
+def test_upscale_refuses_overwrites_and_bad_options_before_loading(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="would overwrite an input"):
+        plan_outputs(tmp_path / "a.png", tmp_path / "a.png")
+    (tmp_path / "in").mkdir()
+    for name in ("x.png", "x.jpg"):
+        (tmp_path / "in" / name).write_bytes(b"")
+    pairs = plan_outputs(tmp_path / "in", tmp_path / "out")
+    assert len({t for _, t in pairs}) == 2
+    # The model path does not exist: option errors must come first.
+    code = cli.main(["upscale", str(tmp_path / "a.png"), "--model_path", str(tmp_path / "none.pth"), "--output",
+                     str(tmp_path / "o"), "--tile_size", "40"])
+    assert code != 0 and "--tile_size" in capsys.readouterr().err
+
+
+def test_upscale_refuses_a_scale_the_weights_do_not_have(tiny, tiny_dir, tmp_path):
+    from PIL import Image
+
+    from opensora_plan.pipelines.upscale import upscale
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="--dtype bf16 runs under CUDA autocast only"):
+        upscale(str(tmp_path / "a.png"), model_path=str(tiny_dir), output=str(tmp_path / "o"), dtype="bf16",
+                device="cpu")
+    scale = tiny[0].upscale
+    other = 4 if scale != 4 else 2
+    with pytest.raises(ValueError, match=f"is an x{scale} model but --scale is {other}"):
+        upscale(str(tmp_path / "a.png"), model_path=str(tiny_dir), output=str(tmp_path / "o"), scale=other)
