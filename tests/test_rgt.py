@@ -271,7 +271,17 @@ def test_upscale_refuses_overwrites_and_bad_options_before_loading(tmp_path, cap
     # The model path does not exist: option errors must come first.
     code = cli.main(["upscale", str(tmp_path / "a.png"), "--model_path", str(tmp_path / "none.pth"), "--output",
                      str(tmp_path / "o"), "--tile_size", "40"])
-    assert code != 0 and "--tile_size" in capsys.readouterr().err
+    assert code != 0 and "--tile_size must be at least 64 px" in capsys.readouterr().err
+
+
+def test_tile_size_is_any_side_of_at_least_64(tiny):
+    """The one constraint (code, error and docs agree): RGT pads its windows, so a 72 px tile works."""
+    from opensora_plan.pipelines.upscale import UpscaleOptions
+
+    assert UpscaleOptions("a.png", model_path="m", output="o", tile_size=72).tile_size == 72
+    frames = torch.rand(1, 3, 100, 90)
+    assert upscale_tensor(tiny[0], frames, tile_size=72, tile_overlap=16).shape[-2:] == (
+        100 * tiny[0].upscale, 90 * tiny[0].upscale)
 
 
 def test_upscale_refuses_a_scale_the_weights_do_not_have(tiny, tiny_dir, tmp_path):

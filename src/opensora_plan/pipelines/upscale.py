@@ -41,7 +41,8 @@ from .outputs import RunResults, check_targets, folder_output, single_output
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-#: Tile sides are multiples of L-SA's longest window side (the released split_size [8, 32]): no padded tokens.
+#: Tile sides chosen from a budget are multiples of L-SA's longest window side (the released split_size [8, 32]):
+#: no padded tokens. A --tile_size of another side works too (the attention pads its windows), only slower.
 TILE_MULTIPLE = 32
 #: Smallest tile: RG-SA needs >= 16 px; below 64 px the overlap would cover most of the tile.
 MIN_TILE = 64
@@ -271,8 +272,8 @@ class UpscaleOptions(Options):
 
     def __post_init__(self):
         self.require_at_least(1, "batch_size")
-        if self.tile_size is not None and (self.tile_size < MIN_TILE or self.tile_size % 16):
-            raise ValueError(f"--tile_size must be a multiple of 16 and at least {MIN_TILE}, got {self.tile_size}.")
+        if self.tile_size is not None and self.tile_size < MIN_TILE:  # any side works (RGT pads its windows)
+            raise ValueError(f"--tile_size must be at least {MIN_TILE} px, got {self.tile_size}.")
         if self.tile_overlap < 0 or (self.tile_size is not None and 2 * self.tile_overlap > self.tile_size):
             raise ValueError(f"--tile_overlap must be between 0 and half of the tile size, got {self.tile_overlap}.")
         if self.sr_memory_gb is not None and not self.sr_memory_gb > 0:
