@@ -147,6 +147,15 @@ def test_official_checkpoint_loads_strictly_and_wrong_files_are_one_error(tmp_pa
         AMTModel.from_official_checkpoint(path)
 
 
+def test_an_official_file_of_another_size_is_not_said_to_have_a_config(tmp_path):
+    """A .pth holds no config: the error names the released size it was checked against."""
+    torch.save({"state_dict": build_amt("AMT-Tiny").state_dict()}, tmp_path / "tiny.pth")
+    with pytest.raises(ValueError, match=r"does not match AMTModel of the released AMT-G size \(a \.pth carries no "
+                       "config") as info:
+        AMTModel.from_official_checkpoint(tmp_path / "tiny.pth")
+    assert "built from its config" not in str(info.value)
+
+
 def test_save_pretrained_round_trip(tmp_path):
     tiny = build_amt("AMT-Tiny").eval()
     tiny.save_pretrained(tmp_path / "amt")
@@ -281,8 +290,28 @@ def test_interpolate_command_writes_factor_times_frames_at_factor_times_fps(tiny
         assert len(reader) == 9 and reader.fps == pytest.approx(32)
 
 
+def test_interpolate_command_without_model_path_uses_the_shipped_demo_model(tmp_path, capsys):
+    """No --model_path: the interpolation model the shipped demo lists in demo.json's stages (a rendered clip of
+    the demo's world, as `sample` writes them)."""
+    import numpy as np
+
+    from opensora_plan import cli
+    from opensora_plan.data.video_io import VideoReader, write_video
+    from opensora_plan.demo.shapes import random_clip, render
+    from opensora_plan.pipelines.model_folder import default_model_path, load_sampling_config
+
+    stage = load_sampling_config(None).stages["interpolate"]
+    assert stage == {"model_path": str(default_model_path() / "interpolation"), "factor": 2}
+    clip = random_clip(np.random.default_rng(0), "red", "circle", "left", 64)
+    write_video(tmp_path / "clip.mp4", render(clip, 5, 64), 8)
+    assert cli.main(["-q", "interpolate", str(tmp_path / "clip.mp4"), "--device", "cpu"]) == 0
+    assert "5 -> 9 frames at 16 fps" in capsys.readouterr().out
+    with VideoReader(tmp_path / "clip_x2.mp4") as reader:
+        assert len(reader) == 9 and reader.fps == pytest.approx(16)
+
+
 @pytest.mark.parametrize("extra, pattern", [
-    ([], "needs --model_path for now"),
+    (["--fps", "0"], "--fps must be positive"),
     (["--model_path", "{root}/amt", "--output", "{root}/clip.mp4"], "would overwrite an input"),
     (["--model_path", "{root}/amt", "--factor", "3"], "invalid choice"),
     (["--model_path", "{root}/amt", "--scale_factor", "0.3"], "--scale_factor must be 16/k"),
@@ -315,3 +344,53 @@ def test_interpolate_folder_mode_writes_one_video_per_input_beside_the_folder(ti
     assert all(r.num_frames_out == 2 * (r.num_frames_in - 1) + 1 for r in results)
     with pytest.raises(ValueError, match="is the input folder"):
         interpolate(str(folder), model_path=str(tiny_setup / "amt"), output=str(folder))
+
+
+def test_interpolate_refuses_existing_outputs_bad_suffixes_unwritable_folders_and_other_models(tiny_setup, tmp_path,
+                                                                                              capsys):
+    import shutil
+
+    from opensora_plan import cli
+
+    shutil.copy(tiny_setup / "clip.mp4", tmp_path / "v.mp4")
+    model = ["--model_path", str(tiny_setup / "amt")]
+
+    def last_error(argv) -> str:
+        assert cli.main(["-q", "interpolate", str(tmp_path / "v.mp4"), *argv]) != 0
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    for output in ([], ["--output", str(tmp_path / "o4.mp4")]):  # the default <input>_x2.mp4 and a given name
+        assert cli.main(["-q", "interpolate", str(tmp_path / "v.mp4"), *model, *output]) == 0
+        err = last_error([*model, *output])
+        assert "already exists" in err and "--overwrite" in err
+        assert cli.main(["-q", "interpolate", str(tmp_path / "v.mp4"), *model, *output, "--overwrite"]) == 0
+    assert "would overwrite an input" in last_error([*model, "--output", str(tmp_path / "v.mp4"), "--overwrite"])
+    # one suffix rule with upscale: not a folder named o.avi/
+    assert "--output" in last_error([*model, "--output", str(tmp_path / "o.avi")]) and "must end in .mp4" in (
+        last_error([*model, "--output", str(tmp_path / "o.avi")]))
+    assert not (tmp_path / "o.avi").exists()
+    # checked before the model loads (the model path does not exist)
+    assert "cannot write there" in last_error(["--model_path", str(tmp_path / "none.pth"), "--output", "/proc/x.mp4"])
+    rgt = tmp_path / "rgt"
+    rgt.mkdir()
+    (rgt / "config.json").write_text('{"_class_name": "RGTModel"}')
+    assert last_error(["--model_path", str(rgt), "--overwrite"]) == (
+        f"error: --model_path {rgt} is an RGTModel folder (super-resolution); interpolate needs an AMT model "
+        "(amt-g.pth or an AMTModel folder).")
+
+
+def test_interpolate_folder_lists_each_skipped_file_once_with_its_path_once(tiny_setup, tmp_path, capsys):
+    import shutil
+
+    from opensora_plan import cli
+    from opensora_plan.data.video_io import write_video
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(tiny_setup / "clip.mp4", folder / "good.mp4")
+    write_video(folder / "one.mp4", torch.zeros(1, 64, 64, 3, dtype=torch.uint8), 8)
+    assert cli.main(["-q", "interpolate", str(folder), "--model_path", str(tiny_setup / "amt")]) == 0
+    captured = capsys.readouterr()
+    assert "one.mp4" not in captured.err
+    lines = [line for line in captured.out.splitlines() if "one.mp4" in line]
+    assert len(lines) == 1 and lines[0].count("one.mp4") == 1 and "1 frame(s)" in lines[0]

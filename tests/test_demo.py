@@ -1,6 +1,7 @@
 """The embedded demo model: shipped weights, the demo commands, the training recipe and the evaluation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from opensora_plan.demo.evaluate import DemoEvalReport, evaluate_demo, select_pr
 from opensora_plan.demo.judge import judge_video
 from opensora_plan.demo.shapes import COLOURS, DIRECTIONS, SHAPES, parse_caption
 from opensora_plan.demo.model import default_model_path, load_demo_info, sample_defaults
+from opensora_plan.pipelines.model_folder import load_sampling_config
 from opensora_plan.demo.train import DemoRecipe, train_demo
 
 SHIPPED = default_model_path()
@@ -30,6 +32,18 @@ def test_shipped_demo_has_the_release_layout_in_safetensors_within_25_mb():
     assert (SHIPPED / info["text_encoder"] / "spiece.model").is_file()
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+
+
+def test_shipped_demo_names_its_interpolation_model_a_small_amt_folder():
+    from opensora_plan.models.amt import AMTModel
+
+    stage = load_sampling_config(None).stages["interpolate"]
+    folder = Path(stage["model_path"])
+    assert folder.parent == SHIPPED and stage["factor"] == 2
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 5 * 10**6  # issue 19: small shipped weights
+    model = AMTModel.from_pretrained(folder)  # strict keys
+    assert model.check_size(64, 64) is None  # handles the demo's 64x64 frames without padding
 
 
 def test_shipped_demo_loads_strictly_and_samples_a_video():

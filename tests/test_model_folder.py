@@ -47,6 +47,12 @@ def test_the_shipped_demo_is_read_through_its_demo_json():
                              for name, spec in info["stages"].items()}
 
 
+def test_stage_model_defaults_to_the_shipped_demo_interpolation_model():
+    from opensora_plan.pipelines.model_folder import stage_model
+
+    assert stage_model("interpolate") == default_model_path() / "interpolation"
+
+
 def test_the_demo_example_prompts_are_the_demo_vocabulary():
     from opensora_plan.demo.shapes import caption
 

@@ -47,7 +47,7 @@ def _classes():
         (["train-vae"], VAETrainOptions, ["--output_dir", "out"]),
         (["reconstruct"], ReconstructOptions, ["--model_path", "m", "--video_path", "v", "--rec_path", "r"]),
         (["interpolate"], InterpolateOptions, ["in.mp4", "--model_path", "m"]),
-        (["upscale"], UpscaleOptions, ["in.mp4", "--model_path", "m", "--output", "o"]),
+        (["upscale"], UpscaleOptions, ["in.mp4", "--model_path", "m"]),
         (["eval-vae"], EvalVAEOptions, ["--model_path", "m", "--video_path", "v"]),
         (["eval-t2v"], EvalT2VOptions, ["--videos", "v"]),
         (["extract"], ExtractOptions, ["--data_path", "d", "--out", "o", "--ae_path", "vae"]),
@@ -717,3 +717,35 @@ def test_sampling_docs_match_the_help(capsys):  # QA 29, 30
     assert "(unset: cuda when available)" in help_text and "| `--device` | unset: cuda when available |" in docs
     assert "0: never" in help_text and "`0`: never" in docs
     assert "| `--config` |" in docs
+
+
+@pytest.mark.parametrize("command, module, cls, doc", [
+    ("interpolate", "opensora_plan.pipelines.interpolate", "InterpolateOptions", "interpolation.md"),
+    ("upscale", "opensora_plan.pipelines.upscale", "UpscaleOptions", "super_resolution.md"),
+])
+def test_file_command_docs_list_every_flag_of_the_options_class(command, module, cls, doc):
+    """The flag tables of docs/interpolation.md and docs/super_resolution.md against the options classes."""
+    import importlib
+    import re
+
+    from opensora_plan.options import option_fields
+
+    options = getattr(importlib.import_module(module), cls)
+    rows = [line for line in (Path(__file__).parents[1] / "docs" / doc).read_text().splitlines()
+            if line.startswith("| `--")]
+    documented = {flag for row in rows for flag in re.findall(r"`(--\w+)`", row.split("|")[1])}
+    flags = {f.metadata["option"]["flag"] or f"--{f.name}" for f in option_fields(options)
+             if not f.metadata["option"]["positional"]} | {"--config"}
+    assert documented == flags
+
+
+def test_upscale_factors_agree_between_sample_upscale_and_the_docs():
+    from opensora_plan.options import option_fields
+    from opensora_plan.pipelines.sample_t2v import UPSCALE_FACTORS
+    from opensora_plan.pipelines.upscale import UpscaleOptions
+
+    scale = next(f for f in option_fields(UpscaleOptions) if f.name == "scale").metadata["option"]["choices"]
+    assert [1, *scale] == list(UPSCALE_FACTORS) == [1, 2, 3, 4]
+    docs = Path(__file__).parents[1] / "docs"
+    assert "--upscale 2|3|4" in (docs / "sampling.md").read_text()
+    assert "| `--scale` | the model's | 2, 3 or 4:" in (docs / "super_resolution.md").read_text()

@@ -271,7 +271,17 @@ def test_upscale_refuses_overwrites_and_bad_options_before_loading(tmp_path, cap
     # The model path does not exist: option errors must come first.
     code = cli.main(["upscale", str(tmp_path / "a.png"), "--model_path", str(tmp_path / "none.pth"), "--output",
                      str(tmp_path / "o"), "--tile_size", "40"])
-    assert code != 0 and "--tile_size" in capsys.readouterr().err
+    assert code != 0 and "--tile_size must be at least 64 px" in capsys.readouterr().err
+
+
+def test_tile_size_is_any_side_of_at_least_64(tiny):
+    """The one constraint (code, error and docs agree): RGT pads its windows, so a 72 px tile works."""
+    from opensora_plan.pipelines.upscale import UpscaleOptions
+
+    assert UpscaleOptions("a.png", model_path="m", output="o", tile_size=72).tile_size == 72
+    frames = torch.rand(1, 3, 100, 90)
+    assert upscale_tensor(tiny[0], frames, tile_size=72, tile_overlap=16).shape[-2:] == (
+        100 * tiny[0].upscale, 90 * tiny[0].upscale)
 
 
 def test_upscale_refuses_a_scale_the_weights_do_not_have(tiny, tiny_dir, tmp_path):
@@ -317,3 +327,63 @@ def test_upscale_command_without_model_path_uses_the_shipped_demo_upscaler(tmp_p
     assert cli.main(["-q", "upscale", str(tmp_path / "clip.mp4"), "--scale", "2", "--device", "cpu"]) == 0
     with VideoReader(tmp_path / "clip_x2.mp4") as reader:
         assert (reader.num_frames, reader.height, reader.width) == (3, 128, 128) and reader.fps == pytest.approx(8)
+def test_upscale_folder_skips_bad_files_lists_each_once_and_exits_1_only_when_nothing_was_written(
+        tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "f2"
+    folder.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(folder / "small.png")  # below RGT's 16 px
+    (folder / "z.mp4").write_bytes(b"not a video")
+    argv = ["-q", "upscale", str(folder), "--model_path", str(tiny_dir), "--output", str(tmp_path / "up")]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert (tmp_path / "up" / "a.png").is_file() and "skipped 2 file(s):" in captured.out
+    skipped = [line for line in captured.out.splitlines() if line.startswith("  ")]
+    assert len(skipped) == 2 and all(line.count(str(folder)) == 1 for line in skipped)
+    assert any("small.png" in line and "16" in line for line in skipped)
+    assert "z.mp4" not in captured.err  # listed once, in the summary only
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "z.mp4").write_bytes(b"not a video")
+    assert cli.main(["-q", "upscale", str(bad), "--model_path", str(tiny_dir), "--output", str(tmp_path / "up2")]) == 1
+
+
+def test_upscale_refuses_existing_outputs_without_overwrite_and_inputs_always(tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    argv = ["upscale", str(tmp_path / "a.png"), "--model_path", str(tiny_dir), "--output", str(tmp_path / "o.png")]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "o.png already exists" in err and "--overwrite" in err
+    assert cli.main([*argv, "--overwrite"]) == 0
+    with pytest.raises(ValueError, match="would overwrite an input"):
+        plan_outputs(tmp_path / "a.png", tmp_path / "a.png", overwrite=True)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "in" / "b.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "b.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        plan_outputs(tmp_path / "in", tmp_path / "out")
+
+
+def test_upscale_refuses_an_unwritable_output_and_a_model_of_another_kind_before_loading(tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    amt = tmp_path / "amt"
+    amt.mkdir()
+    (amt / "config.json").write_text(json.dumps({"_class_name": "AMTModel"}))  # nothing else: nothing may load
+    code = cli.main(["upscale", str(tmp_path / "a.png"), "--model_path", str(amt), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+    assert f"--model_path {amt} is an AMTModel folder (frame interpolation); upscale needs an RGT model" in err[0]
+    rgt = tmp_path / "rgt"
+    rgt.mkdir()
+    (rgt / "config.json").write_text(json.dumps({"_class_name": "RGTModel"}))
+    code = cli.main(["upscale", str(tmp_path / "a.png"), "--model_path", str(rgt), "--output", "/proc/x.png"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "/proc" in err[0] and "cannot write there" in err[0]

@@ -114,6 +114,23 @@ def test_unreadable_and_too_short_videos_are_skipped_and_counted(videos):
         TripletDataset(_clips(videos)[:1], crop_size=96)[0]
 
 
+def test_held_out_clips_left_out_are_counted_by_reason_in_the_last_line(videos):
+    """A readable clip that is too short is not 'unreadable' (train-vfi's last line names each reason)."""
+    from types import SimpleNamespace
+
+    from opensora_plan.cli import _train_summary_line
+    from opensora_plan.train.frame_task import FrameTrainTask
+
+    paths = [videos / "short.mp4", videos / "clip0.mp4", videos / "broken.mp4"]
+    task = SimpleNamespace(validation=TripletDataset(paths, crop_size=32, deterministic=True), _held_out=None,
+                           held_out_unreadable=[], skipped=SimpleNamespace(run_report=dict))
+    assert len(FrameTrainTask.held_out_samples(task)) == 1
+    report = FrameTrainTask.run_report(task)
+    assert report["held_out_left_out"] == {"too short": 1, "unreadable": 1} and report["held_out_unreadable"] == 1
+    line = _train_summary_line({"step": 2, "skipped_steps": 0, "output_dir": "out", **report})
+    assert "held-out loss over 1 clip (1 too short, 1 unreadable left out)" in line
+
+
 def test_sr_pairs_are_bicubic_downscales_of_the_hr_crops(videos):
     dataset = SRPairDataset(_clips(videos), scale=2, crop_size=32)
     samples = SeededSamples(dataset, seed=0)

@@ -61,6 +61,7 @@ def _add_reconstruct(subparsers) -> None:
 def _run_reconstruct(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.pipelines.reconstruct import SUMMARY_NAME, ReconstructOptions, reconstruct
+    from opensora_plan.pipelines.outputs import skipped_lines
 
     summary = reconstruct(options_from_args(ReconstructOptions, args))
     for r in summary.results:
@@ -70,10 +71,8 @@ def _run_reconstruct(args) -> int:
         if summary.results:
             print(f"mean over {len(summary.results)} videos: PSNR {summary.mean_psnr:.2f} dB  "
                   f"SSIM {summary.mean_ssim:.4f}  (summary: {os.path.join(args.rec_path, SUMMARY_NAME)})")
-        if summary.skipped:
-            print(f"skipped {len(summary.skipped)} file(s):")
-            for path, reason in summary.skipped:
-                print(f"  {path}: {reason}")
+        for line in skipped_lines(summary.skipped):
+            print(line)
     return 0 if summary.results else 1
 
 
@@ -97,14 +96,13 @@ def _add_interpolate(subparsers) -> None:
 def _run_interpolate(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.pipelines.interpolate import InterpolateOptions, interpolate
+    from opensora_plan.pipelines.outputs import skipped_lines
 
     results = interpolate(options_from_args(InterpolateOptions, args))
     for r in results:
         print(f"{r.output_path}: {r.num_frames_in} -> {r.num_frames_out} frames at {r.fps:g} fps  ({r.seconds:.1f} s)")
-    if results.skipped:
-        print(f"skipped {len(results.skipped)} file(s):")
-        for path, reason in results.skipped:
-            print(f"  {path}: {reason}")
+    for line in skipped_lines(results.skipped):
+        print(line)
     return 0 if results else 1
 
 
@@ -128,10 +126,14 @@ def _add_upscale(subparsers) -> None:
 def _run_upscale(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.pipelines.upscale import UpscaleOptions, upscale
+    from opensora_plan.pipelines.outputs import skipped_lines
 
-    for r in upscale(options_from_args(UpscaleOptions, args)):
+    results = upscale(options_from_args(UpscaleOptions, args))
+    for r in results:
         print(f"{r.output_path}: {r.num_frames} frame(s) {r.width}x{r.height} ({r.seconds:.1f} s)")
-    return 0
+    for line in skipped_lines(results.skipped):
+        print(line)
+    return 0 if results else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,9 +298,10 @@ def _train_summary_line(summary: dict) -> str:
                      f"({files} file{'s' if files != 1 else ''}, listed in the log)" if reads
                      else "no sample replaced" if left_out else "no unreadable videos")
     if "held_out_clips" in summary:  # --validation_data_path: what the held-out loss averaged over
-        unreadable = summary.get("held_out_unreadable", 0)
+        left_out = summary.get("held_out_left_out") or {"unreadable": summary.get("held_out_unreadable", 0)}
+        left_out = ", ".join(f"{count} {why}" for why, count in left_out.items() if count)
         parts.append(f"held-out loss over {summary['held_out_clips']} clip{'s' if summary['held_out_clips'] != 1 else ''}"
-                     + (f" ({unreadable} unreadable left out)" if unreadable else ""))
+                     + (f" ({left_out} left out)" if left_out else ""))
     return "; ".join(parts) + f"; checkpoints in {summary['output_dir']}"
 
 

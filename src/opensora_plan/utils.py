@@ -147,6 +147,22 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+def check_writable_folder(path: str | os.PathLike, flag: str) -> Path:
+    """:func:`check_output_folder`, and the folder (or, while missing, its nearest existing parent, where it
+    would be created) must accept a new file: probed with a temporary file that is removed at once."""
+    path = check_output_folder(path, flag)
+    existing = next(p for p in (path, *path.parents) if p.exists()) if not path.exists() else path
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = "" if existing == path else f" (its parent {existing}, where it would be created)"
+        raise ValueError(f"{flag} {path}: cannot write there{where}: {err.strerror or err}; choose a writable "
+                         "folder.") from None
+    return path
+
+
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """``path`` as a Path after checking a file can be written there: it is not a folder and no parent is a
     file (the parents are created when missing). Call before any heavy work."""

@@ -45,7 +45,7 @@ from .transforms import (
     video_train_transform,
     window_indices,
 )
-from .video_io import VideoReader, VideoReadError
+from .video_io import VideoReader, VideoReadError, VideoTooShortError
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class VideoCaptionDataset(Dataset):
         entry = self.entries[index]
         with VideoReader(entry.path) as reader:
             if reader.num_frames < self.min_frames:
-                raise VideoReadError(
+                raise VideoTooShortError(
                     f"Video {entry.path} is too short: {reader.num_frames} frames, at least {self.min_frames} needed."
                 )
             indices = temporal_window_indices(reader.num_frames, self.num_frames, self.sample_rate)

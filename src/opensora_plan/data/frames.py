@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .datasets import first_usable
-from .video_io import VideoReader, VideoReadError
+from .video_io import VideoReader, VideoTooShortError, VideoTooSmallError
 
 # AMT's augmentation probabilities (MCG-NKU/AMT datasets/vimeo_datasets.py, used for every AMT size).
 AMT_ZOOM_P = 0.1  # random_resize: frames upscaled 2x (bilinear) before the crop
@@ -95,7 +95,7 @@ class _VideoFrames(Dataset):
 
     def _check_size(self, reader: VideoReader, path: Path) -> None:
         if min(reader.height, reader.width) < self.crop_size:
-            raise VideoReadError(f"Video {path} is {reader.width}x{reader.height}, smaller than the {self.crop_size}x"
+            raise VideoTooSmallError(f"Video {path} is {reader.width}x{reader.height}, smaller than the {self.crop_size}x"
                                  f"{self.crop_size} crop (--crop_size).")
 
     def load(self, index: int, generator: torch.Generator | None) -> dict:
@@ -134,7 +134,7 @@ class TripletDataset(_VideoFrames):
         path = self.paths[index]
         with VideoReader(path) as reader:
             if reader.num_frames < 3:
-                raise VideoReadError(f"Video {path} is too short for a triplet: {reader.num_frames} frame(s), at "
+                raise VideoTooShortError(f"Video {path} is too short for a triplet: {reader.num_frames} frame(s), at "
                                      "least 3 needed.")
             self._check_size(reader, path)
             largest = min(self.max_frame_gap, (reader.num_frames - 1) // 2)

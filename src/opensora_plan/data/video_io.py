@@ -53,6 +53,20 @@ class VideoReadError(ValueError, OSError):
     """A video file is missing, unreadable or corrupt (the message names the path and the cause)."""
 
 
+class VideoTooShortError(VideoReadError):
+    """A readable video with fewer frames than a sample needs."""
+
+
+class VideoTooSmallError(VideoReadError):
+    """A readable video whose frames are smaller than a sample needs."""
+
+
+def unusable_reason(err: Exception) -> str:
+    """Why a video was left out, in a word or two: "too short", "too small" or "unreadable"."""
+    return ("too short" if isinstance(err, VideoTooShortError) else "too small" if isinstance(err, VideoTooSmallError)
+            else "unreadable")
+
+
 def decord_available() -> bool:
     """True when the optional decord reader can be imported."""
     try:
@@ -143,7 +157,8 @@ class VideoReader:
             raise
         except Exception as err:  # decord/FFmpeg raise many unrelated types for broken files
             self.close()
-            raise VideoReadError(f"Cannot read video {self.path}: {type(err).__name__}: {err}") from err
+            cause = getattr(err, "strerror", None) or str(err)  # PyAV's str() repeats the path
+            raise VideoReadError(f"Cannot read video {self.path}: {type(err).__name__}: {cause}.") from err
         if self.num_frames == 0:
             self.close()
             raise VideoReadError(f"Cannot read video {self.path}: it contains no frames.")

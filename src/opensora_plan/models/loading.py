@@ -135,8 +135,10 @@ def _describe(keys: Iterable[str], limit: int = 12) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise one ValueError naming every missing, unexpected and mis-shaped key."""
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                     built_from: str = "built from its config") -> None:
+    """Raise one ValueError naming every missing, unexpected and mis-shaped key (``built_from`` says where the
+    model's layout came from: a folder's config, or a fixed size for a file that carries no config)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()
@@ -154,7 +156,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         problems.append(f"shape mismatches {_describe(mis_shaped)}")
     if problems:
         raise ValueError(
-            f"{source} does not match {type(model).__name__} built from its config: " + "; ".join(problems) + "."
+            f"{source} does not match {type(model).__name__} {built_from}: " + "; ".join(problems) + "."
         )
 
 

@@ -583,8 +583,10 @@ class RGTModel(ModelMixin, ConfigMixin):
         scale = scale_from_state_dict(state)
         if scale is None or "conv_first.weight" not in state:
             raise ValueError(f"{path} is not {expected}: it has no conv_first/upsample.* weights.")
+        layout = "of the config passed in (a .pth carries no config)"
         if config is None:
             config = rgt_config(f"RGT-x{scale}")
+            layout = f"of the released RGT-x{scale} size (a .pth carries no config; save other sizes with save_pretrained)"
         elif isinstance(config, str):
             config = rgt_config(config)
         config = dict(config)
@@ -600,7 +602,7 @@ class RGTModel(ModelMixin, ConfigMixin):
                                  "was made with another split_size or img_size (pass config=...).")
         dropped = [k for k in computed if k in state]
         state = {k: v for k, v in state.items() if k not in computed}
-        check_state_dict(model, state, str(path))
+        check_state_dict(model, state, str(path), layout)
         logger.info("%s: x%d RGT; %d stored index/mask buffers checked against the recomputed ones and dropped",
                     path.name, scale, len(dropped))
         dtype = torch_dtype or torch.float32

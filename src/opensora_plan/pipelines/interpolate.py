@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_video
 from ..options import Options, option
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
+from .outputs import RunResults, check_targets, folder_output, single_output
 
 logger = logging.getLogger(__name__)
 
@@ -216,13 +217,9 @@ class InterpolationResult:
     seconds: float
 
 
-class InterpolationResults(list):
+class InterpolationResults(RunResults):
     """The :class:`InterpolationResult` of every written video (a list), and ``skipped``: ``(path, reason)`` of
     every input of a folder that could not be interpolated (unreadable, fewer than 2 frames, odd sides)."""
-
-    def __init__(self, results=(), skipped=()):
-        super().__init__(results)
-        self.skipped: list[tuple[str, str]] = list(skipped)
 
 
 @dataclass
@@ -250,6 +247,7 @@ class InterpolateOptions(Options):
     quantize: str = option("round", choices=list(QUANTIZE_MODES), help="float -> uint8: round, or truncate as "
                            "the official driver does (parity)")
     backend: str = option("auto", choices=["auto", "pyav", "decord"], help="video reader")
+    overwrite: bool = option(False, help="replace outputs that already exist (an input is never replaced)")
 
     def __post_init__(self):
         self.require_at_least(1, "batch_size")
@@ -261,39 +259,28 @@ class InterpolateOptions(Options):
             raise ValueError(f"--dtype {self.dtype} (autocast) needs CUDA; use --dtype fp32 on the CPU.")
 
 
-def _plan_outputs(source: Path, output: Path | None, factor: int) -> tuple[list[Path], list[Path]]:
-    """(inputs, outputs) with every check an output path needs, before anything is loaded."""
+def _plan_outputs(source: Path, output: Path | None, factor: int, overwrite: bool = False) -> tuple[list[Path], list[Path]]:
+    """(inputs, outputs) with every check an output path needs (pipelines/outputs.py), before anything is loaded."""
     if source.is_dir():
         sources = list_videos(source)
         if not sources:
             raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) in {source}; give a video or a folder of them.")
-        folder = output or source.with_name(f"{source.name}_x{factor}")
-        if folder.suffix.lower() == ".mp4":
-            raise ValueError(f"INPUT {source} is a folder, so --output must be a folder, not {folder}.")
+        folder = folder_output(source, output or source.with_name(f"{source.name}_x{factor}"))
         check_output_folder(folder, "--output")
-        if folder.resolve() == source.resolve():
-            raise ValueError(f"--output {folder} is the input folder; choose another folder so no input is overwritten.")
         stems = [s.stem.lower() for s in sources]
         names = [f"{s.name}.mp4" if stems.count(s.stem.lower()) > 1 else f"{s.stem}.mp4" for s in sources]
         targets = [folder / name for name in names]
     else:
         if not source.is_file():
             raise FileNotFoundError(f"INPUT {source} does not exist; give a video file or a folder of videos.")
+        default_name = f"{source.stem}_x{factor}.mp4"
         if output is None:
-            target = source.with_name(f"{source.stem}_x{factor}.mp4")
-        elif output.suffix.lower() == ".mp4":
-            target = output
-            check_output_folder(output.parent, "--output's folder")
+            target = source.with_name(default_name)
         else:
-            check_output_folder(output, "--output")
-            target = output / f"{source.stem}_x{factor}.mp4"
+            target = single_output(source, output, (".mp4",), default_name, "video")
+            check_output_folder(target.parent, "--output")
         sources, targets = [source], [target]
-    resolved = {s.resolve() for s in sources}
-    if any(t.resolve() in resolved for t in targets):
-        raise ValueError(f"An output would overwrite an input ({', '.join(str(t) for t in targets if t.resolve() in resolved)}); "
-                         "choose another --output.")
-    if len({str(t.resolve()).lower() for t in targets}) != len(targets):
-        raise ValueError("Two inputs would write the same output name; rename them or interpolate them separately.")
+    check_targets(sources, targets, overwrite)
     return sources, targets
 
 
@@ -316,7 +303,7 @@ def interpolate(*args, **kwargs) -> InterpolationResults:
     from .model_folder import stage_model
 
     o = InterpolateOptions.of(*args, **kwargs)
-    sources, targets = _plan_outputs(Path(o.input), Path(o.output) if o.output else None, o.factor)
+    sources, targets = _plan_outputs(Path(o.input), Path(o.output) if o.output else None, o.factor, o.overwrite)
     model_path = stage_model("interpolate", o.model_path, None, "--model_path", "interpolate")
     folder_mode = Path(o.input).is_dir()
     if not folder_mode:  # headers only: a bad input fails before the model loads
@@ -335,7 +322,7 @@ def interpolate(*args, **kwargs) -> InterpolationResults:
         except ValueError as err:  # VideoReadError, too few frames, odd sides: a bad input file
             if not folder_mode:
                 raise
-            logger.warning("skipping %s: %s", source, err)
+            logger.debug("skipping %s: %s", source, err)  # listed once at the end (outputs.skipped_lines)
             results.skipped.append((str(source), str(err)))
             continue
         out = interpolate_video(model, frames, o.factor, batch_size=o.batch_size, scale_factor=o.scale_factor,

@@ -62,7 +62,7 @@ DEMO_EXAMPLE_PROMPTS = ("a red circle moving left", "a blue square moving up", "
                         "a green circle moving down", "a white square moving left")
 # Keys demo.json carries besides the sampling fields: its training record, read by nothing here.
 _DEMO_RECORD_KEYS = ("trained_with", "training_seconds", "stage_seconds", "machine", "note", "cache_fast_note",
-                     "interpolation_trained_with")
+                     "interpolation_trained_with", "upscaler_trained_with")
 
 
 def version_folders(folder: str | os.PathLike) -> list[str]:
@@ -231,7 +231,35 @@ def stage_model(name: str, model_path: str | os.PathLike | None = None, folder: 
     path = Path(model_path)
     if not path.exists():
         raise FileNotFoundError(f"{source}: {path} does not exist; give {flag} ({what}).")
+    check_stage_model_kind(name, path, flag if source == flag else source)
     return path
+
+
+# What each stage needs: the model class a save_pretrained folder's config.json names, and words for errors.
+STAGE_MODELS = {"interpolate": ("AMTModel", "frame interpolation", "an AMT model (amt-g.pth or an AMTModel folder)"),
+                "upscale": ("RGTModel", "super-resolution",
+                            "an RGT model (RGT_x2.pth / RGT_x4.pth or an RGTModel folder)")}
+_KIND_WORDS = {cls: words for cls, words, _ in STAGE_MODELS.values()}
+
+
+def check_stage_model_kind(name: str, path: str | os.PathLike, flag: str = "--model_path") -> None:
+    """A folder's ``config.json`` ``_class_name`` must be the stage's model class: one ValueError saying what the
+    folder holds and what ``name`` needs, before anything loads (files and folders without one: the loader's
+    checks)."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        found = json.loads(config.read_text()).get("_class_name")
+    except (ValueError, OSError, AttributeError):
+        return  # the loader reports an unreadable config
+    wanted, _, needs = STAGE_MODELS[name]
+    if isinstance(found, str) and found != wanted:
+        what = f" ({_KIND_WORDS[found]})" if found in _KIND_WORDS else ""
+        article = "an" if found[:1].upper() in "AEFHILMNORSX" else "a"  # as the class name is read aloud
+        raise ValueError(f"{flag} {path} is {article} {found} folder{what}; {name} needs {needs}.")
 
 
 def folder_stages(folder: str | os.PathLike | None) -> dict:

@@ -335,7 +335,7 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
         except ValueError as err:  # VideoReadError, too few frames, crop too large: a bad input file
             if not folder_mode:
                 raise
-            logger.warning("skipping %s: %s", source, err)
+            logger.debug("skipping %s: %s", source, err)  # listed once at the end (outputs.skipped_lines)
             summary.skipped.append((str(source), str(err)))
             continue
         summary.results.append(result)

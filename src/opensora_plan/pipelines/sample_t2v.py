@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 VERSIONS = ("17x256x256", "65x256x256", "65x512x512")
 INTERPOLATE_FACTORS = (1, 2, 4, 8)  # 1: off; else pipelines.interpolate.FACTORS
-UPSCALE_FACTORS = (1, 2, 4)  # 1: off; the released RGT scales
+UPSCALE_FACTORS = (1, 2, 3, 4)  # 1: off; RGT's scales (x3 as upscale --scale; the pipeline handles it)
 AE_NAMES = ("CausalVAEModel_4x8x8",)
 DEFAULT_MODEL_PATH = "LanguageBind/Open-Sora-Plan-v1.0.0"
 

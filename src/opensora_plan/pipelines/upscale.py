@@ -36,11 +36,13 @@ import torch
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, write_video
 from ..options import Options, option
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
+from .outputs import RunResults, check_targets, folder_output, single_output
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-#: Tile sides are multiples of L-SA's longest window side (the released split_size [8, 32]): no padded tokens.
+#: Tile sides chosen from a budget are multiples of L-SA's longest window side (the released split_size [8, 32]):
+#: no padded tokens. A --tile_size of another side works too (the attention pads its windows), only slower.
 TILE_MULTIPLE = 32
 #: Smallest tile: RG-SA needs >= 16 px; below 64 px the overlap would cover most of the tile.
 MIN_TILE = 64
@@ -163,6 +165,11 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
 
 
+def _check_frame_size(model, height: int, width: int, tile_size: int | None) -> None:
+    """ValueError when (height, width) frames (or their tiles) are too small for ``model``."""
+    model.check_size(*((height, width) if tile_size is None else (min(tile_size, height), min(tile_size, width))))
+
+
 def upscale_frames(model, frames: torch.Tensor | np.ndarray, batch_size: int = 4, tile_size: int | None = None,
                    tile_overlap: int = 32, dtype: str | torch.dtype = "fp32", progress: bool = True):
     """Upscale a clip frame by frame: uint8 ``(T, H, W, 3)`` -> uint8 ``(T, sH, sW, 3)``, or float ``(T, 3, H, W)``
@@ -179,8 +186,7 @@ def upscale_frames(model, frames: torch.Tensor | np.ndarray, batch_size: int = 4
         raise ValueError(f"Frames must be uint8 (T, H, W, 3) or float (T, 3, H, W) in [0, 1], got "
                          f"{frames.dtype} {tuple(frames.shape)}.")
     height, width = (frames.shape[1:3] if as_uint8 else frames.shape[2:4])
-    smallest = (height, width) if tile_size is None else (min(tile_size, height), min(tile_size, width))
-    model.check_size(*smallest)  # before any work
+    _check_frame_size(model, height, width, tile_size)  # before any work
     device = next(model.parameters()).device
     dtype = parse_dtype(dtype)
     _check_dtype(dtype, device)
@@ -266,11 +272,12 @@ class UpscaleOptions(Options):
     device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
     dtype: str = option("fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16: CUDA autocast (weights stay fp32; CUDA only)")
     fps: float | None = option(None, help="output fps of videos (unset: the source fps)")
+    overwrite: bool = option(False, help="replace outputs that already exist (an input is never replaced)")
 
     def __post_init__(self):
         self.require_at_least(1, "batch_size")
-        if self.tile_size is not None and (self.tile_size < MIN_TILE or self.tile_size % 16):
-            raise ValueError(f"--tile_size must be a multiple of 16 and at least {MIN_TILE}, got {self.tile_size}.")
+        if self.tile_size is not None and self.tile_size < MIN_TILE:  # any side works (RGT pads its windows)
+            raise ValueError(f"--tile_size must be at least {MIN_TILE} px, got {self.tile_size}.")
         if self.tile_overlap < 0 or (self.tile_size is not None and 2 * self.tile_overlap > self.tile_size):
             raise ValueError(f"--tile_overlap must be between 0 and half of the tile size, got {self.tile_overlap}.")
         if self.sr_memory_gb is not None and not self.sr_memory_gb > 0:
@@ -296,14 +303,12 @@ def _kind(path: Path) -> str | None:
     return "video" if suffix in VIDEO_EXTENSIONS else "image" if suffix in IMAGE_EXTENSIONS else None
 
 
-def plan_outputs(input_path: Path, output: Path) -> list[tuple[Path, Path]]:
+def plan_outputs(input_path: Path, output: Path, overwrite: bool = False) -> list[tuple[Path, Path]]:
     """(source, target) pairs; one-line refusals for unknown inputs and for outputs that would overwrite."""
     if not input_path.exists():
         raise FileNotFoundError(f"Input {input_path} does not exist; give a video, an image or a folder of them.")
     if input_path.is_dir():
-        if output.suffix and not output.is_dir():
-            raise ValueError(f"Input {input_path} is a folder, so --output must be a folder, not {output}.")
-        check_output_folder(output, "--output")
+        check_output_folder(folder_output(input_path, output), "--output")
         sources = sorted(p for p in input_path.iterdir() if p.is_file() and _kind(p))
         if not sources:
             raise ValueError(f"No videos or images in {input_path}; expected {'/'.join(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)}.")
@@ -316,24 +321,11 @@ def plan_outputs(input_path: Path, output: Path) -> list[tuple[Path, Path]]:
             raise ValueError(f"Input {input_path} is neither a video ({'/'.join(VIDEO_EXTENSIONS)}) nor an image "
                              f"({'/'.join(IMAGE_EXTENSIONS)}).")
         wanted = (".mp4",) if kind == "video" else IMAGE_EXTENSIONS
-        if output.suffix and not output.is_dir():
-            if output.suffix.lower() not in wanted:
-                raise ValueError(f"--output {output} must end in {'/'.join(wanted)} for the {kind} {input_path.name} "
-                                 "(or be a folder).")
-            check_output_folder(output.parent, "--output's folder")
-            target = output
-        else:
-            check_output_folder(output, "--output")
-            target = output / (input_path.stem + (".mp4" if kind == "video" else input_path.suffix.lower()))
+        default_name = input_path.stem + (".mp4" if kind == "video" else input_path.suffix.lower())
+        target = single_output(input_path, output, wanted, default_name, kind)
+        check_output_folder(target.parent, "--output")
         pairs = [(input_path, target)]
-    inputs = {s.resolve() for s, _ in pairs}
-    seen: set[Path] = set()
-    for source, target in pairs:
-        resolved = target.resolve()
-        if resolved in inputs or resolved in seen:
-            raise ValueError(f"Output {target} would overwrite {'an input' if resolved in inputs else 'another output'}; "
-                             "choose another --output.")
-        seen.add(resolved)
+    check_targets([s for s, _ in pairs], [t for _, t in pairs], overwrite)
     return pairs
 
 
@@ -342,18 +334,22 @@ def default_output(input_path: Path, scale: int) -> Path:
     ``<stem>_x<scale><suffix>`` (an image) beside the input, ``<input>_x<scale>/`` for a folder (as
     ``interpolate`` names its ``_x<factor>`` outputs)."""
     if input_path.is_dir():
-        return input_path.parent / f"{input_path.name}_x{scale}"
+        return input_path.with_name(f"{input_path.name}_x{scale}")
     suffix = ".mp4" if _kind(input_path) == "video" else input_path.suffix.lower()
     return input_path.with_name(f"{input_path.stem}_x{scale}{suffix}")
 
 
 def _read(source: Path) -> tuple[torch.Tensor, float | None]:
+    """(T, H, W, 3) uint8 frames and the fps (None for an image); ValueError for an unreadable file."""
     if _kind(source) == "image":
         from PIL import Image
 
-        with Image.open(source) as image:
-            # np.array copies: PIL's buffer is read-only and torch warns about a non-writable array
-            return torch.from_numpy(np.array(image.convert("RGB"))).unsqueeze(0), None  # (1, H, W, 3)
+        try:
+            with Image.open(source) as image:
+                # np.array copies: PIL's buffer is read-only and torch warns about a non-writable array
+                return torch.from_numpy(np.array(image.convert("RGB"))).unsqueeze(0), None  # (1, H, W, 3)
+        except OSError as err:  # PIL's UnidentifiedImageError, a truncated file
+            raise ValueError(f"Cannot read image {source}: {err}.") from None
     with VideoReader(source) as reader:
         return reader.get_frames(range(reader.num_frames)), reader.fps
 
@@ -372,17 +368,21 @@ def _write(target: Path, frames: torch.Tensor, fps: float | None) -> None:
                                                 quality=95)
 
 
-def upscale(*args, **kwargs) -> list[UpscaleResult]:
-    """Upscale a video, an image or a folder of them with RGT. Takes :class:`UpscaleOptions` or its fields."""
-    from .model_folder import stage_model
+def upscale(*args, **kwargs) -> RunResults:
+    """Upscale a video, an image or a folder of them with RGT. Takes :class:`UpscaleOptions` or its fields.
+
+    Returns one :class:`UpscaleResult` per written file; in a folder a bad input (unreadable, too small) is
+    skipped and listed in the result's ``skipped``, while a bad single input is an error."""
+    from .model_folder import check_stage_model_kind, stage_model
 
     o = UpscaleOptions.of(*args, **kwargs)
     model_path = stage_model("upscale", o.model_path, None, "--model_path", "upscale")  # unset: the shipped demo's
+    check_stage_model_kind("upscale", model_path)
     source = Path(o.input)
     # an unset --output is named after the scale: --scale, else the folder's config.json, else (a .pth) x2 until
     # the model has loaded
     scale = o.scale or model_scale(model_path) or 2
-    pairs = plan_outputs(source, default_output(source, scale) if o.output is None else Path(o.output))
+    pairs = plan_outputs(source, default_output(source, scale) if o.output is None else Path(o.output), o.overwrite)
     device, dtype = resolve_device(o.device), parse_dtype(o.dtype)
     _check_dtype(dtype, device)
 
@@ -394,12 +394,21 @@ def upscale(*args, **kwargs) -> list[UpscaleResult]:
     tile_size = o.tile_size
     if tile_size is None:
         tile_size = auto_tile_size(model, o.batch_size, o.tile_overlap, o.sr_memory_gb, dtype != torch.float32)
-    if o.output is None and o.scale is None and model.upscale != 2:  # an official .pth: its scale known only now
-        pairs = plan_outputs(source, default_output(source, model.upscale))
-    results = []
+    if o.output is None and model.upscale != scale:  # an official .pth: its scale known only now
+        pairs = plan_outputs(source, default_output(source, model.upscale), o.overwrite)
+    results, folder_mode = RunResults(), Path(o.input).is_dir()
     for source, target in pairs:
         start = time.perf_counter()
-        frames, fps = _read(source)
+        try:  # a bad input file: unreadable, or too small for the network
+            frames, fps = _read(source)
+            _check_frame_size(model, frames.shape[1], frames.shape[2], tile_size)
+        except ValueError as err:
+            reason = str(err) if str(source) in str(err) else f"{source}: {err}"
+            if not folder_mode:
+                raise ValueError(reason) from None
+            logger.debug("skipping %s", reason)  # listed once at the end (outputs.skipped_lines)
+            results.skipped.append((str(source), reason))
+            continue
         out = upscale_frames(model, frames, o.batch_size, tile_size, o.tile_overlap, dtype)
         _write(target, out, o.fps or fps)
         results.append(UpscaleResult(str(source), str(target), out.shape[0], out.shape[1], out.shape[2],

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.datasets import SkippedVideos, collate_video_caption
-from ..data.video_io import VideoReadError
+from ..data.video_io import VideoReadError, unusable_reason
 from ..options import option
 from .trainer import (
     Phase,
@@ -222,7 +222,9 @@ class FrameTrainTask(TrainTask):
         report = self.skipped.run_report()
         if self.validation is not None:
             report["held_out_clips"] = len(self._held_out or [])
-            report["held_out_unreadable"] = len(self.held_out_unreadable)
+            reasons = [item["why"] for item in self.held_out_unreadable]
+            report["held_out_unreadable"] = reasons.count("unreadable")
+            report["held_out_left_out"] = {why: reasons.count(why) for why in dict.fromkeys(reasons)}
         return report
 
     # ---- validation
@@ -237,7 +239,8 @@ class FrameTrainTask(TrainTask):
                     self._held_out.append(self.validation.load(index, None))
                 except VideoReadError as err:
                     logger.warning("held-out video left out of validation: %s", err)
-                    self.held_out_unreadable.append({"path": str(self.validation.paths[index]), "reason": str(err)})
+                    self.held_out_unreadable.append({"path": str(self.validation.paths[index]), "reason": str(err),
+                                                     "why": unusable_reason(err)})
             if not self._held_out:
                 raise ValueError(f"None of the {len(self.validation.paths)} held-out videos is usable (last: "
                                  f"{self.held_out_unreadable[-1]['reason']}); fix --validation_data or "

@@ -257,7 +257,9 @@ class AMTModel(ModelMixin, ConfigMixin):
         state = checkpoint[OFFICIAL_WRAPPER_KEY]
         with init_empty_weights(include_buffers=False):
             model = cls(**config)
-        check_state_dict(model, state, str(path))
+        layout = ("of the released AMT-G size (a .pth carries no config; save other sizes with save_pretrained)"
+                  if not config else "of the config passed in (a .pth carries no config)")
+        check_state_dict(model, state, str(path), layout)
         dtype = torch_dtype or torch.float32
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
         nn.Module.to(model, device=device, dtype=dtype)
