@@ -306,7 +306,7 @@ def test_interpolate_command_without_model_path_uses_the_shipped_demo_model(tmp_
     write_video(tmp_path / "clip.mp4", render(clip, 5, 64), 8)
     assert cli.main(["-q", "interpolate", str(tmp_path / "clip.mp4"), "--device", "cpu"]) == 0
     assert "5 -> 9 frames at 16 fps" in capsys.readouterr().out
-    with VideoReader(tmp_path / "clip_x2.mp4") as reader:
+    with VideoReader(tmp_path / "clip_interp_x2.mp4") as reader:
         assert len(reader) == 9 and reader.fps == pytest.approx(16)
 
 
@@ -340,7 +340,7 @@ def test_interpolate_folder_mode_writes_one_video_per_input_beside_the_folder(ti
     shutil.copy(tiny_setup / "clip.mp4", folder / "one.mp4")
     shutil.copy(tiny_setup / "clip.mp4", folder / "two.mp4")
     results = interpolate(str(folder), model_path=str(tiny_setup / "amt"), quantize="truncate")
-    assert [r.output_path for r in results] == [str(tiny_setup / "videos_x2" / n) for n in ("one.mp4", "two.mp4")]
+    assert [r.output_path for r in results] == [str(tiny_setup / "videos_interp_x2" / n) for n in ("one.mp4", "two.mp4")]
     assert all(r.num_frames_out == 2 * (r.num_frames_in - 1) + 1 for r in results)
     with pytest.raises(ValueError, match="is the input folder"):
         interpolate(str(folder), model_path=str(tiny_setup / "amt"), output=str(folder))
@@ -359,7 +359,7 @@ def test_interpolate_refuses_existing_outputs_bad_suffixes_unwritable_folders_an
         assert cli.main(["-q", "interpolate", str(tmp_path / "v.mp4"), *argv]) != 0
         return capsys.readouterr().err.strip().splitlines()[-1]
 
-    for output in ([], ["--output", str(tmp_path / "o4.mp4")]):  # the default <input>_x2.mp4 and a given name
+    for output in ([], ["--output", str(tmp_path / "o4.mp4")]):  # the default <input>_interp_x2.mp4 and a given name
         assert cli.main(["-q", "interpolate", str(tmp_path / "v.mp4"), *model, *output]) == 0
         err = last_error([*model, *output])
         assert "already exists" in err and "--overwrite" in err

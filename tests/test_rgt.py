@@ -307,15 +307,15 @@ def test_upscale_without_output_writes_beside_the_input(tiny, tiny_dir, tmp_path
     scale = tiny[0].upscale
     Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "a.PNG")
     (result,) = upscale(str(tmp_path / "a.PNG"), model_path=str(tiny_dir))  # named after the model's scale
-    assert result.output_path == str(tmp_path / f"a_x{scale}.png") and (result.height, result.width) == (
+    assert result.output_path == str(tmp_path / f"a_sr_x{scale}.png") and (result.height, result.width) == (
         20 * scale, 24 * scale)
-    assert default_output(tmp_path / "clip.webm", 3) == tmp_path / "clip_x3.mp4"
-    assert default_output(tmp_path, 2) == tmp_path.parent / f"{tmp_path.name}_x2"
+    assert default_output(tmp_path / "clip.webm", 3) == tmp_path / "clip_sr_x3.mp4"
+    assert default_output(tmp_path, 2) == tmp_path.parent / f"{tmp_path.name}_sr_x2"
 
 
 def test_upscale_command_without_model_path_uses_the_shipped_demo_upscaler(tmp_path, capsys):
     """No --model_path and no --output: the x2 RGT the shipped demo lists in demo.json's stages, on a 64 px clip
-    of the demo's world (as `sample` writes them); <input>_x2.mp4 at 128 px."""
+    of the demo's world (as `sample` writes them); <input>_sr_x2.mp4 at 128 px."""
     from opensora_plan.data.video_io import VideoReader, write_video
     from opensora_plan.demo.shapes import random_clip, render
     from opensora_plan.pipelines.model_folder import default_model_path, load_sampling_config
@@ -325,7 +325,7 @@ def test_upscale_command_without_model_path_uses_the_shipped_demo_upscaler(tmp_p
     clip = random_clip(np.random.default_rng(0), "red", "circle", "left", 64)
     write_video(tmp_path / "clip.mp4", render(clip, 3, 64), 8)
     assert cli.main(["-q", "upscale", str(tmp_path / "clip.mp4"), "--scale", "2", "--device", "cpu"]) == 0
-    with VideoReader(tmp_path / "clip_x2.mp4") as reader:
+    with VideoReader(tmp_path / "clip_sr_x2.mp4") as reader:
         assert (reader.num_frames, reader.height, reader.width) == (3, 128, 128) and reader.fps == pytest.approx(8)
 def test_upscale_folder_skips_bad_files_lists_each_once_and_exits_1_only_when_nothing_was_written(
         tiny_dir, tmp_path, capsys):

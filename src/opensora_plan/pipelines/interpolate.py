@@ -233,8 +233,8 @@ class InterpolateOptions(Options):
     model_path: str | None = option(None, help="AMT weights: the official amt-g.pth, or a save_pretrained folder "
                                     "(unset: the small model the shipped demo lists in its demo.json stages, "
                                     "trained on the demo's shapes only; docs/demo.md)", show_default=False)
-    output: str | None = option(None, help="output .mp4 (one input video) or folder (unset: <input>_x<factor>.mp4 "
-                                "beside a video, <input>_x<factor>/ for a folder)", show_default=False)
+    output: str | None = option(None, help="output .mp4 (one input video) or folder (unset: <input>_interp_x<factor>.mp4 "
+                                "beside a video, <input>_interp_x<factor>/ for a folder)", show_default=False)
     factor: int = option(2, choices=list(FACTORS), help="frame-rate multiplier: 2^n (m - 1) + 1 frames from m")
     fps: float | None = option(None, help="output fps (unset: input fps x factor)", show_default=False)
     batch_size: int = option(1, help="frame pairs per model call")
@@ -265,7 +265,7 @@ def _plan_outputs(source: Path, output: Path | None, factor: int, overwrite: boo
         sources = list_videos(source)
         if not sources:
             raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) in {source}; give a video or a folder of them.")
-        folder = folder_output(source, output or source.with_name(f"{source.name}_x{factor}"))
+        folder = folder_output(source, output or source.with_name(f"{source.name}_interp_x{factor}"))
         check_output_folder(folder, "--output")
         stems = [s.stem.lower() for s in sources]
         names = [f"{s.name}.mp4" if stems.count(s.stem.lower()) > 1 else f"{s.stem}.mp4" for s in sources]
@@ -273,7 +273,7 @@ def _plan_outputs(source: Path, output: Path | None, factor: int, overwrite: boo
     else:
         if not source.is_file():
             raise FileNotFoundError(f"INPUT {source} does not exist; give a video file or a folder of videos.")
-        default_name = f"{source.stem}_x{factor}.mp4"
+        default_name = f"{source.stem}_interp_x{factor}.mp4"
         if output is None:
             target = source.with_name(default_name)
         else:

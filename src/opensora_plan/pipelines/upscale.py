@@ -260,7 +260,7 @@ class UpscaleOptions(Options):
                                     "folder (unset: the small x2 model the shipped demo lists in its demo.json "
                                     "stages, trained on the demo's shapes only; docs/demo.md)", show_default=False)
     output: str | None = option(None, help="output file (one input: .mp4 for a video, .png/.jpg for an image) or "
-                                "folder (unset: <input>_x<scale>.mp4 / .png beside a file, <input>_x<scale>/ for a "
+                                "folder (unset: <input>_sr_x<scale>.mp4 / .png beside a file, <input>_sr_x<scale>/ for a "
                                 "folder)", show_default=False)
     scale: int | None = option(None, choices=[2, 3, 4], help="expected upscale factor; refused when the model's "
                                "differs (unset: the model's)")
@@ -330,13 +330,13 @@ def plan_outputs(input_path: Path, output: Path, overwrite: bool = False) -> lis
 
 
 def default_output(input_path: Path, scale: int) -> Path:
-    """Where ``upscale`` writes when ``--output`` is unset: ``<stem>_x<scale>.mp4`` (a video) or
-    ``<stem>_x<scale><suffix>`` (an image) beside the input, ``<input>_x<scale>/`` for a folder (as
-    ``interpolate`` names its ``_x<factor>`` outputs)."""
+    """Where ``upscale`` writes when ``--output`` is unset: ``<stem>_sr_x<scale>.mp4`` (a video) or
+    ``<stem>_sr_x<scale><suffix>`` (an image) beside the input, ``<input>_sr_x<scale>/`` for a folder (as
+    ``interpolate`` names its ``_interp_x<factor>`` outputs)."""
     if input_path.is_dir():
-        return input_path.with_name(f"{input_path.name}_x{scale}")
+        return input_path.with_name(f"{input_path.name}_sr_x{scale}")
     suffix = ".mp4" if _kind(input_path) == "video" else input_path.suffix.lower()
-    return input_path.with_name(f"{input_path.stem}_x{scale}{suffix}")
+    return input_path.with_name(f"{input_path.stem}_sr_x{scale}{suffix}")
 
 
 def _read(source: Path) -> tuple[torch.Tensor, float | None]:
