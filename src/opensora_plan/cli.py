@@ -130,7 +130,8 @@ def _run_upscale(args) -> int:
 
     results = upscale(options_from_args(UpscaleOptions, args))
     for r in results:
-        print(f"{r.output_path}: {r.num_frames} frame(s) {r.width}x{r.height} ({r.seconds:.1f} s)")
+        print(f"{r.output_path}: {r.num_frames} frame{'' if r.num_frames == 1 else 's'} {r.width}x{r.height}  "
+              f"({r.seconds:.1f} s)")
     for line in skipped_lines(results.skipped):
         print(line)
     return 0 if results else 1

@@ -217,14 +217,14 @@ def stage_model(name: str, model_path: str | os.PathLike | None = None, folder: 
     """
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}.")
-    what = {"interpolate": "AMT (frame interpolation): the official amt-g.pth or a save_pretrained folder",
-            "upscale": "RGT (super-resolution): the official RGT_x2.pth / RGT_x4.pth or a save_pretrained folder"}[name]
+    what = {"interpolate": "AMT frame-interpolation weights: the official amt-g.pth or a save_pretrained folder",
+            "upscale": "RGT super-resolution weights: the official RGT_x2.pth / RGT_x4.pth or a save_pretrained "
+                       "folder"}[name]
     source = flag
     if model_path is None:
         config = load_sampling_config(folder)
         if config is None or name not in config.stages:
-            # the shipped demo may list one later (it is trained separately), hence "for now"
-            where = "for now: the shipped demo" if folder is None else f"here: {folder}"
+            where = "here: the shipped demo" if folder is None else f"here: {folder}"
             raise ValueError(f"{needed_for or 'This'} needs {flag} {where} lists no {name} model in the stages of "
                              f"its sampling file; give {flag} ({what}).")
         model_path, source = config.stages[name]["model_path"], f"stages.{name} of {config.path}"

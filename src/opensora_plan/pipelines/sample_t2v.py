@@ -655,7 +655,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
         from opensora_plan.data.video_io import read_video, write_gif
 
         for path in [p for p in written if p.suffix == ".mp4"]:
-            print(f"wrote {write_gif(path.with_suffix('.gif'), read_video(path)[0], fps)}", flush=True)
+            logger.info("%swrote %s", tag, write_gif(path.with_suffix('.gif'), read_video(path)[0], fps))  # -q hides it
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

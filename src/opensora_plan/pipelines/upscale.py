@@ -239,8 +239,8 @@ def check_scale(scale: int, model_scale: int | None, model_path: str | os.PathLi
                 scale_flag: str = "--scale") -> None:
     """ValueError when an RGT model's factor differs from the one asked for."""
     if model_scale is not None and model_scale != scale:
-        raise ValueError(f"{flag} {model_path} is an x{model_scale} model but {scale_flag} is {scale}; give the "
-                         f"x{scale} weights or {scale_flag} {model_scale}.")
+        raise ValueError(f"The upscale model {model_path} is an x{model_scale} model but {scale_flag} is {scale}; "
+                         f"give x{scale} weights with {flag} or use {scale_flag} {model_scale}.")
 
 
 # --------------------------------------------------------------------------------------------
