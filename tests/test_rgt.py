@@ -225,6 +225,9 @@ def test_tile_size_follows_the_memory_budget():
     sizes = [tile_size_for_budget(gb, scale=2) for gb in (0.5, 2, 8)]
     assert sizes == sorted(sizes) and all(s % 32 == 0 and s >= 64 for s in sizes)
     assert tile_size_for_budget(2, scale=4) <= tile_size_for_budget(2, scale=2)
+    # a narrower model (the shipped demo upscaler is 48 wide) needs less memory per pixel: larger tiles
+    assert tile_size_for_budget(2, scale=2, embed_dim=48) > tile_size_for_budget(2, scale=2)
+    assert tile_size_for_budget(2, scale=2, embed_dim=360) == tile_size_for_budget(2, scale=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,6 +51,10 @@ MIN_TILE = 64
 #: 1032 MiB at 256x256, i.e. 16 KB/px), rounded up; x3/x4: that plus the larger reconstruction head
 #: (64 channels at 3x/4x, 256 at 2x), estimated. Half precision halves it.
 BYTES_PER_PIXEL = {2: 20_000, 3: 24_000, 4: 28_000}
+#: Narrower models need less: peak bytes/px ~ RELEASED_WIDTH_SHARE + (1 - it) * embed_dim / 180, fitted to two
+#: measurements (x2, CPU float32, 256x256 input, peak RSS delta): width 180 16 KB/px, width 48 (the shipped demo
+#: upscaler) 9.4 KB/px; the part that does not shrink is the reconstruction head and the frame buffers.
+RELEASED_WIDTH, RELEASED_WIDTH_SHARE = 180, 0.44
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,9 +145,11 @@ def upscale_official_chop(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def tile_size_for_budget(memory_gb: float, scale: int, batch_size: int = 1, weights_bytes: int = 0,
-                         half_precision: bool = False) -> int:
-    """Largest tile side (a multiple of 32, at least 64) whose forward of ``batch_size`` frames fits ``memory_gb``."""
+                         half_precision: bool = False, embed_dim: int = RELEASED_WIDTH) -> int:
+    """Largest tile side (a multiple of 32, at least 64) whose forward of ``batch_size`` frames fits ``memory_gb``
+    for an RGT of width ``embed_dim`` (the released 180 by default)."""
     per_pixel = BYTES_PER_PIXEL.get(scale, BYTES_PER_PIXEL[4] * scale * scale // 16) // (2 if half_precision else 1)
+    per_pixel *= RELEASED_WIDTH_SHARE + (1 - RELEASED_WIDTH_SHARE) * min(embed_dim / RELEASED_WIDTH, 1.0)
     pixels = max(memory_gb * 2**30 - weights_bytes, 0) / (per_pixel * batch_size)
     return max(MIN_TILE, int(math.sqrt(pixels)) // TILE_MULTIPLE * TILE_MULTIPLE)
 
@@ -213,7 +219,8 @@ def auto_tile_size(model, batch_size: int = 4, tile_overlap: int = 32, memory_gb
     if budget is None:
         budget = 0.8 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 4.0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    tile_size = tile_size_for_budget(budget, model.upscale, batch_size, weights, half_precision=half_precision)
+    tile_size = tile_size_for_budget(budget, model.upscale, batch_size, weights, half_precision=half_precision,
+                                     embed_dim=model.config.embed_dim)
     tile_size = max(tile_size, -(-2 * tile_overlap // TILE_MULTIPLE) * TILE_MULTIPLE)  # room for the overlap
     logger.info("Tiles of at most %d px (overlap %d) for a %.1f GB budget at batch size %d", tile_size,
                 tile_overlap, budget, batch_size)
