@@ -277,7 +277,12 @@ def _run_train_t2v(args) -> int:
     if summary.get("dry_run"):
         print(summary["report"])
         return 0
-    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
+    return _report_training(summary)
+
+
+def _report_training(summary: dict) -> int:
+    """Print a training run's summary line (main process only: one line per run, not one per process)."""
+    if os.environ.get("RANK", "0") == "0":
         print(_train_summary_line(summary))
     return 0
 
@@ -323,9 +328,7 @@ def _run_train_vae(args) -> int:
     from opensora_plan.train import vae
 
     summary = vae.train_vae(options_from_args(vae.VAETrainOptions, args))
-    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
-        print(_train_summary_line(summary))
-    return 0
+    return _report_training(summary)
 
 
 def _add_train_vfi(subparsers) -> None:
@@ -345,9 +348,7 @@ def _run_train_vfi(args) -> int:
     from opensora_plan.train import vfi
 
     summary = vfi.train_vfi(options_from_args(vfi.VFITrainOptions, args))
-    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
-        print(_train_summary_line(summary))
-    return 0
+    return _report_training(summary)
 
 
 def _add_train_sr(subparsers) -> None:
@@ -368,9 +369,7 @@ def _run_train_sr(args) -> int:
     from opensora_plan.train import sr
 
     summary = sr.train_sr(options_from_args(sr.SRTrainOptions, args))
-    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
-        print(_train_summary_line(summary))
-    return 0
+    return _report_training(summary)
 
 
 # --------------------------------------------------------------------------------------------
