@@ -82,10 +82,10 @@ def _resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "decord" if decord_available() else "pyav"
     if backend == "decord" and not decord_available():
-        raise ValueError(
-            "backend='decord' was asked for but decord is not installed; "
-            "run `pip install decord==0.6.0` or use backend='pyav'."
-        )
+        from opensora_plan.utils import MissingExtraError
+
+        raise MissingExtraError('backend=\'decord\' was asked for but decord is not installed; pip install '
+                                '"opensora-plan[video]" or use backend=\'pyav\'.')
     return backend
 
 

@@ -164,6 +164,10 @@ class DemoEvalOptions(Options):
         parse_cache_spec(self.cache)  # a bad --cache fails before any weights load
         if self.lora is None and self.lora_scale != 1.0:
             raise ValueError("--lora_scale has no effect without --lora; add --lora or drop --lora_scale.")
+        if self.lora is not None:
+            from opensora_plan.models.lora import require_peft
+
+            require_peft()  # a missing [lora] extra is one line before the model loads
         for name in ("interpolate", "upscale"):
             if getattr(self, f"{name}_model") is not None and getattr(self, name) == 1:
                 raise ValueError(f"--{name}_model has no effect without --{name}; add --{name} or drop "

@@ -33,13 +33,11 @@ ADAPTER_NAME = "default"
 KEY_PREFIX = "transformer."  # diffusers' pipeline-level prefix for the transformer's LoRA keys
 
 
-def _peft():
-    try:
-        import peft  # noqa: F401
-    except ImportError as error:
-        raise ImportError("LoRA needs the peft package; install it with `pip install peft` "
-                          "(on CPU in the same command as torch==2.13.0).") from error
-    return peft
+def require_peft():
+    """The ``peft`` module, or :class:`~opensora_plan.utils.MissingExtraError` naming the [lora] extra."""
+    from opensora_plan.utils import require_extra
+
+    return require_extra("peft", "lora", "LoRA (train-t2v --lora_rank, sample --lora)")
 
 
 def lora_config(rank: int, alpha: float | None = None, target_modules: list[str] | tuple[str, ...] | None = None):
@@ -47,7 +45,7 @@ def lora_config(rank: int, alpha: float | None = None, target_modules: list[str]
 
     Raises ValueError on a rank below 1, a non-positive alpha or an empty target list.
     """
-    peft = _peft()
+    peft = require_peft()
     if rank < 1:
         raise ValueError(f"--lora_rank must be at least 1, got {rank}.")
     alpha = float(rank if alpha is None else alpha)
@@ -63,8 +61,7 @@ def lora_config(rank: int, alpha: float | None = None, target_modules: list[str]
 
 def has_lora(model: torch.nn.Module) -> bool:
     """Whether any module of ``model`` is a peft LoRA layer."""
-    from peft.tuners.lora import LoraLayer
-
+    LoraLayer = require_peft().tuners.lora.LoraLayer
     return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
@@ -74,8 +71,7 @@ def add_lora(model: torch.nn.Module, config) -> list[str]:
     Returns the names of the trainable parameters. Raises ValueError when a target matches no Linear
     layer of ``model`` (a typo would otherwise train nothing) or when ``model`` already has adapters.
     """
-    from peft import inject_adapter_in_model
-
+    inject_adapter_in_model = require_peft().inject_adapter_in_model
     if has_lora(model):
         raise ValueError("The model already holds LoRA adapters; load the base model again or fuse them first.")
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -156,7 +152,7 @@ def read_lora(path: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor]]
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    peft = _peft()
+    peft = require_peft()
     folder = find_lora(path)
     if folder is None:
         raise FileNotFoundError(f"--lora {path} holds no {LORA_WEIGHT_NAME}; give the folder written by "
@@ -207,8 +203,7 @@ def load_lora_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tens
 
 
 def _lora_layers(model: torch.nn.Module):
-    from peft.tuners.lora import LoraLayer
-
+    LoraLayer = require_peft().tuners.lora.LoraLayer
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not layers:
         raise ValueError("The model holds no LoRA adapter; load one first (load_lora / --lora).")

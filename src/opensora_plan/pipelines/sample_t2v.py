@@ -613,6 +613,10 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
                              f"(use --lora_scale to scale it).")
         print(f"Using the {resolved[1]}", flush=True)
         opts = dataclasses.replace(opts, lora=str(resolved[0]))  # the adapter folder itself
+    if opts.lora is not None or (run is not None and run.lora is not None):
+        from opensora_plan.models.lora import require_peft
+
+        require_peft()  # a missing [lora] extra is one line now, not a traceback after the models load
     stages = plan_stages(opts, model_path)  # stage model paths and the upscaler's factor, before any model loads
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 

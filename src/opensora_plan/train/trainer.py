@@ -322,11 +322,11 @@ def require_wandb() -> None:
     """ValueError (one line) when ``--report_to wandb`` is asked for but the package is missing, or when no
     W&B credentials are found (``wandb login``, ``WANDB_API_KEY`` or netrc, as ``wandb.login(prompt=False)``
     looks for them) and ``WANDB_MODE`` is not offline/disabled; checked before any model loads."""
-    import importlib.util
+    from opensora_plan.utils import MissingExtraError, extra_installed
 
-    if importlib.util.find_spec("wandb") is None:
-        raise ValueError("--report_to wandb needs the wandb package, which is not installed; run `pip install wandb` "
-                         "or use --report_to tensorboard.")
+    if not extra_installed("wandb"):
+        raise MissingExtraError('--report_to wandb needs wandb, which is not installed; pip install '
+                                '"opensora-plan[wandb]", or use --report_to tensorboard.')
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return
     import wandb

@@ -23,12 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 def _import_gradio():
-    try:
-        import gradio as gr
-    except ImportError as err:
-        raise ImportError('The web UI needs gradio; install the extra: pip install -e ".[ui]" '
-                          '(keep torch pinned: pip install "gradio>=5,<7" torch==2.13.0 on CPU).') from err
-    return gr
+    """The ``gradio`` module, or :class:`~opensora_plan.utils.MissingExtraError` naming the [ui] extra."""
+    from opensora_plan.utils import require_extra
+
+    return require_extra("gradio", "ui", "The web UI (opensora-plan serve)")
 
 
 def build_app(service: VideoService):
