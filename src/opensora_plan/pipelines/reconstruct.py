@@ -37,7 +37,7 @@ from ..data.transforms import (
     model_range_to_frames,
     resize_short_side,
 )
-from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_gif, write_video
+from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, describe_gif, list_videos, write_gif, write_video
 from ..metrics import psnr, ssim
 from ..options import Options, option
 from ..utils import atomic_write_bytes, check_finite, check_output_folder, parse_dtype, resolve_device, valid_num_frames
@@ -224,6 +224,8 @@ def _reconstruct_file(vae, source: Path, target: Path, gif: bool, fps: float | N
     frames = model_range_to_frames(reconstruction)  # (T, H, W, 3) uint8
     out_fps = fps or (source_fps / clip_options["sample_rate"] if source_fps else 30.0)
     write_video(target, frames, out_fps)
+    if gif and fps is None and (note := describe_gif(out_fps)):  # a given --fps was told before any work
+        logger.warning("%s: %s", source.name, note)
     gif_path = write_gif(target.with_suffix(".gif"), frames, out_fps) if gif else None
     return ReconstructionResult(
         input_path=str(source), output_path=str(target), gif_path=str(gif_path) if gif_path else None,
@@ -319,6 +321,8 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
         sources, targets = [video_path], [target]
     if o.gif and any(t.with_suffix(".gif") == s for s, t in zip(sources, targets)):
         raise ValueError("--gif would overwrite an input .gif; choose another --rec_path.")
+    if o.gif and o.fps is not None and (note := describe_gif(o.fps)):  # the GIF's limits, before any model loads
+        logger.warning(note)
 
     vae = load_vae(o.model_path, o.device, o.dtype, o.enable_tiling, o.tile_overlap_factor, temporal_chunk,
                    o.temporal_context, o.temporal_mode)

@@ -1,0 +1,61 @@
+"""Issue 23, kind 3: GIF limits. GIF delays are whole centiseconds and browsers play delays under 20 ms as
+100 ms, so a GIF above 50 fps keeps every n-th frame (same duration) and says so in one line before any
+work; an fps no GIF can hold is refused before anything is written."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from opensora_plan import cli
+from opensora_plan.data.video_io import describe_gif, gif_plan, write_gif
+
+
+def _delays_ms(path) -> list[int]:
+    image = Image.open(path)
+    delays = []
+    for index in range(image.n_frames):
+        image.seek(index)
+        delays.append(image.info["duration"])
+    return delays
+
+
+@pytest.mark.parametrize("fps", [60.0, 120.0, 1000.0])
+def test_a_fast_gif_keeps_every_nth_frame_and_plays_at_the_right_speed(tmp_path, fps):
+    frames = np.random.default_rng(0).integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
+    delays = _delays_ms(write_gif(tmp_path / "v.gif", frames, fps))  # 1000 fps: was "returned 22"
+    assert min(delays) >= 20  # browsers would play 10 ms as 100 ms
+    step, gif_fps = gif_plan(fps)
+    assert len(delays) == len(frames[::step]) and gif_fps <= 50
+    assert sum(delays) / 1000 == pytest.approx(len(frames) / fps, abs=0.011 * len(delays) / 2 + 0.02)
+
+
+def test_describe_gif_says_what_the_gif_does():
+    assert describe_gif(8) is None and describe_gif(50) is None
+    assert "keeps every 2nd frame and plays at 30 fps" in describe_gif(60)
+    with pytest.raises(ValueError, match="cannot be written as a GIF"):
+        describe_gif(0.001)
+
+
+def test_sample_refuses_an_fps_no_gif_holds_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["sample", "a red circle moving left", "--gif", "--fps", "0.001", "--save_img_path",
+                     str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be written as a GIF" in err[0]
+    assert not out.exists()
+
+
+def test_sample_gif_at_60_fps_says_so_before_sampling_and_plays_at_30(tmp_path, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["sample", "a red circle moving left", "--gif", "--fps", "60", "--num_sampling_steps", "2",
+                         "--save_img_path", str(out)]) == 0
+    notes = [r.getMessage() for r in caplog.records if "--gif:" in r.getMessage()]
+    assert len(notes) == 1 and "every 2nd frame and plays at 30 fps" in notes[0]
+    (gif,) = out.glob("*.gif")
+    delays = _delays_ms(gif)
+    assert min(delays) >= 20 and len(delays) == 9  # 17 frames -> every 2nd
