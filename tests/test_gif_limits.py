@@ -59,3 +59,16 @@ def test_sample_gif_at_60_fps_says_so_before_sampling_and_plays_at_30(tmp_path, 
     (gif,) = out.glob("*.gif")
     delays = _delays_ms(gif)
     assert min(delays) >= 20 and len(delays) == 9  # 17 frames -> every 2nd
+
+
+def test_an_fps_an_mp4_cannot_hold_is_refused_not_written_at_24(tmp_path, capsys):
+    """Found with the GIF limits: 1e-5 fps rounded to a 0 frame rate, which PyAV wrote as 24 fps silently."""
+    from opensora_plan.data.video_io import write_video
+
+    with pytest.raises(ValueError, match="lowest frame rate"):
+        write_video(tmp_path / "v.mp4", np.zeros((2, 16, 16, 3), np.uint8), 1e-5)
+    for argv in (["sample", "a red circle moving left", "--save_img_path", str(tmp_path / "out")],
+                 ["interpolate", str(tmp_path / "in.mp4")], ["upscale", str(tmp_path / "in.mp4")]):
+        assert cli.main([*argv, "--fps", "0.00001"]) == 1
+        assert "lowest frame rate" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

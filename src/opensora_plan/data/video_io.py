@@ -352,9 +352,22 @@ def _as_uint8_frames(frames) -> np.ndarray:
 
 
 def _fps_fraction(fps: float) -> Fraction:
-    if not fps or fps <= 0:
+    """``fps`` as the container's frame-rate fraction (denominator <= 10000); ValueError when it is not
+    positive or is below 1/10000 fps, which the fraction would round to 0 (and PyAV silently to 24 fps)."""
+    if not fps or not fps > 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}.")
-    return Fraction(fps).limit_denominator(10000)
+    rate = Fraction(fps).limit_denominator(10000)
+    if rate <= 0:
+        raise ValueError(f"fps {fps:g} is below the lowest frame rate a video file holds here (0.0001 fps); "
+                         "raise --fps.")
+    return rate
+
+
+def check_fps(fps: float, gif: bool = False) -> str | None:
+    """Check before any work that a video (and with ``gif`` a GIF) can be written at ``fps``: ValueError
+    otherwise; returns :func:`describe_gif`'s line when ``gif`` and the GIF drops frames, else None."""
+    _fps_fraction(fps)
+    return describe_gif(fps) if gif else None
 
 
 def write_video(

@@ -254,6 +254,10 @@ class InterpolateOptions(Options):
         self.require_at_least(0, "corr_chunk")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"--fps must be positive, got {self.fps}.")
+        if self.fps is not None:
+            from opensora_plan.data.video_io import check_fps
+
+            check_fps(self.fps)  # a rate the mp4 cannot hold fails now, not after the model ran
         check_scale_factor(self.scale_factor)
         if self.dtype != "fp32" and resolve_device(self.device).type != "cuda":
             raise ValueError(f"--dtype {self.dtype} (autocast) needs CUDA; use --dtype fp32 on the CPU.")

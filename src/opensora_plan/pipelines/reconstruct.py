@@ -37,7 +37,8 @@ from ..data.transforms import (
     model_range_to_frames,
     resize_short_side,
 )
-from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, describe_gif, list_videos, write_gif, write_video
+from ..data.video_io import (VIDEO_EXTENSIONS, VideoReader, check_fps, describe_gif, list_videos, write_gif,
+                             write_video)
 from ..metrics import psnr, ssim
 from ..options import Options, option
 from ..utils import atomic_write_bytes, check_finite, check_output_folder, parse_dtype, resolve_device, valid_num_frames
@@ -321,7 +322,7 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
         sources, targets = [video_path], [target]
     if o.gif and any(t.with_suffix(".gif") == s for s, t in zip(sources, targets)):
         raise ValueError("--gif would overwrite an input .gif; choose another --rec_path.")
-    if o.gif and o.fps is not None and (note := describe_gif(o.fps)):  # the GIF's limits, before any model loads
+    if o.fps is not None and (note := check_fps(o.fps, gif=o.gif)):  # the formats' limits, before any model loads
         logger.warning(note)
 
     vae = load_vae(o.model_path, o.device, o.dtype, o.enable_tiling, o.tile_overlap_factor, temporal_chunk,

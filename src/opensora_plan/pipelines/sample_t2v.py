@@ -618,10 +618,10 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
 
         require_peft()  # a missing [lora] extra is one line now, not a traceback after the models load
     stages = plan_stages(opts, model_path)  # stage model paths and the upscaler's factor, before any model loads
-    if opts.gif:  # the GIF's limits, checked and told with the other options (an fps no GIF holds fails here)
-        from opensora_plan.data.video_io import describe_gif
+    if not opts.force_images:  # the output formats' fps limits, checked and told with the other options
+        from opensora_plan.data.video_io import check_fps
 
-        note = describe_gif(opts.fps * opts.interpolate)
+        note = check_fps(opts.fps * opts.interpolate, gif=opts.gif)
         if note:
             logger.warning(note)
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group

@@ -293,6 +293,10 @@ class UpscaleOptions(Options):
             raise ValueError("--tile_size fixes the tiles, so --sr_memory_gb has no effect; give one of them.")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"--fps must be positive, got {self.fps}.")
+        if self.fps is not None:
+            from opensora_plan.data.video_io import check_fps
+
+            check_fps(self.fps)  # a rate the mp4 cannot hold fails now, not after the model ran
 
 
 @dataclass
