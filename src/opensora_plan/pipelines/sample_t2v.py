@@ -617,6 +617,10 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
         from opensora_plan.models.lora import require_peft
 
         require_peft()  # a missing [lora] extra is one line now, not a traceback after the models load
+    if opts.lora is not None and run is None:
+        from opensora_plan.models.lora import check_lora_base
+
+        check_lora_base(opts.lora, model_path / version)  # trained on another base: one warning line
     stages = plan_stages(opts, model_path)  # stage model paths and the upscaler's factor, before any model loads
     if not opts.force_images:  # the output formats' fps limits, checked and told with the other options
         from opensora_plan.data.video_io import check_fps
