@@ -519,7 +519,7 @@ def _run_demo_eval(args) -> int:
                            guidance_scale=o.guidance_scale, sample_method=o.sample_method, device=o.device,
                            save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale,
                            interpolate=o.interpolate, upscale=o.upscale, interpolate_model=o.interpolate_model,
-                           upscale_model=o.upscale_model)
+                           upscale_model=o.upscale_model, overwrite=o.overwrite)
     print(report.table())
     if o.json_out:
         write_report(report, o.json_out)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_video
 from ..options import Options, option
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
-from .outputs import RunResults, check_targets, folder_output, single_output
+from .outputs import OVERWRITE_HELP, RunResults, check_targets, folder_output, single_output
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class InterpolateOptions(Options):
     quantize: str = option("round", choices=list(QUANTIZE_MODES), help="float -> uint8: round, or truncate as "
                            "the official driver does (parity)")
     backend: str = option("auto", choices=["auto", "pyav", "decord"], help="video reader")
-    overwrite: bool = option(False, help="replace outputs that already exist (an input is never replaced)")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         self.require_at_least(1, "batch_size")

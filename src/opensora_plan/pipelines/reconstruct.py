@@ -42,6 +42,7 @@ from ..data.video_io import (VIDEO_EXTENSIONS, VideoReader, check_fps, describe_
 from ..metrics import psnr, ssim
 from ..options import Options, option
 from ..utils import atomic_write_bytes, check_finite, check_output_folder, parse_dtype, resolve_device, valid_num_frames
+from .outputs import OVERWRITE_HELP, check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ class ReconstructOptions(Options):
     sample: bool = option(False, help="decode a posterior sample instead of the mode")
     seed: int = option(0, help="seed for --sample")
     gif: bool = option(False, help="also write <name>.gif beside each mp4")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
     fps: float | None = option(None, help="output fps (unset: source fps / sample_rate)")
     backend: str = option("auto", choices=["auto", "pyav", "decord"], help="video reader")
 
@@ -322,6 +324,10 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
         sources, targets = [video_path], [target]
     if o.gif and any(t.with_suffix(".gif") == s for s, t in zip(sources, targets)):
         raise ValueError("--gif would overwrite an input .gif; choose another --rec_path.")
+    # Every file the run writes: an existing one is refused without --overwrite, before the VAE loads.
+    planned = targets + ([t.with_suffix(".gif") for t in targets] if o.gif else [])
+    check_targets(sources, planned + ([rec_path / SUMMARY_NAME] if folder_mode else []), o.overwrite,
+                  flag="--rec_path")
     if o.fps is not None and (note := check_fps(o.fps, gif=o.gif)):  # the formats' limits, before any model loads
         logger.warning(note)
 

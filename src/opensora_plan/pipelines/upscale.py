@@ -36,7 +36,7 @@ import torch
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, write_video
 from ..options import Options, option
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
-from .outputs import RunResults, check_targets, folder_output, single_output
+from .outputs import OVERWRITE_HELP, RunResults, check_targets, folder_output, single_output
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class UpscaleOptions(Options):
     device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
     dtype: str = option("fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16: CUDA autocast (weights stay fp32; CUDA only)")
     fps: float | None = option(None, help="output fps of videos (unset: the source fps)")
-    overwrite: bool = option(False, help="replace outputs that already exist (an input is never replaced)")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         self.require_at_least(1, "batch_size")
