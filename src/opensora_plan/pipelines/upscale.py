@@ -413,6 +413,11 @@ def upscale(*args, **kwargs) -> RunResults:
         try:  # a bad input file: unreadable, or too small for the network
             frames, fps = _read(source)
             _check_frame_size(model, frames.shape[1], frames.shape[2], tile_size)
+            height, width = frames.shape[1] * model.upscale, frames.shape[2] * model.upscale
+            if target.suffix.lower() == ".mp4" and (height % 2 or width % 2):  # H.264's limit, before the model runs
+                raise ValueError(f"{source} is {frames.shape[2]}x{frames.shape[1]}, so x{model.upscale} gives "
+                                 f"{width}x{height}, and the H.264 output needs even sides; crop or pad it to an even "
+                                 "size first, or use an x2 / x4 model.")
         except ValueError as err:
             reason = str(err) if str(source) in str(err) else f"{source}: {err}"
             if not folder_mode:

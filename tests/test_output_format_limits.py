@@ -1,10 +1,11 @@
-"""Issue 23, kind 3: GIF limits. GIF delays are whole centiseconds and browsers play delays under 20 ms as
-100 ms, so a GIF above 50 fps keeps every n-th frame (same duration) and says so in one line before any
-work; an fps no GIF can hold is refused before anything is written."""
+"""Issue 23, kind 3: output-format limits. GIF delays are whole centiseconds and browsers play delays under
+20 ms as 100 ms, so a GIF above 50 fps keeps every n-th frame (same duration) and says so in one line before
+any work; an fps no GIF (or mp4) can hold, or an odd H.264 size, is refused before anything is computed."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,30 @@ def test_an_fps_an_mp4_cannot_hold_is_refused_not_written_at_24(tmp_path, capsys
         assert cli.main([*argv, "--fps", "0.00001"]) == 1
         assert "lowest frame rate" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_upscale_refuses_an_odd_mp4_size_before_the_model_runs(tmp_path, monkeypatch, capsys):
+    """Found with the GIF limits: an x3 upscale of an odd-sized video (ffv1 in .mkv allows one) ran the model,
+    then failed in the H.264 writer."""
+    import json
+
+    import av
+
+    from opensora_plan.models.rgt import RGTModel
+    from opensora_plan.pipelines import upscale
+
+    config_file = next((Path(__file__).parent / "fixtures").rglob("rgt_tiny_config.json"))
+    config = {**json.loads(config_file.read_text())["network_g"], "upscale": 3}
+    RGTModel.from_config(config).save_pretrained(tmp_path / "rgt3")
+    with av.open(str(tmp_path / "odd.mkv"), "w") as container:
+        stream = container.add_stream("ffv1", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 33, 31, "yuv420p"
+        for _ in range(2):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((31, 33, 3), np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    monkeypatch.setattr(upscale, "upscale_frames", lambda *a, **k: pytest.fail("the model ran"))
+    assert cli.main(["upscale", str(tmp_path / "odd.mkv"), "--model_path", str(tmp_path / "rgt3"), "--output",
+                     str(tmp_path / "out.mp4")]) == 1
+    assert "gives 99x93, and the H.264 output needs even sides" in capsys.readouterr().err
