@@ -122,3 +122,18 @@ def test_values_outside_the_range_are_refused(metric):
     with pytest.raises(ValueError, match="outside"):
         metric(nan, b.float() / 255)
     assert metric(a.float(), b.float(), data_range=255).item() == pytest.approx(metric(a, b).item(), abs=1e-9)
+
+
+def test_the_metric_networks_refuse_frames_outside_minus_one_one():
+    """Found with kind 4: LPIPS (eval-vae) and the I3D behind FVD take [-1, 1] frames; 0-255 frames gave other
+    numbers silently ([0, 1] frames lie inside [-1, 1], so no range check can tell them)."""
+    from opensora_plan.models.i3d import check_i3d_input
+    from opensora_plan.pipelines.evaluate_vae import lpips_video
+
+    video = torch.rand(1, 3, 9, 224, 224) * 255
+    with pytest.raises(ValueError, match=r"I3D \(FVD\) expects values in \[-1, 1\].*x / 127.5 - 1"):
+        check_i3d_input(video)
+    check_i3d_input(video / 127.5 - 1)
+    clip = torch.rand(3, 2, 16, 16) * 255
+    with pytest.raises(ValueError, match=r"lpips_video: the video expects values in \[-1, 1\].*x / 127.5 - 1"):
+        lpips_video(torch.nn.Identity(), clip, clip)

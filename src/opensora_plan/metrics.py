@@ -75,6 +75,18 @@ def _value_range(a: torch.Tensor, b: torch.Tensor, data_range: float | None, nam
     return data_range
 
 
+def check_value_range(x: torch.Tensor, low: float, high: float, name: str) -> None:
+    """ValueError naming ``name`` unless every value of ``x`` lies in ``[low, high]`` (up to float rounding,
+    1e-6 of the span) and none is NaN: for metric networks that expect e.g. [-1, 1] frames (LPIPS, I3D)."""
+    if x.numel() == 0:
+        return
+    slack = _ROUNDING * (high - low) if x.dtype.is_floating_point else 0.0
+    found_low, found_high = float(x.min()), float(x.max())
+    if not (found_low >= low - slack and found_high <= high + slack):
+        hint = " (0-255 frames: pass x / 127.5 - 1)" if low == -1 and found_high > 1 else ""
+        raise ValueError(f"{name} expects values in [{low:g}, {high:g}], got [{found_low:.4g}, {found_high:.4g}]{hint}.")
+
+
 def _check_pair(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if a.shape != b.shape:
         raise ValueError(f"{name}: both videos must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")

@@ -87,6 +87,9 @@ class EvaluationSummary:
 @torch.no_grad()
 def lpips_video(lpips, video: torch.Tensor, reconstruction: torch.Tensor, frames_per_batch: int = 16) -> float:
     """Mean per-frame LPIPS of two (3, T, H, W) videos in [-1, 1] (the reconstruction is clamped)."""
+    from ..metrics import check_value_range
+
+    check_value_range(video, -1.0, 1.0, "lpips_video: the video")  # the reconstruction is clamped below
     a = video.float().transpose(0, 1)  # (T, 3, H, W)
     b = reconstruction.float().clamp(-1, 1).transpose(0, 1)
     device = next(lpips.parameters()).device
