@@ -378,8 +378,11 @@ def _save(path: Path, frames, fps: float) -> Path:
     if frames.shape[0] == 1:
         from PIL import Image
 
+        from opensora_plan.utils import atomic_path
+
         path = path.with_suffix(".png")
-        Image.fromarray(frames[0].numpy()).save(path)
+        with atomic_path(path) as tmp:  # never a half-written png
+            Image.fromarray(frames[0].numpy()).save(tmp, format="PNG")
         return path
     from opensora_plan.data.video_io import write_video
 

@@ -596,7 +596,7 @@ class Trainer:
         for phase, scheduler in zip(self.phases, self.schedulers):
             if phase.name not in state["optimizers"]:
                 raise ValueError(f"{resume} has no optimizer state for phase {phase.name!r}; it was written by another task.")
-            optimizer = self.engines[phase.name].optimizer if self.config.sharding == "deepspeed" else phase.optimizer
+            optimizer = phase.optimizer  # the one the schedule drives (under DeepSpeed, the engine's base optimizer)
             # This run's settings (learning rate, betas, eps, weight decay, the schedule), built from its options:
             # loading the checkpoint's state would bring back the interrupted run's, silently ignoring a change.
             fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
