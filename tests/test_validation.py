@@ -201,7 +201,7 @@ def test_report_to_wandb_without_the_package_is_one_clear_error(monkeypatch, tmp
 
     real = importlib.util.find_spec  # as if wandb were not installed
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ValueError, match=r"pip install wandb"):
+    with pytest.raises(ImportError, match=r"pip install \"opensora-plan\[wandb\]\""):
         TrainConfig(output_dir=str(tmp_path), max_train_steps=1, report_to="wandb")
 
 

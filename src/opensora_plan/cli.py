@@ -184,10 +184,7 @@ def _run_serve(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.ui.app import ServeOptions, _import_gradio, serve
 
-    try:
-        _import_gradio()
-    except ImportError as err:
-        raise UserError(str(err)) from None
+    _import_gradio()  # a missing [ui] extra is one line (MissingExtraError), before any model loads
     serve(options_from_args(ServeOptions, args))
     return 0
 
@@ -522,7 +519,7 @@ def _run_demo_eval(args) -> int:
                            guidance_scale=o.guidance_scale, sample_method=o.sample_method, device=o.device,
                            save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale,
                            interpolate=o.interpolate, upscale=o.upscale, interpolate_model=o.interpolate_model,
-                           upscale_model=o.upscale_model)
+                           upscale_model=o.upscale_model, overwrite=o.overwrite)
     print(report.table())
     if o.json_out:
         write_report(report, o.json_out)
@@ -684,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             if k not in ("func", "verbose", "quiet")})
         logger.debug("torch %s, %d threads, OMP_NUM_THREADS=%s, cuda available: %s", torch.__version__,
                      torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), torch.cuda.is_available())
-    from opensora_plan.utils import PROGRESS_ENV, NonFiniteError
+    from opensora_plan.utils import PROGRESS_ENV, MissingExtraError, NonFiniteError
 
     # -q hides every progress bar: ours (utils.progress_bar) and the libraries' (tqdm reads TQDM_DISABLE).
     # Each torchrun process parses -q itself; the variable is restored afterwards for callers of main().
@@ -693,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[PROGRESS_ENV] = "1"
     try:
         return int(args.func(args) or 0)
-    except (UserError, OSError, ValueError, NonFiniteError) as err:  # OSError: a path the system refused
+    except (UserError, OSError, ValueError, NonFiniteError, MissingExtraError) as err:  # OSError: a path refused
         if os.environ.get("OPENSORA_PLAN_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

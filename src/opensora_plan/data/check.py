@@ -14,6 +14,7 @@ from typing import ClassVar
 from ..models.text_encoder import MODEL_MAX_LENGTH
 from ..options import Options, option
 from ..utils import valid_num_frames
+from ..pipelines.outputs import OVERWRITE_HELP
 from .buckets import ClipInfo, check_buckets, format_bucket_table, parse_buckets
 from .datasets import entry_problem, read_raw_entries, resolve_video_path
 from .video_io import VideoReader, VideoReadError
@@ -49,6 +50,7 @@ class DataCheckOptions(Options):
     use_image_num: int = option(0, help="with --buckets: joint-training images per clip (as train-t2v; they count "
                                 "in the token budget)")
     json_out: str | None = option(None, help="also write the full report as JSON here")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
     decode: bool = option(True, flag="--no_decode", help="only open the videos (fast) instead of decoding every "
                           "frame; may pass files training skips")
 
@@ -68,9 +70,11 @@ class DataCheckOptions(Options):
                 raise ValueError(f"--{unused[0]} is only used with --buckets (it sets the buckets' batch sizes); add "
                                  "--buckets or drop it.")
         if self.json_out:
-            from ..utils import check_output_file
+            from ..pipelines.outputs import check_output_file
 
-            check_output_file(self.json_out, "--json_out")  # before the decode pass, not after it
+            check_output_file(self.json_out, "--json_out", self.overwrite)  # before the decode pass, not after it
+        elif self.overwrite:
+            raise ValueError("--overwrite has no effect without --json_out; add --json_out or drop --overwrite.")
 
 
 def check_dataset(*args, progress: bool = True, **kwargs) -> dict:

@@ -365,7 +365,7 @@ def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]
         from opensora_plan.models.lora import add_lora, lora_config
 
         trainable = add_lora(transformer, lora_config(opts["lora_rank"], opts["lora_alpha"],
-                                                      opts["lora_target_modules"]))
+                                                      opts["lora_target_modules"], base_model=opts["pretrained"]))
         logger.info("LoRA rank %d: %d adapter tensors (%d parameters) trained, the base is frozen.",
                     opts["lora_rank"], len(trainable),
                     sum(p.numel() for p in transformer.parameters() if p.requires_grad))

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, T5_MAX_LENGTH
 from opensora_plan.options import option, option_fields
 from opensora_plan.train.t2v_validation import PREVIEW_DEFAULTS, preview_defaults
-from opensora_plan.train.trainer import TrainConfig, check_adamw, check_new_run_folder
+from opensora_plan.train.trainer import TrainConfig, check_adamw, check_new_run_folder, check_resume_options
 from opensora_plan.utils import valid_num_frames
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ def validate_t2v_options(opts: Mapping) -> None:
         from opensora_plan.train.checkpoint import resolve_resume
 
         resolve_resume(opts["resume_from_checkpoint"], opts["output_dir"])  # a missing checkpoint fails now
+        check_resume_options(opts)  # a changed option: refused, or applied (and said) by one rule
     if opts["buckets"]:
         from opensora_plan.data.buckets import parse_buckets
 
