@@ -198,7 +198,7 @@ def _run_serve(args) -> int:
 
 
 def _add_data(subparsers) -> None:
-    p = subparsers.add_parser("data", help="dataset tools (data check)",
+    p = subparsers.add_parser("data", help="dataset tools (data check, data index)",
                               description="Tools for text-to-video dataset JSON lists.")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     c = sub.add_parser(
@@ -212,6 +212,26 @@ def _add_data(subparsers) -> None:
     )
     _generate_options(c, "data", lambda: _import("opensora_plan.data.check", "DataCheckOptions"))
     c.set_defaults(func=_run_data_check)
+    i = sub.add_parser(
+        "index",
+        help="probe every video once (in parallel, resumable) and write a Parquet index that data check and "
+        "train-t2v read with --data_index",
+        description="Write one Parquet row per dataset entry: path, size, mtime, frames, fps, displayed height/width, "
+        "duration, readable (+ reason), captions (+ T5 token lengths with --text_encoder_name). Runs in worker "
+        "processes (and under torchrun each rank takes a share), resumes after a kill, refreshes an existing index "
+        "of the same dataset by probing only new or changed videos. See docs/data.md.",
+    )
+    _generate_options(i, "data", lambda: _import("opensora_plan.data.index", "DataIndexOptions"))
+    i.set_defaults(func=_run_data_index)
+
+
+def _run_data_index(args) -> int:
+    from opensora_plan.data.index import DataIndexOptions, build_index, format_index_summary
+    from opensora_plan.options import options_from_args
+
+    summary = build_index(options_from_args(DataIndexOptions, args))
+    print(format_index_summary(summary))
+    return 0
 
 
 def _run_data_check(args) -> int:
