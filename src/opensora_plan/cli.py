@@ -314,7 +314,7 @@ def _train_summary_line(summary: dict) -> str:
              f"{steps} optimizer step{'s' if steps != 1 else ''} skipped for a non-finite loss"]
     left_out = summary.get("unreadable_videos_left_out", 0)  # by the bucket plan, before training
     if left_out:
-        parts.append(f"{left_out} unreadable video{'s' if left_out != 1 else ''} left out by the bucket plan")
+        parts.append(f"{left_out} unreadable video{'s' if left_out != 1 else ''} left out before training")
     if summary.get("unfit_videos_left_out"):
         unfit = summary["unfit_videos_left_out"]
         parts.append(f"{unfit} video{'s' if unfit != 1 else ''} fit no bucket")

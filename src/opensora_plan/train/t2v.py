@@ -273,6 +273,8 @@ class T2VTask(T2VValidation, TrainTask):
         plan = getattr(self.dataset, "plan", None)
         if plan is not None:
             report.update(unreadable_videos_left_out=len(plan.unreadable), unfit_videos_left_out=len(plan.unfit))
+        elif getattr(self.dataset, "index_unreadable", None) is not None:  # --data_index without buckets
+            report.update(unreadable_videos_left_out=len(self.dataset.index_unreadable))
         if self.validation_data is not None:
             report.update(held_out_clips=len(self.validation_data),
                           held_out_unreadable=len(getattr(self.validation_data, "unreadable", [])))
