@@ -261,6 +261,8 @@ def _run_extract(args) -> int:
     from opensora_plan.options import options_from_args
 
     summary = extract_features(options_from_args(ExtractOptions, args))
+    if "cached" not in summary:  # a torchrun rank other than 0 (rank 0 prints the whole cache's summary)
+        return 0
     print(f"{summary['out']}: {summary['cached']} of {summary['entries']} entries cached in {summary['shards']} "
           f"shards ({summary['shards_written']} written now, {summary['shards_reused']} kept from before)")
     if summary["skipped"]:

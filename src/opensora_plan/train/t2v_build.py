@@ -7,8 +7,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 from opensora_plan.train.t2v_options import SUPPORTED_AE
 
 logger = logging.getLogger(__name__)
@@ -147,11 +145,16 @@ def _validation_dataset(opts: dict):
         dataset = VideoCaptionDataset(path, frames, size, sample_rate=opts["sample_rate"],
                                       video_folder=opts["video_folder"], cfg_dropout=0.0, random_flip=False,
                                       max_substitutions=0, frame_size=frame_size)
+        from opensora_plan.data.video_io import VideoReader
+
         readable, unreadable = [], []
-        for index, entry in enumerate(dataset.entries):  # read as the loss will: unreadable entries are dropped
+        for index, entry in enumerate(dataset.entries):  # opened (not decoded: the loss decodes each clip once)
             try:
-                with torch.random.fork_rng(devices=[]):
-                    dataset.load_clip(index)
+                with VideoReader(entry.path) as reader:
+                    if frame_size is not None and (reader.height < frame_size[0] or reader.width < frame_size[1]):
+                        raise VideoReadError(f"Video {entry.path}: a {reader.height}x{reader.width} (HxW) frame is "
+                                             f"smaller than the {frame_size[0]}x{frame_size[1]} bucket; buckets never "
+                                             "upscale")
                 readable.append(entry)
             except VideoReadError as err:
                 unreadable.append({"index": index, "path": str(entry.path), "reason": str(err)})
