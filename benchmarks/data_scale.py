@@ -302,7 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline_src", type=Path, required=True, help="src/ of the code to compare with (main)")
     parser.add_argument("--probe_all_sizes", type=int, nargs="*", default=[10000],
                         help="sizes at which today's --buckets run (every video probed per process) is timed")
-    parser.add_argument("--parts", nargs="+", default=["startup", "shards", "resume"])
+    parser.add_argument("--parts", nargs="+", default=["startup", "index_build", "shards", "resume"])
+    parser.add_argument("--runs", nargs="*", default=None, help="only these start-up runs (e.g. video_index)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -332,11 +333,34 @@ def main(argv=None) -> int:
             if n in args.probe_all_sizes:
                 runs["buckets_today"] = (video_argv(root, assets, "--buckets", "9x32x32,5x32x48"), args.baseline_src)
             for name, (run_argv, src) in runs.items():
+                if args.runs is not None and name not in args.runs:
+                    continue
                 result = run_to_first_step(run_argv, src, args.work / f"run_{name}_{n}")
                 result["load"] = os.getloadavg()[0]
                 results.setdefault("startup", {}).setdefault(str(n), {})[name] = result
                 print(f"[{n}] {name}: {result}", flush=True)
                 save()
+    if "index_build" in args.parts:  # the real `data index` over the smallest simulated set (2 worker processes)
+        from opensora_plan.data.index import build_index
+
+        n = min(args.sizes)
+        root = make_dataset(args.work, n, assets)
+        rows = {}
+        for decode in (True, False):
+            out = args.work / f"built_{n}_{'decode' if decode else 'open'}.parquet"
+            out.unlink(missing_ok=True)
+            began = time.monotonic()
+            summary = build_index(root / "data.json", out, decode=decode, num_workers=2, progress=False)
+            rows["decode" if decode else "no_decode"] = {
+                "entries": n, "seconds": round(time.monotonic() - began, 1),
+                "videos_per_s": round(n / (time.monotonic() - began), 1), "readable": summary["readable"]}
+            began = time.monotonic()
+            again = build_index(root / "data.json", out, decode=decode, num_workers=2, progress=False)
+            rows["decode" if decode else "no_decode"]["refresh_s"] = round(time.monotonic() - began, 1)
+            rows["decode" if decode else "no_decode"]["refresh_probed"] = again["probed"]
+        results["index_build"] = {**rows, "load": os.getloadavg()[0]}
+        print(results["index_build"], flush=True)
+        save()
     if "shards" in args.parts:
         store = make_feature_store(args.work, max(args.sizes))
         results["shard_read"] = {"entries": max(args.sizes), **shard_read_rate(store), "load": os.getloadavg()[0]}
