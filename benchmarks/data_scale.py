@@ -214,9 +214,9 @@ def run_to_first_step(argv: list[str], src: Path, out: Path, timeout: float = 18
 
 
 def video_argv(root: Path, assets: dict, *extra: str) -> list[str]:
+    shape = [] if "--buckets" in extra else ["--num_frames", "5", "--max_image_size", "32"]
     return ["train-t2v", "--model", "LatteT2V-Tiny/122", "--text_encoder_name", str(assets["t5"]), "--ae_path",
-            str(assets["vae"]), "--data_path", str(root / "data.json"), "--num_frames", "5", "--max_image_size", "32",
-            "--model_max_length", "16", "--train_batch_size", "1", "--max_train_steps", "1", "--checkpointing_steps",
+            str(assets["vae"]), "--data_path", str(root / "data.json"), *shape, "--model_max_length", "16", "--train_batch_size", "1", "--max_train_steps", "1", "--checkpointing_steps",
             "1000", "--mixed_precision", "no", "--report_to", "none", "--dataloader_num_workers", "1", "-q", *extra]
 
 
