@@ -195,7 +195,7 @@ def _run_serve(args) -> int:
 
 
 def _add_data(subparsers) -> None:
-    p = subparsers.add_parser("data", help="dataset tools (data check)",
+    p = subparsers.add_parser("data", help="dataset tools (data check, data index)",
                               description="Tools for text-to-video dataset JSON lists.")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     c = sub.add_parser(
@@ -209,6 +209,26 @@ def _add_data(subparsers) -> None:
     )
     _generate_options(c, "data", lambda: _import("opensora_plan.data.check", "DataCheckOptions"))
     c.set_defaults(func=_run_data_check)
+    i = sub.add_parser(
+        "index",
+        help="probe every video once (in parallel, resumable) and write a Parquet index that data check and "
+        "train-t2v read with --data_index",
+        description="Write one Parquet row per dataset entry: path, size, mtime, frames, fps, displayed height/width, "
+        "duration, readable (+ reason), captions (+ T5 token lengths with --text_encoder_name). Runs in worker "
+        "processes (and under torchrun each rank takes a share), resumes after a kill, refreshes an existing index "
+        "of the same dataset by probing only new or changed videos. See docs/data.md.",
+    )
+    _generate_options(i, "data", lambda: _import("opensora_plan.data.index", "DataIndexOptions"))
+    i.set_defaults(func=_run_data_index)
+
+
+def _run_data_index(args) -> int:
+    from opensora_plan.data.index import DataIndexOptions, build_index, format_index_summary
+    from opensora_plan.options import options_from_args
+
+    summary = build_index(options_from_args(DataIndexOptions, args))
+    print(format_index_summary(summary))
+    return 0
 
 
 def _run_data_check(args) -> int:
@@ -238,6 +258,8 @@ def _run_extract(args) -> int:
     from opensora_plan.options import options_from_args
 
     summary = extract_features(options_from_args(ExtractOptions, args))
+    if "cached" not in summary:  # a torchrun rank other than 0 (rank 0 prints the whole cache's summary)
+        return 0
     print(f"{summary['out']}: {summary['cached']} of {summary['entries']} entries cached in {summary['shards']} "
           f"shards ({summary['shards_written']} written now, {summary['shards_reused']} kept from before)")
     if summary["skipped"]:
@@ -291,7 +313,7 @@ def _train_summary_line(summary: dict) -> str:
              f"{steps} optimizer step{'s' if steps != 1 else ''} skipped for a non-finite loss"]
     left_out = summary.get("unreadable_videos_left_out", 0)  # by the bucket plan, before training
     if left_out:
-        parts.append(f"{left_out} unreadable video{'s' if left_out != 1 else ''} left out by the bucket plan")
+        parts.append(f"{left_out} unreadable video{'s' if left_out != 1 else ''} left out before training")
     if summary.get("unfit_videos_left_out"):
         unfit = summary["unfit_videos_left_out"]
         parts.append(f"{unfit} video{'s' if unfit != 1 else ''} fit no bucket")

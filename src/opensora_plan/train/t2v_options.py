@@ -61,6 +61,9 @@ class T2VTrainOptions(TrainConfig):
     dataset: str = option("t2v", help="dataset type", group="data")
     data_path: str | None = option(None, help="JSON list of {'path': ..., 'cap': [...] or '...'}", group="data")
     video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
+    data_index: str | None = option(None, help="index of --data_path written by `opensora-plan data index`: start "
+                                    "without opening the videos (only changed ones are probed again); unreadable "
+                                    "ones are left out", group="data")
     cached_features: str | None = option(None, help="folder written by `opensora-plan extract` (T5 and/or VAE "
                                          "cached)", group="data")
     num_frames: int = option(17, help="pixel frames per clip, 1 + 4k (17 or 65 for the released stages)",
@@ -200,6 +203,15 @@ def validate_t2v_options(opts: Mapping) -> None:
             raise ValueError("--buckets with --sp_size > 1 is not supported (bucket lengths may not split over the "
                              "group); use --sp_size 1.")
         parse_buckets(opts["buckets"])  # a bad spec fails now, before any video is probed
+    if opts["data_index"]:
+        if opts["cached_features"]:
+            raise ValueError("--data_index indexes the videos of --data_path; an `extract` cache has its own shard "
+                             "index: drop --data_index or --cached_features.")
+        if not opts["data_path"]:
+            raise ValueError("--data_index needs --data_path (the dataset JSON it indexes).")
+        from opensora_plan.data.index import read_index_meta
+
+        read_index_meta(opts["data_index"])  # a missing or foreign file fails now, before anything loads
     for key in ("data_path", "cached_features", "ae_path", "pretrained", "text_encoder_name", "validation_data_path"):
         if opts[key] and not Path(opts[key]).exists():
             raise FileNotFoundError(f"--{key} {opts[key]} does not exist.")
