@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from opensora_plan.train.t2v_options import SUPPORTED_AE
+from opensora_plan.train.t2v_options import CACHE_SETTINGS, SUPPORTED_AE
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _dataset(opts: dict):
 
         dataset = CachedFeatureDataset(opts["cached_features"], cfg_dropout=opts["cfg_dropout"])
         settings = dataset.settings
-        for key in ("num_frames", "max_image_size", "use_image_num", "sample_rate", "model_max_length"):
+        for key in CACHE_SETTINGS:
             if opts[key] != settings[key]:
                 logger.warning("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key],
                                settings[key])

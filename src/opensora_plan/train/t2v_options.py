@@ -190,6 +190,7 @@ def validate_t2v_options(opts: Mapping) -> None:
         from opensora_plan.train.checkpoint import resolve_resume
 
         resolve_resume(opts["resume_from_checkpoint"], opts["output_dir"])  # a missing checkpoint fails now
+        _take_cache_settings(opts)  # compared as the run recorded them: the cache's, not the flags' defaults
         check_resume_options(opts)  # a changed option: refused, or applied (and said) by one rule
     if opts["buckets"]:
         from opensora_plan.data.buckets import parse_buckets
@@ -283,3 +284,23 @@ def _check_model_spec(spec: str) -> None:
     raise FileNotFoundError(f"--model {spec} is neither a known size ({', '.join(LATTE_CONFIGS)}) nor a LatteT2V "
                             "config.json or folder holding one.")
 
+
+CACHE_SETTINGS = ("num_frames", "max_image_size", "use_image_num", "sample_rate", "model_max_length")
+
+
+def _take_cache_settings(opts: dict) -> None:
+    """With ``--cached_features``: the options an ``extract`` cache fixes (:data:`CACHE_SETTINGS`) set to the
+    cache's values (its ``meta.json``), one warning per flag that asked for another. A missing or unreadable cache
+    is left to the dataset, which names what it expected."""
+    from opensora_plan.data.features import META_FILE
+    from opensora_plan.utils import read_json_file
+
+    meta = Path(opts["cached_features"] or "") / META_FILE
+    if not opts["cached_features"] or not meta.is_file():
+        return
+    settings = read_json_file(meta, "The feature cache's meta.json").get("settings", {})
+    for key in CACHE_SETTINGS:
+        if key in settings and opts[key] != settings[key]:
+            logger.warning("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key],
+                           settings[key])
+            opts[key] = settings[key]

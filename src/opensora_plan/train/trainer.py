@@ -271,7 +271,7 @@ def check_adamw(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, 
 PATH_OPTIONS = ("output_dir", "data_path", "video_folder", "video_path", "cached_features", "validation_data_path",
                 "validation_prompt_file", "ae_path", "pretrained", "text_encoder_name", "model", "model_config",
                 "pretrained_model_path", "lpips_path", "buckets", "deepspeed_config", "resume_from_checkpoint",
-                "validation_data")
+                "validation_data", "data_index")
 
 
 def absolute_paths(options: dict) -> dict:
