@@ -264,3 +264,26 @@ def test_shipped_demo_student_samples_with_its_own_defaults(tmp_path, capsys, mo
     video = _sample(tmp_path / "out", student)
     assert "(LCM, 4 steps)" in capsys.readouterr().out and counter.batches == [1, 1, 1, 1]
     assert video.shape == (17, 64, 64, 3) and video.float().std() > 1  # not blank
+
+
+def test_a_lora_train_t2v_run_is_a_teacher_with_its_adapter_folded_in(assets, teacher, tmp_path):  # noqa: F811
+    pytest.importorskip("peft")
+    from test_train_t2v import _argv as t2v_argv
+
+    from opensora_plan.pipelines.training_run import load_run_transformer, resolve_training_output
+    from opensora_plan.train.distill import resolve_teacher
+
+    run = tmp_path / "t2v_lora"
+    assert cli.main(t2v_argv(assets, run, 2, "--model", str(teacher / "v"), "--pretrained", str(teacher / "v"),
+                             "--lora_rank", "4", "--learning_rate", "1e-2", "--use_image_num", "0")) == 0
+    spec = resolve_teacher(str(run))
+    folded = spec.load()
+    assert not any("lora" in k for k in folded.state_dict())  # a plain LatteT2V: the student copies it
+    with_adapter = load_run_transformer(resolve_training_output(run), torch.float32, "cpu")
+    x, t = torch.randn(1, 4, 2, 4, 4), torch.tensor([500])
+    text = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        expected = with_adapter(x, t, encoder_hidden_states=text, return_dict=False)[0]
+        got = folded(x, t, encoder_hidden_states=text, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert cli.main(_argv(assets, run, tmp_path / "student", 1)) == 0  # distils from the run

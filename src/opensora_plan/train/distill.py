@@ -164,7 +164,7 @@ def resolve_teacher(path: str) -> Teacher:
     model folder whose sampling file names its version or that holds exactly one version folder. Its VAE and T5
     (the defaults of ``--ae_path`` / ``--text_encoder_name``) and guidance come from the same place ``sample``
     takes them. FileNotFoundError / ValueError (one line) otherwise; nothing is loaded."""
-    from opensora_plan.pipelines.model_folder import load_sampling_config, version_folders
+    from opensora_plan.pipelines.model_folder import load_sampling_config, vae_folder, version_folders
     from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
 
     folder = Path(path)
@@ -192,9 +192,8 @@ def resolve_teacher(path: str) -> Teacher:
         if not (transformer / "config.json").is_file():
             raise FileNotFoundError(f"--teacher {path}: its version folder {transformer} has no config.json.")
     config = load_sampling_config(root) if root.is_dir() else None
-    vae = next((str(p) for p in (root / "vae",) if (p / "config.json").is_file()), None)
-    if config is not None and getattr(config, "vae", None):
-        vae = config.vae
+    vae = vae_folder(root)
+    vae = str(vae) if (vae / "config.json").is_file() else None
     return Teacher(transformer, None, vae, config.text_encoder if config else None,
                    config.guidance_scale if config else None, config.fps if config else None, str(transformer))
 
@@ -376,7 +375,8 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
         options = DistillOptions.from_mapping(options)
     teacher_spec = resolve_teacher(options.teacher)
     opts = options.to_dict()
-    opts.update(model=str(teacher_spec.transformer_folder or options.teacher), pretrained=None, attention_mode=None,
+    architecture = teacher_spec.transformer_folder or teacher_spec.run.base  # a LoRA run: its base's config
+    opts.update(model=str(architecture), pretrained=None, attention_mode=None,
                 cfg_dropout=0.0, buckets=None, validation_sampling_steps=options.num_sampling_steps,
                 validation_sample_method=STUDENT_SAMPLER, validation_guidance_scale=1.0)
     for key, value in (("ae_path", teacher_spec.vae), ("text_encoder_name", teacher_spec.text_encoder)):
@@ -421,6 +421,8 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
     if config_t["caption_channels"] != caption_channels:
         raise ValueError(f"The teacher takes {config_t['caption_channels']}-wide caption embeddings, the text "
                          f"encoder / cache gives {caption_channels}; use the teacher's T5.")
+    logger.info("Distilling %s (guidance %g baked in) into a %s student.", teacher_spec.describe, guidance,
+                f"rank-{opts['lora_rank']} LoRA" if opts["lora_rank"] else "full-weights")
     teacher = teacher_spec.load()
     torch.manual_seed(opts["seed"])
     student = copy.deepcopy(teacher).requires_grad_(True)
