@@ -299,6 +299,31 @@ def _run_train_t2v(args) -> int:
     return _report_training(summary)
 
 
+def _add_distill(subparsers) -> None:
+    p = subparsers.add_parser(
+        "distill",
+        help="distil a LatteT2V into a few-step student with guidance built in (latent consistency distillation)",
+        description="Distil a frozen LatteT2V teacher (a model folder, version folder or train-t2v run) into a "
+        "student that samples in 1-8 LCM steps without a classifier-free-guidance batch. Takes train-t2v's data, "
+        "LoRA, optimisation and run options (same loop, checkpoints, resume, EMA, sharding, --dry_run); the run and "
+        "its checkpoints carry a sampling_config.json, so `sample --model_path RUN` (or --lora RUN) samples the "
+        "student with its own settings. See docs/distill.md.",
+    )
+    _generate_options(p, "distill", lambda: _import("opensora_plan.train.distill", "DistillOptions"))
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args) -> int:
+    from opensora_plan.options import options_from_args
+    from opensora_plan.train import distill
+
+    summary = distill.distill(options_from_args(distill.DistillOptions, args))
+    if summary.get("dry_run"):
+        print(summary["report"])
+        return 0
+    return _report_training(summary)
+
+
 def _report_training(summary: dict) -> int:
     """Print a training run's summary line (main process only: one line per run, not one per process)."""
     if os.environ.get("RANK", "0") == "0":

@@ -96,6 +96,7 @@ def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_metho
                        device: str | None = None):
     """``(pipeline, demo_info)`` for a demo model folder (default: the shipped one), in float32."""
     from opensora_plan.demo.model import default_model_path, fast_cache_options, load_demo_info
+    from opensora_plan.pipelines.model_folder import vae_folder
     from opensora_plan.diffusion.schedulers import create_scheduler
     from opensora_plan.models.causalvae import CausalVAEModel
     from opensora_plan.models.latte import LatteT2V
@@ -108,7 +109,7 @@ def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_metho
     device = resolve_device(device)
     tokenizer, text_encoder = load_t5(model_path / info["text_encoder"], device=device)
     transformer = LatteT2V.from_pretrained(model_path / info["version"], device=device).eval()
-    vae = CausalVAEModel.from_pretrained(model_path / "vae", device=device).eval()
+    vae = CausalVAEModel.from_pretrained(vae_folder(model_path), device=device).eval()
     scheduler = create_scheduler(sample_method or info["sample_method"])
     pipe = OpenSoraPlanPipeline(vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
                                 tokenizer=tokenizer)
