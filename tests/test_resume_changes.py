@@ -60,18 +60,19 @@ def test_a_change_to_what_made_the_checkpoint_is_refused_before_any_work(assets,
 
 def test_every_option_of_every_train_command_has_a_resume_rule():
     """The rule is by name: the refused and quiet sets name only real options, and docs/training.md's table
-    lists every option of the four train commands in exactly one row."""
+    lists every option of the five train commands in exactly one row."""
     import dataclasses
     import re
 
     from opensora_plan.options import option_fields
+    from opensora_plan.train.distill import DistillOptions
     from opensora_plan.train.sr import SRTrainOptions
     from opensora_plan.train.t2v import T2VTrainOptions
     from opensora_plan.train.trainer import RESUME_QUIET, RESUME_REFUSED
     from opensora_plan.train.vae import VAETrainOptions
     from opensora_plan.train.vfi import VFITrainOptions
 
-    names = {f.name for cls in (T2VTrainOptions, VAETrainOptions, VFITrainOptions, SRTrainOptions)
+    names = {f.name for cls in (T2VTrainOptions, VAETrainOptions, VFITrainOptions, SRTrainOptions, DistillOptions)
              for f in option_fields(cls)} - {"config"}
     assert RESUME_REFUSED <= names and RESUME_QUIET <= names and not RESUME_REFUSED & RESUME_QUIET
     docs = (Path(__file__).parents[1] / "docs" / "training.md").read_text()

@@ -308,7 +308,7 @@ def check_new_run_folder(output_dir: str | os.PathLike, resume_from_checkpoint: 
 RESUME_REFUSED = frozenset({
     "model", "model_config", "pretrained", "pretrained_model_path", "ae", "ae_path", "text_encoder_name",
     "model_max_length", "lora_rank", "lora_alpha", "lora_target_modules", "logvar_init", "seed", "use_ema",
-    "sharding", "deepspeed_config",
+    "sharding", "deepspeed_config", "teacher", "guidance_scale",
 })
 # Applied without a word: where and how often the run reports, saves and validates, and speed switches; they do
 # not change the updates.
@@ -317,7 +317,7 @@ RESUME_QUIET = frozenset({
     "report_to", "dataloader_num_workers", "allow_tf32", "compile", "gradient_checkpointing", "enable_tiling",
     "attention_mode", "max_nonfinite_steps", "dry_run", "validation_steps", "validation_prompts",
     "validation_prompt_file", "validation_sampling_steps", "validation_sample_method", "validation_guidance_scale",
-    "validation_data_path", "validation_num_timesteps", "validation_data", "validation_videos",
+    "validation_data_path", "validation_num_timesteps", "validation_data", "validation_videos", "num_sampling_steps",
 })
 # Every other option (learning rate and the other optimizer settings, the schedule, batch sizes, precision, data,
 # loss weights) is applied from the resume step on, with one warning line naming the old and new values.
@@ -337,7 +337,8 @@ def run_options(record: Mapping) -> dict:
 def resume_changes(options: Mapping) -> tuple[Path | None, dict[str, tuple]]:
     """``(checkpoint, {option: (run's value, new value)})`` for a resumed run (``options`` flat, with
     ``output_dir`` and ``resume_from_checkpoint``): the options that differ from the options.json of the run the
-    checkpoint belongs to. ``(None, {})`` for a fresh run or a run folder without options.json."""
+    checkpoint belongs to; an unset (None) option is not a change. ``(None, {})`` for a fresh run or a run folder
+    without options.json."""
     from opensora_plan.train.checkpoint import resolve_resume
     from opensora_plan.utils import read_json_file
 
@@ -347,7 +348,8 @@ def resume_changes(options: Mapping) -> tuple[Path | None, dict[str, tuple]]:
         return checkpoint, {}
     before = run_options(read_json_file(record, "The run's options file"))
     now = json.loads(json.dumps(absolute_paths(dict(options)), default=str))  # as options.json records them
-    return checkpoint, {k: (before[k], v) for k, v in now.items() if k in before and before[k] != v}
+    # An option left unset (None: "from the model, teacher or cache") keeps what the run resolved and recorded.
+    return checkpoint, {k: (before[k], v) for k, v in now.items() if k in before and v is not None and before[k] != v}
 
 
 def check_resume_options(options: Mapping) -> dict[str, tuple]:
