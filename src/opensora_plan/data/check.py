@@ -36,7 +36,8 @@ class DataCheckOptions(Options):
     COMMAND: ClassVar[str] = "data check"
     CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
-    data_path: str = option(positional=True, help="dataset JSON list")
+    data_path: str = option(positional=True, help="dataset JSON list, or a folder of videos with same-name .txt "
+                            "captions")
     video_folder: str | None = option(None, help="base folder for relative paths (unset: the JSON's folder)")
     text_encoder_name: str | None = option(None, help="local T5 folder: also count caption tokens")
     num_frames: int | None = option(None, help="also count videos shorter than this window")

@@ -59,7 +59,8 @@ class T2VTrainOptions(TrainConfig):
         group="LoRA fine-tuning (needs peft; docs/training.md)")
     # data
     dataset: str = option("t2v", help="dataset type", group="data")
-    data_path: str | None = option(None, help="JSON list of {'path': ..., 'cap': [...] or '...'}", group="data")
+    data_path: str | None = option(None, help="JSON list of {'path': ..., 'cap': [...] or '...'}, or a folder of "
+                                   "videos with same-name .txt captions", group="data")
     video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
     cached_features: str | None = option(None, help="folder written by `opensora-plan extract` (T5 and/or VAE "
                                          "cached)", group="data")
@@ -104,8 +105,8 @@ class T2VTrainOptions(TrainConfig):
                                                      "--pretrained folder's sampling_config.json or demo.json, "
                                                      "else 7.5)", group="run", show_default=False)
     # held-out loss at fixed timesteps and fixed noise (T2VTask.held_out_loss)
-    validation_data_path: str | None = option(None, help="held-out clips (JSON list like --data_path, or an extract "
-                                              "folder): diffusion loss at fixed timesteps and noise every "
+    validation_data_path: str | None = option(None, help="held-out clips (JSON list or folder like --data_path, or "
+                                              "an extract folder): diffusion loss at fixed timesteps and noise every "
                                               "--validation_steps, as val_loss", group="run")
     validation_num_timesteps: int = option(8, help="fixed timesteps of the held-out loss", group="run")
     dry_run: bool = option(False, help="check options, data (bucket histogram) and models, print parameter counts "
