@@ -86,3 +86,210 @@ def test_a_clip_folder_given_as_a_feature_cache_says_where_it_goes(assets, tmp_p
 
     with pytest.raises(FileNotFoundError, match="goes to --data_path"):
         CachedFeatureDataset(_clip_folder(assets, tmp_path / "clips"))
+
+
+# --------------------------------------------------------------------------------------------
+# 7. the summary line says what was written
+# --------------------------------------------------------------------------------------------
+
+
+def _sample(tmp_path, capsys, *flags) -> str:
+    assert cli.main(["-q", "sample", "a red circle moving left", "--num_sampling_steps", "1", "--save_img_path",
+                     str(tmp_path), *flags]) == 0
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_sample_summary_gives_the_size_written_not_the_version_name(tmp_path, capsys):
+    line = _sample(tmp_path / "a", capsys, "--num_frames", "9")
+    assert line.startswith("Sampled 1 mp4 video of 9 frames 64x64 at 8 fps with model 17x64x64 "), line
+    assert "(1 step)" not in line and "1 step)" in line and "per video" in line
+
+
+def test_sample_summary_says_png_images_for_force_images(tmp_path, capsys):
+    line = _sample(tmp_path / "b", capsys, "--force_images")
+    assert line.startswith("Sampled 1 png image 64x64 with model "), line
+    assert "video" not in line and "per image" in line
+    assert [p.suffix for p in (tmp_path / "b").iterdir()] == [".png"]
+
+
+def test_summary_counts_are_singular_for_one():
+    from opensora_plan.utils import plural
+
+    assert plural(1, "video") == "1 video" and plural(2, "video") == "2 videos"
+    assert plural(1, "entry", "entries") == "1 entry" and plural(0, "entry", "entries") == "0 entries"
+
+
+def test_demo_eval_table_says_1_seed(tmp_path):
+    from opensora_plan.demo.evaluate import DemoEvalReport
+
+    video = {"prompt": "a red circle moving left", "correct": {"colour": True, "shape": True, "direction": True,
+                                                               "background": True}}
+    report = DemoEvalReport(videos=[video], settings={"seeds": [0], "sample_method": "DDIM", "num_sampling_steps": 1,
+                                                      "guidance_scale": 3.0}, seconds=1.0, denoise_seconds=0.5)
+    first = report.table().splitlines()[0]
+    assert first.startswith("1 video (1 prompt x 1 seed), DDIM 1 step,"), first
+
+
+# --------------------------------------------------------------------------------------------
+# 11. the web UI and Ctrl-C
+# --------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_ends_any_command_with_one_line_and_exit_code_130(tmp_path, monkeypatch, capsys):
+    import opensora_plan.data.check as check
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(check, "check_dataset", interrupted)
+    (tmp_path / "d.json").write_text("[]")
+    assert cli.main(["data", "check", str(tmp_path / "d.json")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C)"
+
+
+def test_serve_names_port_when_the_port_is_taken_before_loading_a_model(monkeypatch, capsys):
+    pytest.importorskip("gradio")
+    import socket
+
+    import opensora_plan.ui.service as service
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(service.VideoService, "__init__", no_model)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --port {port} on 127.0.0.1 is not free") and f"--port {port + 1}" in err
+    assert "GRADIO_SERVER_PORT" not in err and err.count("\n") == 0
+
+
+def test_ui_seed_limit_is_the_cli_limit():
+    from opensora_plan.options import SEED_LIMIT, check_seed
+    from opensora_plan.ui.service import MAX_SEED
+
+    assert MAX_SEED == SEED_LIMIT - 1 and SEED_LIMIT <= 2**53  # a browser's number holds every allowed seed
+    check_seed(MAX_SEED)
+    with pytest.raises(ValueError):
+        check_seed(MAX_SEED + 1)
+
+
+@pytest.fixture(scope="module")
+def page():
+    """The demo's page, launched in this process on a free port; yields (app, service)."""
+    pytest.importorskip("gradio")
+    import socket
+
+    from opensora_plan.ui.app import build_app
+    from opensora_plan.ui.service import VideoService
+
+    service = VideoService(device="cpu")
+    app = build_app(service)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield app, service
+    app.close()
+
+
+def test_page_progress_shows_on_the_video_not_over_the_seed_box(page):
+    app, _ = page
+    config = app.get_config_file()
+    elem = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    generating = [d for d in config["dependencies"] if "seed" in [elem.get(o) for o in d["outputs"]]]
+    assert len(generating) == 2  # the Generate button and Enter in the prompt box
+    for dependency in generating:
+        assert [elem[c] for c in dependency["show_progress_on"] or []] == ["video"]
+
+
+def test_page_user_error_is_shown_without_a_traceback_in_the_terminal(page, capfd):
+    from gradio_client import Client
+
+    app, service = page
+    client = Client(app.local_url, verbose=False)
+    capfd.readouterr()
+    with pytest.raises(Exception, match="The prompt is empty"):
+        client.predict(prompt=" ", negative_prompt="", version=service.version, steps=2, guidance=3.0, seed=0,
+                       random_seed=False, scheduler="EulerAncestralDiscrete", cache="none", api_name="/generate")
+    terminal = capfd.readouterr()
+    assert "Traceback" not in terminal.err + terminal.out
+
+
+# --------------------------------------------------------------------------------------------
+# 12. small things
+# --------------------------------------------------------------------------------------------
+
+
+def test_readme_lists_every_extra_with_its_packages():
+    import re
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    readme = (root / "README.md").read_text()
+    listed = dict(re.findall(r"^- `(\w+)`: (.*(?:\n  .*)*)", readme.split("Extras:", 1)[1], flags=re.M))
+    assert sorted(listed) == sorted(extras)
+    for extra, requirements in extras.items():
+        for requirement in requirements:
+            name = re.split(r"[<>=!~\[ ]", requirement)[0]
+            if extra != "deepspeed" and extra != "wandb":  # named by the extra itself
+                assert name.lower() in listed[extra].lower(), (extra, name)
+
+
+@pytest.mark.parametrize("prompt", ["https://example.com/x.", "www.example.com/clip.mp4 !", "漂亮的猫。"])
+def test_a_prompt_that_cleaning_reduces_to_punctuation_is_refused(prompt, tmp_path, capsys):
+    assert cli.main(["sample", prompt, "--save_img_path", str(tmp_path / "out")]) == 1
+    assert "empty after caption cleaning" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_prompts_and_data_check_use_the_same_rule(tmp_path):
+    from opensora_plan.models.text_encoder import emptied_by_cleaning, preprocess_texts
+
+    assert emptied_by_cleaning("https://example.com/x.", preprocess_texts("https://example.com/x.")[0])
+    assert not emptied_by_cleaning("a cat. https://example.com", preprocess_texts("a cat. https://example.com")[0])
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "d.json").write_text(json.dumps([{"path": "a.mp4", "cap": "https://example.com/x."}]))
+    from opensora_plan.data.check import check_dataset
+
+    report = check_dataset(str(tmp_path / "d.json"), decode=False, progress=False)
+    assert [e["caption"] for e in report["captions"]["emptied_by_cleaning"]] == ["https://example.com/x."]
+
+
+def test_type_errors_name_the_flag_as_every_other_message(tmp_path, capsys):
+    from opensora_plan.pipelines.sample_t2v import SampleOptions
+
+    with pytest.raises(ValueError, match=r"^sample: --guidance_scale must be a number, got 'high'\.$"):
+        SampleOptions(guidance_scale="high")
+    (tmp_path / "c.json").write_text('{"guidance_scale": "high"}')
+    assert cli.main(["sample", "a cat", "--config", str(tmp_path / "c.json")]) == 1
+    assert "--guidance_scale must be a number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "a red circle moving left", "--save_img_path", "/proc/opensora-plan-test/out"],
+    ["demo", "make-data", "--out", "/proc/opensora-plan-test", "--num_videos", "1"],
+])
+def test_an_unwritable_output_path_is_one_sentence_before_any_work(argv, capsys):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc (a folder nobody, root included, can write in)")
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot write there" in err and "[Errno" not in err and err.count("\n") == 0
+
+
+def test_a_raw_system_error_is_printed_as_a_sentence_naming_the_path(tmp_path, monkeypatch, capsys):
+    import opensora_plan.data.check as check
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/report.json")
+
+    monkeypatch.setattr(check, "check_dataset", refused)
+    assert cli.main(["data", "check", str(tmp_path / "d.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: /data/report.json: permission denied (the system refused this path); check the path and "
+                   "that you may read or write there.")

@@ -173,9 +173,11 @@ def extract_features(*args, progress: bool = True, **kwargs) -> dict:
     (shards written / reused, entries cached, skipped videos with reasons).
     Takes an :class:`ExtractOptions`, or its fields (data_path, out_dir positionally).
     """
+    from ..utils import check_output_folder
+
     o = ExtractOptions.of(*args, **kwargs)
     entries = load_video_entries(o.data_path, o.video_folder)
-    out_dir = Path(o.out_dir)
+    out_dir = check_output_folder(o.out_dir, "--out")
     settings = {
         "format": CACHE_FORMAT,
         "text_encoder": str(o.text_encoder_name) if o.text_encoder_name else None,

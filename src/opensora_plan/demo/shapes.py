@@ -176,7 +176,9 @@ def make_dataset(*args, **kwargs) -> Path:
     shapes = list(SHAPES) if o.shapes is None else list(o.shapes)
     from opensora_plan.data.video_io import write_video
 
-    out = Path(o.out)
+    from opensora_plan.utils import check_output_folder
+
+    out = check_output_folder(o.out, "--out")
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(o.seed)
     combos = list(itertools.product(colours, shapes, DIRECTIONS))

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
-from ..utils import atomic_write_bytes, check_output_file, read_text_file
+from ..utils import atomic_write_bytes, check_output_file, plural, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class T2VEvaluation:
         if "clip_score" in s.get("metrics", ()):
             frames = "all frames" if not s.get("clip_frames") else f"{s['clip_frames']} frames"
             rows.append(("CLIP score ^", "n/a" if self.clip_score is None else f"{self.clip_score:.2f}",
-                         f"{self.clip_num_videos} videos, {frames} each"))
+                         f"{plural(self.clip_num_videos, 'video')}, {frames} each"))
         if "fvd" in s.get("metrics", ()):
             rows.append(("FVD v", "n/a" if self.fvd is None else f"{self.fvd:.2f}",
                          f"{self.fvd_num_generated} generated vs {self.fvd_num_real} real clips of "
@@ -179,7 +179,7 @@ def resolve_prompts(videos: Sequence[Path], prompts: str | os.PathLike | None) -
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise ValueError(
-            f"{len(missing)} video(s) have no prompt in {source} ({shown}); a .txt needs one line per video index "
+            f"{plural(len(missing), 'video')} {'has' if len(missing) == 1 else 'have'} no prompt in {source} ({shown}); a .txt needs one line per video index "
             "(names '0007-...'), a .json an entry per file name."
         )
     return found

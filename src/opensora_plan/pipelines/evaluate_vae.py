@@ -26,7 +26,7 @@ import torch
 from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, plural
 from .reconstruct import check_num_frames, load_clip, load_vae, quality, reconstruct_video
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class EvaluationSummary:
 
     def table(self) -> str:
         """Plain-text table: metric, this model, the reference's v1.0.0 number."""
-        rows = [("metric", f"this VAE ({len(self.scores)} videos)", "v1.0.0 report (100 K400 val clips)")]
+        rows = [("metric", f"this VAE ({plural(len(self.scores), 'video')})", "v1.0.0 report (100 K400 val clips)")]
         for metric, label, fmt in (("psnr", "PSNR (dB) ^", "{:.3f}"), ("ssim", "SSIM ^", "{:.4f}"), ("lpips", "LPIPS v", "{:.4f}")):
             value = self.mean(metric)
             rows.append((label, "n/a (no --lpips_path)" if value is None else fmt.format(value),

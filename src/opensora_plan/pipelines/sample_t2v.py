@@ -509,6 +509,25 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
     return written, shape
 
 
+def sample_summary(count: int, shape: tuple, fps: float, opts: SampleOptions, model: str, seconds: float) -> str:
+    """The end-of-run line: what was written (png images or mp4 videos, frames, size and fps as written, after
+    the post-processing stages), then the model folder and the scheduler that made it, and the time."""
+    from opensora_plan.utils import plural
+
+    noun = "image" if opts.force_images else "video"
+    what = plural(count, f"png {noun}" if opts.force_images else f"mp4 {noun}")
+    if count and opts.force_images:
+        what += f" {shape[2]}x{shape[1]}"
+    elif count:
+        what += f" of {plural(shape[0], 'frame')} {shape[2]}x{shape[1]} at {fps:g} fps"
+    steps = [f"--{name} {getattr(opts, name)}" for name in ("interpolate", "upscale") if getattr(opts, name) != 1]
+    if count and steps:
+        what += f" (after {', '.join(steps)})"
+    return (f"Sampled {what} with model {model} "
+            f"({opts.sample_method}, {plural(opts.num_sampling_steps, 'step')}) in {seconds:.1f} s "
+            f"({seconds / max(count, 1):.1f} s per {noun})")
+
+
 def _encode_batch(pipe, prompts, negative_prompt, do_cfg, clean_caption, text_conditioning):
     """``(prompt_embeds, prompt_mask, negative_embeds, negative_mask)`` of one batch; masks are None for 'reference'."""
     if text_conditioning == "per_prompt":
@@ -640,17 +659,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
                                       device, rank, tag, out_dir, groups, run, stages)
     elapsed = time.perf_counter() - start
     fps = opts.fps * opts.interpolate  # interpolation keeps the duration
-    size = ""
-    if written:
-        steps = [f"--{name} {getattr(opts, name)}" for name in ("interpolate", "upscale") if getattr(opts, name) != 1]
-        size = (f"; {shape[0]} frame{'' if shape[0] == 1 else 's'} {shape[2]}x{shape[1]}"
-                + (f" at {fps:g} fps" if shape[0] > 1 else "") + (f" (after {', '.join(steps)})" if steps else ""))
-    print(
-        f"{tag}Sampled {len(written)} video(s) with {version} ({opts.sample_method}, {opts.num_sampling_steps} "
-        f"step{'' if opts.num_sampling_steps == 1 else 's'}) "
-        f"in {elapsed:.1f} s ({elapsed / max(len(written), 1):.1f} s per video) -> {out_dir}{size}",
-        flush=True,
-    )
+    print(f"{tag}{sample_summary(len(written), shape, fps, opts, version, elapsed)} -> {out_dir}", flush=True)
     if opts.gif:
         from opensora_plan.data.video_io import read_video, write_gif
 

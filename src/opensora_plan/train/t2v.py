@@ -46,6 +46,7 @@ from opensora_plan.train.t2v_validation import (
     preview_defaults,
 )
 from opensora_plan.train.trainer import Phase, TrainConfig, TrainTask, train
+from opensora_plan.utils import plural
 
 __all__ = ["PREVIEW_DEFAULTS", "STAGE_CONFIG_DIR", "SUPPORTED_AE", "T2V_DEFAULTS", "VALIDATION_SEED", "T2VTask",
            "T2VTrainOptions", "_validation_dataset", "build_t2v", "build_transformer", "dry_run_report",
@@ -501,7 +502,7 @@ def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
                          "them all)")
         lines.append("  (batches per epoch for one process; with N processes each gets about 1/N of them)")
     else:
-        lines.append(f"  {len(dataset)} samples, batch {config.train_batch_size} per process")
+        lines.append(f"  {plural(len(dataset), 'sample')}, batch {config.train_batch_size} per process")
     lines += ["", _validation_summary(task, config)]
     held_out = task.validation_data
     for item in getattr(held_out, "unreadable", [])[:10]:

@@ -222,10 +222,10 @@ def validate_t2v_options(opts: Mapping) -> None:
         lora_config(opts["lora_rank"], opts["lora_alpha"], opts["lora_target_modules"])  # peft installed, values valid
     if opts["validation_prompts"]:
         # Validation previews clean captions as sampling does: a prompt emptied by it fails now, not after training.
-        from opensora_plan.models.text_encoder import preprocess_texts
+        from opensora_plan.models.text_encoder import emptied_by_cleaning, preprocess_texts
 
         for prompt, cleaned in zip(opts["validation_prompts"], preprocess_texts(list(opts["validation_prompts"]))):
-            if prompt.strip() and not cleaned:
+            if emptied_by_cleaning(prompt, cleaned):
                 raise ValueError(f"Validation prompt {prompt!r} is empty after caption cleaning (it removes CJK "
                                  "characters, URLs, HTML, ...) and would preview the unconditional video; write it "
                                  "in English.")
