@@ -293,3 +293,31 @@ def test_a_raw_system_error_is_printed_as_a_sentence_naming_the_path(tmp_path, m
     err = capsys.readouterr().err.strip()
     assert err == ("error: /data/report.json: permission denied (the system refused this path); check the path and "
                    "that you may read or write there.")
+
+
+# --------------------------------------------------------------------------------------------
+# 10. training previews (and sampling a run) at the base model's fps
+# --------------------------------------------------------------------------------------------
+
+
+def test_previews_and_samples_of_a_run_use_the_base_models_fps(tmp_path, capsys):
+    from opensora_plan.data.video_io import read_video
+    from opensora_plan.demo.model import default_model_path
+    from opensora_plan.demo.shapes import make_dataset
+    from opensora_plan.train.t2v import train_t2v
+
+    demo = default_model_path()
+    data = make_dataset(out=str(tmp_path / "clips"), num_videos=2, seed=3)
+    run = tmp_path / "run"
+    train_t2v(dict(model=str(demo / "17x64x64"), pretrained=str(demo / "17x64x64"), ae_path=str(demo / "vae"),
+                   text_encoder_name=str(demo / "text_encoder"), data_path=str(data), num_frames=17,
+                   max_image_size=64, model_max_length=32, use_image_num=0, train_batch_size=1, max_train_steps=1,
+                   checkpointing_steps=1, mixed_precision="no", report_to="none", output_dir=str(run),
+                   validation_steps=1, validation_prompts=["a red circle moving left"], validation_sampling_steps=1))
+    previews = sorted((run / "validation").rglob("*.mp4"))
+    assert previews and all(read_video(p)[1] == pytest.approx(8) for p in previews)  # demo.json: fps 8, not 24
+    capsys.readouterr()
+    assert cli.main(["-q", "sample", "a red circle moving left", "--model_path", str(run), "--num_sampling_steps", "1",
+                     "--save_img_path", str(tmp_path / "out")]) == 0
+    assert " at 8 fps " in capsys.readouterr().out
+    assert read_video(next((tmp_path / "out").glob("*.mp4")))[1] == pytest.approx(8)

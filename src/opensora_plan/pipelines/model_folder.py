@@ -121,6 +121,19 @@ def sampling_config_file(folder: str | os.PathLike) -> Path | None:
     return None
 
 
+def base_model_sampling_config(pretrained: str | os.PathLike | None) -> SamplingConfig | None:
+    """The sampling file of a base model given as its transformer (``train-t2v --pretrained``): the folder's own,
+    else its parent's (the shipped demo's ``17x64x64/`` sits beside ``demo.json``); None for a weights file
+    (Latte's ``t2v.pt``), None, or a folder without one."""
+    if not pretrained or not Path(pretrained).is_dir():
+        return None
+    for folder in (Path(pretrained), Path(pretrained).parent):
+        config = load_sampling_config(folder)
+        if config is not None:
+            return config
+    return None
+
+
 def load_sampling_config(folder: str | os.PathLike | None) -> SamplingConfig | None:
     """The sampling defaults ``folder`` carries (None for the shipped demo), or None when it has no file.
 

@@ -34,7 +34,8 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from opensora_plan.options import Options, option
-from opensora_plan.pipelines.model_folder import (DEFAULT_TEXT_ENCODER, RELEASE_SAMPLE_DEFAULTS, default_model_path,
+from opensora_plan.pipelines.model_folder import (DEFAULT_TEXT_ENCODER, RELEASE_SAMPLE_DEFAULTS,
+                                                  base_model_sampling_config, default_model_path,
                                                   fast_cache_options, load_sampling_config)
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,8 @@ def resolve_sample_defaults(model_path: str | os.PathLike | None = None, **given
     """Sampling settings with every ``None`` filled in: flag > model folder file > release defaults.
 
     No ``model_path``: the shipped demo model. The folder's ``sampling_config.json`` (or a demo model's
-    ``demo.json``, :func:`~opensora_plan.pipelines.model_folder.load_sampling_config`) gives what it sets;
+    ``demo.json``, :func:`~opensora_plan.pipelines.model_folder.load_sampling_config`; for a ``train-t2v`` run or
+    checkpoint, its ``--pretrained`` base model's, :func:`~.model_folder.base_model_sampling_config`) gives what it sets;
     what it does not set, or a folder without such a file (a release checkpoint), comes from
     :data:`RELEASE_SAMPLE_DEFAULTS`. Values given (not ``None``) always win.
     Keys: model_path, version, text_encoder_name, sample_method, num_sampling_steps, guidance_scale, fps.
@@ -245,10 +247,18 @@ def resolve_sample_defaults(model_path: str | os.PathLike | None = None, **given
         raise ValueError(f"sample_defaults got unknown options {unknown}; expected {sorted(RELEASE_SAMPLE_DEFAULTS)}.")
     folder = Path(model_path) if model_path is not None else default_model_path()
     config = load_sampling_config(folder)
+    given_by_file = config.sample_defaults() if config is not None else {}
+    if config is None and model_path is not None:
+        from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
+
+        if is_training_output(folder):  # a train-t2v run samples as its base model does (fps, scheduler, ...)
+            config = base_model_sampling_config(resolve_training_output(folder).pretrained)
+            given_by_file = {k: v for k, v in (config.sample_defaults() if config else {}).items()
+                             if k not in ("version", "text_encoder_name")}  # the run records its own
     if config is None and model_path is None:
         raise FileNotFoundError(f"The shipped demo model is missing from {folder}; reinstall opensora-plan or pass "
                                 f"--model_path (a release folder) and --text_encoder_name.")
-    defaults = {**RELEASE_SAMPLE_DEFAULTS, **(config.sample_defaults() if config is not None else {})}
+    defaults = {**RELEASE_SAMPLE_DEFAULTS, **given_by_file}
     options = {"model_path": str(folder) if model_path is None else model_path, **defaults}
     options.update({k: v for k, v in given.items() if v is not None})
     # The demo's scaled latents reach +-8: a scheduler that clips x0 to [-1, 1] (DDIM, DDPM as the reference

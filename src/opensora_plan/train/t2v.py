@@ -44,6 +44,7 @@ from opensora_plan.train.t2v_validation import (
     VALIDATION_SEED,
     T2VValidation,
     preview_defaults,
+    preview_fps,
 )
 from opensora_plan.train.trainer import Phase, TrainConfig, TrainTask, train
 from opensora_plan.utils import plural
@@ -74,7 +75,7 @@ class T2VTask(T2VValidation, TrainTask):
                  adam_epsilon: float = 1e-8, max_grad_norm: float | None = 1.0, validation_prompts: list[str] = (),
                  validation_sampling_steps: int = 20, validation_data=None, validation_num_timesteps: int = 8,
                  validation_batch_size: int = 1, validation_sample_method: str = "PNDM",
-                 validation_guidance_scale: float = 7.5, seed: int = 0):
+                 validation_guidance_scale: float = 7.5, validation_fps: float = 24.0, seed: int = 0):
         from opensora_plan.data.datasets import SkippedVideos, collate_video_caption
         from opensora_plan.diffusion import GaussianDiffusion
 
@@ -95,6 +96,7 @@ class T2VTask(T2VValidation, TrainTask):
         self.validation_sampling_steps = validation_sampling_steps
         self.validation_sample_method = validation_sample_method
         self.validation_guidance_scale = validation_guidance_scale
+        self.validation_fps = validation_fps  # of the preview mp4s: the base model's (t2v_validation.preview_fps)
         self.validation_data = validation_data  # held-out dataset (cfg_dropout 0) or None
         self.validation_num_timesteps = validation_num_timesteps
         self.validation_batch_size = validation_batch_size
@@ -388,7 +390,8 @@ def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]
         validation_sampling_steps=opts["validation_sampling_steps"], validation_data=held_out,
         validation_num_timesteps=opts["validation_num_timesteps"], validation_batch_size=opts["train_batch_size"],
         validation_sample_method=opts["validation_sample_method"],
-        validation_guidance_scale=opts["validation_guidance_scale"], seed=opts["seed"],
+        validation_guidance_scale=opts["validation_guidance_scale"], validation_fps=preview_fps(opts["pretrained"]),
+        seed=opts["seed"],
     )
     # What `sample --model_path <checkpoint>` needs to find the run's models again (absolute paths); a
     # feature cache names the VAE / T5 it was extracted with.

@@ -251,14 +251,19 @@ def validate_t2v_options(opts: Mapping) -> None:
     if opts["validation_prompts"]:
         from opensora_plan.diffusion.schedulers import create_scheduler
 
+        from opensora_plan.pipelines.pipeline_opensora_plan import check_scheduler_steps
+
         try:
-            create_scheduler(opts["validation_sample_method"])
+            scheduler = create_scheduler(opts["validation_sample_method"])
         except ValueError as err:
             raise ValueError(f"--validation_sample_method: {err}") from None
-    if opts["validation_prompts"] and opts["validation_sampling_steps"] < 4:
-        # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
-        raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
-                         f"PNDM sampler; use 4 or more.")
+        if opts["validation_sampling_steps"] < 1:
+            raise ValueError(f"--validation_sampling_steps must be at least 1, got {opts['validation_sampling_steps']}.")
+        try:  # checked here, not after hours of training (PNDM's Runge-Kutta warm-up needs 4 steps; others run 1)
+            check_scheduler_steps(scheduler, opts["validation_sampling_steps"])
+        except ValueError as err:
+            raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} with "
+                             f"--validation_sample_method {opts['validation_sample_method']}: {err}") from None
 
 
 def _check_model_spec(spec: str) -> None:
