@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_t2v import _cli_options, assets  # noqa: E402,F401 (the tiny T5 / VAE / clips fixture)
@@ -321,3 +322,94 @@ def test_previews_and_samples_of_a_run_use_the_base_models_fps(tmp_path, capsys)
                      "--save_img_path", str(tmp_path / "out")]) == 0
     assert " at 8 fps " in capsys.readouterr().out
     assert read_video(next((tmp_path / "out").glob("*.mp4")))[1] == pytest.approx(8)
+
+
+# --------------------------------------------------------------------------------------------
+# 9. out-of-domain input gets one line saying so
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_prompt_outside_the_demo_vocabulary_is_named_in_one_warning(tmp_path, caplog, capsys):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="opensora_plan"):
+        _sample(tmp_path / "a", capsys, "--num_frames", "1")  # "a red circle moving left": known, no warning
+        assert not [r for r in caplog.records if "outside what this model knows" in r.getMessage()]
+        assert cli.main(["-q", "sample", "a dog running on the beach", "--num_sampling_steps", "1", "--num_frames", "1",
+                         "--save_img_path", str(tmp_path / "b")]) == 0
+    hints = [r.getMessage() for r in caplog.records if "outside what this model knows" in r.getMessage()]
+    assert len(hints) == 1 and "'a dog running on the beach'" in hints[0] and "circle/square/triangle" in hints[0]
+
+
+def test_the_demo_vocabulary_of_the_library_is_the_demos(tmp_path):
+    from opensora_plan.demo.shapes import COLOURS, DIRECTIONS, SHAPES
+    from opensora_plan.pipelines.model_folder import DEMO_VOCABULARY, load_sampling_config
+
+    assert DEMO_VOCABULARY == (tuple(COLOURS), tuple(SHAPES), tuple(DIRECTIONS))
+    demo = load_sampling_config(None)
+    assert demo.prompt_hint("A Blue Square, moving up!") is None
+    assert "none of circle/square/triangle" in demo.prompt_hint("a blue ball moving up")
+    (tmp_path / "sampling_config.json").write_text(json.dumps({"vocabulary": [["cat", "dog"]]}))
+    assert load_sampling_config(tmp_path).prompt_hint("a cat") is None
+    assert load_sampling_config(tmp_path).prompt_hint("a horse") is not None
+    (tmp_path / "sampling_config.json").write_text(json.dumps({"vocabulary": ["cat"]}))
+    with pytest.raises(ValueError, match="vocabulary must be a non-empty list of word lists"):
+        load_sampling_config(tmp_path)
+
+
+def test_page_warns_about_a_prompt_outside_the_vocabulary(page):
+    _, service = page
+    assert service.prompt_hint("a red circle moving left") is None
+    assert "outside what this model knows" in service.prompt_hint("a cat")
+
+
+def _small_clip(path: Path, height: int, width: int, frames: int = 9) -> Path:
+    from opensora_plan.data.video_io import write_video
+
+    generator = torch.Generator().manual_seed(0)
+    write_video(path, (torch.rand(frames, height, width, 3, generator=generator) * 255).to(torch.uint8), fps=8)
+    return path
+
+
+def test_a_clip_smaller_than_resolution_is_upscaled_with_a_warning(tmp_path, caplog):
+    import logging
+
+    from opensora_plan.pipelines.reconstruct import load_clip
+
+    clip = _small_clip(tmp_path / "qcif.mp4", 36, 44)
+    with caplog.at_level(logging.WARNING, logger="opensora_plan"):
+        video, _ = load_clip(clip, num_frames=9, resolution=64)
+    assert tuple(video.shape[-2:]) == (64, 72)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "44x36 upscaled to 78x64" in message and "--resolution 32 to keep its own size" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="opensora_plan"):
+        load_clip(clip, num_frames=9, resolution=32)  # a downscale is what --resolution is for: no warning
+    assert not caplog.records
+
+
+def test_the_demo_vae_on_other_footage_says_it_is_out_of_its_domain(tmp_path, caplog, capsys):
+    import logging
+
+    from opensora_plan.demo.model import default_model_path
+
+    clip = _small_clip(tmp_path / "noise.mp4", 32, 32)
+    with caplog.at_level(logging.WARNING, logger="opensora_plan"):
+        assert cli.main(["-q", "reconstruct", "--model_path", str(default_model_path() / "vae"), "--video_path",
+                         str(clip), "--rec_path", str(tmp_path / "rec.mp4"), "--num_frames", "9", "--resolution",
+                         "32"]) == 0
+    (message,) = [r.getMessage() for r in caplog.records if "demo model's VAE" in r.getMessage()]
+    assert "trained only on synthetic coloured shapes on black" in message
+
+
+def test_a_model_root_given_as_a_vae_path_names_its_vae_subfolder(tmp_path, capsys):
+    from opensora_plan.demo.model import default_model_path
+
+    demo = default_model_path()
+    clip = _small_clip(tmp_path / "c.mp4", 32, 32)
+    for argv in (["reconstruct", "--model_path", str(demo), "--video_path", str(clip), "--rec_path",
+                  str(tmp_path / "r.mp4"), "--num_frames", "9"],
+                 ["eval-vae", "--model_path", str(demo), "--video_path", str(tmp_path), "--num_frames", "9"]):
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"pass its vae/ subfolder, e.g. --model_path {demo / 'vae'}." in err and err.count("\n") == 0

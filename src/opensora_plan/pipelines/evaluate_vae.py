@@ -27,7 +27,7 @@ from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
 from ..utils import atomic_write_bytes, plural
-from .reconstruct import check_num_frames, load_clip, load_vae, quality, reconstruct_video
+from .reconstruct import check_num_frames, load_clip, load_vae, quality, reconstruct_video, warn_out_of_domain
 
 logger = logging.getLogger(__name__)
 
@@ -174,4 +174,5 @@ def evaluate_vae(*args, **kwargs) -> EvaluationSummary:
         ))
     if o.json_out:
         atomic_write_bytes(o.json_out, json.dumps(summary.to_dict(), indent=2).encode())
+    warn_out_of_domain(o.model_path, summary.mean("psnr"))
     return summary

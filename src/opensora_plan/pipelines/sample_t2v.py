@@ -519,6 +519,16 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
     return written, shape
 
 
+def warn_unknown_prompts(prompts: list[str], config, shown: int = 3) -> None:
+    """One warning line per prompt outside the model's ``vocabulary`` (its sampling file's; the demo's words), the
+    first ``shown`` of them, then a count."""
+    hints = [h for h in (config.prompt_hint(p) for p in prompts) if h] if config is not None else []
+    for hint in hints[:shown]:
+        logger.warning("%s%s", hint[0].upper(), hint[1:])
+    if len(hints) > shown:
+        logger.warning("%d more prompts are outside what this model knows.", len(hints) - shown)
+
+
 def sample_summary(count: int, shape: tuple, fps: float, opts: SampleOptions, model: str, seconds: float) -> str:
     """The end-of-run line: what was written (png images or mp4 videos, frames, size and fps as written, after
     the post-processing stages), then the model folder and the scheduler that made it, and the time."""
@@ -603,6 +613,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     check_scheduler_steps(scheduler, opts.num_sampling_steps)  # before any model loads or folder is made
     prompts = read_prompts(text_prompt, opts.prompt_file)
     preprocess_prompts(prompts, clean=opts.clean_caption, warn=False)  # a prompt that cleaning empties: error now
+    warn_unknown_prompts(prompts, None if opts.lora else load_sampling_config(opts.model_path))  # a LoRA may add words
     out_dir = check_output_folder(opts.save_img_path, "--save_img_path")
     suffix = ".png" if opts.force_images else ".mp4"
     for index, prompt in enumerate(prompts):  # a planned file that is a folder would fail only after sampling

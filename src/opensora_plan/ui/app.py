@@ -55,6 +55,9 @@ def build_app(service: VideoService):
                                     seed=None if random_seed else seed, scheduler=scheduler, cache=cache,
                                     interpolate=factor(interpolate), upscale=factor(upscale))
         progress(0, desc="denoising")
+        hint = service.prompt_hint(prompt or "") if (prompt or "").strip() else None
+        if hint:  # sampled anyway: the user sees why the video may not follow the prompt
+            gr.Warning(hint[0].upper() + hint[1:])
         try:
             result = service.generate(request, on_step=lambda done, total: progress((done, total), desc="denoising"))
         except (ValueError, FileNotFoundError) as err:  # the user's input: shown on the page, one log line here

@@ -213,6 +213,10 @@ class VideoService:
         return ["a dog running on the beach at sunset", "a drone shot of waves crashing on a rocky coast",
                 "a red car driving through a snowy forest", "time lapse of clouds over a mountain lake"]
 
+    def prompt_hint(self, prompt: str) -> str | None:
+        """A sentence when ``prompt`` is outside the folder file's ``vocabulary`` (the demo's words), else None."""
+        return self.sampling_config.prompt_hint(prompt) if self.sampling_config is not None else None
+
     # ----------------------------------------------------------------------------------------
     # Requests
     # ----------------------------------------------------------------------------------------
