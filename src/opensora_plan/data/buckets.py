@@ -358,7 +358,9 @@ def format_bucket_table(rows: list[dict], unfit: list[dict], num_unreadable: int
         batch = "-" if r["batch_size"] is None else str(r["batch_size"])
         lines.append(f"{r['bucket']:<{width}}  {r['clips']:>6}  {batch:>5}  {r['batches_per_epoch']:>13}")
     assigned = sum(r["clips"] for r in rows)
-    lines.append(f"{assigned} clips in buckets, {len(unfit)} fit no bucket, {num_unreadable} unreadable")
+    from ..utils import plural
+
+    lines.append(f"{plural(assigned, 'clip')} in buckets, {len(unfit)} fit no bucket, {num_unreadable} unreadable")
     idle = [r["bucket"] for r in rows if r["clips"] and not r["batches_per_epoch"]]
     if idle:
         lines.append(f"WARNING      buckets {idle} have fewer clips than one batch: their clips are never trained "

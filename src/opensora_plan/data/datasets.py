@@ -374,7 +374,9 @@ class SkippedVideos:
         """One line per distinct path, or '' when nothing was skipped."""
         if not self.counts:
             return ""
-        lines = [f"{self.total} samples skipped ({len(self.counts)} distinct videos):"]
+        from ..utils import plural
+
+        lines = [f"{plural(self.total, 'sample')} skipped ({plural(len(self.counts), 'distinct video')}):"]
         lines += [f"  {path} (x{n}): {self.reasons[path]}" for path, n in sorted(self.counts.items())]
         return "\n".join(lines)
 

@@ -468,7 +468,7 @@ def _validation_summary(task: T2VTask, config: TrainConfig) -> str:
     prompts = len(task.validation_prompts)
     if task.validation_data is None and not prompts:
         return "validation: none (no --validation_data_path or --validation_prompts)"
-    every = f"every {config.validation_steps} steps" if config.validation_steps else "never (no --validation_steps)"
+    every = f"every {plural(config.validation_steps, 'step')}" if config.validation_steps else "never (no --validation_steps)"
     if task.validation_data is None:
         held = "no held-out loss"
     else:

@@ -174,6 +174,7 @@ def serve(*args, **kwargs) -> None:
     _import_gradio()  # before loading a model: a missing extra fails at once
     check_port_free(o.host, o.port)  # and a taken port
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one INFO line each
     service = VideoService(o.model_path, version=o.version, text_encoder_name=o.text_encoder_name, device=o.device,
                            dtype=o.dtype, out_dir=o.out_dir, interpolate_model=o.interpolate_model,
                            upscale_model=o.upscale_model)
