@@ -56,6 +56,10 @@ def test_a_clip_without_its_caption_file_is_one_line_naming_it(assets, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert "2 of 5 videos have no caption" in err and "clip1.txt" in err and "sub/clip4.txt" in err
+    (folder / "sub" / "clip4.txt").write_text("a dog")
+    (folder / "clip1.txt").write_text("a cat")
+    assert cli.main(["data", "check", str(folder), "--video_folder", str(tmp_path)]) == 1  # no dead flag
+    assert "--video_folder" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(["data", "check", str(empty)]) == 1

@@ -512,7 +512,7 @@ def check_buckets(data_path: str | os.PathLike, spec: str, base_batch_size: int 
 
     data_path = Path(data_path)
     buckets = resolve_batch_sizes(parse_buckets(spec), base_batch_size, use_image_num=use_image_num)
-    raw = read_raw_entries(data_path)
+    raw = read_raw_entries(data_path, video_folder)
     kept = [i for i, e in enumerate(raw) if entry_problem(e) is None]  # data check lists the malformed ones
     plan = plan_buckets([resolve_video_path(raw[i]["path"], data_path.parent, video_folder) for i in kept], buckets,
                         sample_rate, progress=progress, infos=None if infos is None else [infos[i] for i in kept])

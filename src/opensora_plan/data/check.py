@@ -97,7 +97,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
 
     o = DataCheckOptions.of(*args, **kwargs)
     data_path = Path(o.data_path)
-    raw = read_raw_entries(data_path)
+    raw = read_raw_entries(data_path, o.video_folder)
     if not raw:  # the same rule as training (load_video_entries): an empty list is not a dataset
         raise ValueError(f"Dataset file {data_path} lists no videos; add at least one entry.")
     tokenizer = None

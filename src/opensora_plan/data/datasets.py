@@ -94,12 +94,13 @@ def resolve_video_path(path: str, json_dir: Path, video_folder: str | os.PathLik
     return Path(video_folder) / candidate if video_folder is not None else json_dir / candidate
 
 
-def read_raw_entries(data_path: str | os.PathLike) -> list:
+def read_raw_entries(data_path: str | os.PathLike, video_folder: str | os.PathLike | None = None) -> list:
     """The JSON list in ``data_path``, with one-sentence errors for a missing file or a non-list.
 
     ``data_path`` may also be a folder of clips with same-name captions (``clips/a.mp4`` + ``clips/a.txt``,
     subfolders searched): :func:`folder_entries` turns it into the same list, so every command that takes
-    a dataset takes the folder too."""
+    a dataset takes the folder too; ``video_folder`` (the base of a JSON list's relative paths) is then refused
+    rather than ignored."""
     from ..utils import read_text_file
 
     data_path = Path(data_path)
@@ -107,6 +108,9 @@ def read_raw_entries(data_path: str | os.PathLike) -> list:
         raise FileNotFoundError(f"Dataset file {data_path} does not exist; give the path of the dataset JSON list "
                                 "or of a folder of videos with same-name .txt captions.")
     if data_path.is_dir():
+        if video_folder is not None:
+            raise ValueError(f"--video_folder {video_folder} has no effect with the dataset folder {data_path} (its "
+                             "videos are found in it); drop --video_folder, or give a JSON list with relative paths.")
         return folder_entries(data_path)
     text = read_text_file(data_path, "Dataset file")  # a video given by mistake: one line naming the file
     try:
@@ -157,7 +161,7 @@ def folder_entries(folder: str | os.PathLike) -> list[dict]:
 def load_video_entries(data_path: str | os.PathLike, video_folder: str | os.PathLike | None = None) -> list[VideoEntry]:
     """Parse and validate the whole JSON list; the first malformed entry raises a ValueError naming it."""
     data_path = Path(data_path)
-    raw = read_raw_entries(data_path)
+    raw = read_raw_entries(data_path, video_folder)
     entries = []
     for index, entry in enumerate(raw):
         problem = entry_problem(entry)

@@ -319,6 +319,9 @@ def video_paths(video_path: str | os.PathLike | None, data_path: str | os.PathLi
         raise ValueError("Give exactly one of --video_path (a folder of videos) and --data_path (a JSON video list).")
     if video_path or Path(data_path).is_dir():
         folder, flag = (video_path, "--video_path") if video_path else (data_path, "--data_path")
+        if video_folder is not None:
+            raise ValueError(f"--video_folder {video_folder} has no effect with the folder {flag} {folder} (its videos "
+                             f"are found in it); drop --video_folder.")
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{flag} {folder} is not a folder; give a folder of videos (searched recursively).")
         paths = list_videos(folder, recursive=True)
