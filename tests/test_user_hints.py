@@ -417,3 +417,20 @@ def test_a_model_root_given_as_a_vae_path_names_its_vae_subfolder(tmp_path, caps
         assert cli.main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert f"pass its vae/ subfolder, e.g. --model_path {demo / 'vae'}." in err and err.count("\n") == 0
+
+
+def test_training_says_once_that_small_clips_are_upscaled(assets, tmp_path, caplog):  # noqa: F811
+    import logging
+
+    from opensora_plan.data.datasets import VideoCaptionDataset
+
+    dataset = VideoCaptionDataset(_clip_folder(assets, tmp_path / "clips"), num_frames=5, max_image_size=64)  # 40x48
+    with caplog.at_level(logging.WARNING, logger="opensora_plan"):
+        dataset.load_clip(0)
+        dataset.load_clip(1)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "is 48x40, smaller than --max_image_size 64, so it is upscaled" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="opensora_plan"):
+        VideoCaptionDataset(tmp_path / "clips", num_frames=5, max_image_size=32).load_clip(0)
+    assert not caplog.records

@@ -236,6 +236,7 @@ class VideoCaptionDataset(Dataset):
         self.random_flip = random_flip
         self.max_substitutions = max_substitutions
         self.frame_size = frame_size
+        self._warned_upscale = False
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -252,6 +253,12 @@ class VideoCaptionDataset(Dataset):
             frames = reader.get_frames(indices)  # (T, H, W, 3) uint8
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
         if self.frame_size is None:
+            if min(frames.shape[1:3]) < self.max_image_size and not self._warned_upscale:
+                self._warned_upscale = True  # once per process (each DataLoader worker has its copy)
+                logger.warning("%s is %dx%d, smaller than --max_image_size %d, so it is upscaled (as the reference "
+                               "does; so is any other small clip, this is said once). `opensora-plan data check` "
+                               "lists the sizes; --buckets never upscales.", entry.path, frames.shape[2],
+                               frames.shape[1], self.max_image_size)
             video = video_train_transform(frames, self.max_image_size, flip)  # (3, T, S, S)
         else:
             try:
