@@ -434,3 +434,30 @@ def test_training_says_once_that_small_clips_are_upscaled(assets, tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="opensora_plan"):
         VideoCaptionDataset(tmp_path / "clips", num_frames=5, max_image_size=32).load_clip(0)
     assert not caplog.records
+
+
+def test_a_model_root_or_a_component_folder_in_the_wrong_flag_names_the_right_folder(tmp_path, capsys):
+    from opensora_plan.demo.model import default_model_path
+
+    demo = default_model_path()
+    common = ["--ae_path", str(demo / "vae"), "--text_encoder_name", str(demo / "text_encoder"), "--data_path",
+              str(tmp_path / "d.json"), "--max_train_steps", "1", "--dry_run"]
+    (tmp_path / "d.json").write_text("[]")
+    clip = _small_clip(tmp_path / "clips" / "c.mp4", 32, 32)
+    cases = [
+        (["train-t2v", "--model", str(demo), "--output_dir", str(tmp_path / "a"), *common],
+         f"pass one of its transformer folders, e.g. --model {demo / '17x64x64'}."),
+        (["sample", "a red circle moving left", "--model_path", str(demo / "vae")],
+         f"pass the folder above it, --model_path {demo}."),
+        (["train-vae", "--pretrained_model_path", str(demo), "--video_path", str(clip.parent), "--output_dir",
+          str(tmp_path / "v"), "--max_train_steps", "1", "--perceptual_weight", "0"],
+         f"pass its vae/ subfolder, e.g. --pretrained_model_path {demo / 'vae'}."),
+    ]
+    for argv, expected in cases:
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(expected) and err.count("\n") == 0, err
+    from opensora_plan.train.pretrained import read_pretrained_state
+
+    with pytest.raises(FileNotFoundError, match=r"e\.g\. --pretrained .*17x64x64\.$"):
+        read_pretrained_state(demo)

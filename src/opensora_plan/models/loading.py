@@ -77,7 +77,7 @@ def resolve_model_folder(path: str | os.PathLike, subfolder: str | None = None, 
             f"folder with {CONFIG_NAME} and {WEIGHT_NAMES[0]}{example}."
         )
     if not (folder / CONFIG_NAME).is_file():
-        inside = _model_subfolders(folder, kind)
+        inside = model_subfolders(folder, kind)
         if inside:  # a release or demo root given for one of its models
             names = " or ".join(f"{p.name}/" for p in inside[:3])
             raise FileNotFoundError(f"{flag + ' ' if flag else ''}{folder} holds a whole model, not one "
@@ -87,11 +87,13 @@ def resolve_model_folder(path: str | os.PathLike, subfolder: str | None = None, 
     return folder
 
 
-def _model_subfolders(folder: Path, kind: str | None) -> list[Path]:
+def model_subfolders(folder: str | os.PathLike, kind: str | None) -> list[Path]:
     """The sub-folders of ``folder`` that hold a ``kind`` model (their config's ``_class_name`` starts with it; any
-    model when ``kind`` is None): ``[<demo>/vae]`` for a demo or release root given as a CausalVAE."""
+    model when ``kind`` is None): ``[<demo>/vae]`` for a demo or release root given as a CausalVAE. For errors
+    that name the folder the user meant."""
     import json
 
+    folder = Path(folder)
     found = []
     for sub in sorted(p for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else ():
         try:

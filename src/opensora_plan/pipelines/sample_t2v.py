@@ -343,6 +343,9 @@ def _check_model_folders(model_path: Path, version: str, ae: str, text_encoder_n
             f"--model_path {model_path} {problem}; expected a local copy of {DEFAULT_MODEL_PATH} with the "
             f"version folders ({', '.join(VERSIONS)}) and vae/, or a train-t2v run or checkpoint folder."
         )
+    if not (model_path / version).is_dir() and (model_path / "config.json").is_file():  # one component's folder
+        raise ValueError(f"--model_path {model_path} is one model's folder (it holds config.json), not a model folder "
+                         f"with version folders and vae/; pass the folder above it, --model_path {model_path.parent}.")
     if not (model_path / version).is_dir():
         present = sorted(d.name for d in model_path.iterdir() if d.is_dir())
         raise FileNotFoundError(

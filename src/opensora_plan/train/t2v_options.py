@@ -273,6 +273,10 @@ def _check_model_spec(spec: str) -> None:
     path = Path(spec)
     if spec in LATTE_CONFIGS or path.is_file() or (path / "config.json").is_file():
         return
+    from opensora_plan.models.loading import model_subfolders
+
+    inside = model_subfolders(path, "LatteT2V") if path.is_dir() else []
+    hint = f"; {path} holds a whole model: pass one of its transformer folders, e.g. --model {inside[0]}" if inside else ""
     raise FileNotFoundError(f"--model {spec} is neither a known size ({', '.join(LATTE_CONFIGS)}) nor a LatteT2V "
-                            "config.json or folder holding one.")
+                            f"config.json or folder holding one{hint}.")
 
