@@ -27,7 +27,7 @@ def _import_gradio():
         import gradio as gr
     except ImportError as err:
         raise ImportError('The web UI needs gradio; install the extra: pip install -e ".[ui]" '
-                          '(keep torch pinned: pip install "gradio>=5,<7" torch==2.13.0 on CPU).') from err
+                          '(keep torch pinned: pip install "gradio>=5.16,<7" torch==2.13.0 on CPU).') from err
     return gr
 
 
