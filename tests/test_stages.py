@@ -72,7 +72,7 @@ def test_sample_with_the_folder_s_interpolation_stage_writes_33_frames_at_twice_
     assert _sample(setup, tmp_path, "--interpolate", "2", model_path=setup["staged"]) == 0
     video, fps = read_video(tmp_path / "0000-a_cat_playing_the_piano.mp4")
     assert tuple(video.shape) == (33, 64, 64, 3) and fps == pytest.approx(16)
-    assert "; 33 frames 64x64 at 16 fps (after --interpolate 2)" in capsys.readouterr().out
+    assert "Sampled 1 mp4 video of 33 frames 64x64 at 16 fps (after --interpolate 2) with model " in capsys.readouterr().out
 
 
 def test_sample_with_an_upscale_model_flag_writes_twice_the_size(setup, tmp_path):
