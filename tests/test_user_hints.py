@@ -60,6 +60,9 @@ def test_a_clip_without_its_caption_file_is_one_line_naming_it(assets, tmp_path,
     (folder / "clip1.txt").write_text("a cat")
     assert cli.main(["data", "check", str(folder), "--video_folder", str(tmp_path)]) == 1  # no dead flag
     assert "--video_folder" in capsys.readouterr().err
+    assert cli.main(["data", "check", str(folder / "clip0.mp4")]) == 1
+    assert f"is a video; give a dataset JSON list, or the folder of videos with same-name .txt captions it sits in " \
+           f"({folder})." in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(["data", "check", str(empty)]) == 1

@@ -112,6 +112,11 @@ def read_raw_entries(data_path: str | os.PathLike, video_folder: str | os.PathLi
             raise ValueError(f"--video_folder {video_folder} has no effect with the dataset folder {data_path} (its "
                              "videos are found in it); drop --video_folder, or give a JSON list with relative paths.")
         return folder_entries(data_path)
+    from .video_io import VIDEO_EXTENSIONS
+
+    if data_path.suffix.lower() in VIDEO_EXTENSIONS:
+        raise ValueError(f"Dataset file {data_path} is a video; give a dataset JSON list, or the folder of videos with "
+                         f"same-name .txt captions it sits in ({data_path.parent}).")
     text = read_text_file(data_path, "Dataset file")  # a video given by mistake: one line naming the file
     try:
         raw = json.loads(text)
