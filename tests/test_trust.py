@@ -626,7 +626,7 @@ def test_data_check_lists_captions_that_cleaning_empties(tmp_path):
     data.write_text(json.dumps([{"path": "a.mp4", "cap": ["a red circle", CJK_PROMPT]}]))
     report = check_dataset(data, progress=False)
     assert report["captions"]["emptied_by_cleaning"] == [{"index": 0, "caption": CJK_PROMPT}]
-    assert "1 captions become empty after caption cleaning" in format_check_report(report)
+    assert "1 caption becomes empty after caption cleaning" in format_check_report(report)
 
 
 def test_read_errors_name_the_file(tmp_path):
