@@ -290,7 +290,7 @@ def test_interpolate_folder_skips_bad_videos_and_lists_them(setup, tmp_path, cap
     args = ["-q", "interpolate", str(folder), "--model_path", str(setup["root"] / "amt"), "--device", "cpu"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "skipped 2 file(s):" in out
+    assert "skipped 2 files:" in out
     assert re.search(r"broken\.mp4: ", out) and re.search(r"short\.mp4 has 1 frame", out)
     assert all(line.count(str(folder)) == 1 for line in out.splitlines() if line.startswith("  "))  # path once
     assert read_video(tmp_path / "videos_interp_x2" / "good.mp4")[0].shape[0] == 5

@@ -114,7 +114,7 @@ class T2VEvaluation:
             lines.append(f"note: FVD is biased upward at small N; papers use 2048 clips per set (here "
                          f"{self.fvd_num_generated}/{self.fvd_num_real}); compare only numbers with the same N.")
         if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} file(s): " + ", ".join(f"{p} ({r})" for p, r in self.skipped))
+            lines.append(f"skipped {plural(len(self.skipped), 'file')}: " + ", ".join(f"{p} ({r})" for p, r in self.skipped))
         return "\n".join(lines)
 
 
