@@ -185,10 +185,7 @@ def _run_serve(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.ui.app import ServeOptions, _import_gradio, serve
 
-    try:
-        _import_gradio()
-    except ImportError as err:
-        raise UserError(str(err)) from None
+    _import_gradio()  # a missing [ui] extra is one line (MissingExtraError), before any model loads
     serve(options_from_args(ServeOptions, args))
     return 0
 
@@ -199,7 +196,7 @@ def _run_serve(args) -> int:
 
 
 def _add_data(subparsers) -> None:
-    p = subparsers.add_parser("data", help="dataset tools (data check)",
+    p = subparsers.add_parser("data", help="dataset tools (data check, data index)",
                               description="Tools for text-to-video dataset JSON lists.")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     c = sub.add_parser(
@@ -213,6 +210,26 @@ def _add_data(subparsers) -> None:
     )
     _generate_options(c, "data", lambda: _import("opensora_plan.data.check", "DataCheckOptions"))
     c.set_defaults(func=_run_data_check)
+    i = sub.add_parser(
+        "index",
+        help="probe every video once (in parallel, resumable) and write a Parquet index that data check and "
+        "train-t2v read with --data_index",
+        description="Write one Parquet row per dataset entry: path, size, mtime, frames, fps, displayed height/width, "
+        "duration, readable (+ reason), captions (+ T5 token lengths with --text_encoder_name). Runs in worker "
+        "processes (and under torchrun each rank takes a share), resumes after a kill, refreshes an existing index "
+        "of the same dataset by probing only new or changed videos. See docs/data.md.",
+    )
+    _generate_options(i, "data", lambda: _import("opensora_plan.data.index", "DataIndexOptions"))
+    i.set_defaults(func=_run_data_index)
+
+
+def _run_data_index(args) -> int:
+    from opensora_plan.data.index import DataIndexOptions, build_index, format_index_summary
+    from opensora_plan.options import options_from_args
+
+    summary = build_index(options_from_args(DataIndexOptions, args))
+    print(format_index_summary(summary))
+    return 0
 
 
 def _run_data_check(args) -> int:
@@ -243,6 +260,8 @@ def _run_extract(args) -> int:
     from opensora_plan.utils import plural
 
     summary = extract_features(options_from_args(ExtractOptions, args))
+    if "cached" not in summary:  # a torchrun rank other than 0 (rank 0 prints the whole cache's summary)
+        return 0
     print(f"{summary['out']}: {summary['cached']} of {plural(summary['entries'], 'entry', 'entries')} cached in "
           f"{plural(summary['shards'], 'shard')} ({summary['shards_written']} written now, {summary['shards_reused']} "
           "kept from before)")
@@ -297,7 +316,7 @@ def _train_summary_line(summary: dict) -> str:
              f"{steps} optimizer step{'s' if steps != 1 else ''} skipped for a non-finite loss"]
     left_out = summary.get("unreadable_videos_left_out", 0)  # by the bucket plan, before training
     if left_out:
-        parts.append(f"{left_out} unreadable video{'s' if left_out != 1 else ''} left out by the bucket plan")
+        parts.append(f"{left_out} unreadable video{'s' if left_out != 1 else ''} left out before training")
     if summary.get("unfit_videos_left_out"):
         unfit = summary["unfit_videos_left_out"]
         parts.append(f"{unfit} video{'s' if unfit != 1 else ''} fit no bucket")
@@ -526,7 +545,7 @@ def _run_demo_eval(args) -> int:
                            guidance_scale=o.guidance_scale, sample_method=o.sample_method, device=o.device,
                            save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale,
                            interpolate=o.interpolate, upscale=o.upscale, interpolate_model=o.interpolate_model,
-                           upscale_model=o.upscale_model)
+                           upscale_model=o.upscale_model, overwrite=o.overwrite)
     print(report.table())
     if o.json_out:
         write_report(report, o.json_out)
@@ -709,7 +728,7 @@ def _main(argv: list[str] | None) -> int:
                                                             if k not in ("func", "verbose", "quiet")})
         logger.debug("torch %s, %d threads, OMP_NUM_THREADS=%s, cuda available: %s", torch.__version__,
                      torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), torch.cuda.is_available())
-    from opensora_plan.utils import PROGRESS_ENV, NonFiniteError
+    from opensora_plan.utils import PROGRESS_ENV, MissingExtraError, NonFiniteError
 
     # -q hides every progress bar: ours (utils.progress_bar) and the libraries' (tqdm reads TQDM_DISABLE).
     # Each torchrun process parses -q itself; the variable is restored afterwards for callers of main().
@@ -718,7 +737,7 @@ def _main(argv: list[str] | None) -> int:
         os.environ[PROGRESS_ENV] = "1"
     try:
         return int(args.func(args) or 0)
-    except (UserError, OSError, ValueError, NonFiniteError) as err:  # OSError: a path the system refused
+    except (UserError, OSError, ValueError, NonFiniteError, MissingExtraError) as err:  # OSError: a path refused
         if os.environ.get("OPENSORA_PLAN_DEBUG"):
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)

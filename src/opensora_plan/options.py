@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 SEED_LIMIT = 2**53 - 2**32
 
 # Keys the trainer adds to a run's options.json beside the options themselves (train/trainer.py).
-RUN_RECORD_KEYS = ("task", "task_options", "world_size", "distributed_type", "torch_version", "extra")
+RUN_RECORD_KEYS = ("task", "task_options", "world_size", "distributed_type", "torch_version", "extra", "resumes")
 # The command that writes a run's options.json, by its "task" record.
 RUN_TASK_COMMANDS = {"T2VTask": "train-t2v", "VAETrainTask": "train-vae", "VFITrainTask": "train-vfi",
                      "SRTrainTask": "train-sr"}

@@ -37,6 +37,7 @@ from opensora_plan.options import Options, option
 from opensora_plan.pipelines.model_folder import (DEFAULT_TEXT_ENCODER, RELEASE_SAMPLE_DEFAULTS,
                                                   base_model_sampling_config, default_model_path,
                                                   fast_cache_options, load_sampling_config)
+from opensora_plan.pipelines.outputs import OVERWRITE_HELP, check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class SampleOptions(Options):
     save_img_path: str = option("./sample_videos", help="output folder")
     fps: float | None = option(None, help="frames per second of the mp4 " + _model_default("fps"))
     gif: bool = option(False, help="also write <name>.gif beside each mp4")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
     guidance_scale: float | None = option(None, help="classifier-free guidance (1 disables it) "
                                           + _model_default("guidance_scale"))
     num_sampling_steps: int | None = option(None, help="scheduler steps " + _model_default("num_sampling_steps"))
@@ -389,8 +391,11 @@ def _save(path: Path, frames, fps: float) -> Path:
     if frames.shape[0] == 1:
         from PIL import Image
 
+        from opensora_plan.utils import atomic_path
+
         path = path.with_suffix(".png")
-        Image.fromarray(frames[0].numpy()).save(path)
+        with atomic_path(path) as tmp:  # never a half-written png
+            Image.fromarray(frames[0].numpy()).save(tmp, format="PNG")
         return path
     from opensora_plan.data.video_io import write_video
 
@@ -619,11 +624,11 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     warn_unknown_prompts(prompts, None if opts.lora else load_sampling_config(opts.model_path))  # a LoRA may add words
     out_dir = check_output_folder(opts.save_img_path, "--save_img_path")
     suffix = ".png" if opts.force_images else ".mp4"
-    for index, prompt in enumerate(prompts):  # a planned file that is a folder would fail only after sampling
-        target = out_dir / video_filename(index, prompt, suffix)
-        if target.is_dir():
-            raise ValueError(f"--save_img_path {out_dir}: {target.name} (prompt {index}) is an existing folder; "
-                             "remove it or choose another --save_img_path.")
+    # Every planned file, checked now: an existing one (a rerun with another --seed names its files alike) is
+    # refused without --overwrite, a folder in its place always, so nothing is replaced silently.
+    targets = [out_dir / video_filename(index, prompt, suffix) for index, prompt in enumerate(prompts)]
+    check_targets([], targets + ([t.with_suffix(".gif") for t in targets] if opts.gif else []), opts.overwrite,
+                  flag="--save_img_path")
     model_path = Path(model_path)
     run = None
     from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
@@ -656,7 +661,21 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
                              f"(use --lora_scale to scale it).")
         print(f"Using the {resolved[1]}", flush=True)
         opts = dataclasses.replace(opts, lora=str(resolved[0]))  # the adapter folder itself
+    if opts.lora is not None or (run is not None and run.lora is not None):
+        from opensora_plan.models.lora import require_peft
+
+        require_peft()  # a missing [lora] extra is one line now, not a traceback after the models load
+    if opts.lora is not None and run is None:
+        from opensora_plan.models.lora import check_lora_base
+
+        check_lora_base(opts.lora, model_path / version)  # trained on another base: one warning line
     stages = plan_stages(opts, model_path)  # stage model paths and the upscaler's factor, before any model loads
+    if not opts.force_images:  # the output formats' fps limits, checked and told with the other options
+        from opensora_plan.data.video_io import check_fps
+
+        note = check_fps(opts.fps * opts.interpolate, gif=opts.gif)
+        if note:
+            logger.warning(note)
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)
