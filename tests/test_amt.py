@@ -393,4 +393,4 @@ def test_interpolate_folder_lists_each_skipped_file_once_with_its_path_once(tiny
     captured = capsys.readouterr()
     assert "one.mp4" not in captured.err
     lines = [line for line in captured.out.splitlines() if "one.mp4" in line]
-    assert len(lines) == 1 and lines[0].count("one.mp4") == 1 and "1 frame(s)" in lines[0]
+    assert len(lines) == 1 and lines[0].count("one.mp4") == 1 and "1 frame;" in lines[0]

@@ -600,7 +600,7 @@ def test_data_check_buckets_agree_with_its_decode_pass(tmp_path, capsys):
     code = cli.main(["data", "check", str(tmp_path / "data.json"), "--buckets", "9x32x32,5x32x32"])
     out = capsys.readouterr().out
     assert code == 1  # the truncated file is unreadable
-    assert "1 clips in buckets, 0 fit no bucket, 1 unreadable" in out
+    assert "1 clip in buckets, 0 fit no bucket, 1 unreadable" in out
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line[:1].isdigit() and "x" in line.split()[0]}
     assert rows == {"9x32x32": "1", "5x32x32": "0"}
 

@@ -176,7 +176,7 @@ def test_prompts_come_from_a_txt_a_json_or_the_file_names(tmp_path):
     mapping.write_text(json.dumps({v.stem: f"p{i}" for i, v in enumerate(videos)}))
     assert list(resolve_prompts(videos, mapping).values()) == ["p0", "p1", "p2"]
     txt.write_text("only one prompt\n")
-    with pytest.raises(ValueError, match="2 video\\(s\\) have no prompt"):
+    with pytest.raises(ValueError, match="2 videos have no prompt"):
         resolve_prompts(videos, txt)
 
 

@@ -240,7 +240,7 @@ def test_extract_command(setup, tmp_path, capsys):
             "--text_encoder_name", str(setup / "t5"), "--num_frames", str(NUM_FRAMES),
             "--max_image_size", str(SIZE), "--text_dtype", "fp32", "--device", "cpu"]
     assert cli.main(argv) == 0
-    assert "3 of 3 entries cached in 1 shards (1 written now, 0 kept from before)" in capsys.readouterr().out
+    assert "3 of 3 entries cached in 1 shard (1 written now, 0 kept from before)" in capsys.readouterr().out
     assert cli.main(argv) == 0
     assert "(0 written now, 1 kept from before)" in capsys.readouterr().out
 

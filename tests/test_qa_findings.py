@@ -146,7 +146,7 @@ def test_quiet_hides_every_progress_bar_and_verbose_adds_debug_lines(tmp_path, f
                           "--num_sampling_steps", "4", "--save_img_path", str(tmp_path), flag],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "Sampled 1 video" in run.stdout
+    assert "Sampled 1 mp4 video" in run.stdout
     if flag == "-q":  # neither the denoising bar nor transformers' "Loading weights" bar
         assert "it/s" not in run.stderr and "Loading weights" not in run.stderr, run.stderr
         assert "INFO" not in run.stderr

@@ -195,7 +195,7 @@ def test_cli_folder_mode_skips_bad_files_and_writes_a_summary(tiny_vae_dir, clip
     assert [s["path"].split("/")[-1] for s in summary["skipped"]] == ["b_short.mp4", "c_corrupt.mp4"]
     assert "has 3 frames" in summary["skipped"][0]["reason"]
     assert summary["mean_psnr"] == pytest.approx(sum(r["psnr"] for r in summary["results"]) / 2)
-    assert "skipped 2 file(s)" in out and "c_corrupt.mp4" in out and "mean over 2 videos" in out
+    assert "skipped 2 files" in out and "c_corrupt.mp4" in out and "mean over 2 videos" in out
 
 
 @pytest.mark.parametrize(

@@ -342,7 +342,7 @@ def test_upscale_folder_skips_bad_files_lists_each_once_and_exits_1_only_when_no
     argv = ["-q", "upscale", str(folder), "--model_path", str(tiny_dir), "--output", str(tmp_path / "up")]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
-    assert (tmp_path / "up" / "a.png").is_file() and "skipped 2 file(s):" in captured.out
+    assert (tmp_path / "up" / "a.png").is_file() and "skipped 2 files:" in captured.out
     skipped = [line for line in captured.out.splitlines() if line.startswith("  ")]
     assert len(skipped) == 2 and all(line.count(str(folder)) == 1 for line in skipped)
     assert any("small.png" in line and "16" in line for line in skipped)

@@ -48,7 +48,7 @@ def test_sample_writes_one_mp4_per_prompt_and_a_time_line(tiny_models, tmp_path,
     cfg = json.loads((model_path / TINY_VERSION / "config.json").read_text())
     assert video.shape[0] == 4 * (cfg["video_length"] - 1) + 1
     assert tuple(video.shape[1:3]) == tuple(8 * s for s in cfg["sample_size"])
-    assert re.search(r"Sampled 2 video\(s\) with .* in [\d.]+ s \([\d.]+ s per video\)", capsys.readouterr().out)
+    assert re.search(r"Sampled 2 mp4 videos of .* with model .* in [\d.]+ s \([\d.]+ s per video\)", capsys.readouterr().out)
 
 
 def test_image_mode_writes_png(tiny_models, tmp_path):
@@ -115,8 +115,8 @@ def test_torchrun_two_processes_split_the_prompts(tiny_models, tmp_path):
            *_args(model_path, t5_path, tmp_path / "multi", prompt_file, "--device", "cpu")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"\[rank 0/2\] Sampled 2 video\(s\)", result.stdout), result.stdout
-    assert re.search(r"\[rank 1/2\] Sampled 1 video\(s\)", result.stdout), result.stdout
+    assert re.search(r"\[rank 0/2\] Sampled 2 mp4 videos", result.stdout), result.stdout
+    assert re.search(r"\[rank 1/2\] Sampled 1 mp4 video ", result.stdout), result.stdout
     expected = [video_filename(i, p) for i, p in enumerate(PROMPTS)]
     assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == expected
 

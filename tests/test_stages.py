@@ -72,7 +72,7 @@ def test_sample_with_the_folder_s_interpolation_stage_writes_33_frames_at_twice_
     assert _sample(setup, tmp_path, "--interpolate", "2", model_path=setup["staged"]) == 0
     video, fps = read_video(tmp_path / "0000-a_cat_playing_the_piano.mp4")
     assert tuple(video.shape) == (33, 64, 64, 3) and fps == pytest.approx(16)
-    assert "; 33 frames 64x64 at 16 fps (after --interpolate 2)" in capsys.readouterr().out
+    assert "Sampled 1 mp4 video of 33 frames 64x64 at 16 fps (after --interpolate 2) with model " in capsys.readouterr().out
 
 
 def test_sample_with_an_upscale_model_flag_writes_twice_the_size(setup, tmp_path):
@@ -88,8 +88,8 @@ def test_sample_with_both_stages_gif_and_batches(setup, tmp_path, capsys):
                      str(tmp_path / "out"), "--num_sampling_steps", "2", "--sample_method", "DDIM", "--fps", "8",
                      *args]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"Sampled 2 video\(s\) .*; 33 frames 128x128 at 16 fps \(after --interpolate 2, --upscale 2\)",
-                     out), out
+    assert re.search(r"Sampled 2 mp4 videos of 33 frames 128x128 at 16 fps \(after --interpolate 2, --upscale 2\) "
+                     r"with model ", out), out
     for name in ("0000-a_cat.mp4", "0001-a_dog.mp4"):
         video, fps = read_video(tmp_path / "out" / name)
         assert tuple(video.shape) == (33, 128, 128, 3) and fps == pytest.approx(16)
@@ -290,7 +290,7 @@ def test_interpolate_folder_skips_bad_videos_and_lists_them(setup, tmp_path, cap
     args = ["-q", "interpolate", str(folder), "--model_path", str(setup["root"] / "amt"), "--device", "cpu"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "skipped 2 file(s):" in out
+    assert "skipped 2 files:" in out
     assert re.search(r"broken\.mp4: ", out) and re.search(r"short\.mp4 has 1 frame", out)
     assert all(line.count(str(folder)) == 1 for line in out.splitlines() if line.startswith("  "))  # path once
     assert read_video(tmp_path / "videos_interp_x2" / "good.mp4")[0].shape[0] == 5

@@ -109,7 +109,7 @@ def test_unreadable_and_too_short_videos_are_skipped_and_counted(videos):
     assert sample["index"] == 1 and "Cannot read video" in sample["skipped"][0]["reason"]
     sample = dataset[len(paths) - 1]  # short.mp4 -> (wraps) broken.mp4 -> clip0
     reasons = [s["reason"] for s in sample["skipped"]]
-    assert "too short for a triplet: 2 frame(s)" in reasons[0] and len(reasons) == 2 and sample["index"] == 1
+    assert "too short for a triplet: 2 frames" in reasons[0] and len(reasons) == 2 and sample["index"] == 1
     with pytest.raises(NoUsableVideoError, match="smaller than the 96x96 crop"):
         TripletDataset(_clips(videos)[:1], crop_size=96)[0]
 

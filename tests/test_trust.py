@@ -400,7 +400,7 @@ def test_data_check_fails_a_partly_decodable_video_that_training_skips(tmp_path,
 def test_data_check_given_a_video_names_the_file(tmp_path, capsys):
     video = write_video(tmp_path / "some.mp4", _smooth_frames(0, t=5), fps=8)
     assert cli.main(["data", "check", str(video)]) == 1
-    _one_error_line(capsys, r"Dataset file .*some\.mp4 is not UTF-8 text.*video")
+    _one_error_line(capsys, r"Dataset file .*some\.mp4 is a video; give a dataset JSON list, or the folder")
     assert cli.main(["sample", "--prompt_file", str(video)]) == 1
     _one_error_line(capsys, r"Prompt file .*some\.mp4 is not UTF-8 text")
 
@@ -626,7 +626,7 @@ def test_data_check_lists_captions_that_cleaning_empties(tmp_path):
     data.write_text(json.dumps([{"path": "a.mp4", "cap": ["a red circle", CJK_PROMPT]}]))
     report = check_dataset(data, progress=False)
     assert report["captions"]["emptied_by_cleaning"] == [{"index": 0, "caption": CJK_PROMPT}]
-    assert "1 captions become empty after caption cleaning" in format_check_report(report)
+    assert "1 caption becomes empty after caption cleaning" in format_check_report(report)
 
 
 def test_read_errors_name_the_file(tmp_path):

@@ -2,8 +2,8 @@
 
 Every sub-command has one ``_add_<name>(subparsers)`` function below that declares its flags and
 sets ``func``; the heavy imports happen inside the command, so ``--help`` is instant.
-User errors (missing files, bad shapes, bad flags) end with one ``error: ...`` line and exit code 1;
-set ``OPENSORA_PLAN_DEBUG=1`` for the full traceback.
+User errors (missing files, bad shapes, bad flags) end with one ``error: ...`` line and exit code 1, Ctrl-C with
+one ``interrupted`` line and exit code 130; set ``OPENSORA_PLAN_DEBUG=1`` for the full traceback.
 """
 
 from __future__ import annotations
@@ -62,14 +62,15 @@ def _run_reconstruct(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.pipelines.reconstruct import SUMMARY_NAME, ReconstructOptions, reconstruct
     from opensora_plan.pipelines.outputs import skipped_lines
+    from opensora_plan.utils import plural
 
     summary = reconstruct(options_from_args(ReconstructOptions, args))
     for r in summary.results:
-        print(f"{r.output_path}: {r.num_frames} frames {r.width}x{r.height}  PSNR {r.psnr:.2f} dB  "
+        print(f"{r.output_path}: {plural(r.num_frames, 'frame')} {r.width}x{r.height}  PSNR {r.psnr:.2f} dB  "
               f"SSIM {r.ssim:.4f}  ({r.seconds:.1f} s)")
     if os.path.isdir(args.video_path):
         if summary.results:
-            print(f"mean over {len(summary.results)} videos: PSNR {summary.mean_psnr:.2f} dB  "
+            print(f"mean over {plural(len(summary.results), 'video')}: PSNR {summary.mean_psnr:.2f} dB  "
                   f"SSIM {summary.mean_ssim:.4f}  (summary: {os.path.join(args.rec_path, SUMMARY_NAME)})")
         for line in skipped_lines(summary.skipped):
             print(line)
@@ -256,14 +257,16 @@ def _add_extract(subparsers) -> None:
 def _run_extract(args) -> int:
     from opensora_plan.data.features import ExtractOptions, extract_features
     from opensora_plan.options import options_from_args
+    from opensora_plan.utils import plural
 
     summary = extract_features(options_from_args(ExtractOptions, args))
     if "cached" not in summary:  # a torchrun rank other than 0 (rank 0 prints the whole cache's summary)
         return 0
-    print(f"{summary['out']}: {summary['cached']} of {summary['entries']} entries cached in {summary['shards']} "
-          f"shards ({summary['shards_written']} written now, {summary['shards_reused']} kept from before)")
+    print(f"{summary['out']}: {summary['cached']} of {plural(summary['entries'], 'entry', 'entries')} cached in "
+          f"{plural(summary['shards'], 'shard')} ({summary['shards_written']} written now, {summary['shards_reused']} "
+          "kept from before)")
     if summary["skipped"]:
-        print(f"skipped {len(summary['skipped'])} unreadable video(s):")
+        print(f"skipped {plural(len(summary['skipped']), 'unreadable video')}:")
         for item in summary["skipped"]:
             print(f"  entry {item['index']}: {item['reason']}")
     return 0
@@ -538,10 +541,11 @@ def _add_demo(subparsers) -> None:
 def _run_demo_make_data(args) -> int:
     from opensora_plan.demo.shapes import MakeDataOptions, make_dataset
     from opensora_plan.options import options_from_args
+    from opensora_plan.utils import plural
 
     options = options_from_args(MakeDataOptions, args)
     path = make_dataset(options)
-    print(f"wrote {options.num_videos} videos and {path}")
+    print(f"wrote {plural(options.num_videos, 'video')} and {path}")
     return 0
 
 
@@ -702,7 +706,28 @@ def _route_dependency_noise(heavy: bool, quiet: bool) -> None:
                 library.disable_progress_bar()
 
 
+def _one_line(err: Exception) -> str:
+    """The error's message; an OSError straight from the system (``[Errno 13] Permission denied: 'x'``) becomes
+    a sentence that names the path."""
+    if isinstance(err, OSError) and err.errno is not None and err.strerror and err.filename is not None:
+        other = f" -> {err.filename2}" if err.filename2 else ""
+        return (f"{err.filename}{other}: {err.strerror[0].lower()}{err.strerror[1:]} (the system refused this path); "
+                "check the path and that you may read or write there.")
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (0 done, 1 user error, 2 no command, 130 Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line and the shell's exit code
+        if os.environ.get("OPENSORA_PLAN_DEBUG"):
+            raise
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     for name, value in _OPENMP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -740,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError, ValueError, NonFiniteError, MissingExtraError) as err:  # OSError: a path refused
         if os.environ.get("OPENSORA_PLAN_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
     finally:
         if args.quiet:

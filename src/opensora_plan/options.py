@@ -36,9 +36,10 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
-# Seeds: 0 <= seed < SEED_LIMIT for every command (sample adds the prompt index, so the limit leaves room
-# below torch.manual_seed's 2**63 - 1 and numpy's seed % 2**32 stays defined).
-SEED_LIMIT = 2**63 - 2**32
+# Seeds: 0 <= seed < SEED_LIMIT for every command and the web UI's seed box. A browser holds numbers as doubles,
+# exact up to 2**53 (JavaScript's MAX_SAFE_INTEGER + 1), so a seed shown on the page is the seed used; sample adds
+# the prompt index, so the limit leaves 2**32 of room below that.
+SEED_LIMIT = 2**53 - 2**32
 
 # Keys the trainer adds to a run's options.json beside the options themselves (train/trainer.py).
 RUN_RECORD_KEYS = ("task", "task_options", "world_size", "distributed_type", "torch_version", "extra", "resumes")
@@ -171,6 +172,13 @@ def _flag_of(cls, name: str) -> str:
     return f"--{name}"
 
 
+def _label_of(cls, name: str) -> str:
+    """How a message names an option: its flag (``--guidance_scale``, as every other message does), or
+    ``'name'`` when the flag reads otherwise (``--no_clean_caption`` sets ``clean_caption``)."""
+    flag = _flag_of(cls, name)
+    return flag if flag in (name, f"--{name}") else f"'{name}'"
+
+
 def check_known(cls, values: typing.Mapping, source: str | None) -> None:
     """ValueError naming the first unknown key and the closest valid option."""
     names = [f.name for f in option_fields(cls)]
@@ -203,7 +211,7 @@ def check_types(options: "Options") -> None:
     hints = _type_hints(cls)
     for f in option_fields(cls):
         value = getattr(options, f.name)
-        converted = _coerce(hints[f.name], value, f.name, f"{cls.COMMAND or cls.__name__}",
+        converted = _coerce(hints[f.name], value, _label_of(cls, f.name), f"{cls.COMMAND or cls.__name__}",
                             allow_none=f.default is None, allow_nonfinite=f.name in cls.NONFINITE_OK)
         if converted is not value:
             object.__setattr__(options, f.name, converted)
@@ -414,7 +422,7 @@ def read_options_file(cls, spec: str | os.PathLike) -> dict:
     check_known(cls, data, f"--config file {path}")
     hints = _resolved_types(cls)
     defaults = {f.name: f.default for f in option_fields(cls)}
-    return {k: _coerce(hints[k], v, k, path, allow_none=defaults.get(k) is None,
+    return {k: _coerce(hints[k], v, _label_of(cls, k), path, allow_none=defaults.get(k) is None,
                        allow_nonfinite=k in cls.NONFINITE_OK) for k, v in data.items()}
 
 
@@ -423,7 +431,7 @@ _EXPECTED = {bool: "true or false", int: "a whole number", float: "a finite numb
 
 def _coerce(annotation, value, name: str, where, allow_none: bool = False, allow_nonfinite: bool = False):
     """``value`` as the field's type, or a one-line ValueError naming ``where`` (a config file path or the
-    command) and the option. ``None`` passes only for an Optional field (or ``allow_none``)."""
+    command) and the option (``name`` as messages show it, :func:`_label_of`). ``None`` passes only for an Optional field (or ``allow_none``)."""
     scalar, is_list = _base_type(annotation)
     if scalar is None:
         return value
@@ -473,5 +481,5 @@ def _coerce(annotation, value, name: str, where, allow_none: bool = False, allow
         if not isinstance(value, str):
             problem = "text"
     if problem:
-        raise ValueError(f"{prefix}'{name}' must be {problem}, got {value!r}.")
+        raise ValueError(f"{prefix}{name} must be {problem}, got {value!r}.")
     return value

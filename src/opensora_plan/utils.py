@@ -151,6 +151,11 @@ def check_finite(tensor: torch.Tensor, where: str, dtype: torch.dtype | None = N
                          f"meaningless (e.g. an all-black video){hint}.")
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``"1 video"``, ``"2 videos"`` (``nouns``: the plural when it is not ``noun + "s"``), for summary lines."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def read_text_file(path: str | os.PathLike, what: str) -> str:
     """The UTF-8 text of ``path``; any read problem is a one-line ValueError/FileNotFoundError naming the file
     (``what`` says which input it is, e.g. "Prompt file" or "Dataset file")."""
@@ -169,8 +174,10 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
 
 
 def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
-    """``path`` as a Path after checking it can be (or already is) a folder: it is not an existing file and
-    no parent is a file. Call before any heavy work so a bad output path fails in the first second."""
+    """``path`` as a Path after checking it can be (or already is) a folder: it is not an existing file, no
+    parent is a file, and the folder (or, while missing, its nearest existing parent, where it would be created)
+    accepts a new file: probed with a temporary file that is removed at once. Call before any heavy work so a
+    bad output path fails in the first second, with one line (never a raw errno)."""
     path = Path(path)
     for candidate in (path, *path.parents):
         if candidate.is_symlink() and not candidate.exists():
@@ -178,13 +185,6 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
         if candidate.exists() and not candidate.is_dir():
             where = "is an existing file" if candidate == path else f"is inside {candidate}, which is a file"
             raise ValueError(f"{flag} {path} {where}; give a folder (it is created if missing).")
-    return path
-
-
-def check_writable_folder(path: str | os.PathLike, flag: str) -> Path:
-    """:func:`check_output_folder`, and the folder (or, while missing, its nearest existing parent, where it
-    would be created) must accept a new file: probed with a temporary file that is removed at once."""
-    path = check_output_folder(path, flag)
     existing = next(p for p in (path, *path.parents) if p.exists()) if not path.exists() else path
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
@@ -195,6 +195,9 @@ def check_writable_folder(path: str | os.PathLike, flag: str) -> Path:
         raise ValueError(f"{flag} {path}: cannot write there{where}: {err.strerror or err}; choose a writable "
                          "folder.") from None
     return path
+
+
+check_writable_folder = check_output_folder  # the older name (pipelines/outputs.py)
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:

@@ -372,7 +372,9 @@ def format_bucket_table(rows: list[dict], unfit: list[dict], num_unreadable: int
         batch = "-" if r["batch_size"] is None else str(r["batch_size"])
         lines.append(f"{r['bucket']:<{width}}  {r['clips']:>6}  {batch:>5}  {r['batches_per_epoch']:>13}")
     assigned = sum(r["clips"] for r in rows)
-    lines.append(f"{assigned} clips in buckets, {len(unfit)} fit no bucket, {num_unreadable} unreadable")
+    from ..utils import plural
+
+    lines.append(f"{plural(assigned, 'clip')} in buckets, {len(unfit)} fit no bucket, {num_unreadable} unreadable")
     idle = [r["bucket"] for r in rows if r["clips"] and not r["batches_per_epoch"]]
     if idle:
         lines.append(f"WARNING      buckets {idle} have fewer clips than one batch: their clips are never trained "
@@ -529,7 +531,7 @@ def check_buckets(data_path: str | os.PathLike, spec: str, base_batch_size: int 
 
     data_path = Path(data_path)
     buckets = resolve_batch_sizes(parse_buckets(spec), base_batch_size, use_image_num=use_image_num)
-    raw = read_raw_entries(data_path)
+    raw = read_raw_entries(data_path, video_folder)
     kept = [i for i, e in enumerate(raw) if entry_problem(e) is None]  # data check lists the malformed ones
     plan = plan_buckets([resolve_video_path(raw[i]["path"], data_path.parent, video_folder) for i in kept], buckets,
                         sample_rate, progress=progress, infos=None if infos is None else [infos[i] for i in kept])

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from ..models.text_encoder import MODEL_MAX_LENGTH
 from ..options import Options, option
-from ..utils import valid_num_frames
+from ..utils import plural, valid_num_frames
 from ..pipelines.outputs import OVERWRITE_HELP
 from .buckets import ClipInfo, check_buckets, format_bucket_table, parse_buckets
 from .datasets import entry_problem, read_raw_entries, resolve_video_path
@@ -38,7 +38,8 @@ class DataCheckOptions(Options):
     COMMAND: ClassVar[str] = "data check"
     CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
-    data_path: str = option(positional=True, help="dataset JSON list")
+    data_path: str = option(positional=True, help="dataset JSON list, or a folder of videos with same-name .txt "
+                            "captions")
     video_folder: str | None = option(None, help="base folder for relative paths (unset: the JSON's folder)")
     text_encoder_name: str | None = option(None, help="local T5 folder: also count caption tokens")
     num_frames: int | None = option(None, help="also count videos shorter than this window")
@@ -103,7 +104,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
 
     o = DataCheckOptions.of(*args, **kwargs)
     data_path = Path(o.data_path)
-    raw = read_raw_entries(data_path)
+    raw = read_raw_entries(data_path, o.video_folder)
     if not raw:  # the same rule as training (load_video_entries): an empty list is not a dataset
         raise ValueError(f"Dataset file {data_path} lists no videos; add at least one entry.")
     tokenizer = None
@@ -112,7 +113,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
 
         tokenizer = load_tokenizer(o.text_encoder_name)
 
-    from ..models.text_encoder import preprocess_texts
+    from ..models.text_encoder import emptied_by_cleaning, preprocess_texts
 
     index = None
     if o.data_index is not None:
@@ -137,7 +138,7 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
         words += [len(c.split()) for c in captions]
         # Training cleans captions as the reference; one that cleaning empties trains as the unconditional input.
         emptied += [{"index": index_row, "caption": c} for c, cleaned in zip(captions, preprocess_texts(captions))
-                    if c.strip() and not cleaned]
+                    if emptied_by_cleaning(c, cleaned)]
         if tokenizer is not None:
             tokens += [len(ids) for ids in tokenizer(captions, add_special_tokens=True).input_ids]
         path = resolve_video_path(entry["path"], data_path.parent, o.video_folder)
@@ -230,11 +231,13 @@ def format_check_report(report: dict) -> str:
         lines.append(f"  tokens     {fmt(caps['tokens'])}; {caps['over_max_length']} longer than "
                      f"{caps['model_max_length']} (truncated)")
     if caps.get("emptied_by_cleaning"):
-        lines.append(f"  cleaning   {len(caps['emptied_by_cleaning'])} captions become empty after caption cleaning "
+        emptied = len(caps["emptied_by_cleaning"])
+        lines.append(f"  cleaning   {plural(emptied, 'caption')} become{'s' if emptied == 1 else ''} empty after caption cleaning "
                      "(e.g. CJK-only) and would train as the unconditional caption:")
         lines += [f"             entry {item['index']}: {item['caption']!r}" for item in caps["emptied_by_cleaning"][:10]]
     if "shorter_than_window" in report:
-        lines.append(f"short        {report['shorter_than_window']} videos have fewer than {report['window_frames']} "
+        short = report["shorter_than_window"]
+        lines.append(f"short        {plural(short, 'video')} {'has' if short == 1 else 'have'} fewer than {report['window_frames']} "
                      f"frames (frames are repeated)")
     for item in report["malformed"]:
         lines.append(f"MALFORMED    entry {item['index']}: {item['problem']}")

@@ -3,6 +3,7 @@
 The file is a JSON list of ``{"path": "clips/a.mp4", "cap": ["a caption", "another caption"]}``
 (``cap`` may also be one string). Relative paths resolve against ``video_folder`` when given, else
 against the JSON file's folder. A malformed entry is an error at construction that names the entry.
+A folder of videos with same-name ``.txt`` captions is read as the same list (:func:`folder_entries`).
 
 Each sample is a random clip of ``num_frames`` frames (the reference's temporal crop, centre crop,
 resize, random flip, [-1, 1]) as ``video`` (3, T + n, S, S), where the last ``n = use_image_num``
@@ -93,13 +94,29 @@ def resolve_video_path(path: str, json_dir: Path, video_folder: str | os.PathLik
     return Path(video_folder) / candidate if video_folder is not None else json_dir / candidate
 
 
-def read_raw_entries(data_path: str | os.PathLike) -> list:
-    """The JSON list in ``data_path``, with one-sentence errors for a missing file or a non-list."""
+def read_raw_entries(data_path: str | os.PathLike, video_folder: str | os.PathLike | None = None) -> list:
+    """The JSON list in ``data_path``, with one-sentence errors for a missing file or a non-list.
+
+    ``data_path`` may also be a folder of clips with same-name captions (``clips/a.mp4`` + ``clips/a.txt``,
+    subfolders searched): :func:`folder_entries` turns it into the same list, so every command that takes
+    a dataset takes the folder too; ``video_folder`` (the base of a JSON list's relative paths) is then refused
+    rather than ignored."""
     from ..utils import read_text_file
 
     data_path = Path(data_path)
     if not data_path.exists():
-        raise FileNotFoundError(f"Dataset file {data_path} does not exist; give the path of the dataset JSON list.")
+        raise FileNotFoundError(f"Dataset file {data_path} does not exist; give the path of the dataset JSON list "
+                                "or of a folder of videos with same-name .txt captions.")
+    if data_path.is_dir():
+        if video_folder is not None:
+            raise ValueError(f"--video_folder {video_folder} has no effect with the dataset folder {data_path} (its "
+                             "videos are found in it); drop --video_folder, or give a JSON list with relative paths.")
+        return folder_entries(data_path)
+    from .video_io import VIDEO_EXTENSIONS
+
+    if data_path.suffix.lower() in VIDEO_EXTENSIONS:
+        raise ValueError(f"Dataset file {data_path} is a video; give a dataset JSON list, or the folder of videos with "
+                         f"same-name .txt captions it sits in ({data_path.parent}).")
     text = read_text_file(data_path, "Dataset file")  # a video given by mistake: one line naming the file
     try:
         raw = json.loads(text)
@@ -113,10 +130,43 @@ def read_raw_entries(data_path: str | os.PathLike) -> list:
     return raw
 
 
+def folder_entries(folder: str | os.PathLike) -> list[dict]:
+    """The dataset of a folder in the layout other video trainers take: every video under ``folder``
+    (``video_io.VIDEO_EXTENSIONS``, subfolders included, sorted by path) captioned by the ``.txt`` file of
+    the same name beside it (the whole text, white space collapsed, is one caption).
+
+    Returns JSON-list entries ``{"path": <absolute video path>, "cap": <caption>}``. ValueError, naming the
+    first few, when videos have no caption file or an empty one, or when the folder holds no video."""
+    from .video_io import VIDEO_EXTENSIONS, list_videos
+
+    folder = Path(folder)
+    videos = list_videos(folder, recursive=True)
+    if not videos:
+        raise ValueError(f"Dataset folder {folder} holds no videos ({'/'.join(VIDEO_EXTENSIONS)}); give a folder "
+                         "of videos with same-name .txt captions, or a dataset JSON list.")
+    entries, uncaptioned = [], []
+    for video in videos:
+        caption_file = video.with_suffix(".txt")
+        caption = " ".join(caption_file.read_text(encoding="utf-8", errors="replace").split()) \
+            if caption_file.is_file() else ""
+        if caption:
+            entries.append({"path": str(video.resolve()), "cap": caption})
+        else:
+            uncaptioned.append(caption_file.relative_to(folder))
+    if uncaptioned:
+        shown = ", ".join(str(p) for p in uncaptioned[:3]) + (", ..." if len(uncaptioned) > 3 else "")
+        lists = sorted(folder.glob("*.json"))  # e.g. demo make-data's folder: videos/ + data.json
+        hint = f", or give the dataset JSON list {lists[0]} instead" if lists else ""
+        raise ValueError(f"Dataset folder {folder}: {len(uncaptioned)} of {len(videos)} videos have no caption "
+                         f"(missing or empty {shown}); write each video's caption into a .txt file of the same "
+                         f"name beside it, or move the video out of the folder{hint}.")
+    return entries
+
+
 def load_video_entries(data_path: str | os.PathLike, video_folder: str | os.PathLike | None = None) -> list[VideoEntry]:
     """Parse and validate the whole JSON list; the first malformed entry raises a ValueError naming it."""
     data_path = Path(data_path)
-    raw = read_raw_entries(data_path)
+    raw = read_raw_entries(data_path, video_folder)
     entries = []
     for index, entry in enumerate(raw):
         problem = entry_problem(entry)
@@ -194,6 +244,7 @@ class VideoCaptionDataset(Dataset):
         self.random_flip = random_flip
         self.max_substitutions = max_substitutions
         self.frame_size = frame_size
+        self._warned_upscale = False
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -210,6 +261,12 @@ class VideoCaptionDataset(Dataset):
             frames = reader.get_frames(indices)  # (T, H, W, 3) uint8
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
         if self.frame_size is None:
+            if min(frames.shape[1:3]) < self.max_image_size and not self._warned_upscale:
+                self._warned_upscale = True  # once per process (each DataLoader worker has its copy)
+                logger.warning("%s is %dx%d, smaller than --max_image_size %d, so it is upscaled (as the reference "
+                               "does; so is any other small clip, this is said once). `opensora-plan data check` "
+                               "lists the sizes; --buckets never upscales.", entry.path, frames.shape[2],
+                               frames.shape[1], self.max_image_size)
             video = video_train_transform(frames, self.max_image_size, flip)  # (3, T, S, S)
         else:
             try:
@@ -336,7 +393,9 @@ class SkippedVideos:
         """One line per distinct path, or '' when nothing was skipped."""
         if not self.counts:
             return ""
-        lines = [f"{self.total} samples skipped ({len(self.counts)} distinct videos):"]
+        from ..utils import plural
+
+        lines = [f"{plural(self.total, 'sample')} skipped ({plural(len(self.counts), 'distinct video')}):"]
         lines += [f"  {path} (x{n}): {self.reasons[path]}" for path, n in sorted(self.counts.items())]
         return "\n".join(lines)
 

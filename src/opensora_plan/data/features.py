@@ -141,7 +141,7 @@ class ExtractOptions(Options):
     COMMAND: ClassVar[str] = "extract"
     CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
 
-    data_path: str = option(help="dataset JSON list")
+    data_path: str = option(help="dataset JSON list, or a folder of videos with same-name .txt captions")
     out_dir: str = option(flag="--out", help="output folder of the cache")
     video_folder: str | None = option(None, help="base folder for relative paths (unset: the JSON's folder)")
     text_encoder_name: str | None = option(None, help="local T5 folder: cache caption embeddings")
@@ -179,9 +179,11 @@ def extract_features(*args, progress: bool = True, **kwargs) -> dict:
     (shards written / reused, entries cached, skipped videos with reasons).
     Takes an :class:`ExtractOptions`, or its fields (data_path, out_dir positionally).
     """
+    from ..utils import check_output_folder
+
     o = ExtractOptions.of(*args, **kwargs)
     entries = load_video_entries(o.data_path, o.video_folder)
-    out_dir = Path(o.out_dir)
+    out_dir = check_output_folder(o.out_dir, "--out")
     settings = {
         "format": CACHE_FORMAT,
         "text_encoder": str(o.text_encoder_name) if o.text_encoder_name else None,
@@ -375,7 +377,8 @@ class CachedFeatureDataset(Dataset):
         meta_path = self.cache_dir / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(
-                f"{self.cache_dir} is not a feature cache (no {META_FILE}); run `opensora-plan extract`."
+                f"{self.cache_dir} is not a feature cache (no {META_FILE}); run `opensora-plan extract` on it first "
+                "(a folder of videos with .txt captions, or a JSON list, goes to --data_path)."
             )
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout is a probability in [0, 1], got {cfg_dropout}.")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..utils import plural
 from .datasets import first_usable
 from .video_io import VideoReader, VideoTooShortError, VideoTooSmallError
 
@@ -134,8 +135,8 @@ class TripletDataset(_VideoFrames):
         path = self.paths[index]
         with VideoReader(path) as reader:
             if reader.num_frames < 3:
-                raise VideoTooShortError(f"Video {path} is too short for a triplet: {reader.num_frames} frame(s), at "
-                                     "least 3 needed.")
+                raise VideoTooShortError(f"Video {path} is too short for a triplet: {plural(reader.num_frames, 'frame')}, "
+                                         "at least 3 needed.")
             self._check_size(reader, path)
             largest = min(self.max_frame_gap, (reader.num_frames - 1) // 2)
             if generator is None:

@@ -26,6 +26,7 @@ import torch
 
 from opensora_plan.demo.judge import judge_video
 from opensora_plan.demo.shapes import COLOURS, JUDGED_AS, SHAPES, all_prompts, parse_caption
+from opensora_plan.utils import plural
 from opensora_plan.options import Options, option
 from opensora_plan.pipelines.outputs import OVERWRITE_HELP, check_output_file, check_targets
 
@@ -56,9 +57,9 @@ class DemoEvalReport:
 
     def table(self) -> str:
         acc = self.accuracy()
-        lines = [f"{len(self.videos)} videos ({len({v['prompt'] for v in self.videos})} prompts x "
-                 f"{len(self.settings['seeds'])} seeds), {self.settings['sample_method']} "
-                 f"{self.settings['num_sampling_steps']} steps, guidance {self.settings['guidance_scale']}, "
+        lines = [f"{plural(len(self.videos), 'video')} ({plural(len({v['prompt'] for v in self.videos}), 'prompt')} "
+                 f"x {plural(len(self.settings['seeds']), 'seed')}), {self.settings['sample_method']} "
+                 f"{plural(self.settings['num_sampling_steps'], 'step')}, guidance {self.settings['guidance_scale']}, "
                  f"{self.seconds:.0f} s ({self.denoise_seconds:.1f} s denoising)"]
         post = [f"{name} x{self.settings.get(name, 1)}" for name in ("interpolate", "upscale")
                 if self.settings.get(name, 1) != 1]

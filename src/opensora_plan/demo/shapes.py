@@ -178,7 +178,9 @@ def make_dataset(*args, **kwargs) -> Path:
     shapes = list(SHAPES) if o.shapes is None else list(o.shapes)
     from opensora_plan.data.video_io import write_video
 
-    out = Path(o.out)
+    from opensora_plan.utils import check_output_folder
+
+    out = check_output_folder(o.out, "--out")
     width = max(5, int(math.log10(max(o.num_videos, 1))) + 1)
     names = [f"videos/{i:0{width}d}.mp4" for i in range(o.num_videos)]
     check_targets([], [out / "data.json", *(out / name for name in names)], o.overwrite, flag="--out")

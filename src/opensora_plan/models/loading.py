@@ -77,8 +77,32 @@ def resolve_model_folder(path: str | os.PathLike, subfolder: str | None = None, 
             f"folder with {CONFIG_NAME} and {WEIGHT_NAMES[0]}{example}."
         )
     if not (folder / CONFIG_NAME).is_file():
+        inside = model_subfolders(folder, kind)
+        if inside:  # a release or demo root given for one of its models
+            names = " or ".join(f"{p.name}/" for p in inside[:3])
+            raise FileNotFoundError(f"{flag + ' ' if flag else ''}{folder} holds a whole model, not one "
+                                    f"{kind or 'model'} folder (no {CONFIG_NAME} here); pass its {names} subfolder, "
+                                    f"e.g. {flag + ' ' if flag else ''}{inside[0]}.")
         raise FileNotFoundError(f"{folder / CONFIG_NAME} is missing; a model folder needs its {CONFIG_NAME}.")
     return folder
+
+
+def model_subfolders(folder: str | os.PathLike, kind: str | None) -> list[Path]:
+    """The sub-folders of ``folder`` that hold a ``kind`` model (their config's ``_class_name`` starts with it; any
+    model when ``kind`` is None): ``[<demo>/vae]`` for a demo or release root given as a CausalVAE. For errors
+    that name the folder the user meant."""
+    import json
+
+    folder = Path(folder)
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else ():
+        try:
+            name = json.loads((sub / CONFIG_NAME).read_text()).get("_class_name", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if kind is None or str(name).startswith(kind):
+            found.append(sub)
+    return found
 
 
 def find_weights(folder: Path) -> Path:

@@ -258,12 +258,18 @@ def _word_chars(text: str) -> int:
     return sum(ch.isalnum() for ch in text)
 
 
+def emptied_by_cleaning(before: str, after: str) -> bool:
+    """Whether caption cleaning left nothing of a text that said something: no letter or digit survives (a URL
+    with a trailing full stop cleans to ``"."``, which T5 reads as next to the unconditional prompt)."""
+    return bool(before.strip()) and not _word_chars(after)
+
+
 def preprocess_prompts(texts: str | Iterable[str], clean: bool = True, what: str = "prompt",
                        empty_is_error: bool = True, warn: bool = True) -> list[str]:
     """:func:`preprocess_texts` that refuses to lose a prompt silently.
 
-    A non-empty text that cleaning turns into ``""`` (e.g. a prompt written only in Chinese: the
-    reference cleaner removes CJK characters) would be sampled as the unconditional prompt: that is
+    A non-empty text that cleaning turns into ``""`` or into punctuation alone (e.g. a prompt written only in
+    Chinese, or only a URL: the reference cleaner removes CJK characters and URLs) would be sampled as the unconditional prompt: that is
     a ValueError (a warning when ``empty_is_error`` is False, e.g. for a negative prompt). When
     cleaning keeps less than half of the letters and digits, a warning says what is left
     (``warn=False``: only the error, for an early check before the prompts are encoded).
@@ -274,7 +280,7 @@ def preprocess_prompts(texts: str | Iterable[str], clean: bool = True, what: str
         return cleaned
     for index, (before, after) in enumerate(zip(raw, cleaned)):
         label = f"{what} {before!r}" if len(raw) == 1 else f"{what} {index} ({before!r})"
-        if before.strip() and not after:
+        if emptied_by_cleaning(before, after):
             message = (f"The {label} is empty after caption cleaning (the reference cleaner removes CJK characters, "
                        "URLs, HTML, file names, ...), so it would be sampled as the unconditional prompt; write it "
                        "in English or turn cleaning off with --no_clean_caption (clean_caption=False).")

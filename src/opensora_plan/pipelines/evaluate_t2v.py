@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
-from ..utils import atomic_write_bytes, read_text_file
+from ..utils import atomic_write_bytes, plural, read_text_file
 from .outputs import OVERWRITE_HELP, check_output_file
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class T2VEvaluation:
         if "clip_score" in s.get("metrics", ()):
             frames = "all frames" if not s.get("clip_frames") else f"{s['clip_frames']} frames"
             rows.append(("CLIP score ^", "n/a" if self.clip_score is None else f"{self.clip_score:.2f}",
-                         f"{self.clip_num_videos} videos, {frames} each"))
+                         f"{plural(self.clip_num_videos, 'video')}, {frames} each"))
         if "fvd" in s.get("metrics", ()):
             rows.append(("FVD v", "n/a" if self.fvd is None else f"{self.fvd:.2f}",
                          f"{self.fvd_num_generated} generated vs {self.fvd_num_real} real clips of "
@@ -115,7 +115,7 @@ class T2VEvaluation:
             lines.append(f"note: FVD is biased upward at small N; papers use 2048 clips per set (here "
                          f"{self.fvd_num_generated}/{self.fvd_num_real}); compare only numbers with the same N.")
         if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} file(s): " + ", ".join(f"{p} ({r})" for p, r in self.skipped))
+            lines.append(f"skipped {plural(len(self.skipped), 'file')}: " + ", ".join(f"{p} ({r})" for p, r in self.skipped))
         return "\n".join(lines)
 
 
@@ -180,7 +180,7 @@ def resolve_prompts(videos: Sequence[Path], prompts: str | os.PathLike | None) -
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise ValueError(
-            f"{len(missing)} video(s) have no prompt in {source} ({shown}); a .txt needs one line per video index "
+            f"{plural(len(missing), 'video')} {'has' if len(missing) == 1 else 'have'} no prompt in {source} ({shown}); a .txt needs one line per video index "
             "(names '0007-...'), a .json an entry per file name."
         )
     return found

@@ -26,8 +26,8 @@ import torch
 from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
-from ..utils import atomic_write_bytes
-from .reconstruct import check_num_frames, load_clip, load_vae, quality, reconstruct_video
+from ..utils import atomic_write_bytes, plural
+from .reconstruct import check_num_frames, load_clip, load_vae, quality, reconstruct_video, warn_out_of_domain
 from .outputs import OVERWRITE_HELP, check_output_file
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class EvaluationSummary:
 
     def table(self) -> str:
         """Plain-text table: metric, this model, the reference's v1.0.0 number."""
-        rows = [("metric", f"this VAE ({len(self.scores)} videos)", "v1.0.0 report (100 K400 val clips)")]
+        rows = [("metric", f"this VAE ({plural(len(self.scores), 'video')})", "v1.0.0 report (100 K400 val clips)")]
         for metric, label, fmt in (("psnr", "PSNR (dB) ^", "{:.3f}"), ("ssim", "SSIM ^", "{:.4f}"), ("lpips", "LPIPS v", "{:.4f}")):
             value = self.mean(metric)
             rows.append((label, "n/a (no --lpips_path)" if value is None else fmt.format(value),
@@ -183,4 +183,5 @@ def evaluate_vae(*args, **kwargs) -> EvaluationSummary:
         ))
     if o.json_out:
         atomic_write_bytes(o.json_out, json.dumps(summary.to_dict(), indent=2).encode())
+    warn_out_of_domain(o.model_path, summary.mean("psnr"))
     return summary

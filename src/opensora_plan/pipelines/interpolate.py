@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_video
 from ..options import Options, option
-from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
+from ..utils import check_output_folder, parse_dtype, plural, progress_bar, resolve_device
 from .outputs import OVERWRITE_HELP, RunResults, check_targets, folder_output, single_output
 
 logger = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def _plan_outputs(source: Path, output: Path | None, factor: int, overwrite: boo
 def _check_input(reader: VideoReader, source: Path) -> None:
     """A video interpolation can take: at least 2 frames, even sides (H.264); ValueError otherwise."""
     if len(reader) < 2:
-        raise ValueError(f"{source} has {len(reader)} frame(s); interpolation needs at least 2.")
+        raise ValueError(f"{source} has {plural(len(reader), 'frame')}; interpolation needs at least 2.")
     if reader.width % 2 or reader.height % 2:
         raise ValueError(f"{source} is {reader.width}x{reader.height}; the H.264 output needs even sides, "
                          "so crop or pad it to an even size first.")

@@ -15,6 +15,7 @@ what ``model_index.json`` is to diffusers' components, this file is to sampling,
       "fps": 8,
       "cache_fast": {"method": "teacache", "threshold": 0.8},   what --cache fast means for this model
       "example_prompts": ["a red circle moving left"],          prompts it knows (serve shows them)
+      "vocabulary": [["red", "blue"], ["circle", "square"]],    a prompt it knows names a word of each group
       "stages": {"interpolate": {"model_path": "amt", "factor": 2},   post-processing models it ships with
                  "upscale": {"model_path": "rgt", "scale": 2}}
     }
@@ -61,6 +62,10 @@ STAGES = {"interpolate": "factor", "upscale": "scale"}
 # `serve` showed for it (demo/shapes.caption; tests/test_model_folder.py keeps the two equal).
 DEMO_EXAMPLE_PROMPTS = ("a red circle moving left", "a blue square moving up", "a yellow triangle moving right",
                         "a green circle moving down", "a white square moving left")
+# The words a demo model knows (demo/shapes: COLOURS, SHAPES, DIRECTIONS; tests/test_user_hints.py keeps them
+# equal): a prompt that names no word of a group is outside what it was trained on.
+DEMO_VOCABULARY = (("red", "green", "blue", "yellow", "white"), ("circle", "square", "triangle"),
+                   ("left", "right", "up", "down"))
 # Keys demo.json carries besides the sampling fields: its training record, read by nothing here.
 _DEMO_RECORD_KEYS = ("trained_with", "training_seconds", "stage_seconds", "machine", "note", "cache_fast_note",
                      "interpolation_trained_with", "upscaler_trained_with")
@@ -100,7 +105,23 @@ class SamplingConfig:
     fps: float | None = None
     cache_fast: dict | None = None
     example_prompts: tuple[str, ...] | None = None
+    vocabulary: tuple[tuple[str, ...], ...] | None = None
     stages: dict = field(default_factory=dict)
+
+    def prompt_hint(self, prompt: str) -> str | None:
+        """One sentence when ``prompt`` names no word of one of the ``vocabulary`` groups (the model never saw
+        such a prompt, so its video will not follow it), else None (also when the file gives no vocabulary)."""
+        import re
+
+        words = set(re.findall(r"[a-z]+", prompt.lower()))
+        missing = [group for group in self.vocabulary or () if not words & set(group)]
+        if not missing:
+            return None
+        example = f", e.g. {self.example_prompts[0]!r}" if self.example_prompts else ""
+        return (f"the prompt {prompt!r} is outside what this model knows: it names none of "
+                + "; none of ".join("/".join(group) for group in missing)
+                + f" ({self.path}{example}); the video will not follow it"
+                + (" (the demo draws coloured blobs)" if self.is_demo else "") + ".")
 
     @property
     def is_demo(self) -> bool:
@@ -120,6 +141,19 @@ def sampling_config_file(folder: str | os.PathLike) -> Path | None:
     for name in (SAMPLING_CONFIG, DEMO_INFO):
         if (Path(folder) / name).is_file():
             return Path(folder) / name
+    return None
+
+
+def base_model_sampling_config(pretrained: str | os.PathLike | None) -> SamplingConfig | None:
+    """The sampling file of a base model given as its transformer (``train-t2v --pretrained``): the folder's own,
+    else its parent's (the shipped demo's ``17x64x64/`` sits beside ``demo.json``); None for a weights file
+    (Latte's ``t2v.pt``), None, or a folder without one."""
+    if not pretrained or not Path(pretrained).is_dir():
+        return None
+    for folder in (Path(pretrained), Path(pretrained).parent):
+        config = load_sampling_config(folder)
+        if config is not None:
+            return config
     return None
 
 
@@ -163,11 +197,17 @@ def load_sampling_config(folder: str | os.PathLike | None) -> SamplingConfig | N
           'an object with a "method" (e.g. {"method": "teacache", "threshold": 0.1})')
     check("example_prompts", lambda v: isinstance(v, list) and v and all(isinstance(p, str) and p.strip() for p in v),
           "a non-empty list of prompts")
+    check("vocabulary", lambda v: isinstance(v, list) and v and all(
+        isinstance(g, list) and g and all(isinstance(w, str) and w.strip() for w in g) for g in v),
+        'a non-empty list of word lists (e.g. [["red", "blue"], ["circle", "square"]])')
     check("stages", lambda v: isinstance(v, dict), f"an object with some of {sorted(STAGES)}")
     stages = {name: _stage(path, name, spec) for name, spec in data.get("stages", {}).items()}
     example_prompts = data.get("example_prompts")
+    vocabulary = data.get("vocabulary")
     if example_prompts is None and path.name == DEMO_INFO:
         example_prompts = DEMO_EXAMPLE_PROMPTS
+    if vocabulary is None and path.name == DEMO_INFO:
+        vocabulary = DEMO_VOCABULARY
     return SamplingConfig(
         path=path,
         version=data.get("version"),
@@ -179,6 +219,7 @@ def load_sampling_config(folder: str | os.PathLike | None) -> SamplingConfig | N
         fps=data.get("fps"),
         cache_fast=dict(data["cache_fast"]) if "cache_fast" in data else None,
         example_prompts=tuple(example_prompts) if example_prompts is not None else None,
+        vocabulary=tuple(tuple(w.lower() for w in group) for group in vocabulary) if vocabulary is not None else None,
         stages=stages,
     )
 

@@ -38,7 +38,9 @@ def skipped_lines(skipped) -> list[str]:
     already names the file is printed as it is)."""
     if not skipped:
         return []
-    lines = [f"skipped {len(skipped)} file(s):"]
+    from ..utils import plural
+
+    lines = [f"skipped {plural(len(skipped), 'file')}:"]
     for path, reason in skipped:
         lines.append(f"  {reason}" if str(path) in reason else f"  {path}: {reason}")
     return lines

@@ -124,6 +124,24 @@ def load_vae(
     return vae
 
 
+# Below this mean PSNR a demo VAE's reconstruction is out of its domain: four `demo make-data` clips reconstructed
+# at 26.6-28.3 dB, a 176x144 noise clip at 6.4 dB (measured for issue 23; real footage: 8-10 dB in the issue).
+DEMO_VAE_MIN_PSNR = 20.0
+
+
+def warn_out_of_domain(model_path: str | os.PathLike, mean_psnr: float | None) -> None:
+    """One warning when ``model_path`` is a demo model's VAE (its parent holds ``demo.json``) and the videos
+    reconstructed at a mean PSNR below :data:`DEMO_VAE_MIN_PSNR`: the demo VAE knows only shapes on black."""
+    from .model_folder import DEMO_INFO
+
+    folder = Path(model_path)
+    if mean_psnr is None or mean_psnr >= DEMO_VAE_MIN_PSNR or not (folder.parent / DEMO_INFO).is_file():
+        return
+    logger.warning("%s is the demo model's VAE, trained only on synthetic coloured shapes on black (docs/demo.md), so "
+                   "these videos reconstruct at %.1f dB; for other footage use a release VAE (e.g. "
+                   "Open-Sora-Plan-v1.0.0/vae).", folder, mean_psnr)
+
+
 def check_num_frames(num_frames: int, temporal_compression: int) -> None:
     """The CausalVAE takes 1 frame (an image) or 1 + k*temporal_compression frames."""
     if not valid_num_frames(num_frames, temporal_compression):
@@ -159,7 +177,12 @@ def load_clip(
         frames = reader.get_frames(range(0, needed, sample_rate))  # (T, H, W, 3) uint8
         fps = reader.fps
     video = frames_to_model_range(frames)  # (3, T, H, W) in [-1, 1]
+    short = min(video.shape[-2:])
     video = resize_short_side(video, resolution)
+    if short < resolution:  # a choice the user should see: the VAE then reconstructs interpolated pixels
+        logger.warning("%s: %dx%d upscaled to %dx%d (its short side %d is below --resolution %d); pass --resolution "
+                       "%d to keep its own size.", path, frames.shape[2], frames.shape[1], video.shape[-1],
+                       video.shape[-2], short, resolution, short - short % spatial_multiple or short)
     if crop_size:
         video = center_crop(video, crop_size)
     cropped = center_crop_to_multiple(video, spatial_multiple)
@@ -352,4 +375,5 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
         summary.results.append(result)
     if folder_mode:
         atomic_write_bytes(rec_path / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2).encode())
+    warn_out_of_domain(o.model_path, summary.mean_psnr)
     return summary

@@ -34,7 +34,8 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from opensora_plan.options import Options, option
-from opensora_plan.pipelines.model_folder import (DEFAULT_TEXT_ENCODER, RELEASE_SAMPLE_DEFAULTS, default_model_path,
+from opensora_plan.pipelines.model_folder import (DEFAULT_TEXT_ENCODER, RELEASE_SAMPLE_DEFAULTS,
+                                                  adapter_sampling_config, base_model_sampling_config, default_model_path,
                                                   fast_cache_options, load_sampling_config, vae_folder)
 from opensora_plan.pipelines.outputs import OVERWRITE_HELP, check_targets
 
@@ -235,7 +236,8 @@ def resolve_sample_defaults(model_path: str | os.PathLike | None = None, lora: s
     """Sampling settings with every ``None`` filled in: flag > model folder file > release defaults.
 
     No ``model_path``: the shipped demo model. The folder's ``sampling_config.json`` (or a demo model's
-    ``demo.json``, :func:`~opensora_plan.pipelines.model_folder.load_sampling_config`) gives what it sets;
+    ``demo.json``, :func:`~opensora_plan.pipelines.model_folder.load_sampling_config`; for a ``train-t2v`` run or
+    checkpoint, its ``--pretrained`` base model's, :func:`~.model_folder.base_model_sampling_config`) gives what it sets;
     what it does not set, or a folder without such a file (a release checkpoint), comes from
     :data:`RELEASE_SAMPLE_DEFAULTS`. Values given (not ``None``) always win.
     Keys: model_path, version, text_encoder_name, sample_method, num_sampling_steps, guidance_scale, fps.
@@ -251,12 +253,18 @@ def resolve_sample_defaults(model_path: str | os.PathLike | None = None, lora: s
         raise ValueError(f"sample_defaults got unknown options {unknown}; expected {sorted(RELEASE_SAMPLE_DEFAULTS)}.")
     folder = Path(model_path) if model_path is not None else default_model_path()
     config = load_sampling_config(folder)
+    given_by_file = config.sample_defaults() if config is not None else {}
+    if config is None and model_path is not None:
+        from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
+
+        if is_training_output(folder):  # a train-t2v run samples as its base model does (fps, scheduler, ...)
+            config = base_model_sampling_config(resolve_training_output(folder).pretrained)
+            given_by_file = {k: v for k, v in (config.sample_defaults() if config else {}).items()
+                             if k not in ("version", "text_encoder_name")}  # the run records its own
     if config is None and model_path is None:
         raise FileNotFoundError(f"The shipped demo model is missing from {folder}; reinstall opensora-plan or pass "
                                 f"--model_path (a release folder) and --text_encoder_name.")
-    defaults = {**RELEASE_SAMPLE_DEFAULTS, **(config.sample_defaults() if config is not None else {})}
-    from opensora_plan.pipelines.model_folder import adapter_sampling_config
-
+    defaults = {**RELEASE_SAMPLE_DEFAULTS, **given_by_file}
     adapter = adapter_sampling_config(lora)
     if adapter is not None:
         defaults.update({k: v for k, v in adapter.sample_defaults().items()
@@ -345,6 +353,9 @@ def _check_model_folders(model_path: Path, version: str, ae: str, text_encoder_n
             f"--model_path {model_path} {problem}; expected a local copy of {DEFAULT_MODEL_PATH} with the "
             f"version folders ({', '.join(VERSIONS)}) and vae/, or a train-t2v run or checkpoint folder."
         )
+    if not (model_path / version).is_dir() and (model_path / "config.json").is_file():  # one component's folder
+        raise ValueError(f"--model_path {model_path} is one model's folder (it holds config.json), not a model folder "
+                         f"with version folders and vae/; pass the folder above it, --model_path {model_path.parent}.")
     if not (model_path / version).is_dir():
         present = sorted(d.name for d in model_path.iterdir() if d.is_dir())
         raise FileNotFoundError(
@@ -525,6 +536,35 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
     return written, shape
 
 
+def warn_unknown_prompts(prompts: list[str], config, shown: int = 3) -> None:
+    """One warning line per prompt outside the model's ``vocabulary`` (its sampling file's; the demo's words), the
+    first ``shown`` of them, then a count."""
+    hints = [h for h in (config.prompt_hint(p) for p in prompts) if h] if config is not None else []
+    for hint in hints[:shown]:
+        logger.warning("%s%s", hint[0].upper(), hint[1:])
+    if len(hints) > shown:
+        logger.warning("%d more prompts are outside what this model knows.", len(hints) - shown)
+
+
+def sample_summary(count: int, shape: tuple, fps: float, opts: SampleOptions, model: str, seconds: float) -> str:
+    """The end-of-run line: what was written (png images or mp4 videos, frames, size and fps as written, after
+    the post-processing stages), then the model folder and the scheduler that made it, and the time."""
+    from opensora_plan.utils import plural
+
+    noun = "image" if opts.force_images else "video"
+    what = plural(count, f"png {noun}" if opts.force_images else f"mp4 {noun}")
+    if count and opts.force_images:
+        what += f" {shape[2]}x{shape[1]}"
+    elif count:
+        what += f" of {plural(shape[0], 'frame')} {shape[2]}x{shape[1]} at {fps:g} fps"
+    steps = [f"--{name} {getattr(opts, name)}" for name in ("interpolate", "upscale") if getattr(opts, name) != 1]
+    if count and steps:
+        what += f" (after {', '.join(steps)})"
+    return (f"Sampled {what} with model {model} "
+            f"({opts.sample_method}, {plural(opts.num_sampling_steps, 'step')}) in {seconds:.1f} s "
+            f"({seconds / max(count, 1):.1f} s per {noun})")
+
+
 def _encode_batch(pipe, prompts, negative_prompt, do_cfg, clean_caption, text_conditioning):
     """``(prompt_embeds, prompt_mask, negative_embeds, negative_mask)`` of one batch; masks are None for 'reference'."""
     if text_conditioning == "per_prompt":
@@ -590,6 +630,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     check_scheduler_steps(scheduler, opts.num_sampling_steps)  # before any model loads or folder is made
     prompts = read_prompts(text_prompt, opts.prompt_file)
     preprocess_prompts(prompts, clean=opts.clean_caption, warn=False)  # a prompt that cleaning empties: error now
+    warn_unknown_prompts(prompts, None if opts.lora else load_sampling_config(opts.model_path))  # a LoRA may add words
     out_dir = check_output_folder(opts.save_img_path, "--save_img_path")
     suffix = ".png" if opts.force_images else ".mp4"
     # Every planned file, checked now: an existing one (a rerun with another --seed names its files alike) is
@@ -670,17 +711,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
                                       device, rank, tag, out_dir, groups, run, stages)
     elapsed = time.perf_counter() - start
     fps = opts.fps * opts.interpolate  # interpolation keeps the duration
-    size = ""
-    if written:
-        steps = [f"--{name} {getattr(opts, name)}" for name in ("interpolate", "upscale") if getattr(opts, name) != 1]
-        size = (f"; {shape[0]} frame{'' if shape[0] == 1 else 's'} {shape[2]}x{shape[1]}"
-                + (f" at {fps:g} fps" if shape[0] > 1 else "") + (f" (after {', '.join(steps)})" if steps else ""))
-    print(
-        f"{tag}Sampled {len(written)} video(s) with {version} ({opts.sample_method}, {opts.num_sampling_steps} "
-        f"step{'' if opts.num_sampling_steps == 1 else 's'}) "
-        f"in {elapsed:.1f} s ({elapsed / max(len(written), 1):.1f} s per video) -> {out_dir}{size}",
-        flush=True,
-    )
+    print(f"{tag}{sample_summary(len(written), shape, fps, opts, version, elapsed)} -> {out_dir}", flush=True)
     if opts.gif:
         from opensora_plan.data.video_io import read_video, write_gif
 

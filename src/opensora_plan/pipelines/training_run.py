@@ -36,6 +36,7 @@ class TrainingRunModels:
     lora: Path | None  # = weights for a LoRA run
     base: str | None  # the frozen --pretrained base of a LoRA run
     seed: int = 0  # the run's seed (initialises what a partial --pretrained left out, as in training)
+    pretrained: str | None = None  # the run's --pretrained (any run): its sampling file gives the run's defaults
 
     def describe(self) -> str:
         kind = "LoRA adapter" if self.lora else "weights"
@@ -91,7 +92,7 @@ def resolve_training_output(path: str | os.PathLike, use_ema: bool = True) -> Tr
         checkpoint=checkpoint, weights=weights, uses_ema=folder == "ema", vae=vae,
         text_encoder=paths.get("text_encoder_name"), transformer_config=task_options["transformer_config"],
         lora=weights if is_lora else None, base=paths.get("pretrained") if is_lora else None,
-        seed=int(options.get("seed", 0)),
+        seed=int(options.get("seed", 0)), pretrained=paths.get("pretrained"),
     )
 
 

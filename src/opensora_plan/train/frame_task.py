@@ -53,8 +53,8 @@ class FrameTrainOptions(TrainConfig):
     # data
     video_path: str | None = option(None, help="folder of videos, searched recursively (mp4/avi/webm/mkv)",
                                     group="data")
-    data_path: str | None = option(None, help="JSON video list (the text-to-video dataset format; captions unused)",
-                                   group="data")
+    data_path: str | None = option(None, help="JSON video list (the text-to-video dataset format; captions "
+                                   "unused) or a folder of videos", group="data")
     video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
     samples_per_video: int = option(1, help="samples (random triplets / crops) drawn from every video per epoch; "
                                     "raise it for a few long clips", group="data")

@@ -29,10 +29,14 @@ def read_pretrained_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     A torch checkpoint may be a plain state dict or a dict with ``model`` (Latte's ``t2v.pt``); a
     ``module.`` prefix (DDP-saved) is removed.
     """
-    from opensora_plan.models.loading import find_weights, read_state_dict
+    from opensora_plan.models.loading import find_weights, model_subfolders, read_state_dict
 
     path = Path(path)
     if path.is_dir():
+        inside = [] if (path / "config.json").is_file() else model_subfolders(path, "LatteT2V")
+        if inside:  # a release or demo root
+            raise FileNotFoundError(f"--pretrained {path} holds a whole model, not one LatteT2V folder; pass one of "
+                                    f"its transformer folders, e.g. --pretrained {inside[0]}.")
         path = find_weights(path)
     if not path.is_file():
         raise FileNotFoundError(

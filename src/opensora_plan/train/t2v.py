@@ -44,8 +44,10 @@ from opensora_plan.train.t2v_validation import (
     VALIDATION_SEED,
     T2VValidation,
     preview_defaults,
+    preview_fps,
 )
 from opensora_plan.train.trainer import Phase, TrainConfig, TrainTask, train
+from opensora_plan.utils import plural
 
 __all__ = ["PREVIEW_DEFAULTS", "STAGE_CONFIG_DIR", "SUPPORTED_AE", "T2V_DEFAULTS", "VALIDATION_SEED", "T2VTask",
            "T2VTrainOptions", "_validation_dataset", "build_t2v", "build_transformer", "dry_run_report",
@@ -73,7 +75,8 @@ class T2VTask(T2VValidation, TrainTask):
                  adam_epsilon: float = 1e-8, max_grad_norm: float | None = 1.0, validation_prompts: list[str] = (),
                  validation_sampling_steps: int = 20, validation_data=None, validation_num_timesteps: int = 8,
                  validation_batch_size: int = 1, validation_sample_method: str = "PNDM",
-                 validation_guidance_scale: float = 7.5, seed: int = 0, train_batch_size: int = 1):
+                 validation_guidance_scale: float = 7.5, validation_fps: float = 24.0, seed: int = 0,
+                 train_batch_size: int = 1):
         from opensora_plan.data.datasets import SkippedVideos, collate_video_caption
         from opensora_plan.diffusion import GaussianDiffusion
 
@@ -94,6 +97,7 @@ class T2VTask(T2VValidation, TrainTask):
         self.validation_sampling_steps = validation_sampling_steps
         self.validation_sample_method = validation_sample_method
         self.validation_guidance_scale = validation_guidance_scale
+        self.validation_fps = validation_fps  # of the preview mp4s: the base model's (t2v_validation.preview_fps)
         self.validation_data = validation_data  # held-out dataset (cfg_dropout 0) or None
         self.validation_num_timesteps = validation_num_timesteps
         self.validation_batch_size = validation_batch_size
@@ -395,8 +399,8 @@ def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]
         validation_sampling_steps=opts["validation_sampling_steps"], validation_data=held_out,
         validation_num_timesteps=opts["validation_num_timesteps"], validation_batch_size=opts["train_batch_size"],
         validation_sample_method=opts["validation_sample_method"],
-        validation_guidance_scale=opts["validation_guidance_scale"], seed=opts["seed"],
-        train_batch_size=opts["train_batch_size"],
+        validation_guidance_scale=opts["validation_guidance_scale"], validation_fps=preview_fps(opts["pretrained"]),
+        seed=opts["seed"], train_batch_size=opts["train_batch_size"],
     )
     # What `sample --model_path <checkpoint>` needs to find the run's models again (absolute paths); a
     # feature cache names the VAE / T5 it was extracted with.
@@ -473,7 +477,7 @@ def _validation_summary(task: T2VTask, config: TrainConfig) -> str:
     prompts = len(task.validation_prompts)
     if task.validation_data is None and not prompts:
         return "validation: none (no --validation_data_path or --validation_prompts)"
-    every = f"every {config.validation_steps} steps" if config.validation_steps else "never (no --validation_steps)"
+    every = f"every {plural(config.validation_steps, 'step')}" if config.validation_steps else "never (no --validation_steps)"
     if task.validation_data is None:
         held = "no held-out loss"
     else:
@@ -510,7 +514,7 @@ def dry_run_report(task: T2VTask, config: TrainConfig) -> dict:
                          "them all)")
         lines.append("  (batches per epoch for one process; with N processes each gets about 1/N of them)")
     else:
-        lines.append(f"  {len(dataset)} samples, batch {config.train_batch_size} per process")
+        lines.append(f"  {plural(len(dataset), 'sample')}, batch {config.train_batch_size} per process")
     lines += ["", _validation_summary(task, config)]
     held_out = task.validation_data
     for item in getattr(held_out, "unreadable", [])[:10]:

@@ -116,7 +116,8 @@ def _dataset(opts: dict):
 
 
 def _validation_dataset(opts: dict):
-    """The held-out set of ``--validation_data_path``: an ``extract`` cache folder or a JSON video list.
+    """The held-out set of ``--validation_data_path``: an ``extract`` cache folder, a JSON video list or a folder
+    of videos with same-name .txt captions.
 
     Read without augmentation or caption dropout; a JSON list resolves relative paths as ``--data_path``
     does (``--video_folder``, else the JSON's folder). None without the option.
@@ -124,7 +125,9 @@ def _validation_dataset(opts: dict):
     path = opts["validation_data_path"]
     if not path:
         return None
-    if Path(path).is_dir():
+    from opensora_plan.data.features import META_FILE
+
+    if (Path(path) / META_FILE).is_file():  # an extract cache; any other folder is a folder of clips
         from opensora_plan.data.features import CachedFeatureDataset
 
         dataset = CachedFeatureDataset(path, cfg_dropout=0.0)

@@ -59,7 +59,8 @@ class T2VTrainOptions(TrainConfig):
         group="LoRA fine-tuning (needs peft; docs/training.md)")
     # data
     dataset: str = option("t2v", help="dataset type", group="data")
-    data_path: str | None = option(None, help="JSON list of {'path': ..., 'cap': [...] or '...'}", group="data")
+    data_path: str | None = option(None, help="JSON list of {'path': ..., 'cap': [...] or '...'}, or a folder of "
+                                   "videos with same-name .txt captions", group="data")
     video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
     data_index: str | None = option(None, help="index of --data_path written by `opensora-plan data index`: start "
                                     "without opening the videos (only changed ones are probed again); unreadable "
@@ -107,8 +108,8 @@ class T2VTrainOptions(TrainConfig):
                                                      "--pretrained folder's sampling_config.json or demo.json, "
                                                      "else 7.5)", group="run", show_default=False)
     # held-out loss at fixed timesteps and fixed noise (T2VTask.held_out_loss)
-    validation_data_path: str | None = option(None, help="held-out clips (JSON list like --data_path, or an extract "
-                                              "folder): diffusion loss at fixed timesteps and noise every "
+    validation_data_path: str | None = option(None, help="held-out clips (JSON list or folder like --data_path, or "
+                                              "an extract folder): diffusion loss at fixed timesteps and noise every "
                                               "--validation_steps, as val_loss", group="run")
     validation_num_timesteps: int = option(8, help="fixed timesteps of the held-out loss", group="run")
     dry_run: bool = option(False, help="check options, data (bucket histogram) and models, print parameter counts "
@@ -235,10 +236,10 @@ def validate_t2v_options(opts: Mapping) -> None:
         lora_config(opts["lora_rank"], opts["lora_alpha"], opts["lora_target_modules"])  # peft installed, values valid
     if opts["validation_prompts"]:
         # Validation previews clean captions as sampling does: a prompt emptied by it fails now, not after training.
-        from opensora_plan.models.text_encoder import preprocess_texts
+        from opensora_plan.models.text_encoder import emptied_by_cleaning, preprocess_texts
 
         for prompt, cleaned in zip(opts["validation_prompts"], preprocess_texts(list(opts["validation_prompts"]))):
-            if prompt.strip() and not cleaned:
+            if emptied_by_cleaning(prompt, cleaned):
                 raise ValueError(f"Validation prompt {prompt!r} is empty after caption cleaning (it removes CJK "
                                  "characters, URLs, HTML, ...) and would preview the unconditional video; write it "
                                  "in English.")
@@ -264,14 +265,19 @@ def validate_t2v_options(opts: Mapping) -> None:
     if opts["validation_prompts"]:
         from opensora_plan.diffusion.schedulers import create_scheduler
 
+        from opensora_plan.pipelines.pipeline_opensora_plan import check_scheduler_steps
+
         try:
-            create_scheduler(opts["validation_sample_method"])
+            scheduler = create_scheduler(opts["validation_sample_method"])
         except ValueError as err:
             raise ValueError(f"--validation_sample_method: {err}") from None
-    if opts["validation_prompts"] and opts["validation_sampling_steps"] < 4:
-        # Checked here, not after hours of training: PNDM's Runge-Kutta warm-up needs 4 steps.
-        raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} is too few for the "
-                         f"PNDM sampler; use 4 or more.")
+        if opts["validation_sampling_steps"] < 1:
+            raise ValueError(f"--validation_sampling_steps must be at least 1, got {opts['validation_sampling_steps']}.")
+        try:  # checked here, not after hours of training (PNDM's Runge-Kutta warm-up needs 4 steps; others run 1)
+            check_scheduler_steps(scheduler, opts["validation_sampling_steps"])
+        except ValueError as err:
+            raise ValueError(f"--validation_sampling_steps {opts['validation_sampling_steps']} with "
+                             f"--validation_sample_method {opts['validation_sample_method']}: {err}") from None
 
 
 def _check_model_spec(spec: str) -> None:
@@ -281,8 +287,12 @@ def _check_model_spec(spec: str) -> None:
     path = Path(spec)
     if spec in LATTE_CONFIGS or path.is_file() or (path / "config.json").is_file():
         return
+    from opensora_plan.models.loading import model_subfolders
+
+    inside = model_subfolders(path, "LatteT2V") if path.is_dir() else []
+    hint = f"; {path} holds a whole model: pass one of its transformer folders, e.g. --model {inside[0]}" if inside else ""
     raise FileNotFoundError(f"--model {spec} is neither a known size ({', '.join(LATTE_CONFIGS)}) nor a LatteT2V "
-                            "config.json or folder holding one.")
+                            f"config.json or folder holding one{hint}.")
 
 
 CACHE_SETTINGS = ("num_frames", "max_image_size", "use_image_num", "sample_rate", "model_max_length")

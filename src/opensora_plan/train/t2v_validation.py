@@ -35,16 +35,22 @@ def preview_defaults(pretrained: str | None) -> tuple[dict, str | None]:
     ``sample_method`` / ``num_sampling_steps`` / ``guidance_scale`` (what ``sample`` uses for it); what it does not
     give, or anything else, :data:`PREVIEW_DEFAULTS`.
     """
-    from opensora_plan.pipelines.model_folder import load_sampling_config
+    from opensora_plan.pipelines.model_folder import base_model_sampling_config
 
-    if pretrained and Path(pretrained).is_dir():
-        for folder in (Path(pretrained), Path(pretrained).parent):
-            config = load_sampling_config(folder)
-            if config is not None:
-                given = config.sample_defaults()
-                return ({key: given.get(name, PREVIEW_DEFAULTS[key]) for key, name in _SAMPLING_KEYS.items()},
-                        str(config.path))
-    return dict(PREVIEW_DEFAULTS), None
+    config = base_model_sampling_config(pretrained)
+    if config is None:
+        return dict(PREVIEW_DEFAULTS), None
+    given = config.sample_defaults()
+    return {key: given.get(name, PREVIEW_DEFAULTS[key]) for key, name in _SAMPLING_KEYS.items()}, str(config.path)
+
+
+def preview_fps(pretrained: str | None) -> float:
+    """Frames per second of the preview mp4s: the base model's (its sampling file's ``fps``, as ``sample`` writes
+    its videos; the shipped demo's 8), else the release's 24."""
+    from opensora_plan.pipelines.model_folder import RELEASE_SAMPLE_DEFAULTS, base_model_sampling_config
+
+    config = base_model_sampling_config(pretrained)
+    return float(config.fps if config is not None and config.fps else RELEASE_SAMPLE_DEFAULTS["fps"])
 
 
 
@@ -150,7 +156,8 @@ class T2VValidation:
         """Held-out loss (``--validation_data_path``) and preview videos (``--validation_prompts``).
 
         Previews: one video per prompt (seed = prompt index; ``--validation_sample_method``,
-        ``--validation_guidance_scale``, ``--validation_sampling_steps``) written to
+        ``--validation_guidance_scale``, ``--validation_sampling_steps``) at the base model's fps
+        (:func:`preview_fps`) written to
         ``folder/step-<step>/<index>-<prompt words>.mp4`` and, first/middle/last frame, to the writer
         (``validation/<index>/frames``; W&B also gets the mp4 as ``validation/<index>/video``). Prompts are
         encoded at the run's ``model_max_length``.
@@ -191,7 +198,7 @@ class T2VValidation:
                 video = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative,
                              num_inference_steps=self.validation_sampling_steps,
                              guidance_scale=self.validation_guidance_scale, generator=generator).frames[0]
-            path = write_video(out / video_filename(i, prompt), video, fps=24)  # (T, H, W, 3) uint8
+            path = write_video(out / video_filename(i, prompt), video, fps=self.validation_fps)  # (T, H, W, 3)
             if writer is not None:  # first, middle and last frame (add_video would need moviepy)
                 picks = [0, video.shape[0] // 2, video.shape[0] - 1]
                 writer.add_images(f"validation/{i:02d}/frames", video[picks].permute(0, 3, 1, 2), step)

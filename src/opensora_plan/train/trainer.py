@@ -60,7 +60,7 @@ from opensora_plan.train import checkpoint as ckpt
 from opensora_plan.train.ema import EMA
 from opensora_plan.train.sampler import ResumableSampler, SeededSamples, derive_seed
 from opensora_plan.options import Options, option
-from opensora_plan.utils import atomic_dir, atomic_write_bytes
+from opensora_plan.utils import atomic_dir, atomic_write_bytes, plural
 
 logger = logging.getLogger(__name__)
 
@@ -696,8 +696,9 @@ class Trainer:
                 cfg.train_batch_size
             if sampler.per_process() < cfg.train_batch_size:
                 raise ValueError(
-                    f"Each of the {self.dp_size} data-parallel rank(s) gets {sampler.per_process()} samples per "
-                    f"epoch, fewer than --train_batch_size {cfg.train_batch_size}; add data or lower the batch size."
+                    f"Each of the {plural(self.dp_size, 'data-parallel rank')} gets "
+                    f"{plural(sampler.per_process(), 'sample')} per epoch, fewer than --train_batch_size "
+                    f"{cfg.train_batch_size}; add data or lower the batch size."
                 )
             loader_args = {"batch_size": cfg.train_batch_size, "sampler": sampler, "drop_last": True}
         samples = SeededSamples(self.task.dataset, cfg.seed)

@@ -71,8 +71,8 @@ class VAETrainOptions(TrainConfig):
     # data
     video_path: str | None = option(None, help="folder of videos, searched recursively (mp4/avi/webm/mkv)",
                                     group="data")
-    data_path: str | None = option(None, help="JSON video list (the text-to-video dataset format; captions unused)",
-                                   group="data")
+    data_path: str | None = option(None, help="JSON video list (the text-to-video dataset format; captions "
+                                   "unused) or a folder of videos", group="data")
     video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
     num_frames: int = option(17, help="frames per clip: 1 (images) or 1 + 4k", group="data")
     sample_rate: int = option(1, help="temporal stride of the clip window", group="data")
@@ -314,15 +314,20 @@ def load_pretrained_loss_state(loss, pretrained_model_path: str | os.PathLike) -
 
 def video_paths(video_path: str | os.PathLike | None, data_path: str | os.PathLike | None,
                 video_folder: str | os.PathLike | None = None) -> list[Path]:
-    """Training videos from a folder (recursive) or from the JSON dataset format (captions unused)."""
+    """Training videos from a folder (recursive) or from the JSON dataset format (captions unused); a folder
+    given as ``data_path`` (the text-to-video folder layout, videos + .txt captions) is read as a folder."""
     if bool(video_path) == bool(data_path):
         raise ValueError("Give exactly one of --video_path (a folder of videos) and --data_path (a JSON video list).")
-    if video_path:
-        if not Path(video_path).is_dir():
-            raise FileNotFoundError(f"--video_path {video_path} is not a folder; give a folder of videos (searched recursively).")
-        paths = list_videos(video_path, recursive=True)
+    if video_path or Path(data_path).is_dir():
+        folder, flag = (video_path, "--video_path") if video_path else (data_path, "--data_path")
+        if video_folder is not None:
+            raise ValueError(f"--video_folder {video_folder} has no effect with the folder {flag} {folder} (its videos "
+                             f"are found in it); drop --video_folder.")
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{flag} {folder} is not a folder; give a folder of videos (searched recursively).")
+        paths = list_videos(folder, recursive=True)
         if not paths:
-            raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) under {video_path}; point --video_path at a folder of videos.")
+            raise ValueError(f"No videos ({'/'.join(VIDEO_EXTENSIONS)}) under {folder}; point {flag} at a folder of videos.")
         return paths
     return [entry.path for entry in load_video_entries(data_path, video_folder)]
 

@@ -54,10 +54,14 @@ def build_app(service: VideoService):
                                     seed=None if random_seed else seed, scheduler=scheduler, cache=cache,
                                     interpolate=factor(interpolate), upscale=factor(upscale))
         progress(0, desc="denoising")
+        hint = service.prompt_hint(prompt or "") if (prompt or "").strip() else None
+        if hint:  # sampled anyway: the user sees why the video may not follow the prompt
+            gr.Warning(hint[0].upper() + hint[1:])
         try:
             result = service.generate(request, on_step=lambda done, total: progress((done, total), desc="denoising"))
-        except (ValueError, FileNotFoundError) as err:
-            raise gr.Error(str(err)) from None
+        except (ValueError, FileNotFoundError) as err:  # the user's input: shown on the page, one log line here
+            logger.warning("request refused: %s", err)
+            raise gr.Error(str(err), print_exception=False) from None
         gallery = list(gallery or []) + [(str(result.gif), result.caption())]
         info = (f"seed {result.seed} · {result.num_frames} frames {result.width}x{result.height} at "
                 f"{result.fps:g} fps · {result.seconds:.1f} s")
@@ -109,12 +113,11 @@ def build_app(service: VideoService):
                 files = gr.File(label="Download (mp4, gif)", file_count="multiple", elem_id="downloads")
                 gallery = gr.Gallery(label="This session", columns=4, height="auto", elem_id="gallery")
         version.change(describe, inputs=version, outputs=size)
-        button.click(generate, inputs=[prompt, negative, version, steps, guidance, seed, random_seed, scheduler,
-                                       cache, interpolate, upscale, history],
-                     outputs=[video, files, info, seed, gallery, history])
-        prompt.submit(generate, inputs=[prompt, negative, version, steps, guidance, seed, random_seed, scheduler,
-                                        cache, interpolate, upscale, history],
-                      outputs=[video, files, info, seed, gallery, history])
+        # The progress bar shows on the video only: over every output it would cover the seed box.
+        for event in (button.click, prompt.submit):
+            event(generate, inputs=[prompt, negative, version, steps, guidance, seed, random_seed, scheduler, cache,
+                                    interpolate, upscale, history],
+                  outputs=[video, files, info, seed, gallery, history], show_progress_on=[video])
     # One generation at a time; others wait in the queue (and see their place in it).
     app.queue(default_concurrency_limit=1, max_size=32)
     return app
@@ -148,18 +151,41 @@ class ServeOptions(Options):
             raise ValueError(f"--port must be between 1 and 65535, got {self.port}.")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ValueError naming ``--port`` when ``port`` is taken on ``host`` (a bind with SO_REUSEADDR, as Gradio tests it);
+    other bind errors are left to Gradio."""
+    import errno
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1" if host == "localhost" else host, port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                return
+            raise ValueError(f"--port {port} on {host} is not free ({err.strerror or err}): another server (an earlier "
+                             f"serve?) holds it; stop that one or pass another --port, e.g. --port {port + 1}.") from None
+
+
 def serve(*args, **kwargs) -> None:
     """Load the model, then serve the page on ``http://host:port`` until interrupted.
 
     Takes a :class:`ServeOptions`, or its fields (model_path, version, ... positionally)."""
     o = ServeOptions.of(*args, **kwargs)
     _import_gradio()  # before loading a model: a missing extra fails at once
+    check_port_free(o.host, o.port)  # and a taken port
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one INFO line each
     service = VideoService(o.model_path, version=o.version, text_encoder_name=o.text_encoder_name, device=o.device,
                            dtype=o.dtype, out_dir=o.out_dir, interpolate_model=o.interpolate_model,
                            upscale_model=o.upscale_model)
     app = build_app(service)
     print(f"opensora-plan serve: http://{o.host}:{o.port} (model {service.folder}, version {service.version})",
           flush=True)
-    app.launch(server_name=o.host, server_port=o.port, share=False, show_error=True,
-               allowed_paths=[str(service.out_dir)], quiet=True)
+    try:
+        app.launch(server_name=o.host, server_port=o.port, share=False, show_error=True,
+                   allowed_paths=[str(service.out_dir)], quiet=True)
+    except OSError:  # taken while the model loaded; Gradio's message names its environment variable
+        check_port_free(o.host, o.port)
+        raise

@@ -23,9 +23,12 @@ from typing import Callable
 
 import torch
 
+from opensora_plan.options import SEED_LIMIT
+
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = SEED_LIMIT - 1  # the CLI's limit (options.check_seed)
+RANDOM_SEEDS = 2**32  # a random seed is drawn below this: short enough to read off the page and type again
 MAX_STEPS = 1000
 
 
@@ -88,7 +91,7 @@ class VideoService:
         from opensora_plan.diffusion.schedulers import scheduler_names
         from opensora_plan.pipelines.model_folder import DEMO_INFO, load_sampling_config
         from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
-        from opensora_plan.utils import parse_dtype, resolve_device
+        from opensora_plan.utils import check_output_folder, parse_dtype, resolve_device
 
         self.device = resolve_device(device)
         self.dtype = (torch.float16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" \
@@ -99,7 +102,8 @@ class VideoService:
         self.sampling_config = load_sampling_config(self.folder)  # None: a folder without one (release defaults)
         self.defaults = defaults
         self.scheduler_names = scheduler_names()
-        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="opensora-plan-serve-"))
+        self.out_dir = check_output_folder(out_dir, "--out_dir") if out_dir else Path(
+            tempfile.mkdtemp(prefix="opensora-plan-serve-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._count = 0
         self._stage_paths = self._find_stages(interpolate_model, upscale_model)  # checked before the big models
@@ -209,6 +213,10 @@ class VideoService:
         return ["a dog running on the beach at sunset", "a drone shot of waves crashing on a rocky coast",
                 "a red car driving through a snowy forest", "time lapse of clouds over a mountain lake"]
 
+    def prompt_hint(self, prompt: str) -> str | None:
+        """A sentence when ``prompt`` is outside the folder file's ``vocabulary`` (the demo's words), else None."""
+        return self.sampling_config.prompt_hint(prompt) if self.sampling_config is not None else None
+
     # ----------------------------------------------------------------------------------------
     # Requests
     # ----------------------------------------------------------------------------------------
@@ -277,7 +285,7 @@ class VideoService:
         from opensora_plan.pipelines.sample_t2v import video_filename
 
         request = self.validate(request)
-        seed = random.randint(0, MAX_SEED) if request.seed is None else request.seed
+        seed = random.randrange(RANDOM_SEEDS) if request.seed is None else request.seed
         pipe = self._pipeline_for(request)
         total = request.num_inference_steps
 
