@@ -9,7 +9,9 @@
 (b) The demo judge: samples the shipped text-to-video demo on the 60 prompts (seed 0, noise seeded as
     ``demo eval`` does; ``demo.evaluate.evaluate_demo`` writes each mp4), then upscales every video read back
     from its mp4 (64 -> 128 px) with the model and with bicubic, writes each to mp4, reads it back (the path a
-    user's video takes) and judges all three: accuracy of colour / shape / direction / clean background / all.
+    user's video takes) and judges all three: accuracy of colour / shape / direction / clean background / all;
+    also the shape accuracy of the upscaled videos area-downscaled back to 64 px, and every video whose shape
+    reading changes with its fill ratios (the judge's shape measure).
 (c) Flicker of (b)'s videos: mean absolute change between consecutive frames (uint8 levels, frames as read back
     from the mp4 files), averaged over the videos, for the model's and bicubic's 128 px videos (and the 64 px
     originals). The object moves, so the figure is never 0; what matters is the model against bicubic.
@@ -92,12 +94,15 @@ def judge_before_after(model, prompts: list[str], seed: int) -> dict:
         start = time.perf_counter()
         report = evaluate_demo(prompts=prompts, seeds=(seed,), save_dir=Path(tmp) / "sampled", progress=False)
         sample_seconds = time.perf_counter() - start
-        verdicts = {"model": [], "bicubic": []}
+        verdicts = {"model": [], "bicubic": [], "model@64": [], "bicubic@64": []}
         flickers = {"sampled": [], "model": [], "bicubic": []}
+        changed = []  # videos whose shape reading differs from the sampled video's
         seconds = 0.0
         for video in report.videos:
             frames, fps = read_video(video["file"])  # (17, 64, 64, 3) uint8, as the user's file holds it
             flickers["sampled"].append(flicker(frames))
+            before = judge_video(frames.numpy())
+            fills = {}
             start = time.perf_counter()
             up = upscale_frames(model, frames, batch_size=4, progress=False)
             seconds += time.perf_counter() - start
@@ -105,13 +110,23 @@ def judge_before_after(model, prompts: list[str], seed: int) -> dict:
                 path = write_video(Path(tmp) / name / Path(video["file"]).name, out, fps=fps)
                 back = read_video(path)[0]
                 flickers[name].append(flicker(back))
-                verdicts[name].append(judge_video(back.numpy()).matches(*parse_caption(video["prompt"])))
+                verdict = judge_video(back.numpy())
+                verdicts[name].append(verdict.matches(*parse_caption(video["prompt"])))
+                # the same video judged at the demo's size: area-downscaled back to 64 px
+                down = F.avg_pool2d(_as_float(back), scale) * 255
+                small = down.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                verdicts[f"{name}@64"].append(judge_video(small).matches(*parse_caption(video["prompt"])))
+                if verdict.shape != before.shape:
+                    fills[name] = f"{verdict.shape} ({verdict.fill_ratio:.3f})"
+            if fills:
+                changed.append(f"{video['prompt']}: sampled {before.shape} ({before.fill_ratio:.3f}), "
+                               + ", ".join(f"{k} {v}" for k, v in fills.items()))
     accuracy = {"sampled": report.accuracy()}
     for name, found in verdicts.items():
         n = len(found)
         accuracy[name] = {a: sum(v[a] for v in found) / n for a in ATTRIBUTES}
         accuracy[name]["all"] = sum(all(v.values()) for v in found) / n
-    return {"accuracy": accuracy, "flicker": {k: float(np.mean(v)) for k, v in flickers.items()},
+    return {"accuracy": accuracy, "flicker": {k: float(np.mean(v)) for k, v in flickers.items()}, "changed": changed,
             "sample_seconds": sample_seconds, "upscale_seconds": seconds, "videos": len(report.videos)}
 
 
@@ -156,6 +171,10 @@ def main() -> None:
         for name in (*ATTRIBUTES, "all"):
             label = {"background": "background clean", "all": "all four"}.get(name, name)
             print(f"| {label} | {acc['sampled'][name]:.1%} | {acc['model'][name]:.1%} | {acc['bicubic'][name]:.1%} |")
+        print(f"| shape, judged after area-downscaling back to 64 px | {acc['sampled']['shape']:.1%} | "
+              f"{acc['model@64']['shape']:.1%} | {acc['bicubic@64']['shape']:.1%} |")
+        for line in r["changed"]:
+            print(f"shape read differently after upscaling (fill ratio): {line}")
         equal = all(acc["model"][a] >= acc["sampled"][a] for a in ("colour", "shape", "direction"))
         print(f"colour / shape / direction at the un-upscaled accuracy: {'yes' if equal else 'NO'}")
         f = r["flicker"]

@@ -678,18 +678,18 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         if interpolation_factor == 1 and upscale_factor == 1:
             return video
         from opensora_plan.pipelines.interpolate import interpolate_video
-        from opensora_plan.pipelines.upscale import auto_tile_size, upscale_frames
+        from opensora_plan.pipelines.upscale import auto_tiles, upscale_frames
 
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)  # set_progress_bar_config
-        # the upscale command's tiles: sized from the device's free memory (4 GB on the CPU), blended
-        tile_size = auto_tile_size(self.upscaler) if upscale_factor != 1 else None
+        # the upscale command's plan: whole frames or blended tiles, from the device's free memory (4 GB on the CPU)
+        batch_size, tile_size = auto_tiles(self.upscaler, *video.shape[-2:]) if upscale_factor != 1 else (4, None)
         outputs = []
         for clip in video:  # (T, C, H, W)
             frames = (clip.float() / 2 + 0.5).clamp(0, 1)  # [0, 1], as the stage models expect
             if interpolation_factor != 1:
                 frames = interpolate_video(self.frame_interpolator, frames, interpolation_factor, progress=progress)
             if upscale_factor != 1:
-                frames = upscale_frames(self.upscaler, frames, tile_size=tile_size, progress=progress)
+                frames = upscale_frames(self.upscaler, frames, batch_size, tile_size, progress=progress)
             outputs.append(frames * 2 - 1)  # back to the decoder's range
         return torch.stack(outputs).to(video.device)  # (B, T', C, H', W')
 

@@ -17,7 +17,8 @@ Frames are processed independently (no temporal model, as in the official code):
 
 Library entry points: :func:`upscale` (files and folders, what the CLI calls), :func:`upscale_frames`
 (uint8 ``(T, H, W, 3)`` or float ``(T, 3, H, W)`` frames -> upscaled frames, e.g. after the VAE decode of
-the text-to-video pipeline), :func:`upscale_tensor` (one tiled network pass), :func:`tile_size_for_budget`.
+the text-to-video pipeline), :func:`upscale_tensor` (one tiled network pass), :func:`auto_tiles` (whole frames
+or tiles within a memory budget).
 """
 
 from __future__ import annotations
@@ -144,13 +145,20 @@ def upscale_official_chop(model, x: torch.Tensor) -> torch.Tensor:
     return out[..., :height * scale, :width * scale]
 
 
+def pixels_for_budget(memory_gb: float, scale: int, weights_bytes: int = 0, half_precision: bool = False,
+                      embed_dim: int = RELEASED_WIDTH) -> int:
+    """Input pixels (summed over the frames or tiles of one call) whose forward fits ``memory_gb`` for an RGT of
+    width ``embed_dim`` (the released 180 by default) and factor ``scale``, besides ``weights_bytes``."""
+    per_pixel = BYTES_PER_PIXEL.get(scale, BYTES_PER_PIXEL[4] * scale * scale // 16) // (2 if half_precision else 1)
+    per_pixel *= RELEASED_WIDTH_SHARE + (1 - RELEASED_WIDTH_SHARE) * min(embed_dim / RELEASED_WIDTH, 1.0)
+    return int(max(memory_gb * 2**30 - weights_bytes, 0) / per_pixel)
+
+
 def tile_size_for_budget(memory_gb: float, scale: int, batch_size: int = 1, weights_bytes: int = 0,
                          half_precision: bool = False, embed_dim: int = RELEASED_WIDTH) -> int:
     """Largest tile side (a multiple of 32, at least 64) whose forward of ``batch_size`` frames fits ``memory_gb``
     for an RGT of width ``embed_dim`` (the released 180 by default)."""
-    per_pixel = BYTES_PER_PIXEL.get(scale, BYTES_PER_PIXEL[4] * scale * scale // 16) // (2 if half_precision else 1)
-    per_pixel *= RELEASED_WIDTH_SHARE + (1 - RELEASED_WIDTH_SHARE) * min(embed_dim / RELEASED_WIDTH, 1.0)
-    pixels = max(memory_gb * 2**30 - weights_bytes, 0) / (per_pixel * batch_size)
+    pixels = pixels_for_budget(memory_gb, scale, weights_bytes, half_precision, embed_dim) / batch_size
     return max(MIN_TILE, int(math.sqrt(pixels)) // TILE_MULTIPLE * TILE_MULTIPLE)
 
 
@@ -182,7 +190,7 @@ def upscale_frames(model, frames: torch.Tensor | np.ndarray, batch_size: int = 4
     in [0, 1] -> float ``(T, 3, sH, sW)`` clamped to [0, 1] (the caller maps a VAE's [-1, 1] output first).
 
     ``batch_size`` frames per network call (per tile); ``dtype`` bf16/fp16 runs under CUDA autocast;
-    ``tile_size`` None: whole frames (see :func:`tile_size_for_budget`). Returns CPU tensors.
+    ``tile_size`` None: whole frames (see :func:`auto_tiles`). Returns CPU tensors.
     """
     frames = torch.as_tensor(frames)
     as_uint8 = frames.dtype == torch.uint8
@@ -210,21 +218,30 @@ def upscale_frames(model, frames: torch.Tensor | np.ndarray, batch_size: int = 4
     return torch.cat(outputs)
 
 
-def auto_tile_size(model, batch_size: int = 4, tile_overlap: int = 32, memory_gb: float | None = None,
-                   half_precision: bool = False) -> int:
-    """The tile side for ``model``'s device: from ``memory_gb`` (unset: 80% of free GPU memory on CUDA, 4 GB on
-    CPU), at least twice the overlap (one log line says what was chosen)."""
+def auto_tiles(model, height: int, width: int, batch_size: int = 4, tile_overlap: int = 32,
+               memory_gb: float | None = None, half_precision: bool = False) -> tuple[int, int | None]:
+    """(frames per call, tile side or None) for ``height`` x ``width`` frames on ``model``'s device, within
+    ``memory_gb`` per call (unset: 80% of free GPU memory on CUDA, 4 GB on CPU); one log line says which.
+
+    Whole frames, ``batch_size`` per call, when they fit; else whole frames, fewer per call (at least one); else
+    one frame per call in the largest tiles the budget allows (a multiple of 32, room for twice the overlap):
+    RG-SA attends to a summary of the whole tile, so the larger the tile, the closer it is to the whole frame.
+    """
     device = next(model.parameters()).device
     budget = memory_gb
     if budget is None:
         budget = 0.8 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 4.0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    tile_size = tile_size_for_budget(budget, model.upscale, batch_size, weights, half_precision=half_precision,
-                                     embed_dim=model.config.embed_dim)
+    pixels = pixels_for_budget(budget, model.upscale, weights, half_precision, model.config.embed_dim)
+    per_call = min(batch_size, pixels // (height * width))
+    if per_call >= 1:
+        logger.info("Whole %dx%d frames, %d per call, for a %.1f GB budget", width, height, per_call, budget)
+        return per_call, None
+    tile_size = tile_size_for_budget(budget, model.upscale, 1, weights, half_precision, model.config.embed_dim)
     tile_size = max(tile_size, -(-2 * tile_overlap // TILE_MULTIPLE) * TILE_MULTIPLE)  # room for the overlap
-    logger.info("Tiles of at most %d px (overlap %d) for a %.1f GB budget at batch size %d", tile_size,
-                tile_overlap, budget, batch_size)
-    return tile_size
+    logger.info("Tiles of at most %d px (overlap %d), one %dx%d frame per call, for a %.1f GB budget", tile_size,
+                tile_overlap, width, height, budget)
+    return 1, tile_size
 
 
 def model_scale(model_path: str | os.PathLike) -> int | None:
@@ -271,7 +288,7 @@ class UpscaleOptions(Options):
                                 "folder)", show_default=False)
     scale: int | None = option(None, choices=[2, 3, 4], help="expected upscale factor; refused when the model's "
                                "differs (unset: the model's)")
-    batch_size: int = option(4, help="frames per network call")
+    batch_size: int = option(4, help="frames per network call (at most: fewer when the budget holds fewer)")
     tile_size: int | None = option(None, help="tile side in input pixels (forces tiling; unset: from --sr_memory_gb)")
     tile_overlap: int = option(32, help="input pixels shared by neighbouring tiles, blended with linear ramps")
     sr_memory_gb: float | None = option(None, help="memory budget of one network call, chooses the tile size "
@@ -402,9 +419,7 @@ def upscale(*args, **kwargs) -> RunResults:
     model = load_rgt(model_path, device=device)  # float32 weights; half precision through autocast
     if o.scale is not None:
         check_scale(o.scale, model.upscale, model_path)
-    tile_size = o.tile_size
-    if tile_size is None:
-        tile_size = auto_tile_size(model, o.batch_size, o.tile_overlap, o.sr_memory_gb, dtype != torch.float32)
+    plans = {}  # (height, width) -> (frames per call, tile side or None): one log line per frame size
     if o.output is None and model.upscale != scale:  # an official .pth: its scale known only now
         pairs = plan_outputs(source, default_output(source, model.upscale), o.overwrite)
     results, folder_mode = RunResults(), Path(o.input).is_dir()
@@ -412,7 +427,13 @@ def upscale(*args, **kwargs) -> RunResults:
         start = time.perf_counter()
         try:  # a bad input file: unreadable, or too small for the network
             frames, fps = _read(source)
-            _check_frame_size(model, frames.shape[1], frames.shape[2], tile_size)
+            size = tuple(frames.shape[1:3])
+            if size not in plans:
+                plans[size] = ((o.batch_size, o.tile_size) if o.tile_size is not None else
+                               auto_tiles(model, *size, o.batch_size, o.tile_overlap, o.sr_memory_gb,
+                                          dtype != torch.float32))
+            batch_size, tile_size = plans[size]
+            _check_frame_size(model, *size, tile_size)
             height, width = frames.shape[1] * model.upscale, frames.shape[2] * model.upscale
             if target.suffix.lower() == ".mp4" and (height % 2 or width % 2):  # H.264's limit, before the model runs
                 raise ValueError(f"{source} is {frames.shape[2]}x{frames.shape[1]}, so x{model.upscale} gives "
@@ -425,7 +446,7 @@ def upscale(*args, **kwargs) -> RunResults:
             logger.debug("skipping %s", reason)  # listed once at the end (outputs.skipped_lines)
             results.skipped.append((str(source), reason))
             continue
-        out = upscale_frames(model, frames, o.batch_size, tile_size, o.tile_overlap, dtype)
+        out = upscale_frames(model, frames, batch_size, tile_size, o.tile_overlap, dtype)
         _write(target, out, o.fps or fps)
         results.append(UpscaleResult(str(source), str(target), out.shape[0], out.shape[1], out.shape[2],
                                      time.perf_counter() - start))
