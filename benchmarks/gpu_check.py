@@ -5,7 +5,8 @@ PyTorch's SDPA kernel choice, i.e. flash on CUDA):
 
 1. the denoising loop per step (CFG batch 2, 300 caption tokens, DDIM): eager, ``--cache fast``
    (TeaCache 0.1, with the share of steps whose blocks were skipped), compiled blocks (warm-up timed
-   on its own), compiled + cached;
+   on its own), compiled + cached; and a distilled student (``opensora-plan distill``): seconds per video
+   with LCM in 4 steps at batch 1 against the 250 guided steps of the release recipe;
 2. the CausalVAE decode of the same clip (1, 4, 17, 64, 64) latents: time and
    ``torch.cuda.max_memory_allocated`` for full / lossless chunks / approximate chunks / spatial tiling,
    through ``benchmarks/vae.py`` (one subprocess per mode, so each peak is its own).
@@ -92,6 +93,8 @@ def denoising_rows(args) -> list[dict]:
 
     loop()  # warm-up (cuDNN/cuBLAS heuristics, allocator)
     record("eager", cached=False)
+    rows.append(student_row(pipe, latents, text, frames, height, width, rows[-1]["step_s"], args))
+    print(json.dumps(rows[-1]), flush=True)
     pipe.enable_cache("teacache:0.1")
     record("eager + cache teacache 0.1", cached=True)
     pipe.disable_cache()
@@ -127,6 +130,35 @@ def vae_rows(args) -> list[dict]:
     return json.loads(out.read_text())["rows"]
 
 
+def student_row(pipe, latents, text, frames, height, width, teacher_step_s: float, args) -> dict:
+    """A distilled student (``opensora-plan distill``, docs/distill.md): the same transformer sampled with LCM in
+    ``--student_steps`` steps at guidance 1 (batch 1, no unconditional half); seconds per video against the
+    release recipe's 250 guided steps (250 x the eager CFG step above). Random weights time a trained student
+    exactly: the architecture is the teacher's."""
+    import torch
+
+    from opensora_plan.diffusion.schedulers import create_scheduler
+
+    teacher_scheduler, pipe.scheduler = pipe.scheduler, create_scheduler("LCM")
+    device = latents.device
+
+    def video() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            pipe(prompt_embeds=text, latents=latents.clone(), num_frames=frames, height=height, width=width,
+                 num_inference_steps=args.student_steps, guidance_scale=1.0, output_type="latent")
+        _sync(device)
+        return time.perf_counter() - start
+
+    video()  # warm-up
+    seconds = min(video() for _ in range(args.repeat))
+    pipe.scheduler = teacher_scheduler
+    teacher = 250 * teacher_step_s
+    return {"row": f"distilled student: LCM {args.student_steps} steps, guidance 1 (batch 1), per video",
+            "video_s": seconds, "teacher_250_steps_cfg_video_s": teacher, "speedup": teacher / seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -136,6 +168,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=300, help="caption tokens (default 300, the release maximum)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps per timed loop (default 10)")
     parser.add_argument("--repeat", type=int, default=2, help="timed loops per row; the fastest is kept")
+    parser.add_argument("--student_steps", type=int, default=4, help="LCM steps of the distilled-student row")
     parser.add_argument("--vae_modes", default="full,lossless,approximate,tiling")
     parser.add_argument("--vae_timeout", type=int, default=300, help="seconds per VAE case (default 300)")
     parser.add_argument("--smoke", action="store_true", help="CPU check of the script: tiny sizes, numbers meaningless")

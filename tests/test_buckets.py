@@ -735,10 +735,10 @@ def test_run_summary_counts_the_videos_the_bucket_plan_left_out(mixed, models, t
     out = tmp_path / "run"
     assert cli.main(_argv(mixed, models, out, 1)) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "1 unreadable video left out by the bucket plan" in line and "1 video fit no bucket" in line
+    assert "1 unreadable video left out before training" in line and "1 video fit no bucket" in line
     assert "no unreadable videos" not in line
     assert cli.main(_argv(mixed, models, out, 2, "--resume_from_checkpoint", "latest")) == 0
-    assert "1 unreadable video left out by the bucket plan" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert "1 unreadable video left out before training" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
 def test_a_bad_yaml_or_json_spec_file_is_one_line_naming_file_and_line(tmp_path, capsys):

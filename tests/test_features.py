@@ -105,7 +105,7 @@ def test_unreadable_video_is_listed_and_left_out(cache):
     assert [s["index"] for s in summary["skipped"]] == [1]
     assert "broken.mp4" in summary["skipped"][0]["path"]
     dataset = CachedFeatureDataset(out)
-    assert len(dataset) == 2 and [i for i, _ in dataset.items] == [0, 2]
+    assert len(dataset) == 2 and dataset.entry.tolist() == [0, 2]
     assert dataset.skipped_at_extraction[0]["index"] == 1
 
 

@@ -156,5 +156,8 @@ def test_convert_cli(tmp_path, vae_2d_folder, capsys):
     assert "not filled (kept their fresh initialisation): 0" in printed
     assert "-frame video, PSNR (dB) of each frame" in printed
     assert (out / "config.json").is_file()
-    assert main(["convert", "inflate-2d-vae", "--vae_2d_path", str(tmp_path / "missing"), "--output_dir", str(out)]) == 1
+    assert main(["convert", "inflate-2d-vae", "--vae_2d_path", str(vae_2d_folder), "--output_dir", str(out)]) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err  # issue 23: no silent replacement
+    assert main(["convert", "inflate-2d-vae", "--vae_2d_path", str(tmp_path / "missing"), "--output_dir", str(out),
+                 "--overwrite"]) == 1
     assert "missing/config.json does not exist" in capsys.readouterr().err

@@ -159,7 +159,7 @@ def test_lora_training_moves_only_adapters_and_resumes_exactly(assets, tmp_path,
     capsys.readouterr()
     other = ("--pretrained", str(base), "--lora_rank", "4", "--lora_alpha", "8", "--use_ema")
     assert cli.main(_argv(assets, resumed, 4, *other, "--resume_from_checkpoint", "latest")) == 1
-    assert "resume with the same --lora_rank / --lora_alpha" in capsys.readouterr().err
+    assert "--lora_alpha 8.0 differs from the run's 4.0" in capsys.readouterr().err  # before any model loads
 
 
 def test_bf16_lora_run_stores_the_frozen_base_in_bf16_and_adapters_in_fp32(assets, tmp_path):  # noqa: F811

@@ -87,3 +87,53 @@ def test_bad_inputs_are_clear_errors():
         ssim(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def _uint8_pair():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=g)
+    noise = torch.randint(-3, 4, a.shape, generator=g)
+    return a, (a.int() + noise).clamp(0, 255).to(torch.uint8)
+
+
+def test_uint8_frames_take_their_range_from_the_dtype():
+    a, b = _uint8_pair()
+    as_float = psnr(a.double() / 255, b.double() / 255).item()
+    assert psnr(a, b).item() == pytest.approx(as_float, abs=1e-6)  # 42.14 dB, not -5.99 dB at range 1
+    assert psnr(a, b).item() > 40
+    assert ssim(a, b).item() == pytest.approx(ssim(a.double() / 255, b.double() / 255).item(), abs=1e-9)
+
+
+@pytest.mark.parametrize("metric", [psnr, ssim])
+def test_values_outside_the_range_are_refused(metric):
+    a, b = _uint8_pair()
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*leave data_range out"):
+        metric(a, b, data_range=1.0)  # the issue's example: uint8 frames scored at range 1
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*\(x \+ 1\) / 2"):
+        metric(a.float() / 127.5 - 1, b.float() / 127.5 - 1)  # [-1, 1] frames
+    with pytest.raises(ValueError, match="divide by 255"):
+        metric(a.float(), b.float())  # 0-255 values in a float tensor
+    with pytest.raises(ValueError, match="one dtype"):
+        metric(a, b.float() / 255)
+    with pytest.raises(ValueError, match="no standard value range"):
+        metric(a.to(torch.int16), b.to(torch.int16))
+    nan = (a.float() / 255).clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="outside"):
+        metric(nan, b.float() / 255)
+    assert metric(a.float(), b.float(), data_range=255).item() == pytest.approx(metric(a, b).item(), abs=1e-9)
+
+
+def test_the_metric_networks_refuse_frames_outside_minus_one_one():
+    """Found with kind 4: LPIPS (eval-vae) and the I3D behind FVD take [-1, 1] frames; 0-255 frames gave other
+    numbers silently ([0, 1] frames lie inside [-1, 1], so no range check can tell them)."""
+    from opensora_plan.models.i3d import check_i3d_input
+    from opensora_plan.pipelines.evaluate_vae import lpips_video
+
+    video = torch.rand(1, 3, 9, 224, 224) * 255
+    with pytest.raises(ValueError, match=r"I3D \(FVD\) expects values in \[-1, 1\].*x / 127.5 - 1"):
+        check_i3d_input(video)
+    check_i3d_input(video / 127.5 - 1)
+    clip = torch.rand(3, 2, 16, 16) * 255
+    with pytest.raises(ValueError, match=r"lpips_video: the video expects values in \[-1, 1\].*x / 127.5 - 1"):
+        lpips_video(torch.nn.Identity(), clip, clip)

@@ -201,7 +201,7 @@ def test_report_to_wandb_without_the_package_is_one_clear_error(monkeypatch, tmp
 
     real = importlib.util.find_spec  # as if wandb were not installed
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ValueError, match=r"pip install wandb"):
+    with pytest.raises(ImportError, match=r"pip install \"opensora-plan\[wandb\]\""):
         TrainConfig(output_dir=str(tmp_path), max_train_steps=1, report_to="wandb")
 
 
@@ -468,3 +468,48 @@ def test_held_out_clips_of_a_bucketed_run_are_read_at_the_first_buckets_shape(he
     plain = _validation_dataset({**T2V_DEFAULTS, "validation_data_path": str(held_out), "num_frames": 5,
                                  "max_image_size": 32})
     assert plain.load_clip(0).shape == (3, 5, 32, 32)
+
+
+def test_held_out_clips_are_decoded_once_and_one_that_fails_decoding_is_left_out(assets, held_out, tmp_path,  # noqa: F811
+                                                                                 monkeypatch):
+    """The run's start only opens the held-out videos; the held-out loss decodes each clip once (features are
+    kept), and a file that opens but does not decode (truncated) is left out and counted then."""
+    import av
+    import numpy as np
+
+    from opensora_plan.data.video_io import VideoReader
+
+    root = held_out.parent
+    full, cut = root / "cut.full.mp4", root / "cut.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(full), "w", options={"movflags": "faststart"}) as container:  # moov first: the index survives
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 48, 40, "yuv420p"
+        for _ in range(20):
+            frame = av.VideoFrame.from_ndarray((rng.random((40, 48, 3)) * 255).astype(np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 4])  # 5 frames' packets, the first 2 decode
+    entries = json.loads(held_out.read_text())
+    mixed = root / "held_out_cut.json"
+    mixed.write_text(json.dumps([entries[0], {"path": "cut.mp4", "cap": ["x"]}, entries[1]]))
+    decoded = []  # held-out files whose frames were read (once per clip read, whatever the reader's fallbacks)
+    real = VideoReader.get_frames
+
+    def get_frames(self, indices):
+        if self.path.name.startswith(("held", "cut")) and not getattr(self, "_counted", False):
+            self._counted = True
+            decoded.append(self.path.name)
+        return real(self, indices)
+
+    monkeypatch.setattr(VideoReader, "get_frames", get_frames)
+    task, _ = build_t2v(_options(assets, mixed, tmp_path / "run", 1))
+    assert decoded == [] and len(task.validation_data) == 3  # opened, not decoded
+    metrics = task.held_out_loss(task.models["model"].eval())
+    assert sorted(decoded) == ["cut.mp4", "held0.mp4", "held1.mp4"]  # each once (the cut one fails)
+    task.held_out_loss(task.models["model"].eval())
+    assert len(decoded) == 3 and metrics["val_clips"] == 2
+    report = task.run_report()
+    assert report["held_out_clips"] == 2 and report["held_out_unreadable"] == 1

@@ -184,10 +184,7 @@ def _run_serve(args) -> int:
     from opensora_plan.options import options_from_args
     from opensora_plan.ui.app import ServeOptions, _import_gradio, serve
 
-    try:
-        _import_gradio()
-    except ImportError as err:
-        raise UserError(str(err)) from None
+    _import_gradio()  # a missing [ui] extra is one line (MissingExtraError), before any model loads
     serve(options_from_args(ServeOptions, args))
     return 0
 
@@ -198,7 +195,7 @@ def _run_serve(args) -> int:
 
 
 def _add_data(subparsers) -> None:
-    p = subparsers.add_parser("data", help="dataset tools (data check)",
+    p = subparsers.add_parser("data", help="dataset tools (data check, data index)",
                               description="Tools for text-to-video dataset JSON lists.")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     c = sub.add_parser(
@@ -212,6 +209,26 @@ def _add_data(subparsers) -> None:
     )
     _generate_options(c, "data", lambda: _import("opensora_plan.data.check", "DataCheckOptions"))
     c.set_defaults(func=_run_data_check)
+    i = sub.add_parser(
+        "index",
+        help="probe every video once (in parallel, resumable) and write a Parquet index that data check and "
+        "train-t2v read with --data_index",
+        description="Write one Parquet row per dataset entry: path, size, mtime, frames, fps, displayed height/width, "
+        "duration, readable (+ reason), captions (+ T5 token lengths with --text_encoder_name). Runs in worker "
+        "processes (and under torchrun each rank takes a share), resumes after a kill, refreshes an existing index "
+        "of the same dataset by probing only new or changed videos. See docs/data.md.",
+    )
+    _generate_options(i, "data", lambda: _import("opensora_plan.data.index", "DataIndexOptions"))
+    i.set_defaults(func=_run_data_index)
+
+
+def _run_data_index(args) -> int:
+    from opensora_plan.data.index import DataIndexOptions, build_index, format_index_summary
+    from opensora_plan.options import options_from_args
+
+    summary = build_index(options_from_args(DataIndexOptions, args))
+    print(format_index_summary(summary))
+    return 0
 
 
 def _run_data_check(args) -> int:
@@ -241,6 +258,8 @@ def _run_extract(args) -> int:
     from opensora_plan.options import options_from_args
 
     summary = extract_features(options_from_args(ExtractOptions, args))
+    if "cached" not in summary:  # a torchrun rank other than 0 (rank 0 prints the whole cache's summary)
+        return 0
     print(f"{summary['out']}: {summary['cached']} of {summary['entries']} entries cached in {summary['shards']} "
           f"shards ({summary['shards_written']} written now, {summary['shards_reused']} kept from before)")
     if summary["skipped"]:
@@ -280,6 +299,31 @@ def _run_train_t2v(args) -> int:
     return _report_training(summary)
 
 
+def _add_distill(subparsers) -> None:
+    p = subparsers.add_parser(
+        "distill",
+        help="distil a LatteT2V into a few-step student with guidance built in (latent consistency distillation)",
+        description="Distil a frozen LatteT2V teacher (a model folder, version folder or train-t2v run) into a "
+        "student that samples in 1-8 LCM steps without a classifier-free-guidance batch. Takes train-t2v's data, "
+        "LoRA, optimisation and run options (same loop, checkpoints, resume, EMA, sharding, --dry_run); the run and "
+        "its checkpoints carry a sampling_config.json, so `sample --model_path RUN` (or --lora RUN) samples the "
+        "student with its own settings. See docs/distill.md.",
+    )
+    _generate_options(p, "distill", lambda: _import("opensora_plan.train.distill", "DistillOptions"))
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args) -> int:
+    from opensora_plan.options import options_from_args
+    from opensora_plan.train import distill
+
+    summary = distill.distill(options_from_args(distill.DistillOptions, args))
+    if summary.get("dry_run"):
+        print(summary["report"])
+        return 0
+    return _report_training(summary)
+
+
 def _report_training(summary: dict) -> int:
     """Print a training run's summary line (main process only: one line per run, not one per process)."""
     if os.environ.get("RANK", "0") == "0":
@@ -294,7 +338,7 @@ def _train_summary_line(summary: dict) -> str:
              f"{steps} optimizer step{'s' if steps != 1 else ''} skipped for a non-finite loss"]
     left_out = summary.get("unreadable_videos_left_out", 0)  # by the bucket plan, before training
     if left_out:
-        parts.append(f"{left_out} unreadable video{'s' if left_out != 1 else ''} left out by the bucket plan")
+        parts.append(f"{left_out} unreadable video{'s' if left_out != 1 else ''} left out before training")
     if summary.get("unfit_videos_left_out"):
         unfit = summary["unfit_videos_left_out"]
         parts.append(f"{unfit} video{'s' if unfit != 1 else ''} fit no bucket")
@@ -522,7 +566,7 @@ def _run_demo_eval(args) -> int:
                            guidance_scale=o.guidance_scale, sample_method=o.sample_method, device=o.device,
                            save_dir=o.save_dir, cache=o.cache, lora=o.lora, lora_scale=o.lora_scale,
                            interpolate=o.interpolate, upscale=o.upscale, interpolate_model=o.interpolate_model,
-                           upscale_model=o.upscale_model)
+                           upscale_model=o.upscale_model, overwrite=o.overwrite)
     print(report.table())
     if o.json_out:
         write_report(report, o.json_out)
@@ -684,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             if k not in ("func", "verbose", "quiet")})
         logger.debug("torch %s, %d threads, OMP_NUM_THREADS=%s, cuda available: %s", torch.__version__,
                      torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), torch.cuda.is_available())
-    from opensora_plan.utils import PROGRESS_ENV, NonFiniteError
+    from opensora_plan.utils import PROGRESS_ENV, MissingExtraError, NonFiniteError
 
     # -q hides every progress bar: ours (utils.progress_bar) and the libraries' (tqdm reads TQDM_DISABLE).
     # Each torchrun process parses -q itself; the variable is restored afterwards for callers of main().
@@ -693,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[PROGRESS_ENV] = "1"
     try:
         return int(args.func(args) or 0)
-    except (UserError, OSError, ValueError, NonFiniteError) as err:  # OSError: a path the system refused
+    except (UserError, OSError, ValueError, NonFiniteError, MissingExtraError) as err:  # OSError: a path refused
         if os.environ.get("OPENSORA_PLAN_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

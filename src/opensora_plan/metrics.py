@@ -13,8 +13,11 @@ Open-Sora-Plan report used): each frame is scored on its own and the scores are 
   ``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
   use_sample_covariance=False, data_range=L, channel_axis=...)``.
 
-PSNR/SSIM inputs are float tensors ``(T, C, H, W)`` or ``(B, T, C, H, W)`` with values in
-``[0, data_range]``. The networks that produce FVD features (I3D) and CLIP embeddings live in
+PSNR/SSIM inputs are tensors ``(T, C, H, W)`` or ``(B, T, C, H, W)`` of one dtype with values in
+``[0, data_range]``. ``data_range`` defaults to the dtype's range: 255 for uint8, 65535 for uint16, 1.0 for
+floating point; signed integer inputs need it given. Values outside ``[0, data_range]`` (beyond float
+rounding, 1e-6 of the range) or NaN are refused: a uint8 pair scored with range 1, or a [-1, 1] pair, would
+otherwise give a plausible-looking wrong number (-5.99 dB instead of 42.14 dB). The networks that produce FVD features (I3D) and CLIP embeddings live in
 :mod:`opensora_plan.models.i3d` and :mod:`opensora_plan.models.clip`; the evaluation protocol is in
 :mod:`opensora_plan.pipelines.evaluate_t2v` and docs/evaluation.md.
 """
@@ -27,6 +30,61 @@ import torch
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 PSNR_OF_IDENTICAL_FRAMES = 100.0  # reference scripts' value for MSE < 1e-10
+
+
+# The value range each dtype stands for when no data_range is given (images are [0, 1] floats or 8/16-bit).
+_DTYPE_RANGES = {torch.uint8: 255.0, torch.uint16: 65535.0}
+_ROUNDING = 1e-6  # of the range: float frames computed as (x + 1) / 2 may land a rounding step outside [0, 1]
+
+
+def _value_range(a: torch.Tensor, b: torch.Tensor, data_range: float | None, name: str) -> float:
+    """The range ``L`` of the pair: ``data_range`` or the dtype's; ValueError for mixed dtypes, a signed
+    integer dtype without ``data_range``, a non-positive range, or any value outside ``[0, L]`` (or NaN)."""
+    if a.dtype != b.dtype:
+        raise ValueError(f"{name}: both videos must have one dtype, got {a.dtype} and {b.dtype}; convert one "
+                         "(e.g. uint8 frames to float with .float() / 255).")
+    given = data_range is not None
+    if not given:
+        if a.dtype.is_floating_point:
+            data_range = 1.0
+        elif a.dtype in _DTYPE_RANGES:
+            data_range = _DTYPE_RANGES[a.dtype]
+        else:
+            raise ValueError(f"{name}: {a.dtype} frames have no standard value range; pass data_range (e.g. 255).")
+    data_range = float(data_range)
+    if not data_range > 0:
+        raise ValueError(f"{name}: data_range must be positive, got {data_range}.")
+    slack = _ROUNDING * data_range if a.dtype.is_floating_point else 0.0
+    for which, x in (("first", a), ("second", b)):
+        if x.numel() == 0:
+            continue
+        x = x if x.dtype.is_floating_point or x.dtype == torch.uint8 else x.long()  # uint16 has no min() on CPU
+        low, high = float(x.min()), float(x.max())
+        if not (low >= -slack and high <= data_range + slack):  # NaN fails both comparisons
+            if not a.dtype.is_floating_point and given:
+                hint = f"; leave data_range out for {a.dtype} (its range is {_DTYPE_RANGES.get(a.dtype, 'unknown')})"
+            elif low < 0:
+                hint = "; [-1, 1] frames: pass (x + 1) / 2"
+            elif high > 1 and data_range == 1.0:
+                hint = "; 0-255 values in a float tensor: divide by 255 or pass data_range=255"
+            else:
+                hint = ""
+            source = "given" if given else f"the {a.dtype} default"
+            raise ValueError(f"{name}: the {which} video's values span [{low:.4g}, {high:.4g}], outside "
+                             f"[0, {data_range:g}] (data_range {data_range:g}, {source}){hint}.")
+    return data_range
+
+
+def check_value_range(x: torch.Tensor, low: float, high: float, name: str) -> None:
+    """ValueError naming ``name`` unless every value of ``x`` lies in ``[low, high]`` (up to float rounding,
+    1e-6 of the span) and none is NaN: for metric networks that expect e.g. [-1, 1] frames (LPIPS, I3D)."""
+    if x.numel() == 0:
+        return
+    slack = _ROUNDING * (high - low) if x.dtype.is_floating_point else 0.0
+    found_low, found_high = float(x.min()), float(x.max())
+    if not (found_low >= low - slack and found_high <= high + slack):
+        hint = " (0-255 frames: pass x / 127.5 - 1)" if low == -1 and found_high > 1 else ""
+        raise ValueError(f"{name} expects values in [{low:g}, {high:g}], got [{found_low:.4g}, {found_high:.4g}]{hint}.")
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,13 +105,16 @@ def _reduce(per_frame: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float | None = None, reduction: str = "mean") -> torch.Tensor:
     """Peak signal-to-noise ratio in dB, per frame then averaged over frames and videos.
 
-    ``reduction="none"`` returns the per-frame values, shape ``(T,)`` or ``(B, T)`` like the input.
+    ``data_range``: the peak value (None: from the dtype, 255 for uint8, 1.0 for floats); values outside
+    ``[0, data_range]`` raise ValueError. ``reduction="none"`` returns the per-frame values, shape ``(T,)``
+    or ``(B, T)`` like the input.
     """
     squeeze = a.ndim == 4
     a, b = _check_pair(a, b, "psnr")
+    data_range = _value_range(a, b, data_range, "psnr")
     mse = (a.double() - b.double()).pow(2).flatten(2).mean(dim=2)  # (B, T)
     values = 10 * torch.log10(data_range**2 / mse.clamp_min(1e-30))
     values = torch.where(mse < 1e-10, torch.full_like(values, PSNR_OF_IDENTICAL_FRAMES), values)
@@ -69,17 +130,19 @@ def _gaussian_window() -> torch.Tensor:
 def ssim(
     a: torch.Tensor,
     b: torch.Tensor,
-    data_range: float = 1.0,
+    data_range: float | None = None,
     reduction: str = "mean",
     frames_per_chunk: int = 16,
 ) -> torch.Tensor:
     """Structural similarity (Gaussian 11x11, sigma 1.5), per frame then averaged over frames and videos.
 
-    Computed in float64, ``frames_per_chunk`` frames at a time to bound memory on long videos.
+    ``data_range`` as in :func:`psnr` (None: from the dtype; values outside ``[0, data_range]`` raise
+    ValueError). Computed in float64, ``frames_per_chunk`` frames at a time to bound memory on long videos.
     ``reduction="none"`` returns the per-frame values, shape ``(T,)`` or ``(B, T)`` like the input.
     """
     squeeze = a.ndim == 4
     a, b = _check_pair(a, b, "ssim")
+    data_range = _value_range(a, b, data_range, "ssim")
     batch, frames, channels, height, width = a.shape
     if min(height, width) < SSIM_WINDOW:
         raise ValueError(f"ssim: frames must be at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {height}x{width}.")

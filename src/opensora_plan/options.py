@@ -41,10 +41,10 @@ from typing import Any, ClassVar
 SEED_LIMIT = 2**63 - 2**32
 
 # Keys the trainer adds to a run's options.json beside the options themselves (train/trainer.py).
-RUN_RECORD_KEYS = ("task", "task_options", "world_size", "distributed_type", "torch_version", "extra")
+RUN_RECORD_KEYS = ("task", "task_options", "world_size", "distributed_type", "torch_version", "extra", "resumes")
 # The command that writes a run's options.json, by its "task" record.
 RUN_TASK_COMMANDS = {"T2VTask": "train-t2v", "VAETrainTask": "train-vae", "VFITrainTask": "train-vfi",
-                     "SRTrainTask": "train-sr"}
+                     "SRTrainTask": "train-sr", "DistillTask": "distill"}
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 

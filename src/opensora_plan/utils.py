@@ -1,4 +1,4 @@
-"""Small helpers shared across the package: dtypes, devices, seeding, atomic file writes."""
+"""Small helpers shared across the package: dtypes, devices, seeding, atomic file writes, optional extras."""
 
 from __future__ import annotations
 
@@ -96,6 +96,40 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+class MissingExtraError(ImportError):
+    """An optional package is not installed; the message is one line naming the extra that brings it
+    (``pip install "opensora-plan[<extra>]"``). The CLI prints it as ``error: ...`` without a traceback."""
+
+
+def _install_line(extra: str) -> str:
+    return f'pip install "opensora-plan[{extra}]" (with your torch pinned in the same command, e.g. torch==2.13.0 on CPU)'
+
+
+def extra_installed(module: str) -> bool:
+    """Whether the optional ``module`` can be imported (looked up without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module set to None in sys.modules
+        return False
+
+
+def require_extra(module: str, extra: str, feature: str):
+    """The imported optional ``module``, or :class:`MissingExtraError`: "``feature`` needs ``module``, which is
+    not installed; pip install "opensora-plan[``extra``]" ...". The one place every optional import goes
+    through (peft: lora, deepspeed, wandb, gradio: ui, decord: video), so a missing extra is one line."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = module.split(".")[0]
+        missing = err.name is None or err.name.split(".")[0] == package  # else the package is there, a dependency not
+        problem = "which is not installed" if missing else f"which failed to import ({err})"
+        raise MissingExtraError(f"{feature} needs {package}, {problem}; {_install_line(extra)}.") from err
 
 
 class NonFiniteError(RuntimeError):

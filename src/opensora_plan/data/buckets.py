@@ -333,16 +333,30 @@ def plan_buckets(paths: list[Path], buckets: list[Bucket], sample_rate: int = 1,
                               disable=not progress))
     elif len(infos) != len(paths):
         raise ValueError(f"Got {len(infos)} clip infos for {len(paths)} paths; give one per path.")
-    for index, (path, info) in enumerate(zip(paths, infos)):
+    for index, info in enumerate(infos):
         if isinstance(info, str):  # why it is unreadable
-            unreadable.append({"index": index, "path": str(path), "reason": info})
+            unreadable.append({"index": index, "path": str(paths[index]), "reason": info})
             continue
         choice, reason = assign_bucket(info, buckets, sample_rate)
         if choice is None:
-            unfit.append({"index": index, "path": str(path), "reason": reason})
+            unfit.append({"index": index, "path": str(paths[index]), "reason": reason})
         else:
             members[choice].append(index)
-    return BucketPlan(buckets, members, unfit, unreadable, infos=list(infos))
+    return BucketPlan(buckets, members, unfit, unreadable, infos=infos)
+
+
+class _LazyPaths:
+    """``paths[i]`` = the path of ``entries[i]`` (for a lazy entry sequence, without reading its captions)."""
+
+    def __init__(self, entries):
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        return self.entries.path(i)
+
 
 
 def format_bucket_report(plan: BucketPlan, world_size: int = 1) -> str:
@@ -391,13 +405,18 @@ class BucketedVideoDataset(VideoCaptionDataset):
 
     def __init__(self, data_path, buckets: list[Bucket], sample_rate: int = 1, use_image_num: int = 0,
                  video_folder=None, cfg_dropout: float = 0.0, random_flip: bool = True,
-                 max_substitutions: int = 100, progress: bool = True):
+                 max_substitutions: int = 100, progress: bool = True, index=None):
         first = buckets[0]
         super().__init__(data_path, first.frames, max(first.height, first.width), sample_rate=sample_rate,
                          use_image_num=use_image_num, video_folder=video_folder, cfg_dropout=cfg_dropout,
-                         random_flip=random_flip, max_substitutions=max_substitutions)
+                         random_flip=random_flip, max_substitutions=max_substitutions,
+                         entries=None if index is None else index.entries())
         self.buckets = buckets
-        self.plan = plan_buckets([e.path for e in self.entries], buckets, sample_rate, progress=progress)
+        if index is None:  # every video is probed here
+            self.plan = plan_buckets([e.path for e in self.entries], buckets, sample_rate, progress=progress)
+        else:  # a data index (data/index.py) already holds every clip's frames and size: nothing is opened
+            self.plan = plan_buckets(_LazyPaths(self.entries), buckets, sample_rate, progress=progress,
+                                     infos=index.clip_infos())
         self.bucket_of = {i: b for b, members in enumerate(self.plan.members) for i in members}
         if not self.bucket_of:
             reasons = Counter(item["reason"].split(":")[0] for item in self.plan.unfit + self.plan.unreadable)

@@ -14,8 +14,10 @@ from typing import ClassVar
 from ..models.text_encoder import MODEL_MAX_LENGTH
 from ..options import Options, option
 from ..utils import valid_num_frames
+from ..pipelines.outputs import OVERWRITE_HELP
 from .buckets import ClipInfo, check_buckets, format_bucket_table, parse_buckets
 from .datasets import entry_problem, read_raw_entries, resolve_video_path
+from .index import decode_every_frame
 from .video_io import VideoReader, VideoReadError
 
 
@@ -48,7 +50,10 @@ class DataCheckOptions(Options):
                                    "others) unless the spec file gives it one")
     use_image_num: int = option(0, help="with --buckets: joint-training images per clip (as train-t2v; they count "
                                 "in the token budget)")
+    data_index: str | None = option(None, help="index written by `opensora-plan data index`: take the videos' "
+                                    "findings from it (only videos changed since indexing are opened)")
     json_out: str | None = option(None, help="also write the full report as JSON here")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
     decode: bool = option(True, flag="--no_decode", help="only open the videos (fast) instead of decoding every "
                           "frame; may pass files training skips")
 
@@ -68,9 +73,11 @@ class DataCheckOptions(Options):
                 raise ValueError(f"--{unused[0]} is only used with --buckets (it sets the buckets' batch sizes); add "
                                  "--buckets or drop it.")
         if self.json_out:
-            from ..utils import check_output_file
+            from ..pipelines.outputs import check_output_file
 
-            check_output_file(self.json_out, "--json_out")  # before the decode pass, not after it
+            check_output_file(self.json_out, "--json_out", self.overwrite)  # before the decode pass, not after it
+        elif self.overwrite:
+            raise ValueError("--overwrite has no effect without --json_out; add --json_out or drop --overwrite.")
 
 
 def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
@@ -107,37 +114,53 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
 
     from ..models.text_encoder import preprocess_texts
 
+    index = None
+    if o.data_index is not None:
+        from .index import DataIndex
+
+        index = DataIndex.open(o.data_index, data_path, o.video_folder, max_stale=len(raw), progress=progress)
+        if o.decode and not index.decode:
+            raise ValueError(f"--data_index {o.data_index} was built with --no_decode (videos only opened); pass "
+                             "--no_decode here too, or rebuild the index without it.")
     malformed, unreadable, emptied = [], [], []
     infos = {}  # entry number -> ClipInfo or why unreadable: the bucket histogram uses this pass's findings
     frames, fps, heights, widths, durations = [], [], [], [], []
     words, tokens, per_entry = [], [], []
-    for index, entry in enumerate(progress_bar(raw, desc="data check", unit="video", disable=not progress)):
+    for index_row, entry in enumerate(progress_bar(raw, desc="data check", unit="video",
+                                                   disable=not progress or index is not None)):
         problem = entry_problem(entry)
         if problem is not None:
-            malformed.append({"index": index, "problem": problem})
+            malformed.append({"index": index_row, "problem": problem})
             continue
         captions = [entry["cap"]] if isinstance(entry["cap"], str) else entry["cap"]
         per_entry.append(len(captions))
         words += [len(c.split()) for c in captions]
         # Training cleans captions as the reference; one that cleaning empties trains as the unconditional input.
-        emptied += [{"index": index, "caption": c} for c, cleaned in zip(captions, preprocess_texts(captions))
+        emptied += [{"index": index_row, "caption": c} for c, cleaned in zip(captions, preprocess_texts(captions))
                     if c.strip() and not cleaned]
         if tokenizer is not None:
             tokens += [len(ids) for ids in tokenizer(captions, add_special_tokens=True).input_ids]
         path = resolve_video_path(entry["path"], data_path.parent, o.video_folder)
         try:
-            with VideoReader(path) as reader:
-                if o.decode:
-                    _decode_every_frame(reader)
-                infos[index] = ClipInfo(reader.num_frames, reader.height, reader.width)
-                frames.append(reader.num_frames)
-                fps.append(reader.fps)
-                heights.append(reader.height)
-                widths.append(reader.width)
-                durations.append(reader.num_frames / reader.fps if reader.fps else 0.0)
+            if index is not None:  # what the index found (re-probed at open when the file changed)
+                if not index.readable[index_row]:
+                    raise VideoReadError(index.reasons[index_row])
+                info = (int(index.frames[index_row]), float(index.fps[index_row]), int(index.height[index_row]),
+                        int(index.width[index_row]))
+            else:
+                with VideoReader(path) as reader:
+                    if o.decode:
+                        decode_every_frame(reader)
+                    info = reader.num_frames, reader.fps, reader.height, reader.width
+            infos[index_row] = ClipInfo(info[0], info[2], info[3])
+            frames.append(info[0])
+            fps.append(info[1])
+            heights.append(info[2])
+            widths.append(info[3])
+            durations.append(info[0] / info[1] if info[1] else 0.0)
         except VideoReadError as err:
-            unreadable.append({"index": index, "path": str(path), "reason": str(err)})
-            infos[index] = str(err)
+            unreadable.append({"index": index_row, "path": str(path), "reason": str(err)})
+            infos[index_row] = str(err)
 
     report = {
         "data_path": str(data_path),
@@ -160,6 +183,8 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
             "emptied_by_cleaning": emptied,
         },
     }
+    if index is not None:
+        report["data_index"] = {"path": str(o.data_index), "reprobed": [index.paths[i].as_py() for i in index.refreshed]}
     if o.num_frames is not None:
         report["shorter_than_window"] = sum(f < o.num_frames * o.sample_rate for f in frames)
         report["window_frames"] = o.num_frames * o.sample_rate
@@ -172,18 +197,6 @@ def check_dataset(*args, progress: bool = True, **kwargs) -> dict:
     if o.json_out:
         atomic_write_bytes(o.json_out, json.dumps(report, indent=2).encode("utf-8"))
     return report
-
-
-def _decode_every_frame(reader: VideoReader, chunk: int = 16) -> None:
-    """Decode all frames, ``chunk`` at a time; VideoReadError saying how far decoding got when one fails."""
-    for start in range(0, reader.num_frames, chunk):
-        try:
-            reader.get_frames(range(start, min(start + chunk, reader.num_frames)))
-        except VideoReadError as err:
-            end = min(start + chunk, reader.num_frames) - 1
-            raise VideoReadError(f"{err}; only frames before {start} of {reader.num_frames} are known to decode (the "
-                                 f"failure is in frames {start}..{end}), and training skips this file whenever a clip "
-                                 "needs them: re-encode or remove it") from err
 
 
 def format_check_report(report: dict) -> str:
@@ -199,6 +212,12 @@ def format_check_report(report: dict) -> str:
         f"dataset      {report['data_path']}",
         f"entries      {report['entries']}  (malformed: {len(report['malformed'])})",
         f"videos       {report['readable']} readable, {len(report['unreadable'])} unreadable",
+    ]
+    if "data_index" in report:
+        changed = report["data_index"]["reprobed"]
+        lines.append(f"index        {report['data_index']['path']} ({len(changed)} videos changed since indexing, "
+                     "probed again)" if changed else f"index        {report['data_index']['path']} (up to date)")
+    lines += [
         f"frames       {fmt(report['frames'])}",
         f"fps          {fmt(report['fps'])}",
         f"height       {fmt(report['height'], ' px')}",

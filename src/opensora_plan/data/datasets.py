@@ -153,6 +153,8 @@ class VideoCaptionDataset(Dataset):
         frame_size: (height, width) output frames instead of the ``max_image_size`` square: centred crop
             to that aspect ratio, then resize (``transforms.video_bucket_transform``; never upscaled, a
             smaller video is unusable). Used for a bucketed run's held-out clips.
+        entries: the entries to use instead of reading ``data_path`` (e.g. the readable rows of a data index,
+            :meth:`~opensora_plan.data.index.DataIndex.entries`, a lazy sequence); ``self[i]`` is ``entries[i]``.
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class VideoCaptionDataset(Dataset):
         random_flip: bool = True,
         max_substitutions: int = 100,
         frame_size: tuple[int, int] | None = None,
+        entries: Sequence[VideoEntry] | None = None,
     ):
         if num_frames < 1 or sample_rate < 1 or max_image_size < 1:
             raise ValueError(
@@ -181,7 +184,7 @@ class VideoCaptionDataset(Dataset):
         if min_frames < 1:
             raise ValueError(f"min_frames must be at least 1, got {min_frames}.")
         self.data_path = Path(data_path)
-        self.entries = load_video_entries(data_path, video_folder)
+        self.entries = load_video_entries(data_path, video_folder) if entries is None else entries
         self.num_frames = num_frames
         self.max_image_size = max_image_size
         self.sample_rate = sample_rate

@@ -8,6 +8,7 @@ Layout of the output folder::
     meta.json                  settings, dataset fingerprint, number of shards, latent scaling factor
     null_text.safetensors      the empty-string embedding (the classifier-free-guidance input)
     shard-00000.safetensors    entries [0, shard_size), ...
+    shards.parquet             the shard index: one row per entry (entry, shard, cached, caption_count, reason)
 
 Each shard holds, for every usable entry ``i`` of its range:
 
@@ -21,7 +22,10 @@ Each shard holds, for every usable entry ``i`` of its range:
 
 plus JSON metadata: which entries it holds, their captions, and the videos that could not be read
 (listed and skipped, never silently). Every shard is written atomically, so ``extract`` can be
-stopped at any time and re-run: shards already complete are kept.
+stopped at any time and re-run: shards already complete are kept. Under ``torchrun`` rank ``r`` of ``W``
+computes shards ``r, r + W, ...`` (each on its own GPU); rank 0 writes ``meta.json`` and, once every shard
+is there, the shard index ``shards.parquet``, which is all a training run reads at start: it never opens
+every shard, and holds three numbers per entry in numpy arrays (no Python object per entry).
 
 What a cache cannot do: the clip is a fixed window (the middle one of the reference's random range),
 centre-cropped and never flipped, so the temporal-crop and flip augmentations of the on-the-fly
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
@@ -56,6 +61,7 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 META_FILE = "meta.json"
 NULL_TEXT_FILE = "null_text.safetensors"
+SHARD_INDEX_FILE = "shards.parquet"
 
 
 def shard_name(shard: int) -> str:
@@ -206,14 +212,18 @@ def extract_features(*args, progress: bool = True, **kwargs) -> dict:
     def shard_done(k: int) -> bool:
         return (read_shard_metadata(out_dir / shard_name(k)) or {}).get("fingerprint") == fingerprint
 
-    todo = [k for k in range(num_shards) if not shard_done(k)]
-    logger.info("extract: %d entries in %d shards, %d to compute, %d already done", len(entries), num_shards,
-                len(todo), num_shards - len(todo))
-
-    if not todo and meta_path.is_file() and (o.text_encoder_name is None or (out_dir / NULL_TEXT_FILE).is_file()):
-        return extraction_summary(out_dir, len(entries), num_shards, written=0)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    todo = [k for k in range(rank, num_shards, world) if not shard_done(k)]  # this rank's share
+    logger.info("extract (rank %d of %d): %d entries in %d shards, %d to compute here", rank, world, len(entries),
+                num_shards, len(todo))
+    index_path = out_dir / SHARD_INDEX_FILE
+    if not todo and (rank or (meta_path.is_file() and index_path.is_file() and (
+            o.text_encoder_name is None or (out_dir / NULL_TEXT_FILE).is_file()))):
+        return _finish(out_dir, fingerprint, len(entries), num_shards, 0, rank, progress)
 
     device = resolve_device(o.device)
+    if o.device is None and device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     tokenizer = text_encoder = vae = None
     scaling_factor = None
     if o.text_encoder_name is not None:
@@ -232,8 +242,9 @@ def extract_features(*args, progress: bool = True, **kwargs) -> dict:
             "data_path": str(Path(o.data_path).resolve()),
             "video_folder": str(o.video_folder) if o.video_folder is not None else None,
             "scaling_factor": scaling_factor}
-    atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
-    if text_encoder is not None and not (out_dir / NULL_TEXT_FILE).is_file():
+    if rank == 0:
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
+    if rank == 0 and text_encoder is not None and not (out_dir / NULL_TEXT_FILE).is_file():
         (null,) = encode_captions_trimmed(tokenizer, text_encoder, [""], o.model_max_length)
         atomic_write_bytes(out_dir / NULL_TEXT_FILE, safetensors_save({"text": null}))
 
@@ -266,18 +277,76 @@ def extract_features(*args, progress: bool = True, **kwargs) -> dict:
         atomic_write_bytes(out_dir / shard_name(shard), data)
         written += 1
     bar.close()
-    return extraction_summary(out_dir, len(entries), num_shards, written)
+    return _finish(out_dir, fingerprint, len(entries), num_shards, written, rank, progress)
 
 
-def extraction_summary(out_dir: Path, num_entries: int, num_shards: int, written: int) -> dict:
-    """What the cache holds: counts, and every video skipped at extraction (from all shards)."""
-    skipped, cached = [], 0
-    for shard in range(num_shards):
-        shard_meta = read_shard_metadata(out_dir / shard_name(shard))
-        skipped += shard_meta["skipped"]
-        cached += len(shard_meta["entries"])
-    return {"out": str(out_dir), "entries": num_entries, "cached": cached, "shards": num_shards,
+def _finish(out_dir: Path, fingerprint: str, num_entries: int, num_shards: int, written: int, rank: int,
+            progress: bool, poll_s: float = 2.0) -> dict:
+    """Rank 0: wait for every shard (the other ranks write theirs), write the shard index, summarise.
+    Other ranks: summarise their own part (``"shards"`` counts only theirs)."""
+    import time
+
+    if rank != 0:
+        return {"out": str(out_dir), "entries": num_entries, "rank": rank, "shards_written": written}
+    missing = list(range(num_shards))
+    waited = False
+    while True:
+        missing = [k for k in missing if (read_shard_metadata(out_dir / shard_name(k)) or {}).get("fingerprint")
+                   != fingerprint]
+        if not missing:
+            break
+        if not waited:
+            logger.info("extract: waiting for %d shards of the other ranks", len(missing))
+            waited = True
+        time.sleep(poll_s)
+    table = write_shard_index(out_dir, num_shards, progress=progress)
+    import pyarrow.compute as pc
+
+    cached = table.column("cached").to_numpy(zero_copy_only=False)
+    skipped = [{"index": r["entry"], "path": r["path"], "reason": r["reason"]}
+               for r in table.filter(pc.invert(table.column("cached"))).to_pylist()]
+    return {"out": str(out_dir), "entries": num_entries, "cached": int(cached.sum()), "shards": num_shards,
             "shards_written": written, "shards_reused": num_shards - written, "skipped": skipped}
+
+
+def write_shard_index(out_dir: Path, num_shards: int, progress: bool = False):
+    """Write ``shards.parquet`` (:func:`shard_index_table`) and return the table."""
+    import pyarrow.parquet as pq
+
+    from ..utils import atomic_path
+
+    table = shard_index_table(out_dir, num_shards, progress)
+    with atomic_path(out_dir / SHARD_INDEX_FILE) as tmp:
+        pq.write_table(table, tmp)
+    return table
+
+
+def shard_index_table(out_dir: Path, num_shards: int, progress: bool = False):
+    """The shard index from the shards' metadata, a pyarrow Table with one row per entry: ``entry`` int64,
+    ``shard`` int32, ``cached`` bool, ``caption_count`` int16, and ``path`` / ``reason`` of the videos skipped
+    at extraction. Reads every shard's header once."""
+    import pyarrow as pa
+
+    rows = {"entry": [], "shard": [], "cached": [], "caption_count": [], "path": [], "reason": []}
+    for shard in progress_bar(range(num_shards), desc="shard index", unit="shard", disable=not progress):
+        shard_meta = read_shard_metadata(out_dir / shard_name(shard))
+        for index in shard_meta["entries"]:
+            rows["entry"].append(index)
+            rows["shard"].append(shard)
+            rows["cached"].append(True)
+            rows["caption_count"].append(len(shard_meta["captions"][str(index)]))
+            rows["path"].append(None)
+            rows["reason"].append(None)
+        for item in shard_meta["skipped"]:
+            rows["entry"].append(item["index"])
+            rows["shard"].append(shard)
+            rows["cached"].append(False)
+            rows["caption_count"].append(0)
+            rows["path"].append(item["path"])
+            rows["reason"].append(item["reason"])
+    schema = pa.schema([("entry", pa.int64()), ("shard", pa.int32()), ("cached", pa.bool_()),
+                        ("caption_count", pa.int16()), ("path", pa.string()), ("reason", pa.string())])
+    return pa.Table.from_pydict(rows, schema=schema).sort_by("entry")
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,19 +391,19 @@ class CachedFeatureDataset(Dataset):
         self.use_image_num = self.settings["use_image_num"]
         self.max_length = self.settings["model_max_length"]
 
-        self.items: list[tuple[int, Path]] = []  # (entry index, shard file)
-        self.captions: dict[int, list[str]] = {}
-        self.skipped_at_extraction: list[dict] = []
-        for shard in range(self.meta["num_shards"]):
-            path = self.cache_dir / shard_name(shard)
-            shard_meta = read_shard_metadata(path)
-            if shard_meta is None or shard_meta["fingerprint"] != self.meta["fingerprint"]:
-                raise ValueError(f"Feature cache {self.cache_dir} is incomplete: {path.name} is missing or stale; "
-                                 f"re-run the same `opensora-plan extract` command (it resumes).")
-            self.items += [(index, path) for index in shard_meta["entries"]]
-            self.captions.update({int(k): v for k, v in shard_meta["captions"].items()})
-            self.skipped_at_extraction += shard_meta["skipped"]
-        if not self.items:
+        # Per cached entry, in entry order: its entry number, shard and caption count (numpy: no Python object per
+        # entry, so forked data-loader workers share these pages instead of copying them).
+        import pyarrow.compute as pc
+
+        table = self._shard_table()
+        cached = table.column("cached").to_numpy(zero_copy_only=False)
+        self.entry = table.column("entry").to_numpy()[cached].copy()  # int64
+        self.shard = table.column("shard").to_numpy()[cached].astype(np.int32)
+        self.caption_count = table.column("caption_count").to_numpy()[cached].astype(np.int16)
+        skipped = table.filter(pc.invert(table.column("cached")))
+        self.skipped_at_extraction = [{"index": r["entry"], "path": r["path"], "reason": r["reason"]}
+                                      for r in skipped.select(["entry", "path", "reason"]).to_pylist()]
+        if not len(self.entry):
             raise ValueError(
                 f"Feature cache {self.cache_dir} holds no usable entries (all videos failed at extraction)."
             )
@@ -353,8 +422,38 @@ class CachedFeatureDataset(Dataset):
                 video_folder=self.meta["video_folder"],
             )
 
+    def _shard_table(self):
+        """The shard index (``shards.parquet``); a cache written before it existed is read shard by shard."""
+        import pyarrow.parquet as pq
+
+        path = self.cache_dir / SHARD_INDEX_FILE
+        for shard in (0, self.meta["num_shards"] - 1):  # a re-run extract rewrites them: check the ends are ours
+            shard_meta = read_shard_metadata(self.cache_dir / shard_name(shard))
+            if shard_meta is None or shard_meta["fingerprint"] != self.meta["fingerprint"]:
+                path = None
+        if path is not None and path.is_file():
+            table = pq.read_table(path)
+            if len(table) == self.meta["num_entries"]:
+                return table
+        for shard in range(self.meta["num_shards"]):
+            path = self.cache_dir / shard_name(shard)
+            shard_meta = read_shard_metadata(path)
+            if shard_meta is None or shard_meta["fingerprint"] != self.meta["fingerprint"]:
+                raise ValueError(f"Feature cache {self.cache_dir} is incomplete: {path.name} is missing or stale; "
+                                 f"re-run the same `opensora-plan extract` command (it resumes).")
+        return shard_index_table(self.cache_dir, self.meta["num_shards"])  # a cache older than shards.parquet
+
+    def _captions(self, shard: Path) -> dict:
+        """The raw captions of a shard's entries (its metadata; the last shard read is kept)."""
+        if getattr(self, "_caption_cache", (None,))[0] != shard:
+            self._caption_cache = (shard, read_shard_metadata(shard)["captions"])
+        return self._caption_cache[1]
+
+    def shard_path(self, shard: int) -> Path:
+        return self.cache_dir / shard_name(int(shard))
+
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.entry)
 
     def _padded_text(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, D) valid-token embedding -> zero-padded (L, D) and mask (L,) with n ones."""
@@ -366,11 +465,11 @@ class CachedFeatureDataset(Dataset):
         return padded, mask
 
     def __getitem__(self, i: int) -> dict:
-        index, shard = self.items[i]
+        index, shard = int(self.entry[i]), self.shard_path(self.shard[i])
         sample = {"skipped": []}
         if self.videos is not None:
             index, sample["video"], sample["skipped"] = self.videos.load_clip_or_substitute(index)
-            shard = self.cache_dir / shard_name(index // self.settings["shard_size"])
+            shard = self.shard_path(index // self.settings["shard_size"])
         with safe_open(str(shard), framework="pt") as f:
             if self.has_latents:
                 mean = f.get_tensor(f"{index}.latent_mean")  # (C, t + n, h, w)
@@ -379,9 +478,9 @@ class CachedFeatureDataset(Dataset):
                     std = torch.exp(0.5 * f.get_tensor(f"{index}.latent_logvar"))
                     latents = mean + std * torch.randn(mean.shape)
                 sample["latents"] = latents * self.meta["scaling_factor"]
-            captions = self.captions[index]
+            count = int(self.caption_count[np.searchsorted(self.entry, index)])
             dropped = self.cfg_dropout > 0 and bool(torch.rand(()) < self.cfg_dropout)
-            choice = -1 if dropped else int(torch.randint(0, len(captions), (1,)))
+            choice = -1 if dropped else int(torch.randint(0, count, (1,)))
             slots = 1 + self.use_image_num
             if self.has_text:
                 emb = self.null_text if dropped else f.get_tensor(f"{index}.text.{choice}")
@@ -389,6 +488,7 @@ class CachedFeatureDataset(Dataset):
                 sample["text_emb"] = padded.expand(slots, -1, -1)  # (1 + n, L, D)
                 sample["text_mask"] = mask.expand(slots, -1)  # (1 + n, L)
             else:
+                captions = self._captions(shard)[str(index)]
                 sample["captions"] = [captions[choice] if not dropped else ""] * slots
         sample["caption_index"] = choice
         sample["index"] = index

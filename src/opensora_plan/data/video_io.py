@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -82,10 +83,10 @@ def _resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "decord" if decord_available() else "pyav"
     if backend == "decord" and not decord_available():
-        raise ValueError(
-            "backend='decord' was asked for but decord is not installed; "
-            "run `pip install decord==0.6.0` or use backend='pyav'."
-        )
+        from opensora_plan.utils import MissingExtraError
+
+        raise MissingExtraError('backend=\'decord\' was asked for but decord is not installed; pip install '
+                                '"opensora-plan[video]" or use backend=\'pyav\'.')
     return backend
 
 
@@ -351,9 +352,22 @@ def _as_uint8_frames(frames) -> np.ndarray:
 
 
 def _fps_fraction(fps: float) -> Fraction:
-    if not fps or fps <= 0:
+    """``fps`` as the container's frame-rate fraction (denominator <= 10000); ValueError when it is not
+    positive or is below 1/10000 fps, which the fraction would round to 0 (and PyAV silently to 24 fps)."""
+    if not fps or not fps > 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}.")
-    return Fraction(fps).limit_denominator(10000)
+    rate = Fraction(fps).limit_denominator(10000)
+    if rate <= 0:
+        raise ValueError(f"fps {fps:g} is below the lowest frame rate a video file holds here (0.0001 fps); "
+                         "raise --fps.")
+    return rate
+
+
+def check_fps(fps: float, gif: bool = False) -> str | None:
+    """Check before any work that a video (and with ``gif`` a GIF) can be written at ``fps``: ValueError
+    otherwise; returns :func:`describe_gif`'s line when ``gif`` and the GIF drops frames, else None."""
+    _fps_fraction(fps)
+    return describe_gif(fps) if gif else None
 
 
 def write_video(
@@ -388,12 +402,52 @@ def write_video(
     return path
 
 
-def write_gif(path: str | os.PathLike, frames, fps: float) -> Path:
-    """Write uint8 frames ``(T, H, W, 3)`` (numpy or torch) as an animated GIF (looping); returns the path.
+# GIF frame delays are whole centiseconds in 16 bits, and browsers play a delay under 2 cs (20 ms) as 10 cs
+# (100 ms), so a GIF plays at most 50 fps as written and holds at most 655.35 s per frame.
+GIF_MAX_FPS = 50.0
+GIF_MIN_FPS = 100 / 65535
 
-    PyAV's GIF encoder (256-colour ``rgb8`` palette) is ~30x faster than Pillow but makes larger files.
+
+def gif_plan(fps: float) -> tuple[int, float]:
+    """How a video at ``fps`` becomes a GIF: ``(keep every n-th frame, the GIF's fps)``, same duration.
+
+    Up to :data:`GIF_MAX_FPS` every frame is kept; above it every n-th (n = ceil(fps / 50)), so the GIF
+    plays at fps / n <= 50 instead of browsers slowing its too-short delays to 100 ms. Raises ValueError
+    for an fps that is not positive or is below :data:`GIF_MIN_FPS` (a delay no GIF can hold).
     """
-    frames = _as_uint8_frames(frames)
+    _fps_fraction(fps)  # positive
+    if fps < GIF_MIN_FPS:
+        raise ValueError(f"A GIF frame lasts at most 655.35 s, so {fps:g} fps cannot be written as a GIF (the "
+                         f"lowest is {GIF_MIN_FPS:.4f} fps); raise --fps or drop --gif.")
+    step = max(1, math.ceil(fps / GIF_MAX_FPS - 1e-9))
+    return step, fps / step
+
+
+def describe_gif(fps: float) -> str | None:
+    """One line saying what the GIF of a video at ``fps`` does differently (frames dropped), or None when it
+    keeps every frame; ValueError as :func:`gif_plan`. Commands print it before any work."""
+    step, gif_fps = gif_plan(fps)
+    if step == 1:
+        return None
+    return (f"--gif: GIFs play at most {GIF_MAX_FPS:g} fps (browsers slow shorter frame delays to 100 ms), so the "
+            f"GIF of the {fps:g} fps video keeps every {_ordinal(step)} frame and plays at {gif_fps:g} fps, same "
+            "duration (the mp4 keeps every frame).")
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def write_gif(path: str | os.PathLike, frames, fps: float) -> Path:
+    """Write uint8 frames ``(T, H, W, 3)`` (numpy or torch) at ``fps`` as an animated GIF (looping); returns
+    the path.
+
+    Above 50 fps every n-th frame is written at fps / n (:func:`gif_plan`, :func:`describe_gif` says so in one
+    line): GIF delays are whole centiseconds and browsers slow delays under 20 ms to 100 ms. PyAV's GIF encoder
+    (256-colour ``rgb8`` palette) is ~30x faster than Pillow but makes larger files.
+    """
+    step, fps = gif_plan(fps)
+    frames = _as_uint8_frames(frames)[::step]
     _, height, width, _ = frames.shape
     path = Path(path)
     with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="gif") as container:

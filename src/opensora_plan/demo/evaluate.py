@@ -27,6 +27,7 @@ import torch
 from opensora_plan.demo.judge import judge_video
 from opensora_plan.demo.shapes import COLOURS, JUDGED_AS, SHAPES, all_prompts, parse_caption
 from opensora_plan.options import Options, option
+from opensora_plan.pipelines.outputs import OVERWRITE_HELP, check_output_file, check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_metho
                        device: str | None = None):
     """``(pipeline, demo_info)`` for a demo model folder (default: the shipped one), in float32."""
     from opensora_plan.demo.model import default_model_path, fast_cache_options, load_demo_info
+    from opensora_plan.pipelines.model_folder import vae_folder
     from opensora_plan.diffusion.schedulers import create_scheduler
     from opensora_plan.models.causalvae import CausalVAEModel
     from opensora_plan.models.latte import LatteT2V
@@ -107,7 +109,7 @@ def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_metho
     device = resolve_device(device)
     tokenizer, text_encoder = load_t5(model_path / info["text_encoder"], device=device)
     transformer = LatteT2V.from_pretrained(model_path / info["version"], device=device).eval()
-    vae = CausalVAEModel.from_pretrained(model_path / "vae", device=device).eval()
+    vae = CausalVAEModel.from_pretrained(vae_folder(model_path), device=device).eval()
     scheduler = create_scheduler(sample_method or info["sample_method"])
     pipe = OpenSoraPlanPipeline(vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
                                 tokenizer=tokenizer)
@@ -132,6 +134,7 @@ class DemoEvalOptions(Options):
     sample_method: str | None = option(None, help="scheduler name; unset: the model's demo.json")
     save_dir: str | None = option(None, help="keep the sampled mp4 files here")
     json_out: str | None = option(None, help="write the per-video verdicts and accuracies here")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
     device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
     cache: str = option("none", help="step caching as in `sample --cache`")
     colours: list[str] | None = option(None, help="evaluate the prompts of these colours instead (e.g. magenta, a "
@@ -164,6 +167,14 @@ class DemoEvalOptions(Options):
         parse_cache_spec(self.cache)  # a bad --cache fails before any weights load
         if self.lora is None and self.lora_scale != 1.0:
             raise ValueError("--lora_scale has no effect without --lora; add --lora or drop --lora_scale.")
+        if self.json_out:
+            check_output_file(self.json_out, "--json_out", self.overwrite)  # before any sampling
+        if self.overwrite and not (self.json_out or self.save_dir):
+            raise ValueError("--overwrite has no effect without --json_out or --save_dir; drop it.")
+        if self.lora is not None:
+            from opensora_plan.models.lora import require_peft
+
+            require_peft()  # a missing [lora] extra is one line before the model loads
         for name in ("interpolate", "upscale"):
             if getattr(self, f"{name}_model") is not None and getattr(self, name) == 1:
                 raise ValueError(f"--{name}_model has no effect without --{name}; add --{name} or drop "
@@ -188,11 +199,13 @@ def evaluate_demo(
     upscale: int = 1,
     interpolate_model: str | os.PathLike | None = None,
     upscale_model: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> DemoEvalReport:
     """Sample every prompt with every seed, judge the videos, return the report.
 
     Sampling settings default to the model's ``demo.json``. ``save_dir`` keeps the mp4 files
-    (``<prompt index>-<seed>-<prompt>.mp4``); otherwise they go to a temporary folder. ``cache`` and
+    (``<prompt index>-<seed>-<prompt>.mp4``; an existing one is a ValueError before the model loads unless
+    ``overwrite``); otherwise they go to a temporary folder. ``cache`` and
     ``cache_options`` go to :meth:`OpenSoraPlanPipeline.enable_cache` ("none": exact sampling).
     ``lora``: a ``train-t2v --lora_rank`` adapter folder applied at ``lora_scale``. Colours are judged among
     the demo's five plus any new colour the prompts name, shapes likewise. ``interpolate`` / ``upscale`` (1: off)
@@ -208,10 +221,10 @@ def evaluate_demo(
     if len(set(seeds)) != len(seeds) or len(set(prompts)) != len(prompts):
         # Each (prompt, seed) names one file in save_dir; a repeat would overwrite an output of this run.
         raise ValueError(f"demo eval got repeated seeds or prompts ({list(seeds)}); give each once.")
-    if save_dir:
-        from opensora_plan.utils import check_output_folder
-
-        check_output_folder(save_dir, "--save_dir")
+    order = {p: i for i, p in enumerate(all_prompts())}
+    if save_dir:  # the files it will hold, checked before the model loads: none replaced without overwrite
+        check_targets([], [Path(save_dir) / _video_name(order.get(p, k), seed, p) for k, p in enumerate(prompts)
+                           for seed in seeds], overwrite, flag="--save_dir")
     labels = [parse_caption(p) for p in prompts]  # fails early on a prompt outside the vocabulary
     labels = [(JUDGED_AS.get(c, c), s, d) for c, s, d in labels]  # e.g. crimson is drawn (and judged) as red
     from opensora_plan.pipelines.model_folder import stage_model
@@ -244,7 +257,6 @@ def evaluate_demo(
                 "cache": pipe.transformer.step_cache.options() if pipe.transformer.step_cache else "none",
                 "interpolate": interpolate, "upscale": upscale}
     report = DemoEvalReport(settings)
-    order = {p: i for i, p in enumerate(all_prompts())}
     start = time.perf_counter()
     skipped = forwards = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,8 +281,7 @@ def evaluate_demo(
                 forwards += pipe.cache_stats.computed + pipe.cache_stats.skipped
             videos = pipe.decode_latents(latents, interpolate, upscale)  # (n, T', H', W', 3) uint8
             for seed, frames in zip(seeds, videos):
-                slug = prompt.replace(" ", "_")
-                path = write_video(out_dir / f"{index:02d}-{seed}-{slug}.mp4", frames, fps=info.get("fps", 8) * interpolate)
+                path = write_video(out_dir / _video_name(index, seed, prompt), frames, fps=info.get("fps", 8) * interpolate)
                 verdict = judge_video(read_video(path)[0].numpy(), colours=colours, shapes=shapes)
                 report.videos.append({
                     "prompt": prompt, "seed": seed, "file": str(path) if save_dir else None,
@@ -283,6 +294,11 @@ def evaluate_demo(
     if forwards:
         report.settings["skipped_fraction"] = skipped / forwards
     return report
+
+
+def _video_name(index: int, seed: int, prompt: str) -> str:
+    """``<prompt index>-<seed>-<prompt>.mp4``, the name of a kept video in ``save_dir``."""
+    return f"{index:02d}-{seed}-{prompt.replace(' ', '_')}.mp4"
 
 
 def write_report(report: DemoEvalReport, path: str | os.PathLike) -> None:

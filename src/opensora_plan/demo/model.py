@@ -29,8 +29,13 @@ __all__ = ["DEMO_INFO", "default_model_path", "fast_cache_options", "load_demo_i
 
 def load_demo_info(model_path: str | os.PathLike) -> dict:
     """``demo.json`` of a demo model folder as written: ``version``, ``text_encoder`` (relative folder), sampling
-    defaults and the training record."""
+    defaults and the training record. A distilled student shipped inside a demo folder (``student/``, docs/distill.md)
+    has a ``sampling_config.json`` with the same fields (its ``text_encoder`` / ``vae`` point at the teacher's)."""
+    from opensora_plan.pipelines.model_folder import SAMPLING_CONFIG
+
     path = Path(model_path) / DEMO_INFO
+    if not path.is_file() and (Path(model_path) / SAMPLING_CONFIG).is_file():
+        path = Path(model_path) / SAMPLING_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{model_path} has no {DEMO_INFO}; give a folder written by `opensora-plan demo train` "
                                 f"(its model/ subfolder) or the shipped demo.")

@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from opensora_plan.options import Options, option
+from opensora_plan.pipelines.outputs import OVERWRITE_HELP, check_targets
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -149,6 +150,7 @@ class MakeDataOptions(Options):
                                        "words the shipped demo never saw, for fine-tuning)", show_default=False)
     shapes: list[str] | None = option(None, help="shapes to draw (unset: circle square triangle; diamond is a word "
                                       "the shipped demo never saw)", show_default=False)
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         self.require_at_least(1, "num_videos", "num_frames", "size", "fps")
@@ -177,15 +179,16 @@ def make_dataset(*args, **kwargs) -> Path:
     from opensora_plan.data.video_io import write_video
 
     out = Path(o.out)
+    width = max(5, int(math.log10(max(o.num_videos, 1))) + 1)
+    names = [f"videos/{i:0{width}d}.mp4" for i in range(o.num_videos)]
+    check_targets([], [out / "data.json", *(out / name for name in names)], o.overwrite, flag="--out")
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(o.seed)
     combos = list(itertools.product(colours, shapes, DIRECTIONS))
     entries = []
-    width = max(5, int(math.log10(max(o.num_videos, 1))) + 1)
-    for i in range(o.num_videos):
+    for i, rel in enumerate(names):
         colour, shape, direction = combos[i % len(combos)]
         clip = random_clip(rng, colour, shape, direction, o.size)
-        rel = f"videos/{i:0{width}d}.mp4"
         write_video(out / rel, render(clip, o.num_frames, o.size), fps=o.fps, lossless=o.lossless)
         caps = [caption(colour, shape, direction, t) for t in (TEMPLATES if o.paraphrases else TEMPLATES[:1])]
         entries.append({"path": rel, "cap": caps})

@@ -334,7 +334,7 @@ def train_demo(out: str | os.PathLike, recipe: DemoRecipe | None = None, stages:
 
     def stage_data():
         make_dataset(out / "data", recipe.num_videos, num_frames=recipe.num_frames, size=recipe.size,
-                     seed=recipe.data_seed)
+                     seed=recipe.data_seed, overwrite=True)  # the recipe's own folder, remade identically on a rerun
 
     def stage_t5():
         from opensora_plan.demo.tiny_t5 import build_tiny_t5

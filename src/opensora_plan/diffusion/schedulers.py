@@ -5,7 +5,7 @@ warm-up and DDIM clips the predicted x0 to [-1, 1] in latent space (spec 8.11). 
 one fix: diffusers' HeunDiscrete and KDPM2AncestralDiscrete default to Stable Diffusion's betas
 (0.00085..0.012), not the schedule LatteT2V was trained with (1000 steps, linear 1e-4..0.02, spec 3.1),
 so every scheduler gets the training schedule explicitly (a no-op for the other nine, whose defaults
-are exactly that). UniPC is an addition of ours.
+are exactly that). UniPC and LCM (the sampler of a distilled student, train/distill.py) are additions of ours.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -43,11 +44,15 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "DEISMultistep": DEISMultistepScheduler,
     "KDPM2AncestralDiscrete": KDPM2AncestralDiscreteScheduler,
     "UniPCMultistep": UniPCMultistepScheduler,
+    # Multistep consistency sampling (Luo et al. 2023, arXiv 2310.04378) for `opensora-plan distill` students;
+    # its boundary condition (timestep_scaling 10) and skipping grid (original_inference_steps 50) are the ones
+    # train/distill.py trains with.
+    "LCM": LCMScheduler,
 }
 
 
 def scheduler_names() -> list[str]:
-    """The accepted ``--sample_method`` names, in the reference's order (UniPC last)."""
+    """The accepted ``--sample_method`` names, in the reference's order (then UniPC and LCM)."""
     return list(SCHEDULERS)
 
 

@@ -188,7 +188,7 @@ def min_i3d_input() -> tuple[int, int]:
 
 
 def check_i3d_input(video: torch.Tensor) -> None:
-    """Raise ValueError unless ``video`` is ``(B, 3, T, H, W)`` large enough for the I3D head."""
+    """Raise ValueError unless ``video`` is ``(B, 3, T, H, W)`` in [-1, 1] and large enough for the I3D head."""
     min_frames, min_pixels = min_i3d_input()
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"I3D expects RGB videos (B, 3, T, H, W), got shape {tuple(video.shape)}.")
@@ -198,6 +198,9 @@ def check_i3d_input(video: torch.Tensor) -> None:
             f"I3D needs at least {min_frames} frames of {min_pixels}x{min_pixels} pixels, got {frames} frames of "
             f"{height}x{width}; FVD's protocol is 16 frames at 224x224."
         )
+    from ..metrics import check_value_range
+
+    check_value_range(video, -1.0, 1.0, "I3D (FVD)")  # 0-255 frames would give other features silently
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,10 +19,13 @@ Needs ``peft`` (``pip install "opensora-plan[lora]"``; on CPU pin torch in the s
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # LatteT2V's projections: self/cross attention (to_q, to_k, to_v, to_out.0) and the MLP (ff.net.0.proj, ff.net.2)
 # of every spatial and temporal block. peft matches a name against the end of each module path.
@@ -33,21 +36,21 @@ ADAPTER_NAME = "default"
 KEY_PREFIX = "transformer."  # diffusers' pipeline-level prefix for the transformer's LoRA keys
 
 
-def _peft():
-    try:
-        import peft  # noqa: F401
-    except ImportError as error:
-        raise ImportError("LoRA needs the peft package; install it with `pip install peft` "
-                          "(on CPU in the same command as torch==2.13.0).") from error
-    return peft
+def require_peft():
+    """The ``peft`` module, or :class:`~opensora_plan.utils.MissingExtraError` naming the [lora] extra."""
+    from opensora_plan.utils import require_extra
+
+    return require_extra("peft", "lora", "LoRA (train-t2v --lora_rank, sample --lora)")
 
 
-def lora_config(rank: int, alpha: float | None = None, target_modules: list[str] | tuple[str, ...] | None = None):
-    """A peft ``LoraConfig``: rank ``rank`` (>= 1), ``lora_alpha`` = ``alpha`` (default: ``rank``, i.e. scaling 1).
+def lora_config(rank: int, alpha: float | None = None, target_modules: list[str] | tuple[str, ...] | None = None,
+                base_model: str | os.PathLike | None = None):
+    """A peft ``LoraConfig``: rank ``rank`` (>= 1), ``lora_alpha`` = ``alpha`` (default: ``rank``, i.e. scaling 1),
+    ``base_model_name_or_path`` = ``base_model`` (the weights the adapter is trained on, absolute; checked on load).
 
     Raises ValueError on a rank below 1, a non-positive alpha or an empty target list.
     """
-    peft = _peft()
+    peft = require_peft()
     if rank < 1:
         raise ValueError(f"--lora_rank must be at least 1, got {rank}.")
     alpha = float(rank if alpha is None else alpha)
@@ -58,13 +61,14 @@ def lora_config(rank: int, alpha: float | None = None, target_modules: list[str]
     targets = list(LORA_TARGET_MODULES if target_modules is None else target_modules)
     if not targets:
         raise ValueError("--lora_target_modules is empty; name at least one projection, e.g. to_q to_v.")
-    return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+    base = str(Path(base_model).resolve()) if base_model else None
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True,
+                           base_model_name_or_path=base)
 
 
 def has_lora(model: torch.nn.Module) -> bool:
     """Whether any module of ``model`` is a peft LoRA layer."""
-    from peft.tuners.lora import LoraLayer
-
+    LoraLayer = require_peft().tuners.lora.LoraLayer
     return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
@@ -74,8 +78,7 @@ def add_lora(model: torch.nn.Module, config) -> list[str]:
     Returns the names of the trainable parameters. Raises ValueError when a target matches no Linear
     layer of ``model`` (a typo would otherwise train nothing) or when ``model`` already has adapters.
     """
-    from peft import inject_adapter_in_model
-
+    inject_adapter_in_model = require_peft().inject_adapter_in_model
     if has_lora(model):
         raise ValueError("The model already holds LoRA adapters; load the base model again or fuse them first.")
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -156,7 +159,7 @@ def read_lora(path: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor]]
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    peft = _peft()
+    peft = require_peft()
     folder = find_lora(path)
     if folder is None:
         raise FileNotFoundError(f"--lora {path} holds no {LORA_WEIGHT_NAME}; give the folder written by "
@@ -171,10 +174,81 @@ def read_lora(path: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor]]
             raise FileNotFoundError(f"{folder} has no {ADAPTER_CONFIG_NAME} and its weights carry no LoRA metadata; "
                                     f"save the adapter with its config.")
         config_dict = json.loads(meta)
+    weights = {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in weights.items()}
+    config_dict = check_adapter_config(config_dict, weights, folder)
     known = set(peft.LoraConfig.__dataclass_fields__)
     config = peft.LoraConfig(**{k: v for k, v in config_dict.items() if k in known and k != "peft_type"})
-    weights = {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in weights.items()}
     return config, weights
+
+
+def check_adapter_config(config: dict, weights: dict[str, torch.Tensor], folder: str | os.PathLike) -> dict:
+    """The adapter config of ``folder`` checked against its ``weights`` (keys "<module>.lora_A.weight", no
+    prefix), with every missing field filled by an explicit, logged rule; never peft's silent defaults
+    (alpha 8 would load a rank-4 adapter at twice its strength, rank 16 at half):
+
+    * ``r`` missing: the rank of the weights (``lora_A`` rows); given, it must be a positive whole number equal
+      to it (unless a ``rank_pattern`` gives per-layer ranks);
+    * ``lora_alpha`` missing: ``r``, i.e. strength 1.0 (diffusers' rule for adapters saved without alphas);
+      given, a positive number;
+    * ``target_modules`` missing or empty: the modules the weights hold adapters for;
+    * ``use_dora`` (magnitude vectors this loader does not apply): refused.
+
+    Raises ValueError (one line naming the folder and the field) for a wrong value; returns the filled dict.
+    """
+    config = dict(config)
+    where = f"LoRA adapter {folder}"
+    ranks = {k[: -len(".lora_A.weight")]: int(v.shape[0]) for k, v in weights.items() if k.endswith(".lora_A.weight")}
+    if not ranks:
+        raise ValueError(f"{where} holds no lora_A weights; is it a LoRA adapter (train-t2v --lora_rank)?")
+    if config.get("use_dora"):
+        raise ValueError(f"{where} is a DoRA adapter (use_dora: true), which this loader does not apply; use a "
+                         "plain LoRA adapter.")
+    per_layer = bool(config.get("rank_pattern"))
+    rank = config.get("r")
+    if rank is None:
+        if len(set(ranks.values())) != 1:
+            raise ValueError(f"{where}: its {ADAPTER_CONFIG_NAME} has no 'r' and its weights have several ranks "
+                             f"({sorted(set(ranks.values()))}); add \"r\" (and a rank_pattern) to the config.")
+        rank = config["r"] = next(iter(ranks.values()))
+        logger.warning("%s: %s has no 'r'; using rank %d, the rank of its weights.", where, ADAPTER_CONFIG_NAME, rank)
+    elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{where}: 'r' in {ADAPTER_CONFIG_NAME} must be a positive whole number, got {rank!r}.")
+    elif not per_layer and set(ranks.values()) != {rank}:
+        raise ValueError(f"{where}: {ADAPTER_CONFIG_NAME} says r={rank} but its weights have rank "
+                         f"{'/'.join(map(str, sorted(set(ranks.values()))))}; fix 'r' in the config.")
+    alpha = config.get("lora_alpha")
+    if alpha is None:
+        config["lora_alpha"] = rank
+        logger.warning("%s: %s has no 'lora_alpha'; using lora_alpha = r = %d (strength alpha/r = 1.0, diffusers' "
+                       "rule for adapters without alphas). Add \"lora_alpha\" to the config if it was trained with "
+                       "another.", where, ADAPTER_CONFIG_NAME, rank)
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"{where}: 'lora_alpha' in {ADAPTER_CONFIG_NAME} must be a positive number, got {alpha!r}.")
+    targets = config.get("target_modules")
+    if not targets:
+        config["target_modules"] = sorted(ranks)
+        logger.warning("%s: %s names no target_modules; using the %d modules its weights hold adapters for.",
+                       where, ADAPTER_CONFIG_NAME, len(ranks))
+    elif not isinstance(targets, (str, list, tuple)) or any(not isinstance(t, str) for t in (
+            [targets] if isinstance(targets, str) else targets)):
+        raise ValueError(f"{where}: 'target_modules' in {ADAPTER_CONFIG_NAME} must be a list of module names, got "
+                         f"{targets!r}.")
+    return config
+
+
+def check_lora_base(path: str | os.PathLike, base: str | os.PathLike) -> None:
+    """Log a warning when the adapter at ``path`` records the base model it was trained on
+    (``base_model_name_or_path``, written by ``train-t2v --lora_rank``) and it is not ``base``: an adapter on
+    another base of the same size loads without error but is not the model it was trained with."""
+    folder = find_lora(path)
+    if folder is None or not (folder / ADAPTER_CONFIG_NAME).is_file():
+        return
+    from opensora_plan.utils import read_json_file
+
+    recorded = read_json_file(folder / ADAPTER_CONFIG_NAME, "LoRA adapter config").get("base_model_name_or_path")
+    if recorded and Path(recorded).resolve() != Path(base).resolve():
+        logger.warning("LoRA adapter %s was trained on %s, not on %s; it fits the transformer's shapes, but expect "
+                       "other videos than in training.", folder, recorded, base)
 
 
 def load_lora(model: torch.nn.Module, path: str | os.PathLike, scale: float = 1.0) -> None:
@@ -207,8 +281,7 @@ def load_lora_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tens
 
 
 def _lora_layers(model: torch.nn.Module):
-    from peft.tuners.lora import LoraLayer
-
+    LoraLayer = require_peft().tuners.lora.LoraLayer
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not layers:
         raise ValueError("The model holds no LoRA adapter; load one first (load_lora / --lora).")

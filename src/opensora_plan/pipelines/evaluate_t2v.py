@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from opensora_plan.utils import progress_bar
 
 from ..options import Options, option
-from ..utils import atomic_write_bytes, check_output_file, read_text_file
+from ..utils import atomic_write_bytes, read_text_file
+from .outputs import OVERWRITE_HELP, check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +324,7 @@ class EvalT2VOptions(Options):
     device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
     json_out: str | None = option(None, help=f"where to write the results (unset: <videos>/{DEFAULT_JSON_NAME})")
     save_real_stats: str | None = option(None, help="also save the real set's I3D mean/covariance to this .npz")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         if isinstance(self.metrics, str):
@@ -359,7 +361,9 @@ def evaluate_t2v(*args, **kwargs) -> T2VEvaluation:
     metrics = tuple(o.metrics)  # checked by EvalT2VOptions
     videos_dir = Path(o.videos)
     generated = _list_videos(videos_dir, "--videos")
-    check_output_file(o.json_out or videos_dir / DEFAULT_JSON_NAME, "--json_out")  # before any scoring
+    check_output_file(o.json_out or videos_dir / DEFAULT_JSON_NAME, "--json_out", o.overwrite)  # before any scoring
+    if o.save_real_stats:
+        check_output_file(o.save_real_stats, "--save_real_stats", o.overwrite)
     if o.subset_size:
         generated = generated[:o.subset_size]
     prompt_of: dict[Path, str] = {}

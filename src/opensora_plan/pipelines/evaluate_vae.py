@@ -28,6 +28,7 @@ from opensora_plan.utils import progress_bar
 from ..options import Options, option
 from ..utils import atomic_write_bytes
 from .reconstruct import check_num_frames, load_clip, load_vae, quality, reconstruct_video
+from .outputs import OVERWRITE_HELP, check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class EvaluationSummary:
 @torch.no_grad()
 def lpips_video(lpips, video: torch.Tensor, reconstruction: torch.Tensor, frames_per_batch: int = 16) -> float:
     """Mean per-frame LPIPS of two (3, T, H, W) videos in [-1, 1] (the reconstruction is clamped)."""
+    from ..metrics import check_value_range
+
+    check_value_range(video, -1.0, 1.0, "lpips_video: the video")  # the reconstruction is clamped below
     a = video.float().transpose(0, 1)  # (T, 3, H, W)
     b = reconstruction.float().clamp(-1, 1).transpose(0, 1)
     device = next(lpips.parameters()).device
@@ -118,9 +122,14 @@ class EvalVAEOptions(Options):
     enable_tiling: bool = option(False, help="spatial tiling")
     tile_overlap_factor: float = option(0.25, help="tile overlap")
     json_out: str | None = option(None, help="write the per-video scores and means here (JSON)")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         self.require_at_least(1, "num_frames", "sample_rate", "resolution", "subset_size")
+        if self.json_out:
+            check_output_file(self.json_out, "--json_out", self.overwrite)  # before the VAE loads
+        elif self.overwrite:
+            raise ValueError("--overwrite has no effect without --json_out; add --json_out or drop --overwrite.")
 
 
 def evaluate_vae(*args, **kwargs) -> EvaluationSummary:

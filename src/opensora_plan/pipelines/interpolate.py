@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_video
 from ..options import Options, option
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
-from .outputs import RunResults, check_targets, folder_output, single_output
+from .outputs import OVERWRITE_HELP, RunResults, check_targets, folder_output, single_output
 
 logger = logging.getLogger(__name__)
 
@@ -247,13 +247,17 @@ class InterpolateOptions(Options):
     quantize: str = option("round", choices=list(QUANTIZE_MODES), help="float -> uint8: round, or truncate as "
                            "the official driver does (parity)")
     backend: str = option("auto", choices=["auto", "pyav", "decord"], help="video reader")
-    overwrite: bool = option(False, help="replace outputs that already exist (an input is never replaced)")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         self.require_at_least(1, "batch_size")
         self.require_at_least(0, "corr_chunk")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"--fps must be positive, got {self.fps}.")
+        if self.fps is not None:
+            from opensora_plan.data.video_io import check_fps
+
+            check_fps(self.fps)  # a rate the mp4 cannot hold fails now, not after the model ran
         check_scale_factor(self.scale_factor)
         if self.dtype != "fp32" and resolve_device(self.device).type != "cuda":
             raise ValueError(f"--dtype {self.dtype} (autocast) needs CUDA; use --dtype fp32 on the CPU.")

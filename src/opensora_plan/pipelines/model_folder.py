@@ -8,6 +8,7 @@ what ``model_index.json`` is to diffusers' components, this file is to sampling,
     {
       "version": "17x64x64",                  the transformer folder to sample with
       "text_encoder": "text_encoder",         T5 folder, relative to the model folder (or absolute)
+      "vae": "vae",                           CausalVAE folder, relative to the model folder (default: vae/)
       "sample_method": "EulerAncestralDiscrete",
       "num_sampling_steps": 50,
       "guidance_scale": 3.0,
@@ -92,6 +93,7 @@ class SamplingConfig:
     path: Path
     version: str | None = None
     text_encoder: str | None = None
+    vae: str | None = None  # CausalVAE folder (None: the folder's vae/); a distilled student shares its teacher's
     sample_method: str | None = None
     num_sampling_steps: int | None = None
     guidance_scale: float | None = None
@@ -151,7 +153,7 @@ def load_sampling_config(folder: str | os.PathLike | None) -> SamplingConfig | N
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    for name in ("version", "text_encoder", "sample_method"):
+    for name in ("version", "text_encoder", "vae", "sample_method"):
         check(name, lambda v: isinstance(v, str) and v != "", "a non-empty string")
     check("num_sampling_steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
           "a whole number >= 1")
@@ -170,6 +172,7 @@ def load_sampling_config(folder: str | os.PathLike | None) -> SamplingConfig | N
         path=path,
         version=data.get("version"),
         text_encoder=str(folder / data["text_encoder"]) if "text_encoder" in data else None,
+        vae=str(folder / data["vae"]) if "vae" in data else None,
         sample_method=data.get("sample_method"),
         num_sampling_steps=data.get("num_sampling_steps"),
         guidance_scale=data.get("guidance_scale"),
@@ -195,6 +198,25 @@ def _stage(path: Path, name: str, spec) -> dict:
     if not isinstance(value, int) or isinstance(value, bool) or value < 2:
         raise ValueError(f"{path}: stages.{name}.{factor} must be a whole number >= 2, got {value!r}.")
     return {"model_path": str(path.parent / spec["model_path"]), factor: value}
+
+
+def vae_folder(model_path: str | os.PathLike) -> Path:
+    """The CausalVAE folder of a model folder: its sampling file's ``vae`` (e.g. ``../vae`` for a distilled student
+    shipped inside its teacher's folder), else ``<model_path>/vae``."""
+    config = load_sampling_config(model_path)
+    return Path(config.vae) if config is not None and config.vae else Path(model_path) / "vae"
+
+
+def adapter_sampling_config(lora: str | os.PathLike | None) -> SamplingConfig | None:
+    """The ``sampling_config.json`` a LoRA adapter carries (a ``distill --lora_rank`` student): in the adapter
+    folder, its checkpoint folder or its run folder (the nearest wins); None when there is none."""
+    if lora is None:
+        return None
+    path = Path(lora)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / SAMPLING_CONFIG).is_file():
+            return load_sampling_config(folder)
+    return None
 
 
 def fast_cache_options(model_path: str | os.PathLike | None) -> dict:

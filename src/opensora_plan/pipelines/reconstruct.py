@@ -37,10 +37,12 @@ from ..data.transforms import (
     model_range_to_frames,
     resize_short_side,
 )
-from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_gif, write_video
+from ..data.video_io import (VIDEO_EXTENSIONS, VideoReader, check_fps, describe_gif, list_videos, write_gif,
+                             write_video)
 from ..metrics import psnr, ssim
 from ..options import Options, option
 from ..utils import atomic_write_bytes, check_finite, check_output_folder, parse_dtype, resolve_device, valid_num_frames
+from .outputs import OVERWRITE_HELP, check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +226,8 @@ def _reconstruct_file(vae, source: Path, target: Path, gif: bool, fps: float | N
     frames = model_range_to_frames(reconstruction)  # (T, H, W, 3) uint8
     out_fps = fps or (source_fps / clip_options["sample_rate"] if source_fps else 30.0)
     write_video(target, frames, out_fps)
+    if gif and fps is None and (note := describe_gif(out_fps)):  # a given --fps was told before any work
+        logger.warning("%s: %s", source.name, note)
     gif_path = write_gif(target.with_suffix(".gif"), frames, out_fps) if gif else None
     return ReconstructionResult(
         input_path=str(source), output_path=str(target), gif_path=str(gif_path) if gif_path else None,
@@ -260,6 +264,7 @@ class ReconstructOptions(Options):
     sample: bool = option(False, help="decode a posterior sample instead of the mode")
     seed: int = option(0, help="seed for --sample")
     gif: bool = option(False, help="also write <name>.gif beside each mp4")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
     fps: float | None = option(None, help="output fps (unset: source fps / sample_rate)")
     backend: str = option("auto", choices=["auto", "pyav", "decord"], help="video reader")
 
@@ -319,6 +324,12 @@ def reconstruct(*args, **kwargs) -> ReconstructionSummary:
         sources, targets = [video_path], [target]
     if o.gif and any(t.with_suffix(".gif") == s for s, t in zip(sources, targets)):
         raise ValueError("--gif would overwrite an input .gif; choose another --rec_path.")
+    # Every file the run writes: an existing one is refused without --overwrite, before the VAE loads.
+    planned = targets + ([t.with_suffix(".gif") for t in targets] if o.gif else [])
+    check_targets(sources, planned + ([rec_path / SUMMARY_NAME] if folder_mode else []), o.overwrite,
+                  flag="--rec_path")
+    if o.fps is not None and (note := check_fps(o.fps, gif=o.gif)):  # the formats' limits, before any model loads
+        logger.warning(note)
 
     vae = load_vae(o.model_path, o.device, o.dtype, o.enable_tiling, o.tile_overlap_factor, temporal_chunk,
                    o.temporal_context, o.temporal_mode)

@@ -35,7 +35,8 @@ from typing import ClassVar
 
 from opensora_plan.options import Options, option
 from opensora_plan.pipelines.model_folder import (DEFAULT_TEXT_ENCODER, RELEASE_SAMPLE_DEFAULTS, default_model_path,
-                                                  fast_cache_options, load_sampling_config)
+                                                  fast_cache_options, load_sampling_config, vae_folder)
+from opensora_plan.pipelines.outputs import OVERWRITE_HELP, check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ FILE_NAME_SUFFIXES = (".txt", ".lst", ".list", ".csv", ".tsv", ".json", ".jsonl"
 TEXT_CONDITIONING = ("per_prompt", "reference")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 _SCHEDULERS = ("PNDM, DDIM, EulerDiscrete, DDPM, DPMSolverMultistep, DPMSolverSinglestep, HeunDiscrete, "
-               "EulerAncestralDiscrete, DEISMultistep, KDPM2AncestralDiscrete, UniPCMultistep")
+               "EulerAncestralDiscrete, DEISMultistep, KDPM2AncestralDiscrete, UniPCMultistep, LCM")
 
 
 def _model_default(name: str) -> str:
@@ -112,6 +113,7 @@ class SampleOptions(Options):
     save_img_path: str = option("./sample_videos", help="output folder")
     fps: float | None = option(None, help="frames per second of the mp4 " + _model_default("fps"))
     gif: bool = option(False, help="also write <name>.gif beside each mp4")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
     guidance_scale: float | None = option(None, help="classifier-free guidance (1 disables it) "
                                           + _model_default("guidance_scale"))
     num_sampling_steps: int | None = option(None, help="scheduler steps " + _model_default("num_sampling_steps"))
@@ -223,11 +225,13 @@ class SampleOptions(Options):
     def resolve(self) -> "SampleOptions":
         """A copy with the model-dependent settings filled in (see :func:`resolve_sample_defaults`)."""
         keys = ("version", "text_encoder_name", "sample_method", "num_sampling_steps", "guidance_scale", "fps")
-        resolved = resolve_sample_defaults(self.model_path, **{k: getattr(self, k) for k in keys})
+        resolved = resolve_sample_defaults(self.model_path, lora=self.lora,
+                                           **{k: getattr(self, k) for k in keys})
         return dataclasses.replace(self, **resolved)
 
 
-def resolve_sample_defaults(model_path: str | os.PathLike | None = None, **given) -> dict:
+def resolve_sample_defaults(model_path: str | os.PathLike | None = None, lora: str | os.PathLike | None = None,
+                            **given) -> dict:
     """Sampling settings with every ``None`` filled in: flag > model folder file > release defaults.
 
     No ``model_path``: the shipped demo model. The folder's ``sampling_config.json`` (or a demo model's
@@ -235,6 +239,8 @@ def resolve_sample_defaults(model_path: str | os.PathLike | None = None, **given
     what it does not set, or a folder without such a file (a release checkpoint), comes from
     :data:`RELEASE_SAMPLE_DEFAULTS`. Values given (not ``None``) always win.
     Keys: model_path, version, text_encoder_name, sample_method, num_sampling_steps, guidance_scale, fps.
+    ``lora``: an adapter that carries its own ``sampling_config.json`` (a ``distill --lora_rank`` student, in its
+    folder, checkpoint or run) overrides the model folder's sampler, steps and guidance.
     """
     import warnings
 
@@ -249,6 +255,12 @@ def resolve_sample_defaults(model_path: str | os.PathLike | None = None, **given
         raise FileNotFoundError(f"The shipped demo model is missing from {folder}; reinstall opensora-plan or pass "
                                 f"--model_path (a release folder) and --text_encoder_name.")
     defaults = {**RELEASE_SAMPLE_DEFAULTS, **(config.sample_defaults() if config is not None else {})}
+    from opensora_plan.pipelines.model_folder import adapter_sampling_config
+
+    adapter = adapter_sampling_config(lora)
+    if adapter is not None:
+        defaults.update({k: v for k, v in adapter.sample_defaults().items()
+                         if k in ("sample_method", "num_sampling_steps", "guidance_scale")})
     options = {"model_path": str(folder) if model_path is None else model_path, **defaults}
     options.update({k: v for k, v in given.items() if v is not None})
     # The demo's scaled latents reach +-8: a scheduler that clips x0 to [-1, 1] (DDIM, DDPM as the reference
@@ -339,12 +351,13 @@ def _check_model_folders(model_path: Path, version: str, ae: str, text_encoder_n
             f"Version folder {model_path / version} does not exist; --version must name a folder of --model_path "
             f"(found: {', '.join(present) or 'none'}; the release has {', '.join(VERSIONS)})."
         )
-    for sub in (version, "vae"):
-        find_weights(resolve_model_folder(model_path, sub))
+    vae = vae_folder(model_path)  # vae/, or the folder's sampling file's "vae" (a student shipped in its teacher)
+    for folder in (model_path / version, vae):
+        find_weights(resolve_model_folder(folder))
     width = t5_hidden_size(text_encoder_name)
     latte_config = _read_config(model_path / version / "config.json", ("caption_channels", "in_channels", "video_length"),
                                 f"a LatteT2V config; --version names a transformer folder ({', '.join(VERSIONS)}), not vae")
-    vae_config = _read_config(model_path / "vae" / "config.json", ("embed_dim",), "a CausalVAE config")
+    vae_config = _read_config(vae / "config.json", ("embed_dim",), "a CausalVAE config")
     if latte_config["caption_channels"] != width:
         raise ValueError(
             f"The T5 in {text_encoder_name} is {width} wide but {model_path / version} expects caption_channels="
@@ -352,7 +365,7 @@ def _check_model_folders(model_path: Path, version: str, ae: str, text_encoder_n
         )
     if vae_config["embed_dim"] != latte_config["in_channels"]:
         raise ValueError(
-            f"The VAE in {model_path / 'vae'} has {vae_config['embed_dim']} latent channels but {version} expects "
+            f"The VAE in {vae} has {vae_config['embed_dim']} latent channels but {version} expects "
             f"{latte_config['in_channels']}; use the VAE shipped with that model."
         )
 
@@ -376,8 +389,11 @@ def _save(path: Path, frames, fps: float) -> Path:
     if frames.shape[0] == 1:
         from PIL import Image
 
+        from opensora_plan.utils import atomic_path
+
         path = path.with_suffix(".png")
-        Image.fromarray(frames[0].numpy()).save(path)
+        with atomic_path(path) as tmp:  # never a half-written png
+            Image.fromarray(frames[0].numpy()).save(tmp, format="PNG")
         return path
     from opensora_plan.data.video_io import write_video
 
@@ -442,7 +458,7 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
     else:
         transformer = LatteT2V.from_pretrained(model_path / version, torch_dtype=torch_dtype, device=device)
     pipe = OpenSoraPlanPipeline(
-        vae=CausalVAEModel.from_pretrained(run.vae if run is not None else model_path / "vae",
+        vae=CausalVAEModel.from_pretrained(run.vae if run is not None else vae_folder(model_path),
                                            torch_dtype=torch_dtype, device=device),
         transformer=transformer,
         scheduler=scheduler,
@@ -576,11 +592,11 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     preprocess_prompts(prompts, clean=opts.clean_caption, warn=False)  # a prompt that cleaning empties: error now
     out_dir = check_output_folder(opts.save_img_path, "--save_img_path")
     suffix = ".png" if opts.force_images else ".mp4"
-    for index, prompt in enumerate(prompts):  # a planned file that is a folder would fail only after sampling
-        target = out_dir / video_filename(index, prompt, suffix)
-        if target.is_dir():
-            raise ValueError(f"--save_img_path {out_dir}: {target.name} (prompt {index}) is an existing folder; "
-                             "remove it or choose another --save_img_path.")
+    # Every planned file, checked now: an existing one (a rerun with another --seed names its files alike) is
+    # refused without --overwrite, a folder in its place always, so nothing is replaced silently.
+    targets = [out_dir / video_filename(index, prompt, suffix) for index, prompt in enumerate(prompts)]
+    check_targets([], targets + ([t.with_suffix(".gif") for t in targets] if opts.gif else []), opts.overwrite,
+                  flag="--save_img_path")
     model_path = Path(model_path)
     run = None
     from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
@@ -613,7 +629,21 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
                              f"(use --lora_scale to scale it).")
         print(f"Using the {resolved[1]}", flush=True)
         opts = dataclasses.replace(opts, lora=str(resolved[0]))  # the adapter folder itself
+    if opts.lora is not None or (run is not None and run.lora is not None):
+        from opensora_plan.models.lora import require_peft
+
+        require_peft()  # a missing [lora] extra is one line now, not a traceback after the models load
+    if opts.lora is not None and run is None:
+        from opensora_plan.models.lora import check_lora_base
+
+        check_lora_base(opts.lora, model_path / version)  # trained on another base: one warning line
     stages = plan_stages(opts, model_path)  # stage model paths and the upscaler's factor, before any model loads
+    if not opts.force_images:  # the output formats' fps limits, checked and told with the other options
+        from opensora_plan.data.video_io import check_fps
+
+        note = check_fps(opts.fps * opts.interpolate, gif=opts.gif)
+        if note:
+            logger.warning(note)
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)

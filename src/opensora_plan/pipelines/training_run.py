@@ -1,6 +1,6 @@
 """Sample straight from a ``train-t2v`` output: a ``checkpoint-<step>`` folder or the run folder (its latest).
 
-A run's ``options.json`` records (absolute paths) the VAE and T5 it trained with and, for a LoRA run,
+A ``distill`` run's checkpoints (a student) resolve the same way. A run's ``options.json`` records (absolute paths) the VAE and T5 it trained with and, for a LoRA run,
 the frozen ``--pretrained`` base; the checkpoint holds ``model/`` (full weights, or the LoRA adapter)
 and, with ``--use_ema``, ``ema/`` beside it, which is preferred. :func:`resolve_training_output` turns
 such a folder into the parts ``sample`` loads, :func:`load_run_transformer` builds the transformer.
@@ -19,6 +19,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 OPTIONS_NAME = "options.json"
+# Runs whose checkpoints hold a LatteT2V: train-t2v's, and distill's students (train/distill.py).
+T2V_TASKS = ("T2VTask", "DistillTask")
 
 
 @dataclass
@@ -73,7 +75,7 @@ def resolve_training_output(path: str | os.PathLike, use_ema: bool = True) -> Tr
         raise FileNotFoundError(f"{options_file} is missing; the checkpoint must sit in the train-t2v output folder "
                                 f"that wrote it (options.json records the VAE and T5 of the run).")
     options = json.loads(options_file.read_text())
-    if options.get("task") != "T2VTask":
+    if options.get("task") not in T2V_TASKS:
         raise ValueError(f"{run_dir} is a {options.get('task')} run, not a train-t2v run; sample needs a LatteT2V.")
     task_options, extra = options.get("task_options", {}), options.get("extra", {})
     paths = task_options.get("paths") or {k: extra.get(k) for k in ("ae_path", "text_encoder_name", "pretrained")}

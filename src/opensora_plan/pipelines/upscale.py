@@ -36,7 +36,7 @@ import torch
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, write_video
 from ..options import Options, option
 from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
-from .outputs import RunResults, check_targets, folder_output, single_output
+from .outputs import OVERWRITE_HELP, RunResults, check_targets, folder_output, single_output
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class UpscaleOptions(Options):
     device: str | None = option(None, help="cpu | cuda | cuda:N (unset: cuda when available)")
     dtype: str = option("fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16: CUDA autocast (weights stay fp32; CUDA only)")
     fps: float | None = option(None, help="output fps of videos (unset: the source fps)")
-    overwrite: bool = option(False, help="replace outputs that already exist (an input is never replaced)")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         self.require_at_least(1, "batch_size")
@@ -293,6 +293,10 @@ class UpscaleOptions(Options):
             raise ValueError("--tile_size fixes the tiles, so --sr_memory_gb has no effect; give one of them.")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"--fps must be positive, got {self.fps}.")
+        if self.fps is not None:
+            from opensora_plan.data.video_io import check_fps
+
+            check_fps(self.fps)  # a rate the mp4 cannot hold fails now, not after the model ran
 
 
 @dataclass
@@ -409,6 +413,11 @@ def upscale(*args, **kwargs) -> RunResults:
         try:  # a bad input file: unreadable, or too small for the network
             frames, fps = _read(source)
             _check_frame_size(model, frames.shape[1], frames.shape[2], tile_size)
+            height, width = frames.shape[1] * model.upscale, frames.shape[2] * model.upscale
+            if target.suffix.lower() == ".mp4" and (height % 2 or width % 2):  # H.264's limit, before the model runs
+                raise ValueError(f"{source} is {frames.shape[2]}x{frames.shape[1]}, so x{model.upscale} gives "
+                                 f"{width}x{height}, and the H.264 output needs even sides; crop or pad it to an even "
+                                 "size first, or use an x2 / x4 model.")
         except ValueError as err:
             reason = str(err) if str(source) in str(err) else f"{source}: {err}"
             if not folder_mode:

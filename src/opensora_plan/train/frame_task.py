@@ -31,6 +31,8 @@ from .trainer import (
     TrainTask,
     check_adamw,
     check_new_run_folder,
+    check_resume_options,
+    run_options,
     unwrap_module,
 )
 
@@ -132,6 +134,7 @@ def prepare_frame_run(options: FrameTrainOptions) -> tuple[TrainConfig, list[Pat
     config = options.loop_config(extra=options.task_options())
     check_output_folder(config.output_dir, "--output_dir")
     check_new_run_folder(config.output_dir, config.resume_from_checkpoint)
+    check_resume_options(run_options(dataclasses.asdict(config)))  # a changed option: refused, or applied and said
     paths = video_paths(options.video_path, options.data_path, options.video_folder)
     held_out: list[Path] = []
     if options.validation_data:

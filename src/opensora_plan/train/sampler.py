@@ -156,3 +156,64 @@ class BucketBatchSampler(Sampler):
         for bucket, group in self.groups(self.epoch)[self.start :]:
             batch = self.batch_sizes[bucket]
             yield [(self.epoch, index) for index in group[self.rank * batch : (self.rank + 1) * batch]]
+
+
+class ShardBatchSampler(Sampler):
+    """Fixed-size batches read shard by shard (an ``extract`` cache, data/features.py): this process's share.
+
+    ``shard_of[i]`` is the shard of dataset item ``i`` (non-decreasing: items are in shard order). Per epoch
+    the shards are shuffled with a seed from ``(seed, epoch)`` and the items of each shard with a seed from
+    ``(seed, epoch, shard)``; the items, shard after shard, are cut into groups of ``batch_size x
+    world_size`` (the remainder dropped) and process ``rank`` takes slice ``rank`` of every group. So a
+    batch holds the items of one or two shards, and a data-loader worker streams through a few shards
+    instead of opening one at random per sample. Each item is a list of ``(epoch, index)`` keys for
+    :class:`SeededSamples`; ``set_epoch(epoch, start)`` skips the first ``start`` batches (exact resume).
+    Memory: one int64 per item for the epoch's order (made when iterating starts).
+    """
+
+    def __init__(self, shard_of, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.shard_of = np.asarray(shard_of)
+        if len(self.shard_of) and np.any(np.diff(self.shard_of) < 0):
+            raise ValueError("shard_of must be non-decreasing (items in shard order).")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+        if self.per_process() < 1:
+            raise ValueError(f"The feature cache has {len(self.shard_of)} clips, fewer than one batch of "
+                             f"{batch_size} on each of {world_size} process(es); add data, lower --train_batch_size "
+                             "or use fewer processes.")
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def per_process(self) -> int:
+        """Batches per epoch per process."""
+        return len(self.shard_of) // (self.batch_size * self.world_size)
+
+    def signature(self) -> str:
+        return f"shards:{len(self.shard_of)}/{self.batch_size};world={self.world_size}"
+
+    def order(self, epoch: int) -> np.ndarray:
+        """All items of ``epoch`` in reading order (every process's), int64."""
+        shards, starts = np.unique(self.shard_of, return_index=True)
+        ends = np.append(starts[1:], len(self.shard_of))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        parts = []
+        for k in torch.randperm(len(shards), generator=generator).tolist():
+            inner = torch.Generator().manual_seed(derive_seed(self.seed, epoch, int(shards[k]) + 1))
+            parts.append(starts[k] + torch.randperm(int(ends[k] - starts[k]), generator=inner).numpy())
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.per_process() - self.start
+
+    def __iter__(self):
+        group = self.batch_size * self.world_size
+        order = self.order(self.epoch)
+        for b in range(self.start, self.per_process()):
+            mine = order[b * group + self.rank * self.batch_size : b * group + (self.rank + 1) * self.batch_size]
+            yield [(self.epoch, int(i)) for i in mine]

@@ -73,7 +73,7 @@ class T2VTask(T2VValidation, TrainTask):
                  adam_epsilon: float = 1e-8, max_grad_norm: float | None = 1.0, validation_prompts: list[str] = (),
                  validation_sampling_steps: int = 20, validation_data=None, validation_num_timesteps: int = 8,
                  validation_batch_size: int = 1, validation_sample_method: str = "PNDM",
-                 validation_guidance_scale: float = 7.5, seed: int = 0):
+                 validation_guidance_scale: float = 7.5, seed: int = 0, train_batch_size: int = 1):
         from opensora_plan.data.datasets import SkippedVideos, collate_video_caption
         from opensora_plan.diffusion import GaussianDiffusion
 
@@ -98,6 +98,7 @@ class T2VTask(T2VValidation, TrainTask):
         self.validation_num_timesteps = validation_num_timesteps
         self.validation_batch_size = validation_batch_size
         self.seed = seed
+        self.train_batch_size = train_batch_size  # the shard sampler's batch (the trainer batches other data itself)
         self._held_out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # encoded once
         self.diffusion = GaussianDiffusion()
         self.skipped = SkippedVideos()
@@ -125,8 +126,13 @@ class T2VTask(T2VValidation, TrainTask):
         return [Phase("model", optimizer, params, self.max_grad_norm)]
 
     def batch_sampler(self, seed: int, rank: int, world_size: int):
-        """With buckets: batches of one bucket each (train/sampler.py BucketBatchSampler); else None."""
+        """With buckets: batches of one bucket each (train/sampler.py BucketBatchSampler); with an extract cache:
+        batches in shard order (ShardBatchSampler); else None."""
         buckets = getattr(self.dataset, "buckets", None)
+        if getattr(self.dataset, "shard", None) is not None:  # an extract cache: read shard by shard
+            from opensora_plan.train.sampler import ShardBatchSampler
+
+            return ShardBatchSampler(self.dataset.shard, self.train_batch_size, seed, rank, world_size)
         if not buckets:
             return None
         from opensora_plan.train.sampler import BucketBatchSampler
@@ -273,6 +279,8 @@ class T2VTask(T2VValidation, TrainTask):
         plan = getattr(self.dataset, "plan", None)
         if plan is not None:
             report.update(unreadable_videos_left_out=len(plan.unreadable), unfit_videos_left_out=len(plan.unfit))
+        elif getattr(self.dataset, "index_unreadable", None) is not None:  # --data_index without buckets
+            report.update(unreadable_videos_left_out=len(self.dataset.index_unreadable))
         if self.validation_data is not None:
             report.update(held_out_clips=len(self.validation_data),
                           held_out_unreadable=len(getattr(self.validation_data, "unreadable", [])))
@@ -365,7 +373,7 @@ def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]
         from opensora_plan.models.lora import add_lora, lora_config
 
         trainable = add_lora(transformer, lora_config(opts["lora_rank"], opts["lora_alpha"],
-                                                      opts["lora_target_modules"]))
+                                                      opts["lora_target_modules"], base_model=opts["pretrained"]))
         logger.info("LoRA rank %d: %d adapter tensors (%d parameters) trained, the base is frozen.",
                     opts["lora_rank"], len(trainable),
                     sum(p.numel() for p in transformer.parameters() if p.requires_grad))
@@ -388,6 +396,7 @@ def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]
         validation_num_timesteps=opts["validation_num_timesteps"], validation_batch_size=opts["train_batch_size"],
         validation_sample_method=opts["validation_sample_method"],
         validation_guidance_scale=opts["validation_guidance_scale"], seed=opts["seed"],
+        train_batch_size=opts["train_batch_size"],
     )
     # What `sample --model_path <checkpoint>` needs to find the run's models again (absolute paths); a
     # feature cache names the VAE / T5 it was extracted with.

@@ -4,11 +4,10 @@ data (what :func:`~opensora_plan.train.t2v.build_t2v` wires into a :class:`~open
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-import torch
-
-from opensora_plan.train.t2v_options import SUPPORTED_AE
+from opensora_plan.train.t2v_options import CACHE_SETTINGS, SUPPORTED_AE
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +66,13 @@ def _dataset(opts: dict):
     """The training dataset: an ``extract`` cache or the JSON video list."""
     if opts["dataset"] != "t2v":
         raise ValueError(f"--dataset {opts['dataset']} is not supported; v1.0.0 trains with --dataset t2v.")
+    index = None
+    if opts.get("data_index"):
+        from opensora_plan.data.index import DataIndex
+
+        # Every process reads the same file and stats the videos (no video is opened unless it changed).
+        index = DataIndex.open(opts["data_index"], opts["data_path"], opts["video_folder"],
+                               progress=os.environ.get("RANK", "0") == "0")
     if opts["buckets"]:
         from opensora_plan.data.buckets import (
             BucketedVideoDataset,
@@ -78,13 +84,13 @@ def _dataset(opts: dict):
                                       use_image_num=opts["use_image_num"])
         return BucketedVideoDataset(opts["data_path"], buckets, sample_rate=opts["sample_rate"],
                                     use_image_num=opts["use_image_num"], video_folder=opts["video_folder"],
-                                    cfg_dropout=opts["cfg_dropout"])
+                                    cfg_dropout=opts["cfg_dropout"], index=index)
     if opts["cached_features"]:
         from opensora_plan.data.features import CachedFeatureDataset
 
         dataset = CachedFeatureDataset(opts["cached_features"], cfg_dropout=opts["cfg_dropout"])
         settings = dataset.settings
-        for key in ("num_frames", "max_image_size", "use_image_num", "sample_rate", "model_max_length"):
+        for key in CACHE_SETTINGS:
             if opts[key] != settings[key]:
                 logger.warning("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key],
                                settings[key])
@@ -94,9 +100,19 @@ def _dataset(opts: dict):
 
     if not opts["data_path"]:
         raise ValueError("train-t2v needs --data_path (a JSON list of videos and captions) or --cached_features.")
-    return VideoCaptionDataset(opts["data_path"], opts["num_frames"], opts["max_image_size"],
-                               sample_rate=opts["sample_rate"], use_image_num=opts["use_image_num"],
-                               video_folder=opts["video_folder"], cfg_dropout=opts["cfg_dropout"])
+    dataset = VideoCaptionDataset(opts["data_path"], opts["num_frames"], opts["max_image_size"],
+                                  sample_rate=opts["sample_rate"], use_image_num=opts["use_image_num"],
+                                  video_folder=opts["video_folder"], cfg_dropout=opts["cfg_dropout"],
+                                  entries=None if index is None else index.entries(index.readable_entries()))
+    if index is not None:
+        dataset.index_unreadable = index.unreadable()  # left out before training (never drawn), reported
+        if dataset.index_unreadable:
+            logger.warning("--data_index: %d of %d videos are unreadable and left out (first: %s).",
+                           len(dataset.index_unreadable), len(index), dataset.index_unreadable[0]["reason"])
+        if not len(dataset):
+            raise ValueError(f"--data_index {opts['data_index']}: none of the {len(index)} videos is readable; run "
+                             f"`opensora-plan data check {opts['data_path']} --data_index {opts['data_index']}`.")
+    return dataset
 
 
 def _validation_dataset(opts: dict):
@@ -129,11 +145,16 @@ def _validation_dataset(opts: dict):
         dataset = VideoCaptionDataset(path, frames, size, sample_rate=opts["sample_rate"],
                                       video_folder=opts["video_folder"], cfg_dropout=0.0, random_flip=False,
                                       max_substitutions=0, frame_size=frame_size)
+        from opensora_plan.data.video_io import VideoReader
+
         readable, unreadable = [], []
-        for index, entry in enumerate(dataset.entries):  # read as the loss will: unreadable entries are dropped
+        for index, entry in enumerate(dataset.entries):  # opened (not decoded: the loss decodes each clip once)
             try:
-                with torch.random.fork_rng(devices=[]):
-                    dataset.load_clip(index)
+                with VideoReader(entry.path) as reader:
+                    if frame_size is not None and (reader.height < frame_size[0] or reader.width < frame_size[1]):
+                        raise VideoReadError(f"Video {entry.path}: a {reader.height}x{reader.width} (HxW) frame is "
+                                             f"smaller than the {frame_size[0]}x{frame_size[1]} bucket; buckets never "
+                                             "upscale")
                 readable.append(entry)
             except VideoReadError as err:
                 unreadable.append({"index": index, "path": str(entry.path), "reason": str(err)})

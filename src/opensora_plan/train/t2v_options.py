@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, T5_MAX_LENGTH
 from opensora_plan.options import option, option_fields
 from opensora_plan.train.t2v_validation import PREVIEW_DEFAULTS, preview_defaults
-from opensora_plan.train.trainer import TrainConfig, check_adamw, check_new_run_folder
+from opensora_plan.train.trainer import TrainConfig, check_adamw, check_new_run_folder, check_resume_options
 from opensora_plan.utils import valid_num_frames
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ class T2VTrainOptions(TrainConfig):
     dataset: str = option("t2v", help="dataset type", group="data")
     data_path: str | None = option(None, help="JSON list of {'path': ..., 'cap': [...] or '...'}", group="data")
     video_folder: str | None = option(None, help="base folder for relative paths in --data_path", group="data")
+    data_index: str | None = option(None, help="index of --data_path written by `opensora-plan data index`: start "
+                                    "without opening the videos (only changed ones are probed again); unreadable "
+                                    "ones are left out", group="data")
     cached_features: str | None = option(None, help="folder written by `opensora-plan extract` (T5 and/or VAE "
                                          "cached)", group="data")
     num_frames: int = option(17, help="pixel frames per clip, 1 + 4k (17 or 65 for the released stages)",
@@ -187,6 +190,8 @@ def validate_t2v_options(opts: Mapping) -> None:
         from opensora_plan.train.checkpoint import resolve_resume
 
         resolve_resume(opts["resume_from_checkpoint"], opts["output_dir"])  # a missing checkpoint fails now
+        _take_cache_settings(opts)  # compared as the run recorded them: the cache's, not the flags' defaults
+        check_resume_options(opts)  # a changed option: refused, or applied (and said) by one rule
     if opts["buckets"]:
         from opensora_plan.data.buckets import parse_buckets
 
@@ -199,6 +204,15 @@ def validate_t2v_options(opts: Mapping) -> None:
             raise ValueError("--buckets with --sp_size > 1 is not supported (bucket lengths may not split over the "
                              "group); use --sp_size 1.")
         parse_buckets(opts["buckets"])  # a bad spec fails now, before any video is probed
+    if opts["data_index"]:
+        if opts["cached_features"]:
+            raise ValueError("--data_index indexes the videos of --data_path; an `extract` cache has its own shard "
+                             "index: drop --data_index or --cached_features.")
+        if not opts["data_path"]:
+            raise ValueError("--data_index needs --data_path (the dataset JSON it indexes).")
+        from opensora_plan.data.index import read_index_meta
+
+        read_index_meta(opts["data_index"])  # a missing or foreign file fails now, before anything loads
     for key in ("data_path", "cached_features", "ae_path", "pretrained", "text_encoder_name", "validation_data_path"):
         if opts[key] and not Path(opts[key]).exists():
             raise FileNotFoundError(f"--{key} {opts[key]} does not exist.")
@@ -270,3 +284,23 @@ def _check_model_spec(spec: str) -> None:
     raise FileNotFoundError(f"--model {spec} is neither a known size ({', '.join(LATTE_CONFIGS)}) nor a LatteT2V "
                             "config.json or folder holding one.")
 
+
+CACHE_SETTINGS = ("num_frames", "max_image_size", "use_image_num", "sample_rate", "model_max_length")
+
+
+def _take_cache_settings(opts: dict) -> None:
+    """With ``--cached_features``: the options an ``extract`` cache fixes (:data:`CACHE_SETTINGS`) set to the
+    cache's values (its ``meta.json``), one warning per flag that asked for another. A missing or unreadable cache
+    is left to the dataset, which names what it expected."""
+    from opensora_plan.data.features import META_FILE
+    from opensora_plan.utils import read_json_file
+
+    meta = Path(opts["cached_features"] or "") / META_FILE
+    if not opts["cached_features"] or not meta.is_file():
+        return
+    settings = read_json_file(meta, "The feature cache's meta.json").get("settings", {})
+    for key in CACHE_SETTINGS:
+        if key in settings and opts[key] != settings[key]:
+            logger.warning("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key],
+                           settings[key])
+            opts[key] = settings[key]

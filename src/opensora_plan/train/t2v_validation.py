@@ -8,9 +8,12 @@ base model's own settings unless the ``--validation_*`` flags are given (:func:`
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # The held-out loss draws its fixed noise from this seed, never from --seed: runs with other seeds compare
 # the same noise (T2VValidation.held_out_loss).
@@ -66,11 +69,22 @@ class T2VValidation:
         if self._held_out is None:
             from opensora_plan.train.sampler import derive_seed
 
-            held_out = []
+            from opensora_plan.data.datasets import NoUsableVideoError
+            from opensora_plan.data.video_io import VideoReadError
+
+            held_out, failed = [], []
             for index in range(len(self.validation_data)):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(derive_seed(VALIDATION_SEED, 7, index))  # 7: a tag that keeps this stream apart
-                    sample = self.validation_data[index]
+                    try:  # the one time each held-out clip is decoded (the run's start only opened it)
+                        sample = self.validation_data[index]
+                    except (VideoReadError, NoUsableVideoError) as err:  # opens but does not decode (e.g. truncated): left out
+                        failed.append(index)
+                        entry = self.validation_data.entries[index]
+                        self.validation_data.unreadable.append({"path": str(entry.path), "reason": str(err)})
+                        logger.warning("held-out clip %s cannot be decoded and is left out of the held-out loss: %s",
+                                       entry.path, err)
+                        continue
                     if "latents" in sample:
                         latents = sample["latents"][None].to(self.device, torch.float32)  # (1, C, t + n, h, w)
                     else:
@@ -83,6 +97,11 @@ class T2VValidation:
                         text, mask = text[:, 0], mask[:, 0]
                 frames = latents.shape[2] - getattr(self.validation_data, "use_image_num", 0)
                 held_out.append((latents[:, :, :frames], text.to(self.device), mask.to(self.device)))
+            if failed:
+                self.validation_data.entries = [e for i, e in enumerate(self.validation_data.entries) if i not in failed]
+            if not held_out:
+                raise ValueError("None of the held-out clips can be decoded; run `opensora-plan data check` on "
+                                 "--validation_data_path.")
             self._held_out = held_out
         return self._held_out
 

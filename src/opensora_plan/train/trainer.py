@@ -47,6 +47,7 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -270,7 +271,7 @@ def check_adamw(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, 
 PATH_OPTIONS = ("output_dir", "data_path", "video_folder", "video_path", "cached_features", "validation_data_path",
                 "validation_prompt_file", "ae_path", "pretrained", "text_encoder_name", "model", "model_config",
                 "pretrained_model_path", "lpips_path", "buckets", "deepspeed_config", "resume_from_checkpoint",
-                "validation_data")
+                "validation_data", "data_index")
 
 
 def absolute_paths(options: dict) -> dict:
@@ -301,6 +302,76 @@ def check_new_run_folder(output_dir: str | os.PathLike, resume_from_checkpoint: 
                          "continue it, or another --output_dir.")
 
 
+# What a resume does with an option whose value differs from the run's options.json: one rule per option name,
+# the same in every train command (the table in docs/training.md, "Changing options on resume").
+# Refused: what the checkpoint's weights and state were made from, or what acts only at the start of a run.
+RESUME_REFUSED = frozenset({
+    "model", "model_config", "pretrained", "pretrained_model_path", "ae", "ae_path", "text_encoder_name",
+    "model_max_length", "lora_rank", "lora_alpha", "lora_target_modules", "logvar_init", "seed", "use_ema",
+    "sharding", "deepspeed_config", "teacher", "guidance_scale",
+})
+# Applied without a word: where and how often the run reports, saves and validates, and speed switches; they do
+# not change the updates.
+RESUME_QUIET = frozenset({
+    "output_dir", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+    "report_to", "dataloader_num_workers", "allow_tf32", "compile", "gradient_checkpointing", "enable_tiling",
+    "attention_mode", "max_nonfinite_steps", "dry_run", "validation_steps", "validation_prompts",
+    "validation_prompt_file", "validation_sampling_steps", "validation_sample_method", "validation_guidance_scale",
+    "validation_data_path", "validation_num_timesteps", "validation_data", "validation_videos", "num_sampling_steps",
+})
+# Every other option (learning rate and the other optimizer settings, the schedule, batch sizes, precision, data,
+# loss weights) is applied from the resume step on, with one warning line naming the old and new values.
+RESUMES_KEY = "resumes"  # options.json: one record per resume (step, checkpoint, the options it changed)
+
+
+def run_options(record: Mapping) -> dict:
+    """The options of an ``options.json`` record (or of ``{**loop options, "extra": task options}``), flat:
+    the run's bookkeeping keys dropped, the task options merged in."""
+    from opensora_plan.options import RUN_RECORD_KEYS
+
+    flat = {k: v for k, v in record.items() if k not in RUN_RECORD_KEYS}
+    flat.update(record.get("extra") or {})
+    return flat
+
+
+def resume_changes(options: Mapping) -> tuple[Path | None, dict[str, tuple]]:
+    """``(checkpoint, {option: (run's value, new value)})`` for a resumed run (``options`` flat, with
+    ``output_dir`` and ``resume_from_checkpoint``): the options that differ from the options.json of the run the
+    checkpoint belongs to; an unset (None) option is not a change. ``(None, {})`` for a fresh run or a run folder
+    without options.json."""
+    from opensora_plan.train.checkpoint import resolve_resume
+    from opensora_plan.utils import read_json_file
+
+    checkpoint = resolve_resume(options.get("resume_from_checkpoint"), options["output_dir"])
+    record = checkpoint.parent / "options.json" if checkpoint is not None else None
+    if record is None or not record.is_file():
+        return checkpoint, {}
+    before = run_options(read_json_file(record, "The run's options file"))
+    now = json.loads(json.dumps(absolute_paths(dict(options)), default=str))  # as options.json records them
+    # An option left unset (None: "from the model, teacher or cache") keeps what the run resolved and recorded.
+    return checkpoint, {k: (before[k], v) for k, v in now.items() if k in before and v is not None and before[k] != v}
+
+
+def check_resume_options(options: Mapping) -> dict[str, tuple]:
+    """Before any model loads: the changed options of a resume (:func:`resume_changes`) by the rule of
+    :data:`RESUME_REFUSED` / :data:`RESUME_QUIET`: a refused change is a ValueError naming it, the others are
+    applied, those that change the updates with one warning line. Returns the changes."""
+    checkpoint, changes = resume_changes(options)
+    refused = [k for k in changes if k in RESUME_REFUSED]
+    if refused:
+        key = refused[0]
+        before, now = changes[key]
+        raise ValueError(f"--resume_from_checkpoint {checkpoint.name}: --{key} {now} differs from the run's {before} "
+                         f"(its options.json); a resumed run keeps --{key}, which made its checkpoint. Give {before} "
+                         f"again, or start a new --output_dir to train with {now}.")
+    told = [k for k in changes if k not in RESUME_QUIET]
+    if told:
+        logger.warning("Resuming %s with changed options, applied from step %d on (options.json records the change): "
+                       "%s.", checkpoint.name, ckpt.checkpoint_step(checkpoint),
+                       ", ".join(f"--{k} {changes[k][0]} -> {changes[k][1]}" for k in told))
+    return changes
+
+
 def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` without its DDP / DataParallel / torch.compile wrappers (any nesting)."""
     from torch._dynamo.eval_frame import OptimizedModule
@@ -322,11 +393,11 @@ def require_wandb() -> None:
     """ValueError (one line) when ``--report_to wandb`` is asked for but the package is missing, or when no
     W&B credentials are found (``wandb login``, ``WANDB_API_KEY`` or netrc, as ``wandb.login(prompt=False)``
     looks for them) and ``WANDB_MODE`` is not offline/disabled; checked before any model loads."""
-    import importlib.util
+    from opensora_plan.utils import MissingExtraError, extra_installed
 
-    if importlib.util.find_spec("wandb") is None:
-        raise ValueError("--report_to wandb needs the wandb package, which is not installed; run `pip install wandb` "
-                         "or use --report_to tensorboard.")
+    if not extra_installed("wandb"):
+        raise MissingExtraError('--report_to wandb needs wandb, which is not installed; pip install '
+                                '"opensora-plan[wandb]", or use --report_to tensorboard.')
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return
     import wandb
@@ -527,6 +598,10 @@ class Trainer:
         for phase, scheduler in zip(self.phases, self.schedulers):
             if phase.name not in state["optimizers"]:
                 raise ValueError(f"{resume} has no optimizer state for phase {phase.name!r}; it was written by another task.")
+            optimizer = phase.optimizer  # the one the schedule drives (under DeepSpeed, the engine's base optimizer)
+            # This run's settings (learning rate, betas, eps, weight decay, the schedule), built from its options:
+            # loading the checkpoint's state would bring back the interrupted run's, silently ignoring a change.
+            fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             if self.config.sharding == "deepspeed":
                 if int(state["world_size"]) != self.world_size:
                     raise ValueError(f"{resume} was written by {state['world_size']} processes; a --sharding deepspeed "
@@ -541,6 +616,7 @@ class Trainer:
             else:
                 phase.optimizer.load_state_dict(state["optimizers"][phase.name])
             scheduler.load_state_dict(state["schedulers"][phase.name])
+            _apply_settings(optimizer, scheduler, fresh)
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
@@ -564,7 +640,9 @@ class Trainer:
         if rng_file.is_file():
             ckpt.restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
 
-    def _write_options(self) -> None:
+    def _write_options(self, resumed_from: Path | None) -> None:
+        """``options.json``: the options in force from now on, and under ``resumes`` one record per resume (the
+        step, the checkpoint, each changed option's old and new value), so the file says what every step ran."""
         options = absolute_paths(dataclasses.asdict(self.config))
         options["extra"] = absolute_paths(options.get("extra") or {})
         options.update(
@@ -574,7 +652,15 @@ class Trainer:
             distributed_type=str(self.accelerator.distributed_type),
             torch_version=torch.__version__,
         )
-        atomic_write_bytes(self.output_dir / "options.json", json.dumps(options, indent=2, default=str).encode())
+        path = self.output_dir / "options.json"
+        if resumed_from is not None:
+            previous = json.loads(path.read_text()) if path.is_file() else {}
+            _, changes = resume_changes({**run_options(options), "resume_from_checkpoint": str(resumed_from)})
+            options[RESUMES_KEY] = [*previous.get(RESUMES_KEY, []), {
+                "step": self.step, "checkpoint": str(resumed_from),
+                "changed": {k: {"before": before, "after": after} for k, (before, after) in changes.items()
+                            if k != "resume_from_checkpoint"}}]
+        atomic_write_bytes(path, json.dumps(options, indent=2, default=str).encode())
 
     @staticmethod
     def _log_has_validation(path: Path) -> bool:
@@ -810,7 +896,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         resumed_from = self._setup()
         if self.is_main:
-            self._write_options()
+            self._write_options(resumed_from)
             self._prepare_log()
             if cfg.report_to == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
@@ -955,6 +1041,20 @@ class Trainer:
 
 
 @contextlib.contextmanager
+def _apply_settings(optimizer, scheduler, fresh: list[dict]) -> None:
+    """Put this run's optimizer settings ``fresh`` (one dict per parameter group, without ``params``) back after
+    loading a checkpoint's optimizer and scheduler state, keeping the state's moments and step count, and set each
+    group's learning rate to this run's schedule at the restored step. Equal settings give the same values the
+    checkpoint held, so an unchanged resume stays exact."""
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # every diffusers schedule is one
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _fsdp_no_sync(model: torch.nn.Module):
     # FSDP2 defers the gradient reduce-scatter this way (it has no no_sync context manager).
     model.set_requires_gradient_sync(False)

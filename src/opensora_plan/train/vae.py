@@ -40,7 +40,8 @@ from ..data.datasets import SkippedVideos, VAEVideoDataset, collate_video_captio
 from ..data.video_io import VIDEO_EXTENSIONS, list_videos
 from ..options import option
 from ..utils import valid_num_frames
-from .trainer import Phase, check_adamw, check_new_run_folder, TrainConfig, TrainTask, train
+from .trainer import (Phase, check_adamw, check_new_run_folder, check_resume_options, run_options, TrainConfig,
+                      TrainTask, train)
 
 logger = logging.getLogger(__name__)
 
@@ -351,6 +352,7 @@ def train_vae(options: VAETrainOptions | TrainConfig | Mapping, **task_options) 
         config.validation_steps = None
     check_output_folder(config.output_dir, "--output_dir")
     check_new_run_folder(config.output_dir, config.resume_from_checkpoint)
+    check_resume_options(run_options(dataclasses.asdict(config)))  # a changed option: refused, or applied and said
     paths = video_paths(options.video_path, options.data_path, options.video_folder)  # before any model loads
     if options.validation_videos >= len(paths):
         raise ValueError(f"--validation_videos {options.validation_videos} leaves no training videos out of "

@@ -28,13 +28,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 
 def require_deepspeed():
-    """The ``deepspeed`` module, or ImportError with the install line."""
-    try:
-        import deepspeed
-    except ImportError as error:
-        raise ImportError("--sharding deepspeed needs DeepSpeed: pip install 'opensora-plan[deepspeed]' "
-                          "(or pip install deepspeed, with your torch pinned in the same command).") from error
-    return deepspeed
+    """The ``deepspeed`` module, or :class:`~opensora_plan.utils.MissingExtraError` with the install line."""
+    from opensora_plan.utils import require_extra
+
+    return require_extra("deepspeed", "deepspeed", "--sharding deepspeed")
 
 
 def load_config(spec: str | None) -> dict:
@@ -87,7 +84,7 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     """The consolidated module state dict (collective: ZeRO-3 gathers each parameter), on the CPU."""
     module = engine.module
     if engine.zero_optimization_stage() == 3:
-        import deepspeed
+        deepspeed = require_deepspeed()
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+from opensora_plan.data.video_io import gif_plan
 from opensora_plan.options import Options, option
 from opensora_plan.pipelines.sample_t2v import RELEASE_SAMPLE_DEFAULTS
 
@@ -23,12 +24,10 @@ logger = logging.getLogger(__name__)
 
 
 def _import_gradio():
-    try:
-        import gradio as gr
-    except ImportError as err:
-        raise ImportError('The web UI needs gradio; install the extra: pip install -e ".[ui]" '
-                          '(keep torch pinned: pip install "gradio>=5,<7" torch==2.13.0 on CPU).') from err
-    return gr
+    """The ``gradio`` module, or :class:`~opensora_plan.utils.MissingExtraError` naming the [ui] extra."""
+    from opensora_plan.utils import require_extra
+
+    return require_extra("gradio", "ui", "The web UI (opensora-plan serve)")
 
 
 def build_app(service: VideoService):
@@ -62,6 +61,9 @@ def build_app(service: VideoService):
         gallery = list(gallery or []) + [(str(result.gif), result.caption())]
         info = (f"seed {result.seed} · {result.num_frames} frames {result.width}x{result.height} at "
                 f"{result.fps:g} fps · {result.seconds:.1f} s")
+        step, gif_fps = gif_plan(result.fps)
+        if step > 1:  # GIFs play at most 50 fps: say what the download holds
+            info += f" · GIF: every {step} frames at {gif_fps:g} fps (GIFs play at most 50 fps)"
         return str(result.mp4), [str(result.mp4), str(result.gif)], info, result.seed, gallery, gallery
 
     def describe(version):

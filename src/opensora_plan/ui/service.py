@@ -273,6 +273,7 @@ class VideoService:
         (before any model runs); PNDM with fewer than 4 steps is such a case.
         """
         from opensora_plan.data.video_io import write_gif, write_video
+        from opensora_plan.pipelines.outputs import free_path
         from opensora_plan.pipelines.sample_t2v import video_filename
 
         request = self.validate(request)
@@ -295,7 +296,8 @@ class VideoService:
         fps = float(self.defaults["fps"]) * request.interpolate  # interpolation keeps the duration
         self._count += 1
         name = video_filename(self._count, request.prompt, max_chars=60)
-        mp4 = write_video(self.out_dir / name, frames, fps)
+        # A free name: the counter restarts with the server, and --out_dir may hold an earlier session's files.
+        mp4 = write_video(free_path(self.out_dir / name, companions=(".gif",)), frames, fps)
         gif = write_gif(mp4.with_suffix(".gif"), frames, fps)
         t, h, w, _ = frames.shape
         logger.info("generated %s in %.1f s (seed %d)", mp4, seconds, seed)

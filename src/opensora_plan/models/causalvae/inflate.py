@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 
 from ...options import Options, option
+from ...pipelines.outputs import OVERWRITE_HELP, check_targets
 from .model import CausalVAEModel
 
 logger = logging.getLogger(__name__)
@@ -183,10 +184,14 @@ class InflateOptions(Options):
                                       "2-D config)")
     verify_size: int = option(0, help="also compare both VAEs on a synthetic SIZExSIZE image and a static video "
                               "(0: no check)")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         if self.verify_size < 0:
             raise ValueError(f"--verify_size must be >= 0, got {self.verify_size}.")
+        folder = Path(self.output_dir)  # a CausalVAE folder there is replaced only with --overwrite
+        check_targets([], [folder / "config.json", folder / "diffusion_pytorch_model.safetensors"], self.overwrite,
+                      flag="--output_dir")
 
 
 def inflate_2d_vae(
