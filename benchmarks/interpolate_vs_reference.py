@@ -4,7 +4,9 @@ The official network file (``opensora/models/frame_interpolation/networks/AMT-G.
 tarball, CC BY-NC 4.0) is imported from an unpacked copy — it needs only torch, numpy and Pillow — and
 both models get the same random weights (ours' state dict loaded strictly into the official one) and the
 same frames. Calls alternate (official, ours, official, ...) in one process with one thread by default;
-prints the median seconds per pair of each, ours/official, and the max abs difference of the outputs.
+prints the median seconds per pair of each (wall clock and CPU time: on a shared machine the CPU-time ratio is
+the steadier one), ours/official, the load average and the max abs difference of the outputs (parity
+tolerance of tests/test_amt.py: 1e-5 on images).
 
 Example:
   OMP_NUM_THREADS=1 python benchmarks/interpolate_vs_reference.py --size 256 --repeats 5
@@ -67,7 +69,8 @@ def main() -> None:
     ref.load_state_dict(ours.state_dict(), strict=True)
     ours.set_correlation_chunk(args.corr_chunk or None)
     print(f"AMT-G fp32, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} at start")
-    print(f"{'size':>6} {'official s':>11} {'ours s':>8} {'ours/official':>14} {'CPU ratio':>10} {'max |diff|':>11}")
+    print(f"{'size':>6} {'official s':>11} {'ours s':>8} {'ours/official':>14} {'CPU ratio':>10} {'load':>5} "
+          f"{'max |diff|':>11}")
     for size in args.size:
         g = torch.Generator().manual_seed(size)
         img0, img1 = torch.rand(2, 1, 3, size, size, generator=g)
@@ -89,7 +92,8 @@ def main() -> None:
         t_ref, t_ours = statistics.median(wall["official"]), statistics.median(wall["ours"])
         c_ratio = statistics.median(cpu["ours"]) / statistics.median(cpu["official"])
         diff = (ref_out - our_out).abs().max().item()
-        print(f"{size:>6} {t_ref:>11.3f} {t_ours:>8.3f} {t_ours / t_ref:>14.2f} {c_ratio:>10.2f} {diff:>11.2e}", flush=True)
+        print(f"{size:>6} {t_ref:>11.3f} {t_ours:>8.3f} {t_ours / t_ref:>14.2f} {c_ratio:>10.2f} "
+              f"{os.getloadavg()[0]:>5.1f} {diff:>11.2e}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

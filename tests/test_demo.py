@@ -13,7 +13,7 @@ from opensora_plan.demo.judge import judge_video
 from opensora_plan.demo.shapes import COLOURS, DIRECTIONS, SHAPES, parse_caption
 from opensora_plan.demo.model import default_model_path, load_demo_info, sample_defaults
 from opensora_plan.pipelines.model_folder import load_sampling_config
-from opensora_plan.demo.train import DemoRecipe, train_demo
+from opensora_plan.demo.train import DemoRecipe, copy_shipped_stages, train_demo
 
 SHIPPED = default_model_path()
 
@@ -182,8 +182,47 @@ def test_demo_train_micro_budget_builds_a_model_the_sample_command_uses(tmp_path
     assert cli.main(["sample", "--model_path", str(model), "--version", info["version"], "--text_encoder_name",
                      str(model / "text_encoder"), "--text_prompt", "a blue square moving up",
                      "--num_sampling_steps", "2", "--sample_method", "DDIM", "--save_img_path", str(out),
-                     "--device", "cpu"]) == 0
-    assert len(list(out.glob("*.mp4"))) == 1
+                     "--device", "cpu", "--interpolate", "2"]) == 0  # the stage models assemble copied in
+    (video,) = out.glob("*.mp4")
+    from opensora_plan.data.video_io import read_video
+
+    assert read_video(video)[0].shape[0] == 2 * (recipe.num_frames - 1) + 1
+    assert info["stages"]["interpolate"]["model_path"] == "interpolation" and (model / "interpolation").is_dir()
+
+
+def test_a_freshly_assembled_demo_folder_carries_the_shipped_stage_models(tmp_path):
+    """demo train's assemble step copies the shipped interpolation / upscaler models and their stages entries:
+    a new demo folder (here: the shipped T2V parts with a demo.json as assemble writes it before the copy)
+    samples with --interpolate 2 --upscale 2 like the shipped one."""
+    import shutil
+
+    shipped = default_model_path()
+    model = tmp_path / "model"
+    for part in ("17x64x64", "vae", "text_encoder"):
+        shutil.copytree(shipped / part, model / part)
+    info = {k: v for k, v in json.loads((shipped / "demo.json").read_text()).items()
+            if k in ("version", "text_encoder", "sample_method", "num_sampling_steps", "guidance_scale", "fps")}
+    (model / "interpolation").mkdir()
+    (model / "interpolation" / "stale.txt").write_text("replaced by the copy")
+    fields = copy_shipped_stages(model)
+    assert fields["stages"] == json.loads((shipped / "demo.json").read_text())["stages"]
+    assert set(fields) == {"stages", "interpolation_trained_with", "upscaler_trained_with", "stages_note"}
+    for entry in fields["stages"].values():
+        copied = sorted(p.relative_to(model) for p in (model / entry["model_path"]).rglob("*"))
+        assert copied == sorted(p.relative_to(shipped) for p in (shipped / entry["model_path"]).rglob("*"))
+        for rel in copied:
+            if (shipped / rel).is_file():
+                assert (model / rel).read_bytes() == (shipped / rel).read_bytes()
+    (model / "demo.json").write_text(json.dumps({**info, **fields}))
+    assert load_sampling_config(model).stages["interpolate"]["model_path"] == str(model / "interpolation")
+    out = tmp_path / "videos"
+    assert cli.main(["-q", "sample", "a red circle moving left", "--model_path", str(model), "--num_sampling_steps",
+                     "2", "--interpolate", "2", "--upscale", "2", "--save_img_path", str(out)]) == 0
+    (video,) = out.glob("*.mp4")
+    from opensora_plan.data.video_io import read_video
+
+    frames = read_video(video)[0]
+    assert frames.shape == (33, 128, 128, 3)
 
 
 def test_demo_train_rejects_unknown_stages_and_bad_sizes(tmp_path):

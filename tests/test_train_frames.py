@@ -94,6 +94,33 @@ def test_triplets_have_the_target_frame_exactly_in_the_middle(videos):
     assert any(not torch.equal(first[k], other[k]) for k in ("img0", "imgt", "img1")) or first["gap"] != other["gap"]
 
 
+def test_saturation_jitter_pales_all_three_frames_by_one_factor_towards_their_grey(tmp_path):
+    grey = _frames(FRAMES)
+    colour = torch.stack([grey[..., 0], 255 - grey[..., 1], grey[..., 2] // 3], -1)  # (T, H, W, 3) coloured
+    clips = [write_video(tmp_path / f"colour{i}.mp4", colour.roll(8 * i, 2), fps=8, lossless=True) for i in range(3)]
+    plain = SeededSamples(TripletDataset(clips, crop_size=32, max_frame_gap=3), seed=0)
+    jittered = SeededSamples(TripletDataset(clips, crop_size=32, max_frame_gap=3, saturation_jitter=0.5), seed=0)
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    factors = []
+    for key in [(0, i) for i in range(3)] + [(1, i) for i in range(3)]:
+        a, b = plain[key], jittered[key]
+        assert a["gap"] == b["gap"] and a["start"] == b["start"]  # the same triplet, crop and flips
+        for name in ("img0", "imgt", "img1"):
+            grey = (a[name] * weights).sum(0, keepdim=True)
+            assert torch.allclose((b[name] * weights).sum(0, keepdim=True), grey, atol=1e-6)  # grey kept
+            spread, jittered_spread = a[name] - grey, b[name] - grey
+            factor = (jittered_spread * spread).sum() / (spread * spread).sum()
+            assert torch.allclose(jittered_spread, factor * spread, atol=1e-6)
+            factors.append(round(factor.item(), 5))
+        assert len(set(factors[-3:])) == 1  # one factor for the three frames
+    assert all(0.5 <= f <= 1.0 for f in factors) and len(set(factors)) > 1
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        TripletDataset(clips, crop_size=32, saturation_jitter=1.5)
+    held_out = TripletDataset(clips[:1], crop_size=32, deterministic=True, saturation_jitter=0.5)[0]
+    same = TripletDataset(clips[:1], crop_size=32, deterministic=True)[0]
+    assert torch.equal(held_out["imgt"], same["imgt"])  # validation is never jittered
+
+
 def test_held_out_triplet_is_the_middle_one_centre_cropped(videos):
     dataset = TripletDataset(_clips(videos)[:1], crop_size=32, max_frame_gap=2, deterministic=True)
     s = dataset[0]

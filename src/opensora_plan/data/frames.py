@@ -48,6 +48,7 @@ AMT_VERTICAL_FLIP_P = 0.3
 AMT_HORIZONTAL_FLIP_P = 0.5
 AMT_TRANSPOSE_P = 0.05
 AMT_TIME_REVERSE_P = 0.5
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, the grey of the saturation jitter (as torchvision's)
 
 
 def _chance(p: float, generator: torch.Generator) -> bool:
@@ -122,14 +123,22 @@ class TripletDataset(_VideoFrames):
     between img0 and imgt in the video), ``start`` (frame of img0 before temporal reversal), ``index``,
     ``skipped``. A video with fewer than 3 frames is skipped ("too short for a triplet"); a gap larger than
     the video allows is capped at ``(num_frames - 1) // 2``.
+
+    ``saturation_jitter`` s > 0 (random samples only; not AMT's recipe): the colour saturation of the three
+    frames is scaled by one factor drawn uniformly from [1 - s, 1] (each pixel moved towards its BT.601 grey),
+    so a model trained on a few pure colours also sees paler ones.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], crop_size: int = 224, max_frame_gap: int = 1,
-                 deterministic: bool = False, max_substitutions: int = 100, samples_per_video: int = 1):
+                 deterministic: bool = False, max_substitutions: int = 100, samples_per_video: int = 1,
+                 saturation_jitter: float = 0.0):
         super().__init__(paths, crop_size, deterministic, max_substitutions, samples_per_video)
         if max_frame_gap < 1:
             raise ValueError(f"max_frame_gap must be at least 1, got {max_frame_gap}.")
+        if not 0.0 <= saturation_jitter <= 1.0:
+            raise ValueError(f"saturation_jitter must be between 0 and 1, got {saturation_jitter}.")
         self.max_frame_gap = max_frame_gap
+        self.saturation_jitter = saturation_jitter
 
     def load(self, index: int, generator: torch.Generator | None) -> dict:
         path = self.paths[index]
@@ -149,6 +158,10 @@ class TripletDataset(_VideoFrames):
         frames = self._crop(frames, generator)  # (3, 3, S, S)
         if generator is not None:
             frames = self._augment(frames, generator)
+            if self.saturation_jitter:
+                factor = 1.0 - self.saturation_jitter * torch.rand((), generator=generator).item()
+                grey = torch.einsum("c,nchw->nhw", torch.tensor(LUMA_WEIGHTS), frames).unsqueeze(1)
+                frames = grey + factor * (frames - grey)  # (3, 3, S, S), still in [0, 1]
         return {"img0": frames[0], "imgt": frames[1], "img1": frames[2], "gap": gap, "start": start}
 
     def _crop(self, frames: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

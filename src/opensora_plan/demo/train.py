@@ -12,7 +12,11 @@ One command runs the whole recipe, each stage through the same library function 
                     would turn "moving left" into a video moving right);
 5. ``t2v``       -- :func:`~opensora_plan.train.t2v.train_t2v` (``train-t2v``) on the cache;
 6. ``assemble``  -- ``<out>/model/``: ``17x64x64/`` (LatteT2V version folder), ``vae/``, ``text_encoder/``
-                    and ``demo.json`` (sampling defaults), the layout :func:`default_model_path` ships.
+                    and ``demo.json`` (sampling defaults), the layout :func:`default_model_path` ships;
+                    the shipped demo's post-processing stage models (frame interpolation, upscaler) are
+                    copied in with their ``stages`` entries and training records
+                    (:func:`copy_shipped_stages`): this recipe does not train them (``train-vfi`` /
+                    ``train-sr`` do, docs/demo.md), and they know the same world of shapes.
 
 ``<out>/demo_train_report.json`` records the recipe, the wall time of every stage and the machine.
 """
@@ -31,7 +35,7 @@ from typing import ClassVar
 
 import torch
 
-from opensora_plan.demo.model import DEMO_INFO
+from opensora_plan.demo.model import DEMO_INFO, default_model_path
 from opensora_plan.options import Options, option
 from opensora_plan.utils import valid_num_frames
 
@@ -263,6 +267,35 @@ def _vae_config(recipe: DemoRecipe) -> dict:
     return config
 
 
+# demo.json keys that say how a stage model was trained, copied with the stage (pipelines/model_folder.py).
+STAGE_RECORDS = {"interpolate": "interpolation_trained_with", "upscale": "upscaler_trained_with"}
+
+
+def copy_shipped_stages(model_dir: str | os.PathLike) -> dict:
+    """Copy the shipped demo's (:func:`default_model_path`) post-processing stage models into ``model_dir``,
+    replacing any there.
+
+    Returns the ``demo.json`` fields for ``model_dir``: ``stages`` (the same relative ``model_path`` and factor
+    per stage), each stage's training record and a ``stages_note`` saying the models were copied, not trained
+    by ``demo train``; ``{}`` when the shipped demo lists no stages.
+    """
+    shipped = default_model_path()
+    source_info = json.loads((shipped / DEMO_INFO).read_text())
+    stages = source_info.get("stages") or {}
+    for entry in stages.values():
+        target = Path(model_dir) / entry["model_path"]
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(shipped / entry["model_path"], target, copy_function=shutil.copyfile)
+    if not stages:
+        return {}
+    fields = {"stages": stages}
+    fields.update({STAGE_RECORDS[name]: source_info[STAGE_RECORDS[name]] for name in stages
+                   if source_info.get(STAGE_RECORDS.get(name))})
+    fields["stages_note"] = (f"{', '.join(e['model_path'] + '/' for e in stages.values())} copied from the shipped "
+                             "demo (opensora_plan/assets/demo) by demo train, not trained by it")
+    return fields
+
+
 def train_demo(out: str | os.PathLike, recipe: DemoRecipe | None = None, stages: tuple[str, ...] = STAGES) -> dict:
     """Run the demo recipe into ``out``; returns the report (also written to ``out/demo_train_report.json``).
 
@@ -398,6 +431,7 @@ def train_demo(out: str | os.PathLike, recipe: DemoRecipe | None = None, stages:
                 "trained_with": "opensora-plan demo train", "stage_seconds": report["seconds"],
                 "training_seconds": report["training_seconds"],
                 "machine": report["machine"]}
+        info.update(copy_shipped_stages(model_dir))
         (model_dir / DEMO_INFO).write_text(json.dumps(info, indent=2) + "\n")
         report["model_dir"] = str(model_dir)
         report["model_bytes"] = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())

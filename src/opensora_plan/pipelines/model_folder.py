@@ -68,7 +68,7 @@ DEMO_VOCABULARY = (("red", "green", "blue", "yellow", "white"), ("circle", "squa
                    ("left", "right", "up", "down"))
 # Keys demo.json carries besides the sampling fields: its training record, read by nothing here.
 _DEMO_RECORD_KEYS = ("trained_with", "training_seconds", "stage_seconds", "machine", "note", "cache_fast_note",
-                     "interpolation_trained_with", "upscaler_trained_with")
+                     "interpolation_trained_with", "upscaler_trained_with", "stages_note")
 
 
 def version_folders(folder: str | os.PathLike) -> list[str]:

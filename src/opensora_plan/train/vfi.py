@@ -43,6 +43,9 @@ class VFITrainOptions(FrameTrainOptions):
     max_frame_gap: int = option(1, help="the gap g between img0, the target and img1 (frames f, f+g, f+2g) is drawn "
                                 "from 1..N (capped by each video's length); 1 = consecutive frames, as Vimeo90K",
                                 group="data")
+    saturation_jitter: float = option(0.0, help="scale the colour saturation of each triplet by a factor drawn "
+                                      "from [1 - S, 1] (0: off, AMT's recipe); for training clips of a few pure "
+                                      "colours", group="data")
     learning_rate: float = option(1.5e-4, help="AdamW learning rate", group="optimisation")
     adam_beta1: float = option(0.9, help="AdamW beta1", group="optimisation")
     adam_beta2: float = option(0.999, help="AdamW beta2", group="optimisation")
@@ -50,6 +53,8 @@ class VFITrainOptions(FrameTrainOptions):
     def __post_init__(self):
         super().__post_init__()
         self.require_at_least(1, "max_frame_gap")
+        if not 0.0 <= self.saturation_jitter <= 1.0:
+            raise ValueError(f"--saturation_jitter must be between 0 and 1, got {self.saturation_jitter}.")
 
 
 class VFITrainTask(FrameTrainTask):
@@ -103,7 +108,7 @@ def train_vfi(options: VFITrainOptions | Mapping, build_model=build_vfi_model) -
         except ValueError as err:
             raise ValueError(f"--crop_size {options.crop_size} does not fit the model: {err}") from None
     dataset = TripletDataset(paths, options.crop_size, options.max_frame_gap,
-                             samples_per_video=options.samples_per_video)
+                             samples_per_video=options.samples_per_video, saturation_jitter=options.saturation_jitter)
     validation = TripletDataset(held_out, options.crop_size, options.max_frame_gap,
                                 deterministic=True) if held_out else None
     task = VFITrainTask(model, dataset, validation, learning_rate=options.learning_rate,

@@ -32,6 +32,17 @@ def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
+def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors, 1)`` in the memory layout of the first tensor.
+
+    torch.cat falls back to channels-first when any input's layout differs or is ambiguous (grid_sample's
+    output, a one-channel map), which would make every later convolution channels-first too."""
+    out = torch.cat(tensors, 1)
+    if tensors[0].is_contiguous(memory_format=torch.channels_last) and not tensors[0].is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)  # a no-op when torch.cat kept the layout
+    return out
+
+
 def conv_prelu(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                padding: int = 1) -> nn.Sequential:
     """Conv2d followed by a per-channel PReLU (keys ``.0.weight``, ``.0.bias``, ``.1.weight``)."""

@@ -85,7 +85,8 @@ class BidirCorrelation:
         self.pyramids = None
         if chunk_size is None or chunk_size >= h * w:
             # The whole volume once; the transposed volume is the same numbers, permuted (no second product).
-            corr = torch.matmul(fmap0.reshape(b, dim, h * w).transpose(1, 2), fmap1.reshape(b, dim, h * w))
+            # flatten(2) is a view in both memory layouts (channels-first and channels-last).
+            corr = torch.matmul(fmap0.flatten(2).transpose(1, 2), fmap1.flatten(2))
             corr = corr / torch.sqrt(torch.tensor(dim).float())  # (B, h*w [frame 0], h*w [frame 1])
             forward = corr.reshape(b * h * w, 1, h, w)
             backward = corr.transpose(1, 2).reshape(b * h * w, 1, h, w)
@@ -102,7 +103,7 @@ class BidirCorrelation:
             out0 = self._chunked(self.fmap0, self.fmap1, centres0)
             out1 = self._chunked(self.fmap1, self.fmap0, centres1)
         out = torch.cat([out0.view(b, h, w, -1), out1.view(b, h, w, -1)], dim=-1)
-        return out.permute(0, 3, 1, 2).contiguous().float()  # (B, 2*L*(2r+1)^2, h, w)
+        return out.permute(0, 3, 1, 2).float()  # (B, 2*L*(2r+1)^2, h, w), channels-last in memory
 
     def _chunked(self, source: torch.Tensor, target: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         b, dim, h, w = source.shape

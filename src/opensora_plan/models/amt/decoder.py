@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import SideResBlock, conv_prelu, resize, warp
+from .blocks import SideResBlock, cat_channels, conv_prelu, resize, warp
 
 
 def _decoder_block(in_channels: int, width: int, side_channels: int, out_channels: int) -> nn.Sequential:
@@ -23,7 +23,7 @@ class InitDecoder(nn.Module):
 
     def forward(self, f0: torch.Tensor, f1: torch.Tensor, embt: torch.Tensor):
         t_map = embt.repeat(1, 1, *f0.shape[2:])  # (B, 1, h, w)
-        out = self.convblock(torch.cat([f0, f1, t_map], 1))  # (B, 4 + C_out, 2h, 2w)
+        out = self.convblock(cat_channels([f0, f1, t_map]))  # (B, 4 + C_out, 2h, 2w)
         flow0, flow1 = torch.chunk(out[:, :4], 2, 1)
         return flow0, flow1, out[:, 4:]
 
@@ -39,7 +39,7 @@ class IntermediateDecoder(nn.Module):
         self.convblock = _decoder_block(3 * in_channels + 4, 3 * in_channels, side_channels, out_channels + 4)
 
     def forward(self, ft: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor, flow0: torch.Tensor, flow1: torch.Tensor):
-        x = torch.cat([ft, warp(f0, flow0), warp(f1, flow1), flow0, flow1], 1)  # (B, 3C + 4, h, w)
+        x = cat_channels([ft, warp(f0, flow0), warp(f1, flow1), flow0, flow1])  # (B, 3C + 4, h, w)
         out = self.convblock(x)  # (B, 4 + C_out, 2h, 2w)
         delta0, delta1 = torch.chunk(out[:, :4], 2, 1)
         return delta0 + 2.0 * resize(flow0, 2.0), delta1 + 2.0 * resize(flow1, 2.0), out[:, 4:]
@@ -55,7 +55,7 @@ class MultiFlowDecoder(nn.Module):
 
     def forward(self, ft: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor, flow0: torch.Tensor, flow1: torch.Tensor):
         n = self.num_flows
-        x = torch.cat([ft, warp(f0, flow0), warp(f1, flow1), flow0, flow1], 1)  # (B, 3C + 4, h, w)
+        x = cat_channels([ft, warp(f0, flow0), warp(f1, flow1), flow0, flow1])  # (B, 3C + 4, h, w)
         delta0, delta1, mask, residual = torch.split(self.convblock(x), [2 * n, 2 * n, n, 3 * n], 1)
         flow0 = delta0 + 2.0 * resize(flow0, 2.0).repeat(1, n, 1, 1)  # (B, 2n, 2h, 2w)
         flow1 = delta1 + 2.0 * resize(flow1, 2.0).repeat(1, n, 1, 1)
@@ -78,4 +78,7 @@ def combine_candidates(comb_block: nn.Module, img0: torch.Tensor, img1: torch.Te
     candidates = (mask * warped0 + (1 - mask) * warped1 + mean.repeat_interleave(n, 0)
                   + residual.reshape(b * n, 3, h, w))
     candidates = candidates.reshape(b, n, 3, h, w)
-    return candidates.mean(1) + comb_block(candidates.view(b, 3 * n, h, w))  # (B, 3, H, W)
+    stacked = candidates.view(b, 3 * n, h, w)
+    if img0.is_contiguous(memory_format=torch.channels_last) and not img0.is_contiguous():
+        stacked = stacked.contiguous(memory_format=torch.channels_last)  # comb_block's 7x7 convs in the model's layout
+    return candidates.mean(1) + comb_block(stacked)  # (B, 3, H, W)

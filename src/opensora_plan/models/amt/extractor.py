@@ -9,6 +9,24 @@ from torch import nn
 from .blocks import conv_prelu
 
 
+class InstanceNorm(nn.Module):
+    """Instance normalisation without affine weights or running statistics (``nn.InstanceNorm2d()``'s computation).
+
+    Two passes (mean, then the mean of squared deviations): as accurate as the built-in in float32 and, unlike it,
+    it keeps a channels-last input channels-last without a copy (the built-in reshapes to a batch norm, which
+    copies such an input); also faster on CPU in either layout.
+    """
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean((2, 3), keepdim=True)  # (N, C, H, W)
+        var = (centred * centred).mean((2, 3), keepdim=True)  # (N, C, 1, 1), biased like the built-in
+        return centred * torch.rsqrt(var + self.eps)
+
+
 class ResidualBlock(nn.Module):
     """conv3x3 (stride s) -> IN -> ReLU -> conv3x3 -> IN -> ReLU, plus a 1x1 strided shortcut when s = 2.
 
@@ -20,13 +38,13 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, stride=stride)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.norm1 = nn.InstanceNorm2d(out_channels)
-        self.norm2 = nn.InstanceNorm2d(out_channels)
+        self.norm1 = InstanceNorm()
+        self.norm2 = InstanceNorm()
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1:
             self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride),
-                                            nn.InstanceNorm2d(out_channels))
+                                            InstanceNorm())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.norm1(self.conv1(x)))
@@ -51,7 +69,7 @@ class CorrelationEncoder(nn.Module):
         super().__init__()
         c1, c2, c3 = channels
         self.conv1 = nn.Conv2d(3, c1, 7, stride=2, padding=3)
-        self.norm1 = nn.InstanceNorm2d(c1)
+        self.norm1 = InstanceNorm()
         self.relu1 = nn.ReLU(inplace=True)
         self.layer1 = _stage(c1, c1, 1)
         self.layer2 = _stage(c1, c2, 2)

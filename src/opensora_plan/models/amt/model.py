@@ -168,6 +168,11 @@ class AMTModel(ModelMixin, ConfigMixin):
         # candidate frame: what the weights expect (reproduced, including the order of the means).
         mean = torch.cat([img0, img1], 2).mean(1, keepdim=True).mean(2, keepdim=True).mean(3, keepdim=True)
         img0, img1 = img0 - mean, img1 - mean  # (B, 3, H, W)
+        if img0.device.type == "cpu":
+            # Channels-last activations from here on (every op keeps the layout): oneDNN's NHWC convolutions
+            # are faster on CPU than NCHW ones (benchmarks/interpolate_vs_reference.py); same result to rounding.
+            img0 = img0.contiguous(memory_format=torch.channels_last)
+            img1 = img1.contiguous(memory_format=torch.channels_last)
         small0 = resize(img0, scale_factor) if scale_factor != 1.0 else img0
         small1 = resize(img1, scale_factor) if scale_factor != 1.0 else img1
         _, _, h, w = small0.shape
