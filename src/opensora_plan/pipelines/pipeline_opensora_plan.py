@@ -129,6 +129,23 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         # Code that builds the pipeline by hand may set it.
         self.fast_cache_options: dict | None = None
         self._interrupt = False
+        self.memory_plan = None  # a pipelines.memory_plan.MemoryPlan once apply_memory_plan() ran
+        self._warn_mixed_dtypes()
+
+    def _warn_mixed_dtypes(self) -> None:
+        """One warning naming the models whose dtype differs from the transformer's (a folder loaded without a
+        dtype, or components passed in by hand); the post-processing stage models run in float32 by design."""
+        from opensora_plan.utils import module_dtype
+
+        dtypes = {name: module_dtype(getattr(self, name)) for name in ("transformer", "vae", "text_encoder")
+                  if isinstance(getattr(self, name, None), torch.nn.Module)}
+        main = dtypes.get("transformer")
+        differ = {name: dtype for name, dtype in dtypes.items() if dtype not in (None, main)}
+        if main is not None and differ:
+            logger.warning("The pipeline's models are not one dtype: the transformer is %s but %s; pass dtype= to "
+                           "from_pretrained / from_release to load them all in one, or call pipe.to(dtype).",
+                           str(main).replace("torch.", ""),
+                           ", ".join(f"{n} is {str(d).replace('torch.', '')}" for n, d in differ.items()))
 
     @classmethod
     def from_release(
@@ -139,6 +156,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         scheduler: str = "PNDM",
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "OpenSoraPlanPipeline":
         """The pipeline from the released layout: ``root/<version>/``, ``root/vae/`` and a T5 folder.
 
@@ -149,6 +167,12 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         reference's default). Weights load strictly (a missing or unexpected key raises ``ValueError``);
         a missing folder raises ``FileNotFoundError`` naming it. The shipped demo also has this layout:
         ``from_release(demo_folder, version="17x64x64", text_encoder=demo_folder / "text_encoder")``.
+
+        ``dtype`` (diffusers' current name) or ``torch_dtype`` (the older one; both only if equal, else ValueError):
+        every model is loaded in it (T5 in float16 keeps its ``wo`` layers in float32, as transformers does for
+        T5's stability). Unset: :func:`~opensora_plan.utils.default_dtype` of ``device`` (float16 on CUDA,
+        float32 on the CPU); ``torch.bfloat16`` halves the CPU's memory and runs faster there. ``device``: where
+        the models are put (unset: they stay on the CPU).
         """
         from pathlib import Path
 
@@ -156,7 +180,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         from opensora_plan.models.causalvae import CausalVAEModel
         from opensora_plan.models.latte import LatteT2V
         from opensora_plan.models.text_encoder import load_t5
+        from opensora_plan.utils import resolve_dtype_arguments
 
+        torch_dtype = resolve_dtype_arguments(dtype, torch_dtype, device)
         root = Path(root)
         if not (root / version).is_dir():
             present = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
@@ -164,7 +190,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                                     f"{root} (found: {', '.join(present) or 'none'}).")
         tokenizer = t5 = None
         if text_encoder is not None:
-            tokenizer, t5 = load_t5(text_encoder, torch_dtype=torch_dtype or torch.float32, device=device)
+            tokenizer, t5 = load_t5(text_encoder, torch_dtype=torch_dtype, device=device)
         pipe = cls(
             vae=CausalVAEModel.from_pretrained(root / "vae", torch_dtype=torch_dtype, device=device),
             transformer=LatteT2V.from_pretrained(root / version, torch_dtype=torch_dtype, device=device),
@@ -176,6 +202,27 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             pipe.fast_cache_options = fast_cache_options(root)
         pipe.model_folder = str(root)
         return pipe
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "OpenSoraPlanPipeline":
+        """diffusers' ``from_pretrained`` with one dtype for the whole folder.
+
+        ``dtype`` (diffusers' current name) or ``torch_dtype`` (older; both only if equal, else ValueError): every
+        model in it; a dict ``{"transformer": ..., "default": ...}`` (diffusers' per-component form) is passed on
+        as it is. Unset: :func:`~opensora_plan.utils.default_dtype` (float16 when CUDA is available, else
+        float32), not each file's own dtype, so a folder saved in bfloat16 and loaded without a dtype does not
+        come back mixed. Any model that still differs is named in one warning. Other keywords go to diffusers.
+        """
+        from opensora_plan.utils import resolve_dtype_arguments
+
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        if isinstance(dtype, dict) or isinstance(torch_dtype, dict):
+            if dtype is not None and torch_dtype is not None:
+                raise ValueError("Pass one of dtype and torch_dtype (dtype is diffusers' current name).")
+            kwargs["dtype"] = dtype if dtype is not None else torch_dtype
+        else:
+            kwargs["dtype"] = resolve_dtype_arguments(dtype, torch_dtype)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ----------------------------------------------------------------------------------------
     # The model folder's sampling file: call defaults and post-processing stages

@@ -544,7 +544,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
 
     from opensora_plan.diffusion.schedulers import create_scheduler
     from opensora_plan.models.text_encoder import preprocess_prompts
-    from opensora_plan.utils import check_output_folder, parse_dtype, resolve_device
+    from opensora_plan.utils import check_output_folder, default_dtype, parse_dtype, resolve_device
 
     # Everything cheap first: flags, prompts, folders, configs.
     if options is None:
@@ -617,8 +617,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)
-    torch_dtype = ((torch.float16 if device.type == "cuda" else torch.float32) if opts.dtype == "auto"
-                   else parse_dtype(opts.dtype))
+    torch_dtype = default_dtype(device) if opts.dtype == "auto" else parse_dtype(opts.dtype)
     if torch_dtype == torch.float16 and device.type == "cpu":
         # Measured on this project's CPU (AVX512-BF16/AMX): the demo sample took ~12x longer in fp16.
         logger.warning("--dtype fp16 on CPU runs on slow fallback kernels (about 12x slower than fp32 here); "

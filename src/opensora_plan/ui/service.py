@@ -88,11 +88,10 @@ class VideoService:
         from opensora_plan.diffusion.schedulers import scheduler_names
         from opensora_plan.pipelines.model_folder import DEMO_INFO, load_sampling_config
         from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
-        from opensora_plan.utils import parse_dtype, resolve_device
+        from opensora_plan.utils import default_dtype, parse_dtype, resolve_device
 
         self.device = resolve_device(device)
-        self.dtype = (torch.float16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" \
-            else parse_dtype(dtype)
+        self.dtype = default_dtype(self.device) if dtype == "auto" else parse_dtype(dtype)
         defaults = resolve_sample_defaults(model_path, version=version, text_encoder_name=text_encoder_name)
         self.folder = Path(defaults["model_path"])
         self.is_demo = (self.folder / DEMO_INFO).is_file()
@@ -162,9 +161,7 @@ class VideoService:
             if version not in (None, self.versions[0]):
                 raise ValueError(f"--version {version} is not in {self.folder}, which has one transformer "
                                  f"({self.versions[0]}); leave --version out.")
-            # float32 is the loaders' default; passing it would only trigger diffusers' torch_dtype deprecation note.
-            kwargs = {} if self.dtype == torch.float32 else {"torch_dtype": self.dtype}
-            self._base = OpenSoraPlanPipeline.from_pretrained(self.folder, **kwargs).to(self.device)
+            self._base = OpenSoraPlanPipeline.from_pretrained(self.folder, dtype=self.dtype).to(self.device)
             self.version = self.versions[0]
             return
         if not self.folder.is_dir():
@@ -179,7 +176,7 @@ class VideoService:
                                     f"{', '.join(self.versions) or 'none'}); pass --version with one of those.")
         self._base = OpenSoraPlanPipeline.from_release(self.folder, version=version,
                                                        text_encoder=self.defaults["text_encoder_name"],
-                                                       torch_dtype=self.dtype, device=self.device)
+                                                       dtype=self.dtype, device=self.device)
         self.version = version
 
     def _use_version(self, version: str) -> None:
