@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             if k not in ("func", "verbose", "quiet")})
         logger.debug("torch %s, %d threads, OMP_NUM_THREADS=%s, cuda available: %s", torch.__version__,
                      torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), torch.cuda.is_available())
-    from opensora_plan.utils import PROGRESS_ENV, NonFiniteError
+    from opensora_plan.utils import PROGRESS_ENV, NonFiniteError, OutOfMemory
 
     # -q hides every progress bar: ours (utils.progress_bar) and the libraries' (tqdm reads TQDM_DISABLE).
     # Each torchrun process parses -q itself; the variable is restored afterwards for callers of main().
@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[PROGRESS_ENV] = "1"
     try:
         return int(args.func(args) or 0)
-    except (UserError, OSError, ValueError, NonFiniteError) as err:  # OSError: a path the system refused
+    except (UserError, OSError, ValueError, NonFiniteError, OutOfMemory) as err:  # OSError: a path the system refused
         if os.environ.get("OPENSORA_PLAN_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -128,6 +128,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+class OutOfMemory(RuntimeError):
+    """A stage ran out of memory; the message is one line naming the stage, the memory plan and the flag to change
+    (``pipelines.memory_plan.out_of_memory_guard``). The original error is its ``__cause__``."""
+
+
 class NonFiniteError(RuntimeError):
     """A model produced NaN or infinite values; stopping beats writing a black or garbage video."""
 
