@@ -471,10 +471,12 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
     batches = [jobs[i : i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
     do_cfg = opts.guidance_scale > 1.0
     # Encode every prompt of this rank, then free T5 before denoising (spec 4: ~9.5 GB in fp16).
+    start = time.perf_counter()
     with out_of_memory_guard("encoding the prompts", plan):
         encoded = [_encode_batch(pipe, [p for _, p in batch], opts.negative_prompt, do_cfg, opts.clean_caption,
                                  opts.text_conditioning) for batch in batches]
     pipe.release_text_encoder()
+    logger.debug("Encoded %d prompt(s) in %.1f s; T5 freed.", len(jobs), time.perf_counter() - start)
     if not offloaded:
         with out_of_memory_guard("loading the transformer", plan):
             pipe.register_modules(transformer=_load_transformer(opts, model_path, version, run, torch_dtype, device))
