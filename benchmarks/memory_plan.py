@@ -40,7 +40,19 @@ def rss_anon(pid: int) -> int:
     return 0
 
 
+def wait_for_memory(gib: float) -> None:
+    """Wait until the machine has ``gib`` GiB available (it is shared with other jobs)."""
+    while True:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+        if available >= gib:
+            return
+        print(f"waiting: {available:.1f} GiB available, {gib:g} GiB needed", flush=True)
+        time.sleep(30)
+
+
 def run_budget(args, memory_gb: float) -> dict:
+    wait_for_memory(memory_gb + 3)
     out = args.root / f"mem_out_{memory_gb:g}"
     command = [sys.executable, "-m", "opensora_plan", "-v", "sample", args.prompt, "--model_path",
                str(args.root / "Open-Sora-Plan-v1.0.0"), "--version", args.version, "--text_encoder_name",

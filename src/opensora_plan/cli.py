@@ -612,6 +612,10 @@ def _log_flags_after_commands(subparsers) -> None:
 # cores: the demo sample took 27-39 s with 2 spinning threads on the loaded 2-core machine, 3.4-5 s with
 # passive waiting (README, "Threads"). Set before torch loads; a value in the environment wins.
 _OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# torch's CPU allocator asks for transparent huge pages for its large blocks: the lossless VAE decode allocates and
+# frees chunk-sized tensors all the time, and 4 KiB page faults were a quarter of its time (docs/sampling.md,
+# "Memory plan"). Read by torch at the first allocation; a value in the environment wins.
+_OPENMP_DEFAULTS["THP_MEM_ALLOC_ENABLE"] = "1"
 
 
 class _OncePerMessage(logging.Filter):
