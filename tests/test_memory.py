@@ -227,3 +227,19 @@ def test_out_of_memory_is_one_line_naming_stage_plan_and_flag(tiny_release, tmp_
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith(f"error: Out of memory while {stage} under the memory plan (") and flag in err[0]
     assert "offload none, text encoder released" in err[0] and "Traceback" not in err[0]
+
+
+def test_a_plan_with_model_offload_and_t5_on_the_cpu_hooks_the_others_only(tiny_release):
+    from opensora_plan.pipelines.memory_plan import MemoryPlan
+
+    model_path, t5_path = tiny_release
+    pipe = OpenSoraPlanPipeline.from_release(model_path, version=TINY_VERSION, text_encoder=t5_path, scheduler="DDIM")
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe("a cat playing the piano", num_inference_steps=2,  # noqa: E731
+                       generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    reference = run()
+    plan = MemoryPlan("cuda", 8 * GIB, "given", 6 * GIB, "model", "cpu", "full", None, None, {"decode": GIB})
+    pipe.apply_memory_plan(plan, device="cpu")  # the CPU stands in for the GPU: the same hooks run
+    assert hasattr(pipe.transformer, "_hf_hook") and hasattr(pipe.vae, "_hf_hook")
+    assert not hasattr(pipe.text_encoder, "_hf_hook")
+    torch.testing.assert_close(run(), reference, rtol=0, atol=0)

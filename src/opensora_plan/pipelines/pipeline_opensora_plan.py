@@ -419,10 +419,16 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         from opensora_plan.utils import resolve_device
 
         device = torch.device(device) if device is not None else resolve_device(None)
-        if plan.offload == "model":
-            self.enable_model_cpu_offload(device=device)
-        elif plan.offload == "sequential":
-            self.enable_sequential_cpu_offload(device=device)
+        if plan.offload != "none":
+            if plan.text_encoder == "cpu":  # no hook for T5: it encodes where it is
+                self.model_cpu_offload_seq = "transformer->vae"
+                self._exclude_from_cpu_offload = sorted({*self._exclude_from_cpu_offload, "text_encoder"})
+            if plan.offload == "model":
+                self.enable_model_cpu_offload(device=device)
+            else:
+                self.enable_sequential_cpu_offload(device=device)
+            if plan.text_encoder == "cpu" and self.text_encoder is not None:
+                self.text_encoder.to("cpu")  # diffusers puts excluded models on the device
         else:
             for name in ("transformer", "vae", "frame_interpolator", "upscaler", "text_encoder"):
                 module = getattr(self, name, None)
