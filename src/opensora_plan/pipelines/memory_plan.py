@@ -77,17 +77,18 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """The one log line of the plan."""
-        decode = self.vae_decode + (f" (chunks of {self.vae_chunk} latent frames)" if self.vae_chunk else "")
+        frames = "frame" if self.vae_chunk == 1 else "frames"
+        decode = self.vae_decode + (f" (chunks of {self.vae_chunk} latent {frames})" if self.vae_chunk else "")
         peak = max(self.peaks.values()) if self.peaks else 0
-        return (f"Memory plan for {self.memory / GIB:.1f} GiB ({self.source}; {self.usable / GIB:.1f} GiB usable "
-                f"after headroom): offload {self.offload}, text encoder {self.text_encoder}, VAE decode {decode}; "
-                f"estimated peak {peak / GIB:.1f} GiB" + ("" if self.fits else " - OVER the usable memory, it may "
-                                                          "run out; lower the size or use a larger device"))
+        return (f"Memory plan for {_gib(self.memory)} GiB ({self.source}; {_gib(self.usable)} GiB usable after "
+                f"headroom): offload {self.offload}, text encoder {self.text_encoder}, VAE decode {decode}; "
+                f"estimated peak {_gib(peak)} GiB" + ("" if self.fits else " - OVER the usable memory, it may "
+                                                      "run out; lower the size or use a larger device"))
 
     def summary(self) -> str:
         """The plan's choices in a few words (for error messages)."""
         chunk = f" chunks of {self.vae_chunk}" if self.vae_chunk else ""
-        return (f"{self.memory / GIB:.1f} GiB from {self.source}, offload {self.offload}, text encoder "
+        return (f"{_gib(self.memory)} GiB from {self.source}, offload {self.offload}, text encoder "
                 f"{self.text_encoder}, VAE {self.vae_decode}{chunk}")
 
     def table(self) -> str:
@@ -95,6 +96,11 @@ class MemoryPlan:
         rows = [self.describe(), f"  {'stage':<8} estimated peak on the {self.device_type} device"]
         rows += [f"  {stage:<8} {self.peaks[stage] / GIB:6.2f} GiB" for stage in STAGES if stage in self.peaks]
         return "\n".join(rows)
+
+
+def _gib(value: int) -> str:
+    """Bytes as GiB: one decimal, two below 1 GiB (tiny models)."""
+    return f"{value / GIB:.1f}" if value >= GIB else f"{value / GIB:.2f}"
 
 
 def device_memory(device: torch.device, memory_gb: float | None = None) -> tuple[int, str]:
