@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 MARKERS = [("load T5 + encode", "Encoded "), ("load transformer", "Memory plan for"),
-           ("denoise", "Denoising loop:"), ("decode", "VAE decode of latents"), ("write", "wrote ")]
+           ("denoise", "Denoising loop:"), ("decode", "VAE decode done"), ("write", "wrote ")]
 
 
 def rss_anon(pid: int) -> int:

@@ -1004,7 +1004,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             decode_start = time.perf_counter()
             with out_of_memory_guard("decoding with the VAE", self.memory_plan):
                 video = self.decode_latents_float(latents)
-            logger.debug("VAE decode of latents %s in %.1f s.", tuple(latents.shape), time.perf_counter() - decode_start)
+            logger.debug("VAE decode done: latents %s in %.1f s.", tuple(latents.shape), time.perf_counter() - decode_start)
             video = self.run_stages(video, interpolation_factor, upscale_factor)
             video = self.postprocess_video(video, output_type)
         self.maybe_free_model_hooks()
