@@ -660,6 +660,10 @@ def _log_flags_after_commands(subparsers) -> None:
 # cores: the demo sample took 27-39 s with 2 spinning threads on the loaded 2-core machine, 3.4-5 s with
 # passive waiting (README, "Threads"). Set before torch loads; a value in the environment wins.
 _OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# torch's CPU allocator asks for transparent huge pages for its large blocks: the lossless VAE decode allocates and
+# frees chunk-sized tensors all the time, and 4 KiB page faults were a quarter of its time (docs/sampling.md,
+# "Memory plan"). Read by torch at the first allocation; a value in the environment wins.
+_OPENMP_DEFAULTS["THP_MEM_ALLOC_ENABLE"] = "1"
 
 
 class _OncePerMessage(logging.Filter):
@@ -753,7 +757,7 @@ def _main(argv: list[str] | None) -> int:
                                                             if k not in ("func", "verbose", "quiet")})
         logger.debug("torch %s, %d threads, OMP_NUM_THREADS=%s, cuda available: %s", torch.__version__,
                      torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), torch.cuda.is_available())
-    from opensora_plan.utils import PROGRESS_ENV, MissingExtraError, NonFiniteError
+    from opensora_plan.utils import PROGRESS_ENV, MissingExtraError, NonFiniteError, OutOfMemory
 
     # -q hides every progress bar: ours (utils.progress_bar) and the libraries' (tqdm reads TQDM_DISABLE).
     # Each torchrun process parses -q itself; the variable is restored afterwards for callers of main().
@@ -762,7 +766,7 @@ def _main(argv: list[str] | None) -> int:
         os.environ[PROGRESS_ENV] = "1"
     try:
         return int(args.func(args) or 0)
-    except (UserError, OSError, ValueError, NonFiniteError, MissingExtraError) as err:  # OSError: a path refused
+    except (UserError, OSError, ValueError, NonFiniteError, MissingExtraError, OutOfMemory) as err:  # OSError: a path refused
         if os.environ.get("OPENSORA_PLAN_DEBUG"):
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)

@@ -24,6 +24,36 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype a load uses when none is asked for (the one place of this rule; docs/sampling.md, ``--dtype auto``):
+    float16 on a CUDA device (as the reference samples), float32 on the CPU (fp16 runs on slow fallback kernels
+    there; pass bfloat16 for speed and half the memory). ``device`` None: CUDA when available."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def resolve_dtype_arguments(dtype: str | torch.dtype | None = None, torch_dtype: str | torch.dtype | None = None,
+                            device: str | torch.device | None = None) -> torch.dtype:
+    """The one dtype of a load from ``dtype`` (diffusers' current name) or ``torch_dtype`` (the older name):
+    either may be given (a ``torch.dtype`` or 'fp32' / 'bf16' / 'fp16'), both only if they agree; neither gives
+    :func:`default_dtype` of ``device``. Raises ValueError for two different dtypes or an unknown name."""
+    chosen = [parse_dtype(value) for value in (dtype, torch_dtype) if value is not None]
+    if len(chosen) == 2 and chosen[0] != chosen[1]:
+        raise ValueError(f"dtype={chosen[0]} and torch_dtype={chosen[1]} disagree; pass one of them (dtype is "
+                         "diffusers' current name, torch_dtype the older one).")
+    return chosen[0] if chosen else default_dtype(device)
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype holding most of ``module``'s floating-point parameter elements (T5 in float16 keeps its ``wo``
+    layers in float32, a fifth of its weights: it still counts as float16), or None without any."""
+    counts: dict[torch.dtype, int] = {}
+    for param in module.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
 def resolve_device(name: str | None = None) -> torch.device:
     """'cuda' | 'cpu' | 'cuda:1' | None (auto: cuda when available) -> torch.device, with a clear error."""
     if name in (None, "", "auto"):
@@ -130,6 +160,11 @@ def require_extra(module: str, extra: str, feature: str):
         missing = err.name is None or err.name.split(".")[0] == package  # else the package is there, a dependency not
         problem = "which is not installed" if missing else f"which failed to import ({err})"
         raise MissingExtraError(f"{feature} needs {package}, {problem}; {_install_line(extra)}.") from err
+
+
+class OutOfMemory(RuntimeError):
+    """A stage ran out of memory; the message is one line naming the stage, the memory plan and the flag to change
+    (``pipelines.memory_plan.out_of_memory_guard``). The original error is its ``__cause__``."""
 
 
 class NonFiniteError(RuntimeError):

@@ -115,8 +115,10 @@ def find_weights(folder: Path) -> Path:
     )
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a torch pickle (``.bin``/``.pt``, weights only).
+def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a torch pickle (``.bin``/``.pt``, weights only); ``dtype``: floating
+    tensors cast to it (a safetensors file one tensor at a time, so only the cast copy is held: a float32 file read
+    into bfloat16 needs half its size, not one and a half).
 
     Raises FileNotFoundError for a missing file and one-line ValueErrors for a folder, a file that is
     not a weights file (a video, text, an empty or truncated file) and a pickle holding Python objects.
@@ -127,11 +129,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"Weight file {path} does not exist.")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as file:
+                state = {}
+                for key in file.keys():
+                    tensor = file.get_tensor(key)
+                    state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                return state
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path} is not a readable .safetensors weights file ({str(err).splitlines()[0]}).") from err
     try:
@@ -214,7 +220,9 @@ def load_pretrained(
     # in __init__ and persistent ones are overwritten from the file below.
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config)
-    state = read_state_dict(weights)
+    # Checkpoints may be stored in half precision; like diffusers, load into float32 unless asked.
+    dtype = torch_dtype or torch.float32
+    state = read_state_dict(weights, dtype)
     if skip_prefixes:
         skipped = [k for k in state if k.startswith(skip_prefixes)]
         if skipped:
@@ -223,9 +231,7 @@ def load_pretrained(
             logger.info("Skipped %d tensors under %s in %s%s", len(skipped), "/".join(skip_prefixes), weights.name,
                         f" ({skip_reason})" if skip_reason else "")
     check_state_dict(model, state, str(weights))
-    # Checkpoints may be stored in half precision; like diffusers, load into float32 unless asked.
-    dtype = torch_dtype or torch.float32
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}  # a .bin: cast here
     model.load_state_dict(state, strict=True, assign=True)
     # nn.Module.to, not ModelMixin.to: the latter logs a spurious "keep in float32" line on every cast.
     torch.nn.Module.to(model, device=device, dtype=dtype)

@@ -39,6 +39,7 @@ with :class:`~opensora_plan.utils.NonFiniteError` naming the step, instead of a 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -46,7 +47,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -58,8 +59,12 @@ from opensora_plan.models.latte import temporal_length
 from opensora_plan.models.layers import inference_weight_cache
 from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache, parse_cache_spec
 from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
+from opensora_plan.pipelines.memory_plan import out_of_memory_guard
 from opensora_plan.pipelines.model_folder import RELEASE_SAMPLE_DEFAULTS, fast_cache_options, load_sampling_config
 from opensora_plan.utils import check_finite, valid_num_frames
+
+if TYPE_CHECKING:
+    from opensora_plan.pipelines.memory_plan import MemoryPlan
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +134,23 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         # Code that builds the pipeline by hand may set it.
         self.fast_cache_options: dict | None = None
         self._interrupt = False
+        self.memory_plan = None  # a pipelines.memory_plan.MemoryPlan once apply_memory_plan() ran
+        self._warn_mixed_dtypes()
+
+    def _warn_mixed_dtypes(self) -> None:
+        """One warning naming the models whose dtype differs from the transformer's (a folder loaded without a
+        dtype, or components passed in by hand); the post-processing stage models run in float32 by design."""
+        from opensora_plan.utils import module_dtype
+
+        dtypes = {name: module_dtype(getattr(self, name)) for name in ("transformer", "vae", "text_encoder")
+                  if isinstance(getattr(self, name, None), torch.nn.Module)}
+        main = dtypes.get("transformer")
+        differ = {name: dtype for name, dtype in dtypes.items() if dtype not in (None, main)}
+        if main is not None and differ:
+            logger.warning("The pipeline's models are not one dtype: the transformer is %s but %s; pass dtype= to "
+                           "from_pretrained / from_release to load them all in one, or call pipe.to(dtype).",
+                           str(main).replace("torch.", ""),
+                           ", ".join(f"{n} is {str(d).replace('torch.', '')}" for n, d in differ.items()))
 
     @classmethod
     def from_release(
@@ -139,6 +161,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         scheduler: str = "PNDM",
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "OpenSoraPlanPipeline":
         """The pipeline from the released layout: ``root/<version>/``, ``root/vae/`` and a T5 folder.
 
@@ -149,6 +172,12 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         reference's default). Weights load strictly (a missing or unexpected key raises ``ValueError``);
         a missing folder raises ``FileNotFoundError`` naming it. The shipped demo also has this layout:
         ``from_release(demo_folder, version="17x64x64", text_encoder=demo_folder / "text_encoder")``.
+
+        ``dtype`` (diffusers' current name) or ``torch_dtype`` (the older one; both only if equal, else ValueError):
+        every model is loaded in it (T5 in float16 keeps its ``wo`` layers in float32, as transformers does for
+        T5's stability). Unset: :func:`~opensora_plan.utils.default_dtype` of ``device`` (float16 on CUDA,
+        float32 on the CPU); ``torch.bfloat16`` halves the CPU's memory and runs faster there. ``device``: where
+        the models are put (unset: they stay on the CPU).
         """
         from pathlib import Path
 
@@ -156,7 +185,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         from opensora_plan.models.causalvae import CausalVAEModel
         from opensora_plan.models.latte import LatteT2V
         from opensora_plan.models.text_encoder import load_t5
+        from opensora_plan.utils import resolve_dtype_arguments
 
+        torch_dtype = resolve_dtype_arguments(dtype, torch_dtype, device)
         root = Path(root)
         if not (root / version).is_dir():
             present = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
@@ -164,7 +195,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                                     f"{root} (found: {', '.join(present) or 'none'}).")
         tokenizer = t5 = None
         if text_encoder is not None:
-            tokenizer, t5 = load_t5(text_encoder, torch_dtype=torch_dtype or torch.float32, device=device)
+            tokenizer, t5 = load_t5(text_encoder, torch_dtype=torch_dtype, device=device)
         pipe = cls(
             vae=CausalVAEModel.from_pretrained(root / "vae", torch_dtype=torch_dtype, device=device),
             transformer=LatteT2V.from_pretrained(root / version, torch_dtype=torch_dtype, device=device),
@@ -176,6 +207,27 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             pipe.fast_cache_options = fast_cache_options(root)
         pipe.model_folder = str(root)
         return pipe
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "OpenSoraPlanPipeline":
+        """diffusers' ``from_pretrained`` with one dtype for the whole folder.
+
+        ``dtype`` (diffusers' current name) or ``torch_dtype`` (older; both only if equal, else ValueError): every
+        model in it; a dict ``{"transformer": ..., "default": ...}`` (diffusers' per-component form) is passed on
+        as it is. Unset: :func:`~opensora_plan.utils.default_dtype` (float16 when CUDA is available, else
+        float32), not each file's own dtype, so a folder saved in bfloat16 and loaded without a dtype does not
+        come back mixed. Any model that still differs is named in one warning. Other keywords go to diffusers.
+        """
+        from opensora_plan.utils import resolve_dtype_arguments
+
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        if isinstance(dtype, dict) or isinstance(torch_dtype, dict):
+            if dtype is not None and torch_dtype is not None:
+                raise ValueError("Pass one of dtype and torch_dtype (dtype is diffusers' current name).")
+            kwargs["dtype"] = dtype if dtype is not None else torch_dtype
+        else:
+            kwargs["dtype"] = resolve_dtype_arguments(dtype, torch_dtype)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ----------------------------------------------------------------------------------------
     # The model folder's sampling file: call defaults and post-processing stages
@@ -318,6 +370,75 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         """Decode losslessly in temporal chunks whenever a plain decode would exceed ``gib`` GiB
         (``"auto"``: the device's free memory; None: off). See ``CausalVAEModel.set_decode_memory_budget``."""
         self.vae.set_decode_memory_budget(gib)
+
+    # ----------------------------------------------------------------------------------------
+    # Memory plan (pipelines/memory_plan.py) and offload
+    # ----------------------------------------------------------------------------------------
+
+    def plan_memory(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                    batch_size: int = 1, guidance: bool = True, memory_gb: float | None = None,
+                    offload: str | None = None, vae_memory_gb: float | str | None = "auto",
+                    device: str | torch.device | None = None) -> "MemoryPlan":
+        """The memory plan for this pipeline's models and a video size (default: the model's own), without
+        changing anything; :meth:`enable_memory_plan` applies it.
+
+        ``memory_gb``: the compute device's memory in GiB (unset: its free memory; on a CPU it may stand in for a
+        smaller card); ``offload``: "none", "model" or "sequential" (unset: the plan's choice); ``vae_memory_gb``:
+        the VAE decode budget ("auto": the room the plan leaves; None: never chunk); ``device``: the compute
+        device (unset: CUDA when available). Raises ValueError for an unknown offload, or offload on a CPU.
+        """
+        from opensora_plan.pipelines.memory_plan import device_memory, pipeline_sizes, plan_memory
+        from opensora_plan.utils import resolve_device
+
+        device = torch.device(device) if device is not None else resolve_device(None)
+        frames, h, w = (given if given is not None else default for given, default in
+                        zip((num_frames, height, width), self.default_size()))
+        shape = self._latent_shape(batch_size, frames, h, w)
+        sizes = pipeline_sizes(self.transformer, self.vae, self.text_encoder, self.transformer.dtype, shape, device,
+                               guidance, batch_size)
+        memory, source = device_memory(device, memory_gb)
+        budget = vae_memory_gb if vae_memory_gb in (None, "auto") else int(vae_memory_gb * 2**30)
+        return plan_memory(sizes, memory, device.type, source, offload=offload, vae_memory=budget,
+                           tiling=self.vae.use_tiling, one_shot=False)
+
+    def enable_memory_plan(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                           batch_size: int = 1, guidance: bool = True, memory_gb: float | None = None,
+                           offload: str | None = None, vae_memory_gb: float | str | None = "auto",
+                           device: str | torch.device | None = None) -> "MemoryPlan":
+        """Plan (:meth:`plan_memory`, same arguments) and apply it (:meth:`apply_memory_plan`); returns the plan.
+        One INFO line states it."""
+        plan = self.plan_memory(num_frames, height, width, batch_size, guidance, memory_gb, offload, vae_memory_gb,
+                                device)
+        self.apply_memory_plan(plan, device)
+        return plan
+
+    def apply_memory_plan(self, plan: "MemoryPlan", device: str | torch.device | None = None) -> None:
+        """Put the models where ``plan`` says: offload "model" / "sequential" through diffusers'
+        :meth:`enable_model_cpu_offload` / :meth:`enable_sequential_cpu_offload`, else every model on ``device``
+        (unset: CUDA when available) except a T5 planned for the CPU; the VAE's decode budget and tiling."""
+        from opensora_plan.utils import resolve_device
+
+        device = torch.device(device) if device is not None else resolve_device(None)
+        if plan.offload != "none":
+            if plan.text_encoder == "cpu":  # no hook for T5: it encodes where it is
+                self.model_cpu_offload_seq = "transformer->vae"
+                self._exclude_from_cpu_offload = sorted({*self._exclude_from_cpu_offload, "text_encoder"})
+            if plan.offload == "model":
+                self.enable_model_cpu_offload(device=device)
+            else:
+                self.enable_sequential_cpu_offload(device=device)
+            if plan.text_encoder == "cpu" and self.text_encoder is not None:
+                self.text_encoder.to("cpu")  # diffusers puts excluded models on the device
+        else:
+            for name in ("transformer", "vae", "frame_interpolator", "upscaler", "text_encoder"):
+                module = getattr(self, name, None)
+                if isinstance(module, torch.nn.Module):
+                    module.to("cpu" if name == "text_encoder" and plan.text_encoder == "cpu" else device)
+        if plan.vae_decode == "tiles" and not self.vae.use_tiling:
+            self.enable_vae_tiling()
+        self.set_vae_memory_budget(None if plan.vae_budget is None else plan.vae_budget / 2**30)
+        self.memory_plan = plan
+        logger.info("%s", plan.describe())
 
     def release_text_encoder(self) -> None:
         """Drop the T5 encoder (about 9.5 GB in half precision for T5-XXL) and free its memory.
@@ -789,21 +910,22 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
 
-        if (prompt is not None and text_conditioning == "per_prompt" and mask_feature
-                and negative_prompt_embeds is None):
-            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
-                self.encode_prompt_with_masks(prompt, "" if negative_prompt is None else negative_prompt, do_cfg,
-                                              clean_caption=clean_caption))
-        else:
-            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt,
-                negative_prompt="" if negative_prompt is None else negative_prompt,
-                do_classifier_free_guidance=do_cfg,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                clean_caption=clean_caption,
-                mask_feature=mask_feature,
-            )
+        with out_of_memory_guard("encoding the prompts", self.memory_plan):
+            if (prompt is not None and text_conditioning == "per_prompt" and mask_feature
+                    and negative_prompt_embeds is None):
+                prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+                    self.encode_prompt_with_masks(prompt, "" if negative_prompt is None else negative_prompt, do_cfg,
+                                                  clean_caption=clean_caption))
+            else:
+                prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                    prompt,
+                    negative_prompt="" if negative_prompt is None else negative_prompt,
+                    do_classifier_free_guidance=do_cfg,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    clean_caption=clean_caption,
+                    mask_feature=mask_feature,
+                )
         if release_text_encoder:
             self.release_text_encoder()
         if num_videos_per_prompt > 1:  # (B, L, C) -> (B * n, L, C), prompt-major
@@ -833,7 +955,10 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         # inference_weight_cache: weights cast/stacked once for the loop, as autocast does for F.linear
         # any_size: another length gets its temporal position embedding for this call (as bucket training).
         length = temporal_length(self.transformer, latents.shape[2] if temporal else None)
-        with self.progress_bar(total=len(timesteps)) as progress, inference_weight_cache(), length:
+        # Sequential offload swaps every weight in and out per forward: cached copies would stay on the device.
+        weight_cache = contextlib.nullcontext() if _weights_offloaded(self.transformer) else inference_weight_cache()
+        guard = out_of_memory_guard("denoising", self.memory_plan)
+        with guard, self.progress_bar(total=len(timesteps)) as progress, weight_cache, length:
             for step_index, t in enumerate(timesteps):
                 if self.interrupt:
                     break
@@ -876,7 +1001,11 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         if output_type == "latent":
             video = latents
         else:
-            video = self.run_stages(self.decode_latents_float(latents), interpolation_factor, upscale_factor)
+            decode_start = time.perf_counter()
+            with out_of_memory_guard("decoding with the VAE", self.memory_plan):
+                video = self.decode_latents_float(latents)
+            logger.debug("VAE decode done: latents %s in %.1f s.", tuple(latents.shape), time.perf_counter() - decode_start)
+            video = self.run_stages(video, interpolation_factor, upscale_factor)
             video = self.postprocess_video(video, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -887,6 +1016,12 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
 # --------------------------------------------------------------------------------------------
 # Helpers: silent-failure checks
 # --------------------------------------------------------------------------------------------
+
+
+def _weights_offloaded(module: torch.nn.Module) -> bool:
+    """True when accelerate's hooks keep ``module``'s weights off the device between forwards
+    (``enable_sequential_cpu_offload``)."""
+    return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in module.modules())
 
 
 def _check_step_finite(latents: torch.Tensor, step_index: int, num_steps: int, t, dtype: torch.dtype) -> None:

@@ -51,6 +51,7 @@ DEFAULT_MODEL_PATH = "LanguageBind/Open-Sora-Plan-v1.0.0"
 FILE_NAME_SUFFIXES = (".txt", ".lst", ".list", ".csv", ".tsv", ".json", ".jsonl", ".prompts", ".text")
 TEXT_CONDITIONING = ("per_prompt", "reference")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+OFFLOAD_MODES = ("none", "model", "sequential")  # = pipelines.memory_plan.OFFLOAD_MODES (imported lazily: torch)
 _SCHEDULERS = ("PNDM, DDIM, EulerDiscrete, DDPM, DPMSolverMultistep, DPMSolverSinglestep, HeunDiscrete, "
                "EulerAncestralDiscrete, DEISMultistep, KDPM2AncestralDiscrete, UniPCMultistep, LCM")
 
@@ -136,7 +137,16 @@ class SampleOptions(Options):
     tile_overlap_factor: float = option(0.25, help="tile overlap")
     vae_memory_gb: float | str | None = option(
         "auto", type=parse_memory_budget, help="VAE decode memory budget in GiB; a decode that would need more runs "
-        "losslessly in temporal chunks (same output). auto: the device's free memory; 0: never")
+        "losslessly in temporal chunks (same output). auto: the room the memory plan leaves; 0: never")
+    memory_gb: float | None = option(None, help="memory of the compute device the plan may use, in GiB (unset: its "
+                                     "free memory); on a CPU it also stands in for a smaller card (docs/sampling.md, "
+                                     "'Memory plan')", show_default=False)
+    offload: str | None = option(None, choices=list(OFFLOAD_MODES), show_default=False,
+                                 help="where the models wait (CUDA only): none (all on the device), model (each on "
+                                 "the device during its stage), sequential (one layer at a time; slow) (unset: the "
+                                 "memory plan's choice)")
+    dry_run: bool = option(False, help="print the memory plan with its per-stage peak estimates and exit; loads no "
+                           "weights, writes nothing")
     dtype: str = option("auto", choices=list(DTYPES), help="auto = fp16 on GPU (as the reference), fp32 on CPU")
     device: str | None = option(None, help="cpu, cuda, cuda:1 (unset: cuda when available)")
     cache: str = option("none", help="step caching: none (exact), fast (the model's measured preset), teacache, "
@@ -213,6 +223,10 @@ class SampleOptions(Options):
         if self.text_conditioning not in TEXT_CONDITIONING:
             raise ValueError(f"--text_conditioning {self.text_conditioning} is not supported; use "
                              f"{' or '.join(TEXT_CONDITIONING)}.")
+        if self.memory_gb is not None and not (self.memory_gb > 0 and math.isfinite(self.memory_gb)):
+            raise ValueError(f"--memory_gb must be a positive number of GiB, got {self.memory_gb}.")
+        if self.offload is not None and self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"--offload {self.offload} is not supported; use one of {', '.join(OFFLOAD_MODES)}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype} is not supported; use one of {', '.join(DTYPES)}.")
         if self.vae_memory_gb not in (None, "auto"):
@@ -448,36 +462,102 @@ def _load_stages(stages: dict[str, Path], opts: SampleOptions, device) -> dict:
 
 
 def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_name, scheduler, torch_dtype, device,
-                 rank, tag, out_dir, groups, run, stages) -> tuple[list[Path], tuple]:
-    """Load the models (the small stage models first: a wrong one fails before the big ones load), encode this
-    rank's prompts, free T5, denoise, post-process and write each video. Returns the files and the last
-    video's (T, H, W) as written."""
+                 rank, tag, out_dir, groups, run, stages, plan, placeholder) -> tuple[list[Path], tuple]:
+    """Load the models as the memory ``plan`` says (the small stage models first: a wrong one fails before the big
+    ones load), encode this rank's prompts, free T5, denoise, post-process and write each video. Without offload
+    the prompts are encoded before the transformer loads (``placeholder``, its meta-device twin, stands in), so T5
+    and the transformer are never in memory together. Returns the files and the last video's (T, H, W)."""
     import torch
+
+    from opensora_plan.pipelines.memory_plan import out_of_memory_guard
 
     stage_models = _load_stages(stages, opts, device)
 
     from opensora_plan.models.causalvae import CausalVAEModel
-    from opensora_plan.models.latte import LatteT2V
     from opensora_plan.models.text_encoder import load_t5
     from opensora_plan.pipelines.pipeline_opensora_plan import OpenSoraPlanPipeline
 
-    tokenizer, text_encoder = load_t5(text_encoder_name, torch_dtype=torch_dtype, device=device)
-    if run is not None:  # a train-t2v checkpoint (pipelines/training_run.py)
-        from opensora_plan.pipelines.training_run import load_run_transformer
-
-        transformer = load_run_transformer(run, torch_dtype, device, opts.lora_scale)
-    else:
-        transformer = LatteT2V.from_pretrained(model_path / version, torch_dtype=torch_dtype, device=device)
+    offloaded = plan.offload != "none"  # the models wait on the CPU; diffusers' hooks move them
+    home = torch.device("cpu") if offloaded else device
+    vae = CausalVAEModel.from_pretrained(run.vae if run is not None else vae_folder(model_path),
+                                         torch_dtype=torch_dtype, device=home)
+    tokenizer, text_encoder = load_t5(text_encoder_name, torch_dtype=torch_dtype,
+                                      device="cpu" if offloaded or plan.text_encoder == "cpu" else device)
     pipe = OpenSoraPlanPipeline(
-        vae=CausalVAEModel.from_pretrained(run.vae if run is not None else vae_folder(model_path),
-                                           torch_dtype=torch_dtype, device=device),
-        transformer=transformer,
+        vae=vae,
+        transformer=_load_transformer(opts, model_path, version, run, torch_dtype, home) if offloaded else placeholder,
         scheduler=scheduler,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         **stage_models,
     )
     del text_encoder  # the pipeline holds the only reference, so release_text_encoder() frees it
+    if offloaded:
+        _prepare_transformer(pipe, opts, model_path, torch_dtype, groups)
+        pipe.apply_memory_plan(plan, device)
+    batches = [jobs[i : i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
+    do_cfg = opts.guidance_scale > 1.0
+    # Encode every prompt of this rank, then free T5 before denoising (spec 4: ~9.5 GB in fp16).
+    start = time.perf_counter()
+    with out_of_memory_guard("encoding the prompts", plan):
+        encoded = [_encode_batch(pipe, [p for _, p in batch], opts.negative_prompt, do_cfg, opts.clean_caption,
+                                 opts.text_conditioning) for batch in batches]
+    pipe.release_text_encoder()
+    logger.debug("Encoded %d prompt(s) in %.1f s; T5 freed.", len(jobs), time.perf_counter() - start)
+    if not offloaded:
+        with out_of_memory_guard("loading the transformer", plan):
+            pipe.register_modules(transformer=_load_transformer(opts, model_path, version, run, torch_dtype, device))
+        _prepare_transformer(pipe, opts, model_path, torch_dtype, groups)
+        pipe.apply_memory_plan(plan, device)
+    if opts.enable_tiling:
+        pipe.enable_vae_tiling(opts.tile_overlap_factor)
+    pipe.set_progress_bar_config(disable=rank != 0 or not logger.isEnabledFor(logging.INFO))  # -q: no bars
+    num_frames = 1 if opts.force_images else opts.num_frames
+    # A size other than the model's own (bucket-trained models): the pipeline's any_size path.
+    any_size = any(v is not None for v in (opts.num_frames, opts.height, opts.width))
+
+    written, shape = [], ()
+    for batch, (prompt_embeds, prompt_mask, negative_embeds, negative_mask) in zip(batches, encoded):
+        # One generator per prompt, seeded as when the prompt is sampled alone: seed + its index.
+        generators = [torch.Generator("cpu").manual_seed(opts.seed + index) for index, _ in batch]
+        with out_of_memory_guard("sampling", plan):  # the pipeline names denoising / decoding itself
+            videos = pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                prompt_attention_mask=prompt_mask,
+                negative_prompt_attention_mask=negative_mask,
+                num_frames=num_frames,
+                height=opts.height,
+                width=opts.width,
+                any_size=any_size,
+                num_inference_steps=opts.num_sampling_steps,
+                guidance_scale=opts.guidance_scale,
+                generator=generators,
+                interpolation_factor=opts.interpolate,
+                upscale_factor=opts.upscale,
+            ).frames  # (B, T, H, W, 3) uint8, after the stages
+        for (index, prompt), frames in zip(batch, videos):
+            if not groups["writer"]:
+                continue
+            written.append(_save(out_dir / video_filename(index, prompt), frames, opts.fps * opts.interpolate))
+            shape = tuple(frames.shape[:3])
+            logger.info("%swrote %s", tag, written[-1])
+    return written, shape
+
+
+def _load_transformer(opts: SampleOptions, model_path, version, run, torch_dtype, device):
+    """The LatteT2V of the release folder's version, or of a train-t2v checkpoint (its LoRA applied)."""
+    if run is not None:  # a train-t2v checkpoint (pipelines/training_run.py)
+        from opensora_plan.pipelines.training_run import load_run_transformer
+
+        return load_run_transformer(run, torch_dtype, device, opts.lora_scale)
+    from opensora_plan.models.latte import LatteT2V
+
+    return LatteT2V.from_pretrained(model_path / version, torch_dtype=torch_dtype, device=device)
+
+
+def _prepare_transformer(pipe, opts: SampleOptions, model_path, torch_dtype, groups) -> None:
+    """--lora, --cache, --compile and the parallel groups, on the pipeline's transformer."""
     if opts.lora is not None:
         pipe.load_lora_weights(opts.lora, lora_scale=opts.lora_scale)
         if any(p.dtype != torch_dtype for p in pipe.transformer.parameters()):
@@ -494,46 +574,33 @@ def _sample_jobs(jobs, opts: SampleOptions, model_path, version, text_encoder_na
         from opensora_plan.models.parallel import enable_batch_parallel
 
         enable_batch_parallel(pipe.transformer, groups["cfg"])  # [uncond; cond]: one half per rank
-    if opts.enable_tiling:
-        pipe.enable_vae_tiling(opts.tile_overlap_factor)
-    pipe.set_vae_memory_budget(opts.vae_memory_gb)
-    pipe.set_progress_bar_config(disable=rank != 0 or not logger.isEnabledFor(logging.INFO))  # -q: no bars
-    num_frames = 1 if opts.force_images else opts.num_frames
-    # A size other than the model's own (bucket-trained models): the pipeline's any_size path.
-    any_size = any(v is not None for v in (opts.num_frames, opts.height, opts.width))
-    batches = [jobs[i : i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
-    do_cfg = opts.guidance_scale > 1.0
-    # Encode every prompt of this rank, then free T5 before denoising (spec 4: ~9.5 GB in fp16).
-    encoded = [_encode_batch(pipe, [p for _, p in batch], opts.negative_prompt, do_cfg, opts.clean_caption,
-                             opts.text_conditioning) for batch in batches]
-    pipe.release_text_encoder()
 
-    written, shape = [], ()
-    for batch, (prompt_embeds, prompt_mask, negative_embeds, negative_mask) in zip(batches, encoded):
-        # One generator per prompt, seeded as when the prompt is sampled alone: seed + its index.
-        generators = [torch.Generator("cpu").manual_seed(opts.seed + index) for index, _ in batch]
-        videos = pipe(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
-            prompt_attention_mask=prompt_mask,
-            negative_prompt_attention_mask=negative_mask,
-            num_frames=num_frames,
-            height=opts.height,
-            width=opts.width,
-            any_size=any_size,
-            num_inference_steps=opts.num_sampling_steps,
-            guidance_scale=opts.guidance_scale,
-            generator=generators,
-            interpolation_factor=opts.interpolate,
-            upscale_factor=opts.upscale,
-        ).frames  # (B, T, H, W, 3) uint8, after the stages
-        for (index, prompt), frames in zip(batch, videos):
-            if not groups["writer"]:
-                continue
-            written.append(_save(out_dir / video_filename(index, prompt), frames, opts.fps * opts.interpolate))
-            shape = tuple(frames.shape[:3])
-            logger.info("%swrote %s", tag, written[-1])
-    return written, shape
+
+def plan_sample_memory(opts: SampleOptions, model_path, version, text_encoder_name, run, torch_dtype, device):
+    """``(MemoryPlan, the transformer on the meta device)`` of a sample run, from the folders' configs only (no
+    weights read): the model's size unless --num_frames / --height / --width, --batch_size prompts per batch,
+    guidance as --guidance_scale says; --memory_gb, --offload, --vae_memory_gb and --enable_tiling as given."""
+    from opensora_plan.models.latte import LatteT2V
+    from opensora_plan.pipelines.memory_plan import device_memory, meta_models, pipeline_sizes, plan_memory
+
+    config = dict(run.transformer_config) if run is not None else dict(LatteT2V.load_config(str(model_path / version)))
+    transformer, vae, text_encoder = meta_models(config, run.vae if run is not None else vae_folder(model_path),
+                                                 text_encoder_name, torch_dtype)
+    if opts.enable_tiling:
+        vae.enable_tiling()
+        vae.tile_overlap_factor = opts.tile_overlap_factor
+    t_factor, s_factor = vae.temporal_compression, vae.spatial_compression
+    size = config["sample_size"] if isinstance(config["sample_size"], (list, tuple)) else [config["sample_size"]] * 2
+    frames = 1 if opts.force_images else opts.num_frames or t_factor * (config["video_length"] - 1) + 1
+    height, width = opts.height or size[0] * s_factor, opts.width or size[1] * s_factor
+    shape = (opts.batch_size, config["in_channels"], (frames - 1) // t_factor + 1, height // s_factor, width // s_factor)
+    guidance = opts.guidance_scale > 1.0
+    sizes = pipeline_sizes(transformer, vae, text_encoder, torch_dtype, shape, device, guidance, opts.batch_size)
+    memory, source = device_memory(device, opts.memory_gb)
+    budget = opts.vae_memory_gb if opts.vae_memory_gb in (None, "auto") else int(opts.vae_memory_gb * 2**30)
+    plan = plan_memory(sizes, memory, device.type, source, offload=opts.offload, vae_memory=budget,
+                       tiling=opts.enable_tiling, one_shot=True)
+    return plan, transformer
 
 
 def warn_unknown_prompts(prompts: list[str], config, shown: int = 3) -> None:
@@ -600,7 +667,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
 
     from opensora_plan.diffusion.schedulers import create_scheduler
     from opensora_plan.models.text_encoder import preprocess_prompts
-    from opensora_plan.utils import check_output_folder, parse_dtype, resolve_device
+    from opensora_plan.utils import check_output_folder, default_dtype, parse_dtype, resolve_device
 
     # Everything cheap first: flags, prompts, folders, configs.
     if options is None:
@@ -688,12 +755,15 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     resolve_device(device)  # a bad --device fails here, before torchrun joins a process group
 
     rank, world_size, device = _distributed_setup(device)
-    torch_dtype = ((torch.float16 if device.type == "cuda" else torch.float32) if opts.dtype == "auto"
-                   else parse_dtype(opts.dtype))
+    torch_dtype = default_dtype(device) if opts.dtype == "auto" else parse_dtype(opts.dtype)
     if torch_dtype == torch.float16 and device.type == "cpu":
         # Measured on this project's CPU (AVX512-BF16/AMX): the demo sample took ~12x longer in fp16.
         logger.warning("--dtype fp16 on CPU runs on slow fallback kernels (about 12x slower than fp32 here); "
                        "use --dtype bf16 or fp32 on CPU.")
+    plan, placeholder = plan_sample_memory(opts, model_path, version, text_encoder_name, run, torch_dtype, device)
+    if opts.dry_run:
+        print(plan.table(), flush=True)  # and nothing else: no weights read, no folder made
+        return []
     groups = {"sp": None, "cfg": None, "dp_rank": rank, "dp_size": world_size, "writer": True}
     if block > 1:
         from opensora_plan.models.parallel import init_parallel_groups
@@ -708,7 +778,7 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     written = []
     if jobs:  # more processes than prompts leaves some ranks idle
         written, shape = _sample_jobs(jobs, opts, model_path, version, text_encoder_name, scheduler, torch_dtype,
-                                      device, rank, tag, out_dir, groups, run, stages)
+                                      device, rank, tag, out_dir, groups, run, stages, plan, placeholder)
     elapsed = time.perf_counter() - start
     fps = opts.fps * opts.interpolate  # interpolation keeps the duration
     print(f"{tag}{sample_summary(len(written), shape, fps, opts, version, elapsed)} -> {out_dir}", flush=True)

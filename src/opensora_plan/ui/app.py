@@ -10,6 +10,7 @@ downloads, and a gallery of this page's results. Requests go through Gradio's qu
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -47,6 +48,8 @@ def build_app(service: VideoService):
     def factor(label) -> int:  # "off" -> 1, "2x" -> 2
         return 1 if label in (None, "off") else int(str(label).rstrip("x"))
 
+    from opensora_plan.utils import OutOfMemory
+
     def generate(prompt, negative_prompt, version, steps, guidance, seed, random_seed, scheduler, cache, interpolate,
                  upscale, gallery, progress=gr.Progress()):
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, version=version,
@@ -59,7 +62,7 @@ def build_app(service: VideoService):
             gr.Warning(hint[0].upper() + hint[1:])
         try:
             result = service.generate(request, on_step=lambda done, total: progress((done, total), desc="denoising"))
-        except (ValueError, FileNotFoundError) as err:  # the user's input: shown on the page, one log line here
+        except (ValueError, FileNotFoundError, OutOfMemory) as err:  # the user's input, or one line naming the stage
             logger.warning("request refused: %s", err)
             raise gr.Error(str(err), print_exception=False) from None
         gallery = list(gallery or []) + [(str(result.gif), result.caption())]
@@ -145,8 +148,15 @@ class ServeOptions(Options):
     upscale_model: str | None = option(None, show_default=False, help="RGT weights (RGT_x2.pth / RGT_x4.pth or a "
                                        "save_pretrained folder) offered as upscaling (unset: the model folder's "
                                        "stages.upscale, if any)")
+    memory_gb: float | None = option(None, show_default=False, help="memory of the compute device the plan may use, "
+                                     "in GiB (unset: its free memory; docs/sampling.md, 'Memory plan')")
+    offload: str | None = option(None, choices=["none", "model", "sequential"], show_default=False,
+                                 help="where the models wait between requests (CUDA only; unset: the memory plan's "
+                                 "choice)")
 
     def __post_init__(self):
+        if self.memory_gb is not None and not (self.memory_gb > 0 and math.isfinite(self.memory_gb)):
+            raise ValueError(f"--memory_gb must be a positive number of GiB, got {self.memory_gb}.")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be between 1 and 65535, got {self.port}.")
 
@@ -179,7 +189,7 @@ def serve(*args, **kwargs) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one INFO line each
     service = VideoService(o.model_path, version=o.version, text_encoder_name=o.text_encoder_name, device=o.device,
                            dtype=o.dtype, out_dir=o.out_dir, interpolate_model=o.interpolate_model,
-                           upscale_model=o.upscale_model)
+                           upscale_model=o.upscale_model, memory_gb=o.memory_gb, offload=o.offload)
     app = build_app(service)
     print(f"opensora-plan serve: http://{o.host}:{o.port} (model {service.folder}, version {service.version})",
           flush=True)

@@ -87,15 +87,15 @@ class VideoService:
     def __init__(self, model_path: str | os.PathLike | None = None, version: str | None = None,
                  text_encoder_name: str | os.PathLike | None = None, device: str | None = None,
                  dtype: str = "auto", out_dir: str | os.PathLike | None = None,
-                 interpolate_model: str | os.PathLike | None = None, upscale_model: str | os.PathLike | None = None):
+                 interpolate_model: str | os.PathLike | None = None, upscale_model: str | os.PathLike | None = None,
+                 memory_gb: float | None = None, offload: str | None = None):
         from opensora_plan.diffusion.schedulers import scheduler_names
         from opensora_plan.pipelines.model_folder import DEMO_INFO, load_sampling_config
         from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
-        from opensora_plan.utils import check_output_folder, parse_dtype, resolve_device
+        from opensora_plan.utils import check_output_folder, default_dtype, parse_dtype, resolve_device
 
         self.device = resolve_device(device)
-        self.dtype = (torch.float16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" \
-            else parse_dtype(dtype)
+        self.dtype = default_dtype(self.device) if dtype == "auto" else parse_dtype(dtype)
         defaults = resolve_sample_defaults(model_path, version=version, text_encoder_name=text_encoder_name)
         self.folder = Path(defaults["model_path"])
         self.is_demo = (self.folder / DEMO_INFO).is_file()
@@ -109,6 +109,8 @@ class VideoService:
         self._stage_paths = self._find_stages(interpolate_model, upscale_model)  # checked before the big models
         self._stage_models: dict = {}
         self._load(version, text_encoder_name)
+        # The models load on the CPU; the memory plan (T5 kept for every request) puts them on the device.
+        self.plan = self._base.enable_memory_plan(memory_gb=memory_gb, offload=offload, device=self.device)
 
     def _find_stages(self, interpolate_model, upscale_model) -> dict:
         """``{"interpolate": path, "upscale": path}`` of the stages available: flag > the folder's ``stages``."""
@@ -166,9 +168,7 @@ class VideoService:
             if version not in (None, self.versions[0]):
                 raise ValueError(f"--version {version} is not in {self.folder}, which has one transformer "
                                  f"({self.versions[0]}); leave --version out.")
-            # float32 is the loaders' default; passing it would only trigger diffusers' torch_dtype deprecation note.
-            kwargs = {} if self.dtype == torch.float32 else {"torch_dtype": self.dtype}
-            self._base = OpenSoraPlanPipeline.from_pretrained(self.folder, **kwargs).to(self.device)
+            self._base = OpenSoraPlanPipeline.from_pretrained(self.folder, dtype=self.dtype)
             self.version = self.versions[0]
             return
         if not self.folder.is_dir():
@@ -183,7 +183,7 @@ class VideoService:
                                     f"{', '.join(self.versions) or 'none'}); pass --version with one of those.")
         self._base = OpenSoraPlanPipeline.from_release(self.folder, version=version,
                                                        text_encoder=self.defaults["text_encoder_name"],
-                                                       torch_dtype=self.dtype, device=self.device)
+                                                       dtype=self.dtype)
         self.version = version
 
     def _use_version(self, version: str) -> None:
@@ -192,8 +192,9 @@ class VideoService:
         from opensora_plan.models.latte import LatteT2V
 
         self._base.register_modules(transformer=None)  # free the old one first: two may not fit
-        transformer = LatteT2V.from_pretrained(self.folder / version, torch_dtype=self.dtype, device=self.device)
+        transformer = LatteT2V.from_pretrained(self.folder / version, torch_dtype=self.dtype)
         self._base.register_modules(transformer=transformer)
+        self._base.apply_memory_plan(self.plan, self.device)  # the same plan: the versions are the same size
         self.version = version
 
     def size_of(self, version: str | None = None) -> tuple[int, int, int]:
@@ -269,6 +270,7 @@ class VideoService:
         pipe = OpenSoraPlanPipeline(vae=base.vae, transformer=base.transformer, scheduler=create_scheduler(
             request.scheduler), text_encoder=base.text_encoder, tokenizer=base.tokenizer, **stages)
         pipe.set_progress_bar_config(disable=True)
+        pipe.memory_plan = base.memory_plan  # its out-of-memory message names the plan
         pipe.fast_cache_options = fast_cache_options(self.folder)
         pipe.enable_cache(request.cache)  # the transformer is shared: every request sets (or clears) its cache
         return pipe

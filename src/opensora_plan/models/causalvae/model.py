@@ -140,6 +140,19 @@ def estimate_decode_memory(vae: "CausalVAEModel", latent_shape: tuple[int, ...],
     return batch * total * item
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """:meth:`CausalVAEModel.decode_plan`: ``chunk`` latent frames per lossless chunk (None: the plain decode),
+    ``offload`` where the stage outputs wait (None: the compute device), ``need`` the plain decode's estimated
+    bytes, ``peak`` the chosen plan's, ``fits`` whether that is within the budget."""
+
+    chunk: int | None
+    offload: torch.device | None
+    need: int
+    peak: int
+    fits: bool
+
+
 @dataclass
 class CausalVAEOutput(BaseOutput):
     """``forward`` output: the reconstruction and the posterior it was decoded from (for the KL term)."""
@@ -375,32 +388,46 @@ class CausalVAEModel(ModelMixin, ConfigMixin):
                         return int(line.split()[1]) * 1024
         return None  # no way to ask this device: no automatic switch
 
+    def decode_plan(self, latent_shape: tuple[int, ...], budget: int | None, tiled: bool = False,
+                    device: str | torch.device | None = None) -> "DecodePlan":
+        """How a decode of ``latent_shape`` (B, C, t, h, w) keeps within ``budget`` bytes (None: no limit).
+
+        The plain decode's need is :func:`estimate_decode_memory` (per tile when ``tiled``); above the budget,
+        lossless chunks: stage outputs on the compute device ``device`` (default: the VAE's) first (no
+        transfers), then on the CPU, and within each the largest chunk (fewest, most efficient kernel calls).
+        Pure arithmetic (a VAE on the meta device works). ``DecodePlan.peak`` is the estimate of the chosen
+        plan; ``fits`` is False when even one latent frame per chunk is over the budget (the smallest plan).
+        """
+        shape = list(latent_shape)
+        if tiled:
+            shape[3:] = [min(side, self.tile_latent_min_size) for side in shape[3:]]
+        need = estimate_decode_memory(self, shape, self.dtype, device=device)
+        if budget is None or need <= budget or shape[2] < 2:
+            return DecodePlan(None, None, need, need, budget is None or need <= budget)
+        compute = torch.device(device) if device is not None else next(self.parameters()).device
+        plans = [(c, offload) for offload in (None, torch.device("cpu")) for c in range(shape[2] - 1, 0, -1)]
+        estimate = lambda plan: estimate_decode_memory(self, shape, self.dtype, "lossless", *plan, compute)  # noqa: E731
+        chunk, offload = next((plan for plan in plans if estimate(plan) <= budget), plans[-1])
+        peak = estimate((chunk, offload))
+        return DecodePlan(chunk, offload, need, peak, peak <= budget)
+
     def _chunking_for_budget(self, z: torch.Tensor, tiled: bool) -> tuple[int, torch.device | None] | None:
-        """(latent frames per lossless chunk, offload device) that keep this decode within the budget, or
-        None (no change). Prefers stage outputs on the compute device (no transfers), then on the CPU,
-        and within each the largest chunk (fewest, most efficient kernel calls)."""
+        """(latent frames per lossless chunk, offload device) that keep this decode within the budget
+        (:meth:`decode_plan`), or None (no change)."""
         if self.temporal_chunk_latent_frames is not None or z.shape[2] < 2:
             return None  # explicit chunking wins; a single frame cannot be chunked
         budget = self._budget_bytes(z.device)
         if budget is None:
             return None
-        shape = list(z.shape)
-        if tiled:
-            shape[3:] = [min(side, self.tile_latent_min_size) for side in shape[3:]]
-        need = estimate_decode_memory(self, shape, self.dtype)
-        if need <= budget:
+        plan = self.decode_plan(tuple(z.shape), budget, tiled, z.device)
+        if plan.chunk is None:
             return None
-        device = z.device
-        plans = [(c, offload) for offload in (None, torch.device("cpu")) for c in range(z.shape[2] - 1, 0, -1)]
-        estimate = lambda plan: estimate_decode_memory(self, shape, self.dtype, "lossless", *plan, device)  # noqa: E731
-        chunk, offload = next((plan for plan in plans if estimate(plan) <= budget), plans[-1])
-        fits = estimate((chunk, offload))
-        where = "the CPU" if offload is not None and offload != device else "the compute device"
+        where = "the CPU" if plan.offload is not None and plan.offload != z.device else "the compute device"
         logger.info("VAE decode of latents %s needs ~%.2f GiB%s, over the %.2f GiB budget: decoding losslessly in "
                     "chunks of %d latent frame(s), stage outputs on %s (~%.2f GiB%s).", tuple(z.shape),
-                    need / 2**30, " per tile" if tiled else "", budget / 2**30, chunk, where, fits / 2**30,
-                    "" if fits <= budget else ", still over budget: the smallest plan")
-        return chunk, offload
+                    plan.need / 2**30, " per tile" if tiled else "", budget / 2**30, plan.chunk, where,
+                    plan.peak / 2**30, "" if plan.fits else ", still over budget: the smallest plan")
+        return plan.chunk, plan.offload
 
     # ----------------------------------------------------------------------------------------
     # Encode / decode

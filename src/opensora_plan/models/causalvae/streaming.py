@@ -100,7 +100,7 @@ class GroupStats:
 def _norm_silu(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """SiLU(GroupNorm(x)) for one chunk, with statistics of the whole tensor. Same dtype as x."""
     scale, shift = affine
-    y = torch.addcmul(shift, x.float(), scale)  # fp32, like GroupNorm's internal math for bf16
+    y = torch.addcmul(shift, x, scale)  # fp32 (type promotion: no fp32 copy of x), like GroupNorm's math for bf16
     return F.silu(y, inplace=not torch.is_grad_enabled()).to(x.dtype)
 
 
@@ -110,11 +110,16 @@ def _norm_silu(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> to
 
 
 class _CarriedConv:
-    """A CausalConv3d applied to successive chunks; keeps the last ``k_t - 1`` input frames."""
+    """A CausalConv3d applied to successive chunks; keeps the last ``k_t - 1`` input frames.
+
+    The padded window (carry + chunk) is written into one buffer reused by every chunk of the same shape
+    instead of a fresh ``torch.cat`` per chunk: allocating and faulting in a chunk-sized tensor per conv
+    was a large share of the lossless decode's system time."""
 
     def __init__(self, conv: CausalConv3d):
         self.conv = conv
         self.carry: torch.Tensor | None = None
+        self.window: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, f, H, W) -> (B, C', f, H', W')
         pad = self.conv.time_pad
@@ -122,9 +127,13 @@ class _CarriedConv:
             return self.conv.conv(x)
         if self.carry is None:  # first chunk: the replicate-first padding of CausalConv3d
             self.carry = x[:, :, :1].expand(-1, -1, pad, -1, -1)
-        window = torch.cat((self.carry, x), dim=2)  # (B, C, pad + f, H, W)
-        self.carry = window[:, :, -pad:].clone()  # clone: a view would keep the whole window alive
-        return self.conv.conv(window)
+        shape = (*x.shape[:2], pad + x.shape[2], *x.shape[3:])
+        if self.window is None or self.window.shape != shape or self.window.dtype != x.dtype or torch.is_grad_enabled():
+            self.window = x.new_empty(shape)  # (B, C, pad + f, H, W)
+        self.window[:, :, :pad] = self.carry
+        self.window[:, :, pad:] = x
+        self.carry = self.window[:, :, -pad:].clone()  # clone: the window is overwritten by the next chunk
+        return self.conv.conv(self.window)
 
 
 # --------------------------------------------------------------------------------------------
