@@ -344,3 +344,44 @@ def test_extract_on_two_ranks_and_two_process_resume_after_a_kill(assets, tmp_pa
     wb = load_file(str(killed / "checkpoint-3" / "model" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [(r["step"], r["loss"]) for r in read_log(straight)] == [(r["step"], r["loss"]) for r in read_log(killed)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_killed_index_build_leaves_no_worker_running(tmp_path):
+    """``kill -9`` of ``data index`` takes its probing workers with it (they were left running, then blocked on a
+    pipe no one reads: QA 3)."""
+    import signal
+    import time
+
+    _write_clip(tmp_path / "clip.mp4", 0)
+    (tmp_path / "data.json").write_text(json.dumps([{"path": "clip.mp4", "cap": "a ball"}] * 3000))
+    out = tmp_path / "killed-index.parquet"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "opensora_plan", "data", "index", str(tmp_path / "data.json"),
+                             "--out", str(out), "--num_workers", "1", "--part_size", "20"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = Path(f"{out}.parts")
+    deadline = time.monotonic() + 120
+    while not (parts.is_dir() and any(parts.glob("part-*.parquet"))) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the index build ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def survivors():
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and str(out).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # ended meanwhile
+                pass
+        return found
+
+    deadline = time.monotonic() + 10
+    while survivors() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = survivors()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers of the killed build still running: {left}"

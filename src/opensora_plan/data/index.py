@@ -187,8 +187,24 @@ def _entry_items(data_path: Path, video_folder) -> list[tuple[str, list[str], st
 _TOKENIZER = None  # per worker process: the T5 tokenizer, loaded once by _init_worker
 
 
-def _init_worker(text_encoder_name):
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel kill this worker when the process that started it dies (``kill -9`` or SIGTERM of
+    ``data index`` would otherwise leave it probing, then blocked on a pipe no one reads). Elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request above took effect
+        os._exit(1)
+
+
+def _init_worker(text_encoder_name, parent_pid: int):
     global _TOKENIZER
+    _die_with_parent(parent_pid)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if text_encoder_name is not None:
         from ..models.text_encoder import load_tokenizer
@@ -304,7 +320,7 @@ def build_index(*args, progress: bool = True, poll_s: float = 1.0, **kwargs) -> 
                        disable=not progress, smoothing=0.1)
     context = multiprocessing.get_context("fork") if hasattr(os, "fork") else None
     with ProcessPoolExecutor(max_workers=min(workers, max(1, len(mine))), mp_context=context,
-                             initializer=_init_worker, initargs=(o.text_encoder_name,)) as pool:
+                             initializer=_init_worker, initargs=(o.text_encoder_name, os.getpid())) as pool:
         futures = {}
         for k in mine:
             chunk = items[k * o.part_size : (k + 1) * o.part_size]
