@@ -277,6 +277,7 @@ def test_a_lora_train_t2v_run_is_a_teacher_with_its_adapter_folded_in(assets, te
     assert cli.main(t2v_argv(assets, run, 2, "--model", str(teacher / "v"), "--pretrained", str(teacher / "v"),
                              "--lora_rank", "4", "--learning_rate", "1e-2", "--use_image_num", "0")) == 0
     spec = resolve_teacher(str(run))
+    assert spec.guidance_scale == 4.0  # the run's base model's guidance (as `sample` of the run uses), not 7.5
     folded = spec.load()
     assert not any("lora" in k for k in folded.state_dict())  # a plain LatteT2V: the student copies it
     with_adapter = load_run_transformer(resolve_training_output(run), torch.float32, "cpu")

@@ -84,3 +84,12 @@ def test_every_option_of_every_train_command_has_a_resume_rule():
     assert sorted(documented) == sorted(set(documented)) and set(documented) == names
     assert rows["refused"] == set(RESUME_REFUSED) and rows["applied"] == set(RESUME_QUIET)
     assert dataclasses.is_dataclass(T2VTrainOptions)
+
+
+def test_a_refused_switch_says_to_drop_it_not_to_give_its_old_value(assets, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    assert cli.main(_argv(assets, run, 2)) == 0
+    capsys.readouterr()
+    assert cli.main([*_argv(assets, run, 4), "--use_ema", "--resume_from_checkpoint", "latest"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "drop --use_ema" in err and "Give False" not in err and "False again" not in err

@@ -164,7 +164,8 @@ def resolve_teacher(path: str) -> Teacher:
     model folder whose sampling file names its version or that holds exactly one version folder. Its VAE and T5
     (the defaults of ``--ae_path`` / ``--text_encoder_name``) and guidance come from the same place ``sample``
     takes them. FileNotFoundError / ValueError (one line) otherwise; nothing is loaded."""
-    from opensora_plan.pipelines.model_folder import load_sampling_config, vae_folder, version_folders
+    from opensora_plan.pipelines.model_folder import (base_model_sampling_config, load_sampling_config, vae_folder,
+                                                      version_folders)
     from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
 
     folder = Path(path)
@@ -172,8 +173,9 @@ def resolve_teacher(path: str) -> Teacher:
         raise FileNotFoundError(f"--teacher {path} does not exist.")
     if is_training_output(folder):
         run = resolve_training_output(folder)
+        # A distill run records its own sampling file; a train-t2v run samples as its base model does (sample).
         config = load_sampling_config(run.checkpoint.parent) if (run.checkpoint.parent / "sampling_config.json"
-                                                                  ).is_file() else None
+                                                                  ).is_file() else base_model_sampling_config(run.pretrained)
         return Teacher(None if run.lora else run.weights, run, str(run.vae), run.text_encoder,
                        config.guidance_scale if config else None, config.fps if config else None, run.describe())
     config_file = folder / "config.json"

@@ -361,9 +361,11 @@ def check_resume_options(options: Mapping) -> dict[str, tuple]:
     if refused:
         key = refused[0]
         before, now = changes[key]
+        keep = (f"drop --{key}" if before is None or before is False else
+                f"give --{key} again" if before is True else f"give --{key} {before} again")  # never "Give None again"
         raise ValueError(f"--resume_from_checkpoint {checkpoint.name}: --{key} {now} differs from the run's {before} "
-                         f"(its options.json); a resumed run keeps --{key}, which made its checkpoint. Give {before} "
-                         f"again, or start a new --output_dir to train with {now}.")
+                         f"(its options.json); a resumed run keeps --{key}, which made its checkpoint. To resume, "
+                         f"{keep}; or start a new --output_dir to train with {now}.")
     told = [k for k in changes if k not in RESUME_QUIET]
     if told:
         logger.warning("Resuming %s with changed options, applied from step %d on (options.json records the change): "
