@@ -113,6 +113,12 @@ def test_sample_summary_gives_the_size_written_not_the_version_name(tmp_path, ca
     assert "(1 step)" not in line and "1 step)" in line and "per video" in line
 
 
+def test_sample_summary_counts_the_gifs_of_gif(tmp_path, capsys):
+    line = _sample(tmp_path / "g", capsys, "--gif")
+    assert line.startswith("Sampled 1 mp4 video of 17 frames 64x64 at 8 fps and its GIF with model "), line
+    assert sorted(p.suffix for p in (tmp_path / "g").iterdir()) == [".gif", ".mp4"]
+
+
 def test_sample_summary_says_png_images_for_force_images(tmp_path, capsys):
     line = _sample(tmp_path / "b", capsys, "--force_images")
     assert line.startswith("Sampled 1 png image 64x64 with model "), line

@@ -615,7 +615,7 @@ def warn_unknown_prompts(prompts: list[str], config, shown: int = 3) -> None:
 
 def sample_summary(count: int, shape: tuple, fps: float, opts: SampleOptions, model: str, seconds: float) -> str:
     """The end-of-run line: what was written (png images or mp4 videos, frames, size and fps as written, after
-    the post-processing stages), then the model folder and the scheduler that made it, and the time."""
+    the post-processing stages, and the GIFs of ``--gif``), then the model folder and the scheduler that made it, and the time."""
     from opensora_plan.utils import plural
 
     noun = "image" if opts.force_images else "video"
@@ -627,6 +627,8 @@ def sample_summary(count: int, shape: tuple, fps: float, opts: SampleOptions, mo
     steps = [f"--{name} {getattr(opts, name)}" for name in ("interpolate", "upscale") if getattr(opts, name) != 1]
     if count and steps:
         what += f" (after {', '.join(steps)})"
+    if count and opts.gif:
+        what += " and its GIF" if count == 1 else f" and their {count} GIFs"
     return (f"Sampled {what} with model {model} "
             f"({opts.sample_method}, {plural(opts.num_sampling_steps, 'step')}) in {seconds:.1f} s "
             f"({seconds / max(count, 1):.1f} s per {noun})")
@@ -781,12 +783,12 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
                                       device, rank, tag, out_dir, groups, run, stages, plan, placeholder)
     elapsed = time.perf_counter() - start
     fps = opts.fps * opts.interpolate  # interpolation keeps the duration
-    print(f"{tag}{sample_summary(len(written), shape, fps, opts, version, elapsed)} -> {out_dir}", flush=True)
-    if opts.gif:
+    if opts.gif:  # before the summary line, which counts them
         from opensora_plan.data.video_io import read_video, write_gif
 
         for path in [p for p in written if p.suffix == ".mp4"]:
             logger.info("%swrote %s", tag, write_gif(path.with_suffix('.gif'), read_video(path)[0], fps))  # -q hides it
+    print(f"{tag}{sample_summary(len(written), shape, fps, opts, version, elapsed)} -> {out_dir}", flush=True)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
