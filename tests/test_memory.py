@@ -199,6 +199,23 @@ def test_dry_run_prints_the_plan_reads_no_weights_and_writes_nothing(tiny_releas
     assert not out.exists()
 
 
+def test_dry_run_over_an_existing_output_still_prints_the_plan(tiny_release, tmp_path, capsys, caplog):
+    """The collision the real run would refuse is one warning; the plan is printed; the file is untouched."""
+    from opensora_plan import cli
+    from opensora_plan.pipelines.sample_t2v import video_filename
+
+    model_path, t5_path = tiny_release
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / video_filename(0, "a cat")
+    earlier.write_bytes(b"an earlier video")
+    assert cli.main(["sample", "a cat", "--model_path", str(model_path), "--version", TINY_VERSION,
+                     "--text_encoder_name", str(t5_path), "--save_img_path", str(out), "--memory_gb", "12",
+                     "--dry_run", "--sample_method", "DDIM"]) == 0
+    assert "Memory plan for 12.0 GiB" in capsys.readouterr().out
+    assert "already exists" in caplog.text and earlier.read_bytes() == b"an earlier video"
+
+
 @pytest.mark.parametrize("where, error, stage, flag", [
     ("decode", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "decoding with the VAE",
      "--vae_memory_gb"),

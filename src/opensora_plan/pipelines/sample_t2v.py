@@ -705,8 +705,13 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     # Every planned file, checked now: an existing one (a rerun with another --seed names its files alike) is
     # refused without --overwrite, a folder in its place always, so nothing is replaced silently.
     targets = [out_dir / video_filename(index, prompt, suffix) for index, prompt in enumerate(prompts)]
-    check_targets([], targets + ([t.with_suffix(".gif") for t in targets] if opts.gif else []), opts.overwrite,
-                  flag="--save_img_path")
+    try:
+        check_targets([], targets + ([t.with_suffix(".gif") for t in targets] if opts.gif else []), opts.overwrite,
+                      flag="--save_img_path")
+    except ValueError as err:
+        if not opts.dry_run:
+            raise
+        logger.warning("%s (the run itself would stop here; --dry_run goes on to the plan)", err)
     model_path = Path(model_path)
     run = None
     from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
