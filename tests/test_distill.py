@@ -288,3 +288,18 @@ def test_a_lora_train_t2v_run_is_a_teacher_with_its_adapter_folded_in(assets, te
         got = folded(x, t, encoder_hidden_states=text, return_dict=False)[0]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert cli.main(_argv(assets, run, tmp_path / "student", 1)) == 0  # distils from the run
+
+
+def test_guidance_on_top_of_a_student_is_said():
+    """QA 3: --guidance_scale (or another sampler) on a student with guidance baked in was accepted silently."""
+    import warnings
+
+    from opensora_plan.pipelines.model_folder import default_model_path
+    from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
+
+    student = default_model_path() / "student"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_sample_defaults(student)["sample_method"] == "LCM"  # its own defaults: no warning
+    with pytest.warns(UserWarning, match="distilled student .*guidance 3 baked in.*applies guidance on top"):
+        resolve_sample_defaults(student, guidance_scale=3.0)

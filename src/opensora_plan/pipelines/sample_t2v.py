@@ -292,7 +292,24 @@ def resolve_sample_defaults(model_path: str | os.PathLike | None = None, lora: s
             f"{options['sample_method']} clips the predicted latents to [-1, 1] (as the reference builds it); the "
             f"demo model's latents reach +-8, so its videos lose their colours (docs/demo.md, 'Pick the scheduler "
             f"with care'). Its default, {defaults['sample_method']}, does not clip.", UserWarning, stacklevel=3)
+    baked = _distilled_guidance(folder)
+    if baked is not None and (options["guidance_scale"] > 1.0 or options["sample_method"] != defaults["sample_method"]):
+        warnings.warn(
+            f"{folder} is a distilled student (guidance {baked:g} baked in, made for {defaults['sample_method']}): "
+            f"--guidance_scale {options['guidance_scale']:g} with {options['sample_method']} applies guidance on top "
+            f"of it (two transformer evaluations per step); its defaults are {defaults['sample_method']}, guidance 1.",
+            UserWarning, stacklevel=3)
     return options
+
+
+def _distilled_guidance(folder: Path) -> float | None:
+    """The guidance a ``distill`` student has baked in (its sampling file's ``_distillation`` record), else None."""
+    record_file = Path(folder) / "sampling_config.json"
+    try:
+        record = json.loads(record_file.read_text()).get("_distillation") if record_file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None  # load_sampling_config has already named a broken file
+    return float(record["guidance_scale"]) if isinstance(record, dict) and "guidance_scale" in record else None
 
 
 def read_prompts(text_prompt: str | None = None, prompt_file: str | os.PathLike | None = None,
