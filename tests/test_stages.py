@@ -89,7 +89,7 @@ def test_sample_with_both_stages_gif_and_batches(setup, tmp_path, capsys):
                      *args]) == 0
     out = capsys.readouterr().out
     assert re.search(r"Sampled 2 mp4 videos of 33 frames 128x128 at 16 fps \(after --interpolate 2, --upscale 2\) "
-                     r"with model ", out), out
+                     r"and their 2 GIFs with model ", out), out
     for name in ("0000-a_cat.mp4", "0001-a_dog.mp4"):
         video, fps = read_video(tmp_path / "out" / name)
         assert tuple(video.shape) == (33, 128, 128, 3) and fps == pytest.approx(16)
