@@ -70,6 +70,33 @@ def test_save_pretrained_folder_reloads_with_diffusers_and_samples_the_same(tiny
     torch.testing.assert_close(_latents(reloaded), _latents(tiny_pipe), rtol=0, atol=0)
 
 
+def test_saved_demo_keeps_its_sampling_defaults_and_samples_the_same_video_through_the_cli(tmp_path):
+    """save_pretrained writes the folder's sampling file (as diffusers' files do not): without it a saved demo
+    sampled with the release's 50 steps / guidance 7.5 and `sample --model_path` could not read it."""
+    pipe = OpenSoraPlanPipeline.from_pretrained(DEMO)
+    pipe.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "demo.json").read_text())
+    assert saved["version"] == "transformer" and saved["text_encoder"] == "text_encoder"
+    assert saved["_saved_from"] == str(DEMO.resolve()) and "stages" not in saved  # no paths into the old folder
+    reloaded = OpenSoraPlanPipeline.from_pretrained(tmp_path / "saved")
+    assert reloaded.sampling_defaults() == pipe.sampling_defaults() == {"num_inference_steps": 50,
+                                                                          "guidance_scale": 3.0}
+    for folder, out in ((DEMO, "a"), (tmp_path / "saved", "b")):
+        assert cli.main(["-q", "sample", "a red circle moving left", "--model_path", str(folder),
+                         "--num_sampling_steps", "4", "--save_img_path", str(tmp_path / out)]) in (0, None)
+    videos = [next((tmp_path / out).glob("*.mp4")).read_bytes() for out in "ab"]
+    assert videos[0] == videos[1]
+
+
+def test_saved_release_pipeline_gets_a_sampling_file_naming_its_own_folders(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "sampling_config.json").read_text())
+    assert config == {"version": "transformer", "text_encoder": "text_encoder"}
+    assert cli.main(["-q", "sample", "a cat", "--model_path", str(tmp_path / "saved"), "--num_sampling_steps", "2",
+                     "--sample_method", "DDIM", "--save_img_path", str(tmp_path / "out")]) in (0, None)
+    assert len(list((tmp_path / "out").glob("*.mp4"))) == 1
+
+
 def test_from_release_names_the_missing_version_and_what_is_there(tiny_release):
     model_path, t5_path = tiny_release
     with pytest.raises(FileNotFoundError, match=rf"65x512x512 does not exist.*found: {TINY_VERSION}, vae"):

@@ -136,6 +136,41 @@ class SamplingConfig:
         return {key: value for key, value in values.items() if value is not None}
 
 
+# Fields of a sampling file that name files inside its folder: rewritten for a save_pretrained folder.
+_FOLDER_FIELDS = ("version", "text_encoder", "vae", "stages")
+
+
+def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str | os.PathLike) -> Path | None:
+    """Write a sampling file into the ``save_pretrained`` folder ``save_directory`` (what ``save_pretrained`` of a
+    pipeline adds to diffusers' files), so that it samples as the loaded folder ``source`` did, through the
+    Python API and ``sample --model_path``.
+
+    Kept from ``source``'s file (its ``sampling_config.json``, or a demo's ``demo.json``, whose kind the copy
+    keeps): every field but those naming files in ``source`` (version, text_encoder, vae, stages). Written for
+    ``save_directory``'s own files: ``version``, its LatteT2V folder (``transformer``), and ``text_encoder``
+    when one was saved. ``_saved_from`` records ``source``. Returns the file written. Raises ValueError for a
+    malformed file in ``source`` (:func:`load_sampling_config`'s message).
+    """
+    import json
+
+    save_directory = Path(save_directory)
+    path = sampling_config_file(source) if source is not None and os.path.isdir(source) else None
+    data = {}
+    if path is not None:
+        load_sampling_config(source)  # validated before anything is written
+        data = {k: v for k, v in json.loads(path.read_text()).items()
+                if k not in _FOLDER_FIELDS and not k.startswith("_")}
+        data["_saved_from"] = str(Path(source).resolve())
+    transformers = version_folders(save_directory)
+    if len(transformers) == 1:
+        data["version"] = transformers[0]
+    if (save_directory / "text_encoder" / "config.json").is_file():
+        data["text_encoder"] = "text_encoder"
+    target = save_directory / (path.name if path is not None else SAMPLING_CONFIG)
+    target.write_text(json.dumps(data, indent=2) + "\n")
+    return target
+
+
 def sampling_config_file(folder: str | os.PathLike) -> Path | None:
     """The folder's ``sampling_config.json``, else its ``demo.json``, else None."""
     for name in (SAMPLING_CONFIG, DEMO_INFO):

@@ -229,6 +229,19 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             kwargs["dtype"] = resolve_dtype_arguments(dtype, torch_dtype)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """diffusers' ``save_pretrained``, plus the loaded folder's sampling defaults (its ``sampling_config.json``
+        or a demo's ``demo.json``: scheduler, steps, guidance, fps, cache preset, prompts) so that the saved folder
+        samples as the loaded one did, also through ``sample --model_path`` (``text_encoder/`` gets the tokenizer's
+        files too, a whole T5 folder; ``pipelines/model_folder.save_sampling_defaults``)."""
+        from opensora_plan.pipelines.model_folder import save_sampling_defaults
+
+        super().save_pretrained(save_directory, **kwargs)
+        if self.tokenizer is not None and self.text_encoder is not None:
+            # text_encoder/ becomes a whole T5 folder, as --text_encoder_name takes (the release's T5 layout)
+            self.tokenizer.save_pretrained(os.path.join(save_directory, "text_encoder"))
+        save_sampling_defaults(self._folder(), save_directory)
+
     # ----------------------------------------------------------------------------------------
     # The model folder's sampling file: call defaults and post-processing stages
     # ----------------------------------------------------------------------------------------
