@@ -88,6 +88,23 @@ def test_saved_demo_keeps_its_sampling_defaults_and_samples_the_same_video_throu
     assert videos[0] == videos[1]
 
 
+def test_distilled_student_loads_in_python_with_its_own_defaults_and_saves_to_a_folder_sample_reads(tmp_path):
+    """from_release takes the student's version, scheduler and VAE (``../vae``) from its sampling file; the saved
+    folder keeps them (and the baked-guidance record) and `sample` writes the same video from both folders."""
+    student = DEMO / "student"
+    pipe = OpenSoraPlanPipeline.from_release(student, text_encoder=DEMO / "text_encoder")
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    assert pipe.sampling_defaults() == {"num_inference_steps": 4, "guidance_scale": 1.0}
+    pipe.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "sampling_config.json").read_text())
+    assert saved["sample_method"] == "LCM" and "_distillation" in saved and "vae" not in saved
+    assert OpenSoraPlanPipeline.from_pretrained(tmp_path / "saved").sampling_defaults() == pipe.sampling_defaults()
+    for folder, out in ((student, "a"), (tmp_path / "saved", "b")):
+        assert cli.main(["-q", "sample", "a red circle moving left", "--model_path", str(folder),
+                         "--save_img_path", str(tmp_path / out)]) in (0, None)
+    assert next((tmp_path / "a").glob("*.mp4")).read_bytes() == next((tmp_path / "b").glob("*.mp4")).read_bytes()
+
+
 def test_saved_release_pipeline_gets_a_sampling_file_naming_its_own_folders(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "sampling_config.json").read_text())

@@ -146,7 +146,8 @@ def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str
     Python API and ``sample --model_path``.
 
     Kept from ``source``'s file (its ``sampling_config.json``, or a demo's ``demo.json``, whose kind the copy
-    keeps): every field but those naming files in ``source`` (version, text_encoder, vae, stages). Written for
+    keeps): every field but those naming files in ``source`` (version, text_encoder, vae, stages), comments
+    (``_distillation`` of a student) included. Written for
     ``save_directory``'s own files: ``version``, its LatteT2V folder (``transformer``), and ``text_encoder``
     when one was saved. ``_saved_from`` records ``source``. Returns the file written. Raises ValueError for a
     malformed file in ``source`` (:func:`load_sampling_config`'s message).
@@ -158,8 +159,7 @@ def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str
     data = {}
     if path is not None:
         load_sampling_config(source)  # validated before anything is written
-        data = {k: v for k, v in json.loads(path.read_text()).items()
-                if k not in _FOLDER_FIELDS and not k.startswith("_")}
+        data = {k: v for k, v in json.loads(path.read_text()).items() if k not in _FOLDER_FIELDS}
         data["_saved_from"] = str(Path(source).resolve())
     transformers = version_folders(save_directory)
     if len(transformers) == 1:

@@ -60,7 +60,8 @@ from opensora_plan.models.layers import inference_weight_cache
 from opensora_plan.models.step_cache import CACHE_METHODS, CACHE_PRESETS, FAST_CACHE, make_step_cache, parse_cache_spec
 from opensora_plan.models.text_encoder import MODEL_MAX_LENGTH, encode_texts, preprocess_prompts, warn_truncated
 from opensora_plan.pipelines.memory_plan import out_of_memory_guard
-from opensora_plan.pipelines.model_folder import RELEASE_SAMPLE_DEFAULTS, fast_cache_options, load_sampling_config
+from opensora_plan.pipelines.model_folder import (RELEASE_SAMPLE_DEFAULTS, fast_cache_options, load_sampling_config,
+                                                  vae_folder)
 from opensora_plan.utils import check_finite, valid_num_frames
 
 if TYPE_CHECKING:
@@ -156,9 +157,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
     def from_release(
         cls,
         root: str | os.PathLike,
-        version: str = "65x512x512",
+        version: str | None = None,
         text_encoder: str | os.PathLike | None = None,
-        scheduler: str = "PNDM",
+        scheduler: str | None = None,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -172,6 +173,9 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         reference's default). Weights load strictly (a missing or unexpected key raises ``ValueError``);
         a missing folder raises ``FileNotFoundError`` naming it. The shipped demo also has this layout:
         ``from_release(demo_folder, version="17x64x64", text_encoder=demo_folder / "text_encoder")``.
+        ``version`` / ``scheduler`` unset: the folder's sampling file's (``sampling_config.json`` or ``demo.json``),
+        else the release's ``65x512x512`` / PNDM; the VAE is the file's ``vae`` (a distilled student shares its
+        teacher's, e.g. ``assets/demo/student``), else ``root/vae``.
 
         ``dtype`` (diffusers' current name) or ``torch_dtype`` (the older one; both only if equal, else ValueError):
         every model is loaded in it (T5 in float16 keeps its ``wo`` layers in float32, as transformers does for
@@ -189,6 +193,10 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
 
         torch_dtype = resolve_dtype_arguments(dtype, torch_dtype, device)
         root = Path(root)
+        config = load_sampling_config(root) if root.is_dir() else None
+        given = {**RELEASE_SAMPLE_DEFAULTS, **(config.sample_defaults() if config is not None else {})}
+        version = version if version is not None else given["version"]
+        scheduler = scheduler if scheduler is not None else given["sample_method"]
         if not (root / version).is_dir():
             present = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
             raise FileNotFoundError(f"Version folder {root / version} does not exist; version must name a folder of "
@@ -197,7 +205,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         if text_encoder is not None:
             tokenizer, t5 = load_t5(text_encoder, torch_dtype=torch_dtype, device=device)
         pipe = cls(
-            vae=CausalVAEModel.from_pretrained(root / "vae", torch_dtype=torch_dtype, device=device),
+            vae=CausalVAEModel.from_pretrained(vae_folder(root), torch_dtype=torch_dtype, device=device),
             transformer=LatteT2V.from_pretrained(root / version, torch_dtype=torch_dtype, device=device),
             scheduler=create_scheduler(scheduler),
             text_encoder=t5,
