@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,8 @@ def _vae_config(args) -> Path:
 
 def vae_rows(args) -> list[dict]:
     """Decode rows through benchmarks/vae.py (its JSON), one mode per subprocess."""
-    out = Path(args.json).with_suffix(".vae.json") if args.json else ROOT / "gpu_check.vae.json"
+    # beside --json, else in a temporary folder (never a stray file in the repository)
+    out = Path(args.json).with_suffix(".vae.json") if args.json else Path(tempfile.mkdtemp()) / "gpu_check.vae.json"
     size = "x".join(map(str, args.size))
     command = [sys.executable, str(ROOT / "benchmarks" / "vae.py"), "--device", args.device, "--sizes", size,
                "--dtypes", args.dtype, "--modes", args.vae_modes, "--phases", "decode", "--chunk", "4",
