@@ -207,6 +207,12 @@ def test_vae_degradation_is_the_bicubic_lr_through_a_fixed_vae_round_trip(tiny_v
     assert (vae_degradation(hr[1:], 2, vae=tiny_vae) - lr[1:]).abs().max() <= 1.01 / 255
     odd = vae_degradation(torch.rand(1, 3, 84, 76), 2, vae=tiny_vae)
     assert odd.shape == (1, 3, 42, 38) and torch.equal(odd, quantise(odd))
+    # latent noise: training draws only, a function of the generator; held-out clips get none
+    noisy = [vae_degradation(hr, 2, torch.Generator().manual_seed(seed), vae=tiny_vae, latent_noise=0.5)
+             for seed in (1, 1, 2)]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])
+    assert not torch.equal(noisy[0], lr) and torch.equal(noisy[0], quantise(noisy[0]))
+    assert torch.equal(vae_degradation(hr, 2, None, vae=tiny_vae, latent_noise=0.5), lr)
 
 
 def test_bicubic_or_vae_draws_one_of_the_two_per_sample_and_holds_out_the_vae(tiny_vae):
@@ -241,6 +247,8 @@ def test_sr_pairs_with_the_vae_degradation(videos, tiny_vae):
         SRPairDataset(clips, scale=2, crop_size=32, degradation="vae")
     with pytest.raises(ValueError, match="takes no VAE"):
         SRPairDataset(clips, scale=2, crop_size=32, vae=tiny_vae)
+    with pytest.raises(ValueError, match="vae_latent_noise must be >= 0"):
+        SRPairDataset(clips, scale=2, crop_size=32, vae_latent_noise=0.3)
 
 
 def test_losses_are_zero_for_a_perfect_prediction_and_census_ignores_brightness():
@@ -374,11 +382,13 @@ def test_train_sr_with_the_vae_degradation_and_its_one_line_errors(tmp_path, vid
     vae_dir = tmp_path / "model"  # a model folder with a vae/ subfolder is accepted, as train-t2v's --ae_path
     tiny_vae.save_pretrained(vae_dir / "vae")
     out = tmp_path / "run"
-    assert main(_args("train-sr", rgt_config, videos, out, 2, "--degradation", "vae", "--ae_path", str(vae_dir),
-                      "--validation_data", str(held_out), "--validation_steps", "2")) == 0
+    assert main(_args("train-sr", rgt_config, videos, out, 2, "--degradation", "bicubic_or_vae", "--ae_path",
+                      str(vae_dir), "--vae_latent_noise", "0.3", "--validation_data", str(held_out),
+                      "--validation_steps", "2")) == 0
     assert [r["step"] for r in _log(out) if "val_psnr" in r] == [0, 2]
     extra = json.loads((out / "options.json").read_text())["extra"]
-    assert extra["degradation"] == "vae" and extra["ae_path"] == str(vae_dir.resolve())
+    assert extra["degradation"] == "bicubic_or_vae" and extra["ae_path"] == str(vae_dir.resolve())
+    assert extra["vae_latent_noise"] == 0.3
     capsys.readouterr()
 
     from opensora_plan.models.rgt import RGTModel
@@ -391,6 +401,8 @@ def test_train_sr_with_the_vae_degradation_and_its_one_line_errors(tmp_path, vid
         (["--degradation", "bicubic_or_vae", "--ae_path", str(tmp_path / "nowhere")], "is not a CausalVAE folder"),
         (["--degradation", "vae", "--ae_path", str(tmp_path / "rgt")], "holds a RGTModel, not a CausalVAE"),
         (["--ae_path", str(vae_dir)], "--ae_path has no effect with --degradation bicubic"),
+        (["--vae_latent_noise", "0.3"], "--vae_latent_noise has no effect with --degradation bicubic"),
+        (["--degradation", "vae", "--ae_path", str(vae_dir), "--vae_latent_noise", "-1"], "must be >= 0"),
     ):
         assert main([*base, *extra_args]) == 1
         err = capsys.readouterr().err.strip()

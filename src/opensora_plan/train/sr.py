@@ -46,6 +46,10 @@ class SRTrainOptions(FrameTrainOptions):
     ae_path: str | None = option(None, help="CausalVAE folder (or a model folder with a vae/ subfolder) of --degradation "
                                  "vae / bicubic_or_vae: the VAE whose decoded frames the model will upscale (the demo's: "
                                  "src/opensora_plan/assets/demo/vae)", group="data")
+    vae_latent_noise: float = option(0.0, help="with a VAE degradation: Gaussian noise added to the latent before "
+                                     "decoding, its std a fraction drawn per sample from [0, S] of the latent's own std, "
+                                     "as a sampled video's latents are less exact than an encoding (held-out clips: "
+                                     "none)", group="data")
     learning_rate: float = option(2e-4, help="AdamW learning rate", group="optimisation")
     adam_beta1: float = option(0.9, help="AdamW beta1", group="optimisation")
     adam_beta2: float = option(0.99, help="AdamW beta2", group="optimisation")
@@ -57,6 +61,11 @@ class SRTrainOptions(FrameTrainOptions):
         if degradation_needs_vae(self.degradation) and not self.ae_path:
             raise ValueError(f"--degradation {self.degradation} needs --ae_path: the CausalVAE folder whose decoded frames "
                              "the model will upscale (the demo's: src/opensora_plan/assets/demo/vae).")
+        if self.vae_latent_noise < 0:
+            raise ValueError(f"--vae_latent_noise must be >= 0, got {self.vae_latent_noise}.")
+        if self.vae_latent_noise and not degradation_needs_vae(self.degradation):
+            raise ValueError(f"--vae_latent_noise has no effect with --degradation {self.degradation}; drop it, or use "
+                             f"{' or '.join(n for n in DEGRADATIONS if degradation_needs_vae(n))}.")
         if self.ae_path and not degradation_needs_vae(self.degradation):
             raise ValueError(f"--ae_path has no effect with --degradation {self.degradation}; drop it, or use "
                              f"{' or '.join(n for n in DEGRADATIONS if degradation_needs_vae(n))}.")
@@ -145,7 +154,8 @@ def train_sr(options: SRTrainOptions | Mapping, build_model=build_sr_model) -> d
         except ValueError as err:
             raise ValueError(f"--crop_size {options.crop_size} gives {side} px LR crops, too small: {err}") from None
     dataset = SRPairDataset(paths, scale, options.crop_size, options.degradation,
-                            samples_per_video=options.samples_per_video, vae=vae)
+                            samples_per_video=options.samples_per_video, vae=vae,
+                            vae_latent_noise=options.vae_latent_noise)
     validation = SRPairDataset(held_out, scale, options.crop_size, options.degradation,
                                deterministic=True, vae=vae) if held_out else None
     task = SRTrainTask(model, dataset, validation, learning_rate=options.learning_rate,
