@@ -159,7 +159,8 @@ def main() -> None:
                   f"{r['frames']} frames ({time.perf_counter() - start:.1f} s)")
             print("| x2 upscale vs true 128 px render | mean PSNR (dB) | median PSNR (dB) | mean SSIM |")
             print("|---|---|---|---|")
-            print(f"| RGT (shipped demo model) | {r['model_psnr']:.2f} | {r['model_median']:.2f} | "
+            name = "shipped demo model" if args.model_path is None else args.model_path
+            print(f"| RGT ({name}) | {r['model_psnr']:.2f} | {r['model_median']:.2f} | "
                   f"{r['model_ssim']:.4f} |")
             print(f"| bicubic | {r['bicubic_psnr']:.2f} | {r['bicubic_median']:.2f} | {r['bicubic_ssim']:.4f} |")
             gain = r["model_psnr"] - r["bicubic_psnr"]
