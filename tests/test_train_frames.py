@@ -12,7 +12,14 @@ from safetensors.torch import load_file
 
 from opensora_plan.cli import main
 from opensora_plan.data.datasets import NoUsableVideoError
-from opensora_plan.data.frames import SRPairDataset, TripletDataset, bicubic_degradation
+from opensora_plan.data.frames import (
+    SRPairDataset,
+    TripletDataset,
+    bicubic_degradation,
+    bicubic_or_vae_degradation,
+    quantise,
+    vae_degradation,
+)
 from opensora_plan.data.video_io import list_videos, write_video
 from opensora_plan.train.losses_frames import census_loss, charbonnier_loss
 from opensora_plan.train.sampler import SeededSamples
@@ -173,6 +180,77 @@ def test_sr_pairs_are_bicubic_downscales_of_the_hr_crops(videos):
         SRPairDataset(_clips(videos), scale=2, crop_size=31)
 
 
+@pytest.fixture(scope="module")
+def tiny_vae():
+    """A randomly initialised CausalVAE of the demo's width (4 channels, 8x spatial compression)."""
+    from opensora_plan.models.causalvae import CausalVAEModel
+
+    torch.manual_seed(0)
+    return CausalVAEModel(hidden_size=32, hidden_size_mult=(1, 1, 2, 2), num_res_blocks=0, resolution=64).eval()
+
+
+def test_vae_degradation_is_the_bicubic_lr_through_a_fixed_vae_round_trip(tiny_vae):
+    torch.manual_seed(3)
+    hr = torch.rand(2, 3, 64, 48)
+    lr = vae_degradation(hr, 2, None, vae=tiny_vae)
+    assert lr.shape == (2, 3, 32, 24) and lr.dtype == torch.float32
+    assert 0 <= lr.min() and lr.max() <= 1 and torch.equal(lr, quantise(lr))  # 8-bit levels
+    with torch.no_grad():  # by hand: each frame a 1-frame video, the posterior's mean decoded
+        x = bicubic_degradation(hr, 2).mul(2).sub(1).unsqueeze(2)
+        expected = quantise((tiny_vae.decode(tiny_vae.encode(x).latent_dist.mode()).sample[:, :, 0] + 1) / 2)
+    assert (lr - expected).abs().max() <= 1.01 / 255
+    assert not torch.equal(lr, bicubic_degradation(hr, 2))
+    # held-out clips and training draws give the same frame: nothing is random
+    assert torch.equal(vae_degradation(hr, 2, torch.Generator().manual_seed(1), vae=tiny_vae), lr)
+    assert torch.equal(vae_degradation(hr, 2, None, vae=tiny_vae), lr)
+    # frames are degraded one by one (N is a batch of images), and odd LR sides are padded for the VAE
+    assert (vae_degradation(hr[1:], 2, vae=tiny_vae) - lr[1:]).abs().max() <= 1.01 / 255
+    odd = vae_degradation(torch.rand(1, 3, 84, 76), 2, vae=tiny_vae)
+    assert odd.shape == (1, 3, 42, 38) and torch.equal(odd, quantise(odd))
+    # latent noise: training draws only, a function of the generator; held-out clips get none
+    noisy = [vae_degradation(hr, 2, torch.Generator().manual_seed(seed), vae=tiny_vae, latent_noise=0.5)
+             for seed in (1, 1, 2)]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])
+    assert not torch.equal(noisy[0], lr) and torch.equal(noisy[0], quantise(noisy[0]))
+    assert torch.equal(vae_degradation(hr, 2, None, vae=tiny_vae, latent_noise=0.5), lr)
+
+
+def test_bicubic_or_vae_draws_one_of_the_two_per_sample_and_holds_out_the_vae(tiny_vae):
+    hr = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    bicubic, vae = bicubic_degradation(hr, 2), vae_degradation(hr, 2, vae=tiny_vae)
+    drawn = []
+    for seed in range(16):
+        lr = bicubic_or_vae_degradation(hr, 2, torch.Generator().manual_seed(seed), vae=tiny_vae)
+        assert torch.equal(lr, bicubic) or torch.equal(lr, vae)
+        drawn.append(torch.equal(lr, vae))
+        again = bicubic_or_vae_degradation(hr, 2, torch.Generator().manual_seed(seed), vae=tiny_vae)
+        assert torch.equal(again, lr)  # a function of the sample's generator
+    assert 0 < sum(drawn) < len(drawn)
+    assert torch.equal(bicubic_or_vae_degradation(hr, 2, None, vae=tiny_vae), vae)
+
+
+def test_sr_pairs_with_the_vae_degradation(videos, tiny_vae):
+    clips = _clips(videos)
+    held = SRPairDataset(clips, scale=2, crop_size=32, degradation="vae", deterministic=True, vae=tiny_vae)
+    a, b = held[0], held[0]
+    assert a["lr"].shape == (3, 16, 16) and a["hr"].shape == (3, 32, 32) and torch.equal(a["lr"], b["lr"])
+    from opensora_plan.data.video_io import VideoReader
+
+    with VideoReader(clips[0]) as reader:  # the middle frame, as read back from the file
+        whole = reader.get_frames([FRAMES // 2]).permute(0, 3, 1, 2).float() / 255
+    expected = vae_degradation(whole, 2, vae=tiny_vae)[0, :, 12:28, 12:28]  # the centre crop of the whole LR
+    assert torch.equal(a["lr"], expected)
+    samples = SeededSamples(SRPairDataset(clips, scale=2, crop_size=32, degradation="bicubic_or_vae",
+                                          vae=tiny_vae), seed=0)
+    assert torch.equal(samples[(0, 1)]["lr"], samples[(0, 1)]["lr"])
+    with pytest.raises(ValueError, match="needs a CausalVAE"):
+        SRPairDataset(clips, scale=2, crop_size=32, degradation="vae")
+    with pytest.raises(ValueError, match="takes no VAE"):
+        SRPairDataset(clips, scale=2, crop_size=32, vae=tiny_vae)
+    with pytest.raises(ValueError, match="vae_latent_noise must be >= 0"):
+        SRPairDataset(clips, scale=2, crop_size=32, vae_latent_noise=0.3)
+
+
 def test_losses_are_zero_for_a_perfect_prediction_and_census_ignores_brightness():
     torch.manual_seed(0)
     image = torch.rand(2, 3, 24, 24)
@@ -297,6 +375,39 @@ def test_user_errors_are_one_line_before_any_work(tmp_path, videos, capsys):
     assert main(["train-sr", *base, "--model_config", "m", "--validation_steps", "10"]) == 1
     assert "--validation_steps 10 has no effect without held-out clips" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_train_sr_with_the_vae_degradation_and_its_one_line_errors(tmp_path, videos, held_out, rgt_config,
+                                                                    tiny_vae, capsys):
+    vae_dir = tmp_path / "model"  # a model folder with a vae/ subfolder is accepted, as train-t2v's --ae_path
+    tiny_vae.save_pretrained(vae_dir / "vae")
+    out = tmp_path / "run"
+    assert main(_args("train-sr", rgt_config, videos, out, 2, "--degradation", "bicubic_or_vae", "--ae_path",
+                      str(vae_dir), "--vae_latent_noise", "0.3", "--validation_data", str(held_out),
+                      "--validation_steps", "2")) == 0
+    assert [r["step"] for r in _log(out) if "val_psnr" in r] == [0, 2]
+    extra = json.loads((out / "options.json").read_text())["extra"]
+    assert extra["degradation"] == "bicubic_or_vae" and extra["ae_path"] == str(vae_dir.resolve())
+    assert extra["vae_latent_noise"] == 0.3
+    capsys.readouterr()
+
+    from opensora_plan.models.rgt import RGTModel
+
+    RGTModel.from_config(json.loads(rgt_config.read_text())).save_pretrained(tmp_path / "rgt")
+    bad = tmp_path / "bad"
+    base = _args("train-sr", rgt_config, videos, bad, 1)
+    for extra_args, message in (
+        (["--degradation", "vae"], "--degradation vae needs --ae_path"),
+        (["--degradation", "bicubic_or_vae", "--ae_path", str(tmp_path / "nowhere")], "is not a CausalVAE folder"),
+        (["--degradation", "vae", "--ae_path", str(tmp_path / "rgt")], "holds a RGTModel, not a CausalVAE"),
+        (["--ae_path", str(vae_dir)], "--ae_path has no effect with --degradation bicubic"),
+        (["--vae_latent_noise", "0.3"], "--vae_latent_noise has no effect with --degradation bicubic"),
+        (["--degradation", "vae", "--ae_path", str(vae_dir), "--vae_latent_noise", "-1"], "must be >= 0"),
+    ):
+        assert main([*base, *extra_args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not bad.exists()
 
 
 @pytest.mark.slow

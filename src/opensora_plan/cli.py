@@ -401,7 +401,7 @@ def _run_train_vfi(args) -> int:
 def _add_train_sr(subparsers) -> None:
     p = subparsers.add_parser(
         "train-sr",
-        help="train / fine-tune RGT super-resolution (L1 on bicubic-degraded video frames)",
+        help="train / fine-tune RGT super-resolution (L1 on bicubic- or VAE-degraded video frames)",
         description="Train RGT on (LR, HR) crops of video frames from a folder of videos or a JSON video list, LR made "
         "by --degradation, from scratch (--model_config) or from RGT_x2.pth (--pretrained). --config takes an options "
         "file (JSON or YAML, or a run's options.json); flags given on the command line replace its values. See "

@@ -12,9 +12,9 @@ which the task counts with :class:`~opensora_plan.data.datasets.SkippedVideos`.
   zoom (p 0.1), random crop, RGB<->BGR (p 0.5), vertical flip (p 0.3), horizontal flip (p 0.5),
   transpose (p 0.05, square crops), temporal reversal (p 0.5).
 * :class:`SRPairDataset`: a random frame of video i, degraded as a whole frame (the LR image a camera-sized
-  frame would give, no crop-border effects) by a function of :data:`DEGRADATIONS`, then an aligned random
-  crop (HR ``crop_size``, LR ``crop_size / scale``) and BasicSR's ``augment`` (RGT's training data
-  pipeline): horizontal flip, vertical flip, transpose, each p 0.5.
+  frame would give, no crop-border effects) by a function of :data:`DEGRADATIONS` (bicubic, or bicubic then a
+  CausalVAE round trip), then an aligned random crop (HR ``crop_size``, LR ``crop_size / scale``) and
+  BasicSR's ``augment`` (RGT's training data pipeline): horizontal flip, vertical flip, transpose, each p 0.5.
 
 An epoch holds ``samples_per_video`` samples of every video (sample i from video ``i % num_videos``), so a
 few long clips still fill large batches.
@@ -29,6 +29,7 @@ Tensors are float in [0, 1], ``(3, H, W)``.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -214,11 +215,64 @@ def bicubic_degradation(hr: torch.Tensor, scale: int, generator: torch.Generator
     return quantise(lr)
 
 
+def vae_degradation(hr: torch.Tensor, scale: int, generator: torch.Generator | None = None, *,
+                    vae: torch.nn.Module, latent_noise: float = 0.0) -> torch.Tensor:
+    """HR ``(N, 3, H, W)`` in [0, 1] -> LR ``(N, 3, H / scale, W / scale)`` in [0, 1]: the bicubic LR after a
+    round trip through a CausalVAE (``vae``, e.g. the demo's), as the frames a text-to-video model decodes.
+
+    Each LR frame is encoded alone (a 1-frame video: the causal VAE's image path), the posterior's mean decoded,
+    and the result clamped and rounded to 8-bit levels. What the round trip adds is what an upscaler meets after
+    sampling: the VAE's softened edges and rounded corners and its faint background noise. The posterior is not
+    sampled: the demo VAE's posterior standard deviation is ~0.02 against latents of ~1.2 (~0.06 levels once
+    decoded). A sampled video's latents are less exact than an encoding: ``latent_noise`` s > 0 (training draws
+    only, ``generator`` given) adds Gaussian noise to the latent before decoding, its standard deviation a
+    fraction, drawn uniformly from [0, s] per call, of the latent's own; held-out clips (``generator`` None) get
+    none, so they stay fixed. LR sides that are not multiples of the VAE's spatial compression (8) are padded
+    by replication for the VAE and cropped back. Runs on the VAE's device and dtype, without gradients.
+    """
+    lr = bicubic_degradation(hr, scale)
+    parameter = next(vae.parameters())
+    height, width = lr.shape[-2:]
+    step = int(getattr(vae, "spatial_compression", 1))
+    pad = (0, -width % step, 0, -height % step)
+    x = F.pad(lr * 2 - 1, pad, mode="replicate") if any(pad) else lr * 2 - 1
+    with torch.no_grad():
+        x = x.unsqueeze(2).to(parameter.device, parameter.dtype)  # (N, 3, 1, h, w) in [-1, 1]
+        z = vae.encode(x).latent_dist.mode()  # (N, C, 1, h / 8, w / 8)
+        if latent_noise and generator is not None:
+            strength = latent_noise * float(torch.rand((), generator=generator))
+            noise = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+            z = z + strength * z.std() * noise
+        y = vae.decode(z).sample[:, :, 0, :height, :width]
+    return quantise((y.float().cpu() + 1) / 2)
+
+
+def bicubic_or_vae_degradation(hr: torch.Tensor, scale: int, generator: torch.Generator | None = None, *,
+                               vae: torch.nn.Module, latent_noise: float = 0.0) -> torch.Tensor:
+    """:func:`bicubic_degradation` or :func:`vae_degradation`, one of the two per sample (p 0.5 each, drawn from
+    ``generator``): an upscaler that keeps its gain on crisp frames and learns the VAE's. Held-out clips
+    (``generator`` None) get the VAE round trip, the case the mix is for."""
+    if generator is not None and _chance(0.5, generator):
+        return bicubic_degradation(hr, scale)
+    return vae_degradation(hr, scale, generator, vae=vae, latent_noise=latent_noise)
+
+
 # The degradations ``--degradation`` offers: name -> fn(hr (N, 3, H, W) in [0, 1], scale, generator) -> LR
 # (N, 3, H / scale, W / scale) in [0, 1]. The place to add others (e.g. Real-ESRGAN style blur + noise + JPEG):
 # write the function (draw its randomness from ``generator``, which is None for held-out clips) and add it here;
-# the option's choices and docs/training_frames.md follow.
-DEGRADATIONS: dict[str, Callable[..., torch.Tensor]] = {"bicubic": bicubic_degradation}
+# the option's choices and docs/training_frames.md follow. A function with keyword-only ``vae`` and
+# ``latent_noise`` parameters is given the CausalVAE of ``--ae_path`` (:func:`degradation_needs_vae`), which the
+# run loads once, and ``--vae_latent_noise``.
+DEGRADATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "bicubic": bicubic_degradation,
+    "vae": vae_degradation,
+    "bicubic_or_vae": bicubic_or_vae_degradation,
+}
+
+
+def degradation_needs_vae(name: str) -> bool:
+    """Whether degradation ``name`` of :data:`DEGRADATIONS` takes a CausalVAE (its ``vae`` keyword)."""
+    return "vae" in inspect.signature(DEGRADATIONS[name]).parameters
 
 
 class SRPairDataset(_VideoFrames):
@@ -226,18 +280,29 @@ class SRPairDataset(_VideoFrames):
 
     Each sample: ``hr`` ``(3, S, S)``, ``lr`` ``(3, S / scale, S / scale)``, both in [0, 1], ``frame``
     (its index in the video), ``index``, ``skipped``. ``crop_size`` must be a multiple of ``scale``.
+    ``vae``: the CausalVAE a degradation that needs one takes (``vae``, ``bicubic_or_vae``), else None;
+    ``vae_latent_noise``: its ``latent_noise`` (:func:`vae_degradation`). Raises ValueError for an unknown
+    degradation, a missing (or needless) ``vae``, or a negative (or needless) ``vae_latent_noise``.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], scale: int = 2, crop_size: int = 128,
                  degradation: str = "bicubic", deterministic: bool = False, max_substitutions: int = 100,
-                 samples_per_video: int = 1):
+                 samples_per_video: int = 1, vae: torch.nn.Module | None = None, vae_latent_noise: float = 0.0):
         super().__init__(paths, crop_size, deterministic, max_substitutions, samples_per_video)
         if scale < 1 or crop_size % scale:
             raise ValueError(f"crop_size {crop_size} must be a multiple of the scale {scale}.")
         if degradation not in DEGRADATIONS:
             raise ValueError(f"Degradation {degradation!r} is not known; use one of {', '.join(DEGRADATIONS)}.")
+        if degradation_needs_vae(degradation) != (vae is not None):
+            raise ValueError(f"Degradation {degradation!r} " + ("needs a CausalVAE (vae=...)." if vae is None else
+                                                                "takes no VAE; leave vae out."))
+        if vae_latent_noise < 0 or (vae_latent_noise and vae is None):
+            raise ValueError(f"vae_latent_noise must be >= 0 and goes with a VAE degradation; got {vae_latent_noise} "
+                             f"with {degradation!r}.")
         self.scale = scale
         self.degradation = degradation
+        self._degrade = DEGRADATIONS[degradation]
+        self._degrade_options = {"vae": vae, "latent_noise": vae_latent_noise} if vae is not None else {}
 
     def load(self, index: int, generator: torch.Generator | None) -> dict:
         path, scale = self.paths[index], self.scale
@@ -246,7 +311,7 @@ class SRPairDataset(_VideoFrames):
             frame = reader.num_frames // 2 if generator is None else _randint(reader.num_frames, generator)
             hr = _to_float(reader.get_frames([frame]))  # (1, 3, H, W)
         hr = hr[..., : hr.shape[-2] // scale * scale, : hr.shape[-1] // scale * scale]
-        lr = DEGRADATIONS[self.degradation](hr, scale, generator)  # (1, 3, H / s, W / s)
+        lr = self._degrade(hr, scale, generator, **self._degrade_options)  # (1, 3, H / s, W / s)
         size = self.crop_size // scale  # LR crop
         low_h, low_w = lr.shape[-2:]
         if generator is None:

@@ -2,7 +2,8 @@
 
 Data: :class:`~opensora_plan.data.frames.SRPairDataset` (HR crops of random video frames, LR made by a
 degradation of :data:`~opensora_plan.data.frames.DEGRADATIONS`; ``bicubic`` by default, as RGT's DF2K
-training pairs). Objective: L1 between the network's (unclamped) output and the HR crop, as RGT
+training pairs; ``vae`` / ``bicubic_or_vae`` add a round trip through the CausalVAE of ``--ae_path``, loaded
+once here by :func:`load_degradation_vae`). Objective: L1 between the network's (unclamped) output and the HR crop, as RGT
 (``options/train/train_RGT_x2.yml``: Adam, lr 2e-4, betas (0.9, 0.99), no weight decay, HR patches of 128
 for x2, batch 32 = 8 per GPU x 4). The scale is the model's (``upscale`` of its config or weights file).
 Validation: PSNR / SSIM (RGB, whole crop) of the (EMA) model on held-out clips, in ``log.jsonl``.
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from ..data.frames import DEGRADATIONS, SRPairDataset
+from ..data.frames import DEGRADATIONS, SRPairDataset, degradation_needs_vae
 from ..options import option
 from .frame_task import (
     FrameTrainOptions,
@@ -38,7 +40,16 @@ class SRTrainOptions(FrameTrainOptions):
     crop_size: int = option(128, help="HR crop side (a multiple of the model's scale; the LR crop is crop_size / "
                             "scale)", group="data")
     degradation: str = option("bicubic", choices=list(DEGRADATIONS), help="how LR frames are made from HR frames "
-                              "(data/frames.py DEGRADATIONS)", group="data")
+                              "(data/frames.py DEGRADATIONS): bicubic; vae = bicubic, then a round trip through the "
+                              "CausalVAE of --ae_path (what a text-to-video model's decoded frames look like); "
+                              "bicubic_or_vae = one or the other per sample", group="data")
+    ae_path: str | None = option(None, help="CausalVAE folder (or a model folder with a vae/ subfolder) of --degradation "
+                                 "vae / bicubic_or_vae: the VAE whose decoded frames the model will upscale (the demo's: "
+                                 "src/opensora_plan/assets/demo/vae)", group="data")
+    vae_latent_noise: float = option(0.0, help="with a VAE degradation: Gaussian noise added to the latent before "
+                                     "decoding, its std a fraction drawn per sample from [0, S] of the latent's own std, "
+                                     "as a sampled video's latents are less exact than an encoding (held-out clips: "
+                                     "none)", group="data")
     learning_rate: float = option(2e-4, help="AdamW learning rate", group="optimisation")
     adam_beta1: float = option(0.9, help="AdamW beta1", group="optimisation")
     adam_beta2: float = option(0.99, help="AdamW beta2", group="optimisation")
@@ -47,6 +58,17 @@ class SRTrainOptions(FrameTrainOptions):
         super().__post_init__()
         if self.degradation not in DEGRADATIONS:
             raise ValueError(f"--degradation {self.degradation!r} is not known; use one of {', '.join(DEGRADATIONS)}.")
+        if degradation_needs_vae(self.degradation) and not self.ae_path:
+            raise ValueError(f"--degradation {self.degradation} needs --ae_path: the CausalVAE folder whose decoded frames "
+                             "the model will upscale (the demo's: src/opensora_plan/assets/demo/vae).")
+        if self.vae_latent_noise < 0:
+            raise ValueError(f"--vae_latent_noise must be >= 0, got {self.vae_latent_noise}.")
+        if self.vae_latent_noise and not degradation_needs_vae(self.degradation):
+            raise ValueError(f"--vae_latent_noise has no effect with --degradation {self.degradation}; drop it, or use "
+                             f"{' or '.join(n for n in DEGRADATIONS if degradation_needs_vae(n))}.")
+        if self.ae_path and not degradation_needs_vae(self.degradation):
+            raise ValueError(f"--ae_path has no effect with --degradation {self.degradation}; drop it, or use "
+                             f"{' or '.join(n for n in DEGRADATIONS if degradation_needs_vae(n))}.")
 
 
 class SRTrainTask(FrameTrainTask):
@@ -82,6 +104,33 @@ def build_sr_model(model_config: str | None, pretrained: str | None) -> torch.nn
     return RGTModel.from_config(RGT_CONFIGS[config] if isinstance(config, str) else config)
 
 
+def load_degradation_vae(ae_path: str) -> torch.nn.Module:
+    """The CausalVAE of ``--ae_path`` (a VAE folder, or a model folder with a ``vae/`` subfolder), fp32 on the CPU
+    (the data loader's workers run the degradation), eval mode, no gradients.
+
+    Raises FileNotFoundError / ValueError (one line) for a folder that holds no CausalVAE.
+    """
+    from ..models.causalvae import CausalVAEModel
+    from ..utils import read_json_file
+
+    path = Path(ae_path)
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--ae_path {ae_path} is not a CausalVAE folder (no config.json, nor vae/config.json "
+                                "in it); give the VAE folder, e.g. src/opensora_plan/assets/demo/vae.")
+    config = read_json_file(path / "config.json", "--ae_path")
+    found = config.get("_class_name", "CausalVAEModel") if isinstance(config, dict) else type(config).__name__
+    if found != "CausalVAEModel":
+        raise ValueError(f"--ae_path {path} holds a {found}, not a CausalVAE; give the VAE folder, e.g. "
+                         "src/opensora_plan/assets/demo/vae.")
+    try:
+        vae = CausalVAEModel.from_pretrained(path, device="cpu")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--ae_path {path} could not be loaded as a CausalVAE: {err}") from None
+    return vae.eval().requires_grad_(False)
+
+
 def train_sr(options: SRTrainOptions | Mapping, build_model=build_sr_model) -> dict:
     """Build RGT and the LR/HR pairs, then run the shared trainer; returns the trainer's summary.
 
@@ -91,6 +140,7 @@ def train_sr(options: SRTrainOptions | Mapping, build_model=build_sr_model) -> d
     """
     options = SRTrainOptions.of(options)
     config, paths, held_out = prepare_frame_run(options)
+    vae = load_degradation_vae(options.ae_path) if degradation_needs_vae(options.degradation) else None
     torch.manual_seed(config.seed)  # fresh weights are a function of --seed (and the same on every process)
     model = build_model(options.model_config, options.pretrained)
     scale = int(model.config.upscale)
@@ -104,9 +154,10 @@ def train_sr(options: SRTrainOptions | Mapping, build_model=build_sr_model) -> d
         except ValueError as err:
             raise ValueError(f"--crop_size {options.crop_size} gives {side} px LR crops, too small: {err}") from None
     dataset = SRPairDataset(paths, scale, options.crop_size, options.degradation,
-                            samples_per_video=options.samples_per_video)
+                            samples_per_video=options.samples_per_video, vae=vae,
+                            vae_latent_noise=options.vae_latent_noise)
     validation = SRPairDataset(held_out, scale, options.crop_size, options.degradation,
-                               deterministic=True) if held_out else None
+                               deterministic=True, vae=vae) if held_out else None
     task = SRTrainTask(model, dataset, validation, learning_rate=options.learning_rate,
                        betas=(options.adam_beta1, options.adam_beta2), weight_decay=options.adam_weight_decay,
                        max_grad_norm=options.max_grad_norm)
