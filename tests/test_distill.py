@@ -249,6 +249,24 @@ def test_cached_features_of_another_shape_fail_before_training(assets, teacher, 
     assert not (tmp_path / "out").exists()
 
 
+def test_cached_features_train_at_the_given_batch_size(assets, teacher, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """--train_batch_size reaches the extract cache's shard sampler (it trained at batch 1 whatever was asked): per
+    step, the student runs on the batch with gradients and without, the guided teacher on twice the batch."""
+    from opensora_plan.data.features import extract_features
+
+    root, t5, sizes = assets
+    extract_features(root / "data.json", tmp_path / "cache", text_encoder_name=t5, ae_path=root / "vae",
+                     num_frames=sizes["num_frames"], max_image_size=sizes["max_image_size"], model_max_length=16,
+                     device="cpu", text_dtype="fp32", progress=False)
+    capsys.readouterr()
+    counter = _CountForwards(monkeypatch)
+    assert cli.main(["distill", "--teacher", str(teacher), "--cached_features", str(tmp_path / "cache"),
+                     "--output_dir", str(tmp_path / "out"), "--train_batch_size", "2", "--max_train_steps", "2",
+                     "--mixed_precision", "no", "--report_to", "none"]) == 0
+    assert counter.batches == [2, 4, 2] * 2
+    assert [r["epoch"] for r in read_log(tmp_path / "out")] == [0, 0]  # 2 x 2 clips of the cache's 5: one epoch
+
+
 def test_shipped_demo_student_samples_with_its_own_defaults(tmp_path, capsys, monkeypatch):
     """assets/demo/student/: the distilled demo (docs/demo.md) shares the demo's VAE and T5 and samples with LCM in
     4 steps at batch 1; the demo's own default stays the teacher's (the student did not win the judged table)."""

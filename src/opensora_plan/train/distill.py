@@ -452,7 +452,8 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
         max_grad_norm=opts["max_grad_norm"], validation_prompts=opts["validation_prompts"],
         validation_sampling_steps=options.num_sampling_steps, validation_data=held_out,
         validation_num_timesteps=opts["validation_num_timesteps"], validation_batch_size=1,
-        validation_sample_method=STUDENT_SAMPLER, validation_guidance_scale=1.0, seed=opts["seed"])
+        validation_sample_method=STUDENT_SAMPLER, validation_guidance_scale=1.0, seed=opts["seed"],
+        train_batch_size=opts["train_batch_size"])
     settings = getattr(dataset, "settings", {})
     base = teacher_spec.transformer_folder  # a LoRA student's frozen base (sample resolves the run through it)
     recorded = {"ae_path": opts["ae_path"] or settings.get("ae"),
