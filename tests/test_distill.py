@@ -5,6 +5,7 @@ clear error per bad input."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -126,11 +127,18 @@ def test_distill_resumes_exactly_and_records_its_sampling_defaults(assets, teach
     assert options["task"] == "DistillTask" and options["extra"]["guidance_scale"] == 4.0
 
 
-def test_dry_run_reports_the_teacher_and_writes_nothing(assets, teacher, tmp_path, capsys):  # noqa: F811
+def test_dry_run_reports_the_teacher_and_writes_nothing(assets, teacher, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from opensora_plan.models import text_encoder
+
+    _, t5, _ = assets
+    t5_parameters = sum(p.numel() for p in text_encoder.load_text_encoder(t5).parameters())
+    # No T5 weights are read (T5-XXL's are 19 GB in float32: a full-size dry run was killed for memory), yet counted.
+    monkeypatch.setattr(text_encoder, "load_text_encoder", lambda *a, **k: pytest.fail("--dry_run read T5's weights"))
     out = tmp_path / "dry"
     assert cli.main(_argv(assets, teacher, out, 3, "--dry_run")) == 0
     report = capsys.readouterr().out
     assert "distill --dry_run" in report and "frozen teacher" in report and "guidance 4.0 baked in" in report
+    assert re.search(r"text_encoder +([\d,]+) total", report).group(1) == f"{t5_parameters:,}"
     assert not out.exists()
 
 

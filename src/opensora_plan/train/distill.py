@@ -409,7 +409,7 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
         if not opts["text_encoder_name"]:
             raise ValueError("--text_encoder_name (a local T5 folder) is required unless the captions are cached "
                              "(the teacher folder names none).")
-        tokenizer, text_encoder = load_t5(opts["text_encoder_name"])
+        tokenizer, text_encoder = load_t5(opts["text_encoder_name"], meta=opts["dry_run"])  # dry run: no weights read
 
     config_t = teacher_spec.config()
     if getattr(dataset, "has_latents", False):  # checked before the teacher's weights load
