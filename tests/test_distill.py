@@ -208,6 +208,27 @@ def test_lora_student_loads_and_samples_with_its_own_defaults(assets, teacher, t
         save_student_folder(run, tmp_path / "folder", "v")
 
 
+def test_lora_student_shares_the_teachers_weights_and_trains_as_with_a_copy(assets, teacher, tmp_path, capsys,  # noqa: F811
+                                                                             monkeypatch):
+    """Under DDP a LoRA student's frozen base is the teacher's own parameters (one copy of the weights less per
+    process; the dry run counts them once), and the adapters train exactly as on a copied base."""
+    pytest.importorskip("peft")
+    import copy
+
+    from opensora_plan.train import distill as distill_module
+
+    assert cli.main(_argv(assets, teacher, tmp_path / "dry", 2, "--lora_rank", "4", "--dry_run")) == 0
+    assert re.search(r"frozen teacher +0\.000 MiB +\(the LoRA student's frozen base", capsys.readouterr().out)
+    shared_run, copied_run = tmp_path / "shared", tmp_path / "copied"
+    assert cli.main(_argv(assets, teacher, shared_run, 2, "--lora_rank", "4")) == 0
+    monkeypatch.setattr(distill_module, "copy", type("NoSharing", (), {
+        "deepcopy": staticmethod(lambda model, memo=None: copy.deepcopy(model))}))
+    assert cli.main(_argv(assets, teacher, copied_run, 2, "--lora_rank", "4")) == 0
+    weights = [load_file(run / "checkpoint-2" / "model" / "pytorch_lora_weights.safetensors")
+               for run in (shared_run, copied_run)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 # --------------------------------------------------------------------------------------------
 # One clear error per bad input, before anything is written
 # --------------------------------------------------------------------------------------------
