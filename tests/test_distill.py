@@ -5,6 +5,7 @@ clear error per bad input."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -126,11 +127,18 @@ def test_distill_resumes_exactly_and_records_its_sampling_defaults(assets, teach
     assert options["task"] == "DistillTask" and options["extra"]["guidance_scale"] == 4.0
 
 
-def test_dry_run_reports_the_teacher_and_writes_nothing(assets, teacher, tmp_path, capsys):  # noqa: F811
+def test_dry_run_reports_the_teacher_and_writes_nothing(assets, teacher, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from opensora_plan.models import text_encoder
+
+    _, t5, _ = assets
+    t5_parameters = sum(p.numel() for p in text_encoder.load_text_encoder(t5).parameters())
+    # No T5 weights are read (T5-XXL's are 19 GB in float32: a full-size dry run was killed for memory), yet counted.
+    monkeypatch.setattr(text_encoder, "load_text_encoder", lambda *a, **k: pytest.fail("--dry_run read T5's weights"))
     out = tmp_path / "dry"
     assert cli.main(_argv(assets, teacher, out, 3, "--dry_run")) == 0
     report = capsys.readouterr().out
     assert "distill --dry_run" in report and "frozen teacher" in report and "guidance 4.0 baked in" in report
+    assert re.search(r"text_encoder +([\d,]+) total", report).group(1) == f"{t5_parameters:,}"
     assert not out.exists()
 
 
@@ -198,6 +206,27 @@ def test_lora_student_loads_and_samples_with_its_own_defaults(assets, teacher, t
     assert not torch.equal(plain, direct)  # the adapter does something
     with pytest.raises(ValueError, match="LoRA student"):
         save_student_folder(run, tmp_path / "folder", "v")
+
+
+def test_lora_student_shares_the_teachers_weights_and_trains_as_with_a_copy(assets, teacher, tmp_path, capsys,  # noqa: F811
+                                                                             monkeypatch):
+    """Under DDP a LoRA student's frozen base is the teacher's own parameters (one copy of the weights less per
+    process; the dry run counts them once), and the adapters train exactly as on a copied base."""
+    pytest.importorskip("peft")
+    import copy
+
+    from opensora_plan.train import distill as distill_module
+
+    assert cli.main(_argv(assets, teacher, tmp_path / "dry", 2, "--lora_rank", "4", "--dry_run")) == 0
+    assert re.search(r"frozen teacher +0\.000 MiB +\(the LoRA student's frozen base", capsys.readouterr().out)
+    shared_run, copied_run = tmp_path / "shared", tmp_path / "copied"
+    assert cli.main(_argv(assets, teacher, shared_run, 2, "--lora_rank", "4")) == 0
+    monkeypatch.setattr(distill_module, "copy", type("NoSharing", (), {
+        "deepcopy": staticmethod(lambda model, memo=None: copy.deepcopy(model))}))
+    assert cli.main(_argv(assets, teacher, copied_run, 2, "--lora_rank", "4")) == 0
+    weights = [load_file(run / "checkpoint-2" / "model" / "pytorch_lora_weights.safetensors")
+               for run in (shared_run, copied_run)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ one ``interrupted`` line and exit code 130; set ``OPENSORA_PLAN_DEBUG=1`` for th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import logging
 import os
 import sys
@@ -710,6 +712,32 @@ def _route_dependency_noise(heavy: bool, quiet: bool) -> None:
                 library.disable_progress_bar()
 
 
+# The modules a command imports on every successful run (beyond torch / diffusers / transformers' start-up),
+# imported inside the quick start below when the process runs that one command: 0.3-0.4 s of CPU less per demo
+# sample, for a bad-input error that comes that much later (still one line, before any model loads).
+_STACKS = {"sample": ("opensora_plan.pipelines.pipeline_opensora_plan", "opensora_plan.models.causalvae",
+                      "transformers.models.t5.modeling_t5", "opensora_plan.data.video_io", "bs4", "ftfy")}
+
+
+@contextlib.contextmanager
+def _quick_start(active: bool):
+    """The process's start-up (parsing, importing torch / diffusers / transformers) without the cyclic garbage
+    collector, then ``gc.freeze()``: those imports make about 450,000 long-lived objects and next to no garbage,
+    and the collector's passes over that growing heap were a quarter of the demo sample's CPU time
+    (docs/distill.md, "Measured on the demo"); frozen, they are skipped by every later collection too (the one
+    that frees T5 after encoding). ``active`` False (a caller passed ``argv`` to :func:`main`, e.g. a test): the
+    caller's collector is left as it is."""
+    if not active or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def _one_line(err: Exception) -> str:
     """The error's message; an OSError straight from the system (``[Errno 13] Permission denied: 'x'``) becomes
     a sentence that names the path."""
@@ -734,20 +762,28 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     for name, value in _OPENMP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
-    args = _parse(parser, argv)
-    if args.verbose and args.quiet:
-        parser.error("-v/--verbose and -q/--quiet exclude each other; give one.")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    _route_dependency_noise(heavy=args.command != "data", quiet=args.quiet)
+    fresh = argv is None  # the process's own command line (not a caller's argv, e.g. a test's)
+    with _quick_start(active=fresh):
+        argv = sys.argv[1:] if fresh else list(argv)
+        parser = build_parser(argv)
+        args = _parse(parser, argv)
+        if args.verbose and args.quiet:
+            parser.error("-v/--verbose and -q/--quiet exclude each other; give one.")
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        _route_dependency_noise(heavy=args.command != "data", quiet=args.quiet)
+        if fresh:  # the command's own stack is imported inside the quick start too
+            import importlib
+
+            for module in _STACKS.get(args.command, ()):
+                with contextlib.suppress(ImportError):  # a missing extra is the command's to report, in one line
+                    importlib.import_module(module)
     if args.verbose:
         import torch
 

@@ -10,45 +10,56 @@ are exactly that). UniPC and LCM (the sampler of a distilled student, train/dist
 
 from __future__ import annotations
 
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DEISMultistepScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler,
-    LCMScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 DEFAULT_SCHEDULER = "PNDM"
 
 #: The noise schedule of training (spec 3.1); diffusers' default for all but Heun and KDPM2Ancestral.
 TRAINING_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
-#: ``--sample_method`` name -> diffusers class (the reference's ten names, then UniPC).
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "DDIM": DDIMScheduler,
-    "EulerDiscrete": EulerDiscreteScheduler,
-    "DDPM": DDPMScheduler,
-    "DPMSolverMultistep": DPMSolverMultistepScheduler,
-    "DPMSolverSinglestep": DPMSolverSinglestepScheduler,
-    "PNDM": PNDMScheduler,
-    "HeunDiscrete": HeunDiscreteScheduler,
-    "EulerAncestralDiscrete": EulerAncestralDiscreteScheduler,
-    "DEISMultistep": DEISMultistepScheduler,
-    "KDPM2AncestralDiscrete": KDPM2AncestralDiscreteScheduler,
-    "UniPCMultistep": UniPCMultistepScheduler,
+
+class _LazySchedulers(Mapping):
+    """``--sample_method`` name -> diffusers class, each imported from its own module on first use: a sampling
+    run imports the one scheduler it uses (importing all of them through ``diffusers`` loads a dozen modules and
+    scipy.stats, for DEIS)."""
+
+    def __init__(self, where: dict[str, tuple[str, str]]):
+        self._where = where
+
+    def __getitem__(self, name: str) -> type[SchedulerMixin]:
+        module, cls = self._where[name]
+        return getattr(importlib.import_module(f"diffusers.schedulers.{module}"), cls)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+#: ``--sample_method`` name -> diffusers class (the reference's ten names, then UniPC and LCM).
+SCHEDULERS: Mapping[str, type[SchedulerMixin]] = _LazySchedulers({
+    "DDIM": ("scheduling_ddim", "DDIMScheduler"),
+    "EulerDiscrete": ("scheduling_euler_discrete", "EulerDiscreteScheduler"),
+    "DDPM": ("scheduling_ddpm", "DDPMScheduler"),
+    "DPMSolverMultistep": ("scheduling_dpmsolver_multistep", "DPMSolverMultistepScheduler"),
+    "DPMSolverSinglestep": ("scheduling_dpmsolver_singlestep", "DPMSolverSinglestepScheduler"),
+    "PNDM": ("scheduling_pndm", "PNDMScheduler"),
+    "HeunDiscrete": ("scheduling_heun_discrete", "HeunDiscreteScheduler"),
+    "EulerAncestralDiscrete": ("scheduling_euler_ancestral_discrete", "EulerAncestralDiscreteScheduler"),
+    "DEISMultistep": ("scheduling_deis_multistep", "DEISMultistepScheduler"),
+    "KDPM2AncestralDiscrete": ("scheduling_k_dpm_2_ancestral_discrete", "KDPM2AncestralDiscreteScheduler"),
+    "UniPCMultistep": ("scheduling_unipc_multistep", "UniPCMultistepScheduler"),
     # Multistep consistency sampling (Luo et al. 2023, arXiv 2310.04378) for `opensora-plan distill` students;
     # its boundary condition (timestep_scaling 10) and skipping grid (original_inference_steps 50) are the ones
     # train/distill.py trains with.
-    "LCM": LCMScheduler,
-}
+    "LCM": ("scheduling_lcm", "LCMScheduler"),
+})
 
 
 def scheduler_names() -> list[str]:
@@ -64,11 +75,11 @@ def create_scheduler(name: str = DEFAULT_SCHEDULER, **overrides) -> SchedulerMix
     see the module docstring). An unknown name raises ``ValueError`` listing the accepted names (the
     reference crashed with an undefined variable instead).
     """
-    by_lower = {key.lower(): cls for key, cls in SCHEDULERS.items()}
-    cls = by_lower.get(str(name).lower())
-    if cls is None:
+    by_lower = {key.lower(): key for key in SCHEDULERS}
+    key = by_lower.get(str(name).lower())
+    if key is None:
         raise ValueError(f"Unknown sample method {name!r}; choose one of {', '.join(SCHEDULERS)}.")
-    return cls(**{**TRAINING_SCHEDULE, **overrides})
+    return SCHEDULERS[key](**{**TRAINING_SCHEDULE, **overrides})
 
 
 def clips_sample(name: str) -> bool:

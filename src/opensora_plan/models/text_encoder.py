@@ -101,12 +101,28 @@ def load_text_encoder(
     return model.eval().requires_grad_(False)
 
 
+def empty_text_encoder(path: str | os.PathLike):
+    """The folder's ``T5EncoderModel`` built from its ``config.json`` on the meta device, in float32: its
+    parameters' shapes, no weights read (``--dry_run`` and memory plans: T5-XXL's weights are 19 GB in float32)."""
+    from accelerate import init_empty_weights
+    from transformers import T5Config, T5EncoderModel
+
+    with init_empty_weights(include_buffers=False):
+        model = T5EncoderModel(T5Config.from_pretrained(str(path), local_files_only=True))
+    model.tie_weights()  # the token embedding is shared.weight, as from_pretrained ties it (counted once)
+    return model.eval().requires_grad_(False)
+
+
 def load_t5(
     path: str | os.PathLike,
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    meta: bool = False,
 ):
-    """``(tokenizer, text_encoder)`` from one local T5 folder."""
+    """``(tokenizer, text_encoder)`` from one local T5 folder; ``meta``: the encoder without its weights
+    (:func:`empty_text_encoder`, for ``--dry_run``)."""
+    if meta:
+        return load_tokenizer(path), empty_text_encoder(path)
     return load_tokenizer(path), load_text_encoder(path, torch_dtype=torch_dtype, device=device)
 
 

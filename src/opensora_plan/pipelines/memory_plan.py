@@ -321,11 +321,12 @@ def meta_models(transformer_config: Mapping, vae_folder, text_encoder_name, dtyp
     with init_empty_weights(include_buffers=False):
         transformer = LatteT2V.from_config({k: v for k, v in transformer_config.items() if not k.startswith("_")})
         vae = CausalVAEModel.from_config(CausalVAEModel.load_config(str(vae_folder)))
-        text_encoder = None
-        if text_encoder_name is not None:
-            from transformers import T5Config, T5EncoderModel
+    if text_encoder_name is not None:
+        from opensora_plan.models.text_encoder import empty_text_encoder
 
-            text_encoder = T5EncoderModel(T5Config.from_pretrained(str(text_encoder_name), local_files_only=True))
+        text_encoder = empty_text_encoder(text_encoder_name)
+    else:
+        text_encoder = None
     for model in (transformer, vae):
         torch.nn.Module.to(model, dtype=dtype)  # meta tensors: only the dtype changes
     return transformer, vae, text_encoder

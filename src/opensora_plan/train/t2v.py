@@ -337,7 +337,7 @@ def build_t2v(options: T2VTrainOptions | Mapping) -> tuple[T2VTask, TrainConfig]
 
         if not opts["text_encoder_name"]:
             raise ValueError("--text_encoder_name (a local T5 folder) is required unless the captions are cached.")
-        tokenizer, text_encoder = load_t5(opts["text_encoder_name"])
+        tokenizer, text_encoder = load_t5(opts["text_encoder_name"], meta=opts["dry_run"])  # dry run: no weights read
     if opts["validation_prompts"] and vae is None:
         vae = _load_vae(opts)
 
