@@ -88,6 +88,23 @@ def test_saved_demo_keeps_its_sampling_defaults_and_samples_the_same_video_throu
     assert videos[0] == videos[1]
 
 
+def test_saved_stage_models_are_listed_for_sample_and_saving_in_place_is_refused(tmp_path):
+    pipe = OpenSoraPlanPipeline.from_pretrained(DEMO).load_stages()
+    pipe.save_pretrained(tmp_path / "saved")
+    stages = json.loads((tmp_path / "saved" / "demo.json").read_text())["stages"]
+    assert stages == {"interpolate": {"factor": 2, "model_path": "frame_interpolator"},
+                      "upscale": {"scale": 2, "model_path": "upscaler"}}
+    for folder, out in ((DEMO, "a"), (tmp_path / "saved", "b")):
+        assert cli.main(["-q", "sample", "a red circle moving left", "--model_path", str(folder), "--num_sampling_steps",
+                         "2", "--upscale", "2", "--save_img_path", str(tmp_path / out)]) in (0, None)
+    assert next((tmp_path / "a").glob("*.mp4")).read_bytes() == next((tmp_path / "b").glob("*.mp4")).read_bytes()
+    reloaded = OpenSoraPlanPipeline.from_pretrained(tmp_path / "saved")
+    before = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    with pytest.raises(ValueError, match="the folder this pipeline was loaded from"):
+        reloaded.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == before
+
+
 def test_distilled_student_loads_in_python_with_its_own_defaults_and_saves_to_a_folder_sample_reads(tmp_path):
     """from_release takes the student's version, scheduler and VAE (``../vae``) from its sampling file; the saved
     folder keeps them (and the baked-guidance record) and `sample` writes the same video from both folders."""

@@ -138,6 +138,8 @@ class SamplingConfig:
 
 # Fields of a sampling file that name files inside its folder: rewritten for a save_pretrained folder.
 _FOLDER_FIELDS = ("version", "text_encoder", "vae", "stages")
+# The pipeline component each post-processing stage's model is saved as (OpenSoraPlanPipeline.load_stages).
+_STAGE_COMPONENTS = {"interpolate": "frame_interpolator", "upscale": "upscaler"}
 
 
 def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str | os.PathLike) -> Path | None:
@@ -148,8 +150,9 @@ def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str
     Kept from ``source``'s file (its ``sampling_config.json``, or a demo's ``demo.json``, whose kind the copy
     keeps): every field but those naming files in ``source`` (version, text_encoder, vae, stages), comments
     (``_distillation`` of a student) included. Written for
-    ``save_directory``'s own files: ``version``, its LatteT2V folder (``transformer``), and ``text_encoder``
-    when one was saved. ``_saved_from`` records ``source``. Returns the file written. Raises ValueError for a
+    ``save_directory``'s own files: ``version``, its LatteT2V folder (``transformer``), ``text_encoder``
+    when one was saved, and ``stages`` for the stage models saved as components (``frame_interpolator/``,
+    ``upscaler/``: loaded with ``load_stages`` before saving), with ``source``'s factor / scale. ``_saved_from`` records ``source``. Returns the file written. Raises ValueError for a
     malformed file in ``source`` (:func:`load_sampling_config`'s message).
     """
     import json
@@ -166,6 +169,16 @@ def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str
         data["version"] = transformers[0]
     if (save_directory / "text_encoder" / "config.json").is_file():
         data["text_encoder"] = "text_encoder"
+    stages = folder_stages(source) if path is not None else {}
+    saved = {}
+    for stage, component in _STAGE_COMPONENTS.items():  # the stage models save_pretrained wrote as components
+        config = save_directory / component / "config.json"
+        if config.is_file():
+            factor = STAGES[stage]
+            default = json.loads(config.read_text()).get("upscale", 2) if stage == "upscale" else 2
+            saved[stage] = {factor: stages.get(stage, {}).get(factor, default), "model_path": component}
+    if saved:
+        data["stages"] = saved
     target = save_directory / (path.name if path is not None else SAMPLING_CONFIG)
     target.write_text(json.dumps(data, indent=2) + "\n")
     return target

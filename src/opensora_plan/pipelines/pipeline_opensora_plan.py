@@ -242,14 +242,19 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         """diffusers' ``save_pretrained``, plus the loaded folder's sampling defaults (its ``sampling_config.json``
         or a demo's ``demo.json``: scheduler, steps, guidance, fps, cache preset, prompts) so that the saved folder
         samples as the loaded one did, also through ``sample --model_path`` (``text_encoder/`` gets the tokenizer's
-        files too, a whole T5 folder; ``pipelines/model_folder.save_sampling_defaults``)."""
+        files too, a whole T5 folder; stage models loaded with :meth:`load_stages` are listed in its ``stages``;
+        ``pipelines/model_folder.save_sampling_defaults``). Raises ValueError for the folder it was loaded from."""
         from opensora_plan.pipelines.model_folder import save_sampling_defaults
 
+        source = self._folder()
+        if source is not None and os.path.realpath(save_directory) == os.path.realpath(source):
+            raise ValueError(f"save_pretrained into {source}, the folder this pipeline was loaded from, would mix two "
+                             "layouts in it (and rewrite its sampling file); save into a new folder.")
         super().save_pretrained(save_directory, **kwargs)
         if self.tokenizer is not None and self.text_encoder is not None:
             # text_encoder/ becomes a whole T5 folder, as --text_encoder_name takes (the release's T5 layout)
             self.tokenizer.save_pretrained(os.path.join(save_directory, "text_encoder"))
-        save_sampling_defaults(self._folder(), save_directory)
+        save_sampling_defaults(source, save_directory)
 
     # ----------------------------------------------------------------------------------------
     # The model folder's sampling file: call defaults and post-processing stages
