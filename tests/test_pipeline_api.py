@@ -255,3 +255,11 @@ def test_cli_makes_openmp_threads_wait_passively_unless_told_otherwise(monkeypat
     with pytest.raises(SystemExit):
         cli.main(["--version"])
     assert os.environ["OMP_WAIT_POLICY"] == expected
+
+
+def test_lcm_beyond_its_timestep_grid_is_one_error_before_anything_loads(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["sample", "a red circle moving left", "--model_path", str(DEMO / "student"),
+                     "--num_sampling_steps", "51", "--save_img_path", str(out)]) == 1
+    assert "LCM samples on its 50-point timestep grid: at most 50 steps, got 51" in capsys.readouterr().err
+    assert not out.exists()
