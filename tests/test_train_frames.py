@@ -382,12 +382,12 @@ def test_train_sr_with_the_vae_degradation_and_its_one_line_errors(tmp_path, vid
     vae_dir = tmp_path / "model"  # a model folder with a vae/ subfolder is accepted, as train-t2v's --ae_path
     tiny_vae.save_pretrained(vae_dir / "vae")
     out = tmp_path / "run"
-    assert main(_args("train-sr", rgt_config, videos, out, 2, "--degradation", "bicubic_or_vae", "--ae_path",
+    assert main(_args("train-sr", rgt_config, videos, out, 2, "--degradation", "bicubic_or_vae", "--degradation_vae",
                       str(vae_dir), "--vae_latent_noise", "0.3", "--validation_data", str(held_out),
                       "--validation_steps", "2")) == 0
     assert [r["step"] for r in _log(out) if "val_psnr" in r] == [0, 2]
     extra = json.loads((out / "options.json").read_text())["extra"]
-    assert extra["degradation"] == "bicubic_or_vae" and extra["ae_path"] == str(vae_dir.resolve())
+    assert extra["degradation"] == "bicubic_or_vae" and extra["degradation_vae"] == str(vae_dir.resolve())
     assert extra["vae_latent_noise"] == 0.3
     capsys.readouterr()
 
@@ -397,12 +397,12 @@ def test_train_sr_with_the_vae_degradation_and_its_one_line_errors(tmp_path, vid
     bad = tmp_path / "bad"
     base = _args("train-sr", rgt_config, videos, bad, 1)
     for extra_args, message in (
-        (["--degradation", "vae"], "--degradation vae needs --ae_path"),
-        (["--degradation", "bicubic_or_vae", "--ae_path", str(tmp_path / "nowhere")], "is not a CausalVAE folder"),
-        (["--degradation", "vae", "--ae_path", str(tmp_path / "rgt")], "holds a RGTModel, not a CausalVAE"),
-        (["--ae_path", str(vae_dir)], "--ae_path has no effect with --degradation bicubic"),
+        (["--degradation", "vae"], "--degradation vae needs --degradation_vae"),
+        (["--degradation", "bicubic_or_vae", "--degradation_vae", str(tmp_path / "nowhere")], "is not a CausalVAE folder"),
+        (["--degradation", "vae", "--degradation_vae", str(tmp_path / "rgt")], "holds a RGTModel, not a CausalVAE"),
+        (["--degradation_vae", str(vae_dir)], "--degradation_vae has no effect with --degradation bicubic"),
         (["--vae_latent_noise", "0.3"], "--vae_latent_noise has no effect with --degradation bicubic"),
-        (["--degradation", "vae", "--ae_path", str(vae_dir), "--vae_latent_noise", "-1"], "must be >= 0"),
+        (["--degradation", "vae", "--degradation_vae", str(vae_dir), "--vae_latent_noise", "-1"], "must be >= 0"),
     ):
         assert main([*base, *extra_args]) == 1
         err = capsys.readouterr().err.strip()
@@ -426,3 +426,21 @@ def test_two_processes_with_torchrun_keep_identical_replicas(tmp_path, videos, h
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas hold identical weights" in result.stderr
     assert [r["step"] for r in _log(out)] == [0, 1, 2] and "val_psnr" in _log(out)[-1]
+
+
+def test_train_sr_resume_may_switch_the_degradation_vae_off_and_on_again(tmp_path, videos, rgt_config, tiny_vae,
+                                                                         caplog):
+    """--degradation_vae is a data option (what the LR inputs look like), applied with a warning on resume like
+    --degradation; under train-t2v's name --ae_path it was refused, so a run switched to bicubic could never
+    return to the VAE degradation (QA 4)."""
+    tiny_vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "run"
+    vae = ["--degradation", "vae", "--degradation_vae", str(tmp_path / "vae"), "--checkpointing_steps", "1"]
+    assert main(_args("train-sr", rgt_config, videos, out, 1, *vae)) == 0
+    resume = ["--resume_from_checkpoint", "latest", "--checkpointing_steps", "1"]
+    assert main(_args("train-sr", rgt_config, videos, out, 2, "--degradation", "bicubic", *resume)) == 0
+    assert "--degradation vae -> bicubic" in caplog.text
+    assert main(_args("train-sr", rgt_config, videos, out, 3, *vae, *resume)) == 0
+    assert "--degradation bicubic -> vae" in caplog.text and "--degradation_vae None -> " in caplog.text
+    extra = json.loads((out / "options.json").read_text())["extra"]
+    assert extra["degradation"] == "vae" and extra["degradation_vae"] == str((tmp_path / "vae").resolve())

@@ -261,7 +261,7 @@ def bicubic_or_vae_degradation(hr: torch.Tensor, scale: int, generator: torch.Ge
 # (N, 3, H / scale, W / scale) in [0, 1]. The place to add others (e.g. Real-ESRGAN style blur + noise + JPEG):
 # write the function (draw its randomness from ``generator``, which is None for held-out clips) and add it here;
 # the option's choices and docs/training_frames.md follow. A function with keyword-only ``vae`` and
-# ``latent_noise`` parameters is given the CausalVAE of ``--ae_path`` (:func:`degradation_needs_vae`), which the
+# ``latent_noise`` parameters is given the CausalVAE of ``--degradation_vae`` (:func:`degradation_needs_vae`), which the
 # run loads once, and ``--vae_latent_noise``.
 DEGRADATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "bicubic": bicubic_degradation,

@@ -2,7 +2,7 @@
 
 Data: :class:`~opensora_plan.data.frames.SRPairDataset` (HR crops of random video frames, LR made by a
 degradation of :data:`~opensora_plan.data.frames.DEGRADATIONS`; ``bicubic`` by default, as RGT's DF2K
-training pairs; ``vae`` / ``bicubic_or_vae`` add a round trip through the CausalVAE of ``--ae_path``, loaded
+training pairs; ``vae`` / ``bicubic_or_vae`` add a round trip through the CausalVAE of ``--degradation_vae``, loaded
 once here by :func:`load_degradation_vae`). Objective: L1 between the network's (unclamped) output and the HR crop, as RGT
 (``options/train/train_RGT_x2.yml``: Adam, lr 2e-4, betas (0.9, 0.99), no weight decay, HR patches of 128
 for x2, batch 32 = 8 per GPU x 4). The scale is the model's (``upscale`` of its config or weights file).
@@ -41,9 +41,9 @@ class SRTrainOptions(FrameTrainOptions):
                             "scale)", group="data")
     degradation: str = option("bicubic", choices=list(DEGRADATIONS), help="how LR frames are made from HR frames "
                               "(data/frames.py DEGRADATIONS): bicubic; vae = bicubic, then a round trip through the "
-                              "CausalVAE of --ae_path (what a text-to-video model's decoded frames look like); "
+                              "CausalVAE of --degradation_vae (what a text-to-video model's decoded frames look like); "
                               "bicubic_or_vae = one or the other per sample", group="data")
-    ae_path: str | None = option(None, help="CausalVAE folder (or a model folder with a vae/ subfolder) of --degradation "
+    degradation_vae: str | None = option(None, help="CausalVAE folder (or a model folder with a vae/ subfolder) of --degradation "
                                  "vae / bicubic_or_vae: the VAE whose decoded frames the model will upscale (the demo's: "
                                  "src/opensora_plan/assets/demo/vae)", group="data")
     vae_latent_noise: float = option(0.0, help="with a VAE degradation: Gaussian noise added to the latent before "
@@ -58,16 +58,16 @@ class SRTrainOptions(FrameTrainOptions):
         super().__post_init__()
         if self.degradation not in DEGRADATIONS:
             raise ValueError(f"--degradation {self.degradation!r} is not known; use one of {', '.join(DEGRADATIONS)}.")
-        if degradation_needs_vae(self.degradation) and not self.ae_path:
-            raise ValueError(f"--degradation {self.degradation} needs --ae_path: the CausalVAE folder whose decoded frames "
+        if degradation_needs_vae(self.degradation) and not self.degradation_vae:
+            raise ValueError(f"--degradation {self.degradation} needs --degradation_vae: the CausalVAE folder whose decoded frames "
                              "the model will upscale (the demo's: src/opensora_plan/assets/demo/vae).")
         if self.vae_latent_noise < 0:
             raise ValueError(f"--vae_latent_noise must be >= 0, got {self.vae_latent_noise}.")
         if self.vae_latent_noise and not degradation_needs_vae(self.degradation):
             raise ValueError(f"--vae_latent_noise has no effect with --degradation {self.degradation}; drop it, or use "
                              f"{' or '.join(n for n in DEGRADATIONS if degradation_needs_vae(n))}.")
-        if self.ae_path and not degradation_needs_vae(self.degradation):
-            raise ValueError(f"--ae_path has no effect with --degradation {self.degradation}; drop it, or use "
+        if self.degradation_vae and not degradation_needs_vae(self.degradation):
+            raise ValueError(f"--degradation_vae has no effect with --degradation {self.degradation}; drop it, or use "
                              f"{' or '.join(n for n in DEGRADATIONS if degradation_needs_vae(n))}.")
 
 
@@ -104,8 +104,8 @@ def build_sr_model(model_config: str | None, pretrained: str | None) -> torch.nn
     return RGTModel.from_config(RGT_CONFIGS[config] if isinstance(config, str) else config)
 
 
-def load_degradation_vae(ae_path: str) -> torch.nn.Module:
-    """The CausalVAE of ``--ae_path`` (a VAE folder, or a model folder with a ``vae/`` subfolder), fp32 on the CPU
+def load_degradation_vae(degradation_vae: str) -> torch.nn.Module:
+    """The CausalVAE of ``--degradation_vae`` (a VAE folder, or a model folder with a ``vae/`` subfolder), fp32 on the CPU
     (the data loader's workers run the degradation), eval mode, no gradients.
 
     Raises FileNotFoundError / ValueError (one line) for a folder that holds no CausalVAE.
@@ -113,21 +113,21 @@ def load_degradation_vae(ae_path: str) -> torch.nn.Module:
     from ..models.causalvae import CausalVAEModel
     from ..utils import read_json_file
 
-    path = Path(ae_path)
+    path = Path(degradation_vae)
     if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         path = path / "vae"
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--ae_path {ae_path} is not a CausalVAE folder (no config.json, nor vae/config.json "
+        raise FileNotFoundError(f"--degradation_vae {degradation_vae} is not a CausalVAE folder (no config.json, nor vae/config.json "
                                 "in it); give the VAE folder, e.g. src/opensora_plan/assets/demo/vae.")
-    config = read_json_file(path / "config.json", "--ae_path")
+    config = read_json_file(path / "config.json", "--degradation_vae")
     found = config.get("_class_name", "CausalVAEModel") if isinstance(config, dict) else type(config).__name__
     if found != "CausalVAEModel":
-        raise ValueError(f"--ae_path {path} holds a {found}, not a CausalVAE; give the VAE folder, e.g. "
+        raise ValueError(f"--degradation_vae {path} holds a {found}, not a CausalVAE; give the VAE folder, e.g. "
                          "src/opensora_plan/assets/demo/vae.")
     try:
         vae = CausalVAEModel.from_pretrained(path, device="cpu")
     except (OSError, ValueError) as err:
-        raise ValueError(f"--ae_path {path} could not be loaded as a CausalVAE: {err}") from None
+        raise ValueError(f"--degradation_vae {path} could not be loaded as a CausalVAE: {err}") from None
     return vae.eval().requires_grad_(False)
 
 
@@ -140,7 +140,7 @@ def train_sr(options: SRTrainOptions | Mapping, build_model=build_sr_model) -> d
     """
     options = SRTrainOptions.of(options)
     config, paths, held_out = prepare_frame_run(options)
-    vae = load_degradation_vae(options.ae_path) if degradation_needs_vae(options.degradation) else None
+    vae = load_degradation_vae(options.degradation_vae) if degradation_needs_vae(options.degradation) else None
     torch.manual_seed(config.seed)  # fresh weights are a function of --seed (and the same on every process)
     model = build_model(options.model_config, options.pretrained)
     scale = int(model.config.upscale)
