@@ -616,6 +616,11 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("parser_class", _Parser)
         return super().add_subparsers(**kwargs)
 
+    def error(self, message: str):
+        """A bad flag or value: two short lines (a pointer to ``--help``, then the error), not argparse's full
+        usage block, which runs to 30 lines for ``sample``. Exit status 2, as argparse."""
+        self.exit(2, f"usage: {self.prog} [options]; {self.prog} --help lists them\n{self.prog}: error: {message}\n")
+
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The (sub-)sub-command parser that ``args`` went through (``data check`` -> its parser)."""
@@ -637,7 +642,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         command = _command_parser(parser, args)
         flags = [s for a in command._actions for s in a.option_strings]
         first = unknown[0]
-        close = difflib.get_close_matches(first.split("=")[0], flags, n=1) if first.startswith("-") else []
+        close = difflib.get_close_matches(first.split("=")[0], flags, n=1, cutoff=0.75) if first.startswith("-") else []
         hint = f"; did you mean {close[0]}?" if close else f"; see {command.prog} --help"
         command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     return args
