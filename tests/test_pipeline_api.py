@@ -263,3 +263,13 @@ def test_lcm_beyond_its_timestep_grid_is_one_error_before_anything_loads(tmp_pat
                      "--num_sampling_steps", "51", "--save_img_path", str(out)]) == 1
     assert "LCM samples on its 50-point timestep grid: at most 50 steps, got 51" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_shipped_student_uses_its_teachers_stage_models():
+    from pathlib import Path
+
+    from opensora_plan.pipelines.model_folder import stage_model
+
+    for stage, flag, folder in (("upscale", "upscale_model", "upscaler"),
+                                ("interpolate", "interpolation_model", "interpolation")):
+        assert Path(stage_model(stage, None, DEMO / "student", flag)).resolve() == (DEMO / folder).resolve()
