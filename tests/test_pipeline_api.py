@@ -273,3 +273,13 @@ def test_shipped_student_uses_its_teachers_stage_models():
     for stage, flag, folder in (("upscale", "upscale_model", "upscaler"),
                                 ("interpolate", "interpolation_model", "interpolation")):
         assert Path(stage_model(stage, None, DEMO / "student", flag)).resolve() == (DEMO / folder).resolve()
+
+
+def test_sample_failing_on_bad_stage_weights_leaves_no_empty_output_folder(tmp_path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_text("{}")
+    out = tmp_path / "out"
+    assert cli.main(["sample", "a red circle moving left", "--num_sampling_steps", "2", "--upscale", "2",
+                     "--upscale_model", str(junk), "--save_img_path", str(out)]) == 1
+    assert "is not an official RGT checkpoint" in capsys.readouterr().err
+    assert not out.exists()

@@ -21,6 +21,7 @@ file name, is refused with a pointer to ``--prompt_file`` rather than sampled as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -795,14 +796,21 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
         groups = init_parallel_groups(opts.sp_size, 2 if opts.cfg_parallel else 1)
     dp_rank, dp_size = groups["dp_rank"], groups["dp_size"]
     jobs = shard(list(enumerate(prompts)), dp_rank, dp_size)  # [(global index, prompt)]
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
 
     start = time.perf_counter()
     written = []
-    if jobs:  # more processes than prompts leaves some ranks idle
-        written, shape = _sample_jobs(jobs, opts, model_path, version, text_encoder_name, scheduler, torch_dtype,
-                                      device, rank, tag, out_dir, groups, run, stages, plan, placeholder)
+    try:
+        if jobs:  # more processes than prompts leaves some ranks idle
+            written, shape = _sample_jobs(jobs, opts, model_path, version, text_encoder_name, scheduler, torch_dtype,
+                                          device, rank, tag, out_dir, groups, run, stages, plan, placeholder)
+    except BaseException:
+        if made:  # a run that fails before its first video leaves no empty folder behind (e.g. bad stage weights)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if still empty
+        raise
     elapsed = time.perf_counter() - start
     fps = opts.fps * opts.interpolate  # interpolation keeps the duration
     if opts.gif:  # before the summary line, which counts them
