@@ -402,7 +402,8 @@ def test_train_sr_with_the_vae_degradation_and_its_one_line_errors(tmp_path, vid
         (["--degradation", "vae", "--degradation_vae", str(tmp_path / "rgt")], "holds a RGTModel, not a CausalVAE"),
         (["--degradation_vae", str(vae_dir)], "--degradation_vae has no effect with --degradation bicubic"),
         (["--vae_latent_noise", "0.3"], "--vae_latent_noise has no effect with --degradation bicubic"),
-        (["--degradation", "vae", "--degradation_vae", str(vae_dir), "--vae_latent_noise", "-1"], "must be >= 0"),
+        (["--degradation", "vae", "--degradation_vae", str(vae_dir), "--vae_latent_noise", "-1"], "must be in [0, 1]"),
+        (["--degradation", "vae", "--degradation_vae", str(vae_dir), "--vae_latent_noise", "5"], "must be in [0, 1]"),
     ):
         assert main([*base, *extra_args]) == 1
         err = capsys.readouterr().err.strip()

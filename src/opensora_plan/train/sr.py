@@ -61,8 +61,10 @@ class SRTrainOptions(FrameTrainOptions):
         if degradation_needs_vae(self.degradation) and not self.degradation_vae:
             raise ValueError(f"--degradation {self.degradation} needs --degradation_vae: the CausalVAE folder whose decoded frames "
                              "the model will upscale (the demo's: src/opensora_plan/assets/demo/vae).")
-        if self.vae_latent_noise < 0:
-            raise ValueError(f"--vae_latent_noise must be >= 0, got {self.vae_latent_noise}.")
+        if not 0 <= self.vae_latent_noise <= 1:
+            raise ValueError(f"--vae_latent_noise must be in [0, 1] (the largest fraction of the latent's own standard "
+                             f"deviation drawn as noise; 0.3-0.4 matches the demo's sampled latents), got "
+                             f"{self.vae_latent_noise}.")
         if self.vae_latent_noise and not degradation_needs_vae(self.degradation):
             raise ValueError(f"--vae_latent_noise has no effect with --degradation {self.degradation}; drop it, or use "
                              f"{' or '.join(n for n in DEGRADATIONS if degradation_needs_vae(n))}.")
