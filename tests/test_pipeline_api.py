@@ -283,3 +283,8 @@ def test_sample_failing_on_bad_stage_weights_leaves_no_empty_output_folder(tmp_p
                      "--upscale_model", str(junk), "--save_img_path", str(out)]) == 1
     assert "is not an official RGT checkpoint" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_from_pretrained_of_a_missing_local_folder_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere'} is not a folder"):
+        OpenSoraPlanPipeline.from_pretrained(tmp_path / "nowhere")

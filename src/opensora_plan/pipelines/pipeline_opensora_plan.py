@@ -232,9 +232,15 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         as it is. Unset: :func:`~opensora_plan.utils.default_dtype` (float16 when CUDA is available, else
         float32), not each file's own dtype, so a folder saved in bfloat16 and loaded without a dtype does not
         come back mixed. Any model that still differs is named in one warning. Other keywords go to diffusers.
+        A local path (absolute, or starting with ``.`` / ``~``) that is not a folder is a FileNotFoundError.
         """
         from opensora_plan.utils import resolve_dtype_arguments
 
+        path = str(pretrained_model_name_or_path)
+        if (os.path.isabs(path) or path.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(path)):
+            raise FileNotFoundError(f"{path} is not a folder; from_pretrained takes a pipeline folder (model_index.json: "
+                                    "the demo, or one written by save_pretrained) or a Hub repo id; for the released "
+                                    "layout use from_release.")
         dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
         if isinstance(dtype, dict) or isinstance(torch_dtype, dict):
             if dtype is not None and torch_dtype is not None:
