@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -98,6 +99,10 @@ def test_saved_stage_models_are_listed_for_sample_and_saving_in_place_is_refused
         assert cli.main(["-q", "sample", "a red circle moving left", "--model_path", str(folder), "--num_sampling_steps",
                          "2", "--upscale", "2", "--save_img_path", str(tmp_path / out)]) in (0, None)
     assert next((tmp_path / "a").glob("*.mp4")).read_bytes() == next((tmp_path / "b").glob("*.mp4")).read_bytes()
+    plain = tmp_path / "plain"  # a pipeline without stage models saved over that folder's copy lists none
+    shutil.copytree(tmp_path / "saved", plain)
+    OpenSoraPlanPipeline.from_pretrained(DEMO).save_pretrained(plain)
+    assert "stages" not in json.loads((plain / "demo.json").read_text())
     reloaded = OpenSoraPlanPipeline.from_pretrained(tmp_path / "saved")
     before = sorted(p.name for p in (tmp_path / "saved").iterdir())
     with pytest.raises(ValueError, match="the folder this pipeline was loaded from"):

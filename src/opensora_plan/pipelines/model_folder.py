@@ -142,7 +142,8 @@ _FOLDER_FIELDS = ("version", "text_encoder", "vae", "stages")
 _STAGE_COMPONENTS = {"interpolate": "frame_interpolator", "upscale": "upscaler"}
 
 
-def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str | os.PathLike) -> Path | None:
+def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str | os.PathLike,
+                           saved_stages: tuple[str, ...] = ()) -> Path | None:
     """Write a sampling file into the ``save_pretrained`` folder ``save_directory`` (what ``save_pretrained`` of a
     pipeline adds to diffusers' files), so that it samples as the loaded folder ``source`` did, through the
     Python API and ``sample --model_path``.
@@ -152,7 +153,8 @@ def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str
     (``_distillation`` of a student) included. Written for
     ``save_directory``'s own files: ``version``, its LatteT2V folder (``transformer``), ``text_encoder``
     when one was saved, and ``stages`` for the stage models saved as components (``frame_interpolator/``,
-    ``upscaler/``: loaded with ``load_stages`` before saving), with ``source``'s factor / scale. ``_saved_from`` records ``source``. Returns the file written. Raises ValueError for a
+    ``upscaler/``: loaded with ``load_stages`` before saving; ``saved_stages`` names the stages this save wrote,
+    so a stage folder left over in ``save_directory`` is not listed), with ``source``'s factor / scale. ``_saved_from`` records ``source``. Returns the file written. Raises ValueError for a
     malformed file in ``source`` (:func:`load_sampling_config`'s message).
     """
     import json
@@ -173,7 +175,7 @@ def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str
     saved = {}
     for stage, component in _STAGE_COMPONENTS.items():  # the stage models save_pretrained wrote as components
         config = save_directory / component / "config.json"
-        if config.is_file():
+        if stage in saved_stages and config.is_file():
             factor = STAGES[stage]
             default = json.loads(config.read_text()).get("upscale", 2) if stage == "upscale" else 2
             saved[stage] = {factor: stages.get(stage, {}).get(factor, default), "model_path": component}

@@ -266,7 +266,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         if self.tokenizer is not None and self.text_encoder is not None:
             # text_encoder/ becomes a whole T5 folder, as --text_encoder_name takes (the release's T5 layout)
             self.tokenizer.save_pretrained(os.path.join(save_directory, "text_encoder"))
-        save_sampling_defaults(source, save_directory)
+        stages = {"interpolate": self.frame_interpolator, "upscale": self.upscaler}
+        save_sampling_defaults(source, save_directory, tuple(name for name, model in stages.items() if model is not None))
 
     # ----------------------------------------------------------------------------------------
     # The model folder's sampling file: call defaults and post-processing stages
