@@ -293,3 +293,5 @@ def test_sample_failing_on_bad_stage_weights_leaves_no_empty_output_folder(tmp_p
 def test_from_pretrained_of_a_missing_local_folder_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere'} is not a folder"):
         OpenSoraPlanPipeline.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="has no model_index.json.*use OpenSoraPlanPipeline.from_release"):
+        OpenSoraPlanPipeline.from_pretrained(DEMO / "student")

@@ -232,7 +232,8 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         as it is. Unset: :func:`~opensora_plan.utils.default_dtype` (float16 when CUDA is available, else
         float32), not each file's own dtype, so a folder saved in bfloat16 and loaded without a dtype does not
         come back mixed. Any model that still differs is named in one warning. Other keywords go to diffusers.
-        A local path (absolute, or starting with ``.`` / ``~``) that is not a folder is a FileNotFoundError.
+        A local path (absolute, or starting with ``.`` / ``~``) that is not a folder, or a folder without
+        ``model_index.json`` (the released layout, a student folder: :meth:`from_release`), is a FileNotFoundError.
         """
         from opensora_plan.utils import resolve_dtype_arguments
 
@@ -241,6 +242,10 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
             raise FileNotFoundError(f"{path} is not a folder; from_pretrained takes a pipeline folder (model_index.json: "
                                     "the demo, or one written by save_pretrained) or a Hub repo id; for the released "
                                     "layout use from_release.")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"{path} has no model_index.json, so it is not a pipeline folder; for the released "
+                                    "layout or a distilled student folder use OpenSoraPlanPipeline.from_release("
+                                    f"{path!r}, text_encoder=...).")
         dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
         if isinstance(dtype, dict) or isinstance(torch_dtype, dict):
             if dtype is not None and torch_dtype is not None:
