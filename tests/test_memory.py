@@ -149,12 +149,17 @@ def test_flags_override_the_plan_and_offload_needs_cuda():
         plan_memory(_sizes(), 40 * GIB, "cuda", offload="disk")
 
 
-def test_pipeline_plan_uses_the_vaes_own_chunking_and_keeps_the_video(tiny_release):
+def _tiny_ddim_pipe(tiny_release):
+    """``(pipe, run)``: the tiny release pipeline with DDIM, and a seeded 2-step call returning its frames."""
     model_path, t5_path = tiny_release
     pipe = OpenSoraPlanPipeline.from_release(model_path, version=TINY_VERSION, text_encoder=t5_path, scheduler="DDIM")
     pipe.set_progress_bar_config(disable=True)
-    run = lambda: pipe("a cat playing the piano", num_inference_steps=2,  # noqa: E731
-                       generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    return pipe, lambda: pipe("a cat playing the piano", num_inference_steps=2,
+                              generator=torch.Generator().manual_seed(0), output_type="pt").frames
+
+
+def test_pipeline_plan_uses_the_vaes_own_chunking_and_keeps_the_video(tiny_release):
+    pipe, run = _tiny_ddim_pipe(tiny_release)
     reference = run()
     shape = pipe._latent_shape(1, *pipe.default_size())
     need = pipe.vae.decode_plan(shape, None).need
@@ -168,11 +173,7 @@ def test_pipeline_plan_uses_the_vaes_own_chunking_and_keeps_the_video(tiny_relea
 
 
 def test_model_cpu_offload_works_as_in_diffusers(tiny_release):
-    model_path, t5_path = tiny_release
-    pipe = OpenSoraPlanPipeline.from_release(model_path, version=TINY_VERSION, text_encoder=t5_path, scheduler="DDIM")
-    pipe.set_progress_bar_config(disable=True)
-    run = lambda: pipe("a cat playing the piano", num_inference_steps=2,  # noqa: E731
-                       generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    pipe, run = _tiny_ddim_pipe(tiny_release)
     reference = run()
     pipe.enable_model_cpu_offload(device="cpu")  # the hooks run here too; on CUDA they move each model in and out
     torch.testing.assert_close(run(), reference, rtol=0, atol=0)
@@ -249,11 +250,7 @@ def test_out_of_memory_is_one_line_naming_stage_plan_and_flag(tiny_release, tmp_
 def test_a_plan_with_model_offload_and_t5_on_the_cpu_hooks_the_others_only(tiny_release):
     from opensora_plan.pipelines.memory_plan import MemoryPlan
 
-    model_path, t5_path = tiny_release
-    pipe = OpenSoraPlanPipeline.from_release(model_path, version=TINY_VERSION, text_encoder=t5_path, scheduler="DDIM")
-    pipe.set_progress_bar_config(disable=True)
-    run = lambda: pipe("a cat playing the piano", num_inference_steps=2,  # noqa: E731
-                       generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    pipe, run = _tiny_ddim_pipe(tiny_release)
     reference = run()
     plan = MemoryPlan("cuda", 8 * GIB, "given", 6 * GIB, "model", "cpu", "full", None, None, {"decode": GIB})
     pipe.apply_memory_plan(plan, device="cpu")  # the CPU stands in for the GPU: the same hooks run

@@ -161,9 +161,9 @@ def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str
 
     save_directory = Path(save_directory)
     path = sampling_config_file(source) if source is not None and os.path.isdir(source) else None
-    data = {}
+    data, stages = {}, {}
     if path is not None:
-        load_sampling_config(source)  # validated before anything is written
+        stages = dict(load_sampling_config(source).stages)  # validated before anything is written
         data = {k: v for k, v in json.loads(path.read_text()).items() if k not in _FOLDER_FIELDS}
         data["_saved_from"] = str(Path(source).resolve())
     transformers = version_folders(save_directory)
@@ -171,7 +171,6 @@ def save_sampling_defaults(source: str | os.PathLike | None, save_directory: str
         data["version"] = transformers[0]
     if (save_directory / "text_encoder" / "config.json").is_file():
         data["text_encoder"] = "text_encoder"
-    stages = folder_stages(source) if path is not None else {}
     saved = {}
     for stage, component in _STAGE_COMPONENTS.items():  # the stage models save_pretrained wrote as components
         config = save_directory / component / "config.json"
