@@ -21,7 +21,8 @@ from train_helpers import read_log  # noqa: E402
 from opensora_plan import cli  # noqa: E402
 from opensora_plan.data.video_io import read_video  # noqa: E402
 from opensora_plan.models.latte import LatteT2V, build_latte  # noqa: E402
-from opensora_plan.train.distill import boundary_scalings, save_student_folder, solver_timesteps  # noqa: E402
+from opensora_plan.train.distill import (DistillTask, boundary_scalings, phase_edge, phase_edges,  # noqa: E402
+                                         save_student_folder, solver_timesteps)
 
 PROMPT = "a red ball rolls to the left"
 
@@ -95,6 +96,48 @@ def test_boundary_condition_and_grid_match_diffusers_lcm_scheduler():
     for steps in (1, 2, 4, 8):  # the student is sampled only at timesteps it was trained on
         scheduler.set_timesteps(steps)
         assert set(scheduler.timesteps.tolist()) <= set(start.tolist())
+
+
+def test_pcd_phases_are_where_the_tcd_sampler_lands():
+    from opensora_plan.diffusion.schedulers import create_scheduler
+
+    assert phase_edges(4).tolist() == [0, 259, 499, 759]
+    start, _ = solver_timesteps(torch.arange(50), 50)
+    for steps in (1, 2, 4, 8):
+        scheduler = create_scheduler("TCD")
+        scheduler.set_timesteps(steps)
+        visited = scheduler.timesteps.tolist()
+        edges = phase_edges(steps)
+        assert edges.tolist() == sorted(visited[1:] + [0])
+        assert set(visited) <= set(start.tolist())  # sampled only at timesteps it was trained on
+        # each visited timestep's phase ends where the sampler's next step lands
+        assert phase_edge(torch.tensor(visited), edges).tolist() == visited[1:] + [0]
+    assert phase_edge(torch.tensor([19, 259, 260, 999]), phase_edges(4)).tolist() == [0, 0, 259, 759]
+
+
+def _pcd_loss(method, teacher_model, index, guidance=1.0):
+    """The consistency loss of a student that *is* the teacher, on one random latent and caption."""
+    task = DistillTask(teacher_model, teacher_model, None, guidance_scale=guidance, method=method)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 2, 4, 4, generator=g)
+    text, mask = torch.randn(1, 16, 32, generator=g), torch.ones(1, 16, dtype=torch.long)
+    task._null = (torch.zeros(16, 32), torch.ones(16, dtype=torch.long))  # the empty caption's embedding
+    noise = torch.randn(latents.shape, generator=g)
+    with torch.no_grad():
+        return float(task.consistency_loss(teacher_model, latents, text, mask, torch.tensor([index]), noise)[0][0])
+
+
+def test_pcd_loss_holds_the_boundary_at_each_phase_edge(teacher):
+    """pcd's f(x, t) is the DDIM jump to the phase's lower edge: a student equal to the teacher (guidance 1) takes
+    the teacher's own step when that step ends on the edge (loss 0), but not inside a phase, and lcd's x0-mapped
+    consistency function is not the teacher's step either."""
+    model = LatteT2V.from_pretrained(teacher / "v").eval()
+    just_above_edge = 13  # t_n = 279, t_prev = 259: the edge of phase (259, 499]
+    inside = 20  # t_n = 419, t_prev = 399
+    assert _pcd_loss("pcd", model, just_above_edge) < 1e-10
+    assert _pcd_loss("pcd", model, inside) > 1e-6
+    assert _pcd_loss("lcd", model, just_above_edge) > 1e-6
+    assert _pcd_loss("pcd", model, 0) < 1e-10  # t_n = 19 -> 0: the last phase's edge
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +228,26 @@ def test_student_run_and_folder_sample_with_their_own_defaults(assets, teacher, 
     _sample(tmp_path / "out_teacher", teacher)
     assert "(EulerAncestralDiscrete, 6 steps)" in capsys.readouterr().out and counter.batches == [2] * 6
     shutil.rmtree(student)
+
+
+def test_pcd_student_samples_with_tcd_at_batch_one(assets, teacher, tmp_path, capsys, monkeypatch):  # noqa: F811
+    run = tmp_path / "run"
+    assert cli.main(_argv(assets, teacher, run, 2, "--method", "pcd")) == 0
+    config = json.loads((run / "sampling_config.json").read_text())
+    assert (config["sample_method"], config["num_sampling_steps"], config["guidance_scale"]) == ("TCD", 2, 1.0)
+    assert config["_distillation"]["method"].startswith("phased consistency distillation")
+    counter = _CountForwards(monkeypatch)
+    capsys.readouterr()
+    first = _sample(tmp_path / "a", run)
+    assert "(TCD, 2 steps)" in capsys.readouterr().out and counter.batches == [1, 1]
+    assert torch.equal(first, _sample(tmp_path / "b", run, "--seed", "2"))  # eta 0: deterministic given the noise
+    # `demo eval` judges a run (its latest checkpoint) with the student's own settings, as `sample` does.
+    capsys.readouterr()
+    assert cli.main(["demo", "eval", "--model_path", str(run), "--num_prompts", "1", "--seeds", "0"]) == 0
+    assert "TCD 2 steps, guidance 1.0" in capsys.readouterr().out
+    # Resuming with the other method is refused (it is the student's definition).
+    assert cli.main(_argv(assets, teacher, run, 3, "--resume_from_checkpoint", "latest")) == 1
+    assert "--method lcd differs from the run's pcd" in capsys.readouterr().err
 
 
 def test_lora_student_loads_and_samples_with_its_own_defaults(assets, teacher, tmp_path, capsys,  # noqa: F811

@@ -254,10 +254,10 @@ def test_vae_with_other_latent_channels_is_rejected(tiny_pipe):
 # --------------------------------------------------------------------------------------------
 
 
-def test_scheduler_names_are_the_reference_ones_plus_unipc_and_lcm():
+def test_scheduler_names_are_the_reference_ones_plus_unipc_lcm_and_tcd():
     assert scheduler_names() == [
         "DDIM", "EulerDiscrete", "DDPM", "DPMSolverMultistep", "DPMSolverSinglestep", "PNDM", "HeunDiscrete",
-        "EulerAncestralDiscrete", "DEISMultistep", "KDPM2AncestralDiscrete", "UniPCMultistep", "LCM",
+        "EulerAncestralDiscrete", "DEISMultistep", "KDPM2AncestralDiscrete", "UniPCMultistep", "LCM", "TCD",
     ]
     assert isinstance(create_scheduler(), SCHEDULERS["PNDM"])  # PNDM is the default
     assert isinstance(create_scheduler("ddim"), SCHEDULERS["DDIM"])  # case-insensitive

@@ -95,9 +95,11 @@ def select_prompts(num_prompts: int | None = None, colours: list[str] | None = N
 
 def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_method: str | None = None,
                        device: str | None = None):
-    """``(pipeline, demo_info)`` for a demo model folder (default: the shipped one), in float32."""
+    """``(pipeline, demo_info)`` for a demo model folder (default: the shipped one), or a ``train-t2v`` /
+    ``distill`` run or checkpoint of a demo model (sampled with the settings ``sample`` gives it), in float32."""
     from opensora_plan.demo.model import default_model_path, fast_cache_options, load_demo_info
     from opensora_plan.pipelines.model_folder import vae_folder
+    from opensora_plan.pipelines.training_run import is_training_output
     from opensora_plan.diffusion.schedulers import create_scheduler
     from opensora_plan.models.causalvae import CausalVAEModel
     from opensora_plan.models.latte import LatteT2V
@@ -106,11 +108,25 @@ def load_demo_pipeline(model_path: str | os.PathLike | None = None, sample_metho
     from opensora_plan.utils import resolve_device
 
     model_path = Path(model_path) if model_path else default_model_path()
-    info = load_demo_info(model_path)
     device = resolve_device(device)
-    tokenizer, text_encoder = load_t5(model_path / info["text_encoder"], device=device)
-    transformer = LatteT2V.from_pretrained(model_path / info["version"], device=device).eval()
-    vae = CausalVAEModel.from_pretrained(vae_folder(model_path), device=device).eval()
+    if is_training_output(model_path):
+        from opensora_plan.pipelines.sample_t2v import resolve_sample_defaults
+        from opensora_plan.pipelines.training_run import load_run_transformer, resolve_training_output
+
+        run = resolve_training_output(model_path)
+        if not run.text_encoder:
+            raise ValueError(f"{model_path}: the run recorded no T5 folder (--text_encoder_name); judge a model "
+                             "folder instead.")
+        info = {**resolve_sample_defaults(model_path), "version": run.checkpoint.name}
+        tokenizer, text_encoder = load_t5(run.text_encoder, device=device)
+        transformer = load_run_transformer(run, torch.float32, device)
+        vae_path = run.vae
+    else:
+        info = load_demo_info(model_path)
+        tokenizer, text_encoder = load_t5(model_path / info["text_encoder"], device=device)
+        transformer = LatteT2V.from_pretrained(model_path / info["version"], device=device).eval()
+        vae_path = vae_folder(model_path)
+    vae = CausalVAEModel.from_pretrained(vae_path, device=device).eval()
     scheduler = create_scheduler(sample_method or info["sample_method"])
     pipe = OpenSoraPlanPipeline(vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
                                 tokenizer=tokenizer)
@@ -127,7 +143,7 @@ class DemoEvalOptions(Options):
 
     COMMAND: ClassVar[str] = "demo eval"
 
-    model_path: str | None = option(None, help="demo model folder (unset: the shipped demo)")
+    model_path: str | None = option(None, help="demo model folder, or a train-t2v / distill run or checkpoint of one (unset: the shipped demo)")
     num_prompts: int | None = option(None, help="evaluate a spread subset of the 60 prompts (unset: all)")
     seeds: list[int] = option(default_factory=lambda: list(DEFAULT_SEEDS), help="seeds per prompt")
     num_sampling_steps: int | None = option(None, help="unset: the model's demo.json")

@@ -5,7 +5,7 @@ warm-up and DDIM clips the predicted x0 to [-1, 1] in latent space (spec 8.11). 
 one fix: diffusers' HeunDiscrete and KDPM2AncestralDiscrete default to Stable Diffusion's betas
 (0.00085..0.012), not the schedule LatteT2V was trained with (1000 steps, linear 1e-4..0.02, spec 3.1),
 so every scheduler gets the training schedule explicitly (a no-op for the other nine, whose defaults
-are exactly that). UniPC and LCM (the sampler of a distilled student, train/distill.py) are additions of ours.
+are exactly that). UniPC, LCM and TCD (the samplers of distilled students, train/distill.py) are additions of ours.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class _LazySchedulers(Mapping):
         return len(self._where)
 
 
-#: ``--sample_method`` name -> diffusers class (the reference's ten names, then UniPC and LCM).
+#: ``--sample_method`` name -> diffusers class (the reference's ten names, then UniPC, LCM and TCD).
 SCHEDULERS: Mapping[str, type[SchedulerMixin]] = _LazySchedulers({
     "DDIM": ("scheduling_ddim", "DDIMScheduler"),
     "EulerDiscrete": ("scheduling_euler_discrete", "EulerDiscreteScheduler"),
@@ -59,11 +59,14 @@ SCHEDULERS: Mapping[str, type[SchedulerMixin]] = _LazySchedulers({
     # its boundary condition (timestep_scaling 10) and skipping grid (original_inference_steps 50) are the ones
     # train/distill.py trains with.
     "LCM": ("scheduling_lcm", "LCMScheduler"),
+    # Trajectory consistency sampling (Zheng et al. 2024, arXiv 2402.19159) on the same grid; with eta 0 (what the
+    # pipeline passes) each step is the DDIM jump to the next timestep that `distill --method pcd` trains.
+    "TCD": ("scheduling_tcd", "TCDScheduler"),
 })
 
 
 def scheduler_names() -> list[str]:
-    """The accepted ``--sample_method`` names, in the reference's order (then UniPC and LCM)."""
+    """The accepted ``--sample_method`` names, in the reference's order (then UniPC, LCM and TCD)."""
     return list(SCHEDULERS)
 
 

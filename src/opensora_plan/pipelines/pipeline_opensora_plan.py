@@ -99,17 +99,18 @@ class OpenSoraPlanPipelineOutput(BaseOutput):
 
 def check_scheduler_steps(scheduler, num_inference_steps: int) -> None:
     """ValueError when ``scheduler`` cannot run ``num_inference_steps`` steps: diffusers' PNDM builds its
-    Runge-Kutta warm-up from the last 4 timesteps and fails below that; LCM samples on its skipping grid of
-    ``original_inference_steps`` (50) points and fails above that."""
+    Runge-Kutta warm-up from the last 4 timesteps and fails below that; LCM and TCD sample on their skipping grid
+    of ``original_inference_steps`` (50) points and fail above that."""
     prk_order = getattr(scheduler, "pndm_order", 0) if not scheduler.config.get("skip_prk_steps") else 0
     if num_inference_steps < prk_order:
         raise ValueError(
             f"PNDM with Runge-Kutta warm-up needs at least {prk_order} steps, got {num_inference_steps}; "
             f"use more steps or another sample method (e.g. DDIM)."
         )
-    grid = scheduler.config.get("original_inference_steps") if type(scheduler).__name__ == "LCMScheduler" else None
+    name = type(scheduler).__name__
+    grid = scheduler.config.get("original_inference_steps") if name in ("LCMScheduler", "TCDScheduler") else None
     if grid is not None and num_inference_steps > grid:
-        raise ValueError(f"LCM samples on its {grid}-point timestep grid: at most {grid} steps, got "
+        raise ValueError(f"{name[:3]} samples on its {grid}-point timestep grid: at most {grid} steps, got "
                          f"{num_inference_steps} (a distilled student is made for 1-8).")
 
 

@@ -54,7 +54,7 @@ TEXT_CONDITIONING = ("per_prompt", "reference")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 OFFLOAD_MODES = ("none", "model", "sequential")  # = pipelines.memory_plan.OFFLOAD_MODES (imported lazily: torch)
 _SCHEDULERS = ("PNDM, DDIM, EulerDiscrete, DDPM, DPMSolverMultistep, DPMSolverSinglestep, HeunDiscrete, "
-               "EulerAncestralDiscrete, DEISMultistep, KDPM2AncestralDiscrete, UniPCMultistep, LCM")
+               "EulerAncestralDiscrete, DEISMultistep, KDPM2AncestralDiscrete, UniPCMultistep, LCM, TCD")
 
 
 def _model_default(name: str) -> str:

@@ -51,7 +51,11 @@ logger = logging.getLogger(__name__)
 
 SIGMA_DATA = 0.5  # LCM's boundary condition (diffusers LCMScheduler.get_scalings_for_boundary_condition_discrete)
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default timestep_scaling
-STUDENT_SAMPLER = "LCM"
+#: ``--method`` -> (the student's ``--sample_method``, the record's description).
+METHODS = {
+    "lcd": ("LCM", "latent consistency distillation (arXiv 2310.04378), guidance baked in"),
+    "pcd": ("TCD", "phased consistency distillation (arXiv 2405.18407), guidance baked in"),
+}
 DISTILL_GROUP = "distillation (docs/distill.md)"
 _LORA_GROUP = "LoRA fine-tuning (needs peft; docs/training.md)"
 
@@ -80,6 +84,10 @@ class DistillOptions(T2VTrainOptions):
                                      "sampling_config.json (1-8 are useful)")
     num_ddim_timesteps: int = option(50, group=DISTILL_GROUP, help="N of LCM's skipping grid: the teacher's DDIM "
                                      "solver steps 1000/N timesteps at a time")
+    method: str = option("lcd", choices=list(METHODS), group=DISTILL_GROUP,
+                         help="lcd: latent consistency distillation (one student for 1-8 steps, LCM sampler); pcd: "
+                         "phased consistency distillation (one phase per --num_sampling_steps, deterministic TCD "
+                         "sampler); docs/distill.md")
     loss_type: str = option("l2", choices=["l2", "huber"], group=DISTILL_GROUP,
                             help="distance of the consistency loss (huber: pseudo-Huber, as LCM-LoRA)")
     huber_c: float = option(0.001, group=DISTILL_GROUP, help="the pseudo-Huber constant c (with --loss_type huber)")
@@ -220,16 +228,40 @@ def solver_timesteps(index: torch.Tensor, num_ddim_timesteps: int) -> tuple[torc
     return start, (start - k).clamp(min=0)
 
 
+def phase_edges(num_sampling_steps: int) -> torch.Tensor:
+    """Phased consistency distillation's phases for an ``num_sampling_steps``-step student: the lower edges
+    ``[0, s_1, .., s_{M-1}]`` (int64, ascending) of the M phases ``(s_m, s_{m+1}]``, i.e. the timesteps that
+    diffusers' ``TCDScheduler`` (our ``--sample_method TCD``, built as ``sample`` builds it) steps to at M
+    steps; at 4: ``[0, 259, 499, 759]`` (it visits 999, 759, 499, 259 and lands at 0)."""
+    from opensora_plan.diffusion.schedulers import create_scheduler
+
+    scheduler = create_scheduler(METHODS["pcd"][0])
+    scheduler.set_timesteps(num_sampling_steps)
+    return torch.cat([scheduler.timesteps.long()[1:], torch.zeros(1, dtype=torch.long)]).sort().values
+
+
+def phase_edge(t: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The lower edge of each timestep's phase (B,): the largest edge below ``t`` (``t`` in ``(s_m, s_{m+1}]``
+    -> ``s_m``)."""
+    edges = edges.to(t.device)
+    return edges[torch.bucketize(t, edges, right=False) - 1]
+
+
 class DistillTask(T2VTask):
     """Latent consistency distillation of a frozen teacher into ``models["model"]`` (the student), on the batches
     train-t2v takes (videos + captions or an ``extract`` cache); everything else is :class:`T2VTask`'s."""
 
-    def __init__(self, student, teacher, dataset, *, guidance_scale: float, num_ddim_timesteps: int = 50,
-                 loss_type: str = "l2", huber_c: float = 1e-3, num_sampling_steps: int = 4,
-                 sampling_record: dict | None = None, output_dir: str | None = None, **kwargs):
+    def __init__(self, student, teacher, dataset, *, guidance_scale: float, method: str = "lcd",
+                 num_ddim_timesteps: int = 50, loss_type: str = "l2", huber_c: float = 1e-3,
+                 num_sampling_steps: int = 4, sampling_record: dict | None = None, output_dir: str | None = None,
+                 **kwargs):
         super().__init__(student, dataset, **kwargs)
         self.teacher = teacher
         self.guidance_scale = guidance_scale
+        self.method = method
+        self.sampler = METHODS[method][0]
+        # pcd: the phases' lower edges, ascending, from 0 (int64): where the student's sampler lands
+        self.edges = phase_edges(num_sampling_steps) if method == "pcd" else None
         self.num_ddim_timesteps = num_ddim_timesteps
         self.loss_type = loss_type
         self.huber_c = huber_c
@@ -247,11 +279,12 @@ class DistillTask(T2VTask):
             self.write_sampling_config(Path(self.output_dir))  # `sample --model_path RUN` reads it
 
     def sampling_config(self) -> dict:
-        """The student's ``sampling_config.json``: LCM, its steps, guidance 1 (no unconditional batch)."""
-        config = {"sample_method": STUDENT_SAMPLER, "num_sampling_steps": self.num_sampling_steps,
+        """The student's ``sampling_config.json``: its sampler (LCM or TCD), steps, guidance 1 (no unconditional
+        batch)."""
+        config = {"sample_method": self.sampler, "num_sampling_steps": self.num_sampling_steps,
                   "guidance_scale": 1.0, **{k: v for k, v in self.sampling_record.items() if not k.startswith("_")}}
         config["_distillation"] = {k[1:]: v for k, v in self.sampling_record.items() if k.startswith("_")} | {
-            "method": "latent consistency distillation (arXiv 2310.04378), guidance baked in",
+            "method": METHODS[self.method][1],
             "guidance_scale": self.guidance_scale, "num_ddim_timesteps": self.num_ddim_timesteps,
             "loss_type": self.loss_type}
         return config
@@ -285,10 +318,18 @@ class DistillTask(T2VTask):
         return emb.to(like.dtype).expand(batch_size, -1, -1), mask.to(like_mask.dtype).expand(batch_size, -1)
 
     def consistency_loss(self, student, latents, text, mask, index, noise) -> tuple[torch.Tensor, dict]:
-        """Per-sample LCD loss (B,) of ``student`` for clean ``latents`` (B, C, F, h, w), captions ``text``
-        (B, L, D) / ``mask`` (B, L), skipping-grid indices ``index`` (B,) and ``noise`` like ``latents``."""
+        """Per-sample consistency loss (B,) of ``student`` for clean ``latents`` (B, C, F, h, w), captions ``text``
+        (B, L, D) / ``mask`` (B, L), skipping-grid indices ``index`` (B,) and ``noise`` like ``latents``.
+
+        lcd: ``f(x, t) = c_skip(t) x + c_out(t) x0_hat`` (LCM's). pcd (Wang et al. 2024, arXiv 2405.18407):
+        ``f(x, t)`` is the DDIM jump (eta 0) from ``t`` to the lower edge ``s`` of its phase,
+        ``sqrt(a_s) x0_hat + sqrt(1 - a_s) eps_hat``, and the teacher's step stops at the edge
+        (``t_prev = max(t_n - k, s)``), where the target is the teacher's point itself (``f(x, s) = x``)."""
         diffusion, channels, batch = self.diffusion, latents.shape[1], latents.shape[0]
         t, t_prev = solver_timesteps(index, self.num_ddim_timesteps)
+        if self.edges is not None:
+            edge = phase_edge(t, self.edges)
+            t_prev = torch.maximum(t_prev, edge)
         x_t = diffusion.q_sample(latents, t, noise)
 
         def eps(model, x, timesteps, emb, emb_mask):
@@ -297,8 +338,12 @@ class DistillTask(T2VTask):
             return out[:, :channels].float()  # epsilon; a learned variance is not distilled
 
         def consistency(x, timesteps, e):
+            x0 = diffusion.predict_xstart_from_eps(x, timesteps, e)
+            if self.edges is not None:  # pcd: DDIM to the phase's edge
+                a_edge = diffusion._extract(diffusion.alphas_cumprod, edge, x)
+                return a_edge.sqrt() * x0 + (1 - a_edge).sqrt() * e
             c_skip, c_out = (c.reshape(-1, *[1] * (x.ndim - 1)) for c in boundary_scalings(timesteps))
-            return c_skip * x + c_out * diffusion.predict_xstart_from_eps(x, timesteps, e)
+            return c_skip * x + c_out * x0
 
         prediction = consistency(x_t, t, eps(student, x_t, t, text, mask))
         with torch.no_grad():
@@ -311,6 +356,9 @@ class DistillTask(T2VTask):
             a_prev = diffusion._extract(diffusion.alphas_cumprod, t_prev, x_t)
             x_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * guided  # DDIM, eta 0
             target = consistency(x_prev, t_prev, eps(student, x_prev, t_prev, text, mask))
+            if self.edges is not None:  # the boundary condition f(x, s) = x at a phase's edge
+                at_edge = (t_prev == edge).reshape(-1, *[1] * (x_t.ndim - 1))
+                target = torch.where(at_edge, x_prev, target)
         diff = (prediction - target).flatten(1)
         if self.loss_type == "huber":
             per_sample = ((diff**2 + self.huber_c**2).sqrt() - self.huber_c).mean(1)
@@ -380,7 +428,7 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
     architecture = teacher_spec.transformer_folder or teacher_spec.run.base  # a LoRA run: its base's config
     opts.update(model=str(architecture), pretrained=None, attention_mode=None,
                 cfg_dropout=0.0, buckets=None, validation_sampling_steps=options.num_sampling_steps,
-                validation_sample_method=STUDENT_SAMPLER, validation_guidance_scale=1.0)
+                validation_sample_method=METHODS[options.method][0], validation_guidance_scale=1.0)
     for key, value in (("ae_path", teacher_spec.vae), ("text_encoder_name", teacher_spec.text_encoder)):
         if not opts[key] and value:
             opts[key] = value  # the teacher's own VAE / T5
@@ -446,7 +494,8 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
     student.train()
     fps = teacher_spec.fps
     task = DistillTask(
-        student, teacher, dataset, guidance_scale=guidance, num_ddim_timesteps=options.num_ddim_timesteps,
+        student, teacher, dataset, guidance_scale=guidance, method=options.method,
+        num_ddim_timesteps=options.num_ddim_timesteps,
         loss_type=options.loss_type, huber_c=options.huber_c, num_sampling_steps=options.num_sampling_steps,
         sampling_record={**({"fps": fps} if fps else {}), "_teacher": str(Path(options.teacher).resolve()),
                          "_steps": options.max_train_steps},
@@ -457,7 +506,7 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
         max_grad_norm=opts["max_grad_norm"], validation_prompts=opts["validation_prompts"],
         validation_sampling_steps=options.num_sampling_steps, validation_data=held_out,
         validation_num_timesteps=opts["validation_num_timesteps"], validation_batch_size=1,
-        validation_sample_method=STUDENT_SAMPLER, validation_guidance_scale=1.0, seed=opts["seed"],
+        validation_sample_method=METHODS[options.method][0], validation_guidance_scale=1.0, seed=opts["seed"],
         train_batch_size=opts["train_batch_size"])
     settings = getattr(dataset, "settings", {})
     base = teacher_spec.transformer_folder  # a LoRA student's frozen base (sample resolves the run through it)
@@ -489,9 +538,9 @@ def distill(options: DistillOptions | Mapping) -> dict:
         text = re.sub(r"\n  total +\S+ \S+", f"\n  frozen teacher    {_size(teacher_bytes)}{shared}\n  total             "
                       f"{_size(report['memory']['total'])}", text, count=1)
         report["report"] = text
-        report["report"] += (f"\n\ndistillation: guidance {task.guidance_scale} baked in, skipping grid of "
+        report["report"] += (f"\n\ndistillation ({task.method}): guidance {task.guidance_scale} baked in, skipping grid of "
                              f"{task.num_ddim_timesteps} timesteps, {task.loss_type} loss; the student samples with "
-                             f"LCM in {task.num_sampling_steps} steps. Per step: 2 student forwards (one with "
+                             f"{task.sampler} in {task.num_sampling_steps} steps. Per step: 2 student forwards (one with "
                              "gradients) + 1 teacher forward at twice the batch.")
         return report
     return train(task, config)

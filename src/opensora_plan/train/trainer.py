@@ -308,7 +308,7 @@ def check_new_run_folder(output_dir: str | os.PathLike, resume_from_checkpoint: 
 RESUME_REFUSED = frozenset({
     "model", "model_config", "pretrained", "pretrained_model_path", "ae", "ae_path", "text_encoder_name",
     "model_max_length", "lora_rank", "lora_alpha", "lora_target_modules", "logvar_init", "seed", "use_ema",
-    "sharding", "deepspeed_config", "teacher", "guidance_scale",
+    "sharding", "deepspeed_config", "teacher", "guidance_scale", "method",
 })
 # Applied without a word: where and how often the run reports, saves and validates, and speed switches; they do
 # not change the updates.
@@ -317,7 +317,7 @@ RESUME_QUIET = frozenset({
     "report_to", "dataloader_num_workers", "allow_tf32", "compile", "gradient_checkpointing", "enable_tiling",
     "attention_mode", "max_nonfinite_steps", "dry_run", "validation_steps", "validation_prompts",
     "validation_prompt_file", "validation_sampling_steps", "validation_sample_method", "validation_guidance_scale",
-    "validation_data_path", "validation_num_timesteps", "validation_data", "validation_videos", "num_sampling_steps",
+    "validation_data_path", "validation_num_timesteps", "validation_data", "validation_videos",
 })
 # Every other option (learning rate and the other optimizer settings, the schedule, batch sizes, precision, data,
 # loss weights) is applied from the resume step on, with one warning line naming the old and new values.
