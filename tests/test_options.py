@@ -634,6 +634,19 @@ def test_unknown_or_abbreviated_flags_get_the_subcommands_usage(capsys, argv, sh
         assert f"did you mean {hint}?" in err
 
 
+def test_a_renamed_flag_or_config_key_names_the_new_option(tmp_path, capsys):
+    """train-sr's --ae_path became --degradation_vae: the old name points there, not to a look-alike (--data_path)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train-sr", "--ae_path", "vae", "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--ae_path is now --degradation_vae" in err and "--data_path" not in err
+    config = tmp_path / "c.json"
+    config.write_text('{"ae_path": "vae"}')
+    assert cli.main(["train-sr", "--config", str(config), "--output_dir", str(tmp_path / "run")]) == 1
+    _one_error_line(capsys, r"option 'ae_path', which train-sr now calls 'degradation_vae'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_boolean_flags_show_their_default_in_help(capsys):  # QA 26
     help_text = " ".join(_help(capsys, ["sample"]).split())
     assert re.search(r"--gif, --no-gif also write <name>.gif beside each mp4 \(default: off\)", help_text)

@@ -36,6 +36,7 @@ class SRTrainOptions(FrameTrainOptions):
     """Every option of ``opensora-plan train-sr`` / :func:`train_sr`; defaults are RGT's x2 recipe where it has one."""
 
     COMMAND: ClassVar[str] = "train-sr"
+    RENAMED: ClassVar[dict[str, str]] = {"ae_path": "degradation_vae"}
 
     crop_size: int = option(128, help="HR crop side (a multiple of the model's scale; the LR crop is crop_size / "
                             "scale)", group="data")
