@@ -441,6 +441,9 @@ def test_train_sr_resume_may_switch_the_degradation_vae_off_and_on_again(tmp_pat
     resume = ["--resume_from_checkpoint", "latest", "--checkpointing_steps", "1"]
     assert main(_args("train-sr", rgt_config, videos, out, 2, "--degradation", "bicubic", *resume)) == 0
     assert "--degradation vae -> bicubic" in caplog.text
+    assert f"--degradation_vae {(tmp_path / 'vae').resolve()} -> None" in caplog.text  # switching off is named too
+    switched = json.loads((out / "options.json").read_text())["resumes"][-1]["changed"]
+    assert switched["degradation_vae"] == {"before": str((tmp_path / "vae").resolve()), "after": None}
     assert main(_args("train-sr", rgt_config, videos, out, 3, *vae, *resume)) == 0
     assert "--degradation bicubic -> vae" in caplog.text and "--degradation_vae None -> " in caplog.text
     extra = json.loads((out / "options.json").read_text())["extra"]
