@@ -399,7 +399,7 @@ def test_train_sr_with_the_vae_degradation_and_its_one_line_errors(tmp_path, vid
     for extra_args, message in (
         (["--degradation", "vae"], "--degradation vae needs --degradation_vae"),
         (["--degradation", "bicubic_or_vae", "--degradation_vae", str(tmp_path / "nowhere")], "is not a CausalVAE folder"),
-        (["--degradation", "vae", "--degradation_vae", str(tmp_path / "rgt")], "holds a RGTModel, not a CausalVAE"),
+        (["--degradation", "vae", "--degradation_vae", str(tmp_path / "rgt")], "holds an RGTModel, not a CausalVAE"),
         (["--degradation_vae", str(vae_dir)], "--degradation_vae has no effect with --degradation bicubic"),
         (["--vae_latent_noise", "0.3"], "--vae_latent_noise has no effect with --degradation bicubic"),
         (["--degradation", "vae", "--degradation_vae", str(vae_dir), "--vae_latent_noise", "-1"], "must be in [0, 1]"),
