@@ -97,7 +97,7 @@ def test_recursion_depth_rule():
 
 def test_sides_below_16_are_refused_with_one_error(tiny):
     model, _, _ = tiny
-    with pytest.raises(ValueError, match="at least 16 px"):
+    with pytest.raises(ValueError, match="at least 16 px for a 40x15 frame"):  # width x height, as the CLI prints
         model(torch.rand(1, 3, 15, 40))
     with pytest.raises(ValueError, match="at least 64 px"):  # depth 3 needs the other side >= 64
         model.check_size(1024, 32)

@@ -566,7 +566,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value} is not divisible by {s_factor * patch}; use {default} for this model.")
             if value != default and not any_size:
                 raise ValueError(
-                    f"{name}={value} does not match this transformer, trained at {default_h}x{default_w}; use "
+                    f"{name}={value} does not match this transformer, trained at {default_w}x{default_h}; use "
                     f"{name}={default} or the version trained at that size."
                 )
         if num_inference_steps < 1:
