@@ -81,7 +81,9 @@ class Options:
     CONFIG_DIR: ClassVar[Path | None] = None
     NOT_OPTIONS: ClassVar[tuple[str, ...]] = ()
     GROUPS: ClassVar[tuple[str, ...]] = ()  # --help sections in this order (others follow in field order)
-    NONFINITE_OK: ClassVar[tuple[str, ...]] = ()  # float options that may be nan / inf (none so far)
+    # Float options whose own check (``__post_init__``) refuses nan / inf with the option's whole rule, so that every
+    # bad value gets the same message (--memory_gb nan and -1: "must be a positive number of GiB").
+    NONFINITE_OK: ClassVar[tuple[str, ...]] = ()
     # Renamed options, old field -> new field: the old flag or config key is an error naming the new one (not a
     # "did you mean" guess from the spelling, which points elsewhere).
     RENAMED: ClassVar[dict[str, str]] = {}

@@ -92,6 +92,7 @@ class SampleOptions(Options):
 
     COMMAND: ClassVar[str] = "sample"
     CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
+    NONFINITE_OK: ClassVar[tuple[str, ...]] = ("guidance_scale", "memory_gb")  # checked below, nan and inf too
 
     prompt: str | None = option(None, positional=True, help="the prompt (or use --text_prompt)")
     model_path: str | None = option(None, help="folder with the version folders and vae/ (unset: the shipped demo "

@@ -278,6 +278,7 @@ class UpscaleOptions(Options):
 
     COMMAND: ClassVar[str] = "upscale"
     CONFIG: ClassVar[bool] = True
+    NONFINITE_OK: ClassVar[tuple[str, ...]] = ("sr_memory_gb",)  # checked below, nan and inf too
 
     input: str = option(positional=True, help="a video (mp4/avi/webm/mkv/mov), an image (png/jpg) or a folder of them")
     model_path: str | None = option(None, help="RGT weights: an official RGT_x2.pth / RGT_x4.pth, or a save_pretrained "
@@ -304,8 +305,8 @@ class UpscaleOptions(Options):
             raise ValueError(f"--tile_size must be at least {MIN_TILE} px, got {self.tile_size}.")
         if self.tile_overlap < 0 or (self.tile_size is not None and 2 * self.tile_overlap > self.tile_size):
             raise ValueError(f"--tile_overlap must be between 0 and half of the tile size, got {self.tile_overlap}.")
-        if self.sr_memory_gb is not None and not self.sr_memory_gb > 0:
-            raise ValueError(f"--sr_memory_gb must be positive, got {self.sr_memory_gb}.")
+        if self.sr_memory_gb is not None and not (self.sr_memory_gb > 0 and math.isfinite(self.sr_memory_gb)):
+            raise ValueError(f"--sr_memory_gb must be a positive number of GiB, got {self.sr_memory_gb}.")
         if self.sr_memory_gb is not None and self.tile_size is not None:
             raise ValueError("--tile_size fixes the tiles, so --sr_memory_gb has no effect; give one of them.")
         if self.fps is not None and not self.fps > 0:
