@@ -283,6 +283,26 @@ def test_upscale_command_video_and_image(tiny, tiny_dir, tmp_path, capsys):
         assert image.size == (36 * scale, 20 * scale)
 
 
+def test_upscale_keeps_a_png_alpha_channel_and_says_a_jpeg_drops_it(tiny, tiny_dir, tmp_path, caplog):
+    from PIL import Image
+
+    scale = tiny[0].upscale
+    rgba = np.random.default_rng(1).integers(0, 255, (20, 36, 4), dtype=np.uint8)
+    rgba[:, :18, 3] = 0  # left half transparent, right half opaque
+    rgba[:, 18:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "logo.png")
+    for name in ("logo.png", "logo.jpg"):
+        assert cli.main(["upscale", str(tmp_path / "logo.png"), "--model_path", str(tiny_dir), "--output",
+                         str(tmp_path / "out" / name), "-q"]) == 0
+    with Image.open(tmp_path / "out" / "logo.png") as image:
+        assert image.mode == "RGBA" and image.size == (36 * scale, 20 * scale)
+        alpha = np.array(image)[..., 3]
+    assert (alpha[:, : 16 * scale] == 0).all() and (alpha[:, 20 * scale:] == 255).all()  # bicubic, edges kept
+    with Image.open(tmp_path / "out" / "logo.jpg") as image:
+        assert image.mode == "RGB"
+    assert "logo.jpg: a JPEG holds no transparency, so the input's alpha channel is dropped" in caplog.text
+
+
 def test_upscale_refuses_overwrites_and_bad_options_before_loading(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match="would overwrite an input"):

@@ -368,22 +368,27 @@ def default_output(input_path: Path, scale: int) -> Path:
     return input_path.with_name(f"{input_path.stem}_sr_x{scale}{suffix}")
 
 
-def _read(source: Path) -> tuple[torch.Tensor, float | None]:
-    """(T, H, W, 3) uint8 frames and the fps (None for an image); ValueError for an unreadable file."""
+def _read(source: Path) -> tuple[torch.Tensor, float | None, np.ndarray | None]:
+    """(T, H, W, 3) uint8 frames, the fps (None for an image) and an image's (H, W) uint8 alpha channel (None
+    without one: a video, a JPEG, an opaque PNG); ValueError for an unreadable file."""
     if _kind(source) == "image":
         from PIL import Image
 
         try:
             with Image.open(source) as image:
+                alpha = np.array(image.convert("RGBA"))[..., 3] if image.has_transparency_data else None
                 # np.array copies: PIL's buffer is read-only and torch warns about a non-writable array
-                return torch.from_numpy(np.array(image.convert("RGB"))).unsqueeze(0), None  # (1, H, W, 3)
+                return torch.from_numpy(np.array(image.convert("RGB"))).unsqueeze(0), None, alpha  # (1, H, W, 3)
         except OSError as err:  # PIL's UnidentifiedImageError, a truncated file
             raise ValueError(f"Cannot read image {source}: {err}.") from None
     with VideoReader(source) as reader:
-        return reader.get_frames(range(reader.num_frames)), reader.fps
+        return reader.get_frames(range(reader.num_frames)), reader.fps, None
 
 
-def _write(target: Path, frames: torch.Tensor, fps: float | None) -> None:
+def _write(target: Path, frames: torch.Tensor, fps: float | None, alpha: np.ndarray | None = None) -> None:
+    """Write a video, or an image; an image's ``alpha`` is resized bicubically to the upscaled size and re-attached
+    (RGT upscales colour only; Real-ESRGAN's ``--alpha_upsampler bicubic`` does the same), or dropped with a
+    warning for a JPEG, which holds none."""
     from ..utils import atomic_path
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -392,9 +397,15 @@ def _write(target: Path, frames: torch.Tensor, fps: float | None) -> None:
         return
     from PIL import Image
 
+    image = Image.fromarray(frames[0].numpy())
+    png = target.suffix.lower() == ".png"
+    if alpha is not None and png:
+        image.putalpha(Image.fromarray(alpha).resize(image.size, Image.Resampling.BICUBIC))
+    elif alpha is not None:
+        logger.warning("%s: a JPEG holds no transparency, so the input's alpha channel is dropped; write a .png to "
+                       "keep it.", target)
     with atomic_path(target) as tmp:
-        Image.fromarray(frames[0].numpy()).save(tmp, format="PNG" if target.suffix.lower() == ".png" else "JPEG",
-                                                quality=95)
+        image.save(tmp, format="PNG" if png else "JPEG", quality=95)
 
 
 def upscale(*args, **kwargs) -> RunResults:
@@ -427,7 +438,7 @@ def upscale(*args, **kwargs) -> RunResults:
     for source, target in pairs:
         start = time.perf_counter()
         try:  # a bad input file: unreadable, or too small for the network
-            frames, fps = _read(source)
+            frames, fps, alpha = _read(source)
             size = tuple(frames.shape[1:3])
             if size not in plans:
                 plans[size] = ((o.batch_size, o.tile_size) if o.tile_size is not None else
@@ -448,7 +459,7 @@ def upscale(*args, **kwargs) -> RunResults:
             results.skipped.append((str(source), reason))
             continue
         out = upscale_frames(model, frames, batch_size, tile_size, o.tile_overlap, dtype)
-        _write(target, out, o.fps or fps)
+        _write(target, out, o.fps or fps, alpha)
         results.append(UpscaleResult(str(source), str(target), out.shape[0], out.shape[1], out.shape[2],
                                      time.perf_counter() - start))
     return results
