@@ -429,6 +429,22 @@ def test_two_processes_with_torchrun_keep_identical_replicas(tmp_path, videos, h
     assert [r["step"] for r in _log(out)] == [0, 1, 2] and "val_psnr" in _log(out)[-1]
 
 
+@pytest.mark.parametrize("command", ["train-sr", "train-vfi"])
+def test_a_crop_larger_than_every_training_frame_is_one_error_before_any_output(request, tmp_path, videos, capsys,
+                                                                                command):
+    """It failed at the first sample, leaving options.json behind (QA); the videos are probed first."""
+    model = request.getfixturevalue(TASKS[command][0])
+    out = tmp_path / "run"
+    argv = _args(command, model, videos, out, 1)
+    argv[argv.index("--crop_size") + 1] = str(SIZE + 16)
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"--crop_size {SIZE + 16} is larger than the training frames" in err and f"{SIZE}x{SIZE}; use " in err
+    assert f"--crop_size {SIZE} or less" in err
+    assert not out.exists()
+
+
 def test_train_sr_resume_may_switch_the_degradation_vae_off_and_on_again(tmp_path, videos, rgt_config, tiny_vae,
                                                                          caplog):
     """--degradation_vae is a data option (what the LR inputs look like), applied with a warning on resume like
