@@ -113,6 +113,16 @@ def test_sample_summary_gives_the_size_written_not_the_version_name(tmp_path, ca
     assert "(1 step)" not in line and "1 step)" in line and "per video" in line
 
 
+def test_sample_summary_names_a_saved_folder_not_its_transformer_subfolder(tmp_path, capsys):
+    from opensora_plan.demo.model import default_model_path
+    from opensora_plan.pipelines import OpenSoraPlanPipeline
+
+    OpenSoraPlanPipeline.from_pretrained(default_model_path()).save_pretrained(tmp_path / "my_demo")
+    capsys.readouterr()
+    line = _sample(tmp_path / "a", capsys, "--model_path", str(tmp_path / "my_demo"))
+    assert " with model my_demo (" in line and "transformer" not in line, line
+
+
 def test_sample_summary_counts_the_gifs_of_gif(tmp_path, capsys):
     line = _sample(tmp_path / "g", capsys, "--gif")
     assert line.startswith("Sampled 1 mp4 video of 17 frames 64x64 at 8 fps and its GIF with model "), line

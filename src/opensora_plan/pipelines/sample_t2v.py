@@ -819,7 +819,10 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
 
         for path in [p for p in written if p.suffix == ".mp4"]:
             logger.info("%swrote %s", tag, write_gif(path.with_suffix('.gif'), read_video(path)[0], fps))  # -q hides it
-    print(f"{tag}{sample_summary(len(written), shape, fps, opts, version, elapsed)} -> {out_dir}", flush=True)
+    # A release's version (65x512x512) and a run's checkpoint say which model ran; a save_pretrained folder's
+    # component folder ("transformer") says nothing, so the folder itself is named.
+    model = model_path.resolve().name if run is None and version == "transformer" else version
+    print(f"{tag}{sample_summary(len(written), shape, fps, opts, model, elapsed)} -> {out_dir}", flush=True)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
