@@ -334,7 +334,7 @@ def test_upscale_refuses_a_scale_the_weights_do_not_have(tiny, tiny_dir, tmp_pat
     from opensora_plan.pipelines.upscale import upscale
 
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
-    with pytest.raises(ValueError, match="--dtype bf16 runs under CUDA autocast only"):
+    with pytest.raises(ValueError, match="--dtype bf16 on CPU: upscale runs half precision only under CUDA autocast"):
         upscale(str(tmp_path / "a.png"), model_path=str(tiny_dir), output=str(tmp_path / "o"), dtype="bf16",
                 device="cpu")
     scale = tiny[0].upscale

@@ -784,8 +784,10 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     torch_dtype = default_dtype(device) if opts.dtype == "auto" else parse_dtype(opts.dtype)
     if torch_dtype == torch.float16 and device.type == "cpu":
         # Measured on this project's CPU (AVX512-BF16/AMX): the demo sample took ~12x longer in fp16.
-        logger.warning("--dtype fp16 on CPU runs on slow fallback kernels (about 12x slower than fp32 here); "
-                       "use --dtype bf16 or fp32 on CPU.")
+        # Worded as upscale's / interpolate's --dtype refusal; sample casts the weights, which runs (its stage
+        # models stay fp32), so it is a warning.
+        logger.warning("--dtype fp16 on CPU: sample runs the models' fp16 weights on slow fallback kernels (about 12x "
+                       "slower than fp32 here); use --dtype bf16 or fp32 on CPU.")
     plan, placeholder = plan_sample_memory(opts, model_path, version, text_encoder_name, run, torch_dtype, device)
     if opts.dry_run:
         print(plan.table(), flush=True)  # and nothing else: no weights read, no folder made

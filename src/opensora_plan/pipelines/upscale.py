@@ -168,9 +168,12 @@ def tile_size_for_budget(memory_gb: float, scale: int, batch_size: int = 1, weig
 
 
 def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Half precision is CUDA autocast only (worded as interpolate's and sample's --dtype fp16 messages)."""
     if dtype != torch.float32 and device.type != "cuda":
         name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-        raise ValueError(f"--dtype {name} runs under CUDA autocast only; on {device} use fp32 (or --device cuda).")
+        where = "CPU" if device.type == "cpu" else str(device)
+        raise ValueError(f"--dtype {name} on {where}: upscale runs half precision only under CUDA autocast (the "
+                         f"weights stay fp32); use --dtype fp32 on {where}, or --device cuda.")
 
 
 
