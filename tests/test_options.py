@@ -392,8 +392,14 @@ def test_every_float_option_refuses_nan_and_inf(words, cls, required):  # QA 4
     base.update({k: v for k, v in {"max_train_steps": 1}.items() if k in base})
     for name in floats:
         for bad in (float("nan"), float("inf"), "-inf", 1e400):
-            with pytest.raises(ValueError, match=rf"--{name} must be a finite number"):
+            with pytest.raises(ValueError, match=rf"--{name} must be ") as err:
                 cls(**{**base, name: bad})
+            if name in cls.NONFINITE_OK:  # its own check's message, the same words as for a negative value
+                with pytest.raises(ValueError) as negative:
+                    cls(**{**base, name: -1.0})
+                assert str(err.value).rpartition(", got")[0] == str(negative.value).rpartition(", got")[0]
+            else:
+                assert "must be a finite number" in str(err.value)
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -475,6 +481,16 @@ def test_every_entry_point_takes_a_dict_and_names_the_command_once(tmp_path):  #
     with pytest.raises(ValueError, match="--learning_rate must be positive"):
         train_vae({"output_dir": str(tmp_path / "r"), "learning_rate": 0.0})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, flag", [(["sample", "a cat"], "--memory_gb"), (["serve"], "--memory_gb"),
+                                           (["upscale", "x.png"], "--sr_memory_gb")])
+def test_a_memory_budget_gets_one_message_for_every_bad_value(tmp_path, capsys, command, flag):
+    """nan and inf were "sample: --memory_gb must be a finite number", -1 "--memory_gb must be a positive number of
+    GiB": one rule, one message."""
+    for text in ("nan", "inf", "-1", "0"):
+        assert cli.main([*command, flag, text]) == 1
+        _one_error_line(capsys, rf"^error: {flag} must be a positive number of GiB, got {text}(\.0)?\.$")
 
 
 @pytest.mark.parametrize("text", ["inf", "1e400", "nan", "-1"])
@@ -632,6 +648,19 @@ def test_unknown_or_abbreviated_flags_get_the_subcommands_usage(capsys, argv, sh
     assert f"{shown}: error: unrecognized arguments" in err
     if hint:
         assert f"did you mean {hint}?" in err
+
+
+def test_a_renamed_flag_or_config_key_names_the_new_option(tmp_path, capsys):
+    """train-sr's --ae_path became --degradation_vae: the old name points there, not to a look-alike (--data_path)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train-sr", "--ae_path", "vae", "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--ae_path is now --degradation_vae" in err and "--data_path" not in err
+    config = tmp_path / "c.json"
+    config.write_text('{"ae_path": "vae"}')
+    assert cli.main(["train-sr", "--config", str(config), "--output_dir", str(tmp_path / "run")]) == 1
+    _one_error_line(capsys, r"option 'ae_path', which train-sr now calls 'degradation_vae'")
+    assert not (tmp_path / "run").exists()
 
 
 def test_boolean_flags_show_their_default_in_help(capsys):  # QA 26

@@ -241,6 +241,14 @@ def test_invalid_inputs_fail_before_any_model_runs(tiny_pipe, monkeypatch, case)
         tiny_pipe(**call)
 
 
+def test_a_size_mismatch_names_the_trained_size_as_width_x_height(tiny_pipe, monkeypatch):
+    """Every frame size in a message reads width x height, as sample's and upscale's summary lines print them."""
+    frames, height, width = tiny_pipe.default_size()
+    monkeypatch.setattr(tiny_pipe, "default_size", lambda: (frames, height, width + 32))  # a wide version
+    with pytest.raises(ValueError, match=f"trained at {width + 32}x{height};"):
+        tiny_pipe("a cat", num_inference_steps=2, width=width)
+
+
 def test_vae_with_other_latent_channels_is_rejected(tiny_pipe):
     vae8 = CausalVAEModel(hidden_size=32, hidden_size_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, embed_dim=8)
     pipe = OpenSoraPlanPipeline(vae=vae8, transformer=tiny_pipe.transformer, scheduler=create_scheduler(),

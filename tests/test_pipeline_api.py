@@ -295,3 +295,27 @@ def test_from_pretrained_of_a_missing_local_folder_names_it(tmp_path):
         OpenSoraPlanPipeline.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="has no model_index.json.*use OpenSoraPlanPipeline.from_release"):
         OpenSoraPlanPipeline.from_pretrained(DEMO / "student")
+
+
+def test_top_level_package_exports_the_pipeline_lazily():
+    import subprocess
+    import sys
+
+    import opensora_plan
+
+    light = subprocess.run([sys.executable, "-c", "import sys, opensora_plan; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert light.stdout.strip() == "False"  # `import opensora_plan` alone stays cheap
+    from opensora_plan import OpenSoraPlanPipeline as top_level
+
+    assert top_level is OpenSoraPlanPipeline and "OpenSoraPlanPipeline" in opensora_plan.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        opensora_plan.Nope  # noqa: B018
+
+
+def test_save_pretrained_onto_an_existing_file_names_it_and_writes_nothing(tiny_pipe, tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_text("keep me")
+    with pytest.raises(NotADirectoryError, match=f"{target} is an existing file"):
+        tiny_pipe.save_pretrained(target)
+    assert target.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [target]

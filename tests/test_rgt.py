@@ -97,7 +97,7 @@ def test_recursion_depth_rule():
 
 def test_sides_below_16_are_refused_with_one_error(tiny):
     model, _, _ = tiny
-    with pytest.raises(ValueError, match="at least 16 px"):
+    with pytest.raises(ValueError, match="at least 16 px for a 40x15 frame"):  # width x height, as the CLI prints
         model(torch.rand(1, 3, 15, 40))
     with pytest.raises(ValueError, match="at least 64 px"):  # depth 3 needs the other side >= 64
         model.check_size(1024, 32)
@@ -283,6 +283,26 @@ def test_upscale_command_video_and_image(tiny, tiny_dir, tmp_path, capsys):
         assert image.size == (36 * scale, 20 * scale)
 
 
+def test_upscale_keeps_a_png_alpha_channel_and_says_a_jpeg_drops_it(tiny, tiny_dir, tmp_path, caplog):
+    from PIL import Image
+
+    scale = tiny[0].upscale
+    rgba = np.random.default_rng(1).integers(0, 255, (20, 36, 4), dtype=np.uint8)
+    rgba[:, :18, 3] = 0  # left half transparent, right half opaque
+    rgba[:, 18:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "logo.png")
+    for name in ("logo.png", "logo.jpg"):
+        assert cli.main(["upscale", str(tmp_path / "logo.png"), "--model_path", str(tiny_dir), "--output",
+                         str(tmp_path / "out" / name), "-q"]) == 0
+    with Image.open(tmp_path / "out" / "logo.png") as image:
+        assert image.mode == "RGBA" and image.size == (36 * scale, 20 * scale)
+        alpha = np.array(image)[..., 3]
+    assert (alpha[:, : 16 * scale] == 0).all() and (alpha[:, 20 * scale:] == 255).all()  # bicubic, edges kept
+    with Image.open(tmp_path / "out" / "logo.jpg") as image:
+        assert image.mode == "RGB"
+    assert "logo.jpg: a JPEG holds no transparency, so the input's alpha channel is dropped" in caplog.text
+
+
 def test_upscale_refuses_overwrites_and_bad_options_before_loading(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match="would overwrite an input"):
@@ -314,7 +334,7 @@ def test_upscale_refuses_a_scale_the_weights_do_not_have(tiny, tiny_dir, tmp_pat
     from opensora_plan.pipelines.upscale import upscale
 
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
-    with pytest.raises(ValueError, match="--dtype bf16 runs under CUDA autocast only"):
+    with pytest.raises(ValueError, match="--dtype bf16 on CPU: upscale runs half precision only under CUDA autocast"):
         upscale(str(tmp_path / "a.png"), model_path=str(tiny_dir), output=str(tmp_path / "o"), dtype="bf16",
                 device="cpu")
     scale = tiny[0].upscale

@@ -399,7 +399,7 @@ def test_train_sr_with_the_vae_degradation_and_its_one_line_errors(tmp_path, vid
     for extra_args, message in (
         (["--degradation", "vae"], "--degradation vae needs --degradation_vae"),
         (["--degradation", "bicubic_or_vae", "--degradation_vae", str(tmp_path / "nowhere")], "is not a CausalVAE folder"),
-        (["--degradation", "vae", "--degradation_vae", str(tmp_path / "rgt")], "holds a RGTModel, not a CausalVAE"),
+        (["--degradation", "vae", "--degradation_vae", str(tmp_path / "rgt")], "holds an RGTModel, not a CausalVAE"),
         (["--degradation_vae", str(vae_dir)], "--degradation_vae has no effect with --degradation bicubic"),
         (["--vae_latent_noise", "0.3"], "--vae_latent_noise has no effect with --degradation bicubic"),
         (["--degradation", "vae", "--degradation_vae", str(vae_dir), "--vae_latent_noise", "-1"], "must be in [0, 1]"),
@@ -429,6 +429,22 @@ def test_two_processes_with_torchrun_keep_identical_replicas(tmp_path, videos, h
     assert [r["step"] for r in _log(out)] == [0, 1, 2] and "val_psnr" in _log(out)[-1]
 
 
+@pytest.mark.parametrize("command", ["train-sr", "train-vfi"])
+def test_a_crop_larger_than_every_training_frame_is_one_error_before_any_output(request, tmp_path, videos, capsys,
+                                                                                command):
+    """It failed at the first sample, leaving options.json behind (QA); the videos are probed first."""
+    model = request.getfixturevalue(TASKS[command][0])
+    out = tmp_path / "run"
+    argv = _args(command, model, videos, out, 1)
+    argv[argv.index("--crop_size") + 1] = str(SIZE + 16)
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"--crop_size {SIZE + 16} is larger than the training frames" in err and f"{SIZE}x{SIZE}; use " in err
+    assert f"--crop_size {SIZE} or less" in err
+    assert not out.exists()
+
+
 def test_train_sr_resume_may_switch_the_degradation_vae_off_and_on_again(tmp_path, videos, rgt_config, tiny_vae,
                                                                          caplog):
     """--degradation_vae is a data option (what the LR inputs look like), applied with a warning on resume like
@@ -441,6 +457,9 @@ def test_train_sr_resume_may_switch_the_degradation_vae_off_and_on_again(tmp_pat
     resume = ["--resume_from_checkpoint", "latest", "--checkpointing_steps", "1"]
     assert main(_args("train-sr", rgt_config, videos, out, 2, "--degradation", "bicubic", *resume)) == 0
     assert "--degradation vae -> bicubic" in caplog.text
+    assert f"--degradation_vae {(tmp_path / 'vae').resolve()} -> None" in caplog.text  # switching off is named too
+    switched = json.loads((out / "options.json").read_text())["resumes"][-1]["changed"]
+    assert switched["degradation_vae"] == {"before": str((tmp_path / "vae").resolve()), "after": None}
     assert main(_args("train-sr", rgt_config, videos, out, 3, *vae, *resume)) == 0
     assert "--degradation bicubic -> vae" in caplog.text and "--degradation_vae None -> " in caplog.text
     extra = json.loads((out / "options.json").read_text())["extra"]

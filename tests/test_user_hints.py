@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,6 +112,16 @@ def test_sample_summary_gives_the_size_written_not_the_version_name(tmp_path, ca
     line = _sample(tmp_path / "a", capsys, "--num_frames", "9")
     assert line.startswith("Sampled 1 mp4 video of 9 frames 64x64 at 8 fps with model 17x64x64 "), line
     assert "(1 step)" not in line and "1 step)" in line and "per video" in line
+
+
+def test_sample_summary_names_a_saved_folder_not_its_transformer_subfolder(tmp_path, capsys):
+    from opensora_plan.demo.model import default_model_path
+    from opensora_plan.pipelines import OpenSoraPlanPipeline
+
+    OpenSoraPlanPipeline.from_pretrained(default_model_path()).save_pretrained(tmp_path / "my_demo")
+    capsys.readouterr()
+    line = _sample(tmp_path / "a", capsys, "--model_path", str(tmp_path / "my_demo"))
+    assert " with model my_demo (" in line and "transformer" not in line, line
 
 
 def test_sample_summary_counts_the_gifs_of_gif(tmp_path, capsys):
@@ -470,3 +481,25 @@ def test_a_model_root_or_a_component_folder_in_the_wrong_flag_names_the_right_fo
 
     with pytest.raises(FileNotFoundError, match=r"e\.g\. --pretrained .*17x64x64\.$"):
         read_pretrained_state(demo)
+
+
+def test_dtype_fp16_on_cpu_is_worded_alike_by_sample_upscale_and_interpolate(tmp_path, capsys, caplog):
+    """sample casts the weights (it runs, slowly: a warning); upscale and interpolate offer half precision as CUDA
+    autocast only (an error). Both say "--dtype fp16 on CPU: <what happens>; use ... fp32 on CPU"."""
+    from PIL import Image
+
+    from opensora_plan.data.video_io import write_video
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    write_video(tmp_path / "a.mp4", np.zeros((3, 32, 32, 3), np.uint8), fps=8)
+    assert cli.main(["sample", "a red circle moving left", "--dtype", "fp16", "--device", "cpu", "--dry_run",
+                     "--save_img_path", str(tmp_path / "out")]) == 0
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--dtype")]
+    capsys.readouterr()
+    for argv in (["upscale", str(tmp_path / "a.png")], ["interpolate", str(tmp_path / "a.mp4")]):
+        assert cli.main([*argv, "--dtype", "fp16", "--device", "cpu", "--output", str(tmp_path / "o")]) == 1
+        messages.append(capsys.readouterr().err.strip().removeprefix("error: "))
+    assert len(messages) == 3, messages
+    for message in messages:
+        assert message.startswith("--dtype fp16 on CPU: ") and "fp32 on CPU" in message, message
+    assert not (tmp_path / "o").exists()

@@ -145,7 +145,7 @@ def ssim(
     data_range = _value_range(a, b, data_range, "ssim")
     batch, frames, channels, height, width = a.shape
     if min(height, width) < SSIM_WINDOW:
-        raise ValueError(f"ssim: frames must be at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {height}x{width}.")
+        raise ValueError(f"ssim: frames must be at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {width}x{height}.")
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     weights = _gaussian_window().tolist()
     out_h, out_w = height - SSIM_WINDOW + 1, width - SSIM_WINDOW + 1

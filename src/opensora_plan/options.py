@@ -81,7 +81,12 @@ class Options:
     CONFIG_DIR: ClassVar[Path | None] = None
     NOT_OPTIONS: ClassVar[tuple[str, ...]] = ()
     GROUPS: ClassVar[tuple[str, ...]] = ()  # --help sections in this order (others follow in field order)
-    NONFINITE_OK: ClassVar[tuple[str, ...]] = ()  # float options that may be nan / inf (none so far)
+    # Float options whose own check (``__post_init__``) refuses nan / inf with the option's whole rule, so that every
+    # bad value gets the same message (--memory_gb nan and -1: "must be a positive number of GiB").
+    NONFINITE_OK: ClassVar[tuple[str, ...]] = ()
+    # Renamed options, old field -> new field: the old flag or config key is an error naming the new one (not a
+    # "did you mean" guess from the spelling, which points elsewhere).
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs):
         """Every options class checks and converts its values to the field types before its own
@@ -187,6 +192,10 @@ def check_known(cls, values: typing.Mapping, source: str | None) -> None:
             where = f"{source}: " if source else ""
             raise ValueError(f"{where}{cls.COMMAND or cls.__name__} does not offer --{key} (it keeps a fixed value); "
                              f"remove '{key}'.")
+        if key in cls.RENAMED:
+            where = f"{source} has the option" if source else "the option"
+            raise ValueError(f"{where} '{key}', which {cls.COMMAND or cls.__name__} now calls "
+                             f"'{cls.RENAMED[key]}'; rename it.")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"see `opensora-plan {cls.COMMAND} --help`."
@@ -329,6 +338,20 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
                 kwargs["required"] = True
                 kwargs.pop("default")
             target.add_argument(meta["flag"] or f"--{f.name}", help=help_text, **kwargs)
+    for old, new in cls.RENAMED.items():  # hidden: only there to name the new flag
+        parser.add_argument(f"--{old}", nargs="?", dest=f"_renamed_{old}", default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS, action=_RenamedAction, renamed_to=_flag_of(cls, new))
+
+
+class _RenamedAction(argparse.Action):
+    """A renamed option's old flag: a usage error naming the new flag."""
+
+    def __init__(self, option_strings, dest, renamed_to: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.renamed_to = renamed_to
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.renamed_to}; use {self.renamed_to}.")
 
 
 class _OnceAction(argparse.Action):

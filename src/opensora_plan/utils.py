@@ -191,6 +191,12 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
+def with_article(class_name: str) -> str:
+    """``"an RGTModel"``, ``"a CausalVAEModel"``: a class name with its article, as the name is read aloud (its
+    first letter spelled out: A, E, F, H, I, L, M, N, O, R, S, X take "an"), for messages."""
+    return f"{'an' if class_name[:1].upper() in 'AEFHILMNORSX' else 'a'} {class_name}"
+
+
 def read_text_file(path: str | os.PathLike, what: str) -> str:
     """The UTF-8 text of ``path``; any read problem is a one-line ValueError/FileNotFoundError naming the file
     (``what`` says which input it is, e.g. "Prompt file" or "Dataset file")."""

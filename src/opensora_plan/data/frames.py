@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from ..utils import plural
 from .datasets import first_usable
-from .video_io import VideoReader, VideoTooShortError, VideoTooSmallError
+from .video_io import VideoReader, VideoReadError, VideoTooShortError, VideoTooSmallError
 
 # AMT's augmentation probabilities (MCG-NKU/AMT datasets/vimeo_datasets.py, used for every AMT size).
 AMT_ZOOM_P = 0.1  # random_resize: frames upscaled 2x (bilinear) before the crop
@@ -50,6 +50,32 @@ AMT_HORIZONTAL_FLIP_P = 0.5
 AMT_TRANSPOSE_P = 0.05
 AMT_TIME_REVERSE_P = 0.5
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, the grey of the saturation jitter (as torchvision's)
+
+
+# Videos a sample may pass over (unreadable, too small, too short) before it fails: the datasets' default.
+MAX_SUBSTITUTIONS = 100
+
+
+def check_crop_fits(paths: Sequence[str | os.PathLike], crop_size: int, tries: int = MAX_SUBSTITUTIONS + 1) -> None:
+    """Before a run loads a model or writes anything: ValueError (one line) when the first ``tries`` videos (those
+    a sample may try) are readable but all smaller than ``crop_size`` on their short side, where the run would
+    otherwise fail at its first sample. Stops at the first video the crop fits (one probe for a usable dataset);
+    unreadable videos are left to the samples' own skipping."""
+    too_small = []  # (width, height, path)
+    for path in list(paths)[:tries]:
+        try:
+            with VideoReader(path) as reader:
+                width, height = reader.width, reader.height
+        except VideoReadError:
+            continue
+        if min(width, height) >= crop_size:
+            return
+        too_small.append((width, height, path))
+    if too_small:
+        width, height, path = max(too_small, key=lambda size: min(size[:2]))
+        raise ValueError(f"--crop_size {crop_size} is larger than the training frames: the largest of the "
+                         f"{plural(len(too_small), 'readable video')} probed, {path}, is {width}x{height}; use "
+                         f"--crop_size {min(width, height)} or less.")
 
 
 def _chance(p: float, generator: torch.Generator) -> bool:
@@ -131,7 +157,7 @@ class TripletDataset(_VideoFrames):
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], crop_size: int = 224, max_frame_gap: int = 1,
-                 deterministic: bool = False, max_substitutions: int = 100, samples_per_video: int = 1,
+                 deterministic: bool = False, max_substitutions: int = MAX_SUBSTITUTIONS, samples_per_video: int = 1,
                  saturation_jitter: float = 0.0):
         super().__init__(paths, crop_size, deterministic, max_substitutions, samples_per_video)
         if max_frame_gap < 1:
@@ -286,7 +312,7 @@ class SRPairDataset(_VideoFrames):
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], scale: int = 2, crop_size: int = 128,
-                 degradation: str = "bicubic", deterministic: bool = False, max_substitutions: int = 100,
+                 degradation: str = "bicubic", deterministic: bool = False, max_substitutions: int = MAX_SUBSTITUTIONS,
                  samples_per_video: int = 1, vae: torch.nn.Module | None = None, vae_latent_noise: float = 0.0):
         super().__init__(paths, crop_size, deterministic, max_substitutions, samples_per_video)
         if scale < 1 or crop_size % scale:

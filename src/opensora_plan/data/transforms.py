@@ -78,7 +78,7 @@ def center_crop(video: torch.Tensor, size: int | tuple[int, int]) -> torch.Tenso
     height, width = video.shape[-2:]
     if crop_h > height or crop_w > width:
         raise ValueError(
-            f"Cannot center-crop {crop_h}x{crop_w} from a {height}x{width} frame; use a crop size no larger "
+            f"Cannot center-crop {crop_w}x{crop_h} from a {width}x{height} frame; use a crop size no larger "
             "than the (resized) frame."
         )
     top = int(round((height - crop_h) / 2.0))
@@ -91,7 +91,7 @@ def center_crop_to_multiple(video: torch.Tensor, multiple: int) -> torch.Tensor:
     height, width = video.shape[-2:]
     crop_h, crop_w = height // multiple * multiple, width // multiple * multiple
     if crop_h == 0 or crop_w == 0:
-        raise ValueError(f"A {height}x{width} frame is smaller than {multiple} pixels on one side.")
+        raise ValueError(f"A {width}x{height} frame is smaller than {multiple} pixels on one side.")
     return center_crop(video, (crop_h, crop_w))
 
 

@@ -196,7 +196,7 @@ def check_i3d_input(video: torch.Tensor) -> None:
     if frames < min_frames or min(height, width) < min_pixels:
         raise ValueError(
             f"I3D needs at least {min_frames} frames of {min_pixels}x{min_pixels} pixels, got {frames} frames of "
-            f"{height}x{width}; FVD's protocol is 16 frames at 224x224."
+            f"{width}x{height}; FVD's protocol is 16 frames at 224x224."
         )
     from ..metrics import check_value_range
 

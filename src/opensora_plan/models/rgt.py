@@ -502,7 +502,7 @@ class RGTModel(ModelMixin, ConfigMixin):
         depth = recursion_depth(height, width, self.training) if min(height, width) >= MIN_SIDE else 0
         if min(height, width) < MIN_SIDE or min(height, width) < 4 ** depth:
             need = max(MIN_SIDE, 4 ** depth)
-            raise ValueError(f"RGT needs input sides of at least {need} px for a {height}x{width} frame (RG-SA "
+            raise ValueError(f"RGT needs input sides of at least {need} px for a {width}x{height} frame (RG-SA "
                              f"reduces the frame by 4^{max(depth, 2)}); pad or upscale the frame first.")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -142,7 +142,8 @@ def interpolate_video(model, frames: torch.Tensor, factor: int = 2, *, batch_siz
     amp_dtype = parse_dtype(dtype)
     device = next(model.parameters()).device
     if amp_dtype != torch.float32 and device.type != "cuda":
-        raise ValueError(f"dtype {dtype} (autocast) needs a CUDA device; the model is on {device}. Use fp32.")
+        raise ValueError(f"dtype {dtype} on {device}: interpolation runs half precision only under CUDA autocast "
+                         "(the weights stay fp32); use fp32 there, or move the model to CUDA.")
     # The official conversion: uint8 / 255 (bit-identical floats), channels first.
     video = frames.permute(0, 3, 1, 2).float() / 255.0 if is_uint8 else frames.float()  # (T, 3, H, W)
     padding = padding_for(model, video.shape[-2], video.shape[-1], scale_factor)
@@ -259,8 +260,11 @@ class InterpolateOptions(Options):
 
             check_fps(self.fps)  # a rate the mp4 cannot hold fails now, not after the model ran
         check_scale_factor(self.scale_factor)
-        if self.dtype != "fp32" and resolve_device(self.device).type != "cuda":
-            raise ValueError(f"--dtype {self.dtype} (autocast) needs CUDA; use --dtype fp32 on the CPU.")
+        device = resolve_device(self.device)
+        if self.dtype != "fp32" and device.type != "cuda":  # worded as upscale's and sample's --dtype messages
+            where = "CPU" if device.type == "cpu" else str(device)
+            raise ValueError(f"--dtype {self.dtype} on {where}: interpolate runs half precision only under CUDA "
+                             f"autocast (the weights stay fp32); use --dtype fp32 on {where}, or --device cuda.")
 
 
 def _plan_outputs(source: Path, output: Path | None, factor: int, overwrite: bool = False) -> tuple[list[Path], list[Path]]:

@@ -369,9 +369,10 @@ def check_stage_model_kind(name: str, path: str | os.PathLike, flag: str = "--mo
         return  # the loader reports an unreadable config
     wanted, _, needs = STAGE_MODELS[name]
     if isinstance(found, str) and found != wanted:
+        from opensora_plan.utils import with_article
+
         what = f" ({_KIND_WORDS[found]})" if found in _KIND_WORDS else ""
-        article = "an" if found[:1].upper() in "AEFHILMNORSX" else "a"  # as the class name is read aloud
-        raise ValueError(f"{flag} {path} is {article} {found} folder{what}; {name} needs {needs}.")
+        raise ValueError(f"{flag} {path} is {with_article(found)} folder{what}; {name} needs {needs}.")
 
 
 def folder_stages(folder: str | os.PathLike | None) -> dict:

@@ -261,9 +261,13 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
         or a demo's ``demo.json``: scheduler, steps, guidance, fps, cache preset, prompts) so that the saved folder
         samples as the loaded one did, also through ``sample --model_path`` (``text_encoder/`` gets the tokenizer's
         files too, a whole T5 folder; stage models loaded with :meth:`load_stages` are listed in its ``stages``;
-        ``pipelines/model_folder.save_sampling_defaults``). Raises ValueError for the folder it was loaded from."""
+        ``pipelines/model_folder.save_sampling_defaults``). Raises ValueError for the folder it was loaded from,
+        NotADirectoryError where ``save_directory`` is an existing file."""
         from opensora_plan.pipelines.model_folder import save_sampling_defaults
 
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            raise NotADirectoryError(f"save_pretrained needs a folder, and {save_directory} is an existing file; "
+                                     "give a new or existing folder's path.")
         source = self._folder()
         if source is not None and os.path.realpath(save_directory) == os.path.realpath(source):
             raise ValueError(f"save_pretrained into {source}, the folder this pipeline was loaded from, would mix two "
@@ -563,7 +567,7 @@ class OpenSoraPlanPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value} is not divisible by {s_factor * patch}; use {default} for this model.")
             if value != default and not any_size:
                 raise ValueError(
-                    f"{name}={value} does not match this transformer, trained at {default_h}x{default_w}; use "
+                    f"{name}={value} does not match this transformer, trained at {default_w}x{default_h}; use "
                     f"{name}={default} or the version trained at that size."
                 )
         if num_inference_steps < 1:

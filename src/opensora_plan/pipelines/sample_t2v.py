@@ -92,6 +92,7 @@ class SampleOptions(Options):
 
     COMMAND: ClassVar[str] = "sample"
     CONFIG: ClassVar[bool] = True  # --config FILE holds any of these options
+    NONFINITE_OK: ClassVar[tuple[str, ...]] = ("guidance_scale", "memory_gb")  # checked below, nan and inf too
 
     prompt: str | None = option(None, positional=True, help="the prompt (or use --text_prompt)")
     model_path: str | None = option(None, help="folder with the version folders and vae/ (unset: the shipped demo "
@@ -783,8 +784,10 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
     torch_dtype = default_dtype(device) if opts.dtype == "auto" else parse_dtype(opts.dtype)
     if torch_dtype == torch.float16 and device.type == "cpu":
         # Measured on this project's CPU (AVX512-BF16/AMX): the demo sample took ~12x longer in fp16.
-        logger.warning("--dtype fp16 on CPU runs on slow fallback kernels (about 12x slower than fp32 here); "
-                       "use --dtype bf16 or fp32 on CPU.")
+        # Worded as upscale's / interpolate's --dtype refusal; sample casts the weights, which runs (its stage
+        # models stay fp32), so it is a warning.
+        logger.warning("--dtype fp16 on CPU: sample runs the models' fp16 weights on slow fallback kernels (about 12x "
+                       "slower than fp32 here); use --dtype bf16 or fp32 on CPU.")
     plan, placeholder = plan_sample_memory(opts, model_path, version, text_encoder_name, run, torch_dtype, device)
     if opts.dry_run:
         print(plan.table(), flush=True)  # and nothing else: no weights read, no folder made
@@ -818,7 +821,10 @@ def sample_t2v(options: SampleOptions | Mapping | None = None, **kwargs) -> list
 
         for path in [p for p in written if p.suffix == ".mp4"]:
             logger.info("%swrote %s", tag, write_gif(path.with_suffix('.gif'), read_video(path)[0], fps))  # -q hides it
-    print(f"{tag}{sample_summary(len(written), shape, fps, opts, version, elapsed)} -> {out_dir}", flush=True)
+    # A release's version (65x512x512) and a run's checkpoint say which model ran; a save_pretrained folder's
+    # component folder ("transformer") says nothing, so the folder itself is named.
+    model = model_path.resolve().name if run is None and version == "transformer" else version
+    print(f"{tag}{sample_summary(len(written), shape, fps, opts, model, elapsed)} -> {out_dir}", flush=True)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

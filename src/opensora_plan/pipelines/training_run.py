@@ -77,7 +77,10 @@ def resolve_training_output(path: str | os.PathLike, use_ema: bool = True) -> Tr
                                 f"that wrote it (options.json records the VAE and T5 of the run).")
     options = json.loads(options_file.read_text())
     if options.get("task") not in T2V_TASKS:
-        raise ValueError(f"{run_dir} is a {options.get('task')} run, not a train-t2v run; sample needs a LatteT2V.")
+        from opensora_plan.utils import with_article
+
+        raise ValueError(f"{run_dir} is {with_article(str(options.get('task')))} run, not a train-t2v run; sample needs "
+                         "a LatteT2V.")
     task_options, extra = options.get("task_options", {}), options.get("extra", {})
     paths = task_options.get("paths") or {k: extra.get(k) for k in ("ae_path", "text_encoder_name", "pretrained")}
 

@@ -168,9 +168,12 @@ def tile_size_for_budget(memory_gb: float, scale: int, batch_size: int = 1, weig
 
 
 def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Half precision is CUDA autocast only (worded as interpolate's and sample's --dtype fp16 messages)."""
     if dtype != torch.float32 and device.type != "cuda":
         name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-        raise ValueError(f"--dtype {name} runs under CUDA autocast only; on {device} use fp32 (or --device cuda).")
+        where = "CPU" if device.type == "cpu" else str(device)
+        raise ValueError(f"--dtype {name} on {where}: upscale runs half precision only under CUDA autocast (the "
+                         f"weights stay fp32); use --dtype fp32 on {where}, or --device cuda.")
 
 
 
@@ -278,6 +281,7 @@ class UpscaleOptions(Options):
 
     COMMAND: ClassVar[str] = "upscale"
     CONFIG: ClassVar[bool] = True
+    NONFINITE_OK: ClassVar[tuple[str, ...]] = ("sr_memory_gb",)  # checked below, nan and inf too
 
     input: str = option(positional=True, help="a video (mp4/avi/webm/mkv/mov), an image (png/jpg) or a folder of them")
     model_path: str | None = option(None, help="RGT weights: an official RGT_x2.pth / RGT_x4.pth, or a save_pretrained "
@@ -304,8 +308,8 @@ class UpscaleOptions(Options):
             raise ValueError(f"--tile_size must be at least {MIN_TILE} px, got {self.tile_size}.")
         if self.tile_overlap < 0 or (self.tile_size is not None and 2 * self.tile_overlap > self.tile_size):
             raise ValueError(f"--tile_overlap must be between 0 and half of the tile size, got {self.tile_overlap}.")
-        if self.sr_memory_gb is not None and not self.sr_memory_gb > 0:
-            raise ValueError(f"--sr_memory_gb must be positive, got {self.sr_memory_gb}.")
+        if self.sr_memory_gb is not None and not (self.sr_memory_gb > 0 and math.isfinite(self.sr_memory_gb)):
+            raise ValueError(f"--sr_memory_gb must be a positive number of GiB, got {self.sr_memory_gb}.")
         if self.sr_memory_gb is not None and self.tile_size is not None:
             raise ValueError("--tile_size fixes the tiles, so --sr_memory_gb has no effect; give one of them.")
         if self.fps is not None and not self.fps > 0:
@@ -367,22 +371,27 @@ def default_output(input_path: Path, scale: int) -> Path:
     return input_path.with_name(f"{input_path.stem}_sr_x{scale}{suffix}")
 
 
-def _read(source: Path) -> tuple[torch.Tensor, float | None]:
-    """(T, H, W, 3) uint8 frames and the fps (None for an image); ValueError for an unreadable file."""
+def _read(source: Path) -> tuple[torch.Tensor, float | None, np.ndarray | None]:
+    """(T, H, W, 3) uint8 frames, the fps (None for an image) and an image's (H, W) uint8 alpha channel (None
+    without one: a video, a JPEG, an opaque PNG); ValueError for an unreadable file."""
     if _kind(source) == "image":
         from PIL import Image
 
         try:
             with Image.open(source) as image:
+                alpha = np.array(image.convert("RGBA"))[..., 3] if image.has_transparency_data else None
                 # np.array copies: PIL's buffer is read-only and torch warns about a non-writable array
-                return torch.from_numpy(np.array(image.convert("RGB"))).unsqueeze(0), None  # (1, H, W, 3)
+                return torch.from_numpy(np.array(image.convert("RGB"))).unsqueeze(0), None, alpha  # (1, H, W, 3)
         except OSError as err:  # PIL's UnidentifiedImageError, a truncated file
             raise ValueError(f"Cannot read image {source}: {err}.") from None
     with VideoReader(source) as reader:
-        return reader.get_frames(range(reader.num_frames)), reader.fps
+        return reader.get_frames(range(reader.num_frames)), reader.fps, None
 
 
-def _write(target: Path, frames: torch.Tensor, fps: float | None) -> None:
+def _write(target: Path, frames: torch.Tensor, fps: float | None, alpha: np.ndarray | None = None) -> None:
+    """Write a video, or an image; an image's ``alpha`` is resized bicubically to the upscaled size and re-attached
+    (RGT upscales colour only; Real-ESRGAN's ``--alpha_upsampler bicubic`` does the same), or dropped with a
+    warning for a JPEG, which holds none."""
     from ..utils import atomic_path
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -391,9 +400,15 @@ def _write(target: Path, frames: torch.Tensor, fps: float | None) -> None:
         return
     from PIL import Image
 
+    image = Image.fromarray(frames[0].numpy())
+    png = target.suffix.lower() == ".png"
+    if alpha is not None and png:
+        image.putalpha(Image.fromarray(alpha).resize(image.size, Image.Resampling.BICUBIC))
+    elif alpha is not None:
+        logger.warning("%s: a JPEG holds no transparency, so the input's alpha channel is dropped; write a .png to "
+                       "keep it.", target)
     with atomic_path(target) as tmp:
-        Image.fromarray(frames[0].numpy()).save(tmp, format="PNG" if target.suffix.lower() == ".png" else "JPEG",
-                                                quality=95)
+        image.save(tmp, format="PNG" if png else "JPEG", quality=95)
 
 
 def upscale(*args, **kwargs) -> RunResults:
@@ -426,7 +441,7 @@ def upscale(*args, **kwargs) -> RunResults:
     for source, target in pairs:
         start = time.perf_counter()
         try:  # a bad input file: unreadable, or too small for the network
-            frames, fps = _read(source)
+            frames, fps, alpha = _read(source)
             size = tuple(frames.shape[1:3])
             if size not in plans:
                 plans[size] = ((o.batch_size, o.tile_size) if o.tile_size is not None else
@@ -447,7 +462,7 @@ def upscale(*args, **kwargs) -> RunResults:
             results.skipped.append((str(source), reason))
             continue
         out = upscale_frames(model, frames, batch_size, tile_size, o.tile_overlap, dtype)
-        _write(target, out, o.fps or fps)
+        _write(target, out, o.fps or fps, alpha)
         results.append(UpscaleResult(str(source), str(target), out.shape[0], out.shape[1], out.shape[2],
                                      time.perf_counter() - start))
     return results

@@ -125,6 +125,7 @@ def check_pretrained(pretrained: str, model_config: str | None, what: str) -> Pa
 
 def prepare_frame_run(options: FrameTrainOptions) -> tuple[TrainConfig, list[Path], list[Path]]:
     """Checks before any model loads; returns the loop config, the training videos and the held-out videos."""
+    from ..data.frames import check_crop_fits
     from ..utils import check_output_folder
     from .vae import video_paths
 
@@ -150,6 +151,7 @@ def prepare_frame_run(options: FrameTrainOptions) -> tuple[TrainConfig, list[Pat
         paths, held_out = paths[: -options.validation_videos], paths[-options.validation_videos :]
     if not held_out:
         config.validation_steps = None
+    check_crop_fits(paths, options.crop_size)  # else the first sample fails, after options.json is written
     return config, paths, held_out
 
 

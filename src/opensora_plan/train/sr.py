@@ -36,6 +36,7 @@ class SRTrainOptions(FrameTrainOptions):
     """Every option of ``opensora-plan train-sr`` / :func:`train_sr`; defaults are RGT's x2 recipe where it has one."""
 
     COMMAND: ClassVar[str] = "train-sr"
+    RENAMED: ClassVar[dict[str, str]] = {"ae_path": "degradation_vae"}
 
     crop_size: int = option(128, help="HR crop side (a multiple of the model's scale; the LR crop is crop_size / "
                             "scale)", group="data")
@@ -113,7 +114,7 @@ def load_degradation_vae(degradation_vae: str) -> torch.nn.Module:
     Raises FileNotFoundError / ValueError (one line) for a folder that holds no CausalVAE.
     """
     from ..models.causalvae import CausalVAEModel
-    from ..utils import read_json_file
+    from ..utils import read_json_file, with_article
 
     path = Path(degradation_vae)
     if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
@@ -124,7 +125,7 @@ def load_degradation_vae(degradation_vae: str) -> torch.nn.Module:
     config = read_json_file(path / "config.json", "--degradation_vae")
     found = config.get("_class_name", "CausalVAEModel") if isinstance(config, dict) else type(config).__name__
     if found != "CausalVAEModel":
-        raise ValueError(f"--degradation_vae {path} holds a {found}, not a CausalVAE; give the VAE folder, e.g. "
+        raise ValueError(f"--degradation_vae {path} holds {with_article(found)}, not a CausalVAE; give the VAE folder, e.g. "
                          "src/opensora_plan/assets/demo/vae.")
     try:
         vae = CausalVAEModel.from_pretrained(path, device="cpu")

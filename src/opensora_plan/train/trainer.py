@@ -321,6 +321,9 @@ RESUME_QUIET = frozenset({
 })
 # Every other option (learning rate and the other optimizer settings, the schedule, batch sizes, precision, data,
 # loss weights) is applied from the resume step on, with one warning line naming the old and new values.
+# Options whose unset value (None) is a choice of its own, not "from the model, teacher or cache": switching one
+# off on resume is a change like any other (train-sr's --degradation_vae: path -> None with --degradation bicubic).
+RESUME_NONE_IS_A_VALUE = frozenset({"degradation_vae"})
 RESUMES_KEY = "resumes"  # options.json: one record per resume (step, checkpoint, the options it changed)
 
 
@@ -337,7 +340,7 @@ def run_options(record: Mapping) -> dict:
 def resume_changes(options: Mapping) -> tuple[Path | None, dict[str, tuple]]:
     """``(checkpoint, {option: (run's value, new value)})`` for a resumed run (``options`` flat, with
     ``output_dir`` and ``resume_from_checkpoint``): the options that differ from the options.json of the run the
-    checkpoint belongs to; an unset (None) option is not a change. ``(None, {})`` for a fresh run or a run folder
+    checkpoint belongs to; an unset (None) option is not a change, except those of :data:`RESUME_NONE_IS_A_VALUE`. ``(None, {})`` for a fresh run or a run folder
     without options.json."""
     from opensora_plan.train.checkpoint import resolve_resume
     from opensora_plan.utils import read_json_file
@@ -349,7 +352,8 @@ def resume_changes(options: Mapping) -> tuple[Path | None, dict[str, tuple]]:
     before = run_options(read_json_file(record, "The run's options file"))
     now = json.loads(json.dumps(absolute_paths(dict(options)), default=str))  # as options.json records them
     # An option left unset (None: "from the model, teacher or cache") keeps what the run resolved and recorded.
-    return checkpoint, {k: (before[k], v) for k, v in now.items() if k in before and v is not None and before[k] != v}
+    return checkpoint, {k: (before[k], v) for k, v in now.items()
+                        if k in before and (v is not None or k in RESUME_NONE_IS_A_VALUE) and before[k] != v}
 
 
 def check_resume_options(options: Mapping) -> dict[str, tuple]:

@@ -131,6 +131,7 @@ class ServeOptions(Options):
     """Every option of ``opensora-plan serve`` / :func:`serve`, with its default and checks."""
 
     COMMAND: ClassVar[str] = "serve"
+    NONFINITE_OK: ClassVar[tuple[str, ...]] = ("memory_gb",)  # checked below, nan and inf too
 
     model_path: str | None = option(None, help="demo or save_pretrained folder (model_index.json), or a release "
                                     "folder with version folders and vae/ (unset: the shipped demo)")

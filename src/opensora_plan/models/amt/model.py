@@ -139,8 +139,8 @@ class AMTModel(ModelMixin, ConfigMixin):
         """Raise one ValueError when (height, width) cannot be processed at ``scale_factor``."""
         h, w = int(height * scale_factor), int(width * scale_factor)
         if h % self.size_multiple or w % self.size_multiple or min(h, w) < self.min_size:
-            scaled = f" (x{scale_factor} = {h}x{w})" if scale_factor != 1.0 else ""
-            raise ValueError(f"AMT cannot process {height}x{width} frames{scaled}: processed sides must be multiples of "
+            scaled = f" (x{scale_factor} = {w}x{h})" if scale_factor != 1.0 else ""
+            raise ValueError(f"AMT cannot process {width}x{height} frames{scaled}: processed sides must be multiples of "
                              f"{self.size_multiple} and at least {self.min_size} (corr_lvls={self.corr_levels}); pad "
                              "the frames (pipelines.interpolate pads for you).")
 
