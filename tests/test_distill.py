@@ -250,6 +250,57 @@ def test_pcd_student_samples_with_tcd_at_batch_one(assets, teacher, tmp_path, ca
     assert "--method lcd differs from the run's pcd" in capsys.readouterr().err
 
 
+def test_dmd_gradient_vanishes_when_the_fake_score_is_the_real_one(teacher):
+    """DMD's update is (x0_fake - x0_real) / mean|x0 - x0_real|: with the fake score equal to the teacher and no
+    guidance it is 0 (loss 0); with the teacher's guidance baked in it is not."""
+    model = LatteT2V.from_pretrained(teacher / "v").eval()
+    losses = {}
+    for guidance in (1.0, 4.0):
+        task = DistillTask(model, model, None, guidance_scale=guidance, method="dmd", num_sampling_steps=2)
+        task._null = (torch.zeros(16, 32), torch.ones(16, dtype=torch.long))
+        g = torch.Generator().manual_seed(0)
+        text, mask = torch.randn(2, 16, 32, generator=g), torch.ones(2, 16, dtype=torch.long)
+        torch.manual_seed(1)
+        loss, x0 = task.distribution_matching_loss(model, model, (2, 4, 2, 4, 4), text, mask)
+        assert x0.shape == (2, 4, 2, 4, 4) and not x0.requires_grad
+        losses[guidance] = float(loss)
+    assert losses[1.0] == 0.0 and losses[4.0] > 1e-4
+    assert task.sampling_timesteps() == [999, 499]  # the student's own LCM steps (backward simulation)
+
+
+def test_dmd_from_an_lcd_student_resumes_exactly_with_its_fake_score(assets, teacher, tmp_path, capsys):  # noqa: F811
+    from opensora_plan.train.distill import build_distill
+
+    lcd = tmp_path / "lcd"
+    assert cli.main(_argv(assets, teacher, lcd, 2, "--use_ema")) == 0
+    dmd = ["--method", "dmd", "--student", str(lcd), "--learning_rate", "1e-4", "--use_ema"]
+    # The student starts from the lcd run's EMA weights; the fake score from the teacher's.
+    root, _, sizes = assets
+    task, _ = build_distill({"teacher": str(teacher), "data_path": str(root / "data.json"), "model_max_length": 16,
+                             "num_frames": sizes["num_frames"], "max_image_size": sizes["max_image_size"],
+                             "output_dir": str(tmp_path / "x"), "method": "dmd", "student": str(lcd),
+                             "max_train_steps": 1})
+    start = load_file(str(lcd / "checkpoint-2" / "ema" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, start[k]) for k, v in task.models["model"].state_dict().items())
+    original = load_file(str(teacher / "v" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, original[k]) for k, v in task.models["fake_score"].state_dict().items())
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert cli.main(_argv(assets, teacher, full, 3, *dmd)) == 0
+    assert cli.main(_argv(assets, teacher, resumed, 2, *dmd)) == 0
+    assert cli.main(_argv(assets, teacher, resumed, 3, *dmd, "--resume_from_checkpoint", "latest")) == 0
+    log = read_log(full)
+    assert all(r["loss"] > 0 and r["fake_score_loss"] > 0 for r in log)
+    for a, b in zip(log, read_log(resumed)):
+        assert (a["loss"], a["fake_score_loss"], a["grad_norm"]) == (b["loss"], b["fake_score_loss"], b["grad_norm"])
+    for folder in ("model", "ema", "fake_score"):
+        wa = load_file(str(full / "checkpoint-3" / folder / "diffusion_pytorch_model.safetensors"))
+        wb = load_file(str(resumed / "checkpoint-3" / folder / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    config = json.loads((full / "sampling_config.json").read_text())
+    assert config["sample_method"] == "LCM" and config["_distillation"]["method"].startswith("distribution matching")
+    assert config["_distillation"]["student"] == str(lcd.resolve())
+
+
 def test_lora_student_loads_and_samples_with_its_own_defaults(assets, teacher, tmp_path, capsys,  # noqa: F811
                                                                monkeypatch):
     pytest.importorskip("peft")
@@ -318,6 +369,14 @@ def test_bad_inputs_fail_with_one_line(assets, teacher, tmp_path, capsys):  # no
     _fails(argv + ["--num_ddim_timesteps", "4", "--num_sampling_steps", "8"], capsys, "more than the 4 timesteps")
     _fails(argv + ["--huber_c", "0.1"], capsys, "no effect without --loss_type huber")
     _fails(argv + ["--use_image_num", "1"], capsys, "video clips only")
+    _fails(argv + ["--fake_score_learning_rate", "1e-3"], capsys, "no effect without --method dmd")
+    _fails(argv + ["--method", "dmd", "--fake_score_learning_rate", "0"], capsys, "must be a positive number")
+    _fails(argv + ["--method", "dmd", "--lora_rank", "4"], capsys, "--lora_rank is not supported with --method dmd")
+    _fails(argv + ["--student", str(tmp_path / "missing")], capsys, "does not exist")
+    _fails(argv + ["--student", str(teacher), "--lora_rank", "4"], capsys, "--student with --lora_rank")
+    other = tmp_path / "other"
+    build_latte("LatteT2V-Tiny/122", caption_channels=32, sample_size=[4, 4], video_length=1).save_pretrained(other)
+    _fails(argv + ["--student", str(other)], capsys, "is not the teacher's architecture (its video_length differ)")
     with pytest.raises(SystemExit):  # not offered: argparse's usage error
         cli.main(argv + ["--pretrained", "x"])
     assert "unrecognized arguments: --pretrained" in capsys.readouterr().err

@@ -1,6 +1,13 @@
 """``opensora-plan distill``: turn a LatteT2V checkpoint into a few-step student with its guidance built in.
 
-Method: latent consistency distillation (LCD; Luo et al. 2023, "Latent Consistency Models", arXiv 2310.04378,
+Three methods (``--method``; docs/distill.md compares them): ``lcd`` (below, the default), ``pcd`` (phased
+consistency distillation, Wang et al. 2024, arXiv 2405.18407: the same step, but the student's consistency function
+is the DDIM jump to the lower edge of its phase, one phase per sampling step; sampled with TCD, eta 0) and ``dmd``
+(distribution matching, DMD2, Yin et al. 2024, arXiv 2405.14867: the student's own few-step samples are pushed
+along the difference of a trained fake score and the guided teacher; best started from an ``lcd`` student with
+``--student``; :meth:`DistillTask.distribution_matching_loss`).
+
+``lcd``: latent consistency distillation (LCD; Luo et al. 2023, "Latent Consistency Models", arXiv 2310.04378,
 Algorithm 1), with the guidance scale baked in (one fixed scale ``w``, the teacher's own, instead of LCM's
 ``w``-embedding) and the target network replaced by the online student under stop-gradient (as diffusers'
 LCM-LoRA script and Song & Dhariwal's improved consistency training, arXiv 2310.14189, do; ``--use_ema``
@@ -55,7 +62,10 @@ TIMESTEP_SCALING = 10.0  # LCMScheduler's default timestep_scaling
 METHODS = {
     "lcd": ("LCM", "latent consistency distillation (arXiv 2310.04378), guidance baked in"),
     "pcd": ("TCD", "phased consistency distillation (arXiv 2405.18407), guidance baked in"),
+    "dmd": ("LCM", "distribution matching distillation (DMD2, arXiv 2405.14867), guidance baked in"),
 }
+#: dmd: the diffusion timesteps at which the real and fake scores are compared (DMD2's 0.02-0.98 of the range)
+DMD_TIMESTEPS = (20, 980)
 DISTILL_GROUP = "distillation (docs/distill.md)"
 _LORA_GROUP = "LoRA fine-tuning (needs peft; docs/training.md)"
 
@@ -87,7 +97,14 @@ class DistillOptions(T2VTrainOptions):
     method: str = option("lcd", choices=list(METHODS), group=DISTILL_GROUP,
                          help="lcd: latent consistency distillation (one student for 1-8 steps, LCM sampler); pcd: "
                          "phased consistency distillation (one phase per --num_sampling_steps, deterministic TCD "
-                         "sampler); docs/distill.md")
+                         "sampler); dmd: distribution matching (DMD2) with a fake-score network, best started from "
+                         "an lcd student (--student); docs/distill.md")
+    student: str | None = option(None, show_default=False, group=DISTILL_GROUP,
+                                 help="the student's starting weights: a distill run / checkpoint or a LatteT2V "
+                                 "(version) folder of the teacher's architecture (unset: the teacher's)")
+    fake_score_learning_rate: float = option(1e-4, group=DISTILL_GROUP,
+                                             help="--method dmd: learning rate of the fake-score network (a copy "
+                                             "of the teacher trained on the student's samples)")
     loss_type: str = option("l2", choices=["l2", "huber"], group=DISTILL_GROUP,
                             help="distance of the consistency loss (huber: pseudo-Huber, as LCM-LoRA)")
     huber_c: float = option(0.001, group=DISTILL_GROUP, help="the pseudo-Huber constant c (with --loss_type huber)")
@@ -111,6 +128,18 @@ class DistillOptions(T2VTrainOptions):
                              f"{self.num_ddim_timesteps} timesteps of the skipping grid (--num_ddim_timesteps).")
         if not self.huber_c > 0:
             raise ValueError(f"--huber_c must be positive, got {self.huber_c}.")
+        if not self.fake_score_learning_rate > 0:
+            raise ValueError(f"--fake_score_learning_rate must be a positive number, got "
+                             f"{self.fake_score_learning_rate}.")
+        if self.method != "dmd" and self.fake_score_learning_rate != type(self).defaults()["fake_score_learning_rate"]:
+            raise ValueError("--fake_score_learning_rate has no effect without --method dmd; add it or drop "
+                             "--fake_score_learning_rate.")
+        if self.method == "dmd":
+            for flag, given in (("--lora_rank", self.lora_rank), ("--validation_data_path", self.validation_data_path),
+                                ("--loss_type huber", self.loss_type == "huber")):
+                if given:
+                    raise ValueError(f"{flag} is not supported with --method dmd (full-weights students; no held-out "
+                                     "loss that means something: judge previews or `demo eval`); drop it.")
         if self.loss_type != "huber" and self.huber_c != type(self).defaults()["huber_c"]:
             raise ValueError(f"--huber_c {self.huber_c} has no effect without --loss_type huber; add it or drop "
                              "--huber_c.")
@@ -248,13 +277,14 @@ def phase_edge(t: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 
 
 class DistillTask(T2VTask):
-    """Latent consistency distillation of a frozen teacher into ``models["model"]`` (the student), on the batches
-    train-t2v takes (videos + captions or an ``extract`` cache); everything else is :class:`T2VTask`'s."""
+    """Distillation of a frozen teacher into ``models["model"]`` (the student; ``lcd``, ``pcd`` or ``dmd``, the
+    latter with a second trained model, ``models["fake_score"]``), on the batches train-t2v takes (videos + captions
+    or an ``extract`` cache); everything else is :class:`T2VTask`'s."""
 
     def __init__(self, student, teacher, dataset, *, guidance_scale: float, method: str = "lcd",
                  num_ddim_timesteps: int = 50, loss_type: str = "l2", huber_c: float = 1e-3,
-                 num_sampling_steps: int = 4, sampling_record: dict | None = None, output_dir: str | None = None,
-                 **kwargs):
+                 num_sampling_steps: int = 4, fake_score_learning_rate: float = 1e-4,
+                 sampling_record: dict | None = None, output_dir: str | None = None, **kwargs):
         super().__init__(student, dataset, **kwargs)
         self.teacher = teacher
         self.guidance_scale = guidance_scale
@@ -262,6 +292,10 @@ class DistillTask(T2VTask):
         self.sampler = METHODS[method][0]
         # pcd: the phases' lower edges, ascending, from 0 (int64): where the student's sampler lands
         self.edges = phase_edges(num_sampling_steps) if method == "pcd" else None
+        self.fake_score_learning_rate = fake_score_learning_rate
+        if method == "dmd":  # the fake score starts as the teacher and learns the student's samples
+            self.models["fake_score"] = copy.deepcopy(teacher).train().requires_grad_(True)
+        self._generated: dict[int, tuple] = {}  # dmd: micro-batch -> (student's x0, text, mask) for the fake phase
         self.num_ddim_timesteps = num_ddim_timesteps
         self.loss_type = loss_type
         self.huber_c = huber_c
@@ -284,9 +318,9 @@ class DistillTask(T2VTask):
         config = {"sample_method": self.sampler, "num_sampling_steps": self.num_sampling_steps,
                   "guidance_scale": 1.0, **{k: v for k, v in self.sampling_record.items() if not k.startswith("_")}}
         config["_distillation"] = {k[1:]: v for k, v in self.sampling_record.items() if k.startswith("_")} | {
-            "method": METHODS[self.method][1],
-            "guidance_scale": self.guidance_scale, "num_ddim_timesteps": self.num_ddim_timesteps,
-            "loss_type": self.loss_type}
+            "method": METHODS[self.method][1], "guidance_scale": self.guidance_scale,
+            **({"fake_score_learning_rate": self.fake_score_learning_rate} if self.method == "dmd" else
+               {"num_ddim_timesteps": self.num_ddim_timesteps, "loss_type": self.loss_type})}
         return config
 
     def write_sampling_config(self, folder: Path) -> None:
@@ -366,20 +400,112 @@ class DistillTask(T2VTask):
             per_sample = (diff**2).mean(1)
         return per_sample, {}
 
+    def phases(self):
+        """lcd / pcd: the student's AdamW. dmd: then the fake score's (DMD2's two optimizers, one step each)."""
+        phases = super().phases()
+        if self.method == "dmd":
+            from opensora_plan.train.trainer import Phase
+
+            params = list(self.models["fake_score"].parameters())
+            optimizer = torch.optim.AdamW(params, lr=self.fake_score_learning_rate, betas=self.adam_betas,
+                                          weight_decay=self.adam_weight_decay, eps=self.adam_epsilon)
+            phases.append(Phase("fake_score", optimizer, params, self.max_grad_norm, models=("fake_score",)))
+        return phases
+
+    def sampling_timesteps(self) -> list[int]:
+        """The timesteps the student's sampler visits at its steps (LCM at 4: 999, 759, 499, 259)."""
+        from opensora_plan.diffusion.schedulers import create_scheduler
+
+        scheduler = create_scheduler(self.sampler)
+        scheduler.set_timesteps(self.num_sampling_steps)
+        return scheduler.timesteps.tolist()
+
+    def student_sample(self, student, shape, text, mask) -> torch.Tensor:
+        """dmd: the student's x0 (B, C, F, h, w), float32, with gradients, from one step of its own sampler.
+
+        DMD2's backward simulation: a step index ``i`` is drawn; the input at ``t_i`` comes from running the student's
+        LCM steps ``0 .. i-1`` from pure noise without gradients (so the student trains on its own inputs, as it
+        samples), then the student's consistency output at ``t_i`` is its sample."""
+        diffusion, timesteps, batch = self.diffusion, self.sampling_timesteps(), shape[0]
+        alphas = diffusion.alphas_cumprod.to(self.device)
+        i = int(torch.randint(0, len(timesteps), ()))
+        x = torch.randn(shape, device=self.device)
+        with torch.no_grad():
+            for k in range(i):
+                t = torch.full((batch,), timesteps[k], device=self.device)
+                x0 = self.consistency_output(student, x, t, text, mask)
+                a = alphas[timesteps[k + 1]]
+                x = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn_like(x0)  # LCM: re-noised to the next timestep
+        t = torch.full((batch,), timesteps[i], device=self.device)
+        return self.consistency_output(student, x, t, text, mask)
+
+    def consistency_output(self, model, x, t, text, mask) -> torch.Tensor:
+        """LCM's ``c_skip(t) x + c_out(t) x0_hat`` of ``model`` at ``x`` (what LCMScheduler returns as its sample)."""
+        c_skip, c_out = (c.to(x.device).reshape(-1, *[1] * (x.ndim - 1)) for c in boundary_scalings(t))
+        return c_skip * x + c_out * self.diffusion.predict_xstart_from_eps(x, t, self.eps(model, x, t, text, mask))
+
+    def eps(self, model, x, t, text, mask) -> torch.Tensor:
+        """``model``'s epsilon prediction (float32; a learned variance is not distilled)."""
+        out = model(x, t, encoder_hidden_states=text, encoder_attention_mask=mask, return_dict=False)[0]
+        return out[:, : x.shape[1]].float()
+
+    def distribution_matching_loss(self, student, fake_score, shape, text, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """dmd's generator loss (scalar) and the student's sample (detached, for the fake score's phase).
+
+        DMD (Yin et al. 2024, arXiv 2311.18828; DMD2, arXiv 2405.14867): the student's sample ``x0`` is noised to
+        ``t ~ U[20, 980]``; the guided teacher (the *real* score, ``eps_u + w (eps_c - eps_u)``) and the fake score
+        (trained on the student's samples) each predict x0 there; the student is moved along
+        ``(x0_fake - x0_real) / mean|x0 - x0_real|`` (DMD's normalisation), i.e. towards the teacher's guided
+        distribution, by the loss ``0.5 |x0 - stopgrad(x0 - grad)|^2``."""
+        diffusion, batch = self.diffusion, shape[0]
+        x0 = self.student_sample(student, shape, text, mask)
+        t = torch.randint(DMD_TIMESTEPS[0], DMD_TIMESTEPS[1] + 1, (batch,), device=self.device)
+        with torch.no_grad():
+            x_t = diffusion.q_sample(x0.detach(), t, torch.randn_like(x0))
+            null, null_mask = self.null_condition(batch, text, mask)
+            uncond, cond = self.eps(self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, text]),
+                                    torch.cat([null_mask, mask])).chunk(2)
+            real = diffusion.predict_xstart_from_eps(x_t, t, uncond + self.guidance_scale * (cond - uncond))
+            fake = diffusion.predict_xstart_from_eps(x_t, t, self.eps(fake_score, x_t, t, text, mask))
+            weight = (x0.detach() - real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clamp(min=1e-4)
+            grad = (fake - real) / weight
+        return 0.5 * ((x0 - (x0.detach() - grad)) ** 2).mean(), x0.detach()
+
+    def fake_score_loss(self, fake_score, x0, text, mask) -> torch.Tensor:
+        """dmd's fake-score loss: the usual epsilon-prediction diffusion loss on the student's samples."""
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device)
+        noise = torch.randn_like(x0)
+        return ((self.eps(fake_score, self.diffusion.q_sample(x0, t, noise), t, text, mask) - noise) ** 2).mean()
+
     def loss(self, phase: str, batch: dict, step: int, models: dict, micro: int = 0):
+        if phase == "fake_score":
+            x0, text, mask = self._generated.pop(micro)
+            return self.fake_score_loss(models["fake_score"], x0, text, mask), {}
+        if self.method == "dmd":  # data-free: the captions only (the clips' latents give the shape)
+            self.skipped.update(batch.get("skipped", []))
+            text, mask = self.batch_text(batch)
+            config = self.teacher.config
+            shape = (text.shape[0], config.in_channels, config.video_length, *config.sample_size)
+            loss, x0 = self.distribution_matching_loss(models["model"], models["fake_score"], shape, text, mask)
+            self._generated[micro] = (x0, text, mask)
+            return loss, {}
         self.skipped.update(batch.get("skipped", []))
         latents = (batch["latents"].to(self.device, torch.float32) if "latents" in batch
                    else self.encode_video(batch["video"]))
-        if "text_emb" in batch:
-            text, mask = batch["text_emb"].to(self.device), batch["text_mask"].to(self.device)
-        else:
-            text, mask = self.encode_captions(batch["captions"])
-        text, mask = text[:, 0], mask[:, 0]  # (B, L, D), (B, L): one caption per clip (no joint images)
+        text, mask = self.batch_text(batch)
         latents = latents[:, :, : latents.shape[2] - self.use_image_num]
         index = torch.randint(0, self.num_ddim_timesteps, (latents.shape[0],)).to(self.device)
         noise = torch.randn_like(latents)
         per_sample, stats = self.consistency_loss(models["model"], latents, text, mask, index, noise)
         return per_sample.mean(), stats
+
+    def batch_text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's caption embeddings (B, L, D) and mask (B, L): cached, or T5 of its captions."""
+        if "text_emb" in batch:
+            text, mask = batch["text_emb"].to(self.device), batch["text_mask"].to(self.device)
+        else:
+            text, mask = self.encode_captions(batch["captions"])
+        return text[:, 0], mask[:, 0]  # one caption per clip (no joint images)
 
     # ---------------------------------------------------------------- validation
 
@@ -424,6 +550,17 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
     if not isinstance(options, DistillOptions):
         options = DistillOptions.from_mapping(options)
     teacher_spec = resolve_teacher(options.teacher)
+    student_spec = resolve_teacher(options.student) if options.student else None  # checked now, loaded later
+    if student_spec is not None:
+        if options.lora_rank:
+            raise ValueError("--student with --lora_rank: a LoRA student's adapters sit on the teacher itself; drop "
+                             "one.")
+        config_s, config_t = student_spec.config(), teacher_spec.config()
+        differ = sorted(k for k in set(config_s) | set(config_t) if not k.startswith("_")
+                        and config_s.get(k) != config_t.get(k))
+        if differ:
+            raise ValueError(f"--student {options.student} is not the teacher's architecture (its {', '.join(differ)} "
+                             "differ); give a student distilled from this teacher.")
     opts = options.to_dict()
     architecture = teacher_spec.transformer_folder or teacher_spec.run.base  # a LoRA run: its base's config
     opts.update(model=str(architecture), pretrained=None, attention_mode=None,
@@ -487,6 +624,8 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
         shared = {id(p): p for p in teacher.parameters()} if opts["sharding"] == "ddp" else {}
         student = copy.deepcopy(teacher, shared).requires_grad_(False)
         add_lora(student, lora_config(opts["lora_rank"], opts["lora_alpha"], opts["lora_target_modules"]))
+    elif options.student:
+        student = student_spec.load().requires_grad_(True)  # a run, version or model folder, as --teacher takes
     else:
         student = copy.deepcopy(teacher).requires_grad_(True)
     if opts["gradient_checkpointing"]:
@@ -495,9 +634,10 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
     fps = teacher_spec.fps
     task = DistillTask(
         student, teacher, dataset, guidance_scale=guidance, method=options.method,
-        num_ddim_timesteps=options.num_ddim_timesteps,
+        num_ddim_timesteps=options.num_ddim_timesteps, fake_score_learning_rate=options.fake_score_learning_rate,
         loss_type=options.loss_type, huber_c=options.huber_c, num_sampling_steps=options.num_sampling_steps,
         sampling_record={**({"fps": fps} if fps else {}), "_teacher": str(Path(options.teacher).resolve()),
+                         **({"_student": str(Path(options.student).resolve())} if options.student else {}),
                          "_steps": options.max_train_steps},
         output_dir=None if options.dry_run else opts["output_dir"],
         vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, model_max_length=opts["model_max_length"],
@@ -534,14 +674,22 @@ def distill(options: DistillOptions | Mapping) -> dict:
         report["memory"]["teacher"] = teacher_bytes
         report["memory"]["total"] += teacher_bytes
         shared = "  (the LoRA student's frozen base: counted above)" if not teacher_bytes else ""
+        fake = task.models.get("fake_score")  # dmd: weights, gradients and the two AdamW moments, float32
+        fake_bytes = 4 * sum(p.numel() * 4 for p in fake.parameters()) if fake is not None else 0
+        report["memory"]["fake_score"] = fake_bytes
+        report["memory"]["total"] += fake_bytes
+        rows = f"\n  frozen teacher    {_size(teacher_bytes)}{shared}"
+        if fake is not None:
+            rows += f"\n  fake score        {_size(fake_bytes)}  (weights, gradients, AdamW states)"
         text = report["report"].replace("train-t2v --dry_run", "distill --dry_run")
-        text = re.sub(r"\n  total +\S+ \S+", f"\n  frozen teacher    {_size(teacher_bytes)}{shared}\n  total             "
-                      f"{_size(report['memory']['total'])}", text, count=1)
-        report["report"] = text
-        report["report"] += (f"\n\ndistillation ({task.method}): guidance {task.guidance_scale} baked in, skipping grid of "
-                             f"{task.num_ddim_timesteps} timesteps, {task.loss_type} loss; the student samples with "
-                             f"{task.sampler} in {task.num_sampling_steps} steps. Per step: 2 student forwards (one with "
-                             "gradients) + 1 teacher forward at twice the batch.")
+        text = re.sub(r"\n  total +\S+ \S+", f"{rows}\n  total             {_size(report['memory']['total'])}", text,
+                      count=1)
+        per_step = ("up to steps - 1 student forwards without gradients + 1 with, 1 teacher forward at twice the "
+                    "batch, 2 fake-score forwards (one with gradients)" if fake is not None else
+                    "2 student forwards (one with gradients) + 1 teacher forward at twice the batch")
+        report["report"] = text + (f"\n\ndistillation ({task.method}): guidance {task.guidance_scale} baked in; the "
+                                   f"student samples with {task.sampler} in {task.num_sampling_steps} steps. Per step: "
+                                   f"{per_step}.")
         return report
     return train(task, config)
 
