@@ -472,3 +472,48 @@ def test_guidance_on_top_of_a_student_is_said():
         assert resolve_sample_defaults(student)["sample_method"] == "LCM"  # its own defaults: no warning
     with pytest.warns(UserWarning, match="distilled student .*guidance 3 baked in.*applies guidance on top"):
         resolve_sample_defaults(student, guidance_scale=3.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Many processes: the shared trainer's DDP / FSDP2 / DeepSpeed under torchrun (2 CPU processes, gloo)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_distill_under_torchrun_ddp_fsdp2_and_deepspeed(assets, teacher, tmp_path):  # noqa: F811
+    """lcd under DDP (the trainer checks the replicas' weight hashes) and DeepSpeed ZeRO-2 (when installed), dmd (two optimizers)
+    under DDP and FSDP2: two steps each on two processes; dmd under DeepSpeed is one error (one optimizer only)."""
+    import os
+    import subprocess
+
+    def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        argv = _argv(assets, teacher, out, 2, *extra)
+        argv[argv.index("--checkpointing_steps") + 1] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "opensora_plan", *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    runs = {"lcd_ddp": ("--sharding", "ddp"), "dmd_ddp": ("--method", "dmd", "--sharding", "ddp"),
+            "dmd_fsdp2": ("--method", "dmd", "--sharding", "fsdp2")}
+    try:
+        import deepspeed  # noqa: F401
+
+        runs["lcd_deepspeed"] = ("--sharding", "deepspeed", "--deepspeed_config", "zero2")
+    except ImportError:
+        pass
+    for name, extra in runs.items():
+        result = torchrun(tmp_path / name, *extra)
+        assert result.returncode == 0, (name, result.stderr[-4000:])
+        log = read_log(tmp_path / name)
+        assert [r["step"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log), name
+        if "dmd" in name:
+            assert all(r["fake_score_loss"] > 0 for r in log)
+            assert (tmp_path / name / "checkpoint-2" / "fake_score").is_dir()
+    # The same data and noise on the same two processes: DDP and FSDP2 agree on the first step's losses.
+    assert read_log(tmp_path / "dmd_ddp")[0]["loss"] == pytest.approx(read_log(tmp_path / "dmd_fsdp2")[0]["loss"],
+                                                                      rel=1e-5)
+    if "lcd_deepspeed" in runs:
+        result = torchrun(tmp_path / "dmd_ds", "--method", "dmd", "--sharding", "deepspeed", "--deepspeed_config",
+                          "zero2")
+        assert result.returncode != 0 and "optimizer phases" in result.stderr
