@@ -308,7 +308,7 @@ def check_new_run_folder(output_dir: str | os.PathLike, resume_from_checkpoint: 
 RESUME_REFUSED = frozenset({
     "model", "model_config", "pretrained", "pretrained_model_path", "ae", "ae_path", "text_encoder_name",
     "model_max_length", "lora_rank", "lora_alpha", "lora_target_modules", "logvar_init", "seed", "use_ema",
-    "sharding", "deepspeed_config", "teacher", "guidance_scale", "method",
+    "sharding", "deepspeed_config", "teacher", "guidance_scale", "method", "student",
 })
 # Applied without a word: where and how often the run reports, saves and validates, and speed switches; they do
 # not change the updates.
