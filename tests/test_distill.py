@@ -268,7 +268,8 @@ def test_dmd_gradient_vanishes_when_the_fake_score_is_the_real_one(teacher):
     assert task.sampling_timesteps() == [999, 499]  # the student's own LCM steps (backward simulation)
 
 
-def test_dmd_from_an_lcd_student_resumes_exactly_with_its_fake_score(assets, teacher, tmp_path, capsys):  # noqa: F811
+def test_dmd_from_an_lcd_student_resumes_exactly_with_its_fake_score(assets, teacher, tmp_path, capsys,  # noqa: F811
+                                                                    caplog):
     from opensora_plan.train.distill import build_distill
 
     lcd = tmp_path / "lcd"
@@ -287,7 +288,12 @@ def test_dmd_from_an_lcd_student_resumes_exactly_with_its_fake_score(assets, tea
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert cli.main(_argv(assets, teacher, full, 3, *dmd)) == 0
     assert cli.main(_argv(assets, teacher, resumed, 2, *dmd)) == 0
-    assert cli.main(_argv(assets, teacher, resumed, 3, *dmd, "--resume_from_checkpoint", "latest")) == 0
+    # Resumed without --student (QA 6): the run keeps the student it recorded, and resumes exactly.
+    without_student = [a for a in dmd if a not in ("--student", str(lcd))]
+    assert cli.main(_argv(assets, teacher, resumed, 3, *without_student, "--resume_from_checkpoint", "latest")) == 0
+    assert json.loads((resumed / "options.json").read_text())["extra"]["student"] == str(lcd.resolve())
+    recorded = json.loads((resumed / "checkpoint-3" / "sampling_config.json").read_text())["_distillation"]
+    assert recorded["student"] == str(lcd.resolve())
     log = read_log(full)
     assert all(r["loss"] > 0 and r["fake_score_loss"] > 0 for r in log)
     for a, b in zip(log, read_log(resumed)):
@@ -299,6 +305,13 @@ def test_dmd_from_an_lcd_student_resumes_exactly_with_its_fake_score(assets, tea
     config = json.loads((full / "sampling_config.json").read_text())
     assert config["sample_method"] == "LCM" and config["_distillation"]["method"].startswith("distribution matching")
     assert config["_distillation"]["student"] == str(lcd.resolve())
+    # A run's own options.json is a --config (QA 6: the recorded --model, derived from --teacher, was refused).
+    assert cli.main(["distill", "--config", str(full / "options.json"), "--output_dir", str(tmp_path / "cfg"),
+                     "--dry_run"]) == 0
+    # A distilled student given as --teacher is said (QA 6: it was taken without a word).
+    with caplog.at_level("WARNING"):
+        assert cli.main(_argv(assets, full, tmp_path / "again", 1, "--dry_run")) == 0
+    assert "is itself a distilled student" in caplog.text
 
 
 def test_lora_student_loads_and_samples_with_its_own_defaults(assets, teacher, tmp_path, capsys,  # noqa: F811
@@ -363,7 +376,7 @@ def test_bad_inputs_fail_with_one_line(assets, teacher, tmp_path, capsys):  # no
     _fails(without_teacher, capsys, "needs --teacher")
     _fails(_argv(assets, tmp_path / "missing", out, 1), capsys, "--teacher", "does not exist")
     (tmp_path / "empty").mkdir()
-    _fails(_argv(assets, tmp_path / "empty", out, 1), capsys, "no LatteT2V folder")
+    _fails(_argv(assets, tmp_path / "empty", out, 1), capsys, "is not a LatteT2V model")
     _fails(argv + ["--guidance_scale", "0.5"], capsys, "--guidance_scale must be a finite number >= 1")
     _fails(argv + ["--num_ddim_timesteps", "30"], capsys, "--num_ddim_timesteps must divide")
     _fails(argv + ["--num_ddim_timesteps", "4", "--num_sampling_steps", "8"], capsys, "more than the 4 timesteps")
@@ -372,11 +385,14 @@ def test_bad_inputs_fail_with_one_line(assets, teacher, tmp_path, capsys):  # no
     _fails(argv + ["--fake_score_learning_rate", "1e-3"], capsys, "no effect without --method dmd")
     _fails(argv + ["--method", "dmd", "--fake_score_learning_rate", "0"], capsys, "must be a positive number")
     _fails(argv + ["--method", "dmd", "--lora_rank", "4"], capsys, "--lora_rank is not supported with --method dmd")
-    _fails(argv + ["--student", str(tmp_path / "missing")], capsys, "does not exist")
+    _fails(argv + ["--student", str(tmp_path / "missing")], capsys, "--student", "does not exist")
+    _fails(argv + ["--student", str(teacher / "vae")], capsys, "--student", "is not a LatteT2V model")
+    _fails(argv + ["--method", "dmd", "--sharding", "deepspeed"], capsys, "DeepSpeed takes one")
+    _fails(argv + ["--method", "dmd", "--num_ddim_timesteps", "20"], capsys, "not supported with --method dmd")
     _fails(argv + ["--student", str(teacher), "--lora_rank", "4"], capsys, "--student with --lora_rank")
     other = tmp_path / "other"
     build_latte("LatteT2V-Tiny/122", caption_channels=32, sample_size=[4, 4], video_length=1).save_pretrained(other)
-    _fails(argv + ["--student", str(other)], capsys, "is not the teacher's architecture (its video_length differ)")
+    _fails(argv + ["--student", str(other)], capsys, "is not the teacher's architecture (video_length differs)")
     with pytest.raises(SystemExit):  # not offered: argparse's usage error
         cli.main(argv + ["--pretrained", "x"])
     assert "unrecognized arguments: --pretrained" in capsys.readouterr().err
@@ -470,8 +486,13 @@ def test_guidance_on_top_of_a_student_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_sample_defaults(student)["sample_method"] == "LCM"  # its own defaults: no warning
-    with pytest.warns(UserWarning, match="distilled student .*guidance 3 baked in.*applies guidance on top"):
+    with pytest.warns(UserWarning, match="distilled student .*guidance 3 baked in.*applies guidance on top") as said:
         resolve_sample_defaults(student, guidance_scale=3.0)
+    assert "not the sampler" not in str(said[0].message)
+    # QA 6: another sampler at guidance 1 said "applies guidance on top", which it does not; it gives poor videos.
+    with pytest.warns(UserWarning, match="--sample_method DDIM is not the sampler it was distilled for") as said:
+        resolve_sample_defaults(student, sample_method="DDIM")
+    assert "on top" not in str(said[0].message)
 
 
 # --------------------------------------------------------------------------------------------

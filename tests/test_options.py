@@ -778,3 +778,16 @@ def test_upscale_factors_agree_between_sample_upscale_and_the_docs():
     docs = Path(__file__).parents[1] / "docs"
     assert "--upscale 2|3|4" in (docs / "sampling.md").read_text()
     assert "| `--scale` | the model's | 2, 3 or 4:" in (docs / "super_resolution.md").read_text()
+
+
+def test_a_warm_up_with_the_constant_schedule_is_said(tmp_path, caplog):  # QA 6: it was silently ignored
+    from opensora_plan.train.trainer import TrainConfig
+
+    with caplog.at_level("WARNING"):
+        TrainConfig(output_dir=str(tmp_path), max_train_steps=1, lr_warmup_steps=50)
+    assert "--lr_warmup_steps 50 has no effect with --lr_scheduler constant" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        TrainConfig(output_dir=str(tmp_path), max_train_steps=1, lr_warmup_steps=50,
+                    lr_scheduler="constant_with_warmup")
+    assert "no effect" not in caplog.text

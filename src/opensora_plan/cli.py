@@ -310,7 +310,8 @@ def _add_distill(subparsers) -> None:
         help="distil a LatteT2V into a few-step student with guidance built in (consistency distillation)",
         description="Distil a frozen LatteT2V teacher (a model folder, version folder or train-t2v run) into a "
         "student that samples in 1-8 steps without a classifier-free-guidance batch (--method lcd: latent "
-        "consistency distillation, LCM sampler; pcd: phased consistency distillation, TCD sampler). Takes train-t2v's data, "
+        "consistency distillation, LCM sampler; pcd: phased consistency distillation, TCD sampler; dmd: distribution "
+        "matching (DMD2) with a fake score, best from an lcd student given as --student). Takes train-t2v's data, "
         "LoRA, optimisation and run options (same loop, checkpoints, resume, EMA, sharding, --dry_run); the run and "
         "its checkpoints carry a sampling_config.json, so `sample --model_path RUN` (or --lora RUN) samples the "
         "student with its own settings. See docs/distill.md.",

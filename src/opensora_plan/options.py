@@ -441,7 +441,9 @@ def read_options_file(cls, spec: str | os.PathLike) -> dict:
             raise ValueError(f"--config file {path}: {cls.COMMAND} does not offer --{key}; its value must stay "
                              f"{fixed[key]!r} (the run recorded it), got {data[key]!r}.")
         data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS and k not in cls.NOT_OPTIONS}
-        data.update({k: v for k, v in extra.items() if not str(k).startswith("_")})
+        # The task's record holds what the command derived for the options it does not offer (distill: --model
+        # from --teacher): derived again from the options, not read back.
+        data.update({k: v for k, v in extra.items() if not str(k).startswith("_") and k not in cls.NOT_OPTIONS})
     check_known(cls, data, f"--config file {path}")
     hints = _resolved_types(cls)
     defaults = {f.name: f.default for f in option_fields(cls)}

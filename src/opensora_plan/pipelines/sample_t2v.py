@@ -294,17 +294,22 @@ def resolve_sample_defaults(model_path: str | os.PathLike | None = None, lora: s
             f"{options['sample_method']} clips the predicted latents to [-1, 1] (as the reference builds it); the "
             f"demo model's latents reach +-8, so its videos lose their colours (docs/demo.md, 'Pick the scheduler "
             f"with care'). Its default, {defaults['sample_method']}, does not clip.", UserWarning, stacklevel=3)
-    baked = _distilled_guidance(folder)
+    baked = distilled_guidance(folder)
     if baked is not None and (options["guidance_scale"] > 1.0 or options["sample_method"] != defaults["sample_method"]):
+        said = []
+        if options["sample_method"] != defaults["sample_method"]:
+            said.append(f"--sample_method {options['sample_method']} is not the sampler it was distilled for, so "
+                        "its videos will be poor")
+        if options["guidance_scale"] > 1.0:
+            said.append(f"--guidance_scale {options['guidance_scale']:g} applies guidance on top of it (two "
+                        "transformer evaluations per step)")
         warnings.warn(
             f"{folder} is a distilled student (guidance {baked:g} baked in, made for {defaults['sample_method']}): "
-            f"--guidance_scale {options['guidance_scale']:g} with {options['sample_method']} applies guidance on top "
-            f"of it (two transformer evaluations per step); its defaults are {defaults['sample_method']}, guidance 1.",
-            UserWarning, stacklevel=3)
+            f"{'; '.join(said)}. Its defaults are {defaults['sample_method']}, guidance 1.", UserWarning, stacklevel=3)
     return options
 
 
-def _distilled_guidance(folder: Path) -> float | None:
+def distilled_guidance(folder: Path) -> float | None:
     """The guidance a ``distill`` student has baked in (its sampling file's ``_distillation`` record), else None."""
     record_file = Path(folder) / "sampling_config.json"
     try:

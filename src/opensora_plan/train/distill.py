@@ -115,6 +115,22 @@ class DistillOptions(T2VTrainOptions):
                              "distil).")
         self.cfg_dropout = 0.0  # the student learns the guided teacher on every caption
         self.pretrained = self.teacher  # the LoRA checks of train-t2v: the adapters sit on the teacher
+        if self.method == "dmd":
+            defaults = type(self).defaults()
+            for flag, given, why in (
+                    ("--lora_rank", self.lora_rank, "its fake score is a full copy of the teacher: the student trains "
+                     "full weights"),
+                    ("--validation_data_path", self.validation_data_path, "its losses are no quality measure: judge "
+                     "--validation_prompts previews or `demo eval`"),
+                    ("--sharding deepspeed", self.sharding == "deepspeed", "it steps two optimizers (student and fake "
+                     "score) and DeepSpeed takes one: use --sharding ddp or fsdp2"),
+                    (f"--loss_type {self.loss_type}", self.loss_type != defaults["loss_type"], "it has no consistency "
+                     "loss (lcd and pcd only)"),
+                    (f"--num_ddim_timesteps {self.num_ddim_timesteps}",
+                     self.num_ddim_timesteps != defaults["num_ddim_timesteps"], "it trains on its sampler's own "
+                     "timesteps, not a skipping grid (lcd and pcd only)")):
+                if given:
+                    raise ValueError(f"{flag} is not supported with --method dmd ({why}); drop it.")
         super().__post_init__()
         if self.guidance_scale is not None and not (self.guidance_scale >= 1.0 and math.isfinite(self.guidance_scale)):
             raise ValueError(f"--guidance_scale must be a finite number >= 1 (1: no guidance), got "
@@ -134,12 +150,6 @@ class DistillOptions(T2VTrainOptions):
         if self.method != "dmd" and self.fake_score_learning_rate != type(self).defaults()["fake_score_learning_rate"]:
             raise ValueError("--fake_score_learning_rate has no effect without --method dmd; add it or drop "
                              "--fake_score_learning_rate.")
-        if self.method == "dmd":
-            for flag, given in (("--lora_rank", self.lora_rank), ("--validation_data_path", self.validation_data_path),
-                                ("--loss_type huber", self.loss_type == "huber")):
-                if given:
-                    raise ValueError(f"{flag} is not supported with --method dmd (full-weights students; no held-out "
-                                     "loss that means something: judge previews or `demo eval`); drop it.")
         if self.loss_type != "huber" and self.huber_c != type(self).defaults()["huber_c"]:
             raise ValueError(f"--huber_c {self.huber_c} has no effect without --loss_type huber; add it or drop "
                              "--huber_c.")
@@ -161,6 +171,7 @@ class Teacher:
     guidance_scale: float | None  # the folder's sampling default
     fps: float | None
     describe: str
+    baked_guidance: float | None = None  # set when the folder is itself a distilled student
 
     def config(self) -> dict:
         """The teacher's LatteT2V config (read, nothing loaded)."""
@@ -196,25 +207,27 @@ def _strip_lora(model):
     return plain
 
 
-def resolve_teacher(path: str) -> Teacher:
+def resolve_teacher(path: str, flag: str = "--teacher") -> Teacher:
     """``--teacher``: a train-t2v run or checkpoint, a LatteT2V folder (``config.json`` of class LatteT2V), or a
     model folder whose sampling file names its version or that holds exactly one version folder. Its VAE and T5
     (the defaults of ``--ae_path`` / ``--text_encoder_name``) and guidance come from the same place ``sample``
-    takes them. FileNotFoundError / ValueError (one line) otherwise; nothing is loaded."""
+    takes them. FileNotFoundError / ValueError (one line, naming ``flag``) otherwise; nothing is loaded."""
     from opensora_plan.pipelines.model_folder import (base_model_sampling_config, load_sampling_config, vae_folder,
                                                       version_folders)
+    from opensora_plan.pipelines.sample_t2v import distilled_guidance
     from opensora_plan.pipelines.training_run import is_training_output, resolve_training_output
 
     folder = Path(path)
     if not folder.exists():
-        raise FileNotFoundError(f"--teacher {path} does not exist.")
+        raise FileNotFoundError(f"{flag} {path} does not exist.")
     if is_training_output(folder):
         run = resolve_training_output(folder)
         # A distill run records its own sampling file; a train-t2v run samples as its base model does (sample).
         config = load_sampling_config(run.checkpoint.parent) if (run.checkpoint.parent / "sampling_config.json"
                                                                   ).is_file() else base_model_sampling_config(run.pretrained)
         return Teacher(None if run.lora else run.weights, run, str(run.vae), run.text_encoder,
-                       config.guidance_scale if config else None, config.fps if config else None, run.describe())
+                       config.guidance_scale if config else None, config.fps if config else None, run.describe(),
+                       distilled_guidance(run.checkpoint.parent))
     config_file = folder / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "LatteT2V":
         transformer, root = folder, folder.parent  # a version folder: the model folder is its parent
@@ -224,17 +237,20 @@ def resolve_teacher(path: str) -> Teacher:
         version = config.version if config is not None and config.version else (
             versions[0] if len(versions) == 1 else None)
         if version is None:
-            found = f"version folders {versions}" if versions else "no LatteT2V folder"
-            raise ValueError(f"--teacher {path} holds {found}; give the LatteT2V version folder itself (e.g. "
-                             f"{folder / (versions[0] if versions else '65x512x512')}).")
+            if not versions:
+                raise ValueError(f"{flag} {path} is not a LatteT2V model: no config.json of class LatteT2V in it or "
+                                 "in a version folder, no sampling file naming one, and not a training run.")
+            raise ValueError(f"{flag} {path} holds version folders {versions}; give the LatteT2V version folder "
+                             f"itself (e.g. {folder / versions[0]}).")
         transformer = folder / version
         if not (transformer / "config.json").is_file():
-            raise FileNotFoundError(f"--teacher {path}: its version folder {transformer} has no config.json.")
+            raise FileNotFoundError(f"{flag} {path}: its version folder {transformer} has no config.json.")
     config = load_sampling_config(root) if root.is_dir() else None
     vae = vae_folder(root)
     vae = str(vae) if (vae / "config.json").is_file() else None
     return Teacher(transformer, None, vae, config.text_encoder if config else None,
-                   config.guidance_scale if config else None, config.fps if config else None, str(transformer))
+                   config.guidance_scale if config else None, config.fps if config else None, str(transformer),
+                   distilled_guidance(root))
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,7 +566,21 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
     if not isinstance(options, DistillOptions):
         options = DistillOptions.from_mapping(options)
     teacher_spec = resolve_teacher(options.teacher)
-    student_spec = resolve_teacher(options.student) if options.student else None  # checked now, loaded later
+    student_record = str(Path(options.student).resolve()) if options.student else None
+    if not options.student and options.resume_from_checkpoint:  # unset on resume: the run's own, as recorded
+        from opensora_plan.train.checkpoint import resolve_resume
+        from opensora_plan.train.trainer import run_options
+
+        checkpoint = resolve_resume(options.resume_from_checkpoint, options.output_dir)
+        record = checkpoint.parent / "options.json" if checkpoint is not None else None
+        if record is not None and record.is_file():
+            student_record = run_options(json.loads(record.read_text())).get("student")
+    if teacher_spec.baked_guidance is not None:
+        logger.warning("--teacher %s is itself a distilled student (guidance %g baked in): its outputs are not a "
+                       "diffusion model's noise predictions, so distilling it again is unlikely to work; give the model "
+                       "it was distilled from (its sampling_config.json names it).", options.teacher,
+                       teacher_spec.baked_guidance)
+    student_spec = resolve_teacher(options.student, "--student") if options.student else None  # loaded later
     if student_spec is not None:
         if options.lora_rank:
             raise ValueError("--student with --lora_rank: a LoRA student's adapters sit on the teacher itself; drop "
@@ -559,8 +589,9 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
         differ = sorted(k for k in set(config_s) | set(config_t) if not k.startswith("_")
                         and config_s.get(k) != config_t.get(k))
         if differ:
-            raise ValueError(f"--student {options.student} is not the teacher's architecture (its {', '.join(differ)} "
-                             "differ); give a student distilled from this teacher.")
+            raise ValueError(f"--student {options.student} is not the teacher's architecture ({', '.join(differ)} "
+                             f"{'differs' if len(differ) == 1 else 'differ'}); give a student distilled from this "
+                             "teacher.")
     opts = options.to_dict()
     architecture = teacher_spec.transformer_folder or teacher_spec.run.base  # a LoRA run: its base's config
     opts.update(model=str(architecture), pretrained=None, attention_mode=None,
@@ -637,7 +668,7 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
         num_ddim_timesteps=options.num_ddim_timesteps, fake_score_learning_rate=options.fake_score_learning_rate,
         loss_type=options.loss_type, huber_c=options.huber_c, num_sampling_steps=options.num_sampling_steps,
         sampling_record={**({"fps": fps} if fps else {}), "_teacher": str(Path(options.teacher).resolve()),
-                         **({"_student": str(Path(options.student).resolve())} if options.student else {}),
+                         **({"_student": student_record} if student_record else {}),
                          "_steps": options.max_train_steps},
         output_dir=None if options.dry_run else opts["output_dir"],
         vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, model_max_length=opts["model_max_length"],
@@ -657,6 +688,7 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
     task.paths = {k: str(Path(v).resolve()) if v and Path(v).exists() else v for k, v in recorded.items()}
     config.extra = {k: v for k, v in opts.items() if k not in loop_keys and not k.startswith("_")}
     config.extra["guidance_scale"] = guidance
+    config.extra["student"] = student_record
     return task, config
 
 

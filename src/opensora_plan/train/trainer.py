@@ -244,6 +244,9 @@ class TrainConfig(Options):
                              "--ema_decay.")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":  # diffusers' constant schedule has no warm-up
+            logger.warning("--lr_warmup_steps %d has no effect with --lr_scheduler constant (the default); use "
+                           "--lr_scheduler constant_with_warmup for a warm-up.", self.lr_warmup_steps)
         from diffusers.optimization import SchedulerType
 
         names = [t.value for t in SchedulerType]
