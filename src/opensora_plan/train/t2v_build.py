@@ -90,10 +90,14 @@ def _dataset(opts: dict):
 
         dataset = CachedFeatureDataset(opts["cached_features"], cfg_dropout=opts["cfg_dropout"])
         settings = dataset.settings
+        from opensora_plan.train.t2v_options import T2VTrainOptions
+
+        defaults = T2VTrainOptions.defaults()
         for key in CACHE_SETTINGS:
             if opts[key] != settings[key]:
-                logger.warning("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key],
-                               settings[key])
+                # A value equal to the option's default was most likely not given: said quietly (QA 6).
+                log = logger.info if opts[key] == defaults.get(key) else logger.warning
+                log("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key], settings[key])
             opts[key] = settings[key]
         return dataset
     from opensora_plan.data.datasets import VideoCaptionDataset
