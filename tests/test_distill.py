@@ -263,7 +263,7 @@ def test_dmd_gradient_vanishes_when_the_fake_score_is_the_real_one(teacher):
         torch.manual_seed(1)
         loss, x0 = task.distribution_matching_loss(model, model, (2, 4, 2, 4, 4), text, mask)
         assert x0.shape == (2, 4, 2, 4, 4) and not x0.requires_grad
-        losses[guidance] = float(loss)
+        losses[guidance] = float(loss.detach())
     assert losses[1.0] == 0.0 and losses[4.0] > 1e-4
     assert task.sampling_timesteps() == [999, 499]  # the student's own LCM steps (backward simulation)
 
@@ -380,6 +380,8 @@ def test_bad_inputs_fail_with_one_line(assets, teacher, tmp_path, capsys):  # no
     _fails(argv + ["--guidance_scale", "0.5"], capsys, "--guidance_scale must be a finite number >= 1")
     _fails(argv + ["--num_ddim_timesteps", "30"], capsys, "--num_ddim_timesteps must divide")
     _fails(argv + ["--num_ddim_timesteps", "4", "--num_sampling_steps", "8"], capsys, "more than the 4 timesteps")
+    # A grid the sampler does not land on: the student would be sampled at timesteps it never trained on.
+    _fails(argv + ["--num_ddim_timesteps", "40", "--num_sampling_steps", "4"], capsys, "visits timesteps [759, 259]")
     _fails(argv + ["--huber_c", "0.1"], capsys, "no effect without --loss_type huber")
     _fails(argv + ["--use_image_num", "1"], capsys, "video clips only")
     _fails(argv + ["--fake_score_learning_rate", "1e-3"], capsys, "no effect without --method dmd")

@@ -142,6 +142,18 @@ class DistillOptions(T2VTrainOptions):
         if self.num_sampling_steps > self.num_ddim_timesteps:
             raise ValueError(f"--num_sampling_steps {self.num_sampling_steps} is more than the "
                              f"{self.num_ddim_timesteps} timesteps of the skipping grid (--num_ddim_timesteps).")
+        if self.method != "dmd":  # the student is sampled only where it was trained
+            from opensora_plan.diffusion.schedulers import create_scheduler
+
+            scheduler = create_scheduler(METHODS[self.method][0])
+            scheduler.set_timesteps(min(self.num_sampling_steps, scheduler.config.original_inference_steps))
+            grid = set(solver_timesteps(torch.arange(self.num_ddim_timesteps), self.num_ddim_timesteps)[0].tolist())
+            off = [t for t in scheduler.timesteps.tolist() if t not in grid]
+            if off:
+                raise ValueError(f"--num_ddim_timesteps {self.num_ddim_timesteps}: the student's "
+                                 f"{METHODS[self.method][0]} sampler visits timesteps {off} at "
+                                 f"{self.num_sampling_steps} steps, which are not on that grid (they are on the "
+                                 "50-point one): use 50 or a multiple of it that divides 1000.")
         if not self.huber_c > 0:
             raise ValueError(f"--huber_c must be positive, got {self.huber_c}.")
         if not self.fake_score_learning_rate > 0:
