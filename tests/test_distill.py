@@ -331,8 +331,28 @@ def test_lora_student_loads_and_samples_with_its_own_defaults(assets, teacher, t
     plain = _sample(tmp_path / "plain", teacher, "--lora", str(run), "--lora_scale", "0", "--sample_method", "LCM",
                     "--num_sampling_steps", "2", "--guidance_scale", "1")
     assert not torch.equal(plain, direct)  # the adapter does something
+    # demo eval judges the adapter (a run folder, as sample takes it) with its own sampler (QA 7: the teacher's)
+    capsys.readouterr()
+    assert cli.main(["demo", "eval", "--model_path", str(teacher), "--lora", str(run), "--num_prompts", "1",
+                     "--seeds", "0"]) == 0
+    assert "LCM 2 steps, guidance 1.0" in capsys.readouterr().out
     with pytest.raises(ValueError, match="LoRA student"):
         save_student_folder(run, tmp_path / "folder", "v")
+
+
+def test_a_student_or_teacher_spelled_another_way_resumes(assets, teacher, tmp_path, monkeypatch):  # noqa: F811
+    """QA 7: a relative --student (as the docs' recipe gives it) was refused on resume, as were a teacher with a
+    trailing slash or through a symlink: paths are compared resolved."""
+    assert cli.main(_argv(assets, teacher, tmp_path / "lcd", 1)) == 0
+    (tmp_path / "link").symlink_to(teacher, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    first = _argv(assets, Path("link"), Path("dmd"), 1, "--method", "dmd", "--student", "lcd")
+    assert cli.main(first) == 0
+    again = _argv(assets, teacher, Path("dmd"), 2, "--method", "dmd", "--student", "./lcd/",
+                  "--resume_from_checkpoint", "latest")
+    again[again.index("--teacher") + 1] = f"{teacher}/"
+    assert cli.main(again) == 0
+    assert [r["step"] for r in read_log(tmp_path / "dmd")] == [1, 2]
 
 
 def test_lora_student_shares_the_teachers_weights_and_trains_as_with_a_copy(assets, teacher, tmp_path, capsys,  # noqa: F811
@@ -391,6 +411,7 @@ def test_bad_inputs_fail_with_one_line(assets, teacher, tmp_path, capsys):  # no
     _fails(argv + ["--student", str(teacher / "vae")], capsys, "--student", "is not a LatteT2V model")
     _fails(argv + ["--method", "dmd", "--sharding", "deepspeed"], capsys, "DeepSpeed takes one")
     _fails(argv + ["--method", "dmd", "--num_ddim_timesteps", "20"], capsys, "not supported with --method dmd")
+    _fails(argv + ["--method", "dmd", "--huber_c", "0.01"], capsys, "no effect with --method dmd")
     _fails(argv + ["--student", str(teacher), "--lora_rank", "4"], capsys, "--student with --lora_rank")
     other = tmp_path / "other"
     build_latte("LatteT2V-Tiny/122", caption_channels=32, sample_size=[4, 4], video_length=1).save_pretrained(other)

@@ -260,18 +260,18 @@ def test_data_check_counts_caption_tokens_with_a_t5_folder(setup):
 
 def test_cache_settings_override_the_flags_and_only_a_given_one_is_warned(cache, caplog):  # QA 6
     """The cache's frames / size / caption length are used; a flag left at its default (most likely not given) is
-    said at INFO, a value that differs from both the default and the cache at WARNING."""
+    only logged at DEBUG, a value that differs from both the default and the cache is warned."""
     from opensora_plan.train.t2v_build import _dataset
     from opensora_plan.train.t2v_options import T2VTrainOptions
 
     out, _ = cache
     opts = {**T2VTrainOptions.defaults(), "cached_features": str(out), "cfg_dropout": 0.0}
-    with caplog.at_level("INFO"):
+    with caplog.at_level("DEBUG"):
         _dataset(dict(opts))
     quiet = [r for r in caplog.records if "the feature cache was extracted with" in r.getMessage()]
-    assert quiet and all(r.levelname == "INFO" for r in quiet)
+    assert quiet and all(r.levelname == "DEBUG" for r in quiet)
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("DEBUG"):
         _dataset({**opts, "model_max_length": 7})
     given = [r for r in caplog.records if r.getMessage().startswith("--model_max_length 7: the feature cache")]
     assert len(given) == 1 and given[0].levelname == "WARNING"

@@ -791,3 +791,11 @@ def test_a_warm_up_with_the_constant_schedule_is_said(tmp_path, caplog):  # QA 6
         TrainConfig(output_dir=str(tmp_path), max_train_steps=1, lr_warmup_steps=50,
                     lr_scheduler="constant_with_warmup")
     assert "no effect" not in caplog.text
+
+
+def test_ema_with_fsdp2_is_refused_with_the_options(tmp_path):  # QA 7: it failed after the models loaded
+    from opensora_plan.train.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="--use_ema with --sharding fsdp2 is not supported"):
+        TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=1, use_ema=True, sharding="fsdp2")
+    assert not (tmp_path / "run").exists()

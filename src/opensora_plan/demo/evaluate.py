@@ -158,7 +158,8 @@ class DemoEvalOptions(Options):
                                        "word the shipped demo never saw; docs/training.md)", show_default=False)
     shapes: list[str] | None = option(None, help="evaluate the prompts of these shapes instead (e.g. diamond, a "
                                       "word the shipped demo never saw)", show_default=False)
-    lora: str | None = option(None, help="LoRA adapter folder from train-t2v --lora_rank, applied to the model")
+    lora: str | None = option(None, help="LoRA adapter (folder, or a train-t2v / distill --lora_rank run or checkpoint) "
+                              "applied to the model; a distilled adapter's own sampler, steps and guidance are used")
     lora_scale: float = option(1.0, help="strength of the LoRA")
     interpolate: int = option(1, choices=[1, 2, 4, 8], help="judge the videos after frame interpolation x N, as "
                               "sample --interpolate writes them (1: off)")
@@ -253,7 +254,21 @@ def evaluate_demo(
         from opensora_plan.pipelines.upscale import check_scale, model_scale
 
         check_scale(upscale, model_scale(stages["upscale"]), stages["upscale"], "--upscale_model", "--upscale")
-    pipe, info = load_demo_pipeline(model_path, sample_method, device)
+    adapter_defaults = {}
+    if lora:  # resolved as `sample --lora` resolves it; a distill --lora_rank student brings its own sampler
+        from opensora_plan.pipelines.model_folder import adapter_sampling_config
+        from opensora_plan.pipelines.training_run import resolve_lora_adapter
+
+        resolved = resolve_lora_adapter(lora)
+        if resolved is None:
+            raise FileNotFoundError(f"--lora {lora} holds no pytorch_lora_weights.safetensors; give a train-t2v / "
+                                    "distill --lora_rank run or checkpoint folder, or an adapter folder.")
+        adapter = adapter_sampling_config(lora)
+        adapter_defaults = {k: v for k, v in (adapter.sample_defaults() if adapter else {}).items()
+                            if k in ("sample_method", "num_sampling_steps", "guidance_scale")}
+        lora = resolved[0]
+    pipe, info = load_demo_pipeline(model_path, sample_method or adapter_defaults.get("sample_method"), device)
+    info = {**info, **adapter_defaults}
     if stages:
         pipe.load_stages(stages.get("interpolate"), stages.get("upscale"))
         pipe.check_stages(interpolate, upscale, None)  # an official .pth of another factor

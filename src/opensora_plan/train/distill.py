@@ -162,6 +162,8 @@ class DistillOptions(T2VTrainOptions):
         if self.method != "dmd" and self.fake_score_learning_rate != type(self).defaults()["fake_score_learning_rate"]:
             raise ValueError("--fake_score_learning_rate has no effect without --method dmd; add it or drop "
                              "--fake_score_learning_rate.")
+        if self.method == "dmd" and self.huber_c != type(self).defaults()["huber_c"]:
+            raise ValueError("--huber_c has no effect with --method dmd (it has no consistency loss); drop it.")
         if self.loss_type != "huber" and self.huber_c != type(self).defaults()["huber_c"]:
             raise ValueError(f"--huber_c {self.huber_c} has no effect without --loss_type huber; add it or drop "
                              "--huber_c.")

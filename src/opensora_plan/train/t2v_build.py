@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from opensora_plan.train.t2v_options import CACHE_SETTINGS, SUPPORTED_AE
+from opensora_plan.train.t2v_options import SUPPORTED_AE, apply_cache_settings
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +90,7 @@ def _dataset(opts: dict):
 
         dataset = CachedFeatureDataset(opts["cached_features"], cfg_dropout=opts["cfg_dropout"])
         settings = dataset.settings
-        from opensora_plan.train.t2v_options import T2VTrainOptions
-
-        defaults = T2VTrainOptions.defaults()
-        for key in CACHE_SETTINGS:
-            if opts[key] != settings[key]:
-                # A value equal to the option's default was most likely not given: said quietly (QA 6).
-                log = logger.info if opts[key] == defaults.get(key) else logger.warning
-                log("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key], settings[key])
-            opts[key] = settings[key]
+        apply_cache_settings(opts, settings)
         return dataset
     from opensora_plan.data.datasets import VideoCaptionDataset
 

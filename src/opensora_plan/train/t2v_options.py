@@ -308,9 +308,16 @@ def _take_cache_settings(opts: dict) -> None:
     meta = Path(opts["cached_features"] or "") / META_FILE
     if not opts["cached_features"] or not meta.is_file():
         return
-    settings = read_json_file(meta, "The feature cache's meta.json").get("settings", {})
+    apply_cache_settings(opts, read_json_file(meta, "The feature cache's meta.json").get("settings", {}))
+
+
+def apply_cache_settings(opts: dict, settings: dict) -> None:
+    """Set the options an ``extract`` cache fixes (:data:`CACHE_SETTINGS`) to its ``settings``: one warning per flag
+    that asked for another value; a flag left at its default (most likely not given: the options cannot tell) is
+    only logged at DEBUG (QA 6, 7)."""
+    defaults = T2VTrainOptions.defaults()
     for key in CACHE_SETTINGS:
         if key in settings and opts[key] != settings[key]:
-            logger.warning("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key],
-                           settings[key])
+            log = logger.debug if opts[key] == defaults.get(key) else logger.warning
+            log("--%s %s: the feature cache was extracted with %s, which is used.", key, opts[key], settings[key])
             opts[key] = settings[key]

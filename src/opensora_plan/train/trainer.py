@@ -223,6 +223,8 @@ class TrainConfig(Options):
                 raise ValueError("--use_ema with ZeRO-3 is not supported (parameters are sharded); use zero2.")
         if self.sp_size < 1:
             raise ValueError(f"--sp_size must be at least 1, got {self.sp_size}.")
+        if self.use_ema and self.sharding == "fsdp2":  # before any model loads or any file is written (QA 7)
+            raise ValueError("--use_ema with --sharding fsdp2 is not supported; use --sharding ddp for EMA runs.")
         if self.sp_size > 1 and self.sharding == "fsdp2":
             raise ValueError("--sp_size > 1 with --sharding fsdp2 is not supported (untested); use --sharding ddp "
                              "or deepspeed.")
@@ -245,8 +247,8 @@ class TrainConfig(Options):
         if self.lr_warmup_steps < 0:
             raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
         if self.lr_warmup_steps and self.lr_scheduler == "constant":  # diffusers' constant schedule has no warm-up
-            logger.warning("--lr_warmup_steps %d has no effect with --lr_scheduler constant (the default); use "
-                           "--lr_scheduler constant_with_warmup for a warm-up.", self.lr_warmup_steps)
+            logger.warning("--lr_warmup_steps %d has no effect with --lr_scheduler constant; use --lr_scheduler "
+                           "constant_with_warmup for a warm-up.", self.lr_warmup_steps)
         from diffusers.optimization import SchedulerType
 
         names = [t.value for t in SchedulerType]
@@ -274,17 +276,18 @@ def check_adamw(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, 
 PATH_OPTIONS = ("output_dir", "data_path", "video_folder", "video_path", "cached_features", "validation_data_path",
                 "validation_prompt_file", "ae_path", "pretrained", "text_encoder_name", "model", "model_config",
                 "pretrained_model_path", "lpips_path", "buckets", "deepspeed_config", "resume_from_checkpoint",
-                "validation_data", "data_index")
+                "validation_data", "data_index", "teacher", "student")
 
 
 def absolute_paths(options: dict) -> dict:
-    """A copy of ``options`` with the relative paths of :data:`PATH_OPTIONS` made absolute (resolved)."""
+    """A copy of ``options`` with the paths of :data:`PATH_OPTIONS` that exist made absolute and resolved (one
+    spelling per folder: ``runs/lcd``, ``./runs/lcd/`` and a symlink to it compare equal on resume)."""
     def absolute(key: str, value):
         if isinstance(value, list):
             return [absolute(key, v) for v in value]
-        if not isinstance(value, str) or not value or os.path.isabs(value):
+        if not isinstance(value, str) or not value:
             return value
-        if key == "output_dir" or os.path.exists(value):
+        if os.path.exists(value) or (key == "output_dir" and not os.path.isabs(value)):
             return str(Path(value).resolve())
         return value
 
@@ -352,7 +355,7 @@ def resume_changes(options: Mapping) -> tuple[Path | None, dict[str, tuple]]:
     record = checkpoint.parent / "options.json" if checkpoint is not None else None
     if record is None or not record.is_file():
         return checkpoint, {}
-    before = run_options(read_json_file(record, "The run's options file"))
+    before = absolute_paths(run_options(read_json_file(record, "The run's options file")))  # older runs: as typed
     now = json.loads(json.dumps(absolute_paths(dict(options)), default=str))  # as options.json records them
     # An option left unset (None: "from the model, teacher or cache") keeps what the run resolved and recorded.
     return checkpoint, {k: (before[k], v) for k, v in now.items()
@@ -537,8 +540,6 @@ class Trainer:
                 task.load_model(name, model, resume / name)
             state = torch.load(resume / ckpt.STATE_NAME, map_location="cpu", weights_only=False)
         if cfg.use_ema:
-            if cfg.sharding == "fsdp2":
-                raise ValueError("--use_ema with --sharding fsdp2 is not supported; use --sharding ddp for EMA runs.")
             self.ema = EMA(task.models[task.ema_model_name], decay=cfg.ema_decay)
             if state is not None:
                 if state.get("ema") is None:
