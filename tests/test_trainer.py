@@ -203,3 +203,19 @@ def test_losses_do_not_depend_on_dataloader_workers(tmp_path):
     train(ToyTask(n=8), _config(tmp_path / "w0", 3, checkpointing_steps=3))
     train(ToyTask(n=8), _config(tmp_path / "w2", 3, checkpointing_steps=3, dataloader_num_workers=2))
     assert [r["loss"] for r in read_log(tmp_path / "w0")] == [r["loss"] for r in read_log(tmp_path / "w2")]
+
+
+def test_fsdp_no_sync_is_a_context_manager():
+    """FSDP2 with gradient accumulation defers the reduce-scatter through it; a decorator moved onto another
+    function (session 6) made it a bare generator and every accumulated FSDP2 step fail."""
+    from opensora_plan.train.trainer import _fsdp_no_sync
+
+    calls = []
+
+    class Model:
+        def set_requires_gradient_sync(self, value):
+            calls.append(value)
+
+    with _fsdp_no_sync(Model()):
+        assert calls == [False]
+    assert calls == [False, True]

@@ -1051,7 +1051,6 @@ class Trainer:
         return digests[0]
 
 
-@contextlib.contextmanager
 def _apply_settings(optimizer, scheduler, fresh: list[dict]) -> None:
     """Put this run's optimizer settings ``fresh`` (one dict per parameter group, without ``params``) back after
     loading a checkpoint's optimizer and scheduler state, keeping the state's moments and step count, and set each
@@ -1066,6 +1065,7 @@ def _apply_settings(optimizer, scheduler, fresh: list[dict]) -> None:
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+@contextlib.contextmanager
 def _fsdp_no_sync(model: torch.nn.Module):
     # FSDP2 defers the gradient reduce-scatter this way (it has no no_sync context manager).
     model.set_requires_gradient_sync(False)
