@@ -248,6 +248,9 @@ def test_pcd_student_samples_with_tcd_at_batch_one(assets, teacher, tmp_path, ca
     # Resuming with the other method is refused (it is the student's definition).
     assert cli.main(_argv(assets, teacher, run, 3, "--resume_from_checkpoint", "latest")) == 1
     assert "--method lcd differs from the run's pcd" in capsys.readouterr().err
+    assert cli.main(_argv(assets, teacher, run, 3, "--method", "pcd", "--student", str(teacher),
+                          "--resume_from_checkpoint", "latest")) == 1
+    assert "differs from the run's unset" in capsys.readouterr().err  # not "the run's None"
 
 
 def test_dmd_gradient_vanishes_when_the_fake_score_is_the_real_one(teacher):
@@ -309,9 +312,10 @@ def test_dmd_from_an_lcd_student_resumes_exactly_with_its_fake_score(assets, tea
     assert cli.main(["distill", "--config", str(full / "options.json"), "--output_dir", str(tmp_path / "cfg"),
                      "--dry_run"]) == 0
     # A distilled student given as --teacher is said (QA 6: it was taken without a word).
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         assert cli.main(_argv(assets, full, tmp_path / "again", 1, "--dry_run")) == 0
     assert "is itself a distilled student" in caplog.text
+    assert "--method lcd) into a full-weights student, starting from the teacher's weights" in caplog.text
 
 
 def test_lora_student_loads_and_samples_with_its_own_defaults(assets, teacher, tmp_path, capsys,  # noqa: F811

@@ -653,8 +653,10 @@ def build_distill(options: DistillOptions | Mapping) -> tuple[DistillTask, Train
     if config_t["caption_channels"] != caption_channels:
         raise ValueError(f"The teacher takes {config_t['caption_channels']}-wide caption embeddings, the text "
                          f"encoder / cache gives {caption_channels}; use the teacher's T5.")
-    logger.info("Distilling %s (guidance %g baked in) into a %s student.", teacher_spec.describe, guidance,
-                f"rank-{opts['lora_rank']} LoRA" if opts["lora_rank"] else "full-weights")
+    logger.info("Distilling %s (guidance %g baked in, --method %s) into a %s student, starting from %s.",
+                teacher_spec.describe, guidance, options.method,
+                f"rank-{opts['lora_rank']} LoRA" if opts["lora_rank"] else "full-weights",
+                student_spec.describe if student_spec is not None else "the teacher's weights")
     if opts["lora_rank"] and teacher_spec.transformer_folder is None:
         raise ValueError("--lora_rank needs a teacher with full weights (a LoRA run's adapter cannot carry "
                          "another adapter); merge it first or distil without --lora_rank.")

@@ -373,7 +373,8 @@ def check_resume_options(options: Mapping) -> dict[str, tuple]:
         before, now = changes[key]
         keep = (f"drop --{key}" if before is None or before is False else
                 f"give --{key} again" if before is True else f"give --{key} {before} again")  # never "Give None again"
-        raise ValueError(f"--resume_from_checkpoint {checkpoint.name}: --{key} {now} differs from the run's {before} "
+        was = "unset" if before is None else before  # not "the run's None" (QA 7)
+        raise ValueError(f"--resume_from_checkpoint {checkpoint.name}: --{key} {now} differs from the run's {was} "
                          f"(its options.json); a resumed run keeps --{key}, which made its checkpoint. To resume, "
                          f"{keep}; or start a new --output_dir to train with {now}.")
     told = [k for k in changes if k not in RESUME_QUIET]
