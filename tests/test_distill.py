@@ -268,7 +268,7 @@ def test_dmd_gradient_vanishes_when_the_fake_score_is_the_real_one(teacher):
         assert x0.shape == (2, 4, 2, 4, 4) and not x0.requires_grad
         losses[guidance] = float(loss.detach())
     assert losses[1.0] == 0.0 and losses[4.0] > 1e-4
-    assert task.sampling_timesteps() == [999, 499]  # the student's own LCM steps (backward simulation)
+    assert task.timesteps == [999, 499]  # the student's own LCM steps (backward simulation)
 
 
 def test_dmd_from_an_lcd_student_resumes_exactly_with_its_fake_score(assets, teacher, tmp_path, capsys,  # noqa: F811

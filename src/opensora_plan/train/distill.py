@@ -142,13 +142,9 @@ class DistillOptions(T2VTrainOptions):
         if self.num_sampling_steps > self.num_ddim_timesteps:
             raise ValueError(f"--num_sampling_steps {self.num_sampling_steps} is more than the "
                              f"{self.num_ddim_timesteps} timesteps of the skipping grid (--num_ddim_timesteps).")
-        if self.method != "dmd":  # the student is sampled only where it was trained
-            from opensora_plan.diffusion.schedulers import create_scheduler
-
-            scheduler = create_scheduler(METHODS[self.method][0])
-            scheduler.set_timesteps(min(self.num_sampling_steps, scheduler.config.original_inference_steps))
+        if self.method != "dmd" and self.num_sampling_steps <= 50:  # sampled only where it was trained
             grid = set(solver_timesteps(torch.arange(self.num_ddim_timesteps), self.num_ddim_timesteps)[0].tolist())
-            off = [t for t in scheduler.timesteps.tolist() if t not in grid]
+            off = [t for t in sampler_timesteps(METHODS[self.method][0], self.num_sampling_steps) if t not in grid]
             if off:
                 raise ValueError(f"--num_ddim_timesteps {self.num_ddim_timesteps}: the student's "
                                  f"{METHODS[self.method][0]} sampler visits timesteps {off} at "
@@ -287,16 +283,22 @@ def solver_timesteps(index: torch.Tensor, num_ddim_timesteps: int) -> tuple[torc
     return start, (start - k).clamp(min=0)
 
 
+def sampler_timesteps(sampler: str, num_sampling_steps: int) -> list[int]:
+    """The timesteps the ``--sample_method`` ``sampler`` (built as ``sample`` builds it) visits at
+    ``num_sampling_steps`` (LCM / TCD at 4: 999, 759, 499, 259)."""
+    from opensora_plan.diffusion.schedulers import create_scheduler
+
+    scheduler = create_scheduler(sampler)
+    scheduler.set_timesteps(num_sampling_steps)
+    return scheduler.timesteps.tolist()
+
+
 def phase_edges(num_sampling_steps: int) -> torch.Tensor:
     """Phased consistency distillation's phases for an ``num_sampling_steps``-step student: the lower edges
     ``[0, s_1, .., s_{M-1}]`` (int64, ascending) of the M phases ``(s_m, s_{m+1}]``, i.e. the timesteps that
     diffusers' ``TCDScheduler`` (our ``--sample_method TCD``, built as ``sample`` builds it) steps to at M
     steps; at 4: ``[0, 259, 499, 759]`` (it visits 999, 759, 499, 259 and lands at 0)."""
-    from opensora_plan.diffusion.schedulers import create_scheduler
-
-    scheduler = create_scheduler(METHODS["pcd"][0])
-    scheduler.set_timesteps(num_sampling_steps)
-    return torch.cat([scheduler.timesteps.long()[1:], torch.zeros(1, dtype=torch.long)]).sort().values
+    return torch.tensor(sorted(sampler_timesteps(METHODS["pcd"][0], num_sampling_steps)[1:] + [0]))
 
 
 def phase_edge(t: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -325,6 +327,8 @@ class DistillTask(T2VTask):
         self.fake_score_learning_rate = fake_score_learning_rate
         if method == "dmd":  # the fake score starts as the teacher and learns the student's samples
             self.models["fake_score"] = copy.deepcopy(teacher).train().requires_grad_(True)
+        # dmd: the timesteps its sampler visits (backward simulation runs through them)
+        self.timesteps = sampler_timesteps(self.sampler, num_sampling_steps) if method == "dmd" else None
         self._generated: dict[int, tuple] = {}  # dmd: micro-batch -> (student's x0, text, mask) for the fake phase
         self.num_ddim_timesteps = num_ddim_timesteps
         self.loss_type = loss_type
@@ -389,17 +393,13 @@ class DistillTask(T2VTask):
         ``f(x, t)`` is the DDIM jump (eta 0) from ``t`` to the lower edge ``s`` of its phase,
         ``sqrt(a_s) x0_hat + sqrt(1 - a_s) eps_hat``, and the teacher's step stops at the edge
         (``t_prev = max(t_n - k, s)``), where the target is the teacher's point itself (``f(x, s) = x``)."""
-        diffusion, channels, batch = self.diffusion, latents.shape[1], latents.shape[0]
+        diffusion, batch = self.diffusion, latents.shape[0]
         t, t_prev = solver_timesteps(index, self.num_ddim_timesteps)
         if self.edges is not None:
             edge = phase_edge(t, self.edges)
             t_prev = torch.maximum(t_prev, edge)
         x_t = diffusion.q_sample(latents, t, noise)
-
-        def eps(model, x, timesteps, emb, emb_mask):
-            out = model(x, timesteps, encoder_hidden_states=emb, encoder_attention_mask=emb_mask,
-                        return_dict=False)[0]
-            return out[:, :channels].float()  # epsilon; a learned variance is not distilled
+        eps = self.eps
 
         def consistency(x, timesteps, e):
             x0 = diffusion.predict_xstart_from_eps(x, timesteps, e)
@@ -442,21 +442,13 @@ class DistillTask(T2VTask):
             phases.append(Phase("fake_score", optimizer, params, self.max_grad_norm, models=("fake_score",)))
         return phases
 
-    def sampling_timesteps(self) -> list[int]:
-        """The timesteps the student's sampler visits at its steps (LCM at 4: 999, 759, 499, 259)."""
-        from opensora_plan.diffusion.schedulers import create_scheduler
-
-        scheduler = create_scheduler(self.sampler)
-        scheduler.set_timesteps(self.num_sampling_steps)
-        return scheduler.timesteps.tolist()
-
     def student_sample(self, student, shape, text, mask) -> torch.Tensor:
         """dmd: the student's x0 (B, C, F, h, w), float32, with gradients, from one step of its own sampler.
 
         DMD2's backward simulation: a step index ``i`` is drawn; the input at ``t_i`` comes from running the student's
         LCM steps ``0 .. i-1`` from pure noise without gradients (so the student trains on its own inputs, as it
         samples), then the student's consistency output at ``t_i`` is its sample."""
-        diffusion, timesteps, batch = self.diffusion, self.sampling_timesteps(), shape[0]
+        diffusion, timesteps, batch = self.diffusion, self.timesteps, shape[0]
         alphas = diffusion.alphas_cumprod.to(self.device)
         i = int(torch.randint(0, len(timesteps), ()))
         x = torch.randn(shape, device=self.device)
@@ -511,15 +503,14 @@ class DistillTask(T2VTask):
         if phase == "fake_score":
             x0, text, mask = self._generated.pop(micro)
             return self.fake_score_loss(models["fake_score"], x0, text, mask), {}
-        if self.method == "dmd":  # data-free: the captions only (the clips' latents give the shape)
-            self.skipped.update(batch.get("skipped", []))
+        self.skipped.update(batch.get("skipped", []))
+        if self.method == "dmd":  # data-free: the captions only (the teacher's config gives the latents' shape)
             text, mask = self.batch_text(batch)
             config = self.teacher.config
             shape = (text.shape[0], config.in_channels, config.video_length, *config.sample_size)
             loss, x0 = self.distribution_matching_loss(models["model"], models["fake_score"], shape, text, mask)
             self._generated[micro] = (x0, text, mask)
             return loss, {}
-        self.skipped.update(batch.get("skipped", []))
         latents = (batch["latents"].to(self.device, torch.float32) if "latents" in batch
                    else self.encode_video(batch["video"]))
         text, mask = self.batch_text(batch)
