@@ -24,6 +24,19 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def require_cuda_for_autocast(dtype: str | torch.dtype, device: str | torch.device, what: str) -> None:
+    """ValueError (one line) when half precision ``dtype`` is asked on a device other than CUDA: ``what`` (upscale,
+    interpolate) offers half precision only as CUDA autocast, its weights staying float32. The one wording of these
+    commands' ``--dtype`` refusal (``sample``, which casts the weights, warns with the same words)."""
+    dtype, device = parse_dtype(dtype), torch.device(device)
+    if dtype == torch.float32 or device.type == "cuda":
+        return
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    where = "CPU" if device.type == "cpu" else str(device)
+    raise ValueError(f"--dtype {name} on {where}: {what} runs half precision only under CUDA autocast (the weights "
+                     f"stay fp32); use --dtype fp32 on {where}, or --device cuda.")
+
+
 def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """The dtype a load uses when none is asked for (the one place of this rule; docs/sampling.md, ``--dtype auto``):
     float16 on a CUDA device (as the reference samples), float32 on the CPU (fp16 runs on slow fallback kernels

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, list_videos, write_video
 from ..options import Options, option
-from ..utils import check_output_folder, parse_dtype, plural, progress_bar, resolve_device
+from ..utils import (check_output_folder, parse_dtype, plural, progress_bar, require_cuda_for_autocast,
+                     resolve_device)
 from .outputs import OVERWRITE_HELP, RunResults, check_targets, folder_output, single_output
 
 logger = logging.getLogger(__name__)
@@ -141,9 +142,7 @@ def interpolate_video(model, frames: torch.Tensor, factor: int = 2, *, batch_siz
         raise ValueError(f"Interpolation needs at least 2 frames, got {frames.shape[0]}.")
     amp_dtype = parse_dtype(dtype)
     device = next(model.parameters()).device
-    if amp_dtype != torch.float32 and device.type != "cuda":
-        raise ValueError(f"dtype {dtype} on {device}: interpolation runs half precision only under CUDA autocast "
-                         "(the weights stay fp32); use fp32 there, or move the model to CUDA.")
+    require_cuda_for_autocast(amp_dtype, device, "interpolate")
     # The official conversion: uint8 / 255 (bit-identical floats), channels first.
     video = frames.permute(0, 3, 1, 2).float() / 255.0 if is_uint8 else frames.float()  # (T, 3, H, W)
     padding = padding_for(model, video.shape[-2], video.shape[-1], scale_factor)
@@ -260,11 +259,7 @@ class InterpolateOptions(Options):
 
             check_fps(self.fps)  # a rate the mp4 cannot hold fails now, not after the model ran
         check_scale_factor(self.scale_factor)
-        device = resolve_device(self.device)
-        if self.dtype != "fp32" and device.type != "cuda":  # worded as upscale's and sample's --dtype messages
-            where = "CPU" if device.type == "cpu" else str(device)
-            raise ValueError(f"--dtype {self.dtype} on {where}: interpolate runs half precision only under CUDA "
-                             f"autocast (the weights stay fp32); use --dtype fp32 on {where}, or --device cuda.")
+        require_cuda_for_autocast(self.dtype, resolve_device(self.device), "interpolate")
 
 
 def _plan_outputs(source: Path, output: Path | None, factor: int, overwrite: bool = False) -> tuple[list[Path], list[Path]]:

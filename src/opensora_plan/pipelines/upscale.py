@@ -36,7 +36,7 @@ import torch
 
 from ..data.video_io import VIDEO_EXTENSIONS, VideoReader, write_video
 from ..options import Options, option
-from ..utils import check_output_folder, parse_dtype, progress_bar, resolve_device
+from ..utils import check_output_folder, parse_dtype, progress_bar, require_cuda_for_autocast, resolve_device
 from .outputs import OVERWRITE_HELP, RunResults, check_targets, folder_output, single_output
 
 logger = logging.getLogger(__name__)
@@ -167,15 +167,6 @@ def tile_size_for_budget(memory_gb: float, scale: int, batch_size: int = 1, weig
 # --------------------------------------------------------------------------------------------
 
 
-def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
-    """Half precision is CUDA autocast only (worded as interpolate's and sample's --dtype fp16 messages)."""
-    if dtype != torch.float32 and device.type != "cuda":
-        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-        where = "CPU" if device.type == "cpu" else str(device)
-        raise ValueError(f"--dtype {name} on {where}: upscale runs half precision only under CUDA autocast (the "
-                         f"weights stay fp32); use --dtype fp32 on {where}, or --device cuda.")
-
-
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) float -> (..., H, W, 3) uint8: clamp to [0, 1], x255, round (basicsr's tensor2img)."""
@@ -206,7 +197,7 @@ def upscale_frames(model, frames: torch.Tensor | np.ndarray, batch_size: int = 4
     _check_frame_size(model, height, width, tile_size)  # before any work
     device = next(model.parameters()).device
     dtype = parse_dtype(dtype)
-    _check_dtype(dtype, device)
+    require_cuda_for_autocast(dtype, device, "upscale")
     autocast = dtype != torch.float32
     outputs = []
     starts = range(0, frames.shape[0], batch_size)
@@ -427,7 +418,7 @@ def upscale(*args, **kwargs) -> RunResults:
     scale = o.scale or model_scale(model_path) or 2
     pairs = plan_outputs(source, default_output(source, scale) if o.output is None else Path(o.output), o.overwrite)
     device, dtype = resolve_device(o.device), parse_dtype(o.dtype)
-    _check_dtype(dtype, device)
+    require_cuda_for_autocast(dtype, device, "upscale")
 
     from ..models.rgt import load_rgt
 
